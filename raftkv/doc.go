@@ -1,0 +1,9 @@
+// Package raftkv is the replicated state machine behind the v2 API: it
+// drives a go.etcd.io/raft/v3 node over a storage.Store, turns client
+// requests into proposals and waits for them to be applied, serves
+// linearizable reads through ReadIndex, runs the leader's TTL reaper, takes
+// snapshots and compacts the log, and keeps the member's stats.
+//
+// One goroutine owns the Raft node; everything else talks to it through
+// channels. raftkv knows nothing of Caddy or HTTP request parsing.
+package raftkv

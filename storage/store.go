@@ -1,43 +1,132 @@
 package storage
 
 import (
+	"encoding/binary"
 	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"sync/atomic"
 	"time"
 
 	bolt "go.etcd.io/bbolt"
+	berrors "go.etcd.io/bbolt/errors"
 	"go.etcd.io/raft/v3/raftpb"
 )
 
 // ErrClosed is returned by a Store that has been closed.
 var ErrClosed = errors.New("storage: closed")
 
+// ErrSnapshotUnsupported is returned by Save for a Ready that carries a
+// snapshot from the leader.
+var ErrSnapshotUnsupported = errors.New("storage: installing a snapshot from the leader is not supported yet")
+
+// Buckets of member.db, by role.
+var (
+	bucketLog      = []byte("log")      // Raft log: big-endian index -> proto Entry
+	bucketRaft     = []byte("raft")     // hard state, conf state, snapshot metadata
+	bucketKeys     = []byte("keys")     // the v2 keyspace (node.go)
+	bucketExpiry   = []byte("expiry")   // expiration + path -> nothing
+	bucketEvents   = []byte("events")   // the last 1000 events: big-endian index -> event
+	bucketRequests = []byte("requests") // applied request IDs: big-endian ID -> Raft index
+	bucketReqOrder = []byte("reqorder") // the same, by Raft index, for pruning
+	bucketMeta     = []byte("meta")     // applied index, store index, compaction point, member values
+)
+
+// Keys of the meta and raft buckets. Member values set with SetMeta live in
+// the meta bucket under metaUserPrefix, apart from the store's own keys.
+var (
+	keyApplied     = []byte("applied")
+	keyIndex       = []byte("index")
+	keyCompacted   = []byte("compacted")
+	keyHardState   = []byte("hardstate")
+	keyConfState   = []byte("confstate")
+	keySnapshot    = []byte("snapshot")
+	metaUserPrefix = "m/"
+)
+
+// dedupKeep is how many applied request IDs are remembered: raftkv retries
+// a proposal for a few seconds at most, far fewer entries than this.
+var dedupKeep = 10000
+
 // Store is one member's bbolt file: keyspace, event history, Raft log.
 // Reads (Get, Watch, Index, Stats) may run from any goroutine; Save, Compact
 // and SetMeta only from the one goroutine that drives Raft.
 type Store struct {
-	db *bolt.DB
-	// TODO(storage): the rest of the state (watcher hub, counters, cached index).
+	db       *bolt.DB
+	hub      *hub
+	counters counters
+	closed   atomic.Bool
+	applied  atomic.Uint64
+	index    atomic.Uint64
+	nextExp  atomic.Pointer[time.Time] // nil: no key has a TTL
+	dedupN   int                       // IDs in bucketRequests; Save's goroutine only
+	now      func() time.Time          // the clock for ttl fields; tests replace it
 }
 
 // Open opens (creating if needed) <dir>/member.db, with the directory
 // created 0700. It takes bbolt's file lock with a timeout, so a second
 // process on the same directory fails instead of hanging.
-func Open(dir string) (*Store, error) { panic("storage.Open: not implemented") }
-
-// Close stops every watcher (their channels close) and closes the file.
-func (s *Store) Close() error { panic("not implemented") }
-
-// RaftState is what a restarting member reads back to rebuild its Raft log.
-type RaftState struct {
-	HardState *raftpb.HardState        // nil when nothing was ever saved
-	Snapshot  *raftpb.SnapshotMetadata // the last snapshot (nil: none); its Index/Term/ConfState
-	ConfState *raftpb.ConfState        // the latest applied conf state (nil: none)
-	Entries   []*raftpb.Entry          // every log entry after Snapshot.Index, in order
-	Applied   uint64                   // the last applied Raft index
+func Open(dir string) (*Store, error) {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, fmt.Errorf("storage: %w", err)
+	}
+	db, err := bolt.Open(filepath.Join(dir, "member.db"), 0o600, &bolt.Options{
+		Timeout: time.Second,
+		// The freelist is rebuilt at open instead of written at every
+		// commit, which keeps commits cheap after log compaction.
+		NoFreelistSync: true,
+		FreelistType:   bolt.FreelistMapType,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("storage: opening %s: %w", dir, err)
+	}
+	s := &Store{db: db, now: time.Now}
+	var events []*Event
+	err = db.Update(func(tx *bolt.Tx) error {
+		for _, name := range [][]byte{bucketLog, bucketRaft, bucketKeys, bucketExpiry, bucketEvents,
+			bucketRequests, bucketReqOrder, bucketMeta} {
+			if _, err := tx.CreateBucketIfNotExists(name); err != nil {
+				return err
+			}
+		}
+		meta := tx.Bucket(bucketMeta)
+		s.applied.Store(getUint64(meta, keyApplied))
+		s.index.Store(getUint64(meta, keyIndex))
+		if err := tx.Bucket(bucketEvents).ForEach(func(_, v []byte) error {
+			e, err := unmarshalEvent(v)
+			if err != nil {
+				return err
+			}
+			events = append(events, e)
+			return nil
+		}); err != nil {
+			return err
+		}
+		s.dedupN = tx.Bucket(bucketRequests).Stats().KeyN
+		s.nextExp.Store(firstExpiration(tx.Bucket(bucketExpiry)))
+		return nil
+	})
+	if err != nil {
+		db.Close()
+		return nil, fmt.Errorf("storage: opening %s: %w", dir, err)
+	}
+	if len(events) > historySize {
+		events = events[len(events)-historySize:]
+	}
+	s.hub = newHub(s.index.Load(), events)
+	return s, nil
 }
 
-// LoadRaft reads back the Raft state saved by Save and Compact.
-func (s *Store) LoadRaft() (*RaftState, error) { panic("not implemented") }
+// Close stops every watcher (their channels close) and closes the file.
+func (s *Store) Close() error {
+	if s.closed.Swap(true) {
+		return ErrClosed
+	}
+	s.hub.close()
+	return s.db.Close()
+}
 
 // Ready is one Raft Ready's worth of durable work. Save writes all of it in
 // one bbolt transaction (one commit, so one pair of fsyncs per Ready).
@@ -55,6 +144,10 @@ type Applied struct {
 	ID    uint64 // Request.ID
 	Event *Event // the result on success
 	Err   *Error // the v2 error on failure (the index in it is the store index at apply time)
+	// Duplicate is set when a request with this ID was applied before
+	// (raftkv retried a proposal that had made it): it was not applied
+	// again, and Event and Err are nil.
+	Duplicate bool
 }
 
 // Save persists rd and applies its committed entries in one transaction.
@@ -62,87 +155,268 @@ type Applied struct {
 // no-op); conf-change entries only advance the applied index. After the
 // commit, events go to the watcher hub; the results come back for waiters.
 // SYNC requests expire every key whose expiration is at or before Time,
-// one "expire" event each, each bumping the store index.
-func (s *Store) Save(rd Ready) ([]Applied, error) { panic("not implemented") }
-
-// Compact records snap as the latest snapshot and deletes log entries at or
-// below compactIndex (compactIndex <= snap.Index; raftkv keeps a tail of
-// entries for slow followers).
-func (s *Store) Compact(snap *raftpb.SnapshotMetadata, compactIndex uint64) error {
-	panic("not implemented")
+// one "expire" event each, each bumping the store index. If the commit
+// fails nothing is published and the error is returned.
+//
+// An entry whose data does not decode as a Request is skipped like a no-op
+// on every member alike, and reported as an Applied with error 300. A
+// Ready.Snapshot with index 0 (raft's empty snapshot) counts as none; any
+// other is refused with ErrSnapshotUnsupported until cluster snapshots exist.
+// Entries that are not contiguous, or committed entries that do not follow
+// the applied index, fail the whole Save.
+func (s *Store) Save(rd Ready) ([]Applied, error) {
+	if s.closed.Load() {
+		return nil, ErrClosed
+	}
+	if rd.Snapshot != nil && rd.Snapshot.GetMetadata().GetIndex() != 0 {
+		return nil, ErrSnapshotUnsupported
+	}
+	if rd.HardState == nil && len(rd.Entries) == 0 && len(rd.Committed) == 0 && rd.ConfState == nil {
+		return nil, nil // nothing to make durable: spare the fsyncs
+	}
+	var (
+		out     []Applied
+		a       applier
+		applied uint64
+		dedupN  = s.dedupN
+		nextExp *time.Time
+	)
+	err := s.db.Update(func(tx *bolt.Tx) error {
+		if err := appendLog(tx.Bucket(bucketLog), rd.Entries); err != nil {
+			return err
+		}
+		raft := tx.Bucket(bucketRaft)
+		if rd.HardState != nil {
+			if err := putProto(raft, keyHardState, rd.HardState); err != nil {
+				return err
+			}
+		}
+		meta := tx.Bucket(bucketMeta)
+		applied = getUint64(meta, keyApplied)
+		a = applier{
+			view:   view{keys: tx.Bucket(bucketKeys), index: getUint64(meta, keyIndex)},
+			expiry: tx.Bucket(bucketExpiry),
+			events: tx.Bucket(bucketEvents),
+		}
+		startIndex := a.index
+		requests, order := tx.Bucket(bucketRequests), tx.Bucket(bucketReqOrder)
+		for _, ent := range rd.Committed {
+			idx := ent.GetIndex()
+			if idx <= applied {
+				continue
+			}
+			if idx != applied+1 {
+				return fmt.Errorf("storage: committed entry %d does not follow the applied index %d", idx, applied)
+			}
+			applied = idx
+			if ent.GetType() != raftpb.EntryNormal || len(ent.GetData()) == 0 {
+				continue // conf changes and the leader's no-op
+			}
+			r, err := UnmarshalRequest(ent.GetData())
+			if err != nil {
+				out = append(out, Applied{Index: idx,
+					Err: NewError(EcodeRaftInternal, err.Error(), a.index)})
+				continue
+			}
+			res := Applied{Index: idx, ID: r.ID}
+			if r.ID != 0 {
+				var id [8]byte
+				binary.BigEndian.PutUint64(id[:], r.ID)
+				if requests.Get(id[:]) != nil {
+					res.Duplicate = true
+					out = append(out, res)
+					continue
+				}
+				if err := rememberRequest(requests, order, id[:], idx, &dedupN); err != nil {
+					return err
+				}
+			}
+			a.now = s.now()
+			e, verr := a.apply(r)
+			if a.err != nil {
+				return a.err
+			}
+			if e != nil && r.Method != MethodQGet {
+				if err := a.emit(e); err != nil {
+					return err
+				}
+			}
+			res.Event, res.Err = e, verr
+			out = append(out, res)
+		}
+		if rd.ConfState != nil {
+			if err := putProto(raft, keyConfState, rd.ConfState); err != nil {
+				return err
+			}
+		}
+		if err := putUint64(meta, keyApplied, applied); err != nil {
+			return err
+		}
+		if a.index != startIndex {
+			if err := putUint64(meta, keyIndex, a.index); err != nil {
+				return err
+			}
+			nextExp = firstExpiration(a.expiry)
+		} else {
+			nextExp = s.nextExp.Load()
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, closedErr(err)
+	}
+	// Durable now: only from here may anyone see the results.
+	s.dedupN = dedupN
+	s.applied.Store(applied)
+	s.nextExp.Store(nextExp)
+	s.counters.add(&a.stats)
+	s.index.Store(a.index)
+	s.hub.publish(a.published, a.index)
+	return out, nil
 }
 
-// Applied returns the last applied Raft index.
-func (s *Store) AppliedIndex() uint64 { panic("not implemented") }
+// rememberRequest records an applied request ID and forgets the oldest
+// beyond dedupKeep.
+func rememberRequest(requests, order *bolt.Bucket, id []byte, idx uint64, n *int) error {
+	var ik [8]byte
+	binary.BigEndian.PutUint64(ik[:], idx)
+	if err := requests.Put(id, ik[:]); err != nil {
+		return err
+	}
+	if err := order.Put(ik[:], id); err != nil {
+		return err
+	}
+	*n++
+	c := order.Cursor()
+	for ; *n > dedupKeep; *n-- {
+		k, v := c.First()
+		if k == nil {
+			break
+		}
+		if err := requests.Delete(v); err != nil {
+			return err
+		}
+		if err := c.Delete(); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func firstExpiration(b *bolt.Bucket) *time.Time {
+	k, _ := b.Cursor().First()
+	if exp, _, ok := parseExpiryKey(k); ok {
+		t := time.Unix(0, exp)
+		return &t
+	}
+	return nil
+}
+
+// AppliedIndex returns the last applied Raft index.
+func (s *Store) AppliedIndex() uint64 { return s.applied.Load() }
 
 // Index returns the current store (etcd) index: the X-Etcd-Index.
-func (s *Store) Index() uint64 { panic("not implemented") }
+func (s *Store) Index() uint64 { return s.index.Load() }
 
 // Get reads a key or directory as etcd's v2 GET does (children one level
 // deep unless recursive; hidden "_" children never listed; sorted byte-wise
 // by key when sorted, else in whatever order is cheapest). TTLs are computed
 // against now. Errors: 100 (cause: the first missing path component), 104.
+//
+// Listings always come sorted: the keyspace is ordered that way.
 func (s *Store) Get(path string, recursive, sorted bool, now time.Time) (*Event, error) {
-	panic("not implemented")
-}
-
-// Watch registers a watcher as etcd's v2 store does: sinceIndex 0 means
-// "from the next event"; a sinceIndex still in the 1000-event history is
-// answered from it first; one older than the history gives error 401.
-// The returned watcher's StartIndex is the store index at registration.
-func (s *Store) Watch(path string, recursive, stream bool, sinceIndex uint64) (*Watcher, error) {
-	panic("not implemented")
+	if s.closed.Load() {
+		return nil, ErrClosed
+	}
+	var (
+		e    *Event
+		verr *Error
+	)
+	err := s.db.View(func(tx *bolt.Tx) error {
+		v := view{keys: tx.Bucket(bucketKeys), index: getUint64(tx.Bucket(bucketMeta), keyIndex), now: now}
+		e, verr = v.getEvent(cleanPath(path), recursive)
+		return v.err
+	})
+	if err != nil {
+		return nil, closedErr(err)
+	}
+	if verr != nil {
+		s.counters.gets[1].Add(1)
+		return nil, verr
+	}
+	s.counters.gets[0].Add(1)
+	return e, nil
 }
 
 // NextExpiration returns the earliest expiration among live keys, if any:
 // the leader's reaper proposes a SYNC once it is due.
-func (s *Store) NextExpiration() (time.Time, bool) { panic("not implemented") }
+func (s *Store) NextExpiration() (time.Time, bool) {
+	if t := s.nextExp.Load(); t != nil {
+		return *t, true
+	}
+	return time.Time{}, false
+}
 
 // Meta reads a member-level value (IDs, cluster membership) from the meta
-// bucket; nil when absent.
-func (s *Store) Meta(key string) []byte { panic("not implemented") }
+// bucket; nil when absent (or when the store is closed).
+func (s *Store) Meta(key string) []byte {
+	if s.closed.Load() {
+		return nil
+	}
+	var out []byte
+	_ = s.db.View(func(tx *bolt.Tx) error {
+		if v := tx.Bucket(bucketMeta).Get([]byte(metaUserPrefix + key)); v != nil {
+			out = append([]byte{}, v...)
+		}
+		return nil
+	})
+	return out
+}
 
 // SetMeta writes a member-level value durably.
-func (s *Store) SetMeta(key string, value []byte) error { panic("not implemented") }
+func (s *Store) SetMeta(key string, value []byte) error {
+	if s.closed.Load() {
+		return ErrClosed
+	}
+	err := s.db.Update(func(tx *bolt.Tx) error {
+		return tx.Bucket(bucketMeta).Put([]byte(metaUserPrefix+key), value)
+	})
+	return closedErr(err)
+}
 
 // WriteSnapshot writes a consistent copy of the whole file (one read
 // transaction) to w, for a follower that needs a snapshot.
-// func (s *Store) WriteSnapshot(w io.Writer) (int64, error)
-
-// Stats are etcd's /v2/stats/store counters, kept in memory since Open.
-type Stats struct {
-	GetSuccess              uint64 `json:"getsSuccess"`
-	GetFail                 uint64 `json:"getsFail"`
-	SetSuccess              uint64 `json:"setsSuccess"`
-	SetFail                 uint64 `json:"setsFail"`
-	DeleteSuccess           uint64 `json:"deleteSuccess"`
-	DeleteFail              uint64 `json:"deleteFail"`
-	UpdateSuccess           uint64 `json:"updateSuccess"`
-	UpdateFail              uint64 `json:"updateFail"`
-	CreateSuccess           uint64 `json:"createSuccess"`
-	CreateFail              uint64 `json:"createFail"`
-	CompareAndSwapSuccess   uint64 `json:"compareAndSwapSuccess"`
-	CompareAndSwapFail      uint64 `json:"compareAndSwapFail"`
-	CompareAndDeleteSuccess uint64 `json:"compareAndDeleteSuccess"`
-	CompareAndDeleteFail    uint64 `json:"compareAndDeleteFail"`
-	ExpireCount             uint64 `json:"expireCount"`
-	Watchers                uint64 `json:"watchers"`
+func (s *Store) WriteSnapshot(w io.Writer) (int64, error) {
+	if s.closed.Load() {
+		return 0, ErrClosed
+	}
+	var n int64
+	err := s.db.View(func(tx *bolt.Tx) error {
+		var err error
+		n, err = tx.WriteTo(w)
+		return err
+	})
+	return n, closedErr(err)
 }
 
-// Stats returns a copy of the counters.
-func (s *Store) Stats() Stats { panic("not implemented") }
-
-// Watcher receives the events of one v2 watch.
-type Watcher struct {
-	// EventChan yields matching events in index order; it is closed when
-	// the watch ends (after one event unless streaming, on Remove, on
-	// Close, or when a streaming watcher falls 100 events behind).
-	EventChan <-chan *Event
-	// StartIndex is the store index when the watch was registered.
-	StartIndex uint64
-	// TODO(storage): internals.
+// closedErr reports bbolt's "database not open" (Close won a race with the
+// caller) as ErrClosed.
+func closedErr(err error) error {
+	if errors.Is(err, berrors.ErrDatabaseNotOpen) {
+		return ErrClosed
+	}
+	return err
 }
 
-// Remove unregisters the watcher and closes its channel; safe to call more
-// than once and after the watch ended.
-func (w *Watcher) Remove() { panic("not implemented") }
+func getUint64(b *bolt.Bucket, key []byte) uint64 {
+	if v := b.Get(key); len(v) == 8 {
+		return binary.BigEndian.Uint64(v)
+	}
+	return 0
+}
+
+func putUint64(b *bolt.Bucket, key []byte, v uint64) error {
+	var buf [8]byte
+	binary.BigEndian.PutUint64(buf[:], v)
+	return b.Put(key, buf[:])
+}

@@ -1,0 +1,204 @@
+package storage
+
+import (
+	"errors"
+	"fmt"
+	"testing"
+	"time"
+
+	"go.etcd.io/raft/v3/raftpb"
+	"google.golang.org/protobuf/proto"
+)
+
+func termEntry(index, term uint64, data string) *raftpb.Entry {
+	return &raftpb.Entry{Index: proto.Uint64(index), Term: proto.Uint64(term),
+		Type: raftpb.EntryNormal.Enum(), Data: []byte(data)}
+}
+
+func logIndexes(t *testing.T, st *RaftState) string {
+	t.Helper()
+	s := ""
+	for _, e := range st.Entries {
+		s += fmt.Sprintf("%d/%d ", e.GetIndex(), e.GetTerm())
+	}
+	return s
+}
+
+func TestLogAppendTruncateCompact(t *testing.T) {
+	ts := newTestStore(t)
+	if st, err := ts.LoadRaft(); err != nil || st.HardState != nil || len(st.Entries) != 0 || st.Snapshot != nil {
+		t.Fatalf("fresh state: %+v %v", st, err)
+	}
+	var ents []*raftpb.Entry
+	for i := uint64(1); i <= 5; i++ {
+		ents = append(ents, termEntry(i, 1, ""))
+	}
+	hs := &raftpb.HardState{Term: proto.Uint64(1), Vote: proto.Uint64(7), Commit: proto.Uint64(3)}
+	cs := &raftpb.ConfState{Voters: []uint64{7}}
+	if _, err := ts.Save(Ready{HardState: hs, Entries: ents, ConfState: cs}); err != nil {
+		t.Fatal(err)
+	}
+	// A new leader's entries replace the conflicting tail.
+	if _, err := ts.Save(Ready{Entries: []*raftpb.Entry{termEntry(4, 2, ""), termEntry(5, 2, ""), termEntry(6, 2, "")}}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ts.Save(Ready{Entries: []*raftpb.Entry{termEntry(3, 3, "")}}); err != nil {
+		t.Fatal(err)
+	}
+	ts.reopen()
+	st, err := ts.LoadRaft()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := logIndexes(t, st); got != "1/1 2/1 3/3 " {
+		t.Fatalf("log after truncation: %s", got)
+	}
+	if !proto.Equal(st.HardState, hs) || !proto.Equal(st.ConfState, cs) {
+		t.Fatalf("hard state %v, conf state %v", st.HardState, st.ConfState)
+	}
+	for i := uint64(4); i <= 12; i++ {
+		if _, err := ts.Save(Ready{Entries: []*raftpb.Entry{termEntry(i, 3, "")}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	compactChunk = 3 // several transactions
+	t.Cleanup(func() { compactChunk = 10000 })
+	snap := &raftpb.SnapshotMetadata{Index: proto.Uint64(10), Term: proto.Uint64(3), ConfState: cs}
+	if err := ts.Compact(snap, 8); err != nil {
+		t.Fatal(err)
+	}
+	if err := ts.Compact(snap, 11); err == nil {
+		t.Fatal("compacting past the snapshot was accepted")
+	}
+	ts.reopen()
+	st, err = ts.LoadRaft()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := logIndexes(t, st); got != "9/3 10/3 11/3 12/3 " || st.CompactIndex != 8 {
+		t.Fatalf("log after compaction: %s (compacted %d)", got, st.CompactIndex)
+	}
+	if !proto.Equal(st.Snapshot, snap) {
+		t.Fatalf("snapshot %v", st.Snapshot)
+	}
+}
+
+func TestSaveRefusesASnapshot(t *testing.T) {
+	ts := newTestStore(t)
+	snap := &raftpb.Snapshot{Metadata: &raftpb.SnapshotMetadata{Index: proto.Uint64(5), Term: proto.Uint64(1)}}
+	_, err := ts.Save(Ready{Snapshot: snap, Committed: []*raftpb.Entry{entry(1, &Request{Method: MethodPut, Path: "/a"})}})
+	if !errors.Is(err, ErrSnapshotUnsupported) || err.Error() != "storage: installing a snapshot from the leader is not supported yet" {
+		t.Fatalf("got %v", err)
+	}
+	if ts.AppliedIndex() != 0 || ts.Index() != 0 {
+		t.Fatal("a refused Ready was applied")
+	}
+}
+
+func TestSaveSkipsNoOpsConfChangesAndAppliedEntries(t *testing.T) {
+	ts := newTestStore(t)
+	cc := &raftpb.Entry{Index: proto.Uint64(2), Term: proto.Uint64(1), Type: raftpb.EntryConfChange.Enum(), Data: []byte("x")}
+	ents := []*raftpb.Entry{entry(1, nil), cc, entry(3, &Request{ID: 9, Method: MethodPut, Path: "/a", Val: "1"}),
+		{Index: proto.Uint64(4), Term: proto.Uint64(1), Data: []byte{7, 7}}}
+	out, err := ts.Save(Ready{Entries: ents, Committed: ents})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(out) != 2 || out[0].Index != 3 || out[0].ID != 9 || out[0].Event == nil {
+		t.Fatalf("results %+v", out)
+	}
+	// A request that does not decode is skipped alike on every member.
+	if out[1].Index != 4 || out[1].Err == nil || out[1].Err.ErrorCode != EcodeRaftInternal {
+		t.Fatalf("undecodable entry: %+v", out[1])
+	}
+	if ts.AppliedIndex() != 4 || ts.Index() != 1 {
+		t.Fatalf("applied %d, index %d", ts.AppliedIndex(), ts.Index())
+	}
+	// Replayed committed entries (a restart) are not applied again.
+	out, err = ts.Save(Ready{Committed: ents})
+	if err != nil || len(out) != 0 || ts.Index() != 1 {
+		t.Fatalf("replay: %+v %v", out, err)
+	}
+}
+
+func TestFailedSavePublishesNothing(t *testing.T) {
+	ts := newTestStore(t)
+	ts.mustDo(set("/a", "1"))
+	w := mustWatch(t, ts, "/", true, true, 0)
+	before := ts.Stats()
+	// The second entry leaves a gap: the whole transaction is refused.
+	ents := []*raftpb.Entry{entry(2, &Request{Method: MethodPut, Path: "/x", Val: "x"}),
+		entry(4, &Request{Method: MethodPut, Path: "/y", Val: "y"})}
+	if _, err := ts.Save(Ready{Entries: ents[:1], Committed: ents}); err == nil {
+		t.Fatal("a gap in committed entries was accepted")
+	}
+	wantNothing(t, w)
+	if ts.Index() != 1 || ts.AppliedIndex() != 1 || ts.Stats() != before {
+		t.Fatalf("index %d applied %d stats %+v", ts.Index(), ts.AppliedIndex(), ts.Stats())
+	}
+	if _, err := ts.get("/x", false, false); err == nil {
+		t.Fatal("a failed Save left a key")
+	}
+	if st, _ := ts.LoadRaft(); len(st.Entries) != 1 {
+		t.Fatalf("a failed Save appended %d entries", len(st.Entries))
+	}
+}
+
+func TestStatePersistsAcrossReopen(t *testing.T) {
+	ts := newTestStore(t)
+	exp := testClock.Add(time.Minute).UnixNano()
+	ts.apply(set("/a", "1"), Request{Method: MethodPut, Path: "/t", Val: "t", Expiration: exp}, set("/a", "2"))
+	ts.mustDo(Request{Method: MethodPut, Path: "/a", Refresh: true, PrevExist: boolp(true)})
+	ts.reopen()
+	if ts.Index() != 4 || ts.AppliedIndex() != 4 {
+		t.Fatalf("index %d applied %d", ts.Index(), ts.AppliedIndex())
+	}
+	if next, ok := ts.NextExpiration(); !ok || next.UnixNano() != exp {
+		t.Fatalf("NextExpiration %v %v", next, ok)
+	}
+	// History, refresh flags included, is back.
+	w := mustWatch(t, ts, "/a", false, false, 4)
+	wantNothing(t, w)
+	w2 := mustWatch(t, ts, "/t", false, false, 1)
+	e := next(t, w2)
+	wantJSON(t, e, `{"action":"set","node":{"key":"/t","value":"t","expiration":"2026-01-02T03:05:05Z","ttl":60,"modifiedIndex":2,"createdIndex":2}}`)
+	if e.EtcdIndex != 4 {
+		t.Fatalf("EtcdIndex of a historical event: %d", e.EtcdIndex)
+	}
+	ts.mustDo(set("/a", "3"))
+	if e := next(t, w); e.Index() != 5 {
+		t.Fatalf("live event %d", e.Index())
+	}
+	// The expiry index survived: SYNC finds the key.
+	ts.mustDo(Request{Method: MethodSync, Time: exp})
+	if _, err := ts.get("/t", false, false); err == nil {
+		t.Fatal("TTL key not expired after reopen")
+	}
+	if ts.Index() != 6 {
+		t.Fatalf("index %d", ts.Index())
+	}
+}
+
+func TestDuplicateRequestsAreAppliedOnce(t *testing.T) {
+	ts := newTestStore(t)
+	r := Request{ID: 42, Method: MethodPost, Path: "/q", Val: "job"}
+	out := ts.apply(r, r)
+	if out[0].Duplicate || out[0].Event == nil || !out[1].Duplicate || out[1].Event != nil || out[1].Err != nil {
+		t.Fatalf("results %+v", out)
+	}
+	ts.reopen()
+	if out := ts.apply(r); !out[0].Duplicate || ts.Index() != 1 {
+		t.Fatalf("after reopen: %+v, index %d", out, ts.Index())
+	}
+	// Only the most recent IDs are kept.
+	dedupKeep = 3
+	t.Cleanup(func() { dedupKeep = 10000 })
+	ts.apply(Request{ID: 1, Method: MethodPut, Path: "/x"}, Request{ID: 2, Method: MethodPut, Path: "/x"},
+		Request{ID: 3, Method: MethodPut, Path: "/x"})
+	if out := ts.apply(r); out[0].Duplicate {
+		t.Fatal("an ID beyond the kept window is still remembered")
+	}
+	if out := ts.apply(Request{ID: 3, Method: MethodPut, Path: "/x"}); !out[0].Duplicate {
+		t.Fatal("a recent ID was forgotten")
+	}
+}

@@ -1,0 +1,312 @@
+package storage
+
+import (
+	"encoding/binary"
+	"errors"
+	"strings"
+	"time"
+)
+
+// Keyspace layout. A node at path "/a/b" is stored under the key
+//
+//	esc("/a") 0x00 esc("b")
+//
+// so the children of a directory are exactly the keys that start with
+// esc(dir)+0x00: a one-level listing is one prefix scan, however large the
+// subtrees below, and it comes out sorted byte-wise by name, which is
+// etcd's "sorted" order (a sort on the full key of siblings). esc keeps 0x00
+// out of the encoded parts (0x00 -> 0x01 0x01, 0x01 -> 0x01 0x02), an
+// order-preserving escape, so a name holding a NUL byte cannot forge a
+// sibling's prefix. The root "/" is implicit: it has no key of its own.
+
+// maxPathLen bounds a key's path so that its encoded form (at most twice as
+// long) stays below bbolt's 32 KiB key limit. A longer path is refused with
+// a v2 error rather than failing the whole Raft batch.
+const maxPathLen = 16000
+
+func needsEscape(s string) bool {
+	for i := 0; i < len(s); i++ {
+		if s[i] < 2 {
+			return true
+		}
+	}
+	return false
+}
+
+func appendEscaped(b []byte, s string) []byte {
+	if !needsEscape(s) {
+		return append(b, s...)
+	}
+	for i := 0; i < len(s); i++ {
+		switch c := s[i]; c {
+		case 0:
+			b = append(b, 1, 1)
+		case 1:
+			b = append(b, 1, 2)
+		default:
+			b = append(b, c)
+		}
+	}
+	return b
+}
+
+func unescape(b []byte) string {
+	if i := indexByte(b, 1); i < 0 {
+		return string(b)
+	}
+	out := make([]byte, 0, len(b))
+	for i := 0; i < len(b); i++ {
+		if b[i] == 1 && i+1 < len(b) {
+			out = append(out, b[i+1]-1)
+			i++
+			continue
+		}
+		out = append(out, b[i])
+	}
+	return string(out)
+}
+
+func indexByte(b []byte, c byte) int {
+	for i, x := range b {
+		if x == c {
+			return i
+		}
+	}
+	return -1
+}
+
+// splitPath splits a clean absolute path other than "/" into its parent
+// directory and its last component: "/a/b" -> "/a", "b"; "/a" -> "/", "a".
+func splitPath(p string) (dir, name string) {
+	i := strings.LastIndexByte(p, '/')
+	if i <= 0 {
+		return "/", p[i+1:]
+	}
+	return p[:i], p[i+1:]
+}
+
+// joinPath is the path of child name under dir.
+func joinPath(dir, name string) string {
+	if dir == "/" {
+		return "/" + name
+	}
+	return dir + "/" + name
+}
+
+// nodeKey is the keyspace key of the node at p (p != "/").
+func nodeKey(p string) []byte {
+	dir, name := splitPath(p)
+	b := make([]byte, 0, len(p)+1)
+	b = appendEscaped(b, dir)
+	b = append(b, 0)
+	return appendEscaped(b, name)
+}
+
+// childPrefix is the prefix shared by the keys of dir's children.
+func childPrefix(dir string) []byte {
+	b := make([]byte, 0, len(dir)+1)
+	b = appendEscaped(b, dir)
+	return append(b, 0)
+}
+
+// record is a stored node: a file (value) or a directory (children under
+// its child prefix).
+type record struct {
+	dir        bool
+	created    uint64
+	modified   uint64
+	expiration int64 // unix nanoseconds; 0 = permanent
+	value      []byte
+}
+
+// Node value: flags byte (1 = dir), uvarint createdIndex, uvarint
+// modifiedIndex, varint expiration, then the value bytes to the end.
+func (r *record) marshal() []byte {
+	b := make([]byte, 0, 1+3*binary.MaxVarintLen64+len(r.value))
+	var flags byte
+	if r.dir {
+		flags = 1
+	}
+	b = append(b, flags)
+	b = binary.AppendUvarint(b, r.created)
+	b = binary.AppendUvarint(b, r.modified)
+	b = binary.AppendVarint(b, r.expiration)
+	return append(b, r.value...)
+}
+
+var errBadRecord = errors.New("storage: damaged keyspace record")
+
+// parseRecord decodes a node value. The value slice aliases v, which bbolt
+// only keeps valid during the transaction.
+func parseRecord(v []byte) (record, error) {
+	if len(v) == 0 || v[0] > 1 {
+		return record{}, errBadRecord
+	}
+	d := decoder{b: v[1:]}
+	r := record{dir: v[0] == 1}
+	r.created = d.uvarint()
+	r.modified = d.uvarint()
+	r.expiration = d.varint()
+	if d.err {
+		return record{}, errBadRecord
+	}
+	r.value = d.b
+	return r, nil
+}
+
+// Expiry index key: the expiration as 8 big-endian bytes with the sign bit
+// flipped (so negative times, which an update may store, sort first), then
+// the path.
+func expiryKey(exp int64, p string) []byte {
+	b := make([]byte, 8, 8+len(p))
+	binary.BigEndian.PutUint64(b, uint64(exp)^(1<<63))
+	return append(b, p...)
+}
+
+func parseExpiryKey(k []byte) (int64, string, bool) {
+	if len(k) < 9 {
+		return 0, "", false
+	}
+	return int64(binary.BigEndian.Uint64(k) ^ (1 << 63)), string(k[8:]), true
+}
+
+// external builds the JSON node of r at path p, with ttl counted against
+// now as etcd does (node.go expirationAndTTL: ceil of the remaining
+// seconds, negative once past).
+func (r *record) external(p string, now time.Time) *Node {
+	n := &Node{Key: p, Dir: r.dir, ModifiedIndex: r.modified, CreatedIndex: r.created}
+	if !r.dir {
+		v := string(r.value)
+		n.Value = &v
+	}
+	n.Expiration, n.TTL = expirationAndTTL(r.expiration, now)
+	return n
+}
+
+func expirationAndTTL(exp int64, now time.Time) (*time.Time, int64) {
+	if exp == 0 {
+		return nil, 0
+	}
+	t := time.Unix(0, exp).UTC()
+	d := t.Sub(now)
+	ttl := d / time.Second
+	if d%time.Second > 0 {
+		ttl++
+	}
+	return &t, int64(ttl)
+}
+
+// Events kept for history are stored in the events bucket in this form:
+//
+//	byte     action code (actionCodes)
+//	byte     flags (1 refresh, 2 has node, 4 has prevNode)
+//	uvarint  EtcdIndex
+//	node     [node] [prevNode]
+//
+// and a node as: flags byte (1 dir, 2 has value, 4 has expiration), key,
+// [value], [varint expiration], varint ttl, uvarint modifiedIndex, uvarint
+// createdIndex. Nodes of events never have children.
+var actionCodes = [...]string{ActionGet, ActionSet, ActionCreate, ActionUpdate, ActionDelete,
+	ActionCompareAndSwap, ActionCompareAndDelete, ActionExpire}
+
+func actionCode(a string) byte {
+	for i, s := range actionCodes {
+		if s == a {
+			return byte(i)
+		}
+	}
+	return 255
+}
+
+func marshalEvent(e *Event) []byte {
+	b := make([]byte, 0, 64)
+	var flags byte
+	if e.Refresh {
+		flags |= 1
+	}
+	if e.Node != nil {
+		flags |= 2
+	}
+	if e.PrevNode != nil {
+		flags |= 4
+	}
+	b = append(b, actionCode(e.Action), flags)
+	b = binary.AppendUvarint(b, e.EtcdIndex)
+	if e.Node != nil {
+		b = appendEventNode(b, e.Node)
+	}
+	if e.PrevNode != nil {
+		b = appendEventNode(b, e.PrevNode)
+	}
+	return b
+}
+
+func appendEventNode(b []byte, n *Node) []byte {
+	var flags byte
+	if n.Dir {
+		flags |= 1
+	}
+	if n.Value != nil {
+		flags |= 2
+	}
+	if n.Expiration != nil {
+		flags |= 4
+	}
+	b = append(b, flags)
+	b = appendString(b, n.Key)
+	if n.Value != nil {
+		b = appendString(b, *n.Value)
+	}
+	if n.Expiration != nil {
+		b = binary.AppendVarint(b, n.Expiration.UnixNano())
+	}
+	b = binary.AppendVarint(b, n.TTL)
+	b = binary.AppendUvarint(b, n.ModifiedIndex)
+	return binary.AppendUvarint(b, n.CreatedIndex)
+}
+
+var errBadEvent = errors.New("storage: damaged event record")
+
+func unmarshalEvent(data []byte) (*Event, error) {
+	d := decoder{b: data}
+	code, flags := d.byte(), d.byte()
+	if d.err || int(code) >= len(actionCodes) || flags > 7 {
+		return nil, errBadEvent
+	}
+	e := &Event{Action: actionCodes[code], Refresh: flags&1 != 0}
+	e.EtcdIndex = d.uvarint()
+	if flags&2 != 0 {
+		e.Node = d.eventNode()
+	}
+	if flags&4 != 0 {
+		e.PrevNode = d.eventNode()
+	}
+	if d.err || len(d.b) != 0 || e.Node == nil {
+		return nil, errBadEvent
+	}
+	return e, nil
+}
+
+func (d *decoder) eventNode() *Node {
+	flags := d.byte()
+	if flags > 7 {
+		d.fail()
+	}
+	n := &Node{Dir: flags&1 != 0}
+	n.Key = d.string()
+	if flags&2 != 0 {
+		v := d.string()
+		n.Value = &v
+	}
+	if flags&4 != 0 {
+		t := time.Unix(0, d.varint()).UTC()
+		n.Expiration = &t
+	}
+	n.TTL = d.varint()
+	n.ModifiedIndex = d.uvarint()
+	n.CreatedIndex = d.uvarint()
+	if d.err {
+		return nil
+	}
+	return n
+}

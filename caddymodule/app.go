@@ -1,0 +1,338 @@
+package caddymodule
+
+import (
+	"errors"
+	"fmt"
+	"path/filepath"
+	"slices"
+	"sort"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"go.uber.org/zap"
+
+	"github.com/etcaddy/etcaddy/raftkv"
+)
+
+func init() {
+	caddy.RegisterModule(App{})
+}
+
+// members holds the Raft node of every data directory in use, keyed by the
+// directory's absolute path. Caddy rebuilds every app on every config change
+// and runs the new instance beside the old one for a while, so the node must
+// outlive app instances: each instance takes a reference in Provision and
+// drops it in Cleanup, and the node stops only when the last one goes.
+var members = caddy.NewUsagePool()
+
+// Defaults, as etcd's flags have them.
+const (
+	defaultName              = "default"
+	defaultSnapshotCount     = 10000
+	defaultHeartbeatInterval = 100 * time.Millisecond
+	defaultElectionTimeout   = time.Second
+	defaultClusterToken      = "etcd-cluster"
+	// etcd refuses an election timeout over 50 s (embed.Config.Validate).
+	maxElectionTimeout = 50 * time.Second
+)
+
+// App runs one etcaddy member: its store, its Raft node and the leader's
+// TTL reaper. The etcd handler serves the v2 API from it. Without any
+// configuration it runs a single-member cluster named "default" with its
+// data under Caddy's data directory, like a bare `etcd` does.
+//
+// The member survives config reloads: as long as its data directory and
+// name stay the same, a reload keeps the running Raft node. A reload that
+// gives an existing data directory another name or cluster token fails.
+type App struct {
+	// The member's name (etcd's --name). Default: "default".
+	Name string `json:"name,omitempty"`
+
+	// Where the member keeps its data: one bbolt file, member.db (etcd's
+	// --data-dir). Default: raftkv/<name> under Caddy's data directory.
+	DataDir string `json:"data_dir,omitempty"`
+
+	// How many applied entries trigger a snapshot and log compaction
+	// (etcd's --snapshot-count). Default: 10000.
+	SnapshotCount uint64 `json:"snapshot_count,omitempty"`
+
+	// Time between the leader's heartbeats (etcd's --heartbeat-interval).
+	// Default: 100ms.
+	HeartbeatInterval caddy.Duration `json:"heartbeat_interval,omitempty"`
+
+	// How long a follower waits without hearing from a leader before it
+	// starts an election (etcd's --election-timeout). At least 5 heartbeat
+	// intervals and at most 50s. Default: 1s.
+	ElectionTimeout caddy.Duration `json:"election_timeout,omitempty"`
+
+	// The members of the cluster to bootstrap, by name, with their peer
+	// URLs (etcd's --initial-cluster). It must name this member. Used only
+	// when the data directory is new. Default: this member alone.
+	InitialCluster map[string][]string `json:"initial_cluster,omitempty"`
+
+	// "new" to bootstrap a new cluster, "existing" to join one that runs
+	// (etcd's --initial-cluster-state). Default: "new".
+	InitialClusterState string `json:"initial_cluster_state,omitempty"`
+
+	// A token that makes the member and cluster IDs of this cluster unique
+	// (etcd's --initial-cluster-token). Default: "etcd-cluster".
+	InitialClusterToken string `json:"initial_cluster_token,omitempty"`
+
+	// The client URLs this member publishes in /v2/members and
+	// /v2/machines (etcd's --advertise-client-urls). When empty, the
+	// member answers with the scheme and host each request came in on, so
+	// clients that sync their endpoints keep using the address they know.
+	AdvertiseClientURLs []string `json:"advertise_client_urls,omitempty"`
+
+	member  *member
+	poolKey string // set while this instance holds a reference in members
+	logger  *zap.Logger
+}
+
+// CaddyModule returns the Caddy module information.
+func (App) CaddyModule() caddy.ModuleInfo {
+	return caddy.ModuleInfo{
+		ID:  "raftkv",
+		New: func() caddy.Module { return new(App) },
+	}
+}
+
+// Provision fills in defaults, checks the configuration and takes a
+// reference on the member of its data directory. It does no I/O: `caddy
+// validate` provisions in a second process while the real member runs and
+// holds the data directory.
+func (a *App) Provision(ctx caddy.Context) error {
+	a.logger = ctx.Logger()
+	a.setDefaults()
+	if err := a.Validate(); err != nil {
+		return err
+	}
+	dir, err := filepath.Abs(a.DataDir)
+	if err != nil {
+		return fmt.Errorf("raftkv: data_dir %q: %w", a.DataDir, err)
+	}
+	a.DataDir = dir
+	cfg := a.nodeConfig()
+	val, loaded, err := members.LoadOrNew(dir, func() (caddy.Destructor, error) {
+		return &member{node: raftkv.NewNode(cfg), cfg: cfg}, nil
+	})
+	if err != nil {
+		return err
+	}
+	m := val.(*member)
+	if loaded {
+		if err := m.sameIdentity(cfg); err != nil {
+			// Give the reference back now: Cleanup must not drop it twice.
+			if _, derr := members.Delete(dir); derr != nil {
+				a.logger.Error("releasing member", zap.Error(derr))
+			}
+			return err
+		}
+		if changed := m.tuningChanges(cfg); len(changed) > 0 {
+			a.logger.Warn("member settings changed; they take effect when Caddy restarts",
+				zap.String("data_dir", dir), zap.Strings("settings", changed))
+		}
+	}
+	a.member, a.poolKey = m, dir
+	return nil
+}
+
+func (a *App) setDefaults() {
+	if a.Name == "" {
+		a.Name = defaultName
+	}
+	if a.DataDir == "" {
+		a.DataDir = filepath.Join(caddy.AppDataDir(), "raftkv", a.Name)
+	}
+	if a.SnapshotCount == 0 {
+		a.SnapshotCount = defaultSnapshotCount
+	}
+	if a.HeartbeatInterval == 0 {
+		a.HeartbeatInterval = caddy.Duration(defaultHeartbeatInterval)
+	}
+	if a.ElectionTimeout == 0 {
+		a.ElectionTimeout = caddy.Duration(defaultElectionTimeout)
+	}
+	if a.InitialClusterState == "" {
+		a.InitialClusterState = "new"
+	}
+	if a.InitialClusterToken == "" {
+		a.InitialClusterToken = defaultClusterToken
+	}
+}
+
+// Validate checks the configuration as etcd checks its flags.
+func (a *App) Validate() error {
+	if a.HeartbeatInterval < 0 {
+		return fmt.Errorf("raftkv: heartbeat_interval %v is negative", time.Duration(a.HeartbeatInterval))
+	}
+	if a.ElectionTimeout < 0 {
+		return fmt.Errorf("raftkv: election_timeout %v is negative", time.Duration(a.ElectionTimeout))
+	}
+	hb, et := time.Duration(a.HeartbeatInterval), time.Duration(a.ElectionTimeout)
+	if hb > 0 && et > 0 && et < 5*hb {
+		return fmt.Errorf("raftkv: election_timeout %v should be at least 5 times heartbeat_interval %v", et, hb)
+	}
+	if et > maxElectionTimeout {
+		return fmt.Errorf("raftkv: election_timeout %v is too long, and should be at most %v", et, maxElectionTimeout)
+	}
+	switch a.InitialClusterState {
+	case "", "new", "existing":
+	default:
+		return fmt.Errorf(`raftkv: initial_cluster_state %q must be "new" or "existing"`, a.InitialClusterState)
+	}
+	for name, urls := range a.InitialCluster {
+		if name == "" {
+			return errors.New("raftkv: initial_cluster has a member without a name")
+		}
+		if _, err := parseURLs(urls); err != nil {
+			return fmt.Errorf("raftkv: initial_cluster member %q: %v", name, err)
+		}
+	}
+	if len(a.InitialCluster) > 0 && a.Name != "" {
+		if _, ok := a.InitialCluster[a.Name]; !ok {
+			return fmt.Errorf("raftkv: initial_cluster does not name this member %q", a.Name)
+		}
+	}
+	if len(a.AdvertiseClientURLs) > 0 {
+		if _, err := parseURLs(a.AdvertiseClientURLs); err != nil {
+			return fmt.Errorf("raftkv: advertise_client_urls: %v", err)
+		}
+	}
+	return nil
+}
+
+// Start starts the member. On a reload it is already running and Start
+// does nothing.
+func (a *App) Start() error {
+	if err := a.member.node.Start(); err != nil {
+		return fmt.Errorf("raftkv: starting member %q in %s: %w", a.Name, a.DataDir, err)
+	}
+	return nil
+}
+
+// Stop does nothing: the member outlives this app instance, and the
+// instance's Cleanup releases it.
+func (a *App) Stop() error { return nil }
+
+// Cleanup releases this instance's reference on the member; the member
+// stops when no config uses its data directory any more.
+func (a *App) Cleanup() error {
+	if a.poolKey == "" {
+		return nil
+	}
+	key := a.poolKey
+	a.poolKey = ""
+	deleted, err := members.Delete(key)
+	if deleted && a.logger != nil {
+		a.logger.Info("member stopped", zap.String("name", a.Name), zap.String("data_dir", key))
+	}
+	return err
+}
+
+// requestTimeout bounds a write or a quorum read: etcd's request timeout,
+// 5s plus two election timeouts.
+func (a *App) requestTimeout() time.Duration {
+	return 5*time.Second + 2*time.Duration(a.ElectionTimeout)
+}
+
+func (a *App) nodeConfig() raftkv.Config {
+	var cluster map[string][]string
+	if len(a.InitialCluster) > 0 {
+		cluster = make(map[string][]string, len(a.InitialCluster))
+		for name, urls := range a.InitialCluster {
+			cluster[name] = slices.Clone(urls)
+		}
+	}
+	return raftkv.Config{
+		Name:                a.Name,
+		DataDir:             a.DataDir,
+		SnapshotCount:       a.SnapshotCount,
+		HeartbeatInterval:   time.Duration(a.HeartbeatInterval),
+		ElectionTimeout:     time.Duration(a.ElectionTimeout),
+		InitialCluster:      cluster,
+		InitialClusterState: a.InitialClusterState,
+		InitialClusterToken: a.InitialClusterToken,
+		AdvertiseClientURLs: slices.Clone(a.AdvertiseClientURLs),
+		// The node outlives this config, so it logs through the process's
+		// default logger rather than this config's.
+		Logger: caddy.Log().Named("raftkv"),
+	}
+}
+
+// member is what the pool holds for one data directory: the node, and the
+// configuration it was created with.
+type member struct {
+	node *raftkv.Node
+	cfg  raftkv.Config
+}
+
+// Destruct stops the node when the last config using it is gone.
+func (m *member) Destruct() error { return m.node.Stop() }
+
+// sameIdentity fails when cfg would turn the running member into another
+// one: its name and cluster token make its member ID.
+func (m *member) sameIdentity(cfg raftkv.Config) error {
+	if m.cfg.Name != cfg.Name {
+		return fmt.Errorf("raftkv: data_dir %s belongs to running member %q, not %q: "+
+			"a member cannot be renamed by a reload (stop Caddy first, or use another data_dir)",
+			cfg.DataDir, m.cfg.Name, cfg.Name)
+	}
+	if m.cfg.InitialClusterToken != cfg.InitialClusterToken {
+		return fmt.Errorf("raftkv: data_dir %s belongs to running member %q of cluster token %q, not %q: "+
+			"the cluster token cannot change by a reload (stop Caddy first, or use another data_dir)",
+			cfg.DataDir, cfg.Name, m.cfg.InitialClusterToken, cfg.InitialClusterToken)
+	}
+	return nil
+}
+
+// tuningChanges names the settings that differ from the running member's
+// and that only a restart applies. (advertise_client_urls is not one: the
+// handler publishes the current config's.)
+func (m *member) tuningChanges(cfg raftkv.Config) []string {
+	var changed []string
+	if m.cfg.SnapshotCount != cfg.SnapshotCount {
+		changed = append(changed, "snapshot_count")
+	}
+	if m.cfg.HeartbeatInterval != cfg.HeartbeatInterval {
+		changed = append(changed, "heartbeat_interval")
+	}
+	if m.cfg.ElectionTimeout != cfg.ElectionTimeout {
+		changed = append(changed, "election_timeout")
+	}
+	if !sameCluster(m.cfg.InitialCluster, cfg.InitialCluster) {
+		changed = append(changed, "initial_cluster")
+	}
+	if m.cfg.InitialClusterState != cfg.InitialClusterState {
+		changed = append(changed, "initial_cluster_state")
+	}
+	return changed
+}
+
+func sameCluster(a, b map[string][]string) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for name, ua := range a {
+		ub, ok := b[name]
+		if !ok {
+			return false
+		}
+		ua, ub = slices.Clone(ua), slices.Clone(ub)
+		sort.Strings(ua)
+		sort.Strings(ub)
+		if !slices.Equal(ua, ub) {
+			return false
+		}
+	}
+	return true
+}
+
+// Interface guards.
+var (
+	_ caddy.App          = (*App)(nil)
+	_ caddy.Provisioner  = (*App)(nil)
+	_ caddy.Validator    = (*App)(nil)
+	_ caddy.CleanerUpper = (*App)(nil)
+	_ caddy.Destructor   = (*member)(nil)
+)

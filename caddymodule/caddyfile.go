@@ -1,0 +1,189 @@
+package caddymodule
+
+import (
+	"encoding/json"
+	"strconv"
+	"strings"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig"
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+)
+
+func init() {
+	httpcaddyfile.RegisterGlobalOption("raftkv", parseGlobalOption)
+	httpcaddyfile.RegisterHandlerDirective("etcd", parseEtcdDirective)
+	// etcd goes after every directive that shapes or guards a request
+	// (header, rewrite, uri, basic_auth, forward_auth, encode, ...) and
+	// before the ones that answer it (respond, reverse_proxy,
+	// php_fastcgi, file_server). It answers only the API's paths and
+	// hands every other to the next handler, so `etcd`, `reverse_proxy
+	// /app/*` and `file_server` share one site in that order; a catch-all
+	// `respond` or `file_server` never hides /v2/keys.
+	httpcaddyfile.RegisterDirectiveOrder("etcd", httpcaddyfile.Before, "respond")
+}
+
+// parseGlobalOption sets up the raftkv app from the global option of the
+// same name. Given twice, the second block adds to the first.
+func parseGlobalOption(d *caddyfile.Dispenser, existing any) (any, error) {
+	app := new(App)
+	if prev, ok := existing.(httpcaddyfile.App); ok {
+		if err := json.Unmarshal(prev.Value, app); err != nil {
+			return nil, err
+		}
+	}
+	if err := app.UnmarshalCaddyfile(d); err != nil {
+		return nil, err
+	}
+	return httpcaddyfile.App{
+		Name:  "raftkv",
+		Value: caddyconfig.JSON(app, nil),
+	}, nil
+}
+
+// UnmarshalCaddyfile sets up the app from Caddyfile tokens. Syntax:
+//
+//	raftkv {
+//		name                  <name>
+//		data_dir              <path>
+//		snapshot_count        <entries>
+//		heartbeat_interval    <duration>
+//		election_timeout      <duration>
+//		initial_cluster       <name>=<peer_url>...
+//		initial_cluster_state new|existing
+//		initial_cluster_token <token>
+//		advertise_client_urls <url>...
+//	}
+//
+// initial_cluster takes etcd's --initial-cluster list, as one
+// comma-separated argument or as several; a name given twice gets several
+// peer URLs.
+func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
+	for d.Next() {
+		if d.NextArg() {
+			return d.ArgErr()
+		}
+		for d.NextBlock(0) {
+			switch opt := d.Val(); opt {
+			case "name", "data_dir", "initial_cluster_state", "initial_cluster_token":
+				var v string
+				if !d.Args(&v) {
+					return d.ArgErr()
+				}
+				if d.NextArg() {
+					return d.ArgErr()
+				}
+				switch opt {
+				case "name":
+					a.Name = v
+				case "data_dir":
+					a.DataDir = v
+				case "initial_cluster_state":
+					if v != "new" && v != "existing" {
+						return d.Errf(`initial_cluster_state must be "new" or "existing", not %q`, v)
+					}
+					a.InitialClusterState = v
+				case "initial_cluster_token":
+					a.InitialClusterToken = v
+				}
+
+			case "snapshot_count":
+				var v string
+				if !d.Args(&v) || d.NextArg() {
+					return d.ArgErr()
+				}
+				n, err := strconv.ParseUint(v, 10, 64)
+				if err != nil || n == 0 {
+					return d.Errf("snapshot_count must be a positive number of entries, not %q", v)
+				}
+				a.SnapshotCount = n
+
+			case "heartbeat_interval", "election_timeout":
+				var v string
+				if !d.Args(&v) || d.NextArg() {
+					return d.ArgErr()
+				}
+				dur, err := caddy.ParseDuration(v)
+				if err != nil || dur <= 0 {
+					return d.Errf("%s must be a positive duration, not %q", opt, v)
+				}
+				if opt == "heartbeat_interval" {
+					a.HeartbeatInterval = caddy.Duration(dur)
+				} else {
+					a.ElectionTimeout = caddy.Duration(dur)
+				}
+
+			case "initial_cluster":
+				args := d.RemainingArgs()
+				if len(args) == 0 {
+					return d.ArgErr()
+				}
+				if a.InitialCluster == nil {
+					a.InitialCluster = make(map[string][]string)
+				}
+				for _, arg := range args {
+					for pair := range strings.SplitSeq(arg, ",") {
+						if pair == "" {
+							continue
+						}
+						name, u, ok := strings.Cut(pair, "=")
+						if !ok || name == "" || u == "" {
+							return d.Errf("initial_cluster: %q is not <name>=<peer_url>", pair)
+						}
+						a.InitialCluster[name] = append(a.InitialCluster[name], u)
+					}
+				}
+
+			case "advertise_client_urls":
+				args := d.RemainingArgs()
+				if len(args) == 0 {
+					return d.ArgErr()
+				}
+				for _, arg := range args {
+					for u := range strings.SplitSeq(arg, ",") {
+						if u != "" {
+							a.AdvertiseClientURLs = append(a.AdvertiseClientURLs, u)
+						}
+					}
+				}
+
+			default:
+				return d.Errf("unrecognized raftkv option %q", opt)
+			}
+		}
+	}
+	return nil
+}
+
+// parseEtcdDirective sets up the etcd handler. Syntax:
+//
+//	etcd [<matcher>]
+//
+// It takes no arguments; a block is reserved for options to come.
+func parseEtcdDirective(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
+	handler := new(Handler)
+	err := handler.UnmarshalCaddyfile(h.Dispenser)
+	return handler, err
+}
+
+// UnmarshalCaddyfile sets up the handler from Caddyfile tokens; see
+// parseEtcdDirective for the syntax.
+func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
+	for d.Next() {
+		if d.NextArg() {
+			return d.ArgErr()
+		}
+		if d.NextBlock(0) {
+			return d.Errf("unrecognized etcd option %q", d.Val())
+		}
+	}
+	return nil
+}
+
+// Interface guards.
+var (
+	_ caddyfile.Unmarshaler = (*App)(nil)
+	_ caddyfile.Unmarshaler = (*Handler)(nil)
+)

@@ -1,0 +1,9 @@
+// Package caddymodule is etcaddy's Caddy glue: the raftkv app that runs a
+// member, the etcd handler that serves etcd's v2 HTTP API beside any other
+// route of a site, and their Caddyfile syntax.
+//
+// It owns request parsing and response writing, byte for byte as etcd 3.4
+// answers, and the member's lifetime across config reloads (the Raft node
+// lives in a package-level UsagePool, never in an app instance). It holds no
+// keyspace logic: every read and write goes to package raftkv.
+package caddymodule

@@ -1,0 +1,267 @@
+package caddymodule
+
+import (
+	"encoding/json"
+	"net/http"
+	"net/url"
+	"path"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"go.uber.org/zap"
+
+	"github.com/etcaddy/etcaddy/raftkv"
+)
+
+func init() {
+	caddy.RegisterModule(Handler{})
+}
+
+// Handler serves etcd's v2 HTTP API from the member the raftkv app runs:
+// /v2/keys, /v2/members, /v2/machines, /v2/stats/{self,store,leader},
+// /version and /health, answering as etcd 3.4 does (status codes, headers,
+// JSON, CORS). Any other path goes to the next handler, so the API shares a
+// site with reverse_proxy, file_server and the rest.
+//
+// If the config has no raftkv app, one with the defaults is created: the
+// handler alone gives a working single-member cluster.
+type Handler struct {
+	member    *member
+	timeout   time.Duration
+	advertise []string
+	logger    *zap.Logger
+}
+
+// CaddyModule returns the Caddy module information.
+func (Handler) CaddyModule() caddy.ModuleInfo {
+	return caddy.ModuleInfo{
+		ID:  "http.handlers.etcd",
+		New: func() caddy.Module { return new(Handler) },
+	}
+}
+
+// Provision gets the member from the raftkv app.
+func (h *Handler) Provision(ctx caddy.Context) error {
+	h.logger = ctx.Logger()
+	v, err := ctx.App("raftkv")
+	if err != nil {
+		return err
+	}
+	app := v.(*App)
+	h.member = app.member
+	h.timeout = app.requestTimeout()
+	h.advertise = app.AdvertiseClientURLs
+	return nil
+}
+
+// Paths of etcd's client API (v2http/client.go).
+const (
+	keysPrefix     = "/v2/keys"
+	membersPrefix  = "/v2/members"
+	machinesPath   = "/v2/machines"
+	statsPrefix    = "/v2/stats/"
+	versionPath    = "/version"
+	healthPath     = "/health"
+	statsSelfPath  = statsPrefix + "self"
+	statsStorePath = statsPrefix + "store"
+	statsLeadPath  = statsPrefix + "leader"
+)
+
+type endpoint int
+
+const (
+	epNone endpoint = iota
+	epKeys
+	epMembers
+	epMachines
+	epStatsSelf
+	epStatsStore
+	epStatsLeader
+	epVersion
+	epHealth
+)
+
+// endpointOf maps a path to the endpoint that etcd's ServeMux routes it to.
+func endpointOf(p string) endpoint {
+	switch {
+	case p == keysPrefix || strings.HasPrefix(p, keysPrefix+"/"):
+		return epKeys
+	case p == membersPrefix || strings.HasPrefix(p, membersPrefix+"/"):
+		return epMembers
+	case p == machinesPath:
+		return epMachines
+	case p == statsSelfPath:
+		return epStatsSelf
+	case p == statsStorePath:
+		return epStatsStore
+	case p == statsLeadPath:
+		return epStatsLeader
+	case p == versionPath:
+		return epVersion
+	case p == healthPath:
+		return epHealth
+	}
+	return epNone
+}
+
+// inAPI reports whether an unclean path is one of the API's, so that its
+// cleaning redirect is ours to send even when the clean path is not (etcd
+// redirects /v2/keys/.. to /v2).
+func inAPI(p string) bool {
+	for _, prefix := range []string{keysPrefix, membersPrefix, machinesPath, statsPrefix, versionPath, healthPath} {
+		if strings.HasPrefix(p, prefix) {
+			return true
+		}
+	}
+	return false
+}
+
+// ServeHTTP serves the API's paths and passes every other one to next.
+func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) error {
+	clean := cleanPath(r.URL.Path)
+	ep := endpointOf(clean)
+	if ep == epNone && (clean == r.URL.Path || !inAPI(r.URL.Path)) {
+		return next.ServeHTTP(w, r)
+	}
+
+	// etcd 3.4's default --cors='*' wraps the whole client handler: every
+	// response carries these headers, and any OPTIONS request is answered
+	// before routing, with them alone.
+	hdr := w.Header()
+	// etcd sends no Server header; Caddy set one before routing.
+	hdr.Del("Server")
+	hdr.Set("Access-Control-Allow-Origin", "*")
+	hdr.Set("Access-Control-Allow-Methods", "POST, GET, OPTIONS, PUT, DELETE")
+	hdr.Set("Access-Control-Allow-Headers", "accept, content-type, authorization")
+	if r.Method == http.MethodOptions {
+		w.WriteHeader(http.StatusOK)
+		return nil
+	}
+
+	// etcd's ServeMux redirects an unclean path (//, /./, /../, and what
+	// %2F decodes into) before any handler or method check runs.
+	if clean != r.URL.Path {
+		redirectClean(w, r, clean)
+		return nil
+	}
+
+	switch ep {
+	case epKeys:
+		h.serveKeys(w, r)
+	case epMembers:
+		h.serveMembers(w, r)
+	case epMachines:
+		h.serveMachines(w, r)
+	case epStatsSelf:
+		h.serveStatsSelf(w, r)
+	case epStatsStore:
+		h.serveStatsStore(w, r)
+	case epStatsLeader:
+		h.serveStatsLeader(w, r)
+	case epVersion:
+		serveVersion(w, r)
+	case epHealth:
+		h.serveHealth(w, r)
+	}
+	return nil
+}
+
+// node returns the member's node when it runs. Until the raftkv app has
+// started it (apps start in random order, and HTTP may come first) and once
+// a reload or shutdown has stopped it, there is none.
+func (h *Handler) node() *raftkv.Node {
+	if h.member == nil || !h.member.node.Running() {
+		return nil
+	}
+	return h.member.node
+}
+
+// cleanPath is Go's ServeMux path cleaning: path.Clean, keeping a
+// trailing slash.
+func cleanPath(p string) string {
+	if p == "" {
+		return "/"
+	}
+	if p[0] != '/' {
+		p = "/" + p
+	}
+	np := path.Clean(p)
+	if p[len(p)-1] == '/' && np != "/" {
+		np += "/"
+	}
+	return np
+}
+
+// redirectClean answers 301 to the clean path exactly as etcd's ServeMux
+// did: query kept, the short HTML body (with the extra newline of the Go
+// release etcd 3.4.23 was built with) on GET only, its Content-Type on GET
+// and HEAD.
+func redirectClean(w http.ResponseWriter, r *http.Request, clean string) {
+	loc := (&url.URL{Path: clean, RawQuery: r.URL.RawQuery}).String()
+	h := w.Header()
+	h.Set("Location", loc)
+	if r.Method == http.MethodGet || r.Method == http.MethodHead {
+		h.Set("Content-Type", "text/html; charset=utf-8")
+	}
+	w.WriteHeader(http.StatusMovedPermanently)
+	if r.Method == http.MethodGet {
+		_, _ = w.Write([]byte("<a href=\"" + htmlReplacer.Replace(loc) + "\">Moved Permanently</a>.\n\n"))
+	}
+}
+
+var htmlReplacer = strings.NewReplacer("&", "&amp;", "<", "&lt;", ">", "&gt;", `"`, "&#34;", "'", "&#39;")
+
+// allowMethod answers 405 with an Allow header, as etcd's allowMethod does,
+// unless the request's method is one of methods.
+func allowMethod(w http.ResponseWriter, r *http.Request, methods ...string) bool {
+	for _, m := range methods {
+		if r.Method == m {
+			return true
+		}
+	}
+	w.Header().Set("Allow", strings.Join(methods, ","))
+	http.Error(w, "Method Not Allowed", http.StatusMethodNotAllowed)
+	return false
+}
+
+// writeMessage writes the {"message": ...} error of etcd's non-key
+// endpoints (httptypes.HTTPError: json.Marshal, no newline).
+func writeMessage(w http.ResponseWriter, status int, msg string) {
+	writeJSON(w, status, struct {
+		Message string `json:"message"`
+	}{msg}, false)
+}
+
+// writeJSON writes v as JSON. etcd writes some bodies with json.Encoder
+// (a trailing newline) and others with json.Marshal (none); newline says
+// which.
+func writeJSON(w http.ResponseWriter, status int, v any, newline bool) {
+	b, err := json.Marshal(v)
+	if err != nil {
+		http.Error(w, "Internal Server Error", http.StatusInternalServerError)
+		return
+	}
+	if newline {
+		b = append(b, '\n')
+	}
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(status)
+	_, _ = w.Write(b)
+}
+
+// idString formats a member or cluster ID as etcd's types.ID does:
+// lowercase hex, not padded.
+func idString(id uint64) string { return strconv.FormatUint(id, 16) }
+
+// errNotRunning is the cause sent while the member does not run; the text
+// is etcd's ErrStopped.
+const errNotRunning = "etcdserver: server stopped"
+
+// Interface guards.
+var (
+	_ caddy.Provisioner           = (*Handler)(nil)
+	_ caddyhttp.MiddlewareHandler = (*Handler)(nil)
+)

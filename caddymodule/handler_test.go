@@ -1,0 +1,879 @@
+package caddymodule
+
+// Real HTTP through an in-process Caddy: caddy.Load of a JSON config whose
+// server listens on 127.0.0.1 with a port from :0, a member with its data in
+// t.TempDir(). caddy.Load is process-global, so these tests never run in
+// parallel and each one stops Caddy when it ends.
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+
+	"github.com/etcaddy/etcaddy/raftkv"
+	"github.com/etcaddy/etcaddy/storage"
+)
+
+type inproc struct {
+	t        *testing.T
+	upstream string // host:port of the backend behind reverse_proxy /app/*
+	port     int
+	base     string
+	dataDir  string
+	client   *http.Client
+}
+
+// inprocConfig is a site that serves the v2 API through etcd, /app/*
+// through reverse_proxy to upstream, /static through static_response and
+// everything else through file_server.
+//
+// An empty name leaves the raftkv app out of the config: the handler then
+// gets one with every default.
+func inprocConfig(port int, dataDir, webRoot, caddyDir, name, staticBody, upstream string) []byte {
+	cfg := map[string]any{
+		"admin":   map[string]any{"disabled": true, "config": map[string]any{"persist": false}},
+		"logging": map[string]any{"logs": map[string]any{"default": map[string]any{"level": "ERROR"}}},
+		"storage": map[string]any{"module": "file_system", "root": caddyDir},
+		"apps": map[string]any{
+			"raftkv": map[string]any{
+				"name":               name,
+				"data_dir":           dataDir,
+				"heartbeat_interval": "10ms",
+				"election_timeout":   "100ms",
+			},
+			"http": map[string]any{
+				"servers": map[string]any{
+					"test": map[string]any{
+						"listen":          []string{fmt.Sprintf("127.0.0.1:%d", port)},
+						"automatic_https": map[string]any{"disable": true},
+						"routes": []any{
+							map[string]any{"handle": []any{map[string]any{"handler": "etcd"}}},
+							map[string]any{
+								"match": []any{map[string]any{"path": []string{"/app/*"}}},
+								"handle": []any{map[string]any{
+									"handler":   "reverse_proxy",
+									"upstreams": []any{map[string]any{"dial": upstream}},
+								}},
+							},
+							map[string]any{
+								"match":  []any{map[string]any{"path": []string{"/static"}}},
+								"handle": []any{map[string]any{"handler": "static_response", "body": staticBody}},
+							},
+							map[string]any{"handle": []any{map[string]any{"handler": "file_server", "root": webRoot}}},
+						},
+					},
+				},
+			},
+		},
+	}
+	if name == "" {
+		delete(cfg["apps"].(map[string]any), "raftkv")
+	}
+	b, _ := json.Marshal(cfg)
+	return b
+}
+
+func inprocPort(t *testing.T) int {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port
+}
+
+// startInproc loads a config into this process's Caddy and waits until the
+// member has elected itself.
+func startInproc(t *testing.T) *inproc {
+	t.Helper()
+	return startInprocNamed(t, "default")
+}
+
+func startInprocNamed(t *testing.T, name string) *inproc {
+	t.Helper()
+	dir := t.TempDir()
+	webRoot := filepath.Join(dir, "www")
+	if err := os.MkdirAll(webRoot, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(webRoot, "hello.txt"), []byte("hello from file_server\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	backend := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		_, _ = io.WriteString(w, "backend saw "+r.URL.Path)
+	}))
+	t.Cleanup(backend.Close)
+	port := inprocPort(t)
+	s := &inproc{
+		upstream: strings.TrimPrefix(backend.URL, "http://"),
+		t:        t,
+		port:     port,
+		base:     fmt.Sprintf("http://127.0.0.1:%d", port),
+		dataDir:  filepath.Join(dir, "member"),
+		client: &http.Client{
+			CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse },
+			Transport:     &http.Transport{DisableCompression: true},
+		},
+	}
+	if name == "" {
+		// The default data directory, under Caddy's.
+		t.Setenv("XDG_DATA_HOME", filepath.Join(dir, "xdg"))
+		s.dataDir = filepath.Join(dir, "xdg", "caddy", "raftkv", "default")
+	}
+	if err := caddy.Load(inprocConfig(port, s.dataDir, webRoot, filepath.Join(dir, "caddy"), name, "static", s.upstream), true); err != nil {
+		t.Fatalf("caddy.Load: %v", err)
+	}
+	t.Cleanup(func() {
+		if err := caddy.Stop(); err != nil {
+			t.Errorf("caddy.Stop: %v", err)
+		}
+		// The last config is gone: so is the member.
+		if n, ok := members.References(s.dataDir); ok {
+			t.Errorf("member of %s still has %d references after Stop", s.dataDir, n)
+		}
+	})
+	s.waitFor("the member to be healthy", func() bool {
+		resp, _ := s.do("GET", "/health", "", "")
+		return resp.StatusCode == http.StatusOK
+	})
+	return s
+}
+
+func (s *inproc) waitFor(what string, cond func() bool) {
+	s.t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			s.t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+func (s *inproc) request(ctx context.Context, method, path, ctype, body string) *http.Request {
+	s.t.Helper()
+	var rd io.Reader
+	if body != "" {
+		rd = strings.NewReader(body)
+	}
+	req, err := http.NewRequestWithContext(ctx, method, s.base+path, rd)
+	if err != nil {
+		s.t.Fatal(err)
+	}
+	if ctype != "" {
+		req.Header.Set("Content-Type", ctype)
+	}
+	return req
+}
+
+// do sends a request and reads the whole answer.
+func (s *inproc) do(method, path, ctype, body string) (*http.Response, string) {
+	s.t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+	defer cancel()
+	resp, err := s.client.Do(s.request(ctx, method, path, ctype, body))
+	if err != nil {
+		s.t.Fatalf("%s %s: %v", method, path, err)
+	}
+	b, err := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if err != nil {
+		s.t.Fatalf("%s %s: reading body: %v", method, path, err)
+	}
+	return resp, string(b)
+}
+
+// form sends a form-urlencoded body, as etcdctl and curl -d do.
+func (s *inproc) form(method, path, body string) (*http.Response, string) {
+	s.t.Helper()
+	return s.do(method, path, formType, body)
+}
+
+func (s *inproc) expect(resp *http.Response, body string, status int) {
+	s.t.Helper()
+	if resp.StatusCode != status {
+		s.t.Fatalf("%s %s: status %d, want %d; body %q", resp.Request.Method, resp.Request.URL, resp.StatusCode, status, body)
+	}
+	h := resp.Header
+	if h.Get("Access-Control-Allow-Origin") != "*" ||
+		h.Get("Access-Control-Allow-Methods") != "POST, GET, OPTIONS, PUT, DELETE" ||
+		h.Get("Access-Control-Allow-Headers") != "accept, content-type, authorization" {
+		s.t.Fatalf("%s %s: missing etcd's CORS headers: %v", resp.Request.Method, resp.Request.URL, h)
+	}
+	if h.Get("Server") != "" {
+		s.t.Fatalf("%s %s: a Server header etcd does not send: %q", resp.Request.Method, resp.Request.URL, h.Get("Server"))
+	}
+}
+
+func decodeEvent(t *testing.T, body string) *storage.Event {
+	t.Helper()
+	var ev storage.Event
+	if err := json.Unmarshal([]byte(body), &ev); err != nil {
+		t.Fatalf("decoding event %q: %v", body, err)
+	}
+	return &ev
+}
+
+func decodeError(t *testing.T, body string) *storage.Error {
+	t.Helper()
+	if !strings.HasSuffix(body, "\n") {
+		t.Fatalf("error body %q lacks etcd's newline", body)
+	}
+	var e storage.Error
+	if err := json.Unmarshal([]byte(body), &e); err != nil {
+		t.Fatalf("decoding error %q: %v", body, err)
+	}
+	return &e
+}
+
+// expectKeyError checks the status, etcd's error JSON and its headers: a
+// cluster ID and X-Etcd-Index, never X-Raft-*.
+func (s *inproc) expectKeyError(resp *http.Response, body string, status, code int, cause string) *storage.Error {
+	s.t.Helper()
+	s.expect(resp, body, status)
+	e := decodeError(s.t, body)
+	if e.ErrorCode != code || (cause != "" && e.Cause != cause) {
+		s.t.Fatalf("%s %s: error %d %q, want %d %q", resp.Request.Method, resp.Request.URL, e.ErrorCode, e.Cause, code, cause)
+	}
+	if got := resp.Header.Get("X-Etcd-Index"); got != strconv.FormatUint(e.Index, 10) {
+		s.t.Fatalf("X-Etcd-Index %q, want the error's index %d", got, e.Index)
+	}
+	if resp.Header.Get("X-Raft-Index") != "" || resp.Header.Get("X-Raft-Term") != "" {
+		s.t.Fatalf("an error carries X-Raft-* headers: %v", resp.Header)
+	}
+	if resp.Header.Get("X-Etcd-Cluster-Id") == "" || resp.Header.Get("Content-Type") != "application/json" {
+		s.t.Fatalf("error headers %v", resp.Header)
+	}
+	return e
+}
+
+func (s *inproc) expectSuccessHeaders(resp *http.Response, ev *storage.Event) {
+	s.t.Helper()
+	h := resp.Header
+	if h.Get("Content-Type") != "application/json" || h.Get("X-Etcd-Cluster-Id") == "" ||
+		h.Get("X-Raft-Index") == "" || h.Get("X-Raft-Term") == "" {
+		s.t.Fatalf("success headers %v", h)
+	}
+	if ev != nil && ev.Node != nil && ev.Node.ModifiedIndex != 0 && ev.Action != storage.ActionGet {
+		if got := h.Get("X-Etcd-Index"); got != strconv.FormatUint(ev.Node.ModifiedIndex, 10) {
+			s.t.Fatalf("X-Etcd-Index %q, want the write's index %d", got, ev.Node.ModifiedIndex)
+		}
+	}
+}
+
+func TestSetGetDeleteOverHTTP(t *testing.T) {
+	s := startInproc(t)
+
+	resp, body := s.form("PUT", "/v2/keys/message", "value=Hello world")
+	s.expect(resp, body, http.StatusCreated)
+	ev := decodeEvent(t, body)
+	s.expectSuccessHeaders(resp, ev)
+	if ev.Action != "set" || ev.PrevNode != nil || *ev.Node.Value != "Hello world" || ev.Node.CreatedIndex != ev.Node.ModifiedIndex {
+		t.Fatalf("first set: %s", body)
+	}
+	if !strings.HasSuffix(body, "}\n") || strings.Count(body, "\n") != 1 {
+		t.Fatalf("body %q is not one JSON object and a newline", body)
+	}
+	first := ev.Node.ModifiedIndex
+
+	resp, body = s.form("PUT", "/v2/keys/message", "value=Hello etcd")
+	s.expect(resp, body, http.StatusOK)
+	ev = decodeEvent(t, body)
+	s.expectSuccessHeaders(resp, ev)
+	if ev.PrevNode == nil || *ev.PrevNode.Value != "Hello world" || ev.Node.CreatedIndex <= first {
+		t.Fatalf("second set (set re-creates the node): %s", body)
+	}
+
+	resp, body = s.do("GET", "/v2/keys/message", "", "")
+	s.expect(resp, body, http.StatusOK)
+	s.expectSuccessHeaders(resp, nil)
+	if ev := decodeEvent(t, body); ev.Action != "get" || *ev.Node.Value != "Hello etcd" {
+		t.Fatalf("get: %s", body)
+	}
+
+	// HEAD: GET's status and headers, Content-Length included, no body.
+	resp, body = s.do("HEAD", "/v2/keys/message", "", "")
+	s.expect(resp, body, http.StatusOK)
+	if body != "" || resp.ContentLength <= 0 || resp.Header.Get("X-Etcd-Index") == "" {
+		t.Fatalf("HEAD: length %d, body %q, headers %v", resp.ContentLength, body, resp.Header)
+	}
+
+	resp, body = s.do("DELETE", "/v2/keys/message", "", "")
+	s.expect(resp, body, http.StatusOK)
+	if ev := decodeEvent(t, body); ev.Action != "delete" || ev.Node.Value != nil || *ev.PrevNode.Value != "Hello etcd" {
+		t.Fatalf("delete: %s", body)
+	}
+
+	resp, body = s.do("GET", "/v2/keys/message", "", "")
+	e := s.expectKeyError(resp, body, http.StatusNotFound, storage.EcodeKeyNotFound, "/message")
+	if e.Index == 0 {
+		t.Fatal("a store error carries the store index, not 0")
+	}
+	resp, body = s.do("HEAD", "/v2/keys/message", "", "")
+	s.expect(resp, body, http.StatusNotFound)
+	if body != "" {
+		t.Fatalf("HEAD 404 has a body %q", body)
+	}
+
+	// Body beats query; JSON bodies are not parsed; noValueOnSuccess.
+	resp, body = s.form("PUT", "/v2/keys/prec?value=query", "value=body")
+	s.expect(resp, body, http.StatusCreated)
+	if ev := decodeEvent(t, body); *ev.Node.Value != "body" {
+		t.Fatalf("body did not beat query: %s", body)
+	}
+	resp, body = s.do("PUT", "/v2/keys/json", "application/json", `{"value":"x"}`)
+	s.expect(resp, body, http.StatusCreated)
+	if ev := decodeEvent(t, body); ev.Node.Value == nil || *ev.Node.Value != "" {
+		t.Fatalf("JSON body was parsed: %s", body)
+	}
+	resp, body = s.form("PUT", "/v2/keys/prec?noValueOnSuccess=true", "value=again")
+	s.expect(resp, body, http.StatusOK)
+	if body != "{\"action\":\"set\"}\n" {
+		t.Fatalf("noValueOnSuccess: %q", body)
+	}
+}
+
+func TestCompareAndSwapOverHTTP(t *testing.T) {
+	s := startInproc(t)
+	resp, body := s.form("PUT", "/v2/keys/foo?prevExist=false", "value=one")
+	s.expect(resp, body, http.StatusCreated)
+	ev := decodeEvent(t, body)
+	if ev.Action != "create" {
+		t.Fatalf("create: %s", body)
+	}
+	created := ev.Node.CreatedIndex
+
+	resp, body = s.form("PUT", "/v2/keys/foo?prevExist=false", "value=again")
+	s.expectKeyError(resp, body, http.StatusPreconditionFailed, storage.EcodeNodeExist, "/foo")
+
+	resp, body = s.form("PUT", "/v2/keys/foo?prevValue=two", "value=three")
+	s.expectKeyError(resp, body, http.StatusPreconditionFailed, storage.EcodeTestFailed, "[two != one]")
+
+	resp, body = s.form("PUT", "/v2/keys/foo?prevValue=one", "value=two")
+	s.expect(resp, body, http.StatusOK)
+	ev = decodeEvent(t, body)
+	s.expectSuccessHeaders(resp, ev)
+	if ev.Action != "compareAndSwap" || ev.Node.CreatedIndex != created || *ev.Node.Value != "two" {
+		t.Fatalf("CAS: %s", body)
+	}
+	resp, body = s.form("PUT", "/v2/keys/foo?prevIndex="+strconv.FormatUint(ev.Node.ModifiedIndex, 10)+"&prevExist=true", "value=four")
+	s.expect(resp, body, http.StatusOK)
+
+	resp, body = s.form("PUT", "/v2/keys/missing?prevExist=true", "value=x")
+	s.expectKeyError(resp, body, http.StatusNotFound, storage.EcodeKeyNotFound, "/missing")
+
+	resp, body = s.do("DELETE", "/v2/keys/foo?prevValue=nope", "", "")
+	s.expectKeyError(resp, body, http.StatusPreconditionFailed, storage.EcodeTestFailed, "[nope != four]")
+	resp, body = s.do("DELETE", "/v2/keys/foo?prevValue=four", "", "")
+	s.expect(resp, body, http.StatusOK)
+	if ev := decodeEvent(t, body); ev.Action != "compareAndDelete" {
+		t.Fatalf("CAD: %s", body)
+	}
+}
+
+func TestTTLExpiresOverHTTP(t *testing.T) {
+	s := startInproc(t)
+	resp, body := s.form("PUT", "/v2/keys/ttl", "value=v&ttl=1")
+	s.expect(resp, body, http.StatusCreated)
+	ev := decodeEvent(t, body)
+	if ev.Node.TTL != 1 || ev.Node.Expiration == nil || ev.Node.Expiration.Location() != time.UTC {
+		t.Fatalf("ttl set: %s", body)
+	}
+	s.waitFor("the key to expire", func() bool {
+		resp, _ := s.do("GET", "/v2/keys/ttl", "", "")
+		return resp.StatusCode == http.StatusNotFound
+	})
+
+	// An empty ttl is no TTL: an update with it removes the key's TTL.
+	resp, body = s.form("PUT", "/v2/keys/keep", "value=v&ttl=100")
+	s.expect(resp, body, http.StatusCreated)
+	resp, body = s.form("PUT", "/v2/keys/keep?prevExist=true", "value=v&ttl=")
+	s.expect(resp, body, http.StatusOK)
+	if ev := decodeEvent(t, body); ev.Node.Expiration != nil || ev.Node.TTL != 0 || ev.PrevNode.TTL == 0 {
+		t.Fatalf("ttl= did not clear the TTL: %s", body)
+	}
+
+	// Bug-compatible with etcd: the overflowing TTL is a second in the
+	// past, so the key is answered with "ttl":-1 and expires at once.
+	resp, body = s.form("PUT", "/v2/keys/overflow", "value=v&ttl=18446744073709551615")
+	s.expect(resp, body, http.StatusCreated)
+	if !strings.Contains(body, `"ttl":-1,`) {
+		t.Fatalf("overflowing ttl: %s", body)
+	}
+	s.waitFor("the overflowed key to expire", func() bool {
+		resp, _ := s.do("GET", "/v2/keys/overflow", "", "")
+		return resp.StatusCode == http.StatusNotFound
+	})
+
+	// Refresh: the value stays, the TTL is new.
+	resp, body = s.form("PUT", "/v2/keys/rf", "value=kept&ttl=50")
+	s.expect(resp, body, http.StatusCreated)
+	resp, body = s.form("PUT", "/v2/keys/rf?refresh=true&prevExist=true", "ttl=100")
+	s.expect(resp, body, http.StatusOK)
+	if ev := decodeEvent(t, body); ev.Action != "update" || *ev.Node.Value != "kept" || ev.Node.TTL != 100 {
+		t.Fatalf("refresh: %s", body)
+	}
+}
+
+func TestDirectoriesAndInOrderKeysOverHTTP(t *testing.T) {
+	s := startInproc(t)
+	resp, body := s.form("PUT", "/v2/keys/dir", "dir=true")
+	s.expect(resp, body, http.StatusCreated)
+	if ev := decodeEvent(t, body); !ev.Node.Dir || ev.Node.Value != nil {
+		t.Fatalf("mkdir: %s", body)
+	}
+	resp, body = s.form("PUT", "/v2/keys/dir", "value=x")
+	s.expectKeyError(resp, body, http.StatusForbidden, storage.EcodeNotFile, "/dir")
+
+	var names []string
+	for _, job := range []string{"Job1", "Job2", "Job3"} {
+		resp, body = s.form("POST", "/v2/keys/queue", "value="+job)
+		s.expect(resp, body, http.StatusCreated)
+		ev := decodeEvent(t, body)
+		if ev.Action != "create" || !strings.HasPrefix(ev.Node.Key, "/queue/") || len(ev.Node.Key) != len("/queue/")+20 {
+			t.Fatalf("in-order create: %s", body)
+		}
+		names = append(names, ev.Node.Key)
+	}
+	resp, body = s.do("GET", "/v2/keys/queue?recursive=true&sorted=true", "", "")
+	s.expect(resp, body, http.StatusOK)
+	ev := decodeEvent(t, body)
+	if len(ev.Node.Nodes) != 3 {
+		t.Fatalf("listing: %s", body)
+	}
+	for i, n := range ev.Node.Nodes {
+		if n.Key != names[i] || *n.Value != fmt.Sprintf("Job%d", i+1) {
+			t.Fatalf("sorted listing out of creation order: %s", body)
+		}
+	}
+
+	resp, body = s.do("DELETE", "/v2/keys/queue", "", "")
+	s.expectKeyError(resp, body, http.StatusForbidden, storage.EcodeNotFile, "/queue")
+	resp, body = s.do("DELETE", "/v2/keys/queue?dir=true", "", "")
+	s.expectKeyError(resp, body, http.StatusForbidden, storage.EcodeDirNotEmpty, "/queue")
+	resp, body = s.do("DELETE", "/v2/keys/queue?recursive=true", "", "")
+	s.expect(resp, body, http.StatusOK)
+
+	// Root: no key, no indexes; read-only.
+	resp, body = s.do("GET", "/v2/keys/", "", "")
+	s.expect(resp, body, http.StatusOK)
+	if !strings.HasPrefix(body, `{"action":"get","node":{"dir":true`) {
+		t.Fatalf("root: %s", body)
+	}
+	resp, body = s.form("PUT", "/v2/keys/", "value=x")
+	s.expectKeyError(resp, body, http.StatusBadRequest, storage.EcodeRootROnly, "/")
+}
+
+// readEvent reads one newline-terminated event from a watch response.
+func readEvent(t *testing.T, rd *bufio.Reader) *storage.Event {
+	t.Helper()
+	line, err := rd.ReadString('\n')
+	if err != nil {
+		t.Fatalf("reading a watch event: %v (got %q)", err, line)
+	}
+	return decodeEvent(t, line)
+}
+
+func (s *inproc) watchers() uint64 {
+	s.t.Helper()
+	resp, body := s.do("GET", "/v2/stats/store", "", "")
+	s.expect(resp, body, http.StatusOK)
+	var st storage.Stats
+	if err := json.Unmarshal([]byte(body), &st); err != nil {
+		s.t.Fatal(err)
+	}
+	return st.Watchers
+}
+
+func TestWatchOverHTTP(t *testing.T) {
+	s := startInproc(t)
+	resp, body := s.form("PUT", "/v2/keys/w/k", "value=0")
+	s.expect(resp, body, http.StatusCreated)
+	start := decodeEvent(t, body).Node.ModifiedIndex
+
+	// One event: headers come at once, before any event.
+	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+	defer cancel()
+	wresp, err := s.client.Do(s.request(ctx, "GET", "/v2/keys/w/k?wait=true", "", ""))
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.expect(wresp, "", http.StatusOK)
+	if wresp.Header.Get("X-Etcd-Index") != strconv.FormatUint(start, 10) || wresp.Header.Get("X-Raft-Index") == "" ||
+		len(wresp.TransferEncoding) == 0 || wresp.TransferEncoding[0] != "chunked" {
+		t.Fatalf("watch headers: %v %v", wresp.Header, wresp.TransferEncoding)
+	}
+	resp, body = s.form("PUT", "/v2/keys/w/k", "value=1")
+	s.expect(resp, body, http.StatusOK)
+	all, err := io.ReadAll(wresp.Body)
+	wresp.Body.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ev := decodeEvent(t, string(all)); ev.Action != "set" || *ev.Node.Value != "1" || strings.Count(string(all), "\n") != 1 {
+		t.Fatalf("watch event: %q", all)
+	}
+
+	// A past waitIndex is answered from history at once.
+	resp, body = s.do("GET", "/v2/keys/w/k?wait=true&waitIndex="+strconv.FormatUint(start, 10), "", "")
+	s.expect(resp, body, http.StatusOK)
+	if ev := decodeEvent(t, body); ev.Node.ModifiedIndex != start {
+		t.Fatalf("historical watch: %s", body)
+	}
+
+	// Stream: every event, each flushed, on one response.
+	sresp, err := s.client.Do(s.request(ctx, "GET", "/v2/keys/w?wait=true&recursive=true&stream=true", "", ""))
+	if err != nil {
+		t.Fatal(err)
+	}
+	rd := bufio.NewReader(sresp.Body)
+	for i := 2; i <= 4; i++ {
+		resp, body = s.form("PUT", "/v2/keys/w/k", fmt.Sprintf("value=%d", i))
+		s.expect(resp, body, http.StatusOK)
+		if ev := readEvent(t, rd); *ev.Node.Value != strconv.Itoa(i) {
+			t.Fatalf("stream event %d: %+v", i, ev.Node)
+		}
+	}
+	if got := s.watchers(); got != 1 {
+		t.Fatalf("watchers = %d with one stream open", got)
+	}
+	// The client goes away: the watcher is removed.
+	sresp.Body.Close()
+	s.waitFor("the stream watcher to be removed", func() bool { return s.watchers() == 0 })
+
+	// A long poll whose client gives up frees its watcher too.
+	pctx, pcancel := context.WithCancel(context.Background())
+	presp, err := s.client.Do(s.request(pctx, "GET", "/v2/keys/never?wait=true", "", ""))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := s.watchers(); got != 1 {
+		t.Fatalf("watchers = %d with one long poll open", got)
+	}
+	pcancel()
+	presp.Body.Close()
+	s.waitFor("the long-poll watcher to be removed", func() bool { return s.watchers() == 0 })
+
+	// Watch errors: a bad parameter, a cleared history.
+	resp, body = s.do("GET", "/v2/keys/w?wait=true&waitIndex=x", "", "")
+	s.expectKeyError(resp, body, http.StatusBadRequest, storage.EcodeIndexNaN, `invalid value for "waitIndex"`)
+}
+
+func TestBadInputOverHTTP(t *testing.T) {
+	s := startInproc(t)
+	tests := []struct {
+		name, method, path, body string
+		status, code             int
+		cause                    string
+	}{
+		{"ttl not a number", "PUT", "/v2/keys/a", "value=1&ttl=abc", 400, 202, `invalid value for "ttl"`},
+		{"bad bool", "GET", "/v2/keys/a?recursive=maybe", "", 400, 209, `invalid value for "recursive"`},
+		{"wait on PUT", "PUT", "/v2/keys/a?wait=true", "value=1", 400, 209, `"wait" can only be used with GET requests`},
+		{"empty prevValue", "PUT", "/v2/keys/a?prevValue=", "value=1", 400, 201, `"prevValue" cannot be empty`},
+		{"bad escape", "GET", "/v2/keys/a?x=%zz", "", 400, 210, `invalid URL escape "%zz"`},
+		{"refresh without ttl", "PUT", "/v2/keys/a?refresh=true&prevExist=true", "", 400, 212, "No TTL value set"},
+		{"invalid UTF-8 key", "PUT", "/v2/keys/u%ff", "value=1", 400, 209, "key is not valid UTF-8"},
+		{"key too long", "PUT", "/v2/keys/" + strings.Repeat("k", maxKeyBytes+1), "value=1", 400, 209, "key is longer than 8192 bytes"},
+		{"body too large", "PUT", "/v2/keys/big", "value=" + strings.Repeat("v", maxRequestBytes), 413, 210, causeBodyTooLarge},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			resp, body := s.form(tt.method, tt.path, tt.body)
+			e := s.expectKeyError(resp, body, tt.status, tt.code, tt.cause)
+			if e.Index != 0 || resp.Header.Get("X-Etcd-Index") != "0" {
+				t.Fatalf("a parameter error has index %d, header %q; want 0", e.Index, resp.Header.Get("X-Etcd-Index"))
+			}
+		})
+	}
+	// The store is intact after all of it.
+	resp, body := s.form("PUT", "/v2/keys/after", "value=ok")
+	s.expect(resp, body, http.StatusCreated)
+}
+
+func TestMethodsRedirectsAndCORSOverHTTP(t *testing.T) {
+	s := startInproc(t)
+
+	resp, body := s.do("PATCH", "/v2/keys/foo", "", "")
+	s.expect(resp, body, http.StatusMethodNotAllowed)
+	if resp.Header.Get("Allow") != "HEAD,GET,PUT,POST,DELETE" || body != "Method Not Allowed\n" ||
+		resp.Header.Get("Content-Type") != "text/plain; charset=utf-8" || resp.Header.Get("X-Etcd-Cluster-Id") != "" {
+		t.Fatalf("405: %v %q", resp.Header, body)
+	}
+	for path, allow := range map[string]string{
+		"/v2/members": "GET,POST,DELETE,PUT", "/v2/machines": "GET,HEAD", "/v2/stats/store": "GET",
+		"/v2/stats/self": "GET", "/v2/stats/leader": "GET", "/version": "GET", "/health": "GET",
+	} {
+		resp, body := s.do("PATCH", path, "", "")
+		s.expect(resp, body, http.StatusMethodNotAllowed)
+		if resp.Header.Get("Allow") != allow {
+			t.Fatalf("PATCH %s: Allow %q, want %q", path, resp.Header.Get("Allow"), allow)
+		}
+	}
+
+	for _, path := range []string{"/v2/keys/x", "/v2/members", "/v2/keys//x", "/health"} {
+		resp, body := s.do("OPTIONS", path, "", "")
+		s.expect(resp, body, http.StatusOK)
+		if body != "" || resp.Header.Get("Content-Type") != "" {
+			t.Fatalf("OPTIONS %s: %v %q", path, resp.Header, body)
+		}
+	}
+
+	redirects := []struct{ method, path, location, body string }{
+		{"GET", "/v2/keys//foo", "/v2/keys/foo", "<a href=\"/v2/keys/foo\">Moved Permanently</a>.\n\n"},
+		{"GET", "/v2/keys/a/./b", "/v2/keys/a/b", "<a href=\"/v2/keys/a/b\">Moved Permanently</a>.\n\n"},
+		{"GET", "/v2/keys/a/../b?x=1&y=%2F", "/v2/keys/b?x=1&y=%2F", "<a href=\"/v2/keys/b?x=1&amp;y=%2F\">Moved Permanently</a>.\n\n"},
+		{"GET", "/v2/keys/a%2F%2Fb", "/v2/keys/a/b", "<a href=\"/v2/keys/a/b\">Moved Permanently</a>.\n\n"},
+		{"GET", "/v2//keys/a", "/v2/keys/a", "<a href=\"/v2/keys/a\">Moved Permanently</a>.\n\n"},
+		{"GET", "/v2/keys/..", "/v2", "<a href=\"/v2\">Moved Permanently</a>.\n\n"},
+		{"PUT", "/v2/keys//foo", "/v2/keys/foo", ""},
+		{"HEAD", "/v2/keys//foo", "/v2/keys/foo", ""},
+	}
+	for _, rd := range redirects {
+		resp, body := s.do(rd.method, rd.path, "", "")
+		s.expect(resp, body, http.StatusMovedPermanently)
+		if resp.Header.Get("Location") != rd.location || body != rd.body {
+			t.Fatalf("%s %s: Location %q body %q; want %q %q", rd.method, rd.path, resp.Header.Get("Location"), body, rd.location, rd.body)
+		}
+		wantCT := "text/html; charset=utf-8"
+		if rd.method == "PUT" {
+			wantCT = ""
+		}
+		if resp.Header.Get("Content-Type") != wantCT {
+			t.Fatalf("%s %s: Content-Type %q", rd.method, rd.path, resp.Header.Get("Content-Type"))
+		}
+	}
+
+	// %2F inside a key addresses the key with a slash in its path.
+	resp, body = s.form("PUT", "/v2/keys/sl/x", "value=slash")
+	s.expect(resp, body, http.StatusCreated)
+	resp, body = s.do("GET", "/v2/keys/sl%2Fx", "", "")
+	s.expect(resp, body, http.StatusOK)
+	resp, body = s.do("GET", "/v2/keys/sl/x/", "", "")
+	s.expect(resp, body, http.StatusOK)
+}
+
+// TestEtcdSharesASiteOverHTTP: the API, reverse_proxy /app/*, a
+// static_response route and a file_server route in one site; paths that are not the API's are not
+// touched (no CORS headers either).
+func TestEtcdSharesASiteOverHTTP(t *testing.T) {
+	s := startInproc(t)
+	resp, body := s.do("GET", "/static", "", "")
+	if resp.StatusCode != http.StatusOK || body != "static" || resp.Header.Get("Access-Control-Allow-Origin") != "" ||
+		resp.Header.Get("Server") != "Caddy" {
+		t.Fatalf("static_response: %d %q %v", resp.StatusCode, body, resp.Header)
+	}
+	resp, body = s.do("GET", "/app/x", "", "")
+	if resp.StatusCode != http.StatusOK || body != "backend saw /app/x" {
+		t.Fatalf("reverse_proxy: %d %q", resp.StatusCode, body)
+	}
+	resp, body = s.do("GET", "/hello.txt", "", "")
+	if resp.StatusCode != http.StatusOK || body != "hello from file_server\n" {
+		t.Fatalf("file_server: %d %q", resp.StatusCode, body)
+	}
+	resp, _ = s.do("GET", "/v2/keysx", "", "")
+	if resp.StatusCode != http.StatusNotFound || resp.Header.Get("Access-Control-Allow-Origin") != "" {
+		t.Fatalf("/v2/keysx went to etcd: %d %v", resp.StatusCode, resp.Header)
+	}
+	resp, body = s.form("PUT", "/v2/keys/site", "value=shared")
+	s.expect(resp, body, http.StatusCreated)
+}
+
+func TestMembersStatsVersionHealthOverHTTP(t *testing.T) {
+	s := startInproc(t)
+
+	resp, body := s.do("GET", "/v2/members", "", "")
+	s.expect(resp, body, http.StatusOK)
+	var mc struct {
+		Members []memberJSON `json:"members"`
+	}
+	if err := json.Unmarshal([]byte(body), &mc); err != nil || len(mc.Members) != 1 || !strings.HasSuffix(body, "\n") {
+		t.Fatalf("members: %q %v", body, err)
+	}
+	self := mc.Members[0]
+	// No advertise_client_urls: the URL the request came in on.
+	if self.Name != "default" || len(self.ClientURLs) != 1 || self.ClientURLs[0] != s.base ||
+		resp.Header.Get("X-Etcd-Cluster-Id") == "" {
+		t.Fatalf("self: %+v %v", self, resp.Header)
+	}
+
+	resp, body = s.do("GET", "/v2/members/leader", "", "")
+	s.expect(resp, body, http.StatusOK)
+	var leader memberJSON
+	if err := json.Unmarshal([]byte(body), &leader); err != nil || leader.ID != self.ID {
+		t.Fatalf("leader: %q", body)
+	}
+	resp, body = s.do("GET", "/v2/members/xyz", "", "")
+	s.expect(resp, body, http.StatusNotFound)
+	if body != `{"message":"Not found"}` {
+		t.Fatalf("members/xyz: %q", body)
+	}
+
+	resp, body = s.do("GET", "/v2/machines", "", "")
+	s.expect(resp, body, http.StatusOK)
+	if body != s.base || resp.Header.Get("Content-Type") != "text/plain; charset=utf-8" || resp.Header.Get("X-Etcd-Cluster-Id") != "" {
+		t.Fatalf("machines: %q %v", body, resp.Header)
+	}
+
+	memberCalls := []struct {
+		method, path, ctype, body string
+		status                    int
+		want                      string
+	}{
+		{"POST", "/v2/members", formType, "{}", 415, `{"message":"Bad Content-Type application/x-www-form-urlencoded, accept application/json"}`},
+		{"POST", "/v2/members", "application/json; charset=utf-8", "{}", 400, `{"message":"no valid URLs given"}`},
+		{"POST", "/v2/members", "application/json", `{"peerURLs":["not a url"]}`, 400, `{"message":"URL scheme must be http, https, unix, or unixs: not a url"}`},
+		{"POST", "/v2/members", "application/json", `{bad`, 400, `{"message":"invalid character 'b' looking for beginning of object key string"}`},
+		{"POST", "/v2/members", "application/json", `{"peerURLs":["http://127.0.0.1:1"]}`, 501, `{"message":"` + msgMembershipUnsupported + `"}`},
+		{"DELETE", "/v2/members/zzz", "", "", 404, `{"message":"No such member: zzz"}`},
+		{"DELETE", "/v2/members/0012345", "", "", 404, `{"message":"No such member: 12345"}`},
+		{"DELETE", "/v2/members", "", "", 405, "Method Not Allowed\n"},
+		{"DELETE", "/v2/members/" + self.ID, "", "", 501, `{"message":"` + msgMembershipUnsupported + `"}`},
+		{"PUT", "/v2/members/1234", "application/json", `{"peerURLs":["http://1.2.3.4:5"]}`, 404, `{"message":"No such member: 1234"}`},
+	}
+	for _, c := range memberCalls {
+		resp, body := s.do(c.method, c.path, c.ctype, c.body)
+		s.expect(resp, body, c.status)
+		if body != c.want {
+			t.Fatalf("%s %s: %q, want %q", c.method, c.path, body, c.want)
+		}
+	}
+
+	resp, body = s.do("GET", "/version", "", "")
+	s.expect(resp, body, http.StatusOK)
+	if body != `{"etcdserver":"3.4.23","etcdcluster":"3.4.0"}` || resp.Header.Get("Content-Type") != "application/json" {
+		t.Fatalf("version: %q", body)
+	}
+	for _, path := range []string{"/health", "/health?serializable=true"} {
+		resp, body = s.do("GET", path, "", "")
+		s.expect(resp, body, http.StatusOK)
+		if body != `{"health":"true"}` || resp.Header.Get("Content-Type") != "text/plain; charset=utf-8" {
+			t.Fatalf("%s: %q %v", path, body, resp.Header)
+		}
+	}
+
+	resp, body = s.do("GET", "/v2/stats/leader", "", "")
+	s.expect(resp, body, http.StatusOK)
+	if body != `{"leader":"`+self.ID+`","followers":{}}` {
+		t.Fatalf("stats/leader: %q", body)
+	}
+	resp, body = s.do("GET", "/v2/stats/self", "", "")
+	s.expect(resp, body, http.StatusOK)
+	var ss raftkv.SelfStats
+	if err := json.Unmarshal([]byte(body), &ss); err != nil || ss.ID != self.ID || ss.State != "StateLeader" || strings.HasSuffix(body, "\n") {
+		t.Fatalf("stats/self: %q %v", body, err)
+	}
+	resp, body = s.do("GET", "/v2/stats/store", "", "")
+	s.expect(resp, body, http.StatusOK)
+	if !strings.HasPrefix(body, `{"getsSuccess":`) || !strings.HasSuffix(body, `"watchers":0}`) {
+		t.Fatalf("stats/store: %q", body)
+	}
+}
+
+// TestReloadKeepsMemberAndRefusesRename: a reload with the same data
+// directory keeps the running node; one that renames the member fails and
+// leaves the old config serving.
+func TestReloadKeepsMemberAndRefusesRename(t *testing.T) {
+	s := startInproc(t)
+	resp, body := s.form("PUT", "/v2/keys/survivor", "value=1")
+	s.expect(resp, body, http.StatusCreated)
+	_, before := s.do("GET", "/v2/stats/self", "", "")
+
+	port := s.port
+	webRoot := t.TempDir()
+	caddyDir := t.TempDir()
+	if err := caddy.Load(inprocConfig(port, s.dataDir, webRoot, caddyDir, "default", "reloaded", s.upstream), false); err != nil {
+		t.Fatalf("reload: %v", err)
+	}
+	if _, body := s.do("GET", "/static", "", ""); body != "reloaded" {
+		t.Fatalf("the reload did not take: %q", body)
+	}
+	resp, body = s.do("GET", "/v2/keys/survivor", "", "")
+	s.expect(resp, body, http.StatusOK)
+	_, after := s.do("GET", "/v2/stats/self", "", "")
+	var a, b raftkv.SelfStats
+	_ = json.Unmarshal([]byte(before), &b)
+	_ = json.Unmarshal([]byte(after), &a)
+	if !a.StartTime.Equal(b.StartTime) || a.ID != b.ID {
+		t.Fatalf("the node restarted on reload: %s -> %s", before, after)
+	}
+	if n, _ := members.References(s.dataDir); n != 1 {
+		t.Fatalf("references after reload = %d, want 1", n)
+	}
+
+	err := caddy.Load(inprocConfig(port, s.dataDir, webRoot, caddyDir, "renamed", "renamed", s.upstream), false)
+	if err == nil || !strings.Contains(err.Error(), "cannot be renamed") {
+		t.Fatalf("rename by reload: %v", err)
+	}
+	if _, body := s.do("GET", "/static", "", ""); body != "reloaded" {
+		t.Fatalf("the old config stopped serving: %q", body)
+	}
+	resp, body = s.do("GET", "/v2/keys/survivor", "", "")
+	s.expect(resp, body, http.StatusOK)
+}
+
+// TestNotRunningAnswers503 serves from a member whose node was never
+// started, as happens when HTTP starts before the raftkv app.
+func TestNotRunningAnswers503(t *testing.T) {
+	h := &Handler{
+		member:  &member{node: raftkv.NewNode(raftkv.Config{DataDir: t.TempDir()})},
+		timeout: time.Second,
+	}
+	next := caddyhttp.HandlerFunc(func(w http.ResponseWriter, r *http.Request) error {
+		w.WriteHeader(http.StatusTeapot)
+		return nil
+	})
+	tests := []struct {
+		method, path string
+		status       int
+		body         string
+	}{
+		{"GET", "/v2/keys/a", 503, `{"errorCode":300,"message":"Raft Internal Error","cause":"etcdserver: server stopped","index":0}` + "\n"},
+		{"PUT", "/v2/keys/a", 503, `{"errorCode":300,"message":"Raft Internal Error","cause":"etcdserver: server stopped","index":0}` + "\n"},
+		{"GET", "/v2/members", 503, `{"message":"etcdserver: server stopped"}`},
+		{"GET", "/v2/stats/self", 503, `{"message":"etcdserver: server stopped"}`},
+		{"GET", "/health", 503, `{"health":"false"}`},
+		{"GET", "/version", 200, versionBody},
+		{"PATCH", "/v2/keys/a", 405, "Method Not Allowed\n"},
+		{"GET", "/elsewhere", http.StatusTeapot, ""},
+	}
+	for _, tt := range tests {
+		rec := httptest.NewRecorder()
+		if err := h.ServeHTTP(rec, httptest.NewRequest(tt.method, tt.path, nil), next); err != nil {
+			t.Fatalf("%s %s: %v", tt.method, tt.path, err)
+		}
+		if rec.Code != tt.status || rec.Body.String() != tt.body {
+			t.Errorf("%s %s: %d %q, want %d %q", tt.method, tt.path, rec.Code, rec.Body.String(), tt.status, tt.body)
+		}
+	}
+}
+
+// TestEtcdAloneRunsADefaultMember: a config with the handler and no raftkv
+// app gets a working member named "default" under Caddy's data directory.
+func TestEtcdAloneRunsADefaultMember(t *testing.T) {
+	s := startInprocNamed(t, "")
+	resp, body := s.form("PUT", "/v2/keys/alone", "value=1")
+	s.expect(resp, body, http.StatusCreated)
+	if _, err := os.Stat(filepath.Join(s.dataDir, "member.db")); err != nil {
+		t.Fatalf("no member.db in the default data directory: %v", err)
+	}
+	resp, body = s.do("GET", "/v2/members", "", "")
+	s.expect(resp, body, http.StatusOK)
+	if !strings.Contains(body, `"name":"default"`) {
+		t.Fatalf("members: %s", body)
+	}
+}

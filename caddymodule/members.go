@@ -1,0 +1,289 @@
+package caddymodule
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/url"
+	"slices"
+	"sort"
+	"strconv"
+	"strings"
+
+	"github.com/etcaddy/etcaddy/raftkv"
+)
+
+// msgMembershipUnsupported answers a valid membership change until the
+// member can make one through Raft.
+const msgMembershipUnsupported = "membership changes come with clustering: this member cannot add, remove or update members yet"
+
+// memberJSON is etcd's httptypes.Member: empty URL lists are [], never
+// null.
+type memberJSON struct {
+	ID         string   `json:"id"`
+	Name       string   `json:"name"`
+	PeerURLs   []string `json:"peerURLs"`
+	ClientURLs []string `json:"clientURLs"`
+}
+
+// members lists the cluster's members as /v2/members shows them. This
+// member's client URLs are the configured advertise_client_urls or, when
+// there are none, the scheme and host the request came in on: etcdctl and
+// the Go client replace their endpoints with the members' client URLs, and
+// must land back here.
+func (h *Handler) members(r *http.Request, n *raftkv.Node) []memberJSON {
+	self := n.Status().ID
+	ms := n.Members()
+	out := make([]memberJSON, 0, len(ms))
+	for _, m := range ms {
+		mj := memberJSON{
+			ID:         idString(m.ID),
+			Name:       m.Name,
+			PeerURLs:   slices.Clone(m.PeerURLs),
+			ClientURLs: slices.Clone(m.ClientURLs),
+		}
+		if m.ID == self {
+			switch {
+			case len(h.advertise) > 0:
+				mj.ClientURLs = slices.Clone(h.advertise)
+			case len(mj.ClientURLs) == 0:
+				mj.ClientURLs = []string{requestURL(r)}
+			}
+		}
+		if mj.PeerURLs == nil {
+			mj.PeerURLs = []string{}
+		}
+		if mj.ClientURLs == nil {
+			mj.ClientURLs = []string{}
+		}
+		out = append(out, mj)
+	}
+	return out
+}
+
+// requestURL is the scheme://host a request was sent to.
+func requestURL(r *http.Request) string {
+	scheme := "http"
+	if r.TLS != nil {
+		scheme = "https"
+	}
+	return scheme + "://" + r.Host
+}
+
+// serveMembers is etcd's membersHandler.
+func (h *Handler) serveMembers(w http.ResponseWriter, r *http.Request) {
+	if !allowMethod(w, r, "GET", "POST", "DELETE", "PUT") {
+		return
+	}
+	n := h.node()
+	if n == nil {
+		writeMessage(w, http.StatusServiceUnavailable, errNotRunning)
+		return
+	}
+	w.Header().Set("X-Etcd-Cluster-Id", idString(n.Status().ClusterID))
+
+	switch r.Method {
+	case http.MethodGet:
+		switch trimPrefix(r.URL.Path, membersPrefix) {
+		case "":
+			writeJSON(w, http.StatusOK, struct {
+				Members []memberJSON `json:"members"`
+			}{h.members(r, n)}, true)
+		case "leader":
+			leader := idString(n.Status().Leader)
+			for _, m := range h.members(r, n) {
+				if m.ID == leader {
+					writeJSON(w, http.StatusOK, m, true)
+					return
+				}
+			}
+			writeMessage(w, http.StatusServiceUnavailable, "During election")
+		default:
+			writeMessage(w, http.StatusNotFound, "Not found")
+		}
+
+	case http.MethodPost:
+		urls, ok := readPeerURLs(w, r)
+		if !ok {
+			return
+		}
+		if h.peerURLTaken(r, n, urls, "") {
+			writeMessage(w, http.StatusConflict, "membership: peerURL exists")
+			return
+		}
+		writeMessage(w, http.StatusNotImplemented, msgMembershipUnsupported)
+
+	case http.MethodDelete:
+		id, ok := memberIDFromPath(w, r)
+		if !ok {
+			return
+		}
+		if !h.isMember(r, n, id) {
+			writeMessage(w, http.StatusNotFound, "No such member: "+id)
+			return
+		}
+		writeMessage(w, http.StatusNotImplemented, msgMembershipUnsupported)
+
+	case http.MethodPut:
+		id, ok := memberIDFromPath(w, r)
+		if !ok {
+			return
+		}
+		urls, ok := readPeerURLs(w, r)
+		if !ok {
+			return
+		}
+		if !h.isMember(r, n, id) {
+			writeMessage(w, http.StatusNotFound, "No such member: "+id)
+			return
+		}
+		if h.peerURLTaken(r, n, urls, id) {
+			writeMessage(w, http.StatusConflict, "membership: peerURL exists")
+			return
+		}
+		writeMessage(w, http.StatusNotImplemented, msgMembershipUnsupported)
+	}
+}
+
+func (h *Handler) isMember(r *http.Request, n *raftkv.Node, id string) bool {
+	for _, m := range h.members(r, n) {
+		if m.ID == id {
+			return true
+		}
+	}
+	return false
+}
+
+// peerURLTaken reports whether a member other than except already has one
+// of urls (etcd's ErrPeerURLexists).
+func (h *Handler) peerURLTaken(r *http.Request, n *raftkv.Node, urls []string, except string) bool {
+	for _, m := range h.members(r, n) {
+		if m.ID == except {
+			continue
+		}
+		for _, u := range m.PeerURLs {
+			if slices.Contains(urls, u) {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// memberIDFromPath is etcd's getID: no ID is 405 (without an Allow
+// header), an ID that is not hex is 404. The ID comes back formatted as
+// etcd formats it (hex, no leading zeros).
+func memberIDFromPath(w http.ResponseWriter, r *http.Request) (string, bool) {
+	s := trimPrefix(r.URL.Path, membersPrefix)
+	if s == "" {
+		http.Error(w, "Method Not Allowed", http.StatusMethodNotAllowed)
+		return "", false
+	}
+	id, err := strconv.ParseUint(s, 16, 64)
+	if err != nil {
+		writeMessage(w, http.StatusNotFound, "No such member: "+s)
+		return "", false
+	}
+	return idString(id), true
+}
+
+// readPeerURLs is etcd's unmarshalRequest of a MemberCreateRequest or
+// MemberUpdateRequest: JSON only, {"peerURLs": [...]}, each URL checked.
+func readPeerURLs(w http.ResponseWriter, r *http.Request) ([]string, bool) {
+	ctype := r.Header.Get("Content-Type")
+	// etcd lowercases and trims only when there are parameters.
+	if i := strings.Index(ctype, ";"); i != -1 {
+		ctype = strings.TrimSpace(strings.ToLower(ctype[:i]))
+	}
+	if ctype != "application/json" {
+		writeMessage(w, http.StatusUnsupportedMediaType,
+			fmt.Sprintf("Bad Content-Type %s, accept application/json", ctype))
+		return nil, false
+	}
+	b, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxRequestBytes))
+	if err != nil {
+		if _, ok := errors.AsType[*http.MaxBytesError](err); ok {
+			writeMessage(w, http.StatusRequestEntityTooLarge, causeBodyTooLarge)
+			return nil, false
+		}
+		writeMessage(w, http.StatusBadRequest, err.Error())
+		return nil, false
+	}
+	var req struct {
+		PeerURLs []string `json:"peerURLs"`
+	}
+	if err := json.Unmarshal(b, &req); err != nil {
+		writeMessage(w, http.StatusBadRequest, err.Error())
+		return nil, false
+	}
+	urls, err := parseURLs(req.PeerURLs)
+	if err != nil {
+		writeMessage(w, http.StatusBadRequest, err.Error())
+		return nil, false
+	}
+	return urls, true
+}
+
+// parseURLs checks URLs as etcd's types.NewURLs does, with its messages,
+// and returns them sorted.
+func parseURLs(strs []string) ([]string, error) {
+	if len(strs) == 0 {
+		return nil, errors.New("no valid URLs given")
+	}
+	out := make([]string, 0, len(strs))
+	for _, in := range strs {
+		in = strings.TrimSpace(in)
+		u, err := url.Parse(in)
+		if err != nil {
+			return nil, err
+		}
+		switch u.Scheme {
+		case "http", "https":
+			if _, _, err := net.SplitHostPort(u.Host); err != nil {
+				return nil, fmt.Errorf(`URL address does not have the form "host:port": %s`, in)
+			}
+			if u.Path != "" {
+				return nil, fmt.Errorf("URL must not contain a path: %s", in)
+			}
+		case "unix", "unixs":
+		default:
+			return nil, fmt.Errorf("URL scheme must be http, https, unix, or unixs: %s", in)
+		}
+		out = append(out, u.String())
+	}
+	sort.Strings(out)
+	return out, nil
+}
+
+// trimPrefix is etcd's: the prefix and one slash after it go.
+func trimPrefix(p, prefix string) string {
+	return strings.TrimPrefix(strings.TrimPrefix(p, prefix), "/")
+}
+
+// serveMachines is etcd's machinesHandler: every member's client URLs,
+// sorted, joined by ", ", as text.
+func (h *Handler) serveMachines(w http.ResponseWriter, r *http.Request) {
+	if !allowMethod(w, r, "GET", "HEAD") {
+		return
+	}
+	n := h.node()
+	if n == nil {
+		writeMessage(w, http.StatusServiceUnavailable, errNotRunning)
+		return
+	}
+	var urls []string
+	for _, m := range h.members(r, n) {
+		urls = append(urls, m.ClientURLs...)
+	}
+	sort.Strings(urls)
+	body := strings.Join(urls, ", ")
+	if body != "" {
+		// What net/http sniffs for etcd's unlabelled body; set here so that
+		// no middleware can change it.
+		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+	}
+	_, _ = io.WriteString(w, body)
+}

@@ -1,0 +1,122 @@
+package caddymodule
+
+import (
+	"context"
+	"io"
+	"net/http"
+	"strconv"
+)
+
+// versionBody is what etcd 3.4.23 answers on /version. Clients read it:
+// etcdctl and the Go client check the server and cluster versions before
+// they use an API, so etcaddy names the etcd release whose v2 API it
+// reproduces.
+const versionBody = `{"etcdserver":"3.4.23","etcdcluster":"3.4.0"}`
+
+// serveVersion is etcd's /version: JSON written without a newline.
+func serveVersion(w http.ResponseWriter, r *http.Request) {
+	if !allowMethod(w, r, "GET") {
+		return
+	}
+	w.Header().Set("Content-Type", "application/json")
+	_, _ = io.WriteString(w, versionBody)
+}
+
+// serveHealth is etcd 3.4's /health: {"health":"true"} when the member has
+// a leader and a round through Raft succeeds, else 503 {"health":"false"}.
+// ?serializable=true checks only that a leader is known. etcd sets no
+// Content-Type; net/http sniffs text/plain, which is set here so that no
+// middleware changes it.
+func (h *Handler) serveHealth(w http.ResponseWriter, r *http.Request) {
+	if !allowMethod(w, r, "GET") {
+		return
+	}
+	healthy := false
+	if n := h.node(); n != nil {
+		if serializable, _ := strconv.ParseBool(r.URL.Query().Get("serializable")); serializable {
+			healthy = n.Status().Leader != 0
+		} else {
+			ctx, cancel := context.WithTimeout(r.Context(), h.timeout)
+			healthy = n.Healthy(ctx)
+			cancel()
+		}
+	}
+	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+	if !healthy {
+		w.WriteHeader(http.StatusServiceUnavailable)
+		_, _ = io.WriteString(w, `{"health":"false"}`)
+		return
+	}
+	_, _ = io.WriteString(w, `{"health":"true"}`)
+}
+
+// serveStatsSelf is etcd's /v2/stats/self.
+func (h *Handler) serveStatsSelf(w http.ResponseWriter, r *http.Request) {
+	if !allowMethod(w, r, "GET") {
+		return
+	}
+	n := h.node()
+	if n == nil {
+		writeMessage(w, http.StatusServiceUnavailable, errNotRunning)
+		return
+	}
+	writeJSON(w, http.StatusOK, n.SelfStats(), false)
+}
+
+// serveStatsStore is etcd's /v2/stats/store: the store's operation
+// counters since the member started, and its live watchers.
+func (h *Handler) serveStatsStore(w http.ResponseWriter, r *http.Request) {
+	if !allowMethod(w, r, "GET") {
+		return
+	}
+	n := h.node()
+	if n == nil {
+		writeMessage(w, http.StatusServiceUnavailable, errNotRunning)
+		return
+	}
+	writeJSON(w, http.StatusOK, n.StoreStats(), false)
+}
+
+// leaderStats is etcd's /v2/stats/leader shape.
+type leaderStats struct {
+	Leader    string                   `json:"leader"`
+	Followers map[string]followerStats `json:"followers"`
+}
+
+type followerStats struct {
+	Latency struct {
+		Current           float64 `json:"current"`
+		Average           float64 `json:"average"`
+		StandardDeviation float64 `json:"standardDeviation"`
+		Minimum           float64 `json:"minimum"`
+		Maximum           float64 `json:"maximum"`
+	} `json:"latency"`
+	Counts struct {
+		Fail    uint64 `json:"fail"`
+		Success uint64 `json:"success"`
+	} `json:"counts"`
+}
+
+// serveStatsLeader is etcd's /v2/stats/leader: served by the leader only;
+// other members answer 403 "not current leader", as etcd's do.
+func (h *Handler) serveStatsLeader(w http.ResponseWriter, r *http.Request) {
+	if !allowMethod(w, r, "GET") {
+		return
+	}
+	n := h.node()
+	if n == nil {
+		writeMessage(w, http.StatusServiceUnavailable, errNotRunning)
+		return
+	}
+	st := n.Status()
+	if !st.IsLeader {
+		writeMessage(w, http.StatusForbidden, "not current leader")
+		return
+	}
+	// raftkv keeps no per-follower latency yet: a cluster of one has no
+	// followers, and a larger one lists none rather than made-up figures.
+	writeJSON(w, http.StatusOK, leaderStats{
+		Leader:    idString(st.ID),
+		Followers: map[string]followerStats{},
+	}, false)
+}

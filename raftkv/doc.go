@@ -4,6 +4,9 @@
 // linearizable reads through ReadIndex, runs the leader's TTL reaper, takes
 // snapshots and compacts the log, and keeps the member's stats.
 //
-// One goroutine owns the Raft node; everything else talks to it through
-// channels. raftkv knows nothing of Caddy or HTTP request parsing.
+// One goroutine owns the Raft node (loop.go); everything else talks to it
+// through channels. Each Ready is saved in one bbolt transaction before any
+// message leaves and before any waiter hears of its result: raftkv never
+// acknowledges a write that is not durable and applied. raftkv knows nothing
+// of Caddy or HTTP request parsing.
 package raftkv

@@ -3,19 +3,29 @@ package raftkv
 import (
 	"context"
 	"errors"
+	"fmt"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/etcaddy/etcaddy/storage"
+	"go.etcd.io/raft/v3"
+	"go.etcd.io/raft/v3/raftpb"
 	"go.uber.org/zap"
 )
 
 // Errors of Node.
 var (
+	// ErrStopped is returned by a node that is not running: never started,
+	// stopped, or stopped by a storage failure.
 	ErrStopped = errors.New("raftkv: node stopped")
 	// ErrTimeout is returned when a request's context ends before its
 	// proposal was applied; the handler answers etcd's 500/300
 	// "etcdserver: request timed out".
 	ErrTimeout = errors.New("etcdserver: request timed out")
+	// ErrNeedTransport is returned by Start for a configuration that needs
+	// peers: more than one member, or joining an existing cluster.
+	ErrNeedTransport = errors.New("raftkv: multi-member clusters need the peer transport")
 )
 
 // Config is a member's configuration. Zero values take etcd's defaults.
@@ -32,11 +42,108 @@ type Config struct {
 	Logger              *zap.Logger
 }
 
+// withDefaults fills etcd's defaults in and checks what has none.
+func (c Config) withDefaults() (Config, error) {
+	if c.DataDir == "" {
+		return c, errors.New("raftkv: a data directory is required")
+	}
+	if c.Name == "" {
+		c.Name = "default"
+	}
+	if c.SnapshotCount == 0 {
+		c.SnapshotCount = 10000
+	}
+	if c.HeartbeatInterval <= 0 {
+		c.HeartbeatInterval = 100 * time.Millisecond
+	}
+	if c.ElectionTimeout <= 0 {
+		c.ElectionTimeout = time.Second
+	}
+	// etcd refuses an election timeout under 5 heartbeats only with a
+	// warning; Raft itself needs ElectionTick > HeartbeatTick.
+	if c.ElectionTimeout/c.HeartbeatInterval < 2 {
+		return c, fmt.Errorf("raftkv: election timeout %v must be at least twice the heartbeat interval %v", c.ElectionTimeout, c.HeartbeatInterval)
+	}
+	if len(c.InitialCluster) == 0 {
+		c.InitialCluster = map[string][]string{c.Name: {"http://localhost:2380"}}
+	}
+	switch c.InitialClusterState {
+	case "":
+		c.InitialClusterState = "new"
+	case "new", "existing":
+	default:
+		return c, fmt.Errorf("raftkv: initial cluster state %q is neither \"new\" nor \"existing\"", c.InitialClusterState)
+	}
+	if c.InitialClusterToken == "" {
+		c.InitialClusterToken = "etcd-cluster"
+	}
+	if c.Logger == nil {
+		c.Logger = zap.NewNop()
+	}
+	return c, nil
+}
+
+// transport carries Raft messages to the other members. It is nil while
+// the cluster has a single member; the loop is written for many members all
+// the same: it sends only what is durable, and hears back about failures
+// through Node.reportUnreachable and Node.reportSnapshot.
+type transport interface {
+	// Send queues messages for their members without blocking the loop.
+	Send(msgs []*raftpb.Message)
+}
+
 // Node is one running member. Create it with NewNode (cheap, no I/O), then
 // Start it; Stop ends it. All methods are safe for concurrent use.
 type Node struct {
 	cfg Config
-	// TODO(raftkv)
+	lg  *zap.Logger
+
+	lifeMu  sync.Mutex // serializes Start and Stop
+	started bool
+	stopped bool
+	booted  atomic.Bool // identity and configuration are set (never reset)
+	running atomic.Bool
+
+	store *storage.Store
+	ms    *raft.MemoryStorage
+	rn    *raft.RawNode // touched only by the loop goroutine once started
+	tr    transport     // nil: no peers
+
+	id        uint64
+	clusterID uint64
+	ids       *idGen
+	startTime time.Time
+
+	membersMu sync.RWMutex
+	members   []memberRecord // sorted by ID
+
+	propc   chan proposal
+	readc   chan struct{}
+	recvc   chan *raftpb.Message
+	reportc chan report
+	stopc   chan struct{} // closed by Stop
+	donec   chan struct{} // closed when the loop has returned
+
+	w             waiters
+	leaderChanged broadcast // notified when the known leader changes
+	retryEpoch    broadcast // notified once per election timeout
+
+	readMu   sync.Mutex
+	nextRead *readRound // collects quorum reads for the next ReadIndex round
+
+	loop loopState // owned by the loop goroutine
+
+	// Published by the loop for other goroutines.
+	leader      atomic.Uint64
+	term        atomic.Uint64
+	committed   atomic.Uint64
+	applied     atomic.Uint64
+	leaderSince atomic.Int64  // unix nanoseconds
+	saves       atomic.Uint64 // store.Save calls
+	drops       atomic.Uint64 // proposal attempts Raft refused
+	readRounds  atomic.Uint64 // ReadIndex requests made
+	sendAppends atomic.Uint64
+	recvAppends atomic.Uint64
 }
 
 // NewNode returns a node that has not started: no file is opened.
@@ -44,33 +151,215 @@ func NewNode(cfg Config) *Node { return &Node{cfg: cfg} }
 
 // Start opens the store, restores Raft state and starts the Raft loop, the
 // ticker and the reaper. Calling Start on a started node does nothing.
-func (n *Node) Start() error { panic("not implemented") }
+//
+// A fresh data directory bootstraps the cluster of cfg.InitialCluster; a
+// used one restarts the member it holds and ignores the initial cluster,
+// as etcd does.
+func (n *Node) Start() error {
+	n.lifeMu.Lock()
+	defer n.lifeMu.Unlock()
+	if n.stopped {
+		return ErrStopped // a Node is not restartable: make a new one
+	}
+	if n.started {
+		return nil
+	}
+	cfg, err := n.cfg.withDefaults()
+	if err != nil {
+		return err
+	}
+	n.cfg, n.lg = cfg, cfg.Logger
+	st, err := storage.Open(cfg.DataDir)
+	if err != nil {
+		return err
+	}
+	if err := n.boot(st); err != nil {
+		st.Close()
+		return err
+	}
+	n.store = st
+	n.startTime = time.Now()
+	n.propc = make(chan proposal, 1024)
+	n.readc = make(chan struct{}, 1)
+	n.recvc = make(chan *raftpb.Message, 256)
+	n.reportc = make(chan report, 64)
+	n.stopc = make(chan struct{})
+	n.donec = make(chan struct{})
+	n.started = true
+	n.booted.Store(true)
+	n.running.Store(true)
+	n.lg.Info("raftkv member started",
+		zap.String("name", cfg.Name),
+		zap.String("member-id", idString(n.id)),
+		zap.String("cluster-id", idString(n.clusterID)),
+		zap.Uint64("applied-index", n.applied.Load()),
+		zap.Uint64("etcd-index", st.Index()))
+	go n.run()
+	return nil
+}
 
 // Stop stops the loop (transferring leadership first when there are other
 // members), waits for it and closes the store. Waiting requests get
 // ErrStopped. Safe to call more than once.
-func (n *Node) Stop() error { panic("not implemented") }
+func (n *Node) Stop() error {
+	n.lifeMu.Lock()
+	defer n.lifeMu.Unlock()
+	if n.stopped || !n.started {
+		n.stopped = true
+		return nil
+	}
+	n.stopped = true
+	n.running.Store(false)
+	close(n.stopc)
+	<-n.donec
+	err := n.store.Close()
+	n.lg.Info("raftkv member stopped", zap.String("member-id", idString(n.id)))
+	return err
+}
 
 // Running reports whether Start succeeded and Stop has not been called.
-func (n *Node) Running() bool { panic("not implemented") }
+func (n *Node) Running() bool { return n.running.Load() }
 
 // Do proposes a write and waits until it is applied on this member, retrying
 // a proposal Raft dropped until ctx ends. A v2 failure (412, 404, ...) is
 // returned as a *storage.Error; ctx ending gives ErrTimeout.
+//
+// Every attempt carries the same request ID, so however many attempts reach
+// the log the store applies the request once (later ones are Duplicates);
+// the waiter stays registered until the first outcome for the ID arrives.
 func (n *Node) Do(ctx context.Context, r storage.Request) (*storage.Event, error) {
-	panic("not implemented")
+	if !n.running.Load() {
+		return nil, ErrStopped
+	}
+	if ctx.Err() != nil {
+		return nil, ErrTimeout
+	}
+	r.ID = n.ids.id()
+	p := proposal{data: r.Marshal(), c: newWaitChan()}
+	n.w.register(r.ID, p.c)
+	defer n.w.cancel(r.ID)
+	if ce := n.lg.Check(zap.DebugLevel, "proposing"); ce != nil {
+		ce.Write(zap.String("request-id", idString(r.ID)), zap.String("method", r.Method), zap.String("path", r.Path))
+	}
+	for attempt := 0; ; attempt++ {
+		// Take the leader signal before proposing: a leader elected between
+		// the drop and our wait must still wake us.
+		leaderChanged := n.leaderChanged.wait()
+		select {
+		case n.propc <- p:
+		case <-ctx.Done():
+			return nil, ErrTimeout
+		case <-n.donec:
+			return nil, ErrStopped
+		}
+		res, done, err := n.awaitAttempt(ctx, p.c)
+		if err != nil {
+			return nil, err
+		}
+		if done {
+			return outcome(res.applied)
+		}
+		if err := n.backoff(ctx, attempt, leaderChanged); err != nil {
+			return nil, err
+		}
+	}
+}
+
+// awaitAttempt waits for the outcome of one attempt. It returns done false
+// when the attempt must be retried: Raft dropped it (no leader, a leader
+// transfer in progress), or it did not commit within two election timeouts
+// (the leader that took it may have lost it).
+func (n *Node) awaitAttempt(ctx context.Context, c chan result) (res result, done bool, err error) {
+	epochs := 0
+	epoch := n.retryEpoch.wait()
+	for {
+		select {
+		case res = <-c:
+			return res, !res.dropped, nil
+		case <-epoch:
+			if epochs++; epochs >= 2 {
+				return res, false, nil
+			}
+			epoch = n.retryEpoch.wait()
+		case <-ctx.Done():
+			return res, false, ErrTimeout
+		case <-n.donec:
+			// The last Ready before the loop stopped may have answered.
+			select {
+			case res = <-c:
+				if !res.dropped {
+					return res, true, nil
+				}
+			default:
+			}
+			return res, false, ErrStopped
+		}
+	}
+}
+
+// backoff waits before another attempt: until the leader changes, or a
+// short, growing delay for drops that a leader change does not end (a
+// transfer in progress, the uncommitted-size limit).
+func (n *Node) backoff(ctx context.Context, attempt int, leaderChanged <-chan struct{}) error {
+	d := 5 * time.Millisecond << min(attempt, 10)
+	d = min(d, n.cfg.ElectionTimeout/2)
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-leaderChanged:
+	case <-t.C:
+	case <-ctx.Done():
+		return ErrTimeout
+	case <-n.donec:
+		return ErrStopped
+	}
+	return nil
+}
+
+// outcome turns the first application of a request into Do's answer.
+func outcome(a storage.Applied) (*storage.Event, error) {
+	if a.Err != nil {
+		return nil, a.Err
+	}
+	if a.Event != nil {
+		return a.Event, nil
+	}
+	// An outcome with neither event nor error is a duplicate whose original
+	// result this process never saw (it cannot happen while IDs are unique
+	// per boot). The write did happen, its answer is lost: indeterminate,
+	// which is what etcd's "request timed out" tells a client.
+	return nil, ErrTimeout
 }
 
 // Get reads a key. With quorum it first obtains a read index through Raft
 // (a fresh request context per attempt) and waits until this member has
 // applied it: linearizable. Without quorum it reads local state.
 func (n *Node) Get(ctx context.Context, path string, recursive, sorted, quorum bool) (*storage.Event, error) {
-	panic("not implemented")
+	if !n.running.Load() {
+		return nil, ErrStopped
+	}
+	if quorum {
+		if err := n.linearizableRead(ctx); err != nil {
+			return nil, err
+		}
+	}
+	ev, err := n.store.Get(path, recursive, sorted, time.Now())
+	if errors.Is(err, storage.ErrClosed) {
+		return nil, ErrStopped
+	}
+	return ev, err
 }
 
 // Watch registers a v2 watcher on this member's store.
 func (n *Node) Watch(path string, recursive, stream bool, sinceIndex uint64) (*storage.Watcher, error) {
-	panic("not implemented")
+	if !n.running.Load() {
+		return nil, ErrStopped
+	}
+	w, err := n.store.Watch(path, recursive, stream, sinceIndex)
+	if errors.Is(err, storage.ErrClosed) {
+		return nil, ErrStopped
+	}
+	return w, err
 }
 
 // Status is a point-in-time view of the member for response headers and
@@ -88,7 +377,27 @@ type Status struct {
 }
 
 // Status returns the member's current status.
-func (n *Node) Status() Status { panic("not implemented") }
+func (n *Node) Status() Status {
+	if !n.booted.Load() {
+		return Status{}
+	}
+	s := Status{
+		ID:        n.id,
+		ClusterID: n.clusterID,
+		Leader:    n.leader.Load(),
+		Term:      n.term.Load(),
+		RaftIndex: n.committed.Load(),
+		StartTime: n.startTime,
+	}
+	s.IsLeader = s.Leader != 0 && s.Leader == n.id
+	if ns := n.leaderSince.Load(); ns != 0 {
+		s.LeaderSince = time.Unix(0, ns)
+	}
+	if n.running.Load() {
+		s.EtcdIndex = n.store.Index()
+	}
+	return s
+}
 
 // Member is one entry of /v2/members.
 type Member struct {
@@ -98,33 +407,14 @@ type Member struct {
 	ClientURLs []string
 }
 
-// Members lists the cluster's members, sorted by ID.
-func (n *Node) Members() []Member { panic("not implemented") }
-
-// StoreStats returns /v2/stats/store counters (including live watchers).
-func (n *Node) StoreStats() storage.Stats { panic("not implemented") }
-
-// SelfStats returns /v2/stats/self.
-func (n *Node) SelfStats() SelfStats { panic("not implemented") }
-
-// SelfStats is etcd's /v2/stats/self shape.
-type SelfStats struct {
-	Name       string    `json:"name"`
-	ID         string    `json:"id"`
-	State      string    `json:"state"`
-	StartTime  time.Time `json:"startTime"`
-	LeaderInfo struct {
-		Leader    string    `json:"leader"`
-		Uptime    string    `json:"uptime"`
-		StartTime time.Time `json:"startTime"`
-	} `json:"leaderInfo"`
-	RecvAppendRequestCnt uint64  `json:"recvAppendRequestCnt"`
-	RecvPkgRate          float64 `json:"recvPkgRate,omitempty"`
-	RecvBandwidthRate    float64 `json:"recvBandwidthRate,omitempty"`
-	SendAppendRequestCnt uint64  `json:"sendAppendRequestCnt"`
-	SendPkgRate          float64 `json:"sendPkgRate,omitempty"`
-	SendBandwidthRate    float64 `json:"sendBandwidthRate,omitempty"`
-}
-
 // Healthy reports whether the member has a leader and can commit: /health.
-func (n *Node) Healthy(ctx context.Context) bool { panic("not implemented") }
+// Like etcd's health check it goes through Raft, here with a ReadIndex
+// round, bounded by ctx and one election timeout.
+func (n *Node) Healthy(ctx context.Context) bool {
+	if !n.running.Load() || n.leader.Load() == 0 {
+		return false
+	}
+	ctx, cancel := context.WithTimeout(ctx, n.cfg.ElectionTimeout)
+	defer cancel()
+	return n.linearizableRead(ctx) == nil
+}

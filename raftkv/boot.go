@@ -1,0 +1,181 @@
+package raftkv
+
+import (
+	"fmt"
+
+	"github.com/etcaddy/etcaddy/storage"
+	"go.etcd.io/raft/v3"
+	"go.etcd.io/raft/v3/raftpb"
+)
+
+// boot restores (or bootstraps) the member from st and builds its Raft
+// node. Nothing runs yet: Start launches the loop afterwards.
+func (n *Node) boot(st *storage.Store) error {
+	rs, err := st.LoadRaft()
+	if err != nil {
+		return err
+	}
+	ms := raft.NewMemoryStorage()
+	fresh := rs.HardState == nil && rs.Snapshot == nil && len(rs.Entries) == 0
+	var peers []raft.Peer
+	var voters int
+	if fresh {
+		peers, err = n.bootstrapMembers(st)
+		if err != nil {
+			return err
+		}
+		voters = len(peers)
+	} else {
+		if err := n.restoreMembers(st); err != nil {
+			return err
+		}
+		cs := rs.ConfState
+		if cs == nil && rs.Snapshot != nil {
+			cs = rs.Snapshot.GetConfState()
+		}
+		voters = len(cs.GetVoters())
+		if voters > 1 {
+			return fmt.Errorf("%w: the data directory holds a cluster of %d voters", ErrNeedTransport, voters)
+		}
+		// MemoryStorage is Raft's view of the log; bbolt holds the durable
+		// copy and rebuilds it here as etcd rebuilds it from its WAL: the
+		// snapshot's position (its data lives in the keyspace already), with
+		// the conf state as of the applied index (Config.Applied below keeps
+		// Raft from delivering the conf changes it includes again), the hard
+		// state, then the entries after the snapshot.
+		snap := &raftpb.Snapshot{Metadata: &raftpb.SnapshotMetadata{
+			Index:     new(rs.Snapshot.GetIndex()),
+			Term:      new(rs.Snapshot.GetTerm()),
+			ConfState: raftpb.EnsureConfState(cs),
+		}}
+		if err := ms.ApplySnapshot(snap); err != nil {
+			return fmt.Errorf("raftkv: restoring snapshot %d: %w", rs.Snapshot.GetIndex(), err)
+		}
+		if rs.HardState != nil {
+			if err := ms.SetHardState(rs.HardState); err != nil {
+				return err
+			}
+		}
+		if err := ms.Append(rs.Entries); err != nil {
+			return err
+		}
+		n.loop.snapIndex = rs.Snapshot.GetIndex()
+		n.loop.confState = raftpb.EnsureConfState(cs)
+		n.committed.Store(rs.HardState.GetCommit())
+		n.term.Store(rs.HardState.GetTerm())
+	}
+
+	// A new ID generation on every boot keeps request IDs unique across
+	// restarts (see idGen).
+	gen, _ := getUint64(st.Meta(metaIDGen))
+	gen++
+	if err := st.SetMeta(metaIDGen, putUint64(gen)); err != nil {
+		return err
+	}
+	n.ids = newIDGen(n.id, gen)
+
+	applied := st.AppliedIndex()
+	n.applied.Store(applied)
+	n.loop.applied, n.loop.raftApplied = applied, applied
+	n.loop.hardState = rs.HardState
+	rn, err := raft.NewRawNode(&raft.Config{
+		ID:                        n.id,
+		ElectionTick:              int(n.cfg.ElectionTimeout / n.cfg.HeartbeatInterval),
+		HeartbeatTick:             1,
+		Storage:                   ms,
+		Applied:                   applied,
+		MaxSizePerMsg:             1 << 20,
+		MaxInflightMsgs:           256,
+		MaxUncommittedEntriesSize: 1 << 30,
+		CheckQuorum:               true,
+		PreVote:                   true,
+		ReadOnlyOption:            raft.ReadOnlySafe,
+		Logger:                    newRaftLogger(n.lg),
+	})
+	if err != nil {
+		return err
+	}
+	if fresh {
+		if err := rn.Bootstrap(peers); err != nil {
+			return err
+		}
+	}
+	n.ms, n.rn = ms, rn
+	// A single voter need not wait out an election timeout: it is its own
+	// quorum. A fresh one must first apply its bootstrap conf change (Raft
+	// refuses to campaign with unapplied conf changes), so the loop
+	// campaigns after its first Ready; a restarted one campaigns now (if a
+	// conf change is still unapplied, Raft's election timer does it later).
+	if voters == 1 {
+		if fresh {
+			n.loop.campaignAfterReady = !n.loop.noFastCampaign
+		} else if err := rn.Campaign(); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// bootstrapMembers computes the initial cluster, persists it and returns
+// the Raft peers to bootstrap with.
+func (n *Node) bootstrapMembers(st *storage.Store) ([]raft.Peer, error) {
+	if n.cfg.InitialClusterState == "existing" {
+		return nil, fmt.Errorf("%w: joining an existing cluster", ErrNeedTransport)
+	}
+	members, err := initialMembers(n.cfg.InitialCluster, n.cfg.InitialClusterToken)
+	if err != nil {
+		return nil, err
+	}
+	var self *memberRecord
+	for i := range members {
+		if members[i].Name == n.cfg.Name {
+			self = &members[i]
+		}
+	}
+	if self == nil {
+		return nil, fmt.Errorf("raftkv: couldn't find local name %q in the initial cluster configuration", n.cfg.Name)
+	}
+	if len(members) > 1 {
+		return nil, fmt.Errorf("%w: the initial cluster has %d members", ErrNeedTransport, len(members))
+	}
+	n.id = self.ID
+	n.clusterID = clusterID(memberIDs(members))
+	n.members = members
+	// Meta first: a crash before the first Save leaves a data directory
+	// that still looks fresh and bootstraps again to the same IDs.
+	for _, kv := range []struct {
+		k string
+		v []byte
+	}{
+		{metaMembers, encodeMembers(members)},
+		{metaClusterID, putUint64(n.clusterID)},
+		{metaMemberID, putUint64(n.id)},
+	} {
+		if err := st.SetMeta(kv.k, kv.v); err != nil {
+			return nil, err
+		}
+	}
+	peers := make([]raft.Peer, len(members))
+	for i, m := range members {
+		peers[i] = raft.Peer{ID: m.ID, Context: encodeMember(m)}
+	}
+	return peers, nil
+}
+
+// restoreMembers reads back the member's identity and the member list.
+func (n *Node) restoreMembers(st *storage.Store) error {
+	id, ok := getUint64(st.Meta(metaMemberID))
+	if !ok || id == 0 {
+		return fmt.Errorf("raftkv: the data directory holds Raft state but no member ID")
+	}
+	cid, ok := getUint64(st.Meta(metaClusterID))
+	if !ok {
+		return fmt.Errorf("raftkv: the data directory holds Raft state but no cluster ID")
+	}
+	members, err := decodeMembers(st.Meta(metaMembers))
+	if err != nil {
+		return err
+	}
+	n.id, n.clusterID, n.members = id, cid, members
+	return nil
+}

@@ -1,0 +1,423 @@
+package raftkv
+
+import (
+	"time"
+
+	"github.com/etcaddy/etcaddy/storage"
+	"go.etcd.io/raft/v3"
+	"go.etcd.io/raft/v3/raftpb"
+	"go.uber.org/zap"
+)
+
+// The node is a raft.RawNode driven by one goroutine, not a raft.Node:
+// raft.Node is itself a goroutine wrapped around a RawNode, so every
+// proposal would cross two channels and Propose could not report a drop
+// without a round trip. Owning the RawNode lets the loop drain every pending
+// proposal into Raft before asking for the next Ready (the batching that
+// gives one bbolt commit per Ready) and see ErrProposalDropped at once.
+
+// maxDrain bounds the events taken between two Readies, so that a flood of
+// proposals cannot starve ticks and Ready handling.
+const maxDrain = 4096
+
+// loopState is owned by the loop goroutine (and by boot, before it starts).
+type loopState struct {
+	applied            uint64            // last index applied to the store
+	raftApplied        uint64            // last index Raft handed out as committed
+	hardState          *raftpb.HardState // the last hard state saved
+	scratch            []*raftpb.Entry   // commitOnAppend's committed entries
+	snapIndex          uint64            // index of the last snapshot
+	confState          *raftpb.ConfState // the latest applied conf state
+	lead               uint64            // the leader as of the last SoftState
+	campaignAfterReady bool
+	ticks              int
+	batch              []proposal // proposals taken since the last flush
+	beforeSave         func()     // tests only: runs before each Save
+	noFastCampaign     bool       // tests only: a fresh single voter waits for its election timeout
+	read               readLoop
+	reap               reaper
+}
+
+// report is a transport's feedback about a peer.
+type report struct {
+	to          uint64
+	unreachable bool                // the last send to this peer failed
+	snapshot    raft.SnapshotStatus // non-zero: the outcome of a MsgSnap
+}
+
+// run is the loop: it owns the RawNode. Each turn takes in everything that
+// happened (ticks, proposals, read requests, peer messages), then handles
+// one Ready.
+func (n *Node) run() {
+	defer close(n.donec)
+	defer n.failReads(ErrStopped)
+	ticker := time.NewTicker(n.cfg.HeartbeatInterval)
+	defer ticker.Stop()
+	n.loop.reap.init()
+	defer n.loop.reap.stop()
+	for {
+		// Block only when Raft has nothing to hand out: after Advance a
+		// leader often has new committed entries ready at once.
+		if !n.rn.HasReady() {
+			select {
+			case <-ticker.C:
+				n.tick()
+			case p := <-n.propc:
+				n.propose(p)
+			case <-n.readc:
+				n.startRead()
+			case m := <-n.recvc:
+				n.step(m)
+			case r := <-n.reportc:
+				n.applyReport(r)
+			case <-n.loop.reap.timer.C:
+				n.reapCheck(time.Now())
+			case <-n.stopc:
+				return
+			}
+		}
+		if !n.drain(ticker.C) {
+			return
+		}
+		n.flushProposals()
+		if n.rn.HasReady() {
+			if err := n.handleReady(); err != nil {
+				// The store refused a write: Raft's state and the disk may
+				// now disagree, so the member stops rather than guess.
+				n.lg.Error("raftkv loop stopped by a storage failure", zap.Error(err))
+				n.running.Store(false)
+				return
+			}
+		}
+	}
+}
+
+// drain takes every event already waiting, without blocking. It reports
+// false when the node is stopping.
+func (n *Node) drain(tick <-chan time.Time) bool {
+	for range maxDrain {
+		select {
+		case p := <-n.propc:
+			n.propose(p)
+		case <-n.readc:
+			n.startRead()
+		case m := <-n.recvc:
+			n.step(m)
+		case r := <-n.reportc:
+			n.applyReport(r)
+		case <-tick:
+			n.tick()
+		case <-n.stopc:
+			return false
+		default:
+			return true
+		}
+	}
+	return true
+}
+
+// handleReady handles one Ready, in the order Raft requires.
+func (n *Node) handleReady() error {
+	rd := n.rn.Ready()
+	if rd.SoftState != nil {
+		n.softStateChanged(rd.SoftState)
+	}
+
+	// Apply committed conf changes to Raft first, so that the conf state
+	// they produce is saved in the same transaction as their applied index.
+	cs, membersChanged, err := n.applyConfChanges(rd.CommittedEntries)
+	if err != nil {
+		return err
+	}
+
+	// Save: entries, hard state, a received snapshot and the application of
+	// committed entries, in one bbolt transaction — one commit per Ready,
+	// however many proposals it carries. It precedes every send: a
+	// follower's MsgAppResp or vote must describe durable state.
+	var snap *raftpb.Snapshot
+	if !raft.IsEmptySnap(rd.Snapshot) {
+		snap = rd.Snapshot
+	}
+	hs, committed := rd.HardState, rd.CommittedEntries
+	if n.soleVoterLeader() {
+		hs, committed = n.commitOnAppend(rd)
+	}
+	if n.loop.beforeSave != nil {
+		n.loop.beforeSave()
+	}
+	var applied []storage.Applied
+	if n.needSave(hs, rd.Entries, snap, committed, cs) {
+		applied, err = n.store.Save(storage.Ready{
+			HardState: hs,
+			Entries:   rd.Entries,
+			Snapshot:  snap,
+			Committed: committed,
+			ConfState: cs,
+		})
+		if err != nil {
+			return err
+		}
+		n.saves.Add(1)
+		if hs != nil {
+			n.loop.hardState = hs
+			n.term.Store(hs.GetTerm())
+			n.committed.Store(hs.GetCommit())
+		}
+		if k := len(committed); k > 0 {
+			n.loop.applied = max(n.loop.applied, committed[k-1].GetIndex())
+		}
+	}
+	if membersChanged {
+		if err := n.store.SetMeta(metaMembers, encodeMembers(n.memberSnapshot())); err != nil {
+			return err
+		}
+	}
+
+	// Raft reads its log back from MemoryStorage: it must hold what was
+	// just saved before Advance.
+	if snap != nil {
+		if err := n.ms.ApplySnapshot(snap); err != nil {
+			return err
+		}
+		n.loop.snapIndex = snap.GetMetadata().GetIndex()
+		n.loop.confState = snap.GetMetadata().GetConfState()
+		n.loop.applied = max(n.loop.applied, n.loop.snapIndex)
+		n.loop.raftApplied = max(n.loop.raftApplied, n.loop.snapIndex)
+	}
+	if err := n.ms.Append(rd.Entries); err != nil {
+		return err
+	}
+	if rd.HardState != nil {
+		if err := n.ms.SetHardState(rd.HardState); err != nil {
+			return err
+		}
+	}
+	if k := len(rd.CommittedEntries); k > 0 {
+		n.loop.raftApplied = rd.CommittedEntries[k-1].GetIndex()
+	}
+
+	// Send: everything the messages speak of is durable now.
+	n.send(rd.Messages)
+
+	// Signal: waiting proposers, then quorum reads whose index is applied.
+	n.applied.Store(n.loop.applied)
+	n.w.trigger(applied)
+	n.reapApplied(applied)
+	n.readStates(rd.ReadStates)
+
+	if err := n.maybeSnapshot(); err != nil {
+		return err
+	}
+
+	// Advance: Raft may now hand out the next Ready (for a leader, the
+	// commit of what was just saved).
+	n.rn.Advance(rd)
+
+	if n.loop.campaignAfterReady {
+		// The bootstrap conf change is applied: a single voter elects itself
+		// now instead of after an election timeout.
+		n.loop.campaignAfterReady = false
+		if err := n.rn.Campaign(); err != nil {
+			n.lg.Warn("campaign failed", zap.Error(err))
+		}
+	}
+	if len(applied) > 0 {
+		// New keys may carry an earlier expiration; due ones may be gone.
+		n.reapCheck(time.Now())
+	}
+	return nil
+}
+
+// soleVoterLeader reports whether this member leads a cluster in which it
+// is the only voter.
+func (n *Node) soleVoterLeader() bool {
+	cs := n.loop.confState
+	return n.loop.lead == n.id &&
+		len(cs.GetVoters()) == 1 && cs.GetVoters()[0] == n.id && len(cs.GetVotersOutgoing()) == 0
+}
+
+// commitOnAppend is the sole voter's fast path. Its own durable append is a
+// quorum, so the entries of this Ready are committed the moment they are
+// saved: they are applied in the same transaction, with a hard state whose
+// commit index covers them, instead of in a second transaction after Raft
+// has counted its own acknowledgement on Advance. A serial write then costs
+// one bbolt commit, not two. Raft later hands the same entries out as
+// committed; the store skips them (they are at or below its applied index)
+// and needSave spares that Ready its commit.
+//
+// Only plain entries that directly follow what is applied qualify: conf
+// changes must reach Raft's ApplyConfChange in Raft's own order.
+func (n *Node) commitOnAppend(rd raft.Ready) (*raftpb.HardState, []*raftpb.Entry) {
+	hs, committed := rd.HardState, rd.CommittedEntries
+	if len(rd.Entries) == 0 {
+		return hs, committed
+	}
+	last := n.loop.applied
+	if k := len(committed); k > 0 {
+		last = max(last, committed[k-1].GetIndex())
+	}
+	if rd.Entries[0].GetIndex() != last+1 {
+		return hs, committed
+	}
+	for _, e := range rd.Entries {
+		if e.GetType() != raftpb.EntryNormal {
+			return hs, committed
+		}
+	}
+	base := hs
+	if base == nil {
+		base = n.loop.hardState
+	}
+	lastIndex := rd.Entries[len(rd.Entries)-1].GetIndex()
+	hs = &raftpb.HardState{
+		Term:   new(base.GetTerm()),
+		Vote:   new(base.GetVote()),
+		Commit: new(max(base.GetCommit(), lastIndex)),
+	}
+	// A scratch slice of the loop's: rd.CommittedEntries belongs to Raft.
+	n.loop.scratch = append(append(n.loop.scratch[:0], committed...), rd.Entries...)
+	return hs, n.loop.scratch
+}
+
+// needSave reports whether a Ready holds anything the store lacks. A Ready
+// whose entries the fast path already applied, and whose hard state only
+// moves the commit index up to what is saved, needs no commit (Raft itself
+// does not require a commit-index change to be durable: raft.MustSync).
+func (n *Node) needSave(hs *raftpb.HardState, ents []*raftpb.Entry, snap *raftpb.Snapshot, committed []*raftpb.Entry, cs *raftpb.ConfState) bool {
+	if len(ents) > 0 || snap != nil || cs != nil {
+		return true
+	}
+	if k := len(committed); k > 0 && committed[k-1].GetIndex() > n.loop.applied {
+		return true
+	}
+	if hs == nil {
+		return false
+	}
+	saved := n.loop.hardState
+	return hs.GetTerm() != saved.GetTerm() || hs.GetVote() != saved.GetVote() || hs.GetCommit() > saved.GetCommit()
+}
+
+// softStateChanged publishes a change of leader or role.
+func (n *Node) softStateChanged(ss *raft.SoftState) {
+	if ss.Lead != n.loop.lead {
+		prev := n.loop.lead
+		n.loop.lead = ss.Lead
+		n.leader.Store(ss.Lead)
+		n.leaderSince.Store(time.Now().UnixNano())
+		if ss.Lead == 0 {
+			n.lg.Info("leader lost", zap.String("member-id", idString(n.id)), zap.String("previous-leader", idString(prev)))
+		} else {
+			n.lg.Info("leader changed",
+				zap.String("member-id", idString(n.id)),
+				zap.String("leader", idString(ss.Lead)),
+				zap.String("previous-leader", idString(prev)),
+				zap.Uint64("term", n.rn.BasicStatus().GetTerm()))
+		}
+		n.leaderChanged.notify()
+		n.retryReadOnLeaderChange()
+	}
+	n.setReaperLeader(ss.RaftState == raft.StateLeader)
+}
+
+// propose queues one attempt for the next flushProposals.
+func (n *Node) propose(p proposal) {
+	n.loop.batch = append(n.loop.batch, p)
+}
+
+// flushProposals hands every queued attempt to Raft in one MsgProp: one
+// step, and for a leader one MsgApp per follower, for the whole batch. A
+// refusal goes back to each waiter, which retries after a leader appears or
+// a short backoff.
+func (n *Node) flushProposals() {
+	batch := n.loop.batch
+	if len(batch) == 0 {
+		return
+	}
+	ents := make([]*raftpb.Entry, len(batch))
+	for i, p := range batch {
+		// A new Entry per attempt: Raft stamps term and index into it.
+		ents[i] = &raftpb.Entry{Data: p.data}
+	}
+	err := n.rn.Step(&raftpb.Message{Type: raftpb.MsgProp.Enum(), From: new(n.id), Entries: ents})
+	if err != nil {
+		n.lg.Debug("proposals dropped", zap.Error(err), zap.Int("count", len(batch)))
+		n.drops.Add(uint64(len(batch)))
+		for _, p := range batch {
+			signalDropped(p.c)
+		}
+	}
+	clear(batch)
+	n.loop.batch = batch[:0]
+}
+
+func (n *Node) tick() {
+	n.rn.Tick()
+	n.loop.ticks++
+	if n.loop.ticks%int(n.cfg.ElectionTimeout/n.cfg.HeartbeatInterval) == 0 {
+		n.retryEpoch.notify()
+	}
+	n.retryReadIfLate(time.Now())
+}
+
+// step hands Raft a message from a peer.
+func (n *Node) step(m *raftpb.Message) {
+	if m.GetType() == raftpb.MsgApp {
+		n.recvAppends.Add(1)
+	}
+	if err := n.rn.Step(m); err != nil {
+		n.lg.Debug("peer message refused", zap.Error(err), zap.Stringer("type", m.GetType()), zap.String("from", idString(m.GetFrom())))
+	}
+}
+
+// send hands durable-backed messages to the transport.
+func (n *Node) send(msgs []*raftpb.Message) {
+	if len(msgs) == 0 {
+		return
+	}
+	for _, m := range msgs {
+		if m.GetType() == raftpb.MsgApp {
+			n.sendAppends.Add(1)
+		}
+	}
+	if n.tr == nil {
+		// No peers: a single voter addresses nobody else.
+		return
+	}
+	n.tr.Send(msgs)
+}
+
+// receive delivers a message from a peer to the loop; the transport calls
+// it. A full queue drops the message, as a lossy network would: Raft
+// retransmits.
+func (n *Node) receive(m *raftpb.Message) {
+	select {
+	case n.recvc <- m:
+	default:
+	}
+}
+
+// reportUnreachable tells Raft a peer could not be reached, so it stops
+// pipelining to it until it answers again.
+func (n *Node) reportUnreachable(to uint64) {
+	select {
+	case n.reportc <- report{to: to, unreachable: true}:
+	default:
+	}
+}
+
+// reportSnapshot tells Raft how sending a snapshot to a peer ended.
+func (n *Node) reportSnapshot(to uint64, status raft.SnapshotStatus) {
+	select {
+	case n.reportc <- report{to: to, snapshot: status}:
+	default:
+	}
+}
+
+func (n *Node) applyReport(r report) {
+	if r.unreachable {
+		n.rn.ReportUnreachable(r.to)
+	}
+	if r.snapshot != 0 {
+		n.rn.ReportSnapshot(r.to, r.snapshot)
+	}
+}

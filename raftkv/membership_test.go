@@ -1,0 +1,96 @@
+package raftkv
+
+import (
+	"strings"
+	"testing"
+)
+
+// The expected IDs were printed by a real etcd 3.4.23 started with the same
+// flags.
+func TestMemberAndClusterIDsMatchEtcd(t *testing.T) {
+	tests := []struct {
+		name    string
+		cluster map[string][]string
+		token   string
+		self    string
+		member  uint64
+		cid     uint64
+	}{
+		{
+			name:    "default single member",
+			cluster: map[string][]string{"default": {"http://localhost:2380"}},
+			token:   "etcd-cluster",
+			self:    "default",
+			member:  0x8e9e05c52164694d,
+			cid:     0xcdf818194e3a8c32,
+		},
+		{
+			name: "two members, own token",
+			cluster: map[string][]string{
+				"a": {"http://127.0.0.1:24801"},
+				"b": {"http://127.0.0.1:24802"},
+			},
+			token:  "tok",
+			self:   "a",
+			member: 0xa6b899a614adff8f,
+			cid:    0x8fa0b00b7a354b4e,
+		},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			members, err := initialMembers(tt.cluster, tt.token)
+			if err != nil {
+				t.Fatal(err)
+			}
+			var self uint64
+			for _, m := range members {
+				if m.Name == tt.self {
+					self = m.ID
+				}
+			}
+			if self != tt.member {
+				t.Errorf("member ID %x, want %x", self, tt.member)
+			}
+			if got := clusterID(memberIDs(members)); got != tt.cid {
+				t.Errorf("cluster ID %x, want %x", got, tt.cid)
+			}
+			for i := 1; i < len(members); i++ {
+				if members[i-1].ID >= members[i].ID {
+					t.Errorf("members not sorted by ID: %+v", members)
+				}
+			}
+		})
+	}
+}
+
+func TestInitialClusterRejectsBadPeerURLs(t *testing.T) {
+	for _, urls := range [][]string{
+		nil,
+		{"ftp://127.0.0.1:2380"},
+		{"http://127.0.0.1"},
+		{"http://127.0.0.1:2380/path"},
+		{"://bad"},
+	} {
+		if _, err := initialMembers(map[string][]string{"x": urls}, "t"); err == nil {
+			t.Errorf("peer URLs %q accepted", urls)
+		}
+	}
+	_, err := initialMembers(map[string][]string{"x": {"http://a:1"}, "y": {"http://a:1"}}, "t")
+	if err == nil || !strings.Contains(err.Error(), "same peer URLs") {
+		t.Errorf("duplicate peer URLs: %v", err)
+	}
+}
+
+func TestRequestIDsAreUniqueAcrossBoots(t *testing.T) {
+	seen := map[uint64]bool{}
+	for gen := uint64(1); gen <= 3; gen++ {
+		g := newIDGen(0x8e9e05c52164694d, gen)
+		for range 1000 {
+			id := g.id()
+			if id == 0 || seen[id] {
+				t.Fatalf("ID %x repeated or zero", id)
+			}
+			seen[id] = true
+		}
+	}
+}

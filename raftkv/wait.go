@@ -1,0 +1,135 @@
+package raftkv
+
+import (
+	"sync"
+	"sync/atomic"
+
+	"github.com/etcaddy/etcaddy/storage"
+)
+
+// result is what the loop tells a waiting Do: either the outcome of the
+// entry that carried its request ID, or that Raft dropped one attempt.
+type result struct {
+	applied storage.Applied
+	dropped bool
+}
+
+// proposal is one attempt to get a request into the log. Do sends the same
+// data (the same request ID) on every attempt, so the store applies it once
+// however many attempts reach the log.
+type proposal struct {
+	data []byte
+	c    chan result // the waiter's channel; nil for proposals nobody awaits
+}
+
+// newWaitChan makes a waiter's channel. The loop is its only sender and
+// sends at most one drop signal that has not been received (it checks
+// len == 0 first) plus one result, so a capacity of 2 means the loop never
+// blocks on a caller that has already given up.
+func newWaitChan() chan result { return make(chan result, 2) }
+
+// signalDropped tells a waiter that Raft refused this attempt. Called only
+// by the loop.
+func signalDropped(c chan result) {
+	if c != nil && len(c) == 0 {
+		c <- result{dropped: true}
+	}
+}
+
+// waiters maps request IDs to the channels of the Do calls waiting for them.
+// A waiter stays registered across retries until the first Applied with its
+// ID arrives — the original application; a later Duplicate of the same ID
+// finds nobody and is ignored — or until its caller gives up.
+type waiters struct {
+	mu sync.Mutex
+	m  map[uint64]chan result
+}
+
+func (w *waiters) register(id uint64, c chan result) {
+	w.mu.Lock()
+	if w.m == nil {
+		w.m = make(map[uint64]chan result)
+	}
+	w.m[id] = c
+	w.mu.Unlock()
+}
+
+// cancel unregisters id; the caller no longer listens.
+func (w *waiters) cancel(id uint64) {
+	w.mu.Lock()
+	delete(w.m, id)
+	w.mu.Unlock()
+}
+
+// trigger hands each applied outcome to its waiter, under one lock for the
+// whole apply batch.
+func (w *waiters) trigger(applied []storage.Applied) {
+	w.mu.Lock()
+	for i := range applied {
+		a := &applied[i]
+		if a.ID == 0 {
+			continue
+		}
+		if c, ok := w.m[a.ID]; ok {
+			delete(w.m, a.ID)
+			c <- result{applied: *a}
+		}
+	}
+	w.mu.Unlock()
+}
+
+func (w *waiters) len() int {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return len(w.m)
+}
+
+// idGen hands out request IDs: the low 16 bits of the member ID (so members
+// never collide, as etcd's idutil does), then a 16-bit boot generation kept
+// in the store and bumped on every Start (so a restarted member never
+// reuses an ID a retry of the previous run may still carry), then a 32-bit
+// counter. IDs are therefore unique for 2^32 requests per boot and 2^16
+// boots, far beyond the window in which a retry can reach the log.
+type idGen struct {
+	base uint64
+	next atomic.Uint64
+}
+
+func newIDGen(member uint64, generation uint64) *idGen {
+	return &idGen{base: (member&0xffff)<<48 | (generation&0xffff)<<32}
+}
+
+func (g *idGen) id() uint64 {
+	for {
+		id := g.base | g.next.Add(1)&0xffffffff
+		if id != 0 { // 0 means "nobody waits"
+			return id
+		}
+	}
+}
+
+// broadcast wakes every goroutine waiting on the current channel at once,
+// then starts a new one: "the leader changed", "an election timeout
+// passed".
+type broadcast struct {
+	mu sync.Mutex
+	c  chan struct{}
+}
+
+func (b *broadcast) wait() <-chan struct{} {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.c == nil {
+		b.c = make(chan struct{})
+	}
+	return b.c
+}
+
+func (b *broadcast) notify() {
+	b.mu.Lock()
+	if b.c != nil {
+		close(b.c)
+		b.c = nil
+	}
+	b.mu.Unlock()
+}

@@ -68,6 +68,9 @@ const (
 	statsSelfPath  = statsPrefix + "self"
 	statsStorePath = statsPrefix + "store"
 	statsLeadPath  = statsPrefix + "leader"
+	authPrefix     = "/v2/auth"
+	authEnablePath = authPrefix + "/enable"
+	v2Prefix       = "/v2/"
 )
 
 type endpoint int
@@ -82,6 +85,9 @@ const (
 	epStatsLeader
 	epVersion
 	epHealth
+	epAuthEnable
+	epAuth
+	epV2Unknown
 )
 
 // endpointOf maps a path to the endpoint that etcd's ServeMux routes it to.
@@ -103,6 +109,14 @@ func endpointOf(p string) endpoint {
 		return epVersion
 	case p == healthPath:
 		return epHealth
+	case p == authEnablePath:
+		return epAuthEnable
+	case p == authPrefix || strings.HasPrefix(p, authPrefix+"/"):
+		return epAuth
+	case strings.HasPrefix(p, v2Prefix):
+		// etcd's ServeMux owns all of /v2/: an unknown path there is its
+		// plain 404, not the next handler's business.
+		return epV2Unknown
 	}
 	return epNone
 }
@@ -111,7 +125,7 @@ func endpointOf(p string) endpoint {
 // cleaning redirect is ours to send even when the clean path is not (etcd
 // redirects /v2/keys/.. to /v2).
 func inAPI(p string) bool {
-	for _, prefix := range []string{keysPrefix, membersPrefix, machinesPath, statsPrefix, versionPath, healthPath} {
+	for _, prefix := range []string{v2Prefix, versionPath, healthPath} {
 		if strings.HasPrefix(p, prefix) {
 			return true
 		}
@@ -165,6 +179,12 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		serveVersion(w, r)
 	case epHealth:
 		h.serveHealth(w, r)
+	case epAuthEnable:
+		h.serveAuthEnable(w, r)
+	case epAuth:
+		serveAuthUnsupported(w)
+	case epV2Unknown:
+		http.Error(w, "404 page not found", http.StatusNotFound)
 	}
 	return nil
 }

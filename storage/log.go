@@ -158,17 +158,23 @@ func (s *Store) Compact(snap *raftpb.SnapshotMetadata, compactIndex uint64) erro
 					}
 				}
 			}
-			c := tx.Bucket(bucketLog).Cursor()
-			n := 0
-			for k, _ := c.First(); k != nil && binary.BigEndian.Uint64(k) <= compactIndex; k, _ = c.First() {
-				if n == compactChunk {
+			// Collect, then delete: calling First after each Delete walks
+			// every emptied leaf again (quadratic in the chunk), and
+			// deleting under a moving cursor skips keys.
+			b := tx.Bucket(bucketLog)
+			c := b.Cursor()
+			keys := make([][]byte, 0, 256)
+			for k, _ := c.First(); k != nil && binary.BigEndian.Uint64(k) <= compactIndex; k, _ = c.Next() {
+				if len(keys) == compactChunk {
 					more = true
 					break
 				}
-				if err := c.Delete(); err != nil {
+				keys = append(keys, k)
+			}
+			for _, k := range keys {
+				if err := b.Delete(k); err != nil {
 					return err
 				}
-				n++
 			}
 			return nil
 		})

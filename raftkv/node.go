@@ -39,6 +39,7 @@ type Config struct {
 	InitialClusterState string              // "new" (default) or "existing"
 	InitialClusterToken string              // default "etcd-cluster"
 	AdvertiseClientURLs []string            // may be empty: the handler then answers with the URL the request came in on
+	Peer                PeerConfig          // how this member dials its peers
 	Logger              *zap.Logger
 }
 

@@ -153,6 +153,9 @@ type applier struct {
 	published []*Event
 	stats     statDelta
 	eventKey  [8]byte
+	// expiryChanged is set once the expiry index is written, so that a
+	// Save without TTLs does not look for the next expiration again.
+	expiryChanged bool
 }
 
 // apply runs one request and returns its event or v2 error. SYNC returns
@@ -189,24 +192,46 @@ func (a *applier) apply(r *Request) (*Event, *Error) {
 	return nil, NewError(EcodeRaftInternal, "storage: unknown method "+strconv.Quote(r.Method), a.index)
 }
 
-// emit records e as the event of the next index: in the events ring (the
+// emit records e as the event of the next index: in the events bucket (the
 // last 1000 survive a restart) and for the watcher hub.
 func (a *applier) emit(e *Event) error {
-	idx := e.Index()
-	binary.BigEndian.PutUint64(a.eventKey[:], idx)
+	binary.BigEndian.PutUint64(a.eventKey[:], e.Index())
 	if err := a.events.Put(a.eventKey[:], marshalEvent(e)); err != nil {
 		return err
 	}
-	if idx > historySize {
-		binary.BigEndian.PutUint64(a.eventKey[:], idx-historySize+1)
-		c := a.events.Cursor()
-		for k, _ := c.First(); k != nil && bytes.Compare(k, a.eventKey[:]) < 0; k, _ = c.First() {
-			if err := c.Delete(); err != nil {
-				return err
-			}
+	a.published = append(a.published, e)
+	return nil
+}
+
+// eventSlack is how many events beyond historySize the events bucket may
+// hold. Deleting the oldest event at every write would rewrite the first
+// leaf of the bucket as well as the last one on every commit; deleting
+// them in batches leaves most commits one leaf to write there. Open reads
+// only the newest historySize.
+const eventSlack = 256
+
+// trimEvents deletes the events older than the newest historySize once
+// more than eventSlack of them have piled up.
+func (a *applier) trimEvents() error {
+	if a.index <= historySize+eventSlack {
+		return nil
+	}
+	first := a.index - historySize + 1 // the oldest event kept
+	c := a.events.Cursor()
+	k, _ := c.First()
+	if len(k) != 8 || binary.BigEndian.Uint64(k) >= first-eventSlack {
+		return nil
+	}
+	// Collect, then delete: deleting under a moving cursor skips keys.
+	var old [][8]byte
+	for ; len(k) == 8 && binary.BigEndian.Uint64(k) < first; k, _ = c.Next() {
+		old = append(old, [8]byte(k))
+	}
+	for i := range old {
+		if err := a.events.Delete(old[i][:]); err != nil {
+			return err
 		}
 	}
-	a.published = append(a.published, e)
 	return nil
 }
 
@@ -222,6 +247,7 @@ func (a *applier) fail(err error) {
 func (a *applier) put(p string, rec *record, oldExp int64) {
 	a.fail(a.keys.Put(nodeKey(p), rec.marshal()))
 	if oldExp != rec.expiration {
+		a.expiryChanged = true
 		if oldExp != 0 {
 			a.fail(a.expiry.Delete(expiryKey(oldExp, p)))
 		}
@@ -239,6 +265,7 @@ func (a *applier) remove(p string, rec record) {
 	}
 	a.fail(a.keys.Delete(nodeKey(p)))
 	if rec.expiration != 0 {
+		a.expiryChanged = true
 		a.fail(a.expiry.Delete(expiryKey(rec.expiration, p)))
 	}
 }
@@ -528,6 +555,7 @@ func (a *applier) expire(cutoff int64) {
 		n, found := a.get(p)
 		if !found || n.expiration != exp {
 			// An entry the keyspace no longer backs: drop it.
+			a.expiryChanged = true
 			a.fail(a.expiry.Delete(expiryKey(exp, p)))
 			if a.err != nil {
 				return

@@ -5,6 +5,7 @@ import (
 	"reflect"
 	"strings"
 	"testing"
+	"time"
 )
 
 func requestSeeds() []Request {
@@ -38,6 +39,46 @@ func TestRequestRoundTrip(t *testing.T) {
 			t.Fatalf("%x decoded", bad)
 		}
 	}
+}
+
+func eventSeeds() []*Event {
+	strp := func(s string) *string { return &s }
+	exp := testClock.Add(90 * time.Second)
+	return []*Event{
+		{Action: ActionSet, EtcdIndex: 7, Node: &Node{Key: "/a", Value: strp("v"), ModifiedIndex: 7, CreatedIndex: 7},
+			PrevNode: &Node{Key: "/a", Value: strp(""), ModifiedIndex: 3, CreatedIndex: 2}},
+		{Action: ActionUpdate, EtcdIndex: 9, Refresh: true, Node: &Node{Key: "/d", Dir: true, Expiration: &exp, TTL: 90,
+			ModifiedIndex: 9, CreatedIndex: 4}, PrevNode: &Node{Key: "/d", Dir: true, ModifiedIndex: 4, CreatedIndex: 4}},
+		{Action: ActionExpire, EtcdIndex: 12, Node: &Node{Key: "/e", ModifiedIndex: 11, CreatedIndex: 1},
+			PrevNode: &Node{Key: "/other", Value: strp("x"), TTL: -3, ModifiedIndex: 1, CreatedIndex: 1}},
+		{Action: ActionCreate, EtcdIndex: 1 << 62, Node: &Node{Key: "/q/00000000000000000001", Value: strp("é\x00"),
+			ModifiedIndex: 1 << 62, CreatedIndex: 1 << 62}},
+	}
+}
+
+// FuzzUnmarshalEvent: a stored event decodes to what was stored, and any
+// input decodes or fails without a panic.
+func FuzzUnmarshalEvent(f *testing.F) {
+	for _, e := range eventSeeds() {
+		data := marshalEvent(e)
+		got, err := unmarshalEvent(data)
+		if err != nil || !reflect.DeepEqual(got, e) {
+			f.Fatalf("%+v decoded as %+v, %v", e, got, err)
+		}
+		f.Add(data)
+	}
+	f.Add([]byte{1, 8, 0})
+	f.Add([]byte{1, 14, 0, 1, 'a', 0, 1, 8, 0, 2})
+	f.Fuzz(func(t *testing.T, data []byte) {
+		e, err := unmarshalEvent(data)
+		if err != nil {
+			return
+		}
+		e2, err := unmarshalEvent(marshalEvent(e))
+		if err != nil || !reflect.DeepEqual(e, e2) {
+			t.Fatalf("%+v re-encoded as %+v, %v", e, e2, err)
+		}
+	})
 }
 
 // FuzzUnmarshalRequest: any input decodes or fails without a panic, and

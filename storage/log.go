@@ -92,7 +92,7 @@ func (s *Store) LoadRaft() (*RaftState, error) {
 	err := s.db.View(func(tx *bolt.Tx) error {
 		raft, meta := tx.Bucket(bucketRaft), tx.Bucket(bucketMeta)
 		hs, cs, sm := &raftpb.HardState{}, &raftpb.ConfState{}, &raftpb.SnapshotMetadata{}
-		if ok, err := getProto(raft, keyHardState, hs); err != nil {
+		if ok, err := getProto(meta, keyHardState, hs); err != nil {
 			return err
 		} else if ok {
 			st.HardState = hs
@@ -135,7 +135,9 @@ func (s *Store) LoadRaft() (*RaftState, error) {
 // The snapshot metadata and the new compaction point are written in the
 // first transaction, with up to 10,000 deletions; a longer range is deleted
 // in further transactions of that size. A crash in between leaves entries
-// that LoadRaft skips and the next Compact deletes.
+// that LoadRaft skips and the next Compact deletes. The first transaction
+// also saves the applied request IDs, which Open could no longer rebuild
+// from the entries deleted (see dedup).
 func (s *Store) Compact(snap *raftpb.SnapshotMetadata, compactIndex uint64) error {
 	if s.closed.Load() {
 		return ErrClosed
@@ -156,6 +158,9 @@ func (s *Store) Compact(snap *raftpb.SnapshotMetadata, compactIndex uint64) erro
 					if err := putUint64(meta, keyCompacted, compactIndex); err != nil {
 						return err
 					}
+				}
+				if err := s.saveDedupSeed(tx); err != nil {
+					return err
 				}
 			}
 			// Collect, then delete: calling First after each Delete walks

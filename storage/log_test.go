@@ -1,11 +1,14 @@
 package storage
 
 import (
+	"encoding/binary"
 	"errors"
 	"fmt"
+	"strings"
 	"testing"
 	"time"
 
+	bolt "go.etcd.io/bbolt"
 	"go.etcd.io/raft/v3/raftpb"
 	"google.golang.org/protobuf/proto"
 )
@@ -200,5 +203,112 @@ func TestDuplicateRequestsAreAppliedOnce(t *testing.T) {
 	}
 	if out := ts.apply(Request{ID: 3, Method: MethodPut, Path: "/x"}); !out[0].Duplicate {
 		t.Fatal("a recent ID was forgotten")
+	}
+}
+
+// dupPattern applies requests with IDs drawn from a small range, so that
+// some are duplicates and some are forgotten and applied again, and
+// reports which were duplicates.
+func dupPattern(ts *tstore, from, n int) string {
+	s := ""
+	for i := from; i < from+n; i++ {
+		id := uint64(i*2654435761>>7)%6 + 1
+		out := ts.apply(Request{ID: id, Method: MethodPut, Path: "/x", Val: fmt.Sprint(i)})
+		if out[0].Duplicate {
+			s += "d"
+		} else {
+			s += "."
+		}
+	}
+	return s
+}
+
+// The remembered IDs decide what is applied, so a member that restarts,
+// even after its log was compacted, must decide exactly as one that did
+// not.
+func TestDuplicatesAreDecidedAlikeAfterReopenAndCompaction(t *testing.T) {
+	dedupKeep = 4
+	t.Cleanup(func() { dedupKeep = 10000 })
+	a, b := newTestStore(t), newTestStore(t)
+	for round := range 6 {
+		pa, pb := dupPattern(a, round*9, 9), dupPattern(b, round*9, 9)
+		if pa != pb || !strings.Contains(pa, "d") || !strings.Contains(pa, ".") {
+			t.Fatalf("round %d: %s, restarted member %s", round, pa, pb)
+		}
+		applied := b.AppliedIndex()
+		switch round % 3 {
+		case 0:
+			b.reopen()
+		case 1:
+			// Compact everything applied: only the saved IDs remain.
+			snap := &raftpb.SnapshotMetadata{Index: proto.Uint64(applied), Term: proto.Uint64(1)}
+			if err := b.Compact(snap, applied); err != nil {
+				t.Fatal(err)
+			}
+			b.reopen()
+		case 2:
+			// Compact part of it: saved IDs, then the rest of the log.
+			snap := &raftpb.SnapshotMetadata{Index: proto.Uint64(applied - 3), Term: proto.Uint64(1)}
+			if err := b.Compact(snap, applied-5); err != nil {
+				t.Fatal(err)
+			}
+			dupPattern(a, 100, 2)
+			dupPattern(b, 100, 2)
+			b.reopen()
+		}
+	}
+}
+
+func TestFailedSaveForgetsItsRequestIDs(t *testing.T) {
+	ts := newTestStore(t)
+	ts.apply(Request{ID: 1, Method: MethodPut, Path: "/a"})
+	ents := []*raftpb.Entry{entry(2, &Request{ID: 2, Method: MethodPut, Path: "/b"}),
+		entry(4, &Request{ID: 3, Method: MethodPut, Path: "/c"})}
+	if _, err := ts.Save(Ready{Entries: ents[:1], Committed: ents}); err == nil {
+		t.Fatal("a gap in committed entries was accepted")
+	}
+	out := ts.apply(Request{ID: 2, Method: MethodPut, Path: "/b"}, Request{ID: 1, Method: MethodPut, Path: "/a"})
+	if out[0].Duplicate || out[0].Event == nil || !out[1].Duplicate {
+		t.Fatalf("after a failed Save: %+v", out)
+	}
+}
+
+// The oldest events are deleted in batches, and Open still loads only the
+// newest historySize of them.
+func TestOldEventsAreDeletedInBatches(t *testing.T) {
+	ts := newTestStore(t)
+	stored := func() (n int, first uint64) {
+		t.Helper()
+		err := ts.db.View(func(tx *bolt.Tx) error {
+			c := tx.Bucket(bucketEvents).Cursor()
+			for k, _ := c.First(); k != nil; k, _ = c.Next() {
+				if n == 0 {
+					first = binary.BigEndian.Uint64(k)
+				}
+				n++
+			}
+			return nil
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return n, first
+	}
+	for i := 1; i <= historySize+eventSlack; i++ {
+		ts.mustDo(set("/k", fmt.Sprint(i)))
+	}
+	if n, first := stored(); n != historySize+eventSlack || first != 1 {
+		t.Fatalf("%d events stored from %d", n, first)
+	}
+	ts.reopen()
+	_, err := ts.Watch("/k", false, false, eventSlack)
+	wantErr(t, err, EcodeEventIndexCleared,
+		fmt.Sprintf("the requested history has been cleared [%d/%d]", eventSlack+1, eventSlack), historySize+eventSlack)
+	ts.mustDo(set("/k", "next"))
+	if n, first := stored(); n != historySize || first != eventSlack+2 {
+		t.Fatalf("after the batch: %d events stored from %d", n, first)
+	}
+	if e := next(t, mustWatch(t, ts, "/k", false, false, eventSlack+2)); e.Node.ModifiedIndex != eventSlack+2 {
+		t.Fatalf("oldest kept event %s", jsonOf(t, e))
 	}
 }

@@ -199,13 +199,17 @@ func expirationAndTTL(exp int64, now time.Time) (*time.Time, int64) {
 // Events kept for history are stored in the events bucket in this form:
 //
 //	byte     action code (actionCodes)
-//	byte     flags (1 refresh, 2 has node, 4 has prevNode)
-//	uvarint  EtcdIndex
+//	byte     flags (1 refresh, 2 has node, 4 has prevNode, 8 EtcdIndex is
+//	         the node's modifiedIndex)
+//	[uvarint EtcdIndex]
 //	node     [node] [prevNode]
 //
-// and a node as: flags byte (1 dir, 2 has value, 4 has expiration), key,
-// [value], [varint expiration], varint ttl, uvarint modifiedIndex, uvarint
-// createdIndex. Nodes of events never have children.
+// and a node as: flags byte (1 dir, 2 has value, 4 has expiration, 8 the
+// key is the node's, 16 createdIndex is modifiedIndex), [key], [value],
+// [varint expiration], varint ttl, uvarint modifiedIndex, [uvarint
+// createdIndex]. Nodes of events never have children. Every event of the
+// store has its own index as EtcdIndex, and a prevNode is mostly at the
+// node's key, so a set is stored with its key once.
 var actionCodes = [...]string{ActionGet, ActionSet, ActionCreate, ActionUpdate, ActionDelete,
 	ActionCompareAndSwap, ActionCompareAndDelete, ActionExpire}
 
@@ -230,18 +234,24 @@ func marshalEvent(e *Event) []byte {
 	if e.PrevNode != nil {
 		flags |= 4
 	}
+	if e.Node != nil && e.EtcdIndex == e.Node.ModifiedIndex {
+		flags |= 8
+	}
 	b = append(b, actionCode(e.Action), flags)
-	b = binary.AppendUvarint(b, e.EtcdIndex)
+	if flags&8 == 0 {
+		b = binary.AppendUvarint(b, e.EtcdIndex)
+	}
 	if e.Node != nil {
-		b = appendEventNode(b, e.Node)
+		b = appendEventNode(b, e.Node, nil)
 	}
 	if e.PrevNode != nil {
-		b = appendEventNode(b, e.PrevNode)
+		b = appendEventNode(b, e.PrevNode, e.Node)
 	}
 	return b
 }
 
-func appendEventNode(b []byte, n *Node) []byte {
+// appendEventNode appends n; of is the event's node when n is its prevNode.
+func appendEventNode(b []byte, n, of *Node) []byte {
 	var flags byte
 	if n.Dir {
 		flags |= 1
@@ -252,8 +262,16 @@ func appendEventNode(b []byte, n *Node) []byte {
 	if n.Expiration != nil {
 		flags |= 4
 	}
+	if of != nil && of.Key == n.Key {
+		flags |= 8
+	}
+	if n.CreatedIndex == n.ModifiedIndex {
+		flags |= 16
+	}
 	b = append(b, flags)
-	b = appendString(b, n.Key)
+	if flags&8 == 0 {
+		b = appendString(b, n.Key)
+	}
 	if n.Value != nil {
 		b = appendString(b, *n.Value)
 	}
@@ -262,7 +280,10 @@ func appendEventNode(b []byte, n *Node) []byte {
 	}
 	b = binary.AppendVarint(b, n.TTL)
 	b = binary.AppendUvarint(b, n.ModifiedIndex)
-	return binary.AppendUvarint(b, n.CreatedIndex)
+	if flags&16 == 0 {
+		b = binary.AppendUvarint(b, n.CreatedIndex)
+	}
+	return b
 }
 
 var errBadEvent = errors.New("storage: damaged event record")
@@ -270,30 +291,40 @@ var errBadEvent = errors.New("storage: damaged event record")
 func unmarshalEvent(data []byte) (*Event, error) {
 	d := decoder{b: data}
 	code, flags := d.byte(), d.byte()
-	if d.err || int(code) >= len(actionCodes) || flags > 7 {
+	// An event always has a node (Index reads it).
+	if d.err || int(code) >= len(actionCodes) || flags > 15 || flags&2 == 0 {
 		return nil, errBadEvent
 	}
 	e := &Event{Action: actionCodes[code], Refresh: flags&1 != 0}
-	e.EtcdIndex = d.uvarint()
-	if flags&2 != 0 {
-		e.Node = d.eventNode()
+	if flags&8 == 0 {
+		e.EtcdIndex = d.uvarint()
 	}
-	if flags&4 != 0 {
-		e.PrevNode = d.eventNode()
+	e.Node = d.eventNode(nil)
+	if flags&4 != 0 && e.Node != nil {
+		e.PrevNode = d.eventNode(e.Node)
 	}
 	if d.err || len(d.b) != 0 || e.Node == nil {
 		return nil, errBadEvent
 	}
+	if flags&8 != 0 {
+		e.EtcdIndex = e.Node.ModifiedIndex
+	}
 	return e, nil
 }
 
-func (d *decoder) eventNode() *Node {
+// eventNode reads a node; of is the event's node when reading its prevNode.
+func (d *decoder) eventNode(of *Node) *Node {
 	flags := d.byte()
-	if flags > 7 {
+	if flags > 31 || (flags&8 != 0 && of == nil) {
 		d.fail()
+		return nil
 	}
 	n := &Node{Dir: flags&1 != 0}
-	n.Key = d.string()
+	if flags&8 != 0 {
+		n.Key = of.Key
+	} else {
+		n.Key = d.string()
+	}
 	if flags&2 != 0 {
 		v := d.string()
 		n.Value = &v
@@ -304,7 +335,10 @@ func (d *decoder) eventNode() *Node {
 	}
 	n.TTL = d.varint()
 	n.ModifiedIndex = d.uvarint()
-	n.CreatedIndex = d.uvarint()
+	n.CreatedIndex = n.ModifiedIndex
+	if flags&16 == 0 {
+		n.CreatedIndex = d.uvarint()
+	}
 	if d.err {
 		return nil
 	}

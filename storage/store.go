@@ -7,6 +7,8 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"slices"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -18,20 +20,30 @@ import (
 // ErrClosed is returned by a Store that has been closed.
 var ErrClosed = errors.New("storage: closed")
 
-// ErrSnapshotUnsupported is returned by Save for a Ready that carries a
-// snapshot from the leader.
+// ErrSnapshotUnsupported is returned by Save for a Ready whose snapshot
+// names no received file (its Data is empty): this store installs only
+// snapshots that ReceiveSnapshot wrote.
 var ErrSnapshotUnsupported = errors.New("storage: installing a snapshot from the leader is not supported yet")
 
 // Buckets of member.db, by role.
+//
+// A commit rewrites every page on the path to each key it changes, so what
+// every commit writes is kept together: the hard state, applied index and
+// store index share the meta bucket, which bbolt keeps inline in the root
+// page (any commit rewrites that page anyway) while it stays under a
+// quarter of a page.
 var (
-	bucketLog      = []byte("log")      // Raft log: big-endian index -> proto Entry
-	bucketRaft     = []byte("raft")     // hard state, conf state, snapshot metadata
-	bucketKeys     = []byte("keys")     // the v2 keyspace (node.go)
-	bucketExpiry   = []byte("expiry")   // expiration + path -> nothing
-	bucketEvents   = []byte("events")   // the last 1000 events: big-endian index -> event
-	bucketRequests = []byte("requests") // applied request IDs: big-endian ID -> Raft index
-	bucketReqOrder = []byte("reqorder") // the same, by Raft index, for pruning
-	bucketMeta     = []byte("meta")     // applied index, store index, compaction point, member values
+	bucketLog    = []byte("log")    // Raft log: big-endian index -> proto Entry
+	bucketRaft   = []byte("raft")   // conf state, snapshot metadata
+	bucketKeys   = []byte("keys")   // the v2 keyspace (node.go)
+	bucketExpiry = []byte("expiry") // expiration + path -> nothing
+	bucketEvents = []byte("events") // the last 1000 events and up to eventSlack older: big-endian index -> event
+	bucketMeta   = []byte("meta")   // hard state, applied index, store index, compaction point, member values
+	// Applied request IDs are no longer stored per commit (see dedup); the
+	// two empty buckets remain only because snapshot installation copies
+	// and checks them.
+	bucketRequests = []byte("requests")
+	bucketReqOrder = []byte("reqorder")
 )
 
 // Keys of the meta and raft buckets. Member values set with SetMeta live in
@@ -40,15 +52,11 @@ var (
 	keyApplied     = []byte("applied")
 	keyIndex       = []byte("index")
 	keyCompacted   = []byte("compacted")
-	keyHardState   = []byte("hardstate")
+	keyHardState   = []byte("hardstate") // in meta, next to the applied index
 	keyConfState   = []byte("confstate")
 	keySnapshot    = []byte("snapshot")
 	metaUserPrefix = "m/"
 )
-
-// dedupKeep is how many applied request IDs are remembered: raftkv retries
-// a proposal for a few seconds at most, far fewer entries than this.
-var dedupKeep = 10000
 
 // Store is one member's bbolt file: keyspace, event history, Raft log.
 // Reads (Get, Watch, Index, Stats) may run from any goroutine; Save, Compact
@@ -61,8 +69,9 @@ type Store struct {
 	applied  atomic.Uint64
 	index    atomic.Uint64
 	nextExp  atomic.Pointer[time.Time] // nil: no key has a TTL
-	dedupN   int                       // IDs in bucketRequests; Save's goroutine only
+	dedup    *dedup                    // nil after a failed Save: rebuilt from the file; Save's goroutine only
 	now      func() time.Time          // the clock for ttl fields; tests replace it
+	snapMu   sync.Mutex                // orders the received snapshot's rename and removal
 }
 
 // Open opens (creating if needed) <dir>/member.db, with the directory
@@ -82,11 +91,12 @@ func Open(dir string) (*Store, error) {
 	if err != nil {
 		return nil, fmt.Errorf("storage: opening %s: %w", dir, err)
 	}
+	removeStaleSnapshots(dir)
 	s := &Store{db: db, now: time.Now}
 	var events []*Event
 	err = db.Update(func(tx *bolt.Tx) error {
 		for _, name := range [][]byte{bucketLog, bucketRaft, bucketKeys, bucketExpiry, bucketEvents,
-			bucketRequests, bucketReqOrder, bucketMeta} {
+			bucketRequests, bucketReqOrder, bucketMeta, bucketDedup} {
 			if _, err := tx.CreateBucketIfNotExists(name); err != nil {
 				return err
 			}
@@ -94,26 +104,27 @@ func Open(dir string) (*Store, error) {
 		meta := tx.Bucket(bucketMeta)
 		s.applied.Store(getUint64(meta, keyApplied))
 		s.index.Store(getUint64(meta, keyIndex))
-		if err := tx.Bucket(bucketEvents).ForEach(func(_, v []byte) error {
+		// Only the newest historySize events: older ones await deletion.
+		c := tx.Bucket(bucketEvents).Cursor()
+		for k, v := c.Last(); k != nil && len(events) < historySize; k, v = c.Prev() {
 			e, err := unmarshalEvent(v)
 			if err != nil {
 				return err
 			}
 			events = append(events, e)
-			return nil
-		}); err != nil {
+		}
+		slices.Reverse(events)
+		d, err := loadDedup(tx, s.applied.Load())
+		if err != nil {
 			return err
 		}
-		s.dedupN = tx.Bucket(bucketRequests).Stats().KeyN
+		s.dedup = d
 		s.nextExp.Store(firstExpiration(tx.Bucket(bucketExpiry)))
 		return nil
 	})
 	if err != nil {
 		db.Close()
 		return nil, fmt.Errorf("storage: opening %s: %w", dir, err)
-	}
-	if len(events) > historySize {
-		events = events[len(events)-historySize:]
 	}
 	s.hub = newHub(s.index.Load(), events)
 	return s, nil
@@ -133,7 +144,11 @@ func (s *Store) Close() error {
 type Ready struct {
 	HardState *raftpb.HardState // nil: unchanged
 	Entries   []*raftpb.Entry   // appended to the log; any saved entry at or above Entries[0].Index is replaced first
-	Snapshot  *raftpb.Snapshot  // a snapshot received from the leader (nil: none): replaces keyspace and log (cluster only)
+	// Snapshot is a snapshot received from the leader (nil, or index 0:
+	// none). Its Data is the path ReceiveSnapshot returned, and nothing
+	// else: the transport puts it there when it hands Raft the MsgSnap.
+	// It replaces the keyspace, history and log; see Save.
+	Snapshot  *raftpb.Snapshot
 	Committed []*raftpb.Entry   // applied in order, after the append; entries at or below the applied index are skipped
 	ConfState *raftpb.ConfState // the conf state after applying Committed's conf changes (nil: unchanged)
 }
@@ -159,47 +174,85 @@ type Applied struct {
 // fails nothing is published and the error is returned.
 //
 // An entry whose data does not decode as a Request is skipped like a no-op
-// on every member alike, and reported as an Applied with error 300. A
-// Ready.Snapshot with index 0 (raft's empty snapshot) counts as none; any
-// other is refused with ErrSnapshotUnsupported until cluster snapshots exist.
+// on every member alike, and reported as an Applied with error 300.
 // Entries that are not contiguous, or committed entries that do not follow
 // the applied index, fail the whole Save.
+//
+// A Ready.Snapshot with index 0 (raft's empty snapshot) counts as none.
+// Any other is installed first in the same transaction, before the entries
+// (Raft's order: snapshot, then entries): the keyspace, expiry index, event
+// history, applied request IDs, store index and applied index become the
+// received file's; the whole saved log is dropped, since Raft forgets its
+// log on restoring a snapshot; the snapshot metadata and its conf state are
+// saved and the log's compaction point moves to the snapshot index. This
+// member's own meta values stay. The file may be ahead of the snapshot (the
+// leader copies its current state): the store's applied index then stays
+// ahead of Raft's, and the committed entries in between are skipped when
+// Raft hands them out again. Once committed, watchers are brought up to
+// the new state (see hub.recover) and the file is removed.
 func (s *Store) Save(rd Ready) ([]Applied, error) {
 	if s.closed.Load() {
 		return nil, ErrClosed
 	}
+	var install *snapshotInstall
 	if rd.Snapshot != nil && rd.Snapshot.GetMetadata().GetIndex() != 0 {
-		return nil, ErrSnapshotUnsupported
+		in, err := s.openSnapshot(rd.Snapshot)
+		if err != nil {
+			return nil, err
+		}
+		defer in.close()
+		install = in
 	}
-	if rd.HardState == nil && len(rd.Entries) == 0 && len(rd.Committed) == 0 && rd.ConfState == nil {
+	if install == nil && rd.HardState == nil && len(rd.Entries) == 0 && len(rd.Committed) == 0 && rd.ConfState == nil {
 		return nil, nil // nothing to make durable: spare the fsyncs
 	}
 	var (
 		out     []Applied
 		a       applier
 		applied uint64
-		dedupN  = s.dedupN
 		nextExp *time.Time
 	)
 	err := s.db.Update(func(tx *bolt.Tx) error {
-		if err := appendLog(tx.Bucket(bucketLog), rd.Entries); err != nil {
+		meta := tx.Bucket(bucketMeta)
+		if install != nil {
+			if err := install.apply(tx); err != nil {
+				return err
+			}
+			// The file's applied request IDs replace ours. Its log holds
+			// them but ours was just dropped, so they become our seed.
+			d, err := loadDedup(install.tx, install.applied)
+			if err != nil {
+				return fmt.Errorf("storage: installing snapshot %d: %w", install.meta.GetIndex(), err)
+			}
+			if err := d.saveSeed(tx, install.applied); err != nil {
+				return err
+			}
+			s.dedup = d
+		} else if s.dedup == nil {
+			d, err := loadDedup(tx, getUint64(meta, keyApplied))
+			if err != nil {
+				return err
+			}
+			s.dedup = d
+		}
+		log := tx.Bucket(bucketLog)
+		log.FillPercent = appendFill
+		if err := appendLog(log, rd.Entries); err != nil {
 			return err
 		}
-		raft := tx.Bucket(bucketRaft)
 		if rd.HardState != nil {
-			if err := putProto(raft, keyHardState, rd.HardState); err != nil {
+			if err := putProto(meta, keyHardState, rd.HardState); err != nil {
 				return err
 			}
 		}
-		meta := tx.Bucket(bucketMeta)
 		applied = getUint64(meta, keyApplied)
 		a = applier{
 			view:   view{keys: tx.Bucket(bucketKeys), index: getUint64(meta, keyIndex)},
 			expiry: tx.Bucket(bucketExpiry),
 			events: tx.Bucket(bucketEvents),
 		}
+		a.events.FillPercent = appendFill
 		startIndex := a.index
-		requests, order := tx.Bucket(bucketRequests), tx.Bucket(bucketReqOrder)
 		for _, ent := range rd.Committed {
 			idx := ent.GetIndex()
 			if idx <= applied {
@@ -219,17 +272,10 @@ func (s *Store) Save(rd Ready) ([]Applied, error) {
 				continue
 			}
 			res := Applied{Index: idx, ID: r.ID}
-			if r.ID != 0 {
-				var id [8]byte
-				binary.BigEndian.PutUint64(id[:], r.ID)
-				if requests.Get(id[:]) != nil {
-					res.Duplicate = true
-					out = append(out, res)
-					continue
-				}
-				if err := rememberRequest(requests, order, id[:], idx, &dedupN); err != nil {
-					return err
-				}
+			if r.ID != 0 && s.dedup.note(r.ID) {
+				res.Duplicate = true
+				out = append(out, res)
+				continue
 			}
 			a.now = s.now()
 			e, verr := a.apply(r)
@@ -245,17 +291,22 @@ func (s *Store) Save(rd Ready) ([]Applied, error) {
 			out = append(out, res)
 		}
 		if rd.ConfState != nil {
-			if err := putProto(raft, keyConfState, rd.ConfState); err != nil {
+			if err := putProto(tx.Bucket(bucketRaft), keyConfState, rd.ConfState); err != nil {
 				return err
 			}
 		}
 		if err := putUint64(meta, keyApplied, applied); err != nil {
 			return err
 		}
-		if a.index != startIndex {
+		if a.index != startIndex || install != nil {
 			if err := putUint64(meta, keyIndex, a.index); err != nil {
 				return err
 			}
+			if err := a.trimEvents(); err != nil {
+				return err
+			}
+		}
+		if a.expiryChanged || install != nil {
 			nextExp = firstExpiration(a.expiry)
 		} else {
 			nextExp = s.nextExp.Load()
@@ -263,45 +314,27 @@ func (s *Store) Save(rd Ready) ([]Applied, error) {
 		return nil
 	})
 	if err != nil {
+		// The IDs noted in the rolled-back transaction are forgotten by
+		// rebuilding the set from the file, as Open does.
+		s.dedup = nil
 		return nil, closedErr(err)
 	}
 	// Durable now: only from here may anyone see the results.
-	s.dedupN = dedupN
 	s.applied.Store(applied)
 	s.nextExp.Store(nextExp)
 	s.counters.add(&a.stats)
 	s.index.Store(a.index)
+	if install != nil {
+		s.installed(install)
+	}
 	s.hub.publish(a.published, a.index)
 	return out, nil
 }
 
-// rememberRequest records an applied request ID and forgets the oldest
-// beyond dedupKeep.
-func rememberRequest(requests, order *bolt.Bucket, id []byte, idx uint64, n *int) error {
-	var ik [8]byte
-	binary.BigEndian.PutUint64(ik[:], idx)
-	if err := requests.Put(id, ik[:]); err != nil {
-		return err
-	}
-	if err := order.Put(ik[:], id); err != nil {
-		return err
-	}
-	*n++
-	c := order.Cursor()
-	for ; *n > dedupKeep; *n-- {
-		k, v := c.First()
-		if k == nil {
-			break
-		}
-		if err := requests.Delete(v); err != nil {
-			return err
-		}
-		if err := c.Delete(); err != nil {
-			return err
-		}
-	}
-	return nil
-}
+// appendFill is the fill percent of buckets whose keys only ever grow (the
+// log, the events): bbolt splits a full leaf in halves by default, and
+// the left half of an append-only bucket is never filled again.
+const appendFill = 0.9
 
 func firstExpiration(b *bolt.Bucket) *time.Time {
 	k, _ := b.Cursor().First()

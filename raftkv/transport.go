@@ -1,0 +1,749 @@
+package raftkv
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"crypto/tls"
+	"encoding/binary"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"hash"
+	"io"
+	"net"
+	"net/http"
+	"net/url"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/etcaddy/etcaddy/storage"
+	"go.etcd.io/raft/v3"
+	"go.etcd.io/raft/v3/raftpb"
+	"go.uber.org/zap"
+	"google.golang.org/protobuf/proto"
+)
+
+// The peer protocol. A member POSTs batches of Raft messages to
+// <peerURL>/raft, each message a frame: a 4-byte big-endian length, then
+// the proto-encoded raftpb.Message. A snapshot goes to <peerURL>/raft/snapshot
+// as one streamed body: the MsgSnap's frame (its metadata, no data), then
+// the leader's member.db as WriteSnapshot writes it, its SHA-256 in a
+// trailer. Every request carries the cluster ID and both member IDs
+// (hexadecimal, as etcd writes IDs); the receiver answers 204 when it took
+// the messages.
+//
+// Peers authenticate with mutual TLS: the client side takes a *tls.Config
+// here; the server side is peerHandler, served by Caddy with its own TLS
+// and client_auth.
+const (
+	peerRaftPath        = "/raft"
+	peerSnapshotPath    = "/raft/snapshot"
+	headerPeerClusterID = "X-Etcaddy-Cluster-Id"
+	headerPeerFrom      = "X-Etcaddy-From"
+	headerPeerTo        = "X-Etcaddy-To"
+	trailerSnapshotHash = "X-Etcaddy-Snapshot-Sha256"
+	peerContentType     = "application/x-etcaddy-raft"
+)
+
+// Limits of the peer transport.
+const (
+	// peerQueueMessages and peerQueueBytes bound what waits for one peer.
+	// Beyond them messages are dropped and the peer reported unreachable,
+	// as etcd does when its sending buffer is full: Raft retransmits.
+	peerQueueMessages = 4096
+	peerQueueBytes    = 64 << 20
+	// peerBatchBytes is how much one POST carries (at least one message).
+	peerBatchBytes = 4 << 20
+	// peerMaxFrame is the largest message a member accepts: well above
+	// MaxSizePerMsg (1 MiB), which a single large entry may exceed.
+	peerMaxFrame = 64 << 20
+	// peerMaxBody bounds a batch request's body.
+	peerMaxBody = 2 * peerMaxFrame
+	// peerMaxSnapFrame bounds a snapshot's metadata frame.
+	peerMaxSnapFrame = 4 << 20
+	// peerRequestTimeout ends a batch POST that hangs, so that a stalled
+	// peer fills its own queue instead of holding messages forever.
+	peerRequestTimeout = 5 * time.Second
+	peerDialTimeout    = time.Second
+)
+
+// transportConfig configures a peerTransport.
+type transportConfig struct {
+	ID        uint64 // this member
+	ClusterID uint64
+	// TLS is the client side of mutual TLS for https:// peers (nil: the
+	// system roots, no client certificate).
+	TLS *tls.Config
+	// H2C sends to http:// peers over HTTP/2 without TLS (prior
+	// knowledge): the peer's server must accept h2c (Caddy: protocols
+	// h1 h2c). Without it http:// peers get HTTP/1.1 keep-alive; https://
+	// peers always negotiate HTTP/2.
+	H2C bool
+	// Snapshot writes this member's snapshot (storage.Store.WriteSnapshot).
+	Snapshot func(w io.Writer) (int64, error)
+	// ReportUnreachable and ReportSnapshot hand feedback to Raft without
+	// blocking (Node.reportUnreachable, Node.reportSnapshot).
+	ReportUnreachable func(to uint64)
+	ReportSnapshot    func(to uint64, status raft.SnapshotStatus)
+	Logger            *zap.Logger
+}
+
+// peerTransport sends Raft messages to the other members over HTTP. Each
+// peer has a bounded queue and its own goroutines, so Send never blocks the
+// Raft loop and a slow or dead peer slows nobody else.
+type peerTransport struct {
+	cfg    transportConfig
+	lg     *zap.Logger
+	client *http.Client
+	wg     sync.WaitGroup
+
+	mu      sync.RWMutex
+	peers   map[uint64]*peer
+	removed map[uint64]bool
+	stopped bool
+}
+
+// peerState is what a receiving member knows of a sender.
+type peerState int
+
+const (
+	peerUnknown peerState = iota
+	peerKnown
+	peerRemoved
+)
+
+// newPeerTransport returns a transport with no peers yet.
+func newPeerTransport(cfg transportConfig) *peerTransport {
+	if cfg.Logger == nil {
+		cfg.Logger = zap.NewNop()
+	}
+	var protocols http.Protocols
+	protocols.SetHTTP2(true)
+	if cfg.H2C {
+		// Without HTTP1, Go speaks h2c to http:// URLs.
+		protocols.SetUnencryptedHTTP2(true)
+	} else {
+		protocols.SetHTTP1(true)
+	}
+	var tlsConfig *tls.Config
+	if cfg.TLS != nil {
+		tlsConfig = cfg.TLS.Clone()
+	}
+	rt := &http.Transport{
+		// Peers talk directly: a proxy from the environment is not meant
+		// for them (etcd's peer transport dials directly as well).
+		Proxy:               nil,
+		DialContext:         (&net.Dialer{Timeout: peerDialTimeout, KeepAlive: 30 * time.Second}).DialContext,
+		TLSClientConfig:     tlsConfig,
+		TLSHandshakeTimeout: 5 * time.Second,
+		ForceAttemptHTTP2:   true,
+		Protocols:           &protocols,
+		MaxIdleConnsPerHost: 4,
+		IdleConnTimeout:     90 * time.Second,
+		// A silent HTTP/2 connection is probed, so a peer that vanished
+		// without a FIN is noticed instead of hanging every stream.
+		HTTP2: &http.HTTP2Config{SendPingTimeout: 10 * time.Second, PingTimeout: 5 * time.Second},
+	}
+	return &peerTransport{
+		cfg:     cfg,
+		lg:      cfg.Logger,
+		client:  &http.Client{Transport: rt},
+		peers:   make(map[uint64]*peer),
+		removed: make(map[uint64]bool),
+	}
+}
+
+// peer is one member this one sends to.
+type peer struct {
+	id     uint64
+	t      *peerTransport
+	ctx    context.Context // ended by RemovePeer and Stop
+	cancel context.CancelFunc
+	queue  chan []byte // encoded messages
+	queued atomic.Int64
+	snapc  chan []byte // encoded MsgSnap (metadata only)
+
+	mu       sync.Mutex
+	urls     []string
+	pick     int
+	failing  bool
+	lastFail string
+}
+
+// checkPeerURLs parses a member's peer URLs.
+func checkPeerURLs(urls []string) ([]string, error) {
+	if len(urls) == 0 {
+		return nil, errors.New("raftkv: a peer needs at least one URL")
+	}
+	out := make([]string, len(urls))
+	for i, s := range urls {
+		u, err := url.Parse(s)
+		if err != nil {
+			return nil, fmt.Errorf("raftkv: peer URL %q: %w", s, err)
+		}
+		if (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+			return nil, fmt.Errorf("raftkv: peer URL %q: want http:// or https://host:port", s)
+		}
+		out[i] = strings.TrimSuffix(u.String(), "/")
+	}
+	return out, nil
+}
+
+// AddPeer starts sending to member id at urls (the first one that
+// answers). Adding a known member updates its URLs; a removed one stays
+// removed (member IDs are never reused).
+func (t *peerTransport) AddPeer(id uint64, urls []string) error {
+	clean, err := checkPeerURLs(urls)
+	if err != nil {
+		return err
+	}
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	switch {
+	case t.stopped:
+		return ErrStopped
+	case id == 0 || id == t.cfg.ID:
+		return fmt.Errorf("raftkv: %s cannot be a peer", idString(id))
+	case t.removed[id]:
+		return fmt.Errorf("raftkv: member %s was removed from the cluster", idString(id))
+	}
+	if p := t.peers[id]; p != nil {
+		p.setURLs(clean)
+		return nil
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	p := &peer{id: id, t: t, ctx: ctx, cancel: cancel, urls: clean,
+		queue: make(chan []byte, peerQueueMessages), snapc: make(chan []byte, 1)}
+	t.peers[id] = p
+	t.wg.Add(2)
+	go p.run()
+	go p.runSnapshots()
+	return nil
+}
+
+// UpdatePeer replaces a member's peer URLs.
+func (t *peerTransport) UpdatePeer(id uint64, urls []string) error {
+	clean, err := checkPeerURLs(urls)
+	if err != nil {
+		return err
+	}
+	t.mu.RLock()
+	p := t.peers[id]
+	t.mu.RUnlock()
+	if p == nil {
+		return fmt.Errorf("raftkv: no peer %s", idString(id))
+	}
+	p.setURLs(clean)
+	return nil
+}
+
+// RemovePeer stops sending to a member, drops what was queued for it and
+// refuses its messages from now on (410, as etcd answers a removed member).
+func (t *peerTransport) RemovePeer(id uint64) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if p := t.peers[id]; p != nil {
+		p.cancel()
+		delete(t.peers, id)
+	}
+	t.removed[id] = true
+}
+
+// peerStatus tells peerHandler whether a sender may talk to this member.
+func (t *peerTransport) peerStatus(id uint64) peerState {
+	t.mu.RLock()
+	defer t.mu.RUnlock()
+	switch {
+	case t.removed[id]:
+		return peerRemoved
+	case t.peers[id] != nil:
+		return peerKnown
+	}
+	return peerUnknown
+}
+
+// Stop ends every peer's goroutines and in-flight requests and waits for
+// them. Send does nothing afterwards.
+func (t *peerTransport) Stop() {
+	t.mu.Lock()
+	t.stopped = true
+	for id, p := range t.peers {
+		p.cancel()
+		delete(t.peers, id)
+	}
+	t.mu.Unlock()
+	t.wg.Wait()
+	t.client.CloseIdleConnections()
+}
+
+// Send queues messages for their peers and returns at once. It runs on the
+// Raft loop, which is why messages are encoded here: Raft must not change
+// them under a concurrent encoder (reference §1.1). A full queue drops the
+// message and reports the peer unreachable; a message for a member this
+// transport does not know is dropped (Raft stops addressing removed ones).
+func (t *peerTransport) Send(msgs []*raftpb.Message) {
+	t.mu.RLock()
+	defer t.mu.RUnlock()
+	for _, m := range msgs {
+		p := t.peers[m.GetTo()]
+		if p == nil {
+			if ce := t.lg.Check(zap.DebugLevel, "message to an unknown member dropped"); ce != nil {
+				ce.Write(zap.String("to", idString(m.GetTo())), zap.Stringer("type", m.GetType()))
+			}
+			continue
+		}
+		if m.GetType() == raftpb.MsgSnap {
+			p.queueSnapshot(m)
+			continue
+		}
+		data, err := proto.Marshal(m)
+		if err != nil {
+			t.lg.Error("encoding a Raft message", zap.Error(err), zap.Stringer("type", m.GetType()))
+			continue
+		}
+		if !p.enqueue(data) {
+			t.cfg.ReportUnreachable(p.id)
+		}
+	}
+}
+
+func (p *peer) enqueue(data []byte) bool {
+	n := int64(len(data))
+	if p.queued.Load()+n > peerQueueBytes {
+		return false
+	}
+	select {
+	case p.queue <- data:
+		p.queued.Add(n)
+		return true
+	default:
+		return false
+	}
+}
+
+// queueSnapshot hands a MsgSnap to the peer's snapshot goroutine, which
+// streams it beside the message batches: heartbeats keep flowing during a
+// long transfer. The message goes without its Data, which names a file
+// on this member only.
+func (p *peer) queueSnapshot(m *raftpb.Message) {
+	mm := proto.Clone(m).(*raftpb.Message)
+	if mm.Snapshot != nil {
+		mm.Snapshot.Data = nil
+	}
+	data, err := proto.Marshal(mm)
+	if err == nil {
+		select {
+		case p.snapc <- data:
+			return
+		default:
+			err = errors.New("a snapshot is already being sent")
+		}
+	}
+	p.t.lg.Warn("snapshot not sent", zap.String("to", idString(p.id)), zap.Error(err))
+	p.t.cfg.ReportSnapshot(p.id, raft.SnapshotFailure)
+}
+
+func (p *peer) setURLs(urls []string) {
+	p.mu.Lock()
+	p.urls, p.pick = urls, 0
+	p.mu.Unlock()
+}
+
+func (p *peer) url() string {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.urls[p.pick%len(p.urls)]
+}
+
+// failed moves on to the peer's next URL and logs once per outage.
+func (p *peer) failed(u string, err error) {
+	p.mu.Lock()
+	if p.urls[p.pick%len(p.urls)] == u {
+		p.pick++
+	}
+	first := !p.failing
+	p.failing, p.lastFail = true, err.Error()
+	p.mu.Unlock()
+	if first {
+		p.t.lg.Warn("peer unreachable", zap.String("peer", idString(p.id)), zap.String("url", u), zap.Error(err))
+	}
+}
+
+func (p *peer) succeeded() {
+	p.mu.Lock()
+	was := p.failing
+	p.failing = false
+	p.mu.Unlock()
+	if was {
+		p.t.lg.Info("peer reachable again", zap.String("peer", idString(p.id)))
+	}
+}
+
+// run sends the queue in batches: whatever accumulated while the previous
+// POST was in flight goes in the next one, up to peerBatchBytes.
+func (p *peer) run() {
+	defer p.t.wg.Done()
+	for {
+		var first []byte
+		select {
+		case first = <-p.queue:
+		case <-p.ctx.Done():
+			return
+		}
+		body := appendPeerFrame(nil, first)
+		p.queued.Add(-int64(len(first)))
+	batch:
+		for len(body) < peerBatchBytes {
+			select {
+			case data := <-p.queue:
+				body = appendPeerFrame(body, data)
+				p.queued.Add(-int64(len(data)))
+			default:
+				break batch
+			}
+		}
+		p.post(body)
+	}
+}
+
+func appendPeerFrame(b, data []byte) []byte {
+	b = binary.BigEndian.AppendUint32(b, uint32(len(data)))
+	return append(b, data...)
+}
+
+func (t *peerTransport) setHeaders(h http.Header, to uint64) {
+	h.Set("Content-Type", peerContentType)
+	h.Set(headerPeerClusterID, idString(t.cfg.ClusterID))
+	h.Set(headerPeerFrom, idString(t.cfg.ID))
+	h.Set(headerPeerTo, idString(to))
+}
+
+// post sends one batch. A failure reports the peer unreachable; the batch
+// is dropped, and Raft resends what matters.
+func (p *peer) post(body []byte) {
+	u := p.url()
+	ctx, cancel := context.WithTimeout(p.ctx, peerRequestTimeout)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, u+peerRaftPath, bytes.NewReader(body))
+	if err == nil {
+		p.t.setHeaders(req.Header, p.id)
+		err = p.t.do(req)
+	}
+	if err != nil {
+		if p.ctx.Err() != nil {
+			return // removed or stopping: nobody to tell
+		}
+		p.failed(u, err)
+		p.t.cfg.ReportUnreachable(p.id)
+		return
+	}
+	p.succeeded()
+}
+
+// do runs a request and turns any answer but 204 into an error carrying
+// the peer's explanation.
+func (t *peerTransport) do(req *http.Request) error {
+	resp, err := t.client.Do(req)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	msg, _ := io.ReadAll(io.LimitReader(resp.Body, 512))
+	if resp.StatusCode != http.StatusNoContent {
+		return fmt.Errorf("%s: %s", resp.Status, strings.TrimSpace(string(msg)))
+	}
+	return nil
+}
+
+func (p *peer) runSnapshots() {
+	defer p.t.wg.Done()
+	for {
+		select {
+		case frame := <-p.snapc:
+			p.sendSnapshot(frame)
+		case <-p.ctx.Done():
+			return
+		}
+	}
+}
+
+var errSnapshotAbandoned = errors.New("raftkv: snapshot request ended")
+
+// sendSnapshot streams the metadata frame and this member's snapshot to the
+// peer through a pipe: the file is read once, in one read transaction, and
+// never copied in memory. Raft hears how it ended.
+func (p *peer) sendSnapshot(frame []byte) {
+	u := p.url()
+	pr, pw := io.Pipe()
+	req, err := http.NewRequestWithContext(p.ctx, http.MethodPost, u+peerSnapshotPath, pr)
+	if err != nil {
+		p.t.cfg.ReportSnapshot(p.id, raft.SnapshotFailure)
+		return
+	}
+	p.t.setHeaders(req.Header, p.id)
+	req.Trailer = http.Header{trailerSnapshotHash: nil}
+	written := make(chan int64, 1)
+	go func() {
+		var n int64
+		_, err := pw.Write(appendPeerFrame(nil, frame))
+		if err == nil {
+			h := sha256.New()
+			n, err = p.t.cfg.Snapshot(io.MultiWriter(pw, h))
+			if err == nil {
+				// Read by the HTTP client after the body's EOF, which
+				// the Close below comes before.
+				req.Trailer.Set(trailerSnapshotHash, hex.EncodeToString(h.Sum(nil)))
+			}
+		}
+		pw.CloseWithError(err)
+		written <- n
+	}()
+	err = p.t.do(req)
+	// The client may have stopped reading early: unblock the writer.
+	pr.CloseWithError(errSnapshotAbandoned)
+	n := <-written
+	if err != nil {
+		if p.ctx.Err() == nil {
+			p.t.lg.Warn("sending a snapshot failed", zap.String("to", idString(p.id)), zap.String("url", u), zap.Error(err))
+			p.failed(u, err)
+			p.t.cfg.ReportUnreachable(p.id)
+		}
+		p.t.cfg.ReportSnapshot(p.id, raft.SnapshotFailure)
+		return
+	}
+	p.t.lg.Info("snapshot sent", zap.String("to", idString(p.id)), zap.Int64("bytes", n))
+	p.t.cfg.ReportSnapshot(p.id, raft.SnapshotFinish)
+}
+
+// snapshotReceiver stores an incoming snapshot: storage.Store.
+type snapshotReceiver interface {
+	ReceiveSnapshot(r io.Reader) (string, error)
+}
+
+// peerHandler is the receiving side of the peer protocol, an http.Handler
+// for Caddy's peer site (which authenticates members with client_auth):
+// POST /raft and POST /raft/snapshot. It never blocks on Raft: deliver must
+// not block (Node.receive drops when its queue is full, as a lossy network
+// would).
+type peerHandler struct {
+	id        uint64 // this member
+	clusterID uint64
+	status    func(from uint64) peerState // peerTransport.peerStatus
+	deliver   func(*raftpb.Message)
+	snapshots snapshotReceiver
+	lg        *zap.Logger
+	snapBusy  chan struct{} // one snapshot received at a time
+}
+
+func newPeerHandler(id, clusterID uint64, status func(uint64) peerState, deliver func(*raftpb.Message), snapshots snapshotReceiver, lg *zap.Logger) *peerHandler {
+	if lg == nil {
+		lg = zap.NewNop()
+	}
+	return &peerHandler{id: id, clusterID: clusterID, status: status, deliver: deliver,
+		snapshots: snapshots, lg: lg, snapBusy: make(chan struct{}, 1)}
+}
+
+func (h *peerHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if r.URL.Path != peerRaftPath && r.URL.Path != peerSnapshotPath {
+		http.NotFound(w, r)
+		return
+	}
+	if r.Method != http.MethodPost {
+		w.Header().Set("Allow", http.MethodPost)
+		http.Error(w, "method not allowed", http.StatusMethodNotAllowed)
+		return
+	}
+	from, ok := h.checkHeaders(w, r)
+	if !ok {
+		return
+	}
+	if r.URL.Path == peerSnapshotPath {
+		h.serveSnapshot(w, r, from)
+		return
+	}
+	h.serveBatch(w, r, from)
+}
+
+// checkHeaders refuses what is not for this member or comes from no
+// member: etcd answers 412 for a cluster ID mismatch and 410 to a removed
+// member; an unknown sender gets 403.
+func (h *peerHandler) checkHeaders(w http.ResponseWriter, r *http.Request) (uint64, bool) {
+	cid, err := strconv.ParseUint(r.Header.Get(headerPeerClusterID), 16, 64)
+	if err != nil || cid != h.clusterID {
+		h.lg.Warn("peer request from another cluster refused",
+			zap.String("cluster-id", idString(h.clusterID)),
+			zap.String("request-cluster-id", r.Header.Get(headerPeerClusterID)),
+			zap.String("remote-addr", r.RemoteAddr))
+		http.Error(w, fmt.Sprintf("cluster ID mismatch: this member belongs to cluster %s, the request to %q",
+			idString(h.clusterID), r.Header.Get(headerPeerClusterID)), http.StatusPreconditionFailed)
+		return 0, false
+	}
+	to, err := strconv.ParseUint(r.Header.Get(headerPeerTo), 16, 64)
+	if err != nil || to != h.id {
+		http.Error(w, fmt.Sprintf("to field mismatch: this member is %s, the request is for %q",
+			idString(h.id), r.Header.Get(headerPeerTo)), http.StatusPreconditionFailed)
+		return 0, false
+	}
+	from, err := strconv.ParseUint(r.Header.Get(headerPeerFrom), 16, 64)
+	if err != nil || from == 0 {
+		http.Error(w, "missing or malformed "+headerPeerFrom, http.StatusBadRequest)
+		return 0, false
+	}
+	switch h.status(from) {
+	case peerKnown:
+		return from, true
+	case peerRemoved:
+		http.Error(w, "member "+idString(from)+" was removed from the cluster", http.StatusGone)
+	default:
+		h.lg.Warn("peer request from an unknown member refused", zap.String("from", idString(from)), zap.String("remote-addr", r.RemoteAddr))
+		http.Error(w, "member "+idString(from)+" is not a member of this cluster", http.StatusForbidden)
+	}
+	return 0, false
+}
+
+// readPeerFrame reads one frame; io.EOF only at a frame boundary.
+func readPeerFrame(r io.Reader, limit int) ([]byte, error) {
+	var n [4]byte
+	if _, err := io.ReadFull(r, n[:]); err != nil {
+		if err == io.ErrUnexpectedEOF {
+			return nil, errors.New("truncated frame length")
+		}
+		return nil, err
+	}
+	size := binary.BigEndian.Uint32(n[:])
+	if uint64(size) > uint64(limit) {
+		return nil, fmt.Errorf("frame of %d bytes exceeds the limit of %d", size, limit)
+	}
+	b := make([]byte, size)
+	if _, err := io.ReadFull(r, b); err != nil {
+		return nil, fmt.Errorf("truncated frame: %w", err)
+	}
+	return b, nil
+}
+
+// checkPeerMessage accepts only what a member may send over the wire, from
+// the member the headers name, to this member.
+func (h *peerHandler) checkPeerMessage(m *raftpb.Message, from uint64) error {
+	switch {
+	case m.GetFrom() != from:
+		return fmt.Errorf("message from %s in a request from %s", idString(m.GetFrom()), idString(from))
+	case m.GetTo() != h.id:
+		return fmt.Errorf("message to %s sent to %s", idString(m.GetTo()), idString(h.id))
+	case raft.IsLocalMsg(m.GetType()):
+		return fmt.Errorf("local message %s", m.GetType())
+	}
+	return nil
+}
+
+// serveBatch decodes the whole batch before delivering any of it, so a bad
+// request delivers nothing.
+func (h *peerHandler) serveBatch(w http.ResponseWriter, r *http.Request, from uint64) {
+	body := http.MaxBytesReader(w, r.Body, peerMaxBody)
+	var msgs []*raftpb.Message
+	for {
+		frame, err := readPeerFrame(body, peerMaxFrame)
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			status := http.StatusBadRequest
+			if _, ok := errors.AsType[*http.MaxBytesError](err); ok {
+				status = http.StatusRequestEntityTooLarge
+			}
+			http.Error(w, "bad message batch: "+err.Error(), status)
+			return
+		}
+		m := &raftpb.Message{}
+		if err := proto.Unmarshal(frame, m); err != nil {
+			http.Error(w, "bad message batch: "+err.Error(), http.StatusBadRequest)
+			return
+		}
+		if err := h.checkPeerMessage(m, from); err != nil {
+			http.Error(w, "bad message batch: "+err.Error(), http.StatusBadRequest)
+			return
+		}
+		if m.GetType() == raftpb.MsgSnap {
+			http.Error(w, "bad message batch: snapshots go to "+peerSnapshotPath, http.StatusBadRequest)
+			return
+		}
+		msgs = append(msgs, m)
+	}
+	for _, m := range msgs {
+		h.deliver(m)
+	}
+	w.WriteHeader(http.StatusNoContent)
+}
+
+// serveSnapshot streams the snapshot into the store, then hands Raft the
+// MsgSnap with the received file's path as its Data (the convention
+// storage.Ready documents).
+func (h *peerHandler) serveSnapshot(w http.ResponseWriter, r *http.Request, from uint64) {
+	select {
+	case h.snapBusy <- struct{}{}:
+		defer func() { <-h.snapBusy }()
+	default:
+		// The sender reports a failure to Raft, which retries later.
+		http.Error(w, "another snapshot is being received", http.StatusServiceUnavailable)
+		return
+	}
+	frame, err := readPeerFrame(r.Body, peerMaxSnapFrame)
+	if err != nil {
+		http.Error(w, "bad snapshot: "+err.Error(), http.StatusBadRequest)
+		return
+	}
+	m := &raftpb.Message{}
+	if err := proto.Unmarshal(frame, m); err != nil {
+		http.Error(w, "bad snapshot: "+err.Error(), http.StatusBadRequest)
+		return
+	}
+	if err := h.checkPeerMessage(m, from); err != nil {
+		http.Error(w, "bad snapshot: "+err.Error(), http.StatusBadRequest)
+		return
+	}
+	if m.GetType() != raftpb.MsgSnap || m.GetSnapshot().GetMetadata().GetIndex() == 0 {
+		http.Error(w, "bad snapshot: not a snapshot message", http.StatusBadRequest)
+		return
+	}
+	hv := &hashedBody{r: r.Body, h: sha256.New(), want: func() string { return r.Trailer.Get(trailerSnapshotHash) }}
+	path, err := h.snapshots.ReceiveSnapshot(hv)
+	switch {
+	case errors.Is(err, storage.ErrSnapshotInvalid):
+		http.Error(w, "bad snapshot: "+err.Error(), http.StatusBadRequest)
+		return
+	case errors.Is(err, storage.ErrClosed):
+		http.Error(w, "member stopping", http.StatusServiceUnavailable)
+		return
+	case err != nil:
+		h.lg.Error("receiving a snapshot", zap.String("from", idString(from)), zap.Error(err))
+		http.Error(w, "receiving the snapshot failed", http.StatusInternalServerError)
+		return
+	}
+	m.Snapshot.Data = []byte(path)
+	h.lg.Info("snapshot received", zap.String("from", idString(from)),
+		zap.Uint64("index", m.GetSnapshot().GetMetadata().GetIndex()))
+	h.deliver(m)
+	w.WriteHeader(http.StatusNoContent)
+}
+
+// hashedBody checks the snapshot's SHA-256 trailer when the body ends, so a
+// stream damaged or cut short on the way fails before the file is kept.
+type hashedBody struct {
+	r    io.Reader
+	h    hash.Hash
+	want func() string
+}
+
+var errSnapshotHash = errors.New("snapshot checksum mismatch")
+
+func (b *hashedBody) Read(p []byte) (int, error) {
+	n, err := b.r.Read(p)
+	b.h.Write(p[:n])
+	if err == io.EOF && hex.EncodeToString(b.h.Sum(nil)) != b.want() {
+		return n, errSnapshotHash
+	}
+	return n, err
+}

@@ -1,0 +1,546 @@
+package raftkv
+
+import (
+	"bytes"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/sha256"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"fmt"
+	"io"
+	"math/big"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/etcaddy/etcaddy/storage"
+	"go.etcd.io/raft/v3"
+	"go.etcd.io/raft/v3/raftpb"
+	"go.uber.org/goleak"
+	"google.golang.org/protobuf/proto"
+)
+
+const (
+	peerTestCluster  = 0xc1
+	peerTestLeader   = 1
+	peerTestFollower = 2
+)
+
+// peerFeedback records what the transport reports to Raft.
+type peerFeedback struct {
+	mu          sync.Mutex
+	unreachable int
+	snapshots   []raft.SnapshotStatus
+}
+
+func (f *peerFeedback) reportUnreachable(uint64) { f.mu.Lock(); f.unreachable++; f.mu.Unlock() }
+
+func (f *peerFeedback) reportSnapshot(_ uint64, s raft.SnapshotStatus) {
+	f.mu.Lock()
+	f.snapshots = append(f.snapshots, s)
+	f.mu.Unlock()
+}
+
+func (f *peerFeedback) counts() (int, []raft.SnapshotStatus) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.unreachable, append([]raft.SnapshotStatus(nil), f.snapshots...)
+}
+
+// peerWaitFor polls cond until it holds or a deadline passes.
+func peerWaitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+func peerNoLeaks(t *testing.T) {
+	t.Cleanup(func() { goleak.VerifyNone(t) })
+}
+
+// peerTestReceiver is member 2 of cluster peerTestCluster, which knows member 1.
+type peerTestReceiver struct {
+	srv      *httptest.Server
+	h        *peerHandler
+	got      chan *raftpb.Message
+	requests atomic.Int64
+	proto    atomic.Int64 // ProtoMajor of the last request
+	// gate, when set, holds the first request until it is closed;
+	// entered is closed when that request arrives.
+	gate, entered chan struct{}
+	once          sync.Once
+}
+
+type peerServerMode int
+
+const (
+	peerPlainHTTP1 peerServerMode = iota
+	peerPlainH2C
+	peerMutualTLS
+)
+
+func newPeerTestReceiver(t *testing.T, mode peerServerMode, store snapshotReceiver, ca *peerTestCA) *peerTestReceiver {
+	t.Helper()
+	r := &peerTestReceiver{got: make(chan *raftpb.Message, 2*peerQueueMessages)}
+	status := func(id uint64) peerState {
+		switch id {
+		case peerTestLeader:
+			return peerKnown
+		case 3:
+			return peerRemoved
+		}
+		return peerUnknown
+	}
+	r.h = newPeerHandler(peerTestFollower, peerTestCluster, status, func(m *raftpb.Message) { r.got <- m }, store, nil)
+	r.srv = httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, req *http.Request) {
+		r.requests.Add(1)
+		r.proto.Store(int64(req.ProtoMajor))
+		if r.gate != nil {
+			first := false
+			r.once.Do(func() { first = true })
+			if first {
+				close(r.entered)
+				select {
+				case <-r.gate:
+				case <-req.Context().Done():
+				}
+			}
+		}
+		r.h.ServeHTTP(w, req)
+	}))
+	switch mode {
+	case peerPlainHTTP1:
+		r.srv.Start()
+	case peerPlainH2C:
+		r.srv.Config.Protocols = new(http.Protocols)
+		r.srv.Config.Protocols.SetHTTP1(true)
+		r.srv.Config.Protocols.SetUnencryptedHTTP2(true)
+		r.srv.Start()
+	case peerMutualTLS:
+		r.srv.EnableHTTP2 = true
+		r.srv.TLS = &tls.Config{
+			Certificates: []tls.Certificate{ca.issue(t, "member2", x509.ExtKeyUsageServerAuth)},
+			ClientAuth:   tls.RequireAndVerifyClientCert,
+			ClientCAs:    ca.pool,
+		}
+		r.srv.StartTLS()
+	}
+	t.Cleanup(r.srv.Close)
+	return r
+}
+
+func (r *peerTestReceiver) hold() {
+	r.gate, r.entered = make(chan struct{}), make(chan struct{})
+}
+
+func newPeerTestTransport(t *testing.T, cfg transportConfig, fb *peerFeedback) *peerTransport {
+	t.Helper()
+	if cfg.ID == 0 {
+		cfg.ID = peerTestLeader
+	}
+	if cfg.ClusterID == 0 {
+		cfg.ClusterID = peerTestCluster
+	}
+	cfg.ReportUnreachable, cfg.ReportSnapshot = fb.reportUnreachable, fb.reportSnapshot
+	if cfg.Snapshot == nil {
+		cfg.Snapshot = func(io.Writer) (int64, error) { return 0, fmt.Errorf("no snapshot here") }
+	}
+	tr := newPeerTransport(cfg)
+	t.Cleanup(tr.Stop)
+	return tr
+}
+
+func peerApp(index uint64) *raftpb.Message {
+	return &raftpb.Message{Type: raftpb.MsgApp.Enum(), From: new(uint64(peerTestLeader)), To: new(uint64(peerTestFollower)),
+		Term: new(uint64(1)), Index: new(index),
+		Entries: []*raftpb.Entry{{Index: new(index + 1), Term: new(uint64(1)), Data: []byte(fmt.Sprint("entry ", index+1))}}}
+}
+
+func TestPeerBatchesArriveInOrder(t *testing.T) {
+	ca := newPeerTestCA(t)
+	for name, mode := range map[string]peerServerMode{"http/1.1": peerPlainHTTP1, "h2c": peerPlainH2C, "mutual TLS h2": peerMutualTLS} {
+		t.Run(name, func(t *testing.T) {
+			peerNoLeaks(t)
+			r := newPeerTestReceiver(t, mode, nil, ca)
+			r.hold()
+			fb := &peerFeedback{}
+			cfg := transportConfig{H2C: mode == peerPlainH2C}
+			if mode == peerMutualTLS {
+				cfg.TLS = &tls.Config{RootCAs: ca.pool,
+					Certificates: []tls.Certificate{ca.issue(t, "member1", x509.ExtKeyUsageClientAuth)}}
+			}
+			tr := newPeerTestTransport(t, cfg, fb)
+			if err := tr.AddPeer(peerTestFollower, []string{r.srv.URL}); err != nil {
+				t.Fatal(err)
+			}
+			const total = 1000
+			tr.Send([]*raftpb.Message{peerApp(0)})
+			<-r.entered
+			// Everything sent while the first POST is held goes in the next.
+			for i := uint64(1); i < total; i += 100 {
+				var msgs []*raftpb.Message
+				for j := i; j < min(i+100, total); j++ {
+					msgs = append(msgs, peerApp(j))
+				}
+				tr.Send(msgs)
+			}
+			close(r.gate)
+			for i := range uint64(total) {
+				select {
+				case m := <-r.got:
+					if m.GetIndex() != i || m.GetType() != raftpb.MsgApp || string(m.GetEntries()[0].GetData()) != fmt.Sprint("entry ", i+1) {
+						t.Fatalf("message %d: %v", i, m)
+					}
+				case <-time.After(10 * time.Second):
+					t.Fatalf("message %d never arrived", i)
+				}
+			}
+			if n := r.requests.Load(); n != 2 {
+				t.Errorf("%d messages took %d requests, want 2", total, n)
+			}
+			want := int64(1)
+			if mode != peerPlainHTTP1 {
+				want = 2
+			}
+			if got := r.proto.Load(); got != want {
+				t.Errorf("HTTP/%d, want HTTP/%d", got, want)
+			}
+			if n, _ := fb.counts(); n != 0 {
+				t.Errorf("%d unreachable reports", n)
+			}
+		})
+	}
+}
+
+func TestPeerSendNeverBlocksOnAStalledPeer(t *testing.T) {
+	peerNoLeaks(t)
+	r := newPeerTestReceiver(t, peerPlainHTTP1, nil, nil)
+	r.hold()
+	fb := &peerFeedback{}
+	tr := newPeerTestTransport(t, transportConfig{}, fb)
+	if err := tr.AddPeer(peerTestFollower, []string{r.srv.URL}); err != nil {
+		t.Fatal(err)
+	}
+	tr.Send([]*raftpb.Message{peerApp(0)})
+	<-r.entered
+	// The peer takes nothing more: the queue fills, and the rest is dropped
+	// and reported at once, without Send waiting.
+	var msgs []*raftpb.Message
+	for i := range uint64(peerQueueMessages + 100) {
+		msgs = append(msgs, peerApp(i+1))
+	}
+	tr.Send(msgs)
+	if n, _ := fb.counts(); n != 100 {
+		t.Fatalf("%d unreachable reports for 100 dropped messages", n)
+	}
+	close(r.gate)
+	peerWaitFor(t, "the queue to drain", func() bool { return len(r.got) == peerQueueMessages+1 })
+}
+
+func TestPeerDeadPeerIsReportedUnreachable(t *testing.T) {
+	peerNoLeaks(t)
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	dead := "http://" + l.Addr().String()
+	l.Close()
+	fb := &peerFeedback{}
+	tr := newPeerTestTransport(t, transportConfig{}, fb)
+	if err := tr.AddPeer(peerTestFollower, []string{dead}); err != nil {
+		t.Fatal(err)
+	}
+	tr.Send([]*raftpb.Message{peerApp(0)})
+	peerWaitFor(t, "an unreachable report", func() bool { n, _ := fb.counts(); return n > 0 })
+	snap := &raftpb.Message{Type: raftpb.MsgSnap.Enum(), From: new(uint64(peerTestLeader)), To: new(uint64(peerTestFollower)),
+		Snapshot: &raftpb.Snapshot{Metadata: &raftpb.SnapshotMetadata{Index: new(uint64(5)), Term: new(uint64(1))}}}
+	tr.Send([]*raftpb.Message{snap})
+	peerWaitFor(t, "a snapshot failure", func() bool {
+		_, s := fb.counts()
+		return len(s) == 1 && s[0] == raft.SnapshotFailure
+	})
+	// Removed, the peer is neither sent to nor listened to.
+	tr.RemovePeer(peerTestFollower)
+	tr.Send([]*raftpb.Message{peerApp(1)})
+	if st := tr.peerStatus(peerTestFollower); st != peerRemoved {
+		t.Fatalf("status %v", st)
+	}
+	if err := tr.AddPeer(peerTestFollower, []string{dead}); err == nil {
+		t.Fatal("a removed member was added back")
+	}
+}
+
+func peerFrames(msgs ...*raftpb.Message) []byte {
+	var b []byte
+	for _, m := range msgs {
+		data, err := proto.Marshal(m)
+		if err != nil {
+			panic(err)
+		}
+		b = appendPeerFrame(b, data)
+	}
+	return b
+}
+
+func TestPeerHandlerRefuses(t *testing.T) {
+	peerNoLeaks(t)
+	r := newPeerTestReceiver(t, peerPlainHTTP1, nil, nil)
+	good := peerFrames(peerApp(1))
+	hup := peerApp(1)
+	hup.Type = raftpb.MsgHup.Enum()
+	forged := peerApp(1)
+	forged.From = new(uint64(7))
+	snap := peerApp(1)
+	snap.Type = raftpb.MsgSnap.Enum()
+	headers := func(cluster, from, to string) http.Header {
+		return http.Header{headerPeerClusterID: {cluster}, headerPeerFrom: {from}, headerPeerTo: {to}}
+	}
+	ok := headers("c1", "1", "2")
+	cases := []struct {
+		name   string
+		method string
+		path   string
+		h      http.Header
+		body   []byte
+		status int
+		msg    string
+	}{
+		{"accepted", "POST", "/raft", ok, good, 204, ""},
+		{"wrong method", "GET", "/raft", ok, nil, 405, "method not allowed"},
+		{"wrong path", "POST", "/raft/other", ok, good, 404, ""},
+		{"other cluster", "POST", "/raft", headers("c2", "1", "2"), good, 412, "cluster ID mismatch: this member belongs to cluster c1"},
+		{"no cluster", "POST", "/raft", headers("", "1", "2"), good, 412, "cluster ID mismatch"},
+		{"not for this member", "POST", "/raft", headers("c1", "1", "9"), good, 412, "to field mismatch"},
+		{"unknown sender", "POST", "/raft", headers("c1", "7", "2"), good, 403, "member 7 is not a member of this cluster"},
+		{"removed sender", "POST", "/raft", headers("c1", "3", "2"), good, 410, "member 3 was removed from the cluster"},
+		{"bad sender", "POST", "/raft", headers("c1", "zz", "2"), good, 400, "malformed"},
+		{"garbage", "POST", "/raft", ok, []byte("\x00\x00\x00\x05hello"), 400, "bad message batch"},
+		{"truncated length", "POST", "/raft", ok, append(good, 0, 0), 400, "truncated frame length"},
+		{"truncated frame", "POST", "/raft", ok, good[:len(good)-3], 400, "truncated frame"},
+		{"huge frame", "POST", "/raft", ok, []byte{0xff, 0xff, 0xff, 0xff}, 400, "exceeds the limit"},
+		{"forged sender", "POST", "/raft", ok, peerFrames(peerApp(1), forged), 400, "message from 7 in a request from 1"},
+		{"local message", "POST", "/raft", ok, peerFrames(hup), 400, "local message MsgHup"},
+		{"snapshot in a batch", "POST", "/raft", ok, peerFrames(snap), 400, "snapshots go to /raft/snapshot"},
+		{"snapshot without metadata", "POST", "/raft/snapshot", ok, peerFrames(peerApp(1)), 400, "not a snapshot message"},
+		{"snapshot garbage", "POST", "/raft/snapshot", ok, []byte("garbage"), 400, "bad snapshot"},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			req, err := http.NewRequest(c.method, r.srv.URL+c.path, bytes.NewReader(c.body))
+			if err != nil {
+				t.Fatal(err)
+			}
+			req.Header = c.h
+			resp, err := r.srv.Client().Do(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			body, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			if resp.StatusCode != c.status || !strings.Contains(string(body), c.msg) {
+				t.Fatalf("%d %q, want %d %q", resp.StatusCode, body, c.status, c.msg)
+			}
+			want := 0
+			if c.status == 204 {
+				want = 1
+			}
+			if len(r.got) != want {
+				t.Fatalf("%d messages delivered", len(r.got))
+			}
+			for len(r.got) > 0 {
+				<-r.got
+			}
+		})
+	}
+	r.srv.Client().CloseIdleConnections()
+
+	// Through the transport: a member of another cluster is refused and
+	// reported unreachable.
+	fb := &peerFeedback{}
+	tr := newPeerTestTransport(t, transportConfig{ClusterID: 0xc2}, fb)
+	if err := tr.AddPeer(peerTestFollower, []string{r.srv.URL}); err != nil {
+		t.Fatal(err)
+	}
+	tr.Send([]*raftpb.Message{peerApp(0)})
+	peerWaitFor(t, "an unreachable report", func() bool { n, _ := fb.counts(); return n > 0 })
+	if len(r.got) != 0 {
+		t.Fatal("a message from another cluster was delivered")
+	}
+}
+
+// openPeerTestStore opens a real store holding keys set by committed entries.
+func openPeerTestStore(t *testing.T, keys ...string) *storage.Store {
+	t.Helper()
+	st, err := storage.Open(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { st.Close() })
+	if len(keys) == 0 {
+		return st
+	}
+	var ents []*raftpb.Entry
+	for i, k := range keys {
+		r := storage.Request{Method: storage.MethodPut, Path: k, Val: "value of " + k}
+		ents = append(ents, &raftpb.Entry{Index: new(uint64(i + 1)), Term: new(uint64(1)),
+			Type: raftpb.EntryNormal.Enum(), Data: r.Marshal()})
+	}
+	if _, err := st.Save(storage.Ready{Entries: ents, Committed: ents,
+		HardState: &raftpb.HardState{Term: new(uint64(1)), Commit: new(uint64(len(ents)))}}); err != nil {
+		t.Fatal(err)
+	}
+	return st
+}
+
+func TestPeerSnapshotStreamsIntoTheFollowersStore(t *testing.T) {
+	peerNoLeaks(t)
+	var keys []string
+	for i := range 2000 {
+		keys = append(keys, fmt.Sprintf("/dir%d/key%d", i%10, i))
+	}
+	leader, follower := openPeerTestStore(t, keys...), openPeerTestStore(t, "/stale")
+	r := newPeerTestReceiver(t, peerPlainHTTP1, follower, nil)
+	fb := &peerFeedback{}
+	tr := newPeerTestTransport(t, transportConfig{Snapshot: leader.WriteSnapshot}, fb)
+	if err := tr.AddPeer(peerTestFollower, []string{r.srv.URL}); err != nil {
+		t.Fatal(err)
+	}
+	meta := &raftpb.SnapshotMetadata{Index: new(uint64(1500)), Term: new(uint64(1)),
+		ConfState: &raftpb.ConfState{Voters: []uint64{peerTestLeader, peerTestFollower}}}
+	tr.Send([]*raftpb.Message{{Type: raftpb.MsgSnap.Enum(), From: new(uint64(peerTestLeader)), To: new(uint64(peerTestFollower)),
+		Term: new(uint64(1)), Snapshot: &raftpb.Snapshot{Metadata: meta, Data: []byte("a path on the leader")}}})
+	var m *raftpb.Message
+	select {
+	case m = <-r.got:
+	case <-time.After(10 * time.Second):
+		t.Fatal("no snapshot delivered")
+	}
+	peerWaitFor(t, "the snapshot report", func() bool {
+		_, s := fb.counts()
+		return len(s) == 1 && s[0] == raft.SnapshotFinish
+	})
+	if m.GetType() != raftpb.MsgSnap || !proto.Equal(m.GetSnapshot().GetMetadata(), meta) || !strings.HasSuffix(string(m.GetSnapshot().GetData()), "snap.tmp") {
+		t.Fatalf("delivered %v", m)
+	}
+	// What Raft would hand back in the next Ready.
+	if _, err := follower.Save(storage.Ready{Snapshot: m.GetSnapshot(),
+		HardState: &raftpb.HardState{Term: new(uint64(1)), Commit: new(uint64(1500))}}); err != nil {
+		t.Fatal(err)
+	}
+	ev, err := follower.Get("/dir7/key1997", false, false, time.Now())
+	if err != nil || *ev.Node.Value != "value of /dir7/key1997" || follower.Index() != 2000 || follower.AppliedIndex() != 2000 {
+		t.Fatalf("after install: %+v %v, index %d", ev, err, follower.Index())
+	}
+	if _, err := follower.Get("/stale", false, false, time.Now()); err == nil {
+		t.Fatal("the follower's old keys survived the snapshot")
+	}
+}
+
+func TestPeerSnapshotRefusesDamagedStreams(t *testing.T) {
+	peerNoLeaks(t)
+	leader, follower := openPeerTestStore(t, "/a"), openPeerTestStore(t)
+	r := newPeerTestReceiver(t, peerPlainHTTP1, follower, nil)
+	var db bytes.Buffer
+	if _, err := leader.WriteSnapshot(&db); err != nil {
+		t.Fatal(err)
+	}
+	meta := peerFrames(&raftpb.Message{Type: raftpb.MsgSnap.Enum(), From: new(uint64(peerTestLeader)), To: new(uint64(peerTestFollower)),
+		Snapshot: &raftpb.Snapshot{Metadata: &raftpb.SnapshotMetadata{Index: new(uint64(1)), Term: new(uint64(1))}}})
+	damaged := bytes.Clone(db.Bytes())
+	damaged[len(damaged)-100] ^= 0xff
+	for _, c := range []struct {
+		name string
+		body []byte
+		hash string
+	}{
+		{"no checksum", db.Bytes(), ""},
+		{"damaged on the way", damaged, peerSHA256(db.Bytes())},
+		{"not a database", []byte(strings.Repeat("x", 10000)), peerSHA256([]byte(strings.Repeat("x", 10000)))},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			req, err := http.NewRequest("POST", r.srv.URL+peerSnapshotPath, io.MultiReader(bytes.NewReader(meta), bytes.NewReader(c.body)))
+			if err != nil {
+				t.Fatal(err)
+			}
+			req.Header = http.Header{headerPeerClusterID: {"c1"}, headerPeerFrom: {"1"}, headerPeerTo: {"2"}}
+			req.Trailer = http.Header{trailerSnapshotHash: {c.hash}}
+			resp, err := r.srv.Client().Do(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			body, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			if resp.StatusCode != 400 || !strings.Contains(string(body), "bad snapshot") {
+				t.Fatalf("%d %s", resp.StatusCode, body)
+			}
+			if len(r.got) != 0 {
+				t.Fatal("a damaged snapshot was delivered")
+			}
+		})
+	}
+	r.srv.Client().CloseIdleConnections()
+}
+
+func peerSHA256(b []byte) string {
+	sum := sha256.Sum256(b)
+	return fmt.Sprintf("%x", sum)
+}
+
+// peerTestCA issues the certificates of a test cluster's mutual TLS.
+type peerTestCA struct {
+	cert *x509.Certificate
+	key  *ecdsa.PrivateKey
+	pool *x509.CertPool
+}
+
+func newPeerTestCA(t *testing.T) *peerTestCA {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "etcaddy test CA"},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
+		IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cert, err := x509.ParseCertificate(der)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pool := x509.NewCertPool()
+	pool.AddCert(cert)
+	return &peerTestCA{cert: cert, key: key, pool: pool}
+}
+
+func (ca *peerTestCA) issue(t *testing.T, name string, usage x509.ExtKeyUsage) tls.Certificate {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(time.Now().UnixNano()), Subject: pkix.Name{CommonName: name},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
+		KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{usage},
+		IPAddresses: []net.IP{net.IPv4(127, 0, 0, 1)}}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.cert, &key.PublicKey, ca.key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}
+}

@@ -1,0 +1,152 @@
+package storage
+
+import (
+	"encoding/binary"
+	"fmt"
+
+	bolt "go.etcd.io/bbolt"
+	"go.etcd.io/raft/v3/raftpb"
+	"google.golang.org/protobuf/proto"
+)
+
+// dedupKeep is how many applied request IDs are remembered: raftkv retries
+// a proposal for a few seconds at most, far fewer entries than this.
+var dedupKeep = 10000
+
+// dedup is the set of the last dedupKeep request IDs applied, oldest first.
+// Whether an entry is a duplicate decides whether it is applied, so every
+// member must compute the same set from the same log: it is a function of
+// the applied entries alone (an ID is remembered when its entry is applied
+// and was no duplicate, and forgotten dedupKeep IDs later), and it is never
+// written per commit. What makes it durable is the log itself plus a seed:
+//
+//   - the seed (bucketDedup) is the whole set as of some applied index,
+//     written by Compact before it deletes entries, and by a snapshot
+//     install, which replaces the log;
+//   - Open replays, on top of the seed, the entries the log still holds
+//     after the seed's index up to the applied index.
+//
+// Compaction deletes entries only at or below the seed's index, so the
+// replay always finds every entry it needs.
+type dedup struct {
+	ids   []uint64            // remembered IDs, oldest first, from ids[head] on
+	head  int                 // ids[:head] are forgotten
+	known map[uint64]struct{} // the IDs of ids[head:]
+}
+
+func newDedup() *dedup { return &dedup{known: make(map[uint64]struct{})} }
+
+func (d *dedup) has(id uint64) bool {
+	_, ok := d.known[id]
+	return ok
+}
+
+// add remembers id, which must not be remembered already, and forgets the
+// oldest beyond dedupKeep.
+func (d *dedup) add(id uint64) {
+	d.ids = append(d.ids, id)
+	d.known[id] = struct{}{}
+	for len(d.ids)-d.head > dedupKeep {
+		delete(d.known, d.ids[d.head])
+		d.head++
+	}
+	// Reclaim the forgotten prefix once it is as long as what is kept.
+	if d.head > 0 && d.head >= len(d.ids)-d.head {
+		d.ids = append(d.ids[:0], d.ids[d.head:]...)
+		d.head = 0
+	}
+}
+
+// note is Save's check for one applied request: true if id was applied
+// before (it must not be applied again); otherwise id is remembered.
+func (d *dedup) note(id uint64) bool {
+	if d.has(id) {
+		return true
+	}
+	d.add(id)
+	return false
+}
+
+// replay notes the requests of the log entries after index from up to
+// index to (inclusive), as Save did when it applied them. Raft only commits
+// entries it has appended, so the log holds all of them.
+func (d *dedup) replay(log *bolt.Bucket, from, to uint64) error {
+	var kb [8]byte
+	c := log.Cursor()
+	for k, v := c.Seek(logKey(&kb, from+1)); k != nil && binary.BigEndian.Uint64(k) <= to; k, v = c.Next() {
+		var e raftpb.Entry
+		if err := proto.Unmarshal(v, &e); err != nil {
+			return fmt.Errorf("storage: damaged log entry %d: %w", binary.BigEndian.Uint64(k), err)
+		}
+		if e.GetType() != raftpb.EntryNormal || len(e.GetData()) == 0 {
+			continue
+		}
+		// Save skips undecodable data without remembering anything.
+		if r, err := UnmarshalRequest(e.GetData()); err == nil && r.ID != 0 {
+			d.note(r.ID)
+		}
+	}
+	return nil
+}
+
+// Seed record, under keyDedupSeed in bucketDedup: the applied index it is
+// valid at, then the IDs oldest first, all 8 bytes big-endian. A seed
+// lives in a bucket of its own: bbolt rewrites a whole leaf when any key in
+// it changes, and this value may take tens of pages.
+var (
+	bucketDedup  = []byte("dedup")
+	keyDedupSeed = []byte("seed")
+)
+
+// loadDedup rebuilds the set as of applied from a file's seed and log (the
+// live file, or a snapshot being installed). A file without a seed starts
+// from an empty set at index 0.
+func loadDedup(tx *bolt.Tx, applied uint64) (*dedup, error) {
+	d := newDedup()
+	var seedIndex uint64
+	if b := tx.Bucket(bucketDedup); b != nil {
+		if v := b.Get(keyDedupSeed); v != nil {
+			if len(v)%8 != 0 || len(v) == 0 {
+				return nil, fmt.Errorf("storage: damaged applied request IDs (%d bytes)", len(v))
+			}
+			seedIndex = binary.BigEndian.Uint64(v)
+			for v = v[8:]; len(v) > 0; v = v[8:] {
+				if id := binary.BigEndian.Uint64(v); !d.has(id) {
+					d.add(id)
+				}
+			}
+		}
+	}
+	if seedIndex > applied {
+		return nil, fmt.Errorf("storage: applied request IDs saved at index %d, past the applied index %d", seedIndex, applied)
+	}
+	if err := d.replay(tx.Bucket(bucketLog), seedIndex, applied); err != nil {
+		return nil, err
+	}
+	return d, nil
+}
+
+// saveSeed writes d as the seed valid at applied.
+func (d *dedup) saveSeed(tx *bolt.Tx, applied uint64) error {
+	kept := d.ids[d.head:]
+	v := make([]byte, 8, 8+8*len(kept))
+	binary.BigEndian.PutUint64(v, applied)
+	for _, id := range kept {
+		v = binary.BigEndian.AppendUint64(v, id)
+	}
+	return tx.Bucket(bucketDedup).Put(keyDedupSeed, v)
+}
+
+// saveDedupSeed saves the set as of the applied index, so that the log
+// entries up to it may go.
+func (s *Store) saveDedupSeed(tx *bolt.Tx) error {
+	applied := getUint64(tx.Bucket(bucketMeta), keyApplied)
+	if s.dedup == nil {
+		d, err := loadDedup(tx, applied)
+		if err != nil {
+			return err
+		}
+		s.dedup = d
+	}
+	return s.dedup.saveSeed(tx, applied)
+}

@@ -1,0 +1,388 @@
+package storage
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	bolt "go.etcd.io/bbolt"
+	"go.etcd.io/raft/v3/raftpb"
+)
+
+// A member that falls too far behind gets the leader's whole member.db,
+// written by WriteSnapshot (one read transaction: a consistent copy). The
+// follower streams it to <dir>/snap.tmp with ReceiveSnapshot, and Raft hands
+// the MsgSnap back in a Ready whose Snapshot.Data is that path; Save then
+// copies the replicated buckets from the file into the live one.
+//
+// The copy is the leader's state at its applied index when the copy was
+// taken, which may be past the Raft snapshot's index: Raft then hands the
+// entries in between out again, and Save skips them as already applied, as
+// etcd's v3 backend does with its consistent index.
+
+// ErrSnapshotInvalid is returned by ReceiveSnapshot when the stream ends
+// early or is not a member.db: the sender's fault, not this member's.
+var ErrSnapshotInvalid = errors.New("storage: invalid snapshot")
+
+// snapshotName is the received snapshot waiting for Raft to install it.
+const snapshotName = "snap.tmp"
+
+// replicatedBuckets are the buckets a snapshot replaces: the state every
+// member holds alike. The Raft log and hard state are this member's own and
+// are rewritten from the snapshot metadata; meta keeps this member's values.
+var replicatedBuckets = [][]byte{bucketKeys, bucketExpiry, bucketEvents, bucketRequests, bucketReqOrder}
+
+// snapshotPath is where ReceiveSnapshot leaves the file for Save.
+func (s *Store) snapshotPath() string {
+	return filepath.Join(filepath.Dir(s.db.Path()), snapshotName)
+}
+
+// ReceiveSnapshot streams a snapshot sent by the leader (WriteSnapshot's
+// output) to <dir>/snap.tmp, fsynced, and returns that path: the value for
+// the Snapshot.Data of the MsgSnap that goes with it. The stream is copied
+// through a small buffer, never held in memory.
+//
+// The file is written under a temporary name, checked (a bbolt file holding
+// the store's buckets, every page reachable) and only then renamed into
+// place, so Save never sees a partial or damaged file. A stream that fails
+// to read or is not such a file gives an error wrapping ErrSnapshotInvalid.
+// A later snapshot replaces an earlier one still waiting.
+func (s *Store) ReceiveSnapshot(r io.Reader) (path string, err error) {
+	if s.closed.Load() {
+		return "", ErrClosed
+	}
+	dir := filepath.Dir(s.db.Path())
+	f, err := os.CreateTemp(dir, snapshotName+".*")
+	if err != nil {
+		return "", fmt.Errorf("storage: receiving a snapshot: %w", err)
+	}
+	tmp := f.Name()
+	defer func() {
+		if err != nil {
+			f.Close()
+			os.Remove(tmp)
+		}
+	}()
+	src := &readErrReader{r: r}
+	if _, err := io.Copy(f, src); err != nil {
+		if src.err != nil {
+			return "", fmt.Errorf("%w: %w", ErrSnapshotInvalid, src.err)
+		}
+		return "", fmt.Errorf("storage: receiving a snapshot: %w", err)
+	}
+	if err := f.Sync(); err != nil {
+		return "", fmt.Errorf("storage: receiving a snapshot: %w", err)
+	}
+	if err := f.Close(); err != nil {
+		return "", fmt.Errorf("storage: receiving a snapshot: %w", err)
+	}
+	if err := checkSnapshotFile(tmp); err != nil {
+		return "", err
+	}
+	path = s.snapshotPath()
+	s.snapMu.Lock()
+	err = os.Rename(tmp, path)
+	s.snapMu.Unlock()
+	if err != nil {
+		return "", fmt.Errorf("storage: receiving a snapshot: %w", err)
+	}
+	// The rename must survive a crash before the install commits.
+	if err := syncDir(dir); err != nil {
+		return "", fmt.Errorf("storage: receiving a snapshot: %w", err)
+	}
+	return path, nil
+}
+
+// readErrReader remembers a failed read, so ReceiveSnapshot can tell the
+// sender's failures from its own disk's.
+type readErrReader struct {
+	r   io.Reader
+	err error
+}
+
+func (r *readErrReader) Read(p []byte) (int, error) {
+	n, err := r.r.Read(p)
+	if err != nil && err != io.EOF {
+		r.err = err
+	}
+	return n, err
+}
+
+func syncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	return d.Sync()
+}
+
+func openSnapshotFile(path string) (*bolt.DB, error) {
+	return bolt.Open(path, 0o600, &bolt.Options{ReadOnly: true, Timeout: time.Second})
+}
+
+// checkSnapshotFile verifies that path is a whole member.db. The size
+// comes first: bbolt maps the file without comparing it to the pages its
+// meta page claims, and reading a page past the end of a truncated file
+// would crash the process (SIGBUS) instead of failing.
+func checkSnapshotFile(path string) error {
+	info, err := os.Stat(path)
+	if err != nil {
+		return err
+	}
+	db, err := openSnapshotFile(path)
+	if err != nil {
+		return fmt.Errorf("%w: %w", ErrSnapshotInvalid, err)
+	}
+	defer db.Close()
+	return db.View(func(tx *bolt.Tx) error {
+		if tx.Size() > info.Size() {
+			return fmt.Errorf("%w: %d bytes, its pages need %d", ErrSnapshotInvalid, info.Size(), tx.Size())
+		}
+		// Drain the channel: Check's goroutine sends every problem it finds.
+		var first error
+		for err := range tx.Check() {
+			if first == nil {
+				first = fmt.Errorf("%w: %w", ErrSnapshotInvalid, err)
+			}
+		}
+		if first != nil {
+			return first
+		}
+		for _, name := range append([][]byte{bucketMeta}, replicatedBuckets...) {
+			if tx.Bucket(name) == nil {
+				return fmt.Errorf("%w: no %s bucket", ErrSnapshotInvalid, name)
+			}
+		}
+		return nil
+	})
+}
+
+// snapshotInstall is a received snapshot being installed by one Save.
+type snapshotInstall struct {
+	path string
+	info os.FileInfo // the file opened, to remove only that one afterwards
+	db   *bolt.DB
+	tx   *bolt.Tx // read-only; open until Save's transaction has committed
+	meta *raftpb.SnapshotMetadata
+
+	// Filled in by apply.
+	applied uint64
+	index   uint64
+	events  []*Event
+}
+
+// openSnapshot opens the file a Ready's snapshot refers to. Only the file
+// ReceiveSnapshot writes is accepted: Data comes from a peer's message
+// path, and must never name another file.
+func (s *Store) openSnapshot(snap *raftpb.Snapshot) (*snapshotInstall, error) {
+	path := string(snap.GetData())
+	if path == "" {
+		return nil, ErrSnapshotUnsupported
+	}
+	if path != s.snapshotPath() {
+		return nil, fmt.Errorf("storage: snapshot file %q is not this store's %s", path, snapshotName)
+	}
+	info, err := os.Stat(path)
+	if err != nil {
+		return nil, fmt.Errorf("storage: installing snapshot %d: %w", snap.GetMetadata().GetIndex(), err)
+	}
+	db, err := openSnapshotFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("storage: installing snapshot %d: %w", snap.GetMetadata().GetIndex(), err)
+	}
+	tx, err := db.Begin(false)
+	if err != nil {
+		db.Close()
+		return nil, fmt.Errorf("storage: installing snapshot %d: %w", snap.GetMetadata().GetIndex(), err)
+	}
+	return &snapshotInstall{path: path, info: info, db: db, tx: tx, meta: snap.GetMetadata()}, nil
+}
+
+func (in *snapshotInstall) close() {
+	in.tx.Rollback()
+	in.db.Close()
+}
+
+// apply replaces the live file's replicated state with the snapshot's
+// inside Save's transaction, and resets the Raft log to the snapshot: Raft
+// discards its whole log when it restores a snapshot (raftLog.restore), so
+// no saved entry, even above the snapshot index, may be read back later.
+func (in *snapshotInstall) apply(tx *bolt.Tx) error {
+	srcMeta := in.tx.Bucket(bucketMeta)
+	in.applied = getUint64(srcMeta, keyApplied)
+	in.index = getUint64(srcMeta, keyIndex)
+	if in.applied < in.meta.GetIndex() {
+		return fmt.Errorf("storage: snapshot file at applied index %d is older than snapshot %d", in.applied, in.meta.GetIndex())
+	}
+	for _, name := range replicatedBuckets {
+		if err := replaceBucket(tx, in.tx.Bucket(name), name); err != nil {
+			return fmt.Errorf("storage: installing snapshot %d: %w", in.meta.GetIndex(), err)
+		}
+	}
+	if err := tx.DeleteBucket(bucketLog); err != nil {
+		return err
+	}
+	if _, err := tx.CreateBucket(bucketLog); err != nil {
+		return err
+	}
+	raft := tx.Bucket(bucketRaft)
+	cs := raftpb.EnsureConfState(in.meta.GetConfState())
+	md := &raftpb.SnapshotMetadata{Index: new(in.meta.GetIndex()), Term: new(in.meta.GetTerm()), ConfState: cs}
+	if err := putProto(raft, keySnapshot, md); err != nil {
+		return err
+	}
+	if err := putProto(raft, keyConfState, cs); err != nil {
+		return err
+	}
+	meta := tx.Bucket(bucketMeta)
+	for _, kv := range []struct {
+		k []byte
+		v uint64
+	}{{keyApplied, in.applied}, {keyIndex, in.index}, {keyCompacted, in.meta.GetIndex()}} {
+		if err := putUint64(meta, kv.k, kv.v); err != nil {
+			return err
+		}
+	}
+	return tx.Bucket(bucketEvents).ForEach(func(_, v []byte) error {
+		e, err := unmarshalEvent(v)
+		if err != nil {
+			return fmt.Errorf("storage: snapshot %d: %w", in.meta.GetIndex(), err)
+		}
+		in.events = append(in.events, e)
+		if len(in.events) > historySize {
+			in.events = in.events[1:]
+		}
+		return nil
+	})
+}
+
+// replaceBucket makes name in tx a copy of src. The keys come sorted, so
+// the new pages fill as they do for appends.
+func replaceBucket(tx *bolt.Tx, src *bolt.Bucket, name []byte) error {
+	if err := tx.DeleteBucket(name); err != nil {
+		return err
+	}
+	dst, err := tx.CreateBucket(name)
+	if err != nil {
+		return err
+	}
+	// The values stay valid: the snapshot's read transaction outlives
+	// this one's commit.
+	return src.ForEach(func(k, v []byte) error {
+		if v == nil {
+			return fmt.Errorf("unexpected nested bucket %q in %s", k, name)
+		}
+		return dst.Put(k, v)
+	})
+}
+
+// installed runs after Save's transaction has committed: watchers learn
+// of the new state, and the file goes unless a newer snapshot replaced it.
+func (s *Store) installed(in *snapshotInstall) {
+	s.hub.recover(in.events, in.index)
+	s.snapMu.Lock()
+	defer s.snapMu.Unlock()
+	if info, err := os.Stat(in.path); err == nil && os.SameFile(info, in.info) {
+		os.Remove(in.path)
+	}
+}
+
+// removeStaleSnapshots deletes received snapshots left by an earlier run:
+// the MsgSnap that went with them was lost with the process.
+func removeStaleSnapshots(dir string) {
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		return
+	}
+	for _, e := range entries {
+		if strings.HasPrefix(e.Name(), snapshotName) {
+			os.Remove(filepath.Join(dir, e.Name()))
+		}
+	}
+}
+
+// recover replaces the history with a snapshot's and brings every live
+// watcher up to it.
+//
+// etcd 3.4 recovers its v2 store from a snapshot by unmarshalling over it:
+// watchers stay registered, the history is replaced, and a watcher never
+// hears of the events the snapshot skipped over (error 400, "watcher is
+// cleared due to etcd recovery", is defined but never sent). Here a watcher
+// gets the events it missed from the snapshot's history, as a new watch
+// with its waitIndex would; when that history no longer reaches back to
+// the watcher's next index, its channel closes, so the client watches
+// again and gets error 401 instead of silently missing events.
+func (h *hub) recover(events []*Event, index uint64) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.history = history{events: make([]*Event, historySize)}
+	for _, e := range events {
+		h.history.add(e)
+	}
+	h.index = index
+	type live struct {
+		w   *Watcher
+		key string
+	}
+	var ws []live
+	var walk func(n *watchNode, key string)
+	walk = func(n *watchNode, key string) {
+		for w := range n.watchers {
+			ws = append(ws, live{w, key})
+		}
+		for name, c := range n.children {
+			walk(c, joinPath(key, name))
+		}
+	}
+	walk(&h.root, "/")
+	for _, l := range ws {
+		w := l.w
+		next := max(w.since, w.lastSent+1)
+		if next > h.history.lastIndex() {
+			continue // nothing it waits for has happened yet
+		}
+		if h.history.n == 0 || h.history.startIndex() > next {
+			h.end(w)
+			continue
+		}
+		for i := h.history.first(next); i < h.history.n; i++ {
+			e := h.history.at(i)
+			if !historyMatch(e, l.key, w.recursive) {
+				continue
+			}
+			ne := *e
+			ne.EtcdIndex = index
+			if !h.send(w, &ne) {
+				break
+			}
+		}
+	}
+}
+
+// SnapshotMeta reads a member value, as SetMeta writes them, from a
+// received snapshot file (the path in a MsgSnap's Data), before Save
+// installs and removes it. Install keeps this member's own values, so a
+// value that describes the cluster rather than the member (raftkv's member
+// list) is read from the leader's file this way. Nil when absent.
+func SnapshotMeta(path, key string) ([]byte, error) {
+	db, err := openSnapshotFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("storage: reading snapshot %s: %w", path, err)
+	}
+	defer db.Close()
+	var out []byte
+	err = db.View(func(tx *bolt.Tx) error {
+		if b := tx.Bucket(bucketMeta); b != nil {
+			if v := b.Get([]byte(metaUserPrefix + key)); v != nil {
+				out = append([]byte{}, v...)
+			}
+		}
+		return nil
+	})
+	return out, err
+}

@@ -1,0 +1,266 @@
+package storage
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	bolt "go.etcd.io/bbolt"
+	"go.etcd.io/raft/v3/raftpb"
+	"google.golang.org/protobuf/proto"
+)
+
+// receive streams leader's snapshot into follower through a pipe, as the
+// peer transport does: neither side ever holds the whole file.
+func receive(t *testing.T, leader, follower *tstore) string {
+	t.Helper()
+	pr, pw := io.Pipe()
+	go func() {
+		_, err := leader.WriteSnapshot(pw)
+		pw.CloseWithError(err)
+	}()
+	path, err := follower.ReceiveSnapshot(pr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return path
+}
+
+func snapshotReady(path string, index, term uint64, voters ...uint64) Ready {
+	return Ready{
+		Snapshot: &raftpb.Snapshot{Data: []byte(path), Metadata: &raftpb.SnapshotMetadata{
+			Index: proto.Uint64(index), Term: proto.Uint64(term),
+			ConfState: &raftpb.ConfState{Voters: voters},
+		}},
+		HardState: &raftpb.HardState{Term: proto.Uint64(term), Commit: proto.Uint64(index)},
+	}
+}
+
+func TestSnapshotInstallReplacesTheFollowersState(t *testing.T) {
+	leader, follower := newTestStore(t), newTestStore(t)
+	exp := testClock.Add(3600e9).UnixNano()
+	leader.apply(set("/a", "1"), mkdir("/d"), set("/a", "2"))
+	leader.apply(Request{ID: 77, Method: MethodPut, Path: "/d/x", Val: "ttl", Expiration: exp})
+	leader.apply(Request{Method: MethodDelete, Path: "/a"}, set("/b", "3"))
+	// The follower holds a divergent past of its own: all of it must go.
+	follower.apply(set("/old", "x"), set("/old2", "y"))
+	if _, err := follower.Save(Ready{Entries: []*raftpb.Entry{termEntry(3, 1, ""), termEntry(4, 1, "")}}); err != nil {
+		t.Fatal(err)
+	}
+
+	if err := leader.SetMeta("members", []byte("leader's list")); err != nil {
+		t.Fatal(err)
+	}
+	if err := follower.SetMeta("id", []byte("follower")); err != nil {
+		t.Fatal(err)
+	}
+	path := receive(t, leader, follower)
+	if path != filepath.Join(follower.dir, "snap.tmp") {
+		t.Fatalf("received at %s", path)
+	}
+	if v, err := SnapshotMeta(path, "members"); err != nil || string(v) != "leader's list" {
+		t.Fatalf("SnapshotMeta = %q, %v", v, err)
+	}
+	// Raft's snapshot is at 4; the file is at the leader's applied index 6.
+	if _, err := follower.Save(snapshotReady(path, 4, 2, 1, 2, 3)); err != nil {
+		t.Fatal(err)
+	}
+	check := func() {
+		t.Helper()
+		if follower.Index() != 6 || follower.AppliedIndex() != 6 {
+			t.Fatalf("index %d, applied %d", follower.Index(), follower.AppliedIndex())
+		}
+		wantJSON(t, follower.mustGet("/", true),
+			`{"action":"get","node":{"dir":true,"nodes":[`+
+				`{"key":"/b","value":"3","modifiedIndex":6,"createdIndex":6},`+
+				`{"key":"/d","dir":true,"nodes":[{"key":"/d/x","value":"ttl","expiration":"2026-01-02T04:04:05Z","ttl":3600,"modifiedIndex":4,"createdIndex":4}],"modifiedIndex":2,"createdIndex":2}]}}`)
+		if next, ok := follower.NextExpiration(); !ok || next.UnixNano() != exp {
+			t.Fatalf("NextExpiration %v %v", next, ok)
+		}
+		// The history is the leader's.
+		w := mustWatch(t, follower, "/a", false, false, 1)
+		if e := next(t, w); e.Action != "set" || e.Node.ModifiedIndex != 1 || e.EtcdIndex != 6 {
+			t.Fatalf("history: %s", jsonOf(t, e))
+		}
+		st, err := follower.LoadRaft()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(st.Entries) != 0 || st.Snapshot.GetIndex() != 4 || st.Snapshot.GetTerm() != 2 ||
+			st.CompactIndex != 4 || st.Applied != 6 || st.HardState.GetCommit() != 4 ||
+			fmt.Sprint(st.ConfState.GetVoters()) != "[1 2 3]" {
+			t.Fatalf("raft state after install: %+v", st)
+		}
+		if _, err := os.Stat(path); !os.IsNotExist(err) {
+			t.Fatalf("snapshot file left behind: %v", err)
+		}
+		// Member values stay this member's own.
+		if string(follower.Meta("id")) != "follower" || follower.Meta("members") != nil {
+			t.Fatalf("meta after install: %q %q", follower.Meta("id"), follower.Meta("members"))
+		}
+	}
+	check()
+	follower.reopen()
+	check()
+
+	// Raft hands out 5 and 6 again (already in the file: skipped), then 7;
+	// request 77 was applied by the leader, so it is a duplicate here.
+	ents := []*raftpb.Entry{
+		entry(5, &Request{ID: 77, Method: MethodPut, Path: "/d/x", Val: "again"}),
+		entry(6, nil),
+		entry(7, &Request{ID: 77, Method: MethodPut, Path: "/d/x", Val: "again"}),
+		entry(8, &Request{ID: 78, Method: MethodPut, Path: "/c", Val: "4"}),
+	}
+	out, err := follower.Save(Ready{Entries: ents, Committed: ents,
+		HardState: &raftpb.HardState{Term: proto.Uint64(2), Commit: proto.Uint64(8)}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(out) != 2 || !out[0].Duplicate || out[0].Index != 7 || out[1].Event.Node.ModifiedIndex != 7 {
+		t.Fatalf("after install: %+v", out)
+	}
+	if st, _ := follower.LoadRaft(); logIndexes(t, st) != "5/1 6/1 7/1 8/1 " {
+		t.Fatalf("log after install: %s", logIndexes(t, st))
+	}
+}
+
+func TestSnapshotInstallCatchesWatchersUp(t *testing.T) {
+	leader, follower := newTestStore(t), newTestStore(t)
+	follower.apply(set("/x", "0"))
+	// Registered at index 1, waiting for index 2 on.
+	onA := mustWatch(t, follower, "/a", false, true, 0)
+	onX := mustWatch(t, follower, "/x", false, false, 0)
+	leader.apply(set("/x", "0"), set("/a", "1"), set("/a", "2"))
+	if _, err := follower.Save(snapshotReady(receive(t, leader, follower), 3, 1, 1)); err != nil {
+		t.Fatal(err)
+	}
+	// The stream gets what it missed, in order, then stays open.
+	for _, v := range []string{"1", "2"} {
+		if e := next(t, onA); e.Node.Value == nil || *e.Node.Value != v || e.EtcdIndex != 3 {
+			t.Fatalf("caught up with %s", jsonOf(t, e))
+		}
+	}
+	wantNothing(t, onA)
+	follower.apply(set("/a", "3"))
+	if e := next(t, onA); *e.Node.Value != "3" {
+		t.Fatalf("live after install: %s", jsonOf(t, e))
+	}
+	wantNothing(t, onX) // nothing happened to /x after index 1
+
+	// A watcher whose next index fell out of the snapshot's history cannot
+	// be caught up: it ends, and watching again says 401.
+	leader2, follower2 := newTestStore(t), newTestStore(t)
+	follower2.apply(set("/y", "0"))
+	lost := mustWatch(t, follower2, "/y", false, true, 0)
+	var reqs []Request
+	for i := range historySize + 10 {
+		reqs = append(reqs, set("/y", fmt.Sprint(i)))
+	}
+	leader2.apply(reqs...)
+	if _, err := follower2.Save(snapshotReady(receive(t, leader2, follower2), 5, 1, 1)); err != nil {
+		t.Fatal(err)
+	}
+	wantClosed(t, lost)
+	_, err := follower2.Watch("/y", false, false, 2)
+	wantErr(t, err, EcodeEventIndexCleared, "the requested history has been cleared [11/2]", historySize+10)
+}
+
+func TestReceiveSnapshotRefusesBadStreams(t *testing.T) {
+	leader, follower := newTestStore(t), newTestStore(t)
+	leader.apply(set("/a", "1"))
+	var good bytes.Buffer
+	if _, err := leader.WriteSnapshot(&good); err != nil {
+		t.Fatal(err)
+	}
+	cases := map[string]io.Reader{
+		"empty":     strings.NewReader(""),
+		"garbage":   strings.NewReader(strings.Repeat("not a bbolt file ", 1000)),
+		"truncated": bytes.NewReader(good.Bytes()[:good.Len()/2]),
+		"cut off":   io.MultiReader(bytes.NewReader(good.Bytes()[:100]), iotestErrReader{}),
+	}
+	for name, r := range cases {
+		t.Run(name, func(t *testing.T) {
+			if _, err := follower.ReceiveSnapshot(r); !errors.Is(err, ErrSnapshotInvalid) {
+				t.Fatalf("got %v", err)
+			}
+			ents, err := os.ReadDir(follower.dir)
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, e := range ents {
+				if strings.HasPrefix(e.Name(), "snap") {
+					t.Fatalf("%s left behind", e.Name())
+				}
+			}
+		})
+	}
+	// A bbolt file that is not a member.db.
+	other := filepath.Join(t.TempDir(), "other.db")
+	db, err := bolt.Open(other, 0o600, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := db.Close(); err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.Open(other)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if _, err := follower.ReceiveSnapshot(f); !errors.Is(err, ErrSnapshotInvalid) || !strings.Contains(err.Error(), "no meta bucket") {
+		t.Fatalf("a bbolt file without buckets: %v", err)
+	}
+}
+
+type iotestErrReader struct{}
+
+func (iotestErrReader) Read([]byte) (int, error) { return 0, errors.New("connection reset") }
+
+func TestSaveRefusesSnapshotsItDidNotReceive(t *testing.T) {
+	leader, follower := newTestStore(t), newTestStore(t)
+	leader.apply(set("/a", "1"))
+	follower.apply(set("/mine", "1"), set("/mine", "2"))
+	path := receive(t, leader, follower)
+
+	elsewhere := filepath.Join(t.TempDir(), "snap.tmp")
+	if _, err := follower.Save(snapshotReady(elsewhere, 1, 1, 1)); err == nil || !strings.Contains(err.Error(), "is not this store's") {
+		t.Fatalf("a file elsewhere: %v", err)
+	}
+	if _, err := follower.Save(snapshotReady("", 1, 1, 1)); !errors.Is(err, ErrSnapshotUnsupported) {
+		t.Fatalf("no file: %v", err)
+	}
+	// The leader's file is at index 1: it cannot stand for snapshot 5.
+	if _, err := follower.Save(snapshotReady(path, 5, 1, 1)); err == nil || !strings.Contains(err.Error(), "older than snapshot 5") {
+		t.Fatalf("stale file: %v", err)
+	}
+	// Nothing changed.
+	if follower.Index() != 2 {
+		t.Fatalf("index %d", follower.Index())
+	}
+	follower.mustGet("/mine", false)
+	if _, err := follower.Save(snapshotReady(path, 1, 1, 1)); err != nil {
+		t.Fatal(err)
+	}
+	follower.mustGet("/a", false)
+}
+
+func TestOpenRemovesLeftoverSnapshots(t *testing.T) {
+	leader, follower := newTestStore(t), newTestStore(t)
+	leader.apply(set("/a", "1"))
+	path := receive(t, leader, follower)
+	if err := os.WriteFile(filepath.Join(follower.dir, "snap.tmp.123"), []byte("partial"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	follower.reopen()
+	for _, p := range []string{path, filepath.Join(follower.dir, "snap.tmp.123")} {
+		if _, err := os.Stat(p); !os.IsNotExist(err) {
+			t.Fatalf("%s: %v", p, err)
+		}
+	}
+}

@@ -26,8 +26,10 @@ var dedupKeep = 10000
 //   - Open replays, on top of the seed, the entries the log still holds
 //     after the seed's index up to the applied index.
 //
-// Compaction deletes entries only at or below the seed's index, so the
-// replay always finds every entry it needs.
+// Compact saves the seed at the applied index and deletes entries at or
+// below its compaction index, which raftkv keeps below the applied index,
+// so the replay finds every entry it needs. A snapshot file carries its own
+// seed and log, from which an install rebuilds the leader's set exactly.
 type dedup struct {
 	ids   []uint64            // remembered IDs, oldest first, from ids[head] on
 	head  int                 // ids[:head] are forgotten
@@ -71,6 +73,9 @@ func (d *dedup) note(id uint64) bool {
 // index to (inclusive), as Save did when it applied them. Raft only commits
 // entries it has appended, so the log holds all of them.
 func (d *dedup) replay(log *bolt.Bucket, from, to uint64) error {
+	if log == nil {
+		return nil // a snapshot file has one, but only its meta is checked
+	}
 	var kb [8]byte
 	c := log.Cursor()
 	for k, v := c.Seek(logKey(&kb, from+1)); k != nil && binary.BigEndian.Uint64(k) <= to; k, v = c.Next() {

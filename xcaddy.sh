@@ -2,7 +2,8 @@
 # xcaddy.sh: build, run, test and benchmark etcaddy from a fresh clone.
 #
 #   ./xcaddy.sh build [--output PATH]   Caddy with etcaddy compiled in (default ./caddy)
-#   ./xcaddy.sh run                     build, then serve Caddyfile.example
+#   ./xcaddy.sh run [CADDYFILE]         build, then serve the single-member default on
+#                                       http://127.0.0.1:2379 (or the given Caddyfile)
 #   ./xcaddy.sh test                    install the test tools, then gofmt, vet, staticcheck, go test -race
 #   ./xcaddy.sh bench                   build, then run etcaddy and a real etcd side by side
 #
@@ -31,7 +32,7 @@ gobin=$(go env GOBIN)
 export PATH="$gobin:$PATH"
 
 usage() {
-	sed -n '2,10p' "$repo/xcaddy.sh" | sed 's/^# \{0,1\}//' >&2
+	sed -n '2,11p' "$repo/xcaddy.sh" | sed 's/^# \{0,1\}//' >&2
 	exit 2
 }
 
@@ -180,9 +181,20 @@ shift
 case $cmd in
 build) build "$@" ;;
 run)
-	(($# == 0)) || die "run takes no arguments"
+	(($# <= 1)) || die "run takes at most one argument: a Caddyfile"
 	build
-	exec ./caddy run --config Caddyfile.example --adapter caddyfile
+	config=${1:-}
+	if [[ -z $config ]]; then
+		# The single-member default. Caddyfile.example is a three-member
+		# HTTPS cluster, which needs certificates and two more machines.
+		mkdir -p "$repo/etcaddy-data"
+		config=$repo/etcaddy-data/Caddyfile
+		printf '{\n\traftkv {\n\t\tdata_dir %s\n\t}\n}\n\nhttp://127.0.0.1:2379 {\n\tetcd\n}\n' \
+			"$repo/etcaddy-data/default" >"$config"
+	elif [[ $config != /* ]]; then
+		config=$callerdir/$config
+	fi
+	exec ./caddy run --config "$config" --adapter caddyfile
 	;;
 test)
 	(($# == 0)) || die "test takes no arguments"

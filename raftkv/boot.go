@@ -19,13 +19,22 @@ func (n *Node) boot(st *storage.Store) error {
 	fresh := rs.HardState == nil && rs.Snapshot == nil && len(rs.Entries) == 0
 	var peers []raft.Peer
 	var voters int
-	if fresh {
+	var raftApplied uint64
+	switch {
+	case fresh && n.cfg.InitialClusterState == "existing":
+		// Joining: no peers to bootstrap with. The leader sends the log or
+		// a snapshot, and the conf changes in it (or the snapshot's member
+		// list) bring the membership up to date.
+		if err := n.joinMembers(st); err != nil {
+			return err
+		}
+	case fresh:
 		peers, err = n.bootstrapMembers(st)
 		if err != nil {
 			return err
 		}
 		voters = len(peers)
-	} else {
+	default:
 		if err := n.restoreMembers(st); err != nil {
 			return err
 		}
@@ -34,9 +43,6 @@ func (n *Node) boot(st *storage.Store) error {
 			cs = rs.Snapshot.GetConfState()
 		}
 		voters = len(cs.GetVoters())
-		if voters > 1 {
-			return fmt.Errorf("%w: the data directory holds a cluster of %d voters", ErrNeedTransport, voters)
-		}
 		// MemoryStorage is Raft's view of the log; bbolt holds the durable
 		// copy and rebuilds it here as etcd rebuilds it from its WAL: the
 		// snapshot's position (its data lives in the keyspace already), with
@@ -63,6 +69,12 @@ func (n *Node) boot(st *storage.Store) error {
 		n.loop.confState = raftpb.EnsureConfState(cs)
 		n.committed.Store(rs.HardState.GetCommit())
 		n.term.Store(rs.HardState.GetTerm())
+		// After a snapshot install the store may have applied past the
+		// commit index saved with it (the leader's file was ahead); Raft
+		// refuses an applied index above its commit, and re-delivers the
+		// entries in between, which the store skips.
+		raftApplied = min(st.AppliedIndex(), rs.HardState.GetCommit())
+		raftApplied = max(raftApplied, rs.Snapshot.GetIndex())
 	}
 
 	// A new ID generation on every boot keeps request IDs unique across
@@ -76,26 +88,28 @@ func (n *Node) boot(st *storage.Store) error {
 
 	applied := st.AppliedIndex()
 	n.applied.Store(applied)
-	n.loop.applied, n.loop.raftApplied = applied, applied
+	n.loop.applied, n.loop.raftApplied = applied, raftApplied
 	n.loop.hardState = rs.HardState
 	rn, err := raft.NewRawNode(&raft.Config{
 		ID:                        n.id,
 		ElectionTick:              int(n.cfg.ElectionTimeout / n.cfg.HeartbeatInterval),
 		HeartbeatTick:             1,
 		Storage:                   ms,
-		Applied:                   applied,
+		Applied:                   raftApplied,
 		MaxSizePerMsg:             1 << 20,
 		MaxInflightMsgs:           256,
 		MaxUncommittedEntriesSize: 1 << 30,
 		CheckQuorum:               true,
 		PreVote:                   true,
 		ReadOnlyOption:            raft.ReadOnlySafe,
-		Logger:                    newRaftLogger(n.lg),
+		// A removed leader stops leading at once (etcd-io/raft#83).
+		StepDownOnRemoval: true,
+		Logger:            newRaftLogger(n.lg),
 	})
 	if err != nil {
 		return err
 	}
-	if fresh {
+	if len(peers) > 0 {
 		if err := rn.Bootstrap(peers); err != nil {
 			return err
 		}
@@ -119,9 +133,6 @@ func (n *Node) boot(st *storage.Store) error {
 // bootstrapMembers computes the initial cluster, persists it and returns
 // the Raft peers to bootstrap with.
 func (n *Node) bootstrapMembers(st *storage.Store) ([]raft.Peer, error) {
-	if n.cfg.InitialClusterState == "existing" {
-		return nil, fmt.Errorf("%w: joining an existing cluster", ErrNeedTransport)
-	}
 	members, err := initialMembers(n.cfg.InitialCluster, n.cfg.InitialClusterToken)
 	if err != nil {
 		return nil, err
@@ -134,9 +145,6 @@ func (n *Node) bootstrapMembers(st *storage.Store) ([]raft.Peer, error) {
 	}
 	if self == nil {
 		return nil, fmt.Errorf("raftkv: couldn't find local name %q in the initial cluster configuration", n.cfg.Name)
-	}
-	if len(members) > 1 {
-		return nil, fmt.Errorf("%w: the initial cluster has %d members", ErrNeedTransport, len(members))
 	}
 	n.id = self.ID
 	n.clusterID = clusterID(memberIDs(members))
@@ -176,6 +184,10 @@ func (n *Node) restoreMembers(st *storage.Store) error {
 	if err != nil {
 		return err
 	}
-	n.id, n.clusterID, n.members = id, cid, members
+	removed, err := decodeIDs(st.Meta(metaRemoved))
+	if err != nil {
+		return err
+	}
+	n.id, n.clusterID, n.members, n.removed = id, cid, members, removed
 	return nil
 }

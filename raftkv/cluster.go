@@ -3,8 +3,20 @@ package raftkv
 import (
 	"context"
 	"crypto/tls"
+	"encoding/json"
 	"errors"
+	"fmt"
+	"io"
 	"net/http"
+	"slices"
+	"strconv"
+	"time"
+
+	"github.com/etcaddy/etcaddy/storage"
+	"go.etcd.io/raft/v3"
+	"go.etcd.io/raft/v3/raftpb"
+	"go.etcd.io/raft/v3/tracker"
+	"go.uber.org/zap"
 )
 
 // Errors of membership changes, worded as etcd's membership package words
@@ -14,6 +26,12 @@ var (
 	ErrMemberRemoved  = errors.New("membership: member removed")
 	ErrPeerURLExists  = errors.New("membership: peerURL exists")
 	ErrIDExists       = errors.New("membership: ID exists")
+	// ErrLastMember refuses to remove the only voter: Raft cannot run
+	// without one.
+	ErrLastMember = errors.New("raftkv: cannot remove the last member of the cluster")
+	// ErrNoTransferee is returned by TransferLeadership when there is no
+	// other voter to hand leadership to.
+	ErrNoTransferee = errors.New("raftkv: no other voting member to transfer leadership to")
 )
 
 // PeerConfig is the client side of peer traffic: how this member dials the
@@ -28,23 +46,378 @@ type PeerConfig struct {
 	H2C bool
 }
 
-// PeerHandler serves this member's peer endpoint (/raft, /raft/snapshot).
-// TODO(cluster): implemented by the cluster work.
-func (n *Node) PeerHandler() http.Handler { panic("not implemented") }
+// PeerHandler serves this member's peer endpoint: POST /raft (message
+// batches), POST /raft/snapshot (snapshots) and GET /raft/members (the
+// member list a joining member reads). It may be taken before Start; until
+// the member runs it answers 503.
+func (n *Node) PeerHandler() http.Handler { return peerEntry{n} }
+
+type peerEntry struct{ n *Node }
+
+func (e peerEntry) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	h := e.n.peerH.Load()
+	if h == nil {
+		http.Error(w, "member not running", http.StatusServiceUnavailable)
+		return
+	}
+	h.ServeHTTP(w, r)
+}
 
 // AddMember proposes a new member with the given peer URLs (a ConfChange)
 // and returns it once the change is applied here. The new member starts
 // later with initial_cluster_state existing.
+//
+// Its ID is etcd's for a member added at run time: the hash of its sorted
+// peer URLs, the cluster token and the current Unix time. Changes are
+// checked against this member's list as etcd checks them: a peer URL in
+// use gives ErrPeerURLExists.
 func (n *Node) AddMember(ctx context.Context, peerURLs []string) (Member, error) {
-	panic("not implemented")
+	urls, err := normalizeURLs(peerURLs)
+	if err != nil {
+		return Member{}, err
+	}
+	if err := n.checkRunning(); err != nil {
+		return Member{}, err
+	}
+	n.confMu.Lock()
+	defer n.confMu.Unlock()
+	id := memberID(urls, n.cfg.InitialClusterToken+strconv.FormatInt(time.Now().Unix(), 10))
+	switch {
+	case n.isRemoved(id):
+		return Member{}, ErrMemberRemoved
+	case n.hasMember(id):
+		return Member{}, ErrIDExists
+	case n.peerURLUsed(urls, 0):
+		return Member{}, ErrPeerURLExists
+	}
+	m := memberRecord{ID: id, PeerURLs: urls}
+	cc := &raftpb.ConfChange{Type: raftpb.ConfChangeAddNode.Enum(), NodeId: new(id), Context: encodeMember(m)}
+	if err := n.changeMembership(ctx, cc); err != nil {
+		return Member{}, err
+	}
+	return Member{ID: id, PeerURLs: urls, ClientURLs: []string{}}, nil
 }
 
 // RemoveMember proposes the removal of a member and returns once applied.
-func (n *Node) RemoveMember(ctx context.Context, id uint64) error { panic("not implemented") }
+// Removing the leader first hands leadership to another member, so the
+// cluster does not wait out an election timeout.
+func (n *Node) RemoveMember(ctx context.Context, id uint64) error {
+	if err := n.checkRunning(); err != nil {
+		return err
+	}
+	n.confMu.Lock()
+	defer n.confMu.Unlock()
+	switch {
+	case n.isRemoved(id):
+		return ErrMemberRemoved
+	case !n.hasMember(id):
+		return ErrMemberNotFound
+	case len(n.memberSnapshot()) == 1:
+		return ErrLastMember
+	}
+	if id == n.leader.Load() && id == n.id {
+		tctx, cancel := context.WithTimeout(ctx, n.cfg.ElectionTimeout)
+		if err := n.TransferLeadership(tctx); err != nil {
+			n.lg.Warn("leadership transfer before removing the leader failed", zap.Error(err))
+		}
+		cancel()
+	}
+	cc := &raftpb.ConfChange{Type: raftpb.ConfChangeRemoveNode.Enum(), NodeId: new(id)}
+	err := n.changeMembership(ctx, cc)
+	if errors.Is(err, ErrStopped) && id == n.id && n.gone.Load() {
+		// The others applied it and stopped talking to this member before
+		// it saw the commit: it learnt of its removal from their 410s.
+		return nil
+	}
+	return err
+}
 
 // UpdateMember proposes new peer URLs for a member and returns once applied.
 func (n *Node) UpdateMember(ctx context.Context, id uint64, peerURLs []string) error {
-	panic("not implemented")
+	urls, err := normalizeURLs(peerURLs)
+	if err != nil {
+		return err
+	}
+	if err := n.checkRunning(); err != nil {
+		return err
+	}
+	n.confMu.Lock()
+	defer n.confMu.Unlock()
+	switch {
+	case n.isRemoved(id):
+		return ErrMemberRemoved
+	case !n.hasMember(id):
+		return ErrMemberNotFound
+	case n.peerURLUsed(urls, id):
+		return ErrPeerURLExists
+	}
+	m := memberRecord{ID: id, PeerURLs: urls}
+	cc := &raftpb.ConfChange{Type: raftpb.ConfChangeUpdateNode.Enum(), NodeId: new(id), Context: encodeMember(m)}
+	return n.changeMembership(ctx, cc)
+}
+
+func (n *Node) checkRunning() error {
+	if !n.running.Load() {
+		return ErrStopped
+	}
+	return nil
+}
+
+func (n *Node) hasMember(id uint64) bool {
+	_, ok := n.member(id)
+	return ok
+}
+
+// peerURLUsed reports whether a member other than except already has one
+// of urls.
+func (n *Node) peerURLUsed(urls []string, except uint64) bool {
+	for _, m := range n.memberSnapshot() {
+		if m.ID == except {
+			continue
+		}
+		for _, u := range m.PeerURLs {
+			if slices.Contains(urls, u) {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// changeMembership proposes cc and waits until this member has applied it.
+// Raft keeps one conf change pending at a time and turns a second one into
+// an empty entry; such an attempt is never applied, so it is proposed again
+// (same ID) after two election timeouts, until ctx ends. A repeat that
+// reaches the log after the first one is harmless: adding a present member,
+// removing an absent one, setting the same URLs change nothing.
+func (n *Node) changeMembership(ctx context.Context, cc *raftpb.ConfChange) error {
+	if ctx.Err() != nil {
+		return ErrTimeout
+	}
+	cc.Id = new(n.ids.id())
+	n.lg.Info("proposing a membership change", zap.Stringer("type", cc.GetType()), zap.String("member-id", idString(cc.GetNodeId())))
+	_, err := n.submit(ctx, cc.GetId(), proposal{cc: cc, c: newWaitChan()})
+	return err
+}
+
+// publish proposes this member's name and client URLs once it runs, when
+// the cluster's record of them differs, as etcd publishes its attributes
+// after start: every member's /v2/members then lists its client URLs. It
+// retries until it succeeds or the member stops.
+func (n *Node) publish() {
+	defer n.bg.Done()
+	want := memberAttributes{Name: n.cfg.Name, ClientURLs: slices.Clone(n.cfg.AdvertiseClientURLs)}
+	if want.ClientURLs == nil {
+		want.ClientURLs = []string{}
+	}
+	ctxData, err := json.Marshal(attributesContext{Attributes: &want})
+	if err != nil {
+		n.lg.Error("encoding member attributes", zap.Error(err))
+		return
+	}
+	for n.bgCtx.Err() == nil {
+		epoch := n.retryEpoch.wait()
+		if m, ok := n.member(n.id); ok {
+			if m.Name == want.Name && slices.Equal(m.ClientURLs, want.ClientURLs) {
+				return
+			}
+			if n.leader.Load() != 0 {
+				ctx, cancel := context.WithTimeout(n.bgCtx, 10*n.cfg.ElectionTimeout)
+				cc := &raftpb.ConfChange{Type: raftpb.ConfChangeUpdateNode.Enum(), NodeId: new(n.id), Context: ctxData}
+				n.confMu.Lock()
+				err := n.changeMembership(ctx, cc)
+				n.confMu.Unlock()
+				cancel()
+				if errors.Is(err, ErrStopped) || n.bgCtx.Err() != nil {
+					return
+				}
+				if err != nil {
+					n.lg.Warn("publishing member attributes failed; retrying", zap.Error(err))
+				}
+				continue
+			}
+		}
+		// Not a member yet (a joining member catching up), or no leader:
+		// look again after an election timeout.
+		select {
+		case <-epoch:
+		case <-n.bgCtx.Done():
+			return
+		}
+	}
+}
+
+// LeaderStats is /v2/stats/leader; ok is false when this member is not the
+// leader. Latency is the round-trip time, in milliseconds, of the message
+// batches (appends and heartbeats) POSTed to each follower; the counts are
+// those batches that succeeded or failed.
+func (n *Node) LeaderStats() (leader string, followers map[string]FollowerStats, ok bool) {
+	if !n.running.Load() || n.leader.Load() != n.id {
+		return "", nil, false
+	}
+	stats := n.tr.followerStats()
+	followers = make(map[string]FollowerStats)
+	for _, m := range n.memberSnapshot() {
+		if m.ID != n.id {
+			followers[idString(m.ID)] = stats[m.ID]
+		}
+	}
+	return idString(n.id), followers, true
+}
+
+// TransferLeadership hands leadership to another member if this one leads,
+// waiting at most until ctx ends. Stop calls it. The transferee is the
+// voter whose log is furthest along, so the hand-over is quickest.
+func (n *Node) TransferLeadership(ctx context.Context) error {
+	if err := n.checkRunning(); err != nil {
+		return err
+	}
+	if n.leader.Load() != n.id {
+		return nil
+	}
+	picked := make(chan uint64, 1)
+	changed := n.leaderChanged.wait()
+	pick := func() {
+		var best uint64
+		var bestMatch uint64
+		n.rn.WithProgress(func(id uint64, typ raft.ProgressType, pr tracker.Progress) {
+			if id == n.id || pr.IsLearner || typ != raft.ProgressTypePeer {
+				return
+			}
+			if best == 0 || pr.Match > bestMatch {
+				best, bestMatch = id, pr.Match
+			}
+		})
+		if best != 0 {
+			n.rn.TransferLeader(best)
+		}
+		picked <- best
+	}
+	select {
+	case n.ctrlc <- pick:
+	case <-ctx.Done():
+		return ErrTimeout
+	case <-n.donec:
+		return ErrStopped
+	}
+	to := <-picked
+	if to == 0 {
+		return ErrNoTransferee
+	}
+	n.lg.Info("transferring leadership", zap.String("from", idString(n.id)), zap.String("to", idString(to)))
+	for {
+		select {
+		case <-changed:
+			if l := n.leader.Load(); l != n.id && l != 0 {
+				return nil
+			}
+			changed = n.leaderChanged.wait()
+			if l := n.leader.Load(); l != n.id && l != 0 {
+				return nil
+			}
+		case <-ctx.Done():
+			return ErrTimeout
+		case <-n.donec:
+			return ErrStopped
+		}
+	}
+}
+
+// joinMembers learns the cluster a member joins with initial cluster state
+// "existing", as etcd does (GetClusterFromRemotePeers): it asks the peers
+// of the initial cluster for the member list, finds itself there by its
+// peer URLs (AddMember must have added it) and takes the cluster ID from
+// the answer.
+func (n *Node) joinMembers(st *storage.Store) error {
+	mine, ok := n.cfg.InitialCluster[n.cfg.Name]
+	if !ok {
+		return fmt.Errorf("raftkv: couldn't find local name %q in the initial cluster configuration", n.cfg.Name)
+	}
+	myURLs, err := normalizeURLs(mine)
+	if err != nil {
+		return fmt.Errorf("raftkv: initial cluster member %q: %w", n.cfg.Name, err)
+	}
+	var ask []string
+	for name, urls := range n.cfg.InitialCluster {
+		if name != n.cfg.Name {
+			ask = append(ask, urls...)
+		}
+	}
+	slices.Sort(ask)
+	if len(ask) == 0 {
+		return errors.New("raftkv: joining an existing cluster needs the other members in the initial cluster")
+	}
+	client := newPeerClient(n.cfg.Peer.TLS, n.cfg.Peer.H2C)
+	defer client.CloseIdleConnections()
+	var lastErr error
+	for _, u := range ask {
+		members, cid, err := fetchMembers(client, u)
+		if err != nil {
+			lastErr = err
+			continue
+		}
+		var self *memberRecord
+		for i := range members {
+			if slices.Equal(members[i].PeerURLs, myURLs) {
+				self = &members[i]
+			}
+		}
+		if self == nil {
+			// This peer may not have applied the addition yet: ask the next.
+			lastErr = fmt.Errorf("raftkv: the cluster at %s has no member with peer URLs %v: add it first (member add)", u, myURLs)
+			continue
+		}
+		n.id, n.clusterID = self.ID, cid
+		slices.SortFunc(members, func(a, b memberRecord) int { return cmpUint64(a.ID, b.ID) })
+		n.members = members
+		for _, kv := range []struct {
+			k string
+			v []byte
+		}{
+			{metaMembers, encodeMembers(members)},
+			{metaClusterID, putUint64(n.clusterID)},
+			{metaMemberID, putUint64(n.id)},
+		} {
+			if err := st.SetMeta(kv.k, kv.v); err != nil {
+				return err
+			}
+		}
+		n.lg.Info("joining an existing cluster", zap.String("member-id", idString(n.id)),
+			zap.String("cluster-id", idString(cid)), zap.Int("members", len(members)))
+		return nil
+	}
+	return fmt.Errorf("raftkv: cannot fetch the cluster's members from %v: %w", ask, lastErr)
+}
+
+// fetchMembers reads a peer's GET /raft/members.
+func fetchMembers(client *http.Client, peerURL string) ([]memberRecord, uint64, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, peerURL+peerMembersPath, nil)
+	if err != nil {
+		return nil, 0, err
+	}
+	resp, err := client.Do(req)
+	if err != nil {
+		return nil, 0, err
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(io.LimitReader(resp.Body, 4<<20))
+	if err != nil {
+		return nil, 0, err
+	}
+	if resp.StatusCode != http.StatusOK {
+		return nil, 0, fmt.Errorf("%s: %s", resp.Status, body)
+	}
+	cid, err := strconv.ParseUint(resp.Header.Get(headerPeerClusterID), 16, 64)
+	if err != nil {
+		return nil, 0, fmt.Errorf("%s: no cluster ID in the answer", peerURL)
+	}
+	members, err := decodeMembers(body)
+	if err != nil {
+		return nil, 0, err
+	}
+	return members, cid, nil
 }
 
 // FollowerStats is one follower's entry in /v2/stats/leader.
@@ -61,13 +434,3 @@ type FollowerStats struct {
 		Success uint64 `json:"success"`
 	} `json:"counts"`
 }
-
-// LeaderStats is /v2/stats/leader; ok is false when this member is not the
-// leader.
-func (n *Node) LeaderStats() (leader string, followers map[string]FollowerStats, ok bool) {
-	panic("not implemented")
-}
-
-// TransferLeadership hands leadership to another member if this one leads,
-// waiting at most until ctx ends. Stop calls it.
-func (n *Node) TransferLeadership(ctx context.Context) error { panic("not implemented") }

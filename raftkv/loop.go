@@ -7,6 +7,7 @@ import (
 	"go.etcd.io/raft/v3"
 	"go.etcd.io/raft/v3/raftpb"
 	"go.uber.org/zap"
+	"google.golang.org/protobuf/proto"
 )
 
 // The node is a raft.RawNode driven by one goroutine, not a raft.Node:
@@ -36,6 +37,9 @@ type loopState struct {
 	noFastCampaign     bool       // tests only: a fresh single voter waits for its election timeout
 	read               readLoop
 	reap               reaper
+	confApplied        []storage.Applied // conf changes applied in this Ready, for their proposers
+	removedSelf        bool              // this member's removal was applied
+	stopAt             time.Time         // non-zero: the loop ends then (removed member)
 }
 
 // report is a transport's feedback about a peer.
@@ -56,12 +60,20 @@ func (n *Node) run() {
 	n.loop.reap.init()
 	defer n.loop.reap.stop()
 	for {
+		if !n.loop.stopAt.IsZero() && time.Now().After(n.loop.stopAt) {
+			n.lg.Warn("the member has been permanently removed from the cluster; stopping", zap.String("member-id", idString(n.id)))
+			return
+		}
 		// Block only when Raft has nothing to hand out: after Advance a
 		// leader often has new committed entries ready at once.
 		if !n.rn.HasReady() {
 			select {
 			case <-ticker.C:
 				n.tick()
+			case f := <-n.ctrlc:
+				f()
+			case <-n.selfc:
+				n.removedBy("a peer answered 410 Gone")
 			case p := <-n.propc:
 				n.propose(p)
 			case <-n.readc:
@@ -88,7 +100,33 @@ func (n *Node) run() {
 				n.running.Store(false)
 				return
 			}
+			if n.loop.removedSelf {
+				n.removedBy("its removal was applied")
+			}
 		}
+	}
+}
+
+// removedBy starts the end of a member the cluster removed: it refuses
+// requests at once, and its loop runs one more election timeout, so that
+// the commit of its own removal (when it led) reaches the others, then
+// ends. etcd stops such a member after a similar delay.
+func (n *Node) removedBy(why string) {
+	if !n.loop.stopAt.IsZero() {
+		return
+	}
+	n.loop.removedSelf = true
+	n.gone.Store(true)
+	n.running.Store(false)
+	n.loop.stopAt = time.Now().Add(n.cfg.ElectionTimeout)
+	n.lg.Warn("this member was removed from the cluster", zap.String("member-id", idString(n.id)), zap.String("how", why))
+}
+
+// peerSaysRemoved is the transport's Removed hook.
+func (n *Node) peerSaysRemoved() {
+	select {
+	case n.selfc <- struct{}{}:
+	default:
 	}
 }
 
@@ -105,6 +143,10 @@ func (n *Node) drain(tick <-chan time.Time) bool {
 			n.step(m)
 		case r := <-n.reportc:
 			n.applyReport(r)
+		case f := <-n.ctrlc:
+			f()
+		case <-n.selfc:
+			n.removedBy("a peer answered 410 Gone")
 		case <-tick:
 			n.tick()
 		case <-n.stopc:
@@ -135,8 +177,31 @@ func (n *Node) handleReady() error {
 	// however many proposals it carries. It precedes every send: a
 	// follower's MsgAppResp or vote must describe durable state.
 	var snap *raftpb.Snapshot
+	var snapMembers []memberRecord
+	var snapRemoved map[uint64]bool
 	if !raft.IsEmptySnap(rd.Snapshot) {
 		snap = rd.Snapshot
+		// A follower never sees the conf changes below the snapshot: the
+		// member list comes from the leader's file, read before Save
+		// installs (and removes) it.
+		snapMembers, snapRemoved, err = readSnapshotMembers(string(snap.GetData()))
+		if err != nil {
+			return err
+		}
+		if snapMembers != nil {
+			n.replaceMembers(snapMembers, snapRemoved)
+			membersChanged = true
+		}
+	}
+	if membersChanged {
+		// Before Save: the list may then be ahead of the applied index, by
+		// committed changes whose replay is harmless; never behind it, so
+		// that a snapshot copy of this file always carries a member list
+		// that covers its applied index.
+		if err := n.saveMembers(); err != nil {
+			return err
+		}
+		n.syncPeers()
 	}
 	hs, committed := rd.HardState, rd.CommittedEntries
 	if n.soleVoterLeader() {
@@ -167,11 +232,6 @@ func (n *Node) handleReady() error {
 			n.loop.applied = max(n.loop.applied, committed[k-1].GetIndex())
 		}
 	}
-	if membersChanged {
-		if err := n.store.SetMeta(metaMembers, encodeMembers(n.memberSnapshot())); err != nil {
-			return err
-		}
-	}
 
 	// Raft reads its log back from MemoryStorage: it must hold what was
 	// just saved before Advance.
@@ -181,8 +241,15 @@ func (n *Node) handleReady() error {
 		}
 		n.loop.snapIndex = snap.GetMetadata().GetIndex()
 		n.loop.confState = snap.GetMetadata().GetConfState()
-		n.loop.applied = max(n.loop.applied, n.loop.snapIndex)
+		// The leader's file may be ahead of the snapshot index: the store's
+		// applied index is the truth; Raft's is the snapshot's, and the
+		// entries in between come again, for conf changes only.
+		n.loop.applied = max(n.store.AppliedIndex(), n.loop.snapIndex)
 		n.loop.raftApplied = max(n.loop.raftApplied, n.loop.snapIndex)
+		n.installs.Add(1)
+		if n.isRemoved(n.id) {
+			n.loop.removedSelf = true
+		}
 	}
 	if err := n.ms.Append(rd.Entries); err != nil {
 		return err
@@ -202,6 +269,11 @@ func (n *Node) handleReady() error {
 	// Signal: waiting proposers, then quorum reads whose index is applied.
 	n.applied.Store(n.loop.applied)
 	n.w.trigger(applied)
+	if len(n.loop.confApplied) > 0 {
+		n.w.trigger(n.loop.confApplied)
+		clear(n.loop.confApplied)
+		n.loop.confApplied = n.loop.confApplied[:0]
+	}
 	n.reapApplied(applied)
 	n.readStates(rd.ReadStates)
 
@@ -319,8 +391,17 @@ func (n *Node) softStateChanged(ss *raft.SoftState) {
 	n.setReaperLeader(ss.RaftState == raft.StateLeader)
 }
 
-// propose queues one attempt for the next flushProposals.
+// propose queues one attempt for the next flushProposals; a conf change
+// goes to Raft at once.
 func (n *Node) propose(p proposal) {
+	if p.cc != nil {
+		if err := n.rn.ProposeConfChange(p.cc); err != nil {
+			n.lg.Debug("conf change dropped", zap.Error(err))
+			n.drops.Add(1)
+			signalDropped(p.c)
+		}
+		return
+	}
 	n.loop.batch = append(n.loop.batch, p)
 }
 
@@ -374,9 +455,12 @@ func (n *Node) send(msgs []*raftpb.Message) {
 	if len(msgs) == 0 {
 		return
 	}
-	for _, m := range msgs {
-		if m.GetType() == raftpb.MsgApp {
+	for i, m := range msgs {
+		switch m.GetType() {
+		case raftpb.MsgApp:
 			n.sendAppends.Add(1)
+		case raftpb.MsgSnap:
+			msgs[i] = n.currentSnapshot(m)
 		}
 	}
 	if n.tr == nil {
@@ -386,14 +470,79 @@ func (n *Node) send(msgs []*raftpb.Message) {
 	n.tr.Send(msgs)
 }
 
+// currentSnapshot re-labels an outgoing snapshot with this member's current
+// applied position and conf state. The file the transport streams is the
+// store as it is when sent, at or past that position; the snapshot Raft
+// picked may be older, and its conf state may lack members added since
+// (a new member would then refuse it as "not in the ConfState"). etcd sends
+// such a merged snapshot at its applied index for the same reasons
+// (createMergedSnapshotMessage).
+func (n *Node) currentSnapshot(m *raftpb.Message) *raftpb.Message {
+	idx := n.loop.raftApplied
+	if idx > n.loop.applied || idx <= m.GetSnapshot().GetMetadata().GetIndex() {
+		return m
+	}
+	term, err := n.ms.Term(idx)
+	if err != nil {
+		return m
+	}
+	mm := proto.Clone(m).(*raftpb.Message)
+	mm.Snapshot.Metadata = &raftpb.SnapshotMetadata{
+		Index:     new(idx),
+		Term:      new(term),
+		ConfState: proto.Clone(raftpb.EnsureConfState(n.loop.confState)).(*raftpb.ConfState),
+	}
+	return mm
+}
+
 // receive delivers a message from a peer to the loop; the transport calls
 // it. A full queue drops the message, as a lossy network would: Raft
-// retransmits.
+// retransmits. A snapshot waits for room instead (a while, not forever):
+// its file is already received, and dropping it would cost a whole new
+// transfer.
 func (n *Node) receive(m *raftpb.Message) {
 	select {
 	case n.recvc <- m:
+		return
 	default:
 	}
+	if m.GetType() != raftpb.MsgSnap {
+		return
+	}
+	t := time.NewTimer(snapDeliverTimeout)
+	defer t.Stop()
+	select {
+	case n.recvc <- m:
+	case <-n.stopc:
+	case <-t.C:
+		n.lg.Warn("received snapshot dropped: the loop is not taking messages", zap.String("from", idString(m.GetFrom())))
+	}
+}
+
+// snapDeliverTimeout bounds how long a received snapshot waits for room in
+// the loop's queue.
+const snapDeliverTimeout = 5 * time.Second
+
+// readSnapshotMembers reads the member list and removed IDs from a
+// received snapshot file; nil members when the file has none.
+func readSnapshotMembers(path string) ([]memberRecord, map[uint64]bool, error) {
+	b, err := storage.SnapshotMeta(path, metaMembers)
+	if err != nil || b == nil {
+		return nil, nil, err
+	}
+	members, err := decodeMembers(b)
+	if err != nil {
+		return nil, nil, err
+	}
+	rb, err := storage.SnapshotMeta(path, metaRemoved)
+	if err != nil {
+		return nil, nil, err
+	}
+	removed, err := decodeIDs(rb)
+	if err != nil {
+		return nil, nil, err
+	}
+	return members, removed, nil
 }
 
 // reportUnreachable tells Raft a peer could not be reached, so it stops

@@ -10,7 +10,9 @@ import (
 	"slices"
 	"strings"
 
+	"github.com/etcaddy/etcaddy/storage"
 	"go.etcd.io/raft/v3/raftpb"
+	"go.uber.org/zap"
 	"google.golang.org/protobuf/proto"
 )
 
@@ -21,6 +23,7 @@ const (
 	metaClusterID = "raftkv/cluster_id"
 	metaMembers   = "raftkv/members"
 	metaIDGen     = "raftkv/id_generation"
+	metaRemoved   = "raftkv/removed_members"
 )
 
 // memberRecord is how a member is persisted and carried in the Context of
@@ -30,6 +33,20 @@ type memberRecord struct {
 	Name       string   `json:"name"`
 	PeerURLs   []string `json:"peerURLs"`
 	ClientURLs []string `json:"clientURLs,omitempty"`
+}
+
+// attributesContext is the Context of the ConfChangeUpdateNode a member
+// proposes after it starts to publish its name and client URLs (etcd's
+// publish, which writes the same attributes through its store). Raft
+// ignores an update; the member lists of every member apply it in log
+// order. A peer URL update (UpdateMember) carries a memberRecord instead.
+type attributesContext struct {
+	Attributes *memberAttributes `json:"attributes"`
+}
+
+type memberAttributes struct {
+	Name       string   `json:"name"`
+	ClientURLs []string `json:"clientURLs"`
 }
 
 // normalizeURLs parses and sorts peer URLs as etcd's types.NewURLs does, so
@@ -185,12 +202,22 @@ func (n *Node) Members() []Member {
 	return out
 }
 
+// findMember returns the index of id in the sorted list.
+func findMember(members []memberRecord, id uint64) (int, bool) {
+	return slices.BinarySearchFunc(members, id, func(a memberRecord, id uint64) int { return cmpUint64(a.ID, id) })
+}
+
 // addMember records a member learnt from an applied ConfChange; it reports
-// whether the list changed (and must be persisted).
+// whether the list changed (and must be persisted). A removed ID never
+// comes back: a conf change replayed after a snapshot that already holds
+// its later removal must not resurrect it.
 func (n *Node) addMember(m memberRecord) bool {
 	n.membersMu.Lock()
 	defer n.membersMu.Unlock()
-	i, found := slices.BinarySearchFunc(n.members, m.ID, func(a memberRecord, id uint64) int { return cmpUint64(a.ID, id) })
+	if n.removed[m.ID] {
+		return false
+	}
+	i, found := findMember(n.members, m.ID)
 	if found {
 		return false
 	}
@@ -198,22 +225,136 @@ func (n *Node) addMember(m memberRecord) bool {
 	return true
 }
 
-// removeMember drops a member removed by an applied ConfChange.
+// removeMember drops a member removed by an applied ConfChange and
+// remembers its ID for good.
 func (n *Node) removeMember(id uint64) bool {
 	n.membersMu.Lock()
 	defer n.membersMu.Unlock()
-	i, found := slices.BinarySearchFunc(n.members, id, func(a memberRecord, id uint64) int { return cmpUint64(a.ID, id) })
+	changed := !n.removed[id]
+	if n.removed == nil {
+		n.removed = make(map[uint64]bool)
+	}
+	n.removed[id] = true
+	if i, found := findMember(n.members, id); found {
+		n.members = slices.Delete(n.members, i, i+1)
+		changed = true
+	}
+	return changed
+}
+
+// updateMember applies an UpdateNode's context: new peer URLs
+// (UpdateMember) or published attributes (name and client URLs).
+func (n *Node) updateMember(id uint64, ctx []byte) bool {
+	var attrs attributesContext
+	var rec memberRecord
+	if json.Unmarshal(ctx, &attrs) != nil || attrs.Attributes == nil {
+		attrs.Attributes = nil
+		if json.Unmarshal(ctx, &rec) != nil || len(rec.PeerURLs) == 0 {
+			return false
+		}
+	}
+	n.membersMu.Lock()
+	defer n.membersMu.Unlock()
+	i, found := findMember(n.members, id)
 	if !found {
 		return false
 	}
-	n.members = slices.Delete(n.members, i, i+1)
+	m := &n.members[i]
+	if a := attrs.Attributes; a != nil {
+		if m.Name == a.Name && slices.Equal(m.ClientURLs, a.ClientURLs) {
+			return false
+		}
+		m.Name, m.ClientURLs = a.Name, slices.Clone(a.ClientURLs)
+		return true
+	}
+	if slices.Equal(m.PeerURLs, rec.PeerURLs) {
+		return false
+	}
+	m.PeerURLs = slices.Clone(rec.PeerURLs)
 	return true
+}
+
+// member returns the record of id.
+func (n *Node) member(id uint64) (memberRecord, bool) {
+	n.membersMu.RLock()
+	defer n.membersMu.RUnlock()
+	if i, found := findMember(n.members, id); found {
+		return n.members[i], true
+	}
+	return memberRecord{}, false
+}
+
+func (n *Node) isRemoved(id uint64) bool {
+	n.membersMu.RLock()
+	defer n.membersMu.RUnlock()
+	return n.removed[id]
 }
 
 func (n *Node) memberSnapshot() []memberRecord {
 	n.membersMu.RLock()
 	defer n.membersMu.RUnlock()
 	return slices.Clone(n.members)
+}
+
+// removedIDs lists the removed members, sorted.
+func (n *Node) removedIDs() []uint64 {
+	n.membersMu.RLock()
+	defer n.membersMu.RUnlock()
+	ids := make([]uint64, 0, len(n.removed))
+	for id := range n.removed {
+		ids = append(ids, id)
+	}
+	slices.Sort(ids)
+	return ids
+}
+
+func encodeIDs(ids []uint64) []byte {
+	b := make([]byte, 0, 8*len(ids))
+	for _, id := range ids {
+		b = binary.BigEndian.AppendUint64(b, id)
+	}
+	return b
+}
+
+func decodeIDs(b []byte) (map[uint64]bool, error) {
+	if len(b)%8 != 0 {
+		return nil, fmt.Errorf("raftkv: damaged removed member list in meta")
+	}
+	out := make(map[uint64]bool, len(b)/8)
+	for ; len(b) > 0; b = b[8:] {
+		out[binary.BigEndian.Uint64(b)] = true
+	}
+	return out, nil
+}
+
+// saveMembers persists the member list and the removed IDs.
+func (n *Node) saveMembers() error {
+	if err := n.store.SetMeta(metaMembers, encodeMembers(n.memberSnapshot())); err != nil {
+		return err
+	}
+	return n.store.SetMeta(metaRemoved, encodeIDs(n.removedIDs()))
+}
+
+// syncPeers makes the transport address exactly the current members and
+// refuse the removed ones.
+func (n *Node) syncPeers() {
+	if n.tr == nil {
+		return
+	}
+	members := n.memberSnapshot()
+	for _, id := range n.removedIDs() {
+		if id != n.id {
+			n.tr.RemovePeer(id)
+		}
+	}
+	for _, m := range members {
+		if m.ID == n.id {
+			continue
+		}
+		if err := n.tr.AddPeer(m.ID, m.PeerURLs); err != nil {
+			n.lg.Warn("cannot address member", zap.String("member-id", idString(m.ID)), zap.Strings("peer-urls", m.PeerURLs), zap.Error(err))
+		}
+	}
 }
 
 // applyConfChanges applies the committed conf changes of a Ready to Raft
@@ -233,6 +374,10 @@ func (n *Node) applyConfChanges(ents []*raftpb.Entry) (*raftpb.ConfState, bool, 
 			cs = n.rn.ApplyConfChange(cc)
 			if n.memberConfChange(cc.GetType(), cc.GetNodeId(), cc.GetContext()) {
 				changed = true
+			}
+			if cc.GetId() != 0 {
+				// Its proposer hears once the Ready is saved.
+				n.loop.confApplied = append(n.loop.confApplied, storage.Applied{Index: e.GetIndex(), ID: cc.GetId()})
 			}
 		case raftpb.EntryConfChangeV2:
 			cc := &raftpb.ConfChangeV2{}
@@ -256,6 +401,9 @@ func (n *Node) applyConfChanges(ents []*raftpb.Entry) (*raftpb.ConfState, bool, 
 // memberConfChange reflects one applied change in the member list. An added
 // member's record travels in the change's context (etcd's Member JSON).
 func (n *Node) memberConfChange(t raftpb.ConfChangeType, id uint64, ctx []byte) bool {
+	if id == 0 {
+		return false
+	}
 	switch t {
 	case raftpb.ConfChangeAddNode, raftpb.ConfChangeAddLearnerNode:
 		var m memberRecord
@@ -264,7 +412,27 @@ func (n *Node) memberConfChange(t raftpb.ConfChangeType, id uint64, ctx []byte) 
 		}
 		return n.addMember(m)
 	case raftpb.ConfChangeRemoveNode:
+		if id == n.id {
+			n.loop.removedSelf = true
+		}
 		return n.removeMember(id)
+	case raftpb.ConfChangeUpdateNode:
+		return n.updateMember(id, ctx)
 	}
 	return false
+}
+
+// replaceMembers installs the member list of a received snapshot. Removed
+// IDs accumulate: a removal is forever.
+func (n *Node) replaceMembers(members []memberRecord, removed map[uint64]bool) {
+	slices.SortFunc(members, func(a, b memberRecord) int { return cmpUint64(a.ID, b.ID) })
+	n.membersMu.Lock()
+	defer n.membersMu.Unlock()
+	if n.removed == nil {
+		n.removed = make(map[uint64]bool)
+	}
+	for id := range removed {
+		n.removed[id] = true
+	}
+	n.members = slices.DeleteFunc(members, func(m memberRecord) bool { return n.removed[m.ID] })
 }

@@ -23,8 +23,8 @@ var (
 	// proposal was applied; the handler answers etcd's 500/300
 	// "etcdserver: request timed out".
 	ErrTimeout = errors.New("etcdserver: request timed out")
-	// ErrNeedTransport is returned by Start for a configuration that needs
-	// peers: more than one member, or joining an existing cluster.
+	// ErrNeedTransport was returned by Start before the peer transport
+	// existed. Start no longer returns it; kept for callers that test it.
 	ErrNeedTransport = errors.New("raftkv: multi-member clusters need the peer transport")
 )
 
@@ -84,15 +84,6 @@ func (c Config) withDefaults() (Config, error) {
 	return c, nil
 }
 
-// transport carries Raft messages to the other members. It is nil while
-// the cluster has a single member; the loop is written for many members all
-// the same: it sends only what is durable, and hears back about failures
-// through Node.reportUnreachable and Node.reportSnapshot.
-type transport interface {
-	// Send queues messages for their members without blocking the loop.
-	Send(msgs []*raftpb.Message)
-}
-
 // Node is one running member. Create it with NewNode (cheap, no I/O), then
 // Start it; Stop ends it. All methods are safe for concurrent use.
 type Node struct {
@@ -104,11 +95,13 @@ type Node struct {
 	stopped bool
 	booted  atomic.Bool // identity and configuration are set (never reset)
 	running atomic.Bool
+	gone    atomic.Bool // the cluster removed this member
 
 	store *storage.Store
 	ms    *raft.MemoryStorage
-	rn    *raft.RawNode // touched only by the loop goroutine once started
-	tr    transport     // nil: no peers
+	rn    *raft.RawNode  // touched only by the loop goroutine once started
+	tr    *peerTransport // the other members; it sends only what is durable
+	peerH atomic.Pointer[peerHandler]
 
 	id        uint64
 	clusterID uint64
@@ -116,12 +109,20 @@ type Node struct {
 	startTime time.Time
 
 	membersMu sync.RWMutex
-	members   []memberRecord // sorted by ID
+	members   []memberRecord  // sorted by ID
+	removed   map[uint64]bool // removed member IDs, never reused
+
+	confMu sync.Mutex      // one membership change at a time from this member
+	bg     sync.WaitGroup  // background goroutines (publish)
+	bgCtx  context.Context // ended by Stop
+	bgStop context.CancelFunc
 
 	propc   chan proposal
 	readc   chan struct{}
 	recvc   chan *raftpb.Message
 	reportc chan report
+	ctrlc   chan func()   // work run on the loop goroutine
+	selfc   chan struct{} // a peer said this member was removed
 	stopc   chan struct{} // closed by Stop
 	donec   chan struct{} // closed when the loop has returned
 
@@ -143,6 +144,7 @@ type Node struct {
 	saves       atomic.Uint64 // store.Save calls
 	drops       atomic.Uint64 // proposal attempts Raft refused
 	readRounds  atomic.Uint64 // ReadIndex requests made
+	installs    atomic.Uint64 // snapshots received and installed
 	sendAppends atomic.Uint64
 	recvAppends atomic.Uint64
 }
@@ -153,9 +155,14 @@ func NewNode(cfg Config) *Node { return &Node{cfg: cfg} }
 // Start opens the store, restores Raft state and starts the Raft loop, the
 // ticker and the reaper. Calling Start on a started node does nothing.
 //
-// A fresh data directory bootstraps the cluster of cfg.InitialCluster; a
-// used one restarts the member it holds and ignores the initial cluster,
-// as etcd does.
+// A fresh data directory bootstraps the cluster of cfg.InitialCluster
+// (every member started with the same initial cluster and token), or, with
+// InitialClusterState "existing", joins a running cluster that already
+// added this member (AddMember): it reads the member list from a peer's
+// GET /raft/members and catches up from the leader's log or snapshot. A
+// used data directory restarts the member it holds and ignores the initial
+// cluster, as etcd does. Peers are reached with cfg.Peer; this member's
+// peer endpoint is PeerHandler, served by the caller.
 func (n *Node) Start() error {
 	n.lifeMu.Lock()
 	defer n.lifeMu.Unlock()
@@ -184,8 +191,26 @@ func (n *Node) Start() error {
 	n.readc = make(chan struct{}, 1)
 	n.recvc = make(chan *raftpb.Message, 256)
 	n.reportc = make(chan report, 64)
+	n.ctrlc = make(chan func())
+	n.selfc = make(chan struct{}, 1)
 	n.stopc = make(chan struct{})
 	n.donec = make(chan struct{})
+	n.tr = newPeerTransport(transportConfig{
+		ID:                n.id,
+		ClusterID:         n.clusterID,
+		TLS:               cfg.Peer.TLS,
+		H2C:               cfg.Peer.H2C,
+		Snapshot:          st.WriteSnapshot,
+		ReportUnreachable: n.reportUnreachable,
+		ReportSnapshot:    n.reportSnapshot,
+		Removed:           n.peerSaysRemoved,
+		Logger:            n.lg.Named("peer"),
+	})
+	n.syncPeers()
+	ph := newPeerHandler(n.id, n.clusterID, n.tr.peerStatus, n.receive, st, n.lg.Named("peer"))
+	ph.members = n.memberSnapshot
+	n.peerH.Store(ph)
+	n.bgCtx, n.bgStop = context.WithCancel(context.Background())
 	n.started = true
 	n.booted.Store(true)
 	n.running.Store(true)
@@ -196,6 +221,8 @@ func (n *Node) Start() error {
 		zap.Uint64("applied-index", n.applied.Load()),
 		zap.Uint64("etcd-index", st.Index()))
 	go n.run()
+	n.bg.Add(1)
+	go n.publish()
 	return nil
 }
 
@@ -210,9 +237,24 @@ func (n *Node) Stop() error {
 		return nil
 	}
 	n.stopped = true
+	if n.running.Load() && n.leader.Load() == n.id {
+		// Hand leadership over first, so the cluster does not wait out an
+		// election timeout (etcd transfers leadership on shutdown too).
+		ctx, cancel := context.WithTimeout(context.Background(), n.cfg.ElectionTimeout)
+		if err := n.TransferLeadership(ctx); err != nil && !errors.Is(err, ErrNoTransferee) {
+			n.lg.Warn("leadership transfer on stop failed", zap.Error(err))
+		}
+		cancel()
+	}
 	n.running.Store(false)
+	n.bgStop()
 	close(n.stopc)
 	<-n.donec
+	n.bg.Wait()
+	// Peers now hear 503 (try later), not 403 from a transport that no
+	// longer knows them.
+	n.peerH.Store(nil)
+	n.tr.Stop()
 	err := n.store.Close()
 	n.lg.Info("raftkv member stopped", zap.String("member-id", idString(n.id)))
 	return err
@@ -236,12 +278,22 @@ func (n *Node) Do(ctx context.Context, r storage.Request) (*storage.Event, error
 		return nil, ErrTimeout
 	}
 	r.ID = n.ids.id()
-	p := proposal{data: r.Marshal(), c: newWaitChan()}
-	n.w.register(r.ID, p.c)
-	defer n.w.cancel(r.ID)
 	if ce := n.lg.Check(zap.DebugLevel, "proposing"); ce != nil {
 		ce.Write(zap.String("request-id", idString(r.ID)), zap.String("method", r.Method), zap.String("path", r.Path))
 	}
+	res, err := n.submit(ctx, r.ID, proposal{data: r.Marshal(), c: newWaitChan()})
+	if err != nil {
+		return nil, err
+	}
+	return outcome(res.applied)
+}
+
+// submit proposes p (data, or a conf change) and waits for the first
+// application of id, proposing again each time an attempt was dropped or
+// went unanswered, until ctx ends. p.c receives the outcome.
+func (n *Node) submit(ctx context.Context, id uint64, p proposal) (result, error) {
+	n.w.register(id, p.c)
+	defer n.w.cancel(id)
 	for attempt := 0; ; attempt++ {
 		// Take the leader signal before proposing: a leader elected between
 		// the drop and our wait must still wake us.
@@ -249,19 +301,19 @@ func (n *Node) Do(ctx context.Context, r storage.Request) (*storage.Event, error
 		select {
 		case n.propc <- p:
 		case <-ctx.Done():
-			return nil, ErrTimeout
+			return result{}, ErrTimeout
 		case <-n.donec:
-			return nil, ErrStopped
+			return result{}, ErrStopped
 		}
 		res, done, err := n.awaitAttempt(ctx, p.c)
 		if err != nil {
-			return nil, err
+			return result{}, err
 		}
 		if done {
-			return outcome(res.applied)
+			return res, nil
 		}
 		if err := n.backoff(ctx, attempt, leaderChanged); err != nil {
-			return nil, err
+			return result{}, err
 		}
 	}
 }

@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"hash"
 	"io"
+	"math"
 	"net"
 	"net/http"
 	"net/url"
@@ -42,6 +43,7 @@ import (
 const (
 	peerRaftPath        = "/raft"
 	peerSnapshotPath    = "/raft/snapshot"
+	peerMembersPath     = "/raft/members"
 	headerPeerClusterID = "X-Etcaddy-Cluster-Id"
 	headerPeerFrom      = "X-Etcaddy-From"
 	headerPeerTo        = "X-Etcaddy-To"
@@ -89,7 +91,10 @@ type transportConfig struct {
 	// blocking (Node.reportUnreachable, Node.reportSnapshot).
 	ReportUnreachable func(to uint64)
 	ReportSnapshot    func(to uint64, status raft.SnapshotStatus)
-	Logger            *zap.Logger
+	// Removed, if set, is called when a peer answers 410 Gone: the
+	// cluster removed this member (etcd stops such a member).
+	Removed func()
+	Logger  *zap.Logger
 }
 
 // peerTransport sends Raft messages to the other members over HTTP. Each
@@ -121,17 +126,28 @@ func newPeerTransport(cfg transportConfig) *peerTransport {
 	if cfg.Logger == nil {
 		cfg.Logger = zap.NewNop()
 	}
+	return &peerTransport{
+		cfg:     cfg,
+		lg:      cfg.Logger,
+		client:  newPeerClient(cfg.TLS, cfg.H2C),
+		peers:   make(map[uint64]*peer),
+		removed: make(map[uint64]bool),
+	}
+}
+
+// newPeerClient is the HTTP client members dial each other with.
+func newPeerClient(tlsCfg *tls.Config, h2c bool) *http.Client {
 	var protocols http.Protocols
 	protocols.SetHTTP2(true)
-	if cfg.H2C {
+	if h2c {
 		// Without HTTP1, Go speaks h2c to http:// URLs.
 		protocols.SetUnencryptedHTTP2(true)
 	} else {
 		protocols.SetHTTP1(true)
 	}
 	var tlsConfig *tls.Config
-	if cfg.TLS != nil {
-		tlsConfig = cfg.TLS.Clone()
+	if tlsCfg != nil {
+		tlsConfig = tlsCfg.Clone()
 	}
 	rt := &http.Transport{
 		// Peers talk directly: a proxy from the environment is not meant
@@ -148,13 +164,7 @@ func newPeerTransport(cfg transportConfig) *peerTransport {
 		// without a FIN is noticed instead of hanging every stream.
 		HTTP2: &http.HTTP2Config{SendPingTimeout: 10 * time.Second, PingTimeout: 5 * time.Second},
 	}
-	return &peerTransport{
-		cfg:     cfg,
-		lg:      cfg.Logger,
-		client:  &http.Client{Transport: rt},
-		peers:   make(map[uint64]*peer),
-		removed: make(map[uint64]bool),
-	}
+	return &http.Client{Transport: rt}
 }
 
 // peer is one member this one sends to.
@@ -172,6 +182,54 @@ type peer struct {
 	pick     int
 	failing  bool
 	lastFail string
+	stats    followerCounters
+}
+
+// followerCounters are the numbers behind a follower's /v2/stats/leader
+// entry: batch POSTs that succeeded or failed, and the round-trip time of
+// the successful ones in milliseconds.
+type followerCounters struct {
+	success, fail          uint64
+	current, min, max, sum float64
+	sumSquares             float64
+}
+
+func (c *followerCounters) succeed(d time.Duration) {
+	ms := float64(d) / float64(time.Millisecond)
+	c.success++
+	c.current = ms
+	c.sum += ms
+	c.sumSquares += ms * ms
+	if c.success == 1 || ms < c.min {
+		c.min = ms
+	}
+	c.max = max(c.max, ms)
+}
+
+func (c *followerCounters) stats() FollowerStats {
+	var s FollowerStats
+	s.Counts.Success, s.Counts.Fail = c.success, c.fail
+	if c.success > 0 {
+		n := float64(c.success)
+		avg := c.sum / n
+		s.Latency.Current, s.Latency.Average = c.current, avg
+		s.Latency.StandardDeviation = math.Sqrt(max(0, c.sumSquares/n-avg*avg))
+		s.Latency.Minimum, s.Latency.Maximum = c.min, c.max
+	}
+	return s
+}
+
+// followerStats returns each peer's counters, by member ID.
+func (t *peerTransport) followerStats() map[uint64]FollowerStats {
+	t.mu.RLock()
+	defer t.mu.RUnlock()
+	out := make(map[uint64]FollowerStats, len(t.peers))
+	for id, p := range t.peers {
+		p.mu.Lock()
+		out[id] = p.stats.stats()
+		p.mu.Unlock()
+	}
+	return out
 }
 
 // checkPeerURLs parses a member's peer URLs.
@@ -362,6 +420,7 @@ func (p *peer) url() string {
 // failed moves on to the peer's next URL and logs once per outage.
 func (p *peer) failed(u string, err error) {
 	p.mu.Lock()
+	p.stats.fail++
 	if p.urls[p.pick%len(p.urls)] == u {
 		p.pick++
 	}
@@ -373,8 +432,11 @@ func (p *peer) failed(u string, err error) {
 	}
 }
 
-func (p *peer) succeeded() {
+func (p *peer) succeeded(rtt time.Duration) {
 	p.mu.Lock()
+	if rtt > 0 {
+		p.stats.succeed(rtt)
+	}
 	was := p.failing
 	p.failing = false
 	p.mu.Unlock()
@@ -428,6 +490,7 @@ func (p *peer) post(body []byte) {
 	u := p.url()
 	ctx, cancel := context.WithTimeout(p.ctx, peerRequestTimeout)
 	defer cancel()
+	start := time.Now()
 	req, err := http.NewRequestWithContext(ctx, http.MethodPost, u+peerRaftPath, bytes.NewReader(body))
 	if err == nil {
 		p.t.setHeaders(req.Header, p.id)
@@ -439,9 +502,28 @@ func (p *peer) post(body []byte) {
 		}
 		p.failed(u, err)
 		p.t.cfg.ReportUnreachable(p.id)
+		p.t.checkGone(err)
 		return
 	}
-	p.succeeded()
+	p.succeeded(time.Since(start))
+}
+
+// peerStatusError is a peer's answer other than 204.
+type peerStatusError struct {
+	status string
+	code   int
+	msg    string
+}
+
+func (e *peerStatusError) Error() string { return e.status + ": " + e.msg }
+
+// checkGone tells the member it was removed when a peer answers 410, as
+// etcd's rafthttp does ("the member has been permanently removed from the
+// cluster").
+func (t *peerTransport) checkGone(err error) {
+	if se, ok := errors.AsType[*peerStatusError](err); ok && se.code == http.StatusGone && t.cfg.Removed != nil {
+		t.cfg.Removed()
+	}
 }
 
 // do runs a request and turns any answer but 204 into an error carrying
@@ -454,7 +536,7 @@ func (t *peerTransport) do(req *http.Request) error {
 	defer resp.Body.Close()
 	msg, _ := io.ReadAll(io.LimitReader(resp.Body, 512))
 	if resp.StatusCode != http.StatusNoContent {
-		return fmt.Errorf("%s: %s", resp.Status, strings.TrimSpace(string(msg)))
+		return &peerStatusError{status: resp.Status, code: resp.StatusCode, msg: strings.TrimSpace(string(msg))}
 	}
 	return nil
 }
@@ -511,6 +593,7 @@ func (p *peer) sendSnapshot(frame []byte) {
 			p.t.lg.Warn("sending a snapshot failed", zap.String("to", idString(p.id)), zap.String("url", u), zap.Error(err))
 			p.failed(u, err)
 			p.t.cfg.ReportUnreachable(p.id)
+			p.t.checkGone(err)
 		}
 		p.t.cfg.ReportSnapshot(p.id, raft.SnapshotFailure)
 		return
@@ -537,6 +620,11 @@ type peerHandler struct {
 	snapshots snapshotReceiver
 	lg        *zap.Logger
 	snapBusy  chan struct{} // one snapshot received at a time
+	// members, if set, lists the cluster for GET /raft/members: a member
+	// joining with initial cluster state "existing" learns its ID, the
+	// cluster ID and its peers there, as etcd's joining member reads its
+	// peers' /members.
+	members func() []memberRecord
 }
 
 func newPeerHandler(id, clusterID uint64, status func(uint64) peerState, deliver func(*raftpb.Message), snapshots snapshotReceiver, lg *zap.Logger) *peerHandler {
@@ -548,6 +636,10 @@ func newPeerHandler(id, clusterID uint64, status func(uint64) peerState, deliver
 }
 
 func (h *peerHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if r.URL.Path == peerMembersPath && h.members != nil {
+		h.serveMembers(w, r)
+		return
+	}
 	if r.URL.Path != peerRaftPath && r.URL.Path != peerSnapshotPath {
 		http.NotFound(w, r)
 		return
@@ -566,6 +658,18 @@ func (h *peerHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	h.serveBatch(w, r, from)
+}
+
+// serveMembers answers the member list with the cluster ID in a header.
+func (h *peerHandler) serveMembers(w http.ResponseWriter, r *http.Request) {
+	if r.Method != http.MethodGet && r.Method != http.MethodHead {
+		w.Header().Set("Allow", "GET, HEAD")
+		http.Error(w, "method not allowed", http.StatusMethodNotAllowed)
+		return
+	}
+	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set(headerPeerClusterID, idString(h.clusterID))
+	w.Write(encodeMembers(h.members()))
 }
 
 // checkHeaders refuses what is not for this member or comes from no

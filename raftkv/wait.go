@@ -5,6 +5,7 @@ import (
 	"sync/atomic"
 
 	"github.com/etcaddy/etcaddy/storage"
+	"go.etcd.io/raft/v3/raftpb"
 )
 
 // result is what the loop tells a waiting Do: either the outcome of the
@@ -19,7 +20,8 @@ type result struct {
 // however many attempts reach the log.
 type proposal struct {
 	data []byte
-	c    chan result // the waiter's channel; nil for proposals nobody awaits
+	cc   *raftpb.ConfChange // a membership change instead of data
+	c    chan result        // the waiter's channel; nil for proposals nobody awaits
 }
 
 // newWaitChan makes a waiter's channel. The loop is its only sender and

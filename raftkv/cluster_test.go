@@ -1,0 +1,508 @@
+package raftkv
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/http"
+	"net/http/httptest"
+	"slices"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/etcaddy/etcaddy/storage"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zaptest"
+)
+
+// testMember is one member of an in-process cluster: a real bbolt file and
+// a real HTTP server (httptest on 127.0.0.1:0) serving its peer endpoint.
+// The server outlives the Node, so a restarted member keeps its peer URL.
+type testMember struct {
+	name string
+	dir  string
+	srv  *httptest.Server
+	url  string
+	node atomic.Pointer[Node]
+}
+
+func (m *testMember) n() *Node { return m.node.Load() }
+
+// testCluster is a set of members that share an initial cluster.
+type testCluster struct {
+	t       *testing.T
+	members []*testMember
+	edit    func(*Config) // applied to every member's config
+}
+
+func newTestMember(t *testing.T, name string) *testMember {
+	m := &testMember{name: name, dir: t.TempDir()}
+	m.srv = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		n := m.n()
+		if n == nil {
+			http.Error(w, "no member here", http.StatusServiceUnavailable)
+			return
+		}
+		n.PeerHandler().ServeHTTP(w, r)
+	}))
+	t.Cleanup(m.srv.Close)
+	m.url = m.srv.URL
+	return m
+}
+
+// newTestCluster starts size members bootstrapping one cluster.
+func newTestCluster(t *testing.T, size int, edit func(*Config)) *testCluster {
+	c := &testCluster{t: t, edit: edit}
+	for i := range size {
+		c.members = append(c.members, newTestMember(t, fmt.Sprintf("m%d", i)))
+	}
+	for _, m := range c.members {
+		c.start(m, "new")
+	}
+	c.waitLeader(c.members...)
+	return c
+}
+
+func (c *testCluster) initialCluster() map[string][]string {
+	ic := make(map[string][]string)
+	for _, m := range c.members {
+		ic[m.name] = []string{m.url}
+	}
+	return ic
+}
+
+// start runs a (new) Node for m on its data directory.
+func (c *testCluster) start(m *testMember, state string) *Node {
+	c.t.Helper()
+	cfg := Config{
+		Name:                m.name,
+		DataDir:             m.dir,
+		HeartbeatInterval:   20 * time.Millisecond,
+		ElectionTimeout:     200 * time.Millisecond,
+		InitialCluster:      c.initialCluster(),
+		InitialClusterState: state,
+		AdvertiseClientURLs: []string{"http://" + m.name + ".example:2379"},
+		Logger:              zaptest.NewLogger(c.t, zaptest.Level(zap.WarnLevel)).Named(m.name),
+	}
+	if c.edit != nil {
+		c.edit(&cfg)
+	}
+	n := NewNode(cfg)
+	m.node.Store(n)
+	if err := n.Start(); err != nil {
+		c.t.Fatalf("Start %s: %v", m.name, err)
+	}
+	c.t.Cleanup(func() {
+		if err := n.Stop(); err != nil {
+			c.t.Errorf("Stop %s: %v", m.name, err)
+		}
+	})
+	return n
+}
+
+// stop stops m's Node.
+func (c *testCluster) stop(m *testMember) {
+	c.t.Helper()
+	if err := m.n().Stop(); err != nil {
+		c.t.Fatalf("Stop %s: %v", m.name, err)
+	}
+}
+
+// waitLeader waits until every given member knows the same running leader,
+// one of them, and returns it.
+func (c *testCluster) waitLeader(ms ...*testMember) *testMember {
+	c.t.Helper()
+	var leader *testMember
+	waitFor(c.t, "a leader every member agrees on", func() bool {
+		leader = nil
+		lead := ms[0].n().Status().Leader
+		if lead == 0 {
+			return false
+		}
+		for _, m := range ms {
+			if m.n().Status().Leader != lead {
+				return false
+			}
+			if m.n().Status().ID == lead && m.n().Running() {
+				leader = m
+			}
+		}
+		return leader != nil
+	})
+	return leader
+}
+
+func (c *testCluster) followers(leader *testMember, ms ...*testMember) []*testMember {
+	var out []*testMember
+	for _, m := range ms {
+		if m != leader {
+			out = append(out, m)
+		}
+	}
+	return out
+}
+
+func quorumGet(t *testing.T, n *Node, key string) (*storage.Event, error) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	return n.Get(ctx, key, false, false, true)
+}
+
+// waitLocal waits until n's own state holds key = val.
+func waitLocal(t *testing.T, n *Node, key, val string) {
+	t.Helper()
+	waitFor(t, key+" applied on "+n.cfg.Name, func() bool {
+		ev, err := n.Get(context.Background(), key, false, false, false)
+		return err == nil && ev.Node.Value != nil && *ev.Node.Value == val
+	})
+}
+
+func TestClusterReplicatesAndFailsOver(t *testing.T) {
+	c := newTestCluster(t, 3, nil)
+	all := c.members
+	leader := c.waitLeader(all...)
+	followers := c.followers(leader, all...)
+
+	// A write on a follower goes through the leader; a quorum read on
+	// every member sees it at once.
+	ev := put(t, followers[0].n(), "/from-follower", "1")
+	for _, m := range all {
+		got, err := quorumGet(t, m.n(), "/from-follower")
+		if err != nil || value(t, got) != "1" {
+			t.Fatalf("quorum GET on %s = %+v, %v", m.name, got, err)
+		}
+		if got.Node.ModifiedIndex != ev.Node.ModifiedIndex {
+			t.Fatalf("%s: modifiedIndex %d, the write had %d", m.name, got.Node.ModifiedIndex, ev.Node.ModifiedIndex)
+		}
+	}
+
+	// Every member publishes its name and client URLs: every member lists
+	// everyone's.
+	for _, m := range all {
+		waitFor(t, "published attributes on "+m.name, func() bool {
+			ms := m.n().Members()
+			if len(ms) != 3 {
+				return false
+			}
+			for _, mm := range ms {
+				if len(mm.ClientURLs) != 1 || mm.ClientURLs[0] != "http://"+mm.Name+".example:2379" {
+					return false
+				}
+			}
+			return true
+		})
+	}
+
+	// Stats and health as a follower and as the leader.
+	f := followers[1].n()
+	if !f.Healthy(context.Background()) {
+		t.Error("a follower with a leader is not healthy")
+	}
+	ss := f.SelfStats()
+	if ss.State != "StateFollower" || ss.LeaderInfo.Leader != idString(leader.n().Status().ID) {
+		t.Errorf("follower self stats = %+v", ss)
+	}
+	if _, _, ok := f.LeaderStats(); ok {
+		t.Error("a follower answered leader stats")
+	}
+	lid, fs, ok := leader.n().LeaderStats()
+	if !ok || lid != idString(leader.n().Status().ID) || len(fs) != 2 {
+		t.Fatalf("LeaderStats = %q, %v, %v", lid, fs, ok)
+	}
+	for id, s := range fs {
+		if s.Counts.Success == 0 || s.Latency.Maximum <= 0 {
+			t.Errorf("follower %s stats = %+v", id, s)
+		}
+	}
+	if ss := leader.n().SelfStats(); ss.State != "StateLeader" {
+		t.Errorf("leader self stats = %+v", ss)
+	}
+
+	// Stopping the leader hands leadership over: the others elect a new
+	// one and go on serving writes from either member.
+	old := leader.n().Status().ID
+	c.stop(leader)
+	next := c.waitLeader(followers...)
+	if next.n().Status().ID == old {
+		t.Fatal("the stopped leader is still the leader")
+	}
+	for _, m := range followers {
+		put(t, m.n(), "/after-"+m.name, "2")
+	}
+	for _, m := range followers {
+		for _, k := range followers {
+			got, err := quorumGet(t, m.n(), "/after-"+k.name)
+			if err != nil || value(t, got) != "2" {
+				t.Fatalf("quorum GET on %s = %+v, %v", m.name, got, err)
+			}
+		}
+	}
+
+	// The old leader comes back on its data directory and catches up.
+	n := c.start(leader, "new")
+	waitLocal(t, n, "/after-"+followers[1].name, "2")
+	c.waitLeader(all...)
+}
+
+func TestClusterAddMemberCatchesUpBySnapshot(t *testing.T) {
+	c := newTestCluster(t, 3, func(cfg *Config) { cfg.SnapshotCount = 8 })
+	leader := c.waitLeader(c.members...)
+	follower := c.followers(leader, c.members...)[0]
+	for i := range 40 {
+		put(t, c.members[i%3].n(), fmt.Sprintf("/k%d", i), fmt.Sprint(i))
+	}
+
+	// Membership errors, as etcd's.
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if _, err := follower.n().AddMember(ctx, []string{leader.url}); !errors.Is(err, ErrPeerURLExists) {
+		t.Errorf("AddMember with a used peer URL = %v", err)
+	}
+	if err := follower.n().RemoveMember(ctx, 12345); !errors.Is(err, ErrMemberNotFound) {
+		t.Errorf("RemoveMember of an unknown ID = %v", err)
+	}
+	if err := follower.n().UpdateMember(ctx, 12345, []string{"http://127.0.0.1:9"}); !errors.Is(err, ErrMemberNotFound) {
+		t.Errorf("UpdateMember of an unknown ID = %v", err)
+	}
+
+	// Added through a follower (the conf change is forwarded), then
+	// started with state "existing": the log it needs is compacted, so it
+	// catches up by snapshot.
+	joiner := newTestMember(t, "m3")
+	added, err := follower.n().AddMember(ctx, []string{joiner.url})
+	if err != nil {
+		t.Fatalf("AddMember: %v", err)
+	}
+	c.members = append(c.members, joiner)
+	for _, m := range c.members[:3] {
+		waitFor(t, "the new member listed on "+m.name, func() bool {
+			return slices.ContainsFunc(m.n().Members(), func(mm Member) bool { return mm.ID == added.ID })
+		})
+	}
+	n := c.start(joiner, "existing")
+	if n.Status().ID != added.ID || n.Status().ClusterID != leader.n().Status().ClusterID {
+		t.Fatalf("joined as %s of cluster %s, want %s of %s", idString(n.Status().ID), idString(n.Status().ClusterID),
+			idString(added.ID), idString(leader.n().Status().ClusterID))
+	}
+	waitLocal(t, n, "/k39", "39")
+	// The counter moves just after the install's data is visible.
+	waitFor(t, "a snapshot installed", func() bool { return n.installs.Load() > 0 })
+	c.waitLeader(c.members...)
+	put(t, n, "/from-joiner", "x")
+	for _, m := range c.members {
+		got, err := quorumGet(t, m.n(), "/from-joiner")
+		if err != nil || value(t, got) != "x" {
+			t.Fatalf("quorum GET on %s = %+v, %v", m.name, got, err)
+		}
+	}
+	waitFor(t, "the new member's attributes published", func() bool {
+		for _, mm := range leader.n().Members() {
+			if mm.ID == added.ID {
+				return mm.Name == "m3" && len(mm.ClientURLs) == 1
+			}
+		}
+		return false
+	})
+
+	// Its peer URL can change (here to the same server by another name).
+	newURL := strings.Replace(joiner.url, "127.0.0.1", "localhost", 1)
+	if err := leader.n().UpdateMember(ctx, added.ID, []string{newURL}); err != nil {
+		t.Fatalf("UpdateMember: %v", err)
+	}
+	for _, m := range c.members {
+		waitFor(t, "updated peer URLs on "+m.name, func() bool {
+			for _, mm := range m.n().Members() {
+				if mm.ID == added.ID {
+					return slices.Equal(mm.PeerURLs, []string{newURL})
+				}
+			}
+			return false
+		})
+	}
+	put(t, leader.n(), "/after-update", "y")
+	waitLocal(t, n, "/after-update", "y")
+}
+
+func TestClusterRemoveFollowerAndLeader(t *testing.T) {
+	c := newTestCluster(t, 3, nil)
+	leader := c.waitLeader(c.members...)
+	followers := c.followers(leader, c.members...)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	put(t, leader.n(), "/a", "1")
+
+	// A follower removed (through the leader) learns it and stops.
+	gone := followers[0]
+	goneID := gone.n().Status().ID
+	if err := leader.n().RemoveMember(ctx, goneID); err != nil {
+		t.Fatalf("RemoveMember(follower): %v", err)
+	}
+	waitFor(t, "the removed follower stops", func() bool { return !gone.n().Running() })
+	if err := leader.n().RemoveMember(ctx, goneID); !errors.Is(err, ErrMemberRemoved) {
+		t.Errorf("removing it again = %v, want ErrMemberRemoved", err)
+	}
+	put(t, followers[1].n(), "/b", "2")
+
+	// The leader removes itself: it hands leadership over first, and the
+	// last member goes on alone.
+	lid := leader.n().Status().ID
+	if err := leader.n().RemoveMember(ctx, lid); err != nil {
+		t.Fatalf("RemoveMember(leader): %v", err)
+	}
+	last := followers[1]
+	waitFor(t, "the removed leader stops", func() bool { return !leader.n().Running() })
+	c.waitLeader(last)
+	if got := last.n().Members(); len(got) != 1 || got[0].ID != last.n().Status().ID {
+		t.Fatalf("members after both removals = %+v", got)
+	}
+	put(t, last.n(), "/c", "3")
+	if err := last.n().RemoveMember(ctx, last.n().Status().ID); !errors.Is(err, ErrLastMember) {
+		t.Errorf("removing the last member = %v", err)
+	}
+
+	// The removals are remembered across a restart: the removed members'
+	// messages are still refused (410).
+	c.stop(last)
+	n := c.start(last, "new")
+	c.waitLeader(last)
+	if !n.isRemoved(goneID) || !n.isRemoved(lid) || n.tr.peerStatus(goneID) != peerRemoved {
+		t.Error("the removed members were forgotten across a restart")
+	}
+	put(t, n, "/d", "4")
+}
+
+func TestClusterMemberDownCatchesUpBySnapshot(t *testing.T) {
+	c := newTestCluster(t, 3, func(cfg *Config) { cfg.SnapshotCount = 8 })
+	leader := c.waitLeader(c.members...)
+	down := c.followers(leader, c.members...)[0]
+	put(t, leader.n(), "/before", "0")
+	waitLocal(t, down.n(), "/before", "0")
+	c.stop(down)
+
+	up := c.followers(down, c.members...)
+	for i := range 40 {
+		put(t, up[i%2].n(), fmt.Sprintf("/k%d", i), fmt.Sprint(i))
+	}
+	n := c.start(down, "new")
+	waitLocal(t, n, "/k39", "39")
+	// The counter moves just after the install's data is visible.
+	waitFor(t, "a snapshot installed", func() bool { return n.installs.Load() > 0 })
+	c.waitLeader(c.members...)
+	put(t, n, "/after", "1")
+	for _, m := range c.members {
+		got, err := quorumGet(t, m.n(), "/after")
+		if err != nil || value(t, got) != "1" {
+			t.Fatalf("quorum GET on %s = %+v, %v", m.name, got, err)
+		}
+	}
+
+	// Restarted again, it restores from its installed snapshot.
+	c.stop(down)
+	n = c.start(down, "new")
+	waitLocal(t, n, "/after", "1")
+	put(t, n, "/again", "2")
+}
+
+func TestClusterGrowsFromOneMember(t *testing.T) {
+	// The common path: a single member, then `member add` and a second
+	// process started with state "existing". The log is not compacted: the
+	// new member replays it from the first entry, bootstrap conf changes
+	// included.
+	c := newTestCluster(t, 1, nil)
+	first := c.members[0]
+	put(t, first.n(), "/one", "1")
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	for i := 1; i <= 2; i++ {
+		m := newTestMember(t, fmt.Sprintf("m%d", i))
+		added, err := c.members[i-1].n().AddMember(ctx, []string{m.url})
+		if err != nil {
+			t.Fatalf("AddMember %s: %v", m.name, err)
+		}
+		c.members = append(c.members, m)
+		n := c.start(m, "existing")
+		if n.Status().ID != added.ID {
+			t.Fatalf("%s joined as %s, want %s", m.name, idString(n.Status().ID), idString(added.ID))
+		}
+		waitLocal(t, n, "/one", "1")
+		if n.installs.Load() != 0 {
+			t.Errorf("%s needed a snapshot though the log was whole", m.name)
+		}
+		c.waitLeader(c.members...)
+		put(t, n, fmt.Sprintf("/from-%s", m.name), "x")
+	}
+	for _, m := range c.members {
+		if got := m.n().Members(); len(got) != 3 {
+			t.Fatalf("%s lists %d members", m.name, len(got))
+		}
+		for _, k := range []string{"/from-m1", "/from-m2"} {
+			got, err := quorumGet(t, m.n(), k)
+			if err != nil || value(t, got) != "x" {
+				t.Fatalf("quorum GET %s on %s = %+v, %v", k, m.name, got, err)
+			}
+		}
+	}
+}
+
+func TestClusterWritesSurviveLeaderStop(t *testing.T) {
+	// Writers on every member while the leader stops (transferring
+	// leadership, during which Raft drops proposals): every acknowledged
+	// write is there afterwards, once, on both remaining members.
+	c := newTestCluster(t, 3, nil)
+	leader := c.waitLeader(c.members...)
+	rest := c.followers(leader, c.members...)
+	type ack struct {
+		key   string
+		index uint64
+	}
+	acks := make(chan ack, 300)
+	var wg sync.WaitGroup
+	stopped := make(chan struct{})
+	for _, m := range c.members {
+		wg.Go(func() {
+			for i := range 30 {
+				if i == 10 && m != leader {
+					<-stopped // the rest write after the stop
+				}
+				key := fmt.Sprintf("/w/%s/%d", m.name, i)
+				ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+				ev, err := m.n().Do(ctx, storage.Request{Method: storage.MethodPut, Path: key, Val: key})
+				cancel()
+				if errors.Is(err, ErrStopped) {
+					return
+				}
+				if err != nil {
+					t.Errorf("PUT %s: %v", key, err)
+					return
+				}
+				acks <- ack{key, ev.Node.ModifiedIndex}
+			}
+		})
+	}
+	waitFor(t, "some writes", func() bool { return len(acks) >= 10 })
+	c.stop(leader)
+	close(stopped)
+	wg.Wait()
+	close(acks)
+	c.waitLeader(rest...)
+	seen := make(map[uint64]string)
+	for a := range acks {
+		if other, dup := seen[a.index]; dup {
+			t.Fatalf("%s and %s acknowledged at the same index %d", a.key, other, a.index)
+		}
+		seen[a.index] = a.key
+		for _, m := range rest {
+			got, err := quorumGet(t, m.n(), a.key)
+			if err != nil || value(t, got) != a.key || got.Node.ModifiedIndex != a.index {
+				t.Fatalf("%s on %s = %+v, %v; acknowledged at %d", a.key, m.name, got, err, a.index)
+			}
+		}
+	}
+	if len(seen) < 40 {
+		t.Fatalf("only %d writes acknowledged", len(seen))
+	}
+}

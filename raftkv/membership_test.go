@@ -94,3 +94,11 @@ func TestRequestIDsAreUniqueAcrossBoots(t *testing.T) {
 		}
 	}
 }
+
+func TestRequestIDsDifferForMembersSharingLowBits(t *testing.T) {
+	// etcd's idutil would give these two members the same ID prefix.
+	a, b := newIDGen(0x1111_0000_0000_abcd, 1), newIDGen(0x2222_0000_0000_abcd, 1)
+	if a.id() == b.id() {
+		t.Fatalf("members sharing their low 16 bits produce the same request IDs (%x)", a.base)
+	}
+}

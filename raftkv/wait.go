@@ -1,6 +1,8 @@
 package raftkv
 
 import (
+	"encoding/binary"
+	"hash/fnv"
 	"sync"
 	"sync/atomic"
 
@@ -86,19 +88,27 @@ func (w *waiters) len() int {
 	return len(w.m)
 }
 
-// idGen hands out request IDs: the low 16 bits of the member ID (so members
-// never collide, as etcd's idutil does), then a 16-bit boot generation kept
-// in the store and bumped on every Start (so a restarted member never
-// reuses an ID a retry of the previous run may still carry), then a 32-bit
-// counter. IDs are therefore unique for 2^32 requests per boot and 2^16
-// boots, far beyond the window in which a retry can reach the log.
+// idGen hands out request IDs: 32 bits that name this boot of this member,
+// then a 32-bit counter. The boot's bits hash the whole member ID with its
+// boot generation (kept in the store, bumped on every Start), so two members
+// collide only with probability 2^-32, where the member ID's low 16 bits
+// alone (etcd's idutil prefix) collide once in 65,536 pairs; a collision
+// would make the store drop one member's write as the other's retry.
+// IDs are unique for 2^32 requests per boot, far beyond the window in which
+// a retry can reach the log.
 type idGen struct {
 	base uint64
 	next atomic.Uint64
 }
 
 func newIDGen(member uint64, generation uint64) *idGen {
-	return &idGen{base: (member&0xffff)<<48 | (generation&0xffff)<<32}
+	h := fnv.New64a()
+	var b [16]byte
+	binary.BigEndian.PutUint64(b[:8], member)
+	binary.BigEndian.PutUint64(b[8:], generation)
+	h.Write(b[:])
+	sum := h.Sum64()
+	return &idGen{base: (sum ^ sum<<32) &^ 0xffffffff}
 }
 
 func (g *idGen) id() uint64 {

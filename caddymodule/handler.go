@@ -7,6 +7,7 @@ import (
 	"path"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
@@ -29,10 +30,35 @@ func init() {
 // If the config has no raftkv app, one with the defaults is created: the
 // handler alone gives a working single-member cluster.
 type Handler struct {
-	member    *member
-	timeout   time.Duration
-	advertise []string
-	logger    *zap.Logger
+	member     *member
+	timeout    time.Duration
+	advertise  []string
+	logger     *zap.Logger
+	clusterIDs *clusterIDCache // nil: formatted on every response
+}
+
+// clusterIDCache keeps the hex form of the last cluster ID sent in
+// X-Etcd-Cluster-Id: it changes only with the member, and formatting it
+// was an allocation on every request.
+type clusterIDCache struct{ p atomic.Pointer[clusterIDText] }
+
+type clusterIDText struct {
+	id   uint64
+	text string
+}
+
+// clusterIDText returns idString(id), from the cache when it holds id.
+func (h *Handler) clusterIDText(id uint64) string {
+	c := h.clusterIDs
+	if c == nil {
+		return idString(id)
+	}
+	if t := c.p.Load(); t != nil && t.id == id {
+		return t.text
+	}
+	t := &clusterIDText{id: id, text: idString(id)}
+	c.p.Store(t)
+	return t.text
 }
 
 // CaddyModule returns the Caddy module information.
@@ -46,6 +72,7 @@ func (Handler) CaddyModule() caddy.ModuleInfo {
 // Provision gets the member from the raftkv app.
 func (h *Handler) Provision(ctx caddy.Context) error {
 	h.logger = ctx.Logger()
+	h.clusterIDs = new(clusterIDCache)
 	v, err := ctx.App("raftkv")
 	if err != nil {
 		return err
@@ -144,12 +171,21 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	// etcd 3.4's default --cors='*' wraps the whole client handler: every
 	// response carries these headers, and any OPTIONS request is answered
 	// before routing, with them alone.
+	//
+	// The header keys below are canonical already, so they are assigned
+	// without Header.Set's canonicalization, and every value of the
+	// response shares one allocation. Each value gets a slice of its own
+	// whose capacity ends at its length: an Add elsewhere reallocates
+	// instead of overwriting a neighbour, and a middleware that edits
+	// values in place (Caddy's header replace does) edits only this
+	// response's copy.
+	hv := new(headerValues)
 	hdr := w.Header()
 	// etcd sends no Server header; Caddy set one before routing.
-	hdr.Del("Server")
-	hdr.Set("Access-Control-Allow-Origin", "*")
-	hdr.Set("Access-Control-Allow-Methods", "POST, GET, OPTIONS, PUT, DELETE")
-	hdr.Set("Access-Control-Allow-Headers", "accept, content-type, authorization")
+	delete(hdr, "Server")
+	hv.set(hdr, "Access-Control-Allow-Origin", "*")
+	hv.set(hdr, "Access-Control-Allow-Methods", "POST, GET, OPTIONS, PUT, DELETE")
+	hv.set(hdr, "Access-Control-Allow-Headers", "accept, content-type, authorization")
 	if r.Method == http.MethodOptions {
 		w.WriteHeader(http.StatusOK)
 		return nil
@@ -164,7 +200,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 
 	switch ep {
 	case epKeys:
-		h.serveKeys(w, r)
+		h.serveKeys(w, r, hv)
 	case epMembers:
 		h.serveMembers(w, r)
 	case epMachines:
@@ -187,6 +223,27 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		http.Error(w, "404 page not found", http.StatusNotFound)
 	}
 	return nil
+}
+
+// headerValues holds the values of the headers one response sets on its
+// way through the v2 keys API: three CORS headers, then Content-Type,
+// X-Etcd-Cluster-Id, X-Etcd-Index, X-Raft-Index and X-Raft-Term.
+type headerValues struct {
+	vals [8]string
+	n    int
+}
+
+// set sets hdr[key] (a canonical key) to v alone, in the next free slot;
+// once all are used, in a slice of its own.
+func (hv *headerValues) set(hdr http.Header, key, v string) {
+	if hv.n == len(hv.vals) {
+		hdr[key] = []string{v}
+		return
+	}
+	i := hv.n
+	hv.n++
+	hv.vals[i] = v
+	hdr[key] = hv.vals[i : i+1 : i+1]
 }
 
 // node returns the member's node when it runs. Until the raftkv app has

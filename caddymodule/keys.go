@@ -2,7 +2,6 @@ package caddymodule
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"net/http"
@@ -63,20 +62,40 @@ type keyRequest struct {
 // field wins. A GET or DELETE body is never read (Go parses bodies only for
 // POST, PUT and PATCH). Every error has index 0.
 func parseKeyRequest(r *http.Request) (*keyRequest, *storage.Error) {
-	if err := r.ParseForm(); err != nil {
-		if _, ok := errors.AsType[*http.MaxBytesError](err); ok {
-			return nil, storage.NewError(storage.EcodeInvalidForm, causeBodyTooLarge, 0)
+	var form url.Values
+	switch r.Method {
+	case http.MethodPost, http.MethodPut, http.MethodPatch:
+		if err := r.ParseForm(); err != nil {
+			if _, ok := errors.AsType[*http.MaxBytesError](err); ok {
+				return nil, storage.NewError(storage.EcodeInvalidForm, causeBodyTooLarge, 0)
+			}
+			return nil, storage.NewError(storage.EcodeInvalidForm, err.Error(), 0)
 		}
-		return nil, storage.NewError(storage.EcodeInvalidForm, err.Error(), 0)
+		form = r.Form
+	default:
+		// For any other method ParseForm is url.ParseQuery of the query
+		// string (same values, same error) plus maps and copies a read
+		// does not need; no query at all is an empty form.
+		if r.URL.RawQuery != "" {
+			var err error
+			if form, err = url.ParseQuery(r.URL.RawQuery); err != nil {
+				return nil, storage.NewError(storage.EcodeInvalidForm, err.Error(), 0)
+			}
+		}
 	}
 	if !strings.HasPrefix(r.URL.Path, keysPrefix) {
 		return nil, storage.NewError(storage.EcodeInvalidForm, "incorrect key prefix", 0)
 	}
+	// etcd's path.Join("/", rest), without its copy: path.Clean returns
+	// an already clean path (what ServeHTTP lets through) as it is.
+	key := r.URL.Path[len(keysPrefix):]
+	if !strings.HasPrefix(key, "/") {
+		key = "/" + key
+	}
 	kr := &keyRequest{
 		method: r.Method,
-		key:    path.Join("/", r.URL.Path[len(keysPrefix):]),
+		key:    path.Clean(key),
 	}
-	form := r.Form
 
 	var err error
 	if kr.prevIndex, err = formUint(form, "prevIndex"); err != nil {
@@ -211,18 +230,23 @@ func (kr *keyRequest) storageRequest(now time.Time) storage.Request {
 	}
 }
 
-// serveKeys is etcd's keysHandler.ServeHTTP.
-func (h *Handler) serveKeys(w http.ResponseWriter, r *http.Request) {
-	if !allowMethod(w, r, "HEAD", "GET", "PUT", "POST", "DELETE") {
+// serveKeys is etcd's keysHandler.ServeHTTP. hv holds the response's
+// header values (see ServeHTTP).
+func (h *Handler) serveKeys(w http.ResponseWriter, r *http.Request, hv *headerValues) {
+	switch r.Method {
+	case http.MethodHead, http.MethodGet, http.MethodPut, http.MethodPost, http.MethodDelete:
+	default:
+		allowMethod(w, r, "HEAD", "GET", "PUT", "POST", "DELETE")
 		return
 	}
 	n := h.node()
 	if n == nil {
-		writeKeyErrorStatus(w, http.StatusServiceUnavailable,
+		writeKeyErrorStatus(w, hv, http.StatusServiceUnavailable,
 			storage.NewError(storage.EcodeRaftInternal, errNotRunning, 0))
 		return
 	}
-	w.Header().Set("X-Etcd-Cluster-Id", idString(n.Status().ClusterID))
+	st := n.Status()
+	hv.set(w.Header(), "X-Etcd-Cluster-Id", h.clusterIDText(st.ClusterID))
 
 	if r.Method == http.MethodPut || r.Method == http.MethodPost {
 		r.Body = http.MaxBytesReader(w, r.Body, maxRequestBytes)
@@ -233,15 +257,15 @@ func (h *Handler) serveKeys(w http.ResponseWriter, r *http.Request) {
 		if perr.Cause == causeBodyTooLarge {
 			status = http.StatusRequestEntityTooLarge
 		}
-		writeKeyErrorStatus(w, status, perr)
+		writeKeyErrorStatus(w, hv, status, perr)
 		return
 	}
 
-	// Every request gets etcd's request timeout; a client that goes away
-	// ends the wait early (the write may still be applied, as in etcd).
-	ctx, cancel := context.WithTimeout(r.Context(), h.timeout)
-	defer cancel()
-
+	// Every request that waits on Raft gets etcd's request timeout; a
+	// client that goes away ends the wait early (the write may still be
+	// applied, as in etcd). A plain read answers from the local store at
+	// once, and a watch has no deadline (etcd's is MaxInt64): neither
+	// needs the timer.
 	var (
 		ev  *storage.Event
 		err error
@@ -249,46 +273,57 @@ func (h *Handler) serveKeys(w http.ResponseWriter, r *http.Request) {
 	switch r.Method {
 	case http.MethodGet, http.MethodHead:
 		if kr.wait {
-			cancel() // a watch has no deadline: etcd's is MaxInt64
-			h.serveWatch(w, r, n, kr)
+			h.serveWatch(w, r, n, kr, hv)
 			return
 		}
+		ctx := r.Context()
+		if kr.quorum {
+			var cancel context.CancelFunc
+			ctx, cancel = context.WithTimeout(ctx, h.timeout)
+			defer cancel()
+		}
 		ev, err = n.Get(ctx, kr.key, kr.recursive, kr.sorted, kr.quorum)
+		if kr.quorum {
+			st = n.Status()
+		}
 	default:
+		ctx, cancel := context.WithTimeout(r.Context(), h.timeout)
+		defer cancel()
 		ev, err = n.Do(ctx, kr.storageRequest(time.Now()))
+		st = n.Status()
 	}
 	if err == nil && ev == nil {
 		err = errors.New("received response with no Event/Watcher") // etcd's text for the same impossibility
 	}
 	if err != nil {
-		h.writeKeyError(w, err)
+		h.writeKeyError(w, hv, err)
 		return
 	}
-	writeKeyEvent(w, ev, n.Status(), kr.noValueOnSuccess)
+	writeKeyEvent(w, hv, ev, st, kr.noValueOnSuccess)
 }
 
 // serveWatch is etcd's handleKeyWatch: headers go out at once (a long
 // poll's client must see them before any event), then the first matching
 // event, or every one with stream=true, each flushed, until the watch ends
 // or the client goes away. The request's own goroutine does all of it.
-func (h *Handler) serveWatch(w http.ResponseWriter, r *http.Request, n *raftkv.Node, kr *keyRequest) {
+func (h *Handler) serveWatch(w http.ResponseWriter, r *http.Request, n *raftkv.Node, kr *keyRequest, hv *headerValues) {
 	wa, err := n.Watch(kr.key, kr.recursive, kr.stream, kr.waitIndex)
 	if err != nil {
-		h.writeKeyError(w, err)
+		h.writeKeyError(w, hv, err)
 		return
 	}
 	defer wa.Remove()
 	st := n.Status()
 	hdr := w.Header()
-	hdr.Set("Content-Type", "application/json")
-	hdr.Set("X-Etcd-Index", strconv.FormatUint(wa.StartIndex, 10))
-	hdr.Set("X-Raft-Index", strconv.FormatUint(st.RaftIndex, 10))
-	hdr.Set("X-Raft-Term", strconv.FormatUint(st.Term, 10))
+	hv.set(hdr, "Content-Type", "application/json")
+	hv.set(hdr, "X-Etcd-Index", strconv.FormatUint(wa.StartIndex, 10))
+	hv.set(hdr, "X-Raft-Index", strconv.FormatUint(st.RaftIndex, 10))
+	hv.set(hdr, "X-Raft-Term", strconv.FormatUint(st.Term, 10))
 	w.WriteHeader(http.StatusOK)
 	rc := http.NewResponseController(w)
 	_ = rc.Flush()
 
-	enc := json.NewEncoder(w)
+	var buf []byte
 	for {
 		select {
 		case <-r.Context().Done():
@@ -299,7 +334,12 @@ func (h *Handler) serveWatch(w http.ResponseWriter, r *http.Request, n *raftkv.N
 				// the member stopping. etcd ends the response the same way.
 				return
 			}
-			if err := enc.Encode(ev); err != nil {
+			// An event encoding/json would refuse ends the watch, as
+			// json.Encoder's error did.
+			if buf, err = appendEvent(buf[:0], ev); err != nil {
+				return
+			}
+			if _, err := w.Write(buf); err != nil {
 				return
 			}
 			if !kr.stream {
@@ -315,12 +355,12 @@ func (h *Handler) serveWatch(w http.ResponseWriter, r *http.Request, n *raftkv.N
 // writeKeyEvent is etcd's writeKeyEvent: 201 for a node created by set or
 // create, 200 otherwise; X-Etcd-Index is the store index after the
 // operation, X-Raft-* the member's Raft state after it.
-func writeKeyEvent(w http.ResponseWriter, ev *storage.Event, st raftkv.Status, noValueOnSuccess bool) {
+func writeKeyEvent(w http.ResponseWriter, hv *headerValues, ev *storage.Event, st raftkv.Status, noValueOnSuccess bool) {
 	hdr := w.Header()
-	hdr.Set("Content-Type", "application/json")
-	hdr.Set("X-Etcd-Index", strconv.FormatUint(ev.EtcdIndex, 10))
-	hdr.Set("X-Raft-Index", strconv.FormatUint(st.RaftIndex, 10))
-	hdr.Set("X-Raft-Term", strconv.FormatUint(st.Term, 10))
+	hv.set(hdr, "Content-Type", "application/json")
+	hv.set(hdr, "X-Etcd-Index", strconv.FormatUint(ev.EtcdIndex, 10))
+	hv.set(hdr, "X-Raft-Index", strconv.FormatUint(st.RaftIndex, 10))
+	hv.set(hdr, "X-Raft-Term", strconv.FormatUint(st.Term, 10))
 	status := http.StatusOK
 	if ev.Action == storage.ActionCreate || (ev.Action == storage.ActionSet && ev.PrevNode == nil) {
 		status = http.StatusCreated
@@ -333,17 +373,36 @@ func writeKeyEvent(w http.ResponseWriter, ev *storage.Event, st raftkv.Status, n
 			out = &storage.Event{Action: ev.Action}
 		}
 	}
+	bp := getBuf()
+	defer putBuf(bp)
+	b, err := appendEvent(*bp, out)
+	if err != nil {
+		// An expiration time.Time cannot marshal: json.Encoder wrote
+		// nothing after the headers, and neither does this.
+		w.WriteHeader(status)
+		return
+	}
+	*bp = b
+	// A HEAD response's body is dropped by net/http, which still
+	// announces its length, as for etcd.
+	writeBody(w, status, b)
+}
+
+// writeBody writes a whole body at once. net/http announces its length
+// itself when the handler is done, as for etcd (a body too large for its
+// buffer goes chunked, as etcd's does): a Content-Length set here would
+// be a ninth header, which makes the header map, and the copy net/http
+// takes of it, a larger table and costs more than it saves.
+func writeBody(w http.ResponseWriter, status int, b []byte) {
 	w.WriteHeader(status)
-	// A HEAD response's body is dropped by net/http, which still counts it
-	// into Content-Length, as for etcd.
-	_ = json.NewEncoder(w).Encode(out)
+	_, _ = w.Write(b)
 }
 
 // writeKeyError writes an error from the node: a v2 error as is, anything
 // else as etcd's 500 "Raft Internal Error" with the error's text.
-func (h *Handler) writeKeyError(w http.ResponseWriter, err error) {
+func (h *Handler) writeKeyError(w http.ResponseWriter, hv *headerValues, err error) {
 	if e, ok := errors.AsType[*storage.Error](err); ok {
-		writeKeyErrorStatus(w, e.StatusCode(), e)
+		writeKeyErrorStatus(w, hv, e.StatusCode(), e)
 		return
 	}
 	cause := err.Error()
@@ -354,15 +413,17 @@ func (h *Handler) writeKeyError(w http.ResponseWriter, err error) {
 		h.logger.Warn("unexpected v2 response error", zap.Error(err))
 	}
 	e := storage.NewError(storage.EcodeRaftInternal, cause, 0)
-	writeKeyErrorStatus(w, e.StatusCode(), e)
+	writeKeyErrorStatus(w, hv, e.StatusCode(), e)
 }
 
 // writeKeyErrorStatus is etcd's v2error.Error.WriteTo, with the status
 // given: only X-Etcd-Index (the error's index), the JSON and a newline.
-func writeKeyErrorStatus(w http.ResponseWriter, status int, e *storage.Error) {
-	w.Header().Set("X-Etcd-Index", strconv.FormatUint(e.Index, 10))
-	w.Header().Set("Content-Type", "application/json")
-	w.WriteHeader(status)
-	b, _ := json.Marshal(e)
-	_, _ = w.Write(append(b, '\n'))
+func writeKeyErrorStatus(w http.ResponseWriter, hv *headerValues, status int, e *storage.Error) {
+	hdr := w.Header()
+	hv.set(hdr, "X-Etcd-Index", strconv.FormatUint(e.Index, 10))
+	hv.set(hdr, "Content-Type", "application/json")
+	bp := getBuf()
+	defer putBuf(bp)
+	*bp = appendKeyError(*bp, e)
+	writeBody(w, status, *bp)
 }

@@ -2,8 +2,10 @@ package caddymodule
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"flag"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -15,6 +17,8 @@ import (
 	_ "github.com/caddyserver/caddy/v2/caddyconfig/caddyfile" // the caddyfile adapter
 	"github.com/caddyserver/caddy/v2/caddytest"
 	_ "github.com/caddyserver/caddy/v2/modules/standard"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zaptest/observer"
 )
 
 var updateAdapt = flag.Bool("update-adapt", false, "rewrite the expected JSON of testdata/caddyfile_adapt/*.caddytest")
@@ -41,6 +45,32 @@ func TestCaddyfileAdapt(t *testing.T) {
 				t.Errorf("%s: adapted JSON differs (diff above)", file)
 			}
 		})
+	}
+}
+
+// TestCaddyfileExampleAdapts keeps the repository's Caddyfile.example (the
+// three-member HTTPS cluster) valid: it adapts without warnings into the
+// member, its client site and its mutual-TLS peer site.
+func TestCaddyfileExampleAdapts(t *testing.T) {
+	src, err := os.ReadFile("../Caddyfile.example")
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, warnings, err := caddyconfig.GetAdapter("caddyfile").Adapt(src, map[string]any{"filename": "Caddyfile.example"})
+	if err != nil {
+		t.Fatalf("Caddyfile.example: %v", err)
+	}
+	if len(warnings) > 0 {
+		t.Errorf("Caddyfile.example: warnings %v", warnings)
+	}
+	for _, want := range []string{
+		`"handler":"etcd"`, `"handler":"raftkv_peer"`, `"mode":"require_and_verify"`,
+		`"peer_cert_file":"/etc/etcaddy/etcd1.pem"`, `"peer_trusted_ca_file":"/etc/etcaddy/ca.pem"`,
+		`"initial_cluster_state":"new"`,
+	} {
+		if !bytes.Contains(out, []byte(want)) {
+			t.Errorf("Caddyfile.example adapts without %s:\n%s", want, out)
+		}
 	}
 }
 
@@ -74,6 +104,10 @@ func TestCaddyfileAdaptErrors(t *testing.T) {
 		{"bad snapshot count", "{\n\traftkv {\n\t\tsnapshot_count many\n\t}\n}\n", "snapshot_count must be a positive number"},
 		{"bad cluster state", "{\n\traftkv {\n\t\tinitial_cluster_state maybe\n\t}\n}\n", `initial_cluster_state must be "new" or "existing"`},
 		{"etcd takes no argument", ":2379 {\n\tetcd /v2/* extra\n}\n", "wrong argument count"},
+		{"raftkv_peer takes no argument", ":2380 {\n\traftkv_peer /raft extra\n}\n", "wrong argument count"},
+		{"raftkv_peer has no options", ":2380 {\n\traftkv_peer {\n\t\tinsecure\n\t}\n}\n", `unrecognized raftkv_peer option "insecure"`},
+		{"missing peer_cert_file", "{\n\traftkv {\n\t\tpeer_cert_file\n\t}\n}\n", "wrong argument count"},
+		{"two peer CA files", "{\n\traftkv {\n\t\tpeer_trusted_ca_file a.pem b.pem\n\t}\n}\n", "wrong argument count"},
 		{"etcd has no options yet", ":2379 {\n\tetcd {\n\t\tcors off\n\t}\n}\n", `unrecognized etcd option "cors"`},
 	}
 	for _, tt := range tests {
@@ -106,11 +140,98 @@ func TestAppValidateAsEtcdFlags(t *testing.T) {
 		{"peer URL with a path", App{Name: "n1", InitialCluster: map[string][]string{"n1": {"http://a:1/p"}}}, "must not contain a path"},
 		{"bad client URL", App{AdvertiseClientURLs: []string{"ftp://a:1"}}, "URL scheme must be"},
 		{"good cluster", App{Name: "n1", InitialCluster: map[string][]string{"n1": {"https://a:2380"}, "n2": {"https://b:2380"}}}, ""},
+		{"peer cert without its key", App{PeerCertFile: "n1.pem"}, "peer_cert_file and peer_key_file go together"},
+		{"peer key without its cert", App{PeerKeyFile: "n1-key.pem", PeerTrustedCAFile: "ca.pem"}, "peer_cert_file and peer_key_file go together"},
+		{"peer CA alone", App{PeerTrustedCAFile: "ca.pem"}, ""},
+		{"peer TLS complete", App{PeerCertFile: "n1.pem", PeerKeyFile: "n1-key.pem", PeerTrustedCAFile: "ca.pem"}, ""},
 	}
 	for _, tt := range tests {
 		err := tt.app.Validate()
 		if tt.wantErr == "" && err != nil || tt.wantErr != "" && (err == nil || !strings.Contains(err.Error(), tt.wantErr)) {
 			t.Errorf("%s: Validate() = %v, want %q", tt.name, err, tt.wantErr)
 		}
+	}
+}
+
+// TestPeerSecurityWarnings: the app tells the operator about peer traffic
+// that travels in the clear beyond this host, or that peer TLS cannot
+// protect; the README's loopback cluster draws no warning.
+func TestPeerSecurityWarnings(t *testing.T) {
+	cluster := func(urls ...string) map[string][]string {
+		m := make(map[string][]string)
+		for i, u := range urls {
+			m[fmt.Sprintf("n%d", i+1)] = []string{u}
+		}
+		return m
+	}
+	tests := []struct {
+		name string
+		app  App
+		want []string // substrings, one per expected warning
+	}{
+		{"default member", App{}, nil},
+		{"loopback cluster", App{InitialCluster: cluster("http://127.0.0.1:12380", "http://localhost:22380", "http://[::1]:32380")}, nil},
+		{"plain HTTP between hosts", App{InitialCluster: cluster("http://127.0.0.1:2380", "http://10.0.0.2:2380")}, []string{"plain HTTP beyond this host"}},
+		{"https without a client certificate", App{InitialCluster: cluster("https://etcd1.internal:2380", "https://etcd2.internal:2380")}, []string{"without peer_cert_file"}},
+		{"https by address", App{PeerCertFile: "c", PeerKeyFile: "k", InitialCluster: cluster("https://10.0.0.1:2380")}, []string{"names an IP address"}},
+		{"mutual TLS by name", App{PeerCertFile: "c", PeerKeyFile: "k", PeerTrustedCAFile: "ca", InitialCluster: cluster("https://etcd1.internal:2380", "https://etcd2.internal:2380")}, nil},
+	}
+	for _, tt := range tests {
+		core, logs := observer.New(zap.WarnLevel)
+		tt.app.logger = zap.New(core)
+		tt.app.warnPeerSecurity()
+		var got []string
+		for _, e := range logs.All() {
+			got = append(got, e.Message)
+		}
+		if len(got) != len(tt.want) {
+			t.Errorf("%s: warnings %q, want %d", tt.name, got, len(tt.want))
+			continue
+		}
+		for i, w := range tt.want {
+			if !strings.Contains(got[i], w) {
+				t.Errorf("%s: warning %q, want one containing %q", tt.name, got[i], w)
+			}
+		}
+	}
+}
+
+// TestPeerTLSFilesReadAtStart: Provision reads none of the peer TLS files
+// (caddy validate runs it beside the live member); Start does, and fails
+// with the file's name when one is missing or holds no certificate.
+func TestPeerTLSFilesReadAtStart(t *testing.T) {
+	dir := t.TempDir()
+	notPEM := filepath.Join(dir, "ca.pem")
+	if err := os.WriteFile(notPEM, []byte("not a certificate"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for _, tt := range []struct {
+		name    string
+		app     App
+		wantErr string
+	}{
+		{"missing certificate", App{PeerCertFile: filepath.Join(dir, "none.pem"), PeerKeyFile: filepath.Join(dir, "none-key.pem")}, "none.pem"},
+		{"CA file without PEM", App{PeerTrustedCAFile: notPEM}, "holds no PEM certificate"},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			ctx, cancel := caddy.NewContext(caddy.Context{Context: context.Background()})
+			defer cancel()
+			app := tt.app
+			app.DataDir = filepath.Join(t.TempDir(), "data")
+			if err := app.Provision(ctx); err != nil {
+				t.Fatalf("Provision: %v", err)
+			}
+			defer app.Cleanup()
+			if _, err := os.Stat(app.DataDir); !os.IsNotExist(err) {
+				t.Errorf("Provision touched the data directory: %v", err)
+			}
+			err := app.Start()
+			if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
+				t.Fatalf("Start: %v, want an error containing %q", err, tt.wantErr)
+			}
+			if app.member.node.Running() {
+				t.Error("the node runs without its peer TLS")
+			}
+		})
 	}
 }

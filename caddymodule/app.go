@@ -1,11 +1,17 @@
 package caddymodule
 
 import (
+	"crypto/tls"
 	"errors"
 	"fmt"
+	"net/http"
+	"net/netip"
+	"net/url"
 	"path/filepath"
 	"slices"
 	"sort"
+	"strings"
+	"sync"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
@@ -84,6 +90,21 @@ type App struct {
 	// clients that sync their endpoints keep using the address they know.
 	AdvertiseClientURLs []string `json:"advertise_client_urls,omitempty"`
 
+	// The certificate (PEM) this member presents to its peers when it
+	// dials their https:// peer URLs (etcd's --peer-cert-file). It must
+	// be valid for client authentication, and comes with peer_key_file.
+	// The server side of peer TLS is the peer site's own `tls` and
+	// `client_auth`.
+	PeerCertFile string `json:"peer_cert_file,omitempty"`
+
+	// The private key (PEM) of peer_cert_file (etcd's --peer-key-file).
+	PeerKeyFile string `json:"peer_key_file,omitempty"`
+
+	// The CA certificates (PEM) that sign the peers' certificates: this
+	// member trusts only them when it dials https:// peer URLs (etcd's
+	// --peer-trusted-ca-file). Default: the system's roots.
+	PeerTrustedCAFile string `json:"peer_trusted_ca_file,omitempty"`
+
 	member  *member
 	poolKey string // set while this instance holds a reference in members
 	logger  *zap.Logger
@@ -112,9 +133,17 @@ func (a *App) Provision(ctx caddy.Context) error {
 		return fmt.Errorf("raftkv: data_dir %q: %w", a.DataDir, err)
 	}
 	a.DataDir = dir
+	a.warnPeerSecurity()
 	cfg := a.nodeConfig()
+	files := a.peerTLSFiles()
 	val, loaded, err := members.LoadOrNew(dir, func() (caddy.Destructor, error) {
-		return &member{node: raftkv.NewNode(cfg), cfg: cfg}, nil
+		if !files.empty() {
+			// Filled in by member.start from the files, before the node
+			// starts and first dials a peer: reading them here would be
+			// I/O in Provision.
+			cfg.Peer.TLS = &tls.Config{MinVersion: tls.VersionTLS12}
+		}
+		return &member{node: raftkv.NewNode(cfg), cfg: cfg, peerFiles: files}, nil
 	})
 	if err != nil {
 		return err
@@ -128,7 +157,11 @@ func (a *App) Provision(ctx caddy.Context) error {
 			}
 			return err
 		}
-		if changed := m.tuningChanges(cfg); len(changed) > 0 {
+		changed := m.tuningChanges(cfg)
+		if m.peerFiles != files {
+			changed = append(changed, "peer TLS files")
+		}
+		if len(changed) > 0 {
 			a.logger.Warn("member settings changed; they take effect when Caddy restarts",
 				zap.String("data_dir", dir), zap.Strings("settings", changed))
 		}
@@ -199,13 +232,63 @@ func (a *App) Validate() error {
 			return fmt.Errorf("raftkv: advertise_client_urls: %v", err)
 		}
 	}
+	// etcd's TLSInfo needs the certificate and its key together; a CA
+	// alone is fine (the member verifies its peers but shows no
+	// certificate, which a peer site with client_auth refuses).
+	if (a.PeerCertFile == "") != (a.PeerKeyFile == "") {
+		return errors.New("raftkv: peer_cert_file and peer_key_file go together: give both or neither")
+	}
 	return nil
+}
+
+// warnPeerSecurity tells the operator about peer traffic that travels
+// unprotected or that the peer TLS options will not protect.
+func (a *App) warnPeerSecurity() {
+	httpsPeers := false
+	for name, urls := range a.InitialCluster {
+		for _, raw := range urls {
+			u, err := url.Parse(raw)
+			if err != nil {
+				continue // Validate has refused it already
+			}
+			switch {
+			case u.Scheme == "https":
+				httpsPeers = true
+				if _, err := netip.ParseAddr(u.Hostname()); err == nil {
+					// Go's TLS client sends no SNI for an address; Caddy then
+					// matches none of the site's connection policies, and its
+					// strict SNI check answers every peer request with 421.
+					a.logger.Warn("https:// peer URL names an IP address: a TLS client sends no server name for it, "+
+						"so a Caddy peer site with client_auth answers 421 Misdirected Request; name the peer by a "+
+						"DNS name (an /etc/hosts entry will do) and give its certificate that name",
+						zap.String("member", name), zap.String("peer_url", raw))
+				}
+			case u.Scheme == "http" && !isLoopback(u.Hostname()):
+				a.logger.Warn("peer URL is plain HTTP beyond this host: Raft traffic and snapshots travel "+
+					"unencrypted and unauthenticated; use https:// peer URLs with mutual TLS",
+					zap.String("member", name), zap.String("peer_url", raw))
+			}
+		}
+	}
+	if httpsPeers && a.PeerCertFile == "" {
+		a.logger.Warn("https:// peer URLs without peer_cert_file: this member presents no client certificate, " +
+			"so peer sites that require one (client_auth) refuse it")
+	}
+}
+
+// isLoopback reports whether host names this machine only.
+func isLoopback(host string) bool {
+	if strings.EqualFold(host, "localhost") {
+		return true
+	}
+	ip, err := netip.ParseAddr(host)
+	return err == nil && ip.IsLoopback()
 }
 
 // Start starts the member. On a reload it is already running and Start
 // does nothing.
 func (a *App) Start() error {
-	if err := a.member.node.Start(); err != nil {
+	if err := a.member.start(); err != nil {
 		return fmt.Errorf("raftkv: starting member %q in %s: %w", a.Name, a.DataDir, err)
 	}
 	return nil
@@ -263,8 +346,30 @@ func (a *App) nodeConfig() raftkv.Config {
 // member is what the pool holds for one data directory: the node, and the
 // configuration it was created with.
 type member struct {
-	node *raftkv.Node
-	cfg  raftkv.Config
+	node      *raftkv.Node
+	cfg       raftkv.Config
+	peerFiles peerTLSFiles
+
+	startMu    sync.Mutex
+	peerLoaded bool
+
+	peerOnce sync.Once
+	peer     http.Handler // the node's peer endpoint, once asked for
+}
+
+// start loads the peer TLS files into the node's client TLS config, the
+// first time only, then starts the node (which does nothing when it runs
+// already: a reload).
+func (m *member) start() error {
+	m.startMu.Lock()
+	defer m.startMu.Unlock()
+	if !m.peerLoaded && m.cfg.Peer.TLS != nil {
+		if err := m.peerFiles.load(m.cfg.Peer.TLS); err != nil {
+			return err
+		}
+	}
+	m.peerLoaded = true
+	return m.node.Start()
 }
 
 // Destruct stops the node when the last config using it is gone.

@@ -55,11 +55,16 @@ func parseGlobalOption(d *caddyfile.Dispenser, existing any) (any, error) {
 //		initial_cluster_state new|existing
 //		initial_cluster_token <token>
 //		advertise_client_urls <url>...
+//		peer_cert_file        <cert.pem>
+//		peer_key_file         <key.pem>
+//		peer_trusted_ca_file  <ca.pem>
 //	}
 //
 // initial_cluster takes etcd's --initial-cluster list, as one
 // comma-separated argument or as several; a name given twice gets several
-// peer URLs.
+// peer URLs. The peer_* files are the client side of peer TLS: the
+// certificate and key this member presents when it dials an https:// peer
+// URL, and the CA it trusts there.
 func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	for d.Next() {
 		if d.NextArg() {
@@ -67,7 +72,8 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		}
 		for d.NextBlock(0) {
 			switch opt := d.Val(); opt {
-			case "name", "data_dir", "initial_cluster_state", "initial_cluster_token":
+			case "name", "data_dir", "initial_cluster_state", "initial_cluster_token",
+				"peer_cert_file", "peer_key_file", "peer_trusted_ca_file":
 				var v string
 				if !d.Args(&v) {
 					return d.ArgErr()
@@ -87,6 +93,12 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 					a.InitialClusterState = v
 				case "initial_cluster_token":
 					a.InitialClusterToken = v
+				case "peer_cert_file":
+					a.PeerCertFile = v
+				case "peer_key_file":
+					a.PeerKeyFile = v
+				case "peer_trusted_ca_file":
+					a.PeerTrustedCAFile = v
 				}
 
 			case "snapshot_count":

@@ -1,6 +1,7 @@
 package caddymodule
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -13,12 +14,10 @@ import (
 	"strconv"
 	"strings"
 
+	"go.uber.org/zap"
+
 	"github.com/etcaddy/etcaddy/raftkv"
 )
-
-// msgMembershipUnsupported answers a valid membership change until the
-// member can make one through Raft.
-const msgMembershipUnsupported = "membership changes come with clustering: this member cannot add, remove or update members yet"
 
 // memberJSON is etcd's httptypes.Member: empty URL lists are [], never
 // null.
@@ -111,21 +110,40 @@ func (h *Handler) serveMembers(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 		if h.peerURLTaken(r, n, urls, "") {
-			writeMessage(w, http.StatusConflict, "membership: peerURL exists")
+			writeMessage(w, http.StatusConflict, raftkv.ErrPeerURLExists.Error())
 			return
 		}
-		writeMessage(w, http.StatusNotImplemented, msgMembershipUnsupported)
+		ctx, cancel := context.WithTimeout(r.Context(), h.timeout)
+		m, err := n.AddMember(ctx, urls)
+		cancel()
+		if err != nil {
+			h.writeMembershipError(w, err, "")
+			return
+		}
+		// etcd answers with the member as the cluster knows it before it
+		// starts: no name, no client URLs yet.
+		mj := memberJSON{ID: idString(m.ID), Name: m.Name, PeerURLs: m.PeerURLs, ClientURLs: m.ClientURLs}
+		if mj.PeerURLs == nil {
+			mj.PeerURLs = []string{}
+		}
+		if mj.ClientURLs == nil {
+			mj.ClientURLs = []string{}
+		}
+		writeJSON(w, http.StatusCreated, mj, true)
 
 	case http.MethodDelete:
 		id, ok := memberIDFromPath(w, r)
 		if !ok {
 			return
 		}
-		if !h.isMember(r, n, id) {
-			writeMessage(w, http.StatusNotFound, "No such member: "+id)
+		ctx, cancel := context.WithTimeout(r.Context(), h.timeout)
+		err := n.RemoveMember(ctx, parseID(id))
+		cancel()
+		if err != nil {
+			h.writeMembershipError(w, err, id)
 			return
 		}
-		writeMessage(w, http.StatusNotImplemented, msgMembershipUnsupported)
+		w.WriteHeader(http.StatusNoContent)
 
 	case http.MethodPut:
 		id, ok := memberIDFromPath(w, r)
@@ -136,25 +154,53 @@ func (h *Handler) serveMembers(w http.ResponseWriter, r *http.Request) {
 		if !ok {
 			return
 		}
-		if !h.isMember(r, n, id) {
-			writeMessage(w, http.StatusNotFound, "No such member: "+id)
-			return
-		}
 		if h.peerURLTaken(r, n, urls, id) {
-			writeMessage(w, http.StatusConflict, "membership: peerURL exists")
+			writeMessage(w, http.StatusConflict, raftkv.ErrPeerURLExists.Error())
 			return
 		}
-		writeMessage(w, http.StatusNotImplemented, msgMembershipUnsupported)
+		ctx, cancel := context.WithTimeout(r.Context(), h.timeout)
+		err := n.UpdateMember(ctx, parseID(id), urls)
+		cancel()
+		if err != nil {
+			if errors.Is(err, raftkv.ErrMemberRemoved) {
+				// etcd 3.4 answers an update of a removed member with a
+				// plain 500, not DELETE's 410.
+				err = fmt.Errorf("updating removed member %s: %w", id, err)
+				h.logger.Warn("membership change failed", zap.Error(err))
+				writeMessage(w, http.StatusInternalServerError, "Internal Server Error")
+				return
+			}
+			h.writeMembershipError(w, err, id)
+			return
+		}
+		w.WriteHeader(http.StatusNoContent)
 	}
 }
 
-func (h *Handler) isMember(r *http.Request, n *raftkv.Node, id string) bool {
-	for _, m := range h.members(r, n) {
-		if m.ID == id {
-			return true
-		}
+// writeMembershipError answers a failed membership change as etcd's
+// membersHandler does: the errors a client can act on with their own
+// status and message, anything else (a timeout, a lost quorum, a stopped
+// member) as a bare 500.
+func (h *Handler) writeMembershipError(w http.ResponseWriter, err error, id string) {
+	switch {
+	case errors.Is(err, raftkv.ErrMemberNotFound):
+		writeMessage(w, http.StatusNotFound, "No such member: "+id)
+	case errors.Is(err, raftkv.ErrMemberRemoved):
+		writeMessage(w, http.StatusGone, "Member permanently removed: "+id)
+	case errors.Is(err, raftkv.ErrPeerURLExists):
+		writeMessage(w, http.StatusConflict, raftkv.ErrPeerURLExists.Error())
+	case errors.Is(err, raftkv.ErrIDExists):
+		writeMessage(w, http.StatusConflict, raftkv.ErrIDExists.Error())
+	default:
+		h.logger.Warn("membership change failed", zap.String("member-id", id), zap.Error(err))
+		writeMessage(w, http.StatusInternalServerError, "Internal Server Error")
 	}
-	return false
+}
+
+// parseID reads an ID that memberIDFromPath formatted.
+func parseID(s string) uint64 {
+	id, _ := strconv.ParseUint(s, 16, 64)
+	return id
 }
 
 // peerURLTaken reports whether a member other than except already has one

@@ -5,6 +5,8 @@ import (
 	"io"
 	"net/http"
 	"strconv"
+
+	"github.com/etcaddy/etcaddy/raftkv"
 )
 
 // versionBody is what etcd 3.4.23 answers on /version. Clients read it:
@@ -79,22 +81,8 @@ func (h *Handler) serveStatsStore(w http.ResponseWriter, r *http.Request) {
 
 // leaderStats is etcd's /v2/stats/leader shape.
 type leaderStats struct {
-	Leader    string                   `json:"leader"`
-	Followers map[string]followerStats `json:"followers"`
-}
-
-type followerStats struct {
-	Latency struct {
-		Current           float64 `json:"current"`
-		Average           float64 `json:"average"`
-		StandardDeviation float64 `json:"standardDeviation"`
-		Minimum           float64 `json:"minimum"`
-		Maximum           float64 `json:"maximum"`
-	} `json:"latency"`
-	Counts struct {
-		Fail    uint64 `json:"fail"`
-		Success uint64 `json:"success"`
-	} `json:"counts"`
+	Leader    string                          `json:"leader"`
+	Followers map[string]raftkv.FollowerStats `json:"followers"`
 }
 
 // serveStatsLeader is etcd's /v2/stats/leader: served by the leader only;
@@ -108,15 +96,14 @@ func (h *Handler) serveStatsLeader(w http.ResponseWriter, r *http.Request) {
 		writeMessage(w, http.StatusServiceUnavailable, errNotRunning)
 		return
 	}
-	st := n.Status()
-	if !st.IsLeader {
+	leader, followers, ok := n.LeaderStats()
+	if !ok {
 		writeMessage(w, http.StatusForbidden, "not current leader")
 		return
 	}
-	// raftkv keeps no per-follower latency yet: a cluster of one has no
-	// followers, and a larger one lists none rather than made-up figures.
-	writeJSON(w, http.StatusOK, leaderStats{
-		Leader:    idString(st.ID),
-		Followers: map[string]followerStats{},
-	}, false)
+	if followers == nil {
+		// A cluster of one: etcd writes "followers":{}, never null.
+		followers = map[string]raftkv.FollowerStats{}
+	}
+	writeJSON(w, http.StatusOK, leaderStats{Leader: leader, Followers: followers}, false)
 }

@@ -87,6 +87,10 @@ func Open(dir string) (*Store, error) {
 		// commit, which keeps commits cheap after log compaction.
 		NoFreelistSync: true,
 		FreelistType:   bolt.FreelistMapType,
+		// Map 1 GiB of address space up front, as etcd maps 10 GiB: each
+		// remap as the file grows waits for every reader and stalls every
+		// writer. Untouched pages of the mapping cost no memory.
+		InitialMmapSize: 1 << 30,
 	})
 	if err != nil {
 		return nil, fmt.Errorf("storage: opening %s: %w", dir, err)

@@ -1,0 +1,151 @@
+package caddymodule
+
+import (
+	"crypto/tls"
+	"crypto/x509"
+	"fmt"
+	"net/http"
+	"os"
+	"strings"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+)
+
+func init() {
+	caddy.RegisterModule(PeerHandler{})
+	httpcaddyfile.RegisterHandlerDirective("raftkv_peer", parsePeerDirective)
+	// Like etcd: the peer endpoint answers only /raft and hands the rest
+	// on, so a catch-all respond in the same site never hides it.
+	httpcaddyfile.RegisterDirectiveOrder("raftkv_peer", httpcaddyfile.Before, "respond")
+}
+
+// peerPath is where members send each other Raft messages and snapshots
+// (raftkv's peer protocol: /raft, /raft/snapshot).
+const peerPath = "/raft"
+
+// PeerHandler serves the member's peer endpoint: the Raft messages and
+// snapshots the other members of the cluster send to this one, on /raft
+// and the paths under it. Every other path goes to the next handler.
+//
+// It belongs in the site of the member's peer URL. Peers authenticate each
+// other with mutual TLS: give that site the member's certificate and
+// `client_auth` with mode require_and_verify and the cluster's CA as trust
+// pool; the raftkv app's peer_cert_file, peer_key_file and
+// peer_trusted_ca_file are the client side of the same exchange. raftkv
+// itself refuses messages from another cluster or from an unknown member.
+type PeerHandler struct {
+	member *member
+}
+
+// CaddyModule returns the Caddy module information.
+func (PeerHandler) CaddyModule() caddy.ModuleInfo {
+	return caddy.ModuleInfo{
+		ID:  "http.handlers.raftkv_peer",
+		New: func() caddy.Module { return new(PeerHandler) },
+	}
+}
+
+// Provision gets the member from the raftkv app.
+func (h *PeerHandler) Provision(ctx caddy.Context) error {
+	v, err := ctx.App("raftkv")
+	if err != nil {
+		return err
+	}
+	h.member = v.(*App).member
+	return nil
+}
+
+// ServeHTTP hands /raft and /raft/... to the node's peer handler.
+func (h *PeerHandler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) error {
+	if r.URL.Path != peerPath && !strings.HasPrefix(r.URL.Path, peerPath+"/") {
+		return next.ServeHTTP(w, r)
+	}
+	// Until the app has started the node (apps start in any order, HTTP
+	// may come first) and once it has stopped, peers get a 503 and retry:
+	// raftkv reports them unreachable and Raft resends.
+	if h.member == nil || !h.member.node.Running() {
+		w.Header().Set("Retry-After", "1")
+		http.Error(w, "raftkv member not running", http.StatusServiceUnavailable)
+		return nil
+	}
+	h.member.peerHandler().ServeHTTP(w, r)
+	return nil
+}
+
+// peerHandler returns the node's peer handler, asked for once: a node is
+// never restarted (a new data directory config makes a new member).
+func (m *member) peerHandler() http.Handler {
+	m.peerOnce.Do(func() { m.peer = m.node.PeerHandler() })
+	return m.peer
+}
+
+// parsePeerDirective sets up the peer handler. Syntax:
+//
+//	raftkv_peer [<matcher>]
+//
+// It takes no arguments and no options: TLS and client_auth belong to the
+// site it is in.
+func parsePeerDirective(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
+	handler := new(PeerHandler)
+	err := handler.UnmarshalCaddyfile(h.Dispenser)
+	return handler, err
+}
+
+// UnmarshalCaddyfile sets up the handler from Caddyfile tokens; see
+// parsePeerDirective for the syntax.
+func (h *PeerHandler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
+	for d.Next() {
+		if d.NextArg() {
+			return d.ArgErr()
+		}
+		if d.NextBlock(0) {
+			return d.Errf("unrecognized raftkv_peer option %q", d.Val())
+		}
+	}
+	return nil
+}
+
+// peerTLSFiles names the files of the client side of peer TLS (etcd's
+// --peer-cert-file, --peer-key-file, --peer-trusted-ca-file).
+type peerTLSFiles struct {
+	cert, key, ca string
+}
+
+func (a *App) peerTLSFiles() peerTLSFiles {
+	return peerTLSFiles{cert: a.PeerCertFile, key: a.PeerKeyFile, ca: a.PeerTrustedCAFile}
+}
+
+func (f peerTLSFiles) empty() bool { return f == peerTLSFiles{} }
+
+// load reads the files into cfg, which the node has not used yet.
+func (f peerTLSFiles) load(cfg *tls.Config) error {
+	if f.cert != "" {
+		pair, err := tls.LoadX509KeyPair(f.cert, f.key)
+		if err != nil {
+			return fmt.Errorf("raftkv: peer_cert_file %s, peer_key_file %s: %w", f.cert, f.key, err)
+		}
+		cfg.Certificates = []tls.Certificate{pair}
+	}
+	if f.ca != "" {
+		pem, err := os.ReadFile(f.ca)
+		if err != nil {
+			return fmt.Errorf("raftkv: peer_trusted_ca_file: %w", err)
+		}
+		pool := x509.NewCertPool()
+		if !pool.AppendCertsFromPEM(pem) {
+			return fmt.Errorf("raftkv: peer_trusted_ca_file %s holds no PEM certificate", f.ca)
+		}
+		cfg.RootCAs = pool
+	}
+	return nil
+}
+
+// Interface guards.
+var (
+	_ caddy.Provisioner           = (*PeerHandler)(nil)
+	_ caddyhttp.MiddlewareHandler = (*PeerHandler)(nil)
+	_ caddyfile.Unmarshaler       = (*PeerHandler)(nil)
+)

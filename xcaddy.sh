@@ -162,7 +162,8 @@ run_tests() {
 	echo
 	echo "== go test summary =="
 	grep -E '^(ok|FAIL|\?)[[:space:]]' "$log" || true
-	echo "tests (with subtests and fuzz seeds): $passed passed, $failed failed, $skipped skipped"
+	# Subtests and fuzz seeds count one each.
+	echo "tests: $passed passed, $failed failed, $skipped skipped"
 	if ((failed)); then
 		echo "failed:"
 		grep -E '^[[:space:]]*--- FAIL' "$log" || true

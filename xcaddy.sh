@@ -173,7 +173,7 @@ run_tests() {
 
 bench() {
 	build
-	ETCADDY_CADDY_BIN=$repo/caddy go test -run '^$' -bench 'BenchmarkVsEtcd' -benchtime 1x -timeout 60m ./caddymodule/
+	ETCADDY_CADDY_BIN=$repo/caddy go test -run '^$' -bench 'BenchmarkVsEtcd|BenchmarkClusterVsEtcd' -benchtime 1x -timeout 60m ./caddymodule/
 }
 
 (($#)) || usage

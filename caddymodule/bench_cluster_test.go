@@ -115,47 +115,10 @@ func BenchmarkClusterVsEtcd(b *testing.B) {
 }
 
 // benchEtcaddyCluster starts benchClusterSize etcaddy members of a new
-// cluster, each a Caddy process with the Caddyfile testCluster writes for
-// loopback peers, and waits until each answers /health. It builds the
-// members itself because startCluster takes a *testing.T.
+// cluster (plain HTTP peers on loopback), as the cluster tests do.
 func benchEtcaddyCluster(b *testing.B) []*testMember {
 	b.Helper()
-	gen := &testCluster{} // caddyfile reads only pki: nil, plain HTTP peers
-	ms := make([]*testMember, benchClusterSize)
-	for i := range ms {
-		dir := b.TempDir()
-		home := filepath.Join(dir, "home")
-		cfPath := filepath.Join(dir, "Caddyfile")
-		name := fmt.Sprintf("n%d", i+1)
-		ms[i] = &testMember{
-			Name:    name,
-			PeerURL: fmt.Sprintf("http://127.0.0.1:%d", freePort(b)),
-			proc: &proc{
-				Name:      "etcaddy " + name,
-				ClientURL: fmt.Sprintf("http://127.0.0.1:%d", freePort(b)),
-				AdminURL:  fmt.Sprintf("http://127.0.0.1:%d", freePort(b)),
-				DataDir:   filepath.Join(dir, "data"),
-				Caddyfile: cfPath,
-				LogPath:   filepath.Join(dir, "caddy.log"),
-				t:         b,
-				path:      caddyBin,
-				args:      []string{"run", "--config", cfPath, "--adapter", "caddyfile"},
-				env: append(os.Environ(),
-					"HOME="+home,
-					"XDG_CONFIG_HOME="+filepath.Join(home, "config"),
-					"XDG_DATA_HOME="+filepath.Join(home, "data"),
-				),
-			},
-		}
-	}
-	for _, m := range ms {
-		if err := os.WriteFile(m.Caddyfile, []byte(gen.caddyfile(m, ms, "new")), 0o644); err != nil {
-			b.Fatal(err)
-		}
-		m.spawn(b)
-	}
-	benchWaitHealthy(b, ms)
-	return ms
+	return startCluster(b, benchClusterSize, nil).members
 }
 
 // benchEtcdCluster starts benchClusterSize real etcd 3.4 members of a new

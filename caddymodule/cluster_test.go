@@ -52,7 +52,7 @@ type testMember struct {
 
 // testCluster is a set of members started by the test.
 type testCluster struct {
-	t       *testing.T
+	t       testing.TB
 	pki     *testPKI // nil: peers over plain HTTP on loopback
 	members []*testMember
 }
@@ -127,7 +127,7 @@ func (c *testCluster) caddyfile(m *testMember, initial []*testMember, state stri
 
 // startCluster starts n members of a new cluster at once (none can be healthy before a
 // quorum runs) and waits until each answers /health.
-func startCluster(t *testing.T, n int, pki *testPKI) *testCluster {
+func startCluster(t testing.TB, n int, pki *testPKI) *testCluster {
 	t.Helper()
 	c := &testCluster{t: t, pki: pki}
 	for i := 1; i <= n; i++ {
@@ -269,7 +269,7 @@ func (c *testCluster) byName(name string) *testMember {
 }
 
 // listMembers GETs /v2/members from m.
-func listMembers(t *testing.T, m *testMember) []memberInfo {
+func listMembers(t testing.TB, m *testMember) []memberInfo {
 	t.Helper()
 	st, _, body := m.do(t, "GET", "/v2/members", nil)
 	if st != http.StatusOK {

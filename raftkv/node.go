@@ -281,7 +281,7 @@ func (n *Node) Do(ctx context.Context, r storage.Request) (*storage.Event, error
 	if ce := n.lg.Check(zap.DebugLevel, "proposing"); ce != nil {
 		ce.Write(zap.String("request-id", idString(r.ID)), zap.String("method", r.Method), zap.String("path", r.Path))
 	}
-	res, err := n.submit(ctx, r.ID, proposal{data: r.Marshal(), c: newWaitChan()})
+	res, err := n.submit(ctx, r.ID, proposal{data: r.Marshal(), c: waitChans.Get().(chan result)})
 	if err != nil {
 		return nil, err
 	}
@@ -299,17 +299,26 @@ func (n *Node) submit(ctx context.Context, id uint64, p proposal) (result, error
 		// the drop and our wait must still wake us.
 		leaderChanged := n.leaderChanged.wait()
 		select {
-		case n.propc <- p:
-		case <-ctx.Done():
-			return result{}, ErrTimeout
-		case <-n.donec:
-			return result{}, ErrStopped
+		case n.propc <- p: // the common case, without the full select
+		default:
+			select {
+			case n.propc <- p:
+			case <-ctx.Done():
+				return result{}, ErrTimeout
+			case <-n.donec:
+				return result{}, ErrStopped
+			}
 		}
 		res, done, err := n.awaitAttempt(ctx, p.c)
 		if err != nil {
 			return result{}, err
 		}
 		if done {
+			if attempt == 0 && len(p.c) == 0 {
+				// The one attempt was flushed to Raft (it was applied) and
+				// the waiter is gone: nothing can send on p.c any more.
+				waitChans.Put(p.c)
+			}
 			return res, nil
 		}
 		if err := n.backoff(ctx, attempt, leaderChanged); err != nil {

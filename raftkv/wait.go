@@ -32,6 +32,10 @@ type proposal struct {
 // blocks on a caller that has already given up.
 func newWaitChan() chan result { return make(chan result, 2) }
 
+// waitChans recycles the channels of requests answered at their first
+// attempt; see submit for when the loop is known to hold none of them.
+var waitChans = sync.Pool{New: func() any { return newWaitChan() }}
+
 // signalDropped tells a waiter that Raft refused this attempt. Called only
 // by the loop.
 func signalDropped(c chan result) {

@@ -35,14 +35,20 @@ type view struct {
 	index uint64 // the store index, which v2 errors carry
 	now   time.Time
 	err   error // the first damaged record met; the transaction fails with it
+	// A cursor and a key buffer kept for point reads and deletes: each
+	// Bucket.Get or Delete would build a cursor of its own, and bbolt
+	// copies the keys it stores.
+	kc   *bolt.Cursor
+	kbuf []byte
 }
 
 var rootRecord = record{dir: true}
 
 // get reads the node at p (p != "/").
 func (v *view) get(p string) (record, bool) {
-	val := v.keys.Get(nodeKey(p))
-	if val == nil {
+	v.kbuf = appendNodeKey(v.kbuf[:0], p)
+	k, val := v.cursor().Seek(v.kbuf)
+	if val == nil || !bytes.Equal(k, v.kbuf) {
 		return record{}, false
 	}
 	rec, err := parseRecord(val)
@@ -53,6 +59,21 @@ func (v *view) get(p string) (record, bool) {
 		return record{}, false
 	}
 	return rec, true
+}
+
+func (v *view) cursor() *bolt.Cursor {
+	if v.kc == nil {
+		v.kc = v.keys.Cursor()
+	}
+	return v.kc
+}
+
+// seekDelete is Bucket.Delete through a cursor the caller keeps.
+func seekDelete(c *bolt.Cursor, key []byte) error {
+	if k, _ := c.Seek(key); k != nil && bytes.Equal(k, key) {
+		return c.Delete()
+	}
+	return nil
 }
 
 // lookup finds the node at p as etcd's internalGet does: 100 with the first
@@ -148,6 +169,11 @@ type applier struct {
 	view
 	expiry *bolt.Bucket
 	events *bolt.Bucket
+	ec     *bolt.Cursor // the expiry index's, for deletes
+	ebuf   []byte       // expiry keys
+	// Stored values are encoded in scratch, then copied to the arena.
+	scratch []byte
+	arena   *arena
 	// published are the events of this Save in index order, for the
 	// watcher hub once the transaction has committed.
 	published []*Event
@@ -196,7 +222,8 @@ func (a *applier) apply(r *Request) (*Event, *Error) {
 // last 1000 survive a restart) and for the watcher hub.
 func (a *applier) emit(e *Event) error {
 	binary.BigEndian.PutUint64(a.eventKey[:], e.Index())
-	if err := a.events.Put(a.eventKey[:], marshalEvent(e)); err != nil {
+	a.scratch = appendEvent(a.scratch[:0], e)
+	if err := a.events.Put(a.eventKey[:], a.arena.copy(a.scratch)); err != nil {
 		return err
 	}
 	a.published = append(a.published, e)
@@ -227,8 +254,10 @@ func (a *applier) trimEvents() error {
 	for ; len(k) == 8 && binary.BigEndian.Uint64(k) < first; k, _ = c.Next() {
 		old = append(old, [8]byte(k))
 	}
-	for i := range old {
-		if err := a.events.Delete(old[i][:]); err != nil {
+	// Newest first: bbolt deletes a key by shifting the rest of its leaf
+	// down, which costs nothing for the last key of the leaf.
+	for i := len(old) - 1; i >= 0; i-- {
+		if err := seekDelete(c, old[i][:]); err != nil {
 			return err
 		}
 	}
@@ -245,16 +274,27 @@ func (a *applier) fail(err error) {
 // put writes the node at p and keeps the expiry index in step with its
 // expiration (oldExp: the expiration indexed until now, 0 for none).
 func (a *applier) put(p string, rec *record, oldExp int64) {
-	a.fail(a.keys.Put(nodeKey(p), rec.marshal()))
+	a.kbuf = appendNodeKey(a.kbuf[:0], p)
+	a.scratch = rec.appendTo(a.scratch[:0])
+	a.fail(a.keys.Put(a.kbuf, a.arena.copy(a.scratch)))
 	if oldExp != rec.expiration {
 		a.expiryChanged = true
 		if oldExp != 0 {
-			a.fail(a.expiry.Delete(expiryKey(oldExp, p)))
+			a.deleteExpiry(oldExp, p)
 		}
 		if rec.expiration != 0 {
-			a.fail(a.expiry.Put(expiryKey(rec.expiration, p), []byte{}))
+			a.ebuf = appendExpiryKey(a.ebuf[:0], rec.expiration, p)
+			a.fail(a.expiry.Put(a.ebuf, []byte{}))
 		}
 	}
+}
+
+func (a *applier) deleteExpiry(exp int64, p string) {
+	if a.ec == nil {
+		a.ec = a.expiry.Cursor()
+	}
+	a.ebuf = appendExpiryKey(a.ebuf[:0], exp, p)
+	a.fail(seekDelete(a.ec, a.ebuf))
 }
 
 // remove deletes the node at p with its whole subtree and their expiry
@@ -263,10 +303,11 @@ func (a *applier) remove(p string, rec record) {
 	if rec.dir {
 		a.removeChildren(p)
 	}
-	a.fail(a.keys.Delete(nodeKey(p)))
+	a.kbuf = appendNodeKey(a.kbuf[:0], p)
+	a.fail(seekDelete(a.cursor(), a.kbuf))
 	if rec.expiration != 0 {
 		a.expiryChanged = true
-		a.fail(a.expiry.Delete(expiryKey(rec.expiration, p)))
+		a.deleteExpiry(rec.expiration, p)
 	}
 }
 
@@ -275,12 +316,11 @@ func (a *applier) removeChildren(dir string) {
 	c := a.keys.Cursor()
 	// Seek again after every removal: the bucket changed under the cursor.
 	for k, val := c.Seek(prefix); k != nil && bytes.HasPrefix(k, prefix); k, val = c.Seek(prefix) {
-		rec, err := parseRecord(val)
+		rec, _, err := parseRecordHead(val)
 		if err != nil {
 			a.fail(err)
 			return
 		}
-		rec.value = nil // aliases a page the deletes may reuse
 		a.remove(joinPath(dir, unescape(k[len(prefix):])), rec)
 		if a.err != nil {
 			return
@@ -354,6 +394,7 @@ func (a *applier) internalCreate(p string, dir bool, value string, unique, repla
 		return nil, verr
 	}
 	e := &Event{Action: action, EtcdIndex: next}
+	var oldExp int64
 	if len(missing) == 0 {
 		if old, ok := a.get(p); ok {
 			if !replace {
@@ -363,7 +404,9 @@ func (a *applier) internalCreate(p string, dir bool, value string, unique, repla
 				return nil, NewError(EcodeNotFile, p, a.index)
 			}
 			e.PrevNode = old.external(p, a.now)
-			a.remove(p, old)
+			// A file has no subtree: the put below replaces it, and its
+			// expiry index entry goes with oldExp.
+			oldExp = old.expiration
 		}
 	}
 	for _, d := range missing {
@@ -371,9 +414,9 @@ func (a *applier) internalCreate(p string, dir bool, value string, unique, repla
 	}
 	rec := record{dir: dir, created: next, modified: next, expiration: exp}
 	if !dir {
-		rec.value = []byte(value)
+		rec.value = value
 	}
-	a.put(p, &rec, 0)
+	a.put(p, &rec, oldExp)
 	e.Node = rec.external(p, a.now)
 	a.index = next
 	return e, nil
@@ -388,7 +431,7 @@ func (a *applier) set(p string, r *Request) (*Event, *Error) {
 			a.stats.count(&a.stats.sets, false)
 			return nil, verr
 		}
-		value = string(n.value)
+		value = n.value
 	}
 	e, verr := a.internalCreate(p, r.Dir, value, false, true, r.Expiration, ActionSet)
 	a.stats.count(&a.stats.sets, verr == nil)
@@ -422,14 +465,14 @@ func (a *applier) update(p string, r *Request) (e *Event, verr *Error) {
 		return nil, NewError(EcodeNotFile, p, a.index)
 	}
 	if r.Refresh {
-		value = string(n.value)
+		value = n.value
 	}
 	next := a.index + 1
 	e = &Event{Action: ActionUpdate, EtcdIndex: next, Refresh: r.Refresh}
 	e.PrevNode = n.external(p, a.now)
 	oldExp := n.expiration
 	if !n.dir {
-		n.value = []byte(value)
+		n.value = value
 		n.modified = next
 	}
 	n.expiration = r.Expiration
@@ -443,7 +486,7 @@ func (a *applier) update(p string, r *Request) (e *Event, verr *Error) {
 // compareFailCause is etcd's getCompareFailCause.
 func compareFailCause(n *record, prevValue string, prevIndex uint64) (string, bool) {
 	indexMatch := prevIndex == 0 || n.modified == prevIndex
-	valueMatch := prevValue == "" || string(n.value) == prevValue
+	valueMatch := prevValue == "" || n.value == prevValue
 	switch {
 	case indexMatch && valueMatch:
 		return "", true
@@ -472,13 +515,13 @@ func (a *applier) compareAndSwap(p string, r *Request) (e *Event, verr *Error) {
 	}
 	value := r.Val
 	if r.Refresh {
-		value = string(n.value)
+		value = n.value
 	}
 	next := a.index + 1
 	e = &Event{Action: ActionCompareAndSwap, EtcdIndex: next, Refresh: r.Refresh}
 	e.PrevNode = n.external(p, a.now)
 	oldExp := n.expiration
-	n.value = []byte(value)
+	n.value = value
 	n.modified = next
 	n.expiration = r.Expiration
 	a.put(p, &n, oldExp)
@@ -556,7 +599,7 @@ func (a *applier) expire(cutoff int64) {
 		if !found || n.expiration != exp {
 			// An entry the keyspace no longer backs: drop it.
 			a.expiryChanged = true
-			a.fail(a.expiry.Delete(expiryKey(exp, p)))
+			a.deleteExpiry(exp, p)
 			if a.err != nil {
 				return
 			}

@@ -31,25 +31,22 @@ var dedupKeep = 10000
 // so the replay finds every entry it needs. A snapshot file carries its own
 // seed and log, from which an install rebuilds the leader's set exactly.
 type dedup struct {
-	ids   []uint64            // remembered IDs, oldest first, from ids[head] on
-	head  int                 // ids[:head] are forgotten
-	known map[uint64]struct{} // the IDs of ids[head:]
+	ids   []uint64 // remembered IDs, oldest first, from ids[head] on
+	head  int      // ids[:head] are forgotten
+	known idSet    // the IDs of ids[head:]
 }
 
-func newDedup() *dedup { return &dedup{known: make(map[uint64]struct{})} }
+func newDedup() *dedup { return &dedup{known: newIDSet(dedupKeep + 1)} }
 
-func (d *dedup) has(id uint64) bool {
-	_, ok := d.known[id]
-	return ok
-}
+func (d *dedup) has(id uint64) bool { return d.known.has(id) }
 
 // add remembers id, which must not be remembered already, and forgets the
 // oldest beyond dedupKeep.
 func (d *dedup) add(id uint64) {
 	d.ids = append(d.ids, id)
-	d.known[id] = struct{}{}
+	d.known.add(id)
 	for len(d.ids)-d.head > dedupKeep {
-		delete(d.known, d.ids[d.head])
+		d.known.remove(d.ids[d.head])
 		d.head++
 	}
 	// Reclaim the forgotten prefix once it is as long as what is kept.
@@ -57,6 +54,83 @@ func (d *dedup) add(id uint64) {
 		d.ids = append(d.ids[:0], d.ids[d.head:]...)
 		d.head = 0
 	}
+}
+
+// idSet is a set of IDs in an open-addressing table with linear probing,
+// which a FIFO of inserts and deletes at a steady size suits better than a
+// map: a lookup is mostly one cache line, and a removal leaves no
+// tombstone (the entries after it move back instead). 0 marks an empty
+// slot, so the ID 0 is kept apart.
+type idSet struct {
+	slots []uint64 // a power of two, at least twice the IDs held
+	shift uint     // 64 - log2(len(slots))
+	zero  bool     // 0 is in the set
+}
+
+func newIDSet(n int) idSet {
+	size, shift := 16, uint(60)
+	for size < 2*n {
+		size, shift = size*2, shift-1
+	}
+	return idSet{slots: make([]uint64, size), shift: shift}
+}
+
+// home is the slot where id's probe starts: Fibonacci hashing, since IDs
+// differ mostly in their low bits.
+func (s *idSet) home(id uint64) int { return int((id * 0x9e3779b97f4a7c15) >> s.shift) }
+
+func (s *idSet) has(id uint64) bool {
+	if id == 0 {
+		return s.zero
+	}
+	mask := len(s.slots) - 1
+	for i := s.home(id); ; i = (i + 1) & mask {
+		switch s.slots[i] {
+		case id:
+			return true
+		case 0:
+			return false
+		}
+	}
+}
+
+// add inserts id, which must not be in the set; the table never holds more
+// IDs than it was made for, so it always has empty slots.
+func (s *idSet) add(id uint64) {
+	if id == 0 {
+		s.zero = true
+		return
+	}
+	mask := len(s.slots) - 1
+	i := s.home(id)
+	for s.slots[i] != 0 {
+		i = (i + 1) & mask
+	}
+	s.slots[i] = id
+}
+
+func (s *idSet) remove(id uint64) {
+	if id == 0 {
+		s.zero = false
+		return
+	}
+	mask := len(s.slots) - 1
+	i := s.home(id)
+	for s.slots[i] != id {
+		if s.slots[i] == 0 {
+			return
+		}
+		i = (i + 1) & mask
+	}
+	// Move back each later entry of the run whose probe would otherwise
+	// cross the hole: its home is not cyclically within (i, j].
+	for j := (i + 1) & mask; s.slots[j] != 0; j = (j + 1) & mask {
+		if h := s.home(s.slots[j]); (j-h)&mask >= (j-i)&mask {
+			s.slots[i] = s.slots[j]
+			i = j
+		}
+	}
+	s.slots[i] = 0
 }
 
 // note is Save's check for one applied request: true if id was applied

@@ -93,10 +93,9 @@ func joinPath(dir, name string) string {
 	return dir + "/" + name
 }
 
-// nodeKey is the keyspace key of the node at p (p != "/").
-func nodeKey(p string) []byte {
+// appendNodeKey appends the keyspace key of the node at p (p != "/") to b.
+func appendNodeKey(b []byte, p string) []byte {
 	dir, name := splitPath(p)
-	b := make([]byte, 0, len(p)+1)
 	b = appendEscaped(b, dir)
 	b = append(b, 0)
 	return appendEscaped(b, name)
@@ -116,13 +115,14 @@ type record struct {
 	created    uint64
 	modified   uint64
 	expiration int64 // unix nanoseconds; 0 = permanent
-	value      []byte
+	// value is a string, not a slice of the page: the events built from a
+	// record share it instead of copying it again.
+	value string
 }
 
 // Node value: flags byte (1 = dir), uvarint createdIndex, uvarint
 // modifiedIndex, varint expiration, then the value bytes to the end.
-func (r *record) marshal() []byte {
-	b := make([]byte, 0, 1+3*binary.MaxVarintLen64+len(r.value))
+func (r *record) appendTo(b []byte) []byte {
 	var flags byte
 	if r.dir {
 		flags = 1
@@ -136,11 +136,20 @@ func (r *record) marshal() []byte {
 
 var errBadRecord = errors.New("storage: damaged keyspace record")
 
-// parseRecord decodes a node value. The value slice aliases v, which bbolt
-// only keeps valid during the transaction.
+// parseRecord decodes a node value, its value copied out of v.
 func parseRecord(v []byte) (record, error) {
+	r, rest, err := parseRecordHead(v)
+	if err == nil && len(rest) > 0 {
+		r.value = string(rest)
+	}
+	return r, err
+}
+
+// parseRecordHead decodes a node value but its value, which it returns
+// as the tail of v.
+func parseRecordHead(v []byte) (record, []byte, error) {
 	if len(v) == 0 || v[0] > 1 {
-		return record{}, errBadRecord
+		return record{}, nil, errBadRecord
 	}
 	d := decoder{b: v[1:]}
 	r := record{dir: v[0] == 1}
@@ -148,18 +157,16 @@ func parseRecord(v []byte) (record, error) {
 	r.modified = d.uvarint()
 	r.expiration = d.varint()
 	if d.err {
-		return record{}, errBadRecord
+		return record{}, nil, errBadRecord
 	}
-	r.value = d.b
-	return r, nil
+	return r, d.b, nil
 }
 
 // Expiry index key: the expiration as 8 big-endian bytes with the sign bit
 // flipped (so negative times, which an update may store, sort first), then
 // the path.
-func expiryKey(exp int64, p string) []byte {
-	b := make([]byte, 8, 8+len(p))
-	binary.BigEndian.PutUint64(b, uint64(exp)^(1<<63))
+func appendExpiryKey(b []byte, exp int64, p string) []byte {
+	b = binary.BigEndian.AppendUint64(b, uint64(exp)^(1<<63))
 	return append(b, p...)
 }
 
@@ -174,13 +181,23 @@ func parseExpiryKey(k []byte) (int64, string, bool) {
 // now as etcd does (node.go expirationAndTTL: ceil of the remaining
 // seconds, negative once past).
 func (r *record) external(p string, now time.Time) *Node {
-	n := &Node{Key: p, Dir: r.dir, ModifiedIndex: r.modified, CreatedIndex: r.created}
-	if !r.dir {
-		v := string(r.value)
-		n.Value = &v
+	var n *Node
+	if r.dir {
+		n = &Node{}
+	} else {
+		// One allocation for the node and the string its Value points to.
+		nv := &nodeWithValue{value: r.value}
+		n = &nv.node
+		n.Value = &nv.value
 	}
+	n.Key, n.Dir, n.ModifiedIndex, n.CreatedIndex = p, r.dir, r.modified, r.created
 	n.Expiration, n.TTL = expirationAndTTL(r.expiration, now)
 	return n
+}
+
+type nodeWithValue struct {
+	node  Node
+	value string
 }
 
 func expirationAndTTL(exp int64, now time.Time) (*time.Time, int64) {
@@ -222,8 +239,9 @@ func actionCode(a string) byte {
 	return 255
 }
 
-func marshalEvent(e *Event) []byte {
-	b := make([]byte, 0, 64)
+func marshalEvent(e *Event) []byte { return appendEvent(make([]byte, 0, 64), e) }
+
+func appendEvent(b []byte, e *Event) []byte {
 	var flags byte
 	if e.Refresh {
 		flags |= 1

@@ -119,21 +119,32 @@ var ErrBadRequest = errors.New("storage: malformed request")
 // UnmarshalRequest decodes what Marshal encoded; damaged input is an error,
 // never a panic.
 func UnmarshalRequest(data []byte) (*Request, error) {
+	r := &Request{}
+	if err := decodeRequest(data, r); err != nil {
+		return nil, err
+	}
+	return r, nil
+}
+
+// decodeRequest is UnmarshalRequest into r, which it overwrites whole.
+func decodeRequest(data []byte, r *Request) error {
 	if len(data) < 3 {
-		return nil, fmt.Errorf("%w: %d bytes", ErrBadRequest, len(data))
+		return fmt.Errorf("%w: %d bytes", ErrBadRequest, len(data))
 	}
 	if data[0] != requestVersion {
-		return nil, fmt.Errorf("%w: unknown version %d", ErrBadRequest, data[0])
+		return fmt.Errorf("%w: unknown version %d", ErrBadRequest, data[0])
 	}
 	code, flags := data[1], data[2]
 	if int(code) >= len(methodCodes) {
-		return nil, fmt.Errorf("%w: unknown method code %d", ErrBadRequest, code)
+		return fmt.Errorf("%w: unknown method code %d", ErrBadRequest, code)
 	}
 	if flags&^reqKnownFlags != 0 || (flags&reqPrevExist != 0 && flags&reqPrevExistSet == 0) {
-		return nil, fmt.Errorf("%w: bad flags %#x", ErrBadRequest, flags)
+		return fmt.Errorf("%w: bad flags %#x", ErrBadRequest, flags)
 	}
-	d := decoder{b: data[3:]}
-	r := &Request{
+	// The strings are cut from one copy of the rest of the data: one
+	// allocation for all of them.
+	d := decoder{b: data[3:], s: string(data[3:])}
+	*r = Request{
 		Method:    methodCodes[code],
 		Dir:       flags&reqDir != 0,
 		Recursive: flags&reqRecursive != 0,
@@ -159,9 +170,9 @@ func UnmarshalRequest(data []byte) (*Request, error) {
 		}
 	}
 	if d.err || len(d.b) != 0 {
-		return nil, fmt.Errorf("%w: truncated or trailing bytes", ErrBadRequest)
+		return fmt.Errorf("%w: truncated or trailing bytes", ErrBadRequest)
 	}
-	return r, nil
+	return nil
 }
 
 func appendString(b []byte, s string) []byte {
@@ -173,6 +184,7 @@ func appendString(b []byte, s string) []byte {
 // every later read returns zero values, so callers check once at the end.
 type decoder struct {
 	b   []byte
+	s   string // when set, the same bytes as b at the start: strings are cut from it
 	err bool
 }
 
@@ -209,7 +221,15 @@ func (d *decoder) bytes() []byte {
 	return s
 }
 
-func (d *decoder) string() string { return string(d.bytes()) }
+func (d *decoder) string() string {
+	b := d.bytes()
+	if d.s == "" || d.err {
+		return string(b)
+	}
+	// b ends where the rest of the input, d.b, starts.
+	end := len(d.s) - len(d.b)
+	return d.s[end-len(b) : end]
+}
 
 func (d *decoder) byte() byte {
 	if len(d.b) == 0 {

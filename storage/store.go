@@ -72,6 +72,50 @@ type Store struct {
 	dedup    *dedup                    // nil after a failed Save: rebuilt from the file; Save's goroutine only
 	now      func() time.Time          // the clock for ttl fields; tests replace it
 	snapMu   sync.Mutex                // orders the received snapshot's rename and removal
+	arena    arena                     // Save's values; Save's goroutine only
+	bufs     saveBufs                  // Save's encoding buffers, kept from one Save to the next
+}
+
+// saveBufs are the buffers keys and values are encoded in before bbolt
+// (which copies keys) or the arena takes them.
+type saveBufs struct {
+	key, expiryKey, value []byte
+}
+
+// keep returns b unless a huge value made it too big to keep around.
+func keep(b []byte) []byte {
+	if cap(b) > arenaChunk {
+		return nil
+	}
+	return b
+}
+
+// arena holds the values one write transaction puts, in shared chunks
+// rather than one allocation each. bbolt keeps a value by reference until
+// the transaction ends (it copies it into a page at commit), so the chunk
+// is reused by the next transaction, never within one.
+type arena struct {
+	buf []byte
+}
+
+// arenaChunk is the size of a chunk; a value over a quarter of it gets an
+// allocation of its own, so that a chunk kept for reuse stays small.
+const arenaChunk = 16 << 10
+
+// reset makes the chunk reusable: no transaction references it any more.
+func (a *arena) reset() { a.buf = a.buf[:0] }
+
+// copy returns a copy of b that stays valid until the next reset.
+func (a *arena) copy(b []byte) []byte {
+	if len(b) > arenaChunk/4 {
+		return slices.Clone(b)
+	}
+	if cap(a.buf)-len(a.buf) < len(b) {
+		a.buf = make([]byte, 0, arenaChunk)
+	}
+	n := len(a.buf)
+	a.buf = append(a.buf, b...)
+	return a.buf[n:len(a.buf):len(a.buf)]
 }
 
 // Open opens (creating if needed) <dir>/member.db, with the directory
@@ -215,8 +259,12 @@ func (s *Store) Save(rd Ready) ([]Applied, error) {
 		a       applier
 		applied uint64
 		nextExp *time.Time
+		req     Request
 	)
+	// The previous transaction has ended: its values are in the file.
+	s.arena.reset()
 	err := s.db.Update(func(tx *bolt.Tx) error {
+		defer func() { s.bufs = saveBufs{key: keep(a.kbuf), expiryKey: keep(a.ebuf), value: keep(a.scratch)} }()
 		meta := tx.Bucket(bucketMeta)
 		if install != nil {
 			if err := install.apply(tx); err != nil {
@@ -241,7 +289,7 @@ func (s *Store) Save(rd Ready) ([]Applied, error) {
 		}
 		log := tx.Bucket(bucketLog)
 		log.FillPercent = appendFill
-		if err := appendLog(log, rd.Entries); err != nil {
+		if err := appendLog(log, rd.Entries, &s.arena, &s.bufs.value); err != nil {
 			return err
 		}
 		if rd.HardState != nil {
@@ -251,12 +299,23 @@ func (s *Store) Save(rd Ready) ([]Applied, error) {
 		}
 		applied = getUint64(meta, keyApplied)
 		a = applier{
-			view:   view{keys: tx.Bucket(bucketKeys), index: getUint64(meta, keyIndex)},
-			expiry: tx.Bucket(bucketExpiry),
-			events: tx.Bucket(bucketEvents),
+			view:      view{keys: tx.Bucket(bucketKeys), index: getUint64(meta, keyIndex)},
+			expiry:    tx.Bucket(bucketExpiry),
+			events:    tx.Bucket(bucketEvents),
+			arena:     &s.arena,
+			published: make([]*Event, 0, len(rd.Committed)),
+			ebuf:      s.bufs.expiryKey,
+			scratch:   s.bufs.value,
 		}
+		a.kbuf = s.bufs.key
 		a.events.FillPercent = appendFill
 		startIndex := a.index
+		if len(rd.Committed) > 0 {
+			out = make([]Applied, 0, len(rd.Committed))
+		}
+		// One clock reading for the whole Ready: its entries are applied
+		// within microseconds of each other.
+		clocked := false
 		for _, ent := range rd.Committed {
 			idx := ent.GetIndex()
 			if idx <= applied {
@@ -269,8 +328,8 @@ func (s *Store) Save(rd Ready) ([]Applied, error) {
 			if ent.GetType() != raftpb.EntryNormal || len(ent.GetData()) == 0 {
 				continue // conf changes and the leader's no-op
 			}
-			r, err := UnmarshalRequest(ent.GetData())
-			if err != nil {
+			r := &req
+			if err := decodeRequest(ent.GetData(), r); err != nil {
 				out = append(out, Applied{Index: idx,
 					Err: NewError(EcodeRaftInternal, err.Error(), a.index)})
 				continue
@@ -281,7 +340,9 @@ func (s *Store) Save(rd Ready) ([]Applied, error) {
 				out = append(out, res)
 				continue
 			}
-			a.now = s.now()
+			if !clocked {
+				a.now, clocked = s.now(), true
+			}
 			e, verr := a.apply(r)
 			if a.err != nil {
 				return a.err

@@ -215,6 +215,18 @@ func (n *Node) handleReady() error {
 	if n.soleVoterLeader() {
 		hs, committed = n.commitOnAppend(rd)
 	}
+	// A leader sends before it saves (Raft thesis §10.2.1; etcd does the
+	// same): the followers write the new entries while the leader does,
+	// and Raft counts the leader's own copy only at Advance, once it is
+	// durable. Not when its term or vote is new in this Ready: a message
+	// of a term the leader could forget in a crash would let it vote again
+	// in that term. A follower's replies must describe durable state, so
+	// it sends after Save; so does a leader's snapshot, which is
+	// relabelled with what this Ready applies.
+	msgs := rd.Messages
+	if n.loop.lead == n.id && len(msgs) > 0 && n.termAndVoteSaved(rd.HardState) {
+		msgs = n.sendEarly(msgs)
+	}
 	if n.loop.beforeSave != nil {
 		n.loop.beforeSave()
 	}
@@ -272,7 +284,7 @@ func (n *Node) handleReady() error {
 	}
 
 	// Send: everything the messages speak of is durable now.
-	n.send(rd.Messages)
+	n.send(msgs)
 
 	// Signal: waiting proposers, then quorum reads whose index is applied.
 	n.applied.Store(n.loop.applied)
@@ -479,6 +491,42 @@ func (n *Node) send(msgs []*raftpb.Message) {
 		return
 	}
 	n.tr.Send(msgs)
+}
+
+// termAndVoteSaved reports whether hs (nil: unchanged) has the term and
+// vote of the last hard state saved: only its commit index may be new.
+func (n *Node) termAndVoteSaved(hs *raftpb.HardState) bool {
+	last := n.loop.hardState
+	if hs == nil {
+		return last != nil
+	}
+	return last != nil && hs.GetTerm() == last.GetTerm() && hs.GetVote() == last.GetVote()
+}
+
+// sendEarly sends a leader's messages except snapshots, and returns those
+// (usually none) for after Save.
+func (n *Node) sendEarly(msgs []*raftpb.Message) []*raftpb.Message {
+	snaps := 0
+	for _, m := range msgs {
+		if m.GetType() == raftpb.MsgSnap {
+			snaps++
+		}
+	}
+	if snaps == 0 {
+		n.send(msgs)
+		return nil
+	}
+	early := make([]*raftpb.Message, 0, len(msgs)-snaps)
+	late := make([]*raftpb.Message, 0, snaps)
+	for _, m := range msgs {
+		if m.GetType() == raftpb.MsgSnap {
+			late = append(late, m)
+		} else {
+			early = append(early, m)
+		}
+	}
+	n.send(early)
+	return late
 }
 
 // currentSnapshot re-labels an outgoing snapshot with this member's current

@@ -156,12 +156,8 @@ func startInprocNamed(t *testing.T, name string) *inproc {
 
 func (s *inproc) waitFor(what string, cond func() bool) {
 	s.t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			s.t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(10 * time.Millisecond)
+	if !poll(10*time.Second, cond) {
+		s.t.Fatalf("timed out waiting for %s", what)
 	}
 }
 

@@ -83,16 +83,9 @@ func watchleakWatchers(t testing.TB, c *http.Client, baseURL string) int64 {
 // watchleakPoll polls cond until it holds or d has passed.
 func watchleakPoll(t testing.TB, d time.Duration, what string, cond func() (bool, string)) {
 	t.Helper()
-	deadline := time.Now().Add(d)
-	for {
-		ok, state := cond()
-		if ok {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("%s: not within %v (%s)", what, d, state)
-		}
-		time.Sleep(50 * time.Millisecond)
+	var state string
+	if !poll(d, func() (ok bool) { ok, state = cond(); return ok }) {
+		t.Fatalf("%s: not within %v (%s)", what, d, state)
 	}
 }
 

@@ -55,18 +55,6 @@ func (f *peerFeedback) counts() (int, []raft.SnapshotStatus) {
 	return f.unreachable, append([]raft.SnapshotStatus(nil), f.snapshots...)
 }
 
-// peerWaitFor polls cond until it holds or a deadline passes.
-func peerWaitFor(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
-}
-
 func peerNoLeaks(t *testing.T) {
 	t.Cleanup(func() { goleak.VerifyNone(t) })
 }
@@ -247,7 +235,7 @@ func TestPeerSendNeverBlocksOnAStalledPeer(t *testing.T) {
 		t.Fatalf("%d unreachable reports for 100 dropped messages", n)
 	}
 	close(r.gate)
-	peerWaitFor(t, "the queue to drain", func() bool { return len(r.got) == peerQueueMessages+1 })
+	waitFor(t, "the queue to drain", func() bool { return len(r.got) == peerQueueMessages+1 })
 }
 
 func TestPeerDeadPeerIsReportedUnreachable(t *testing.T) {
@@ -264,11 +252,11 @@ func TestPeerDeadPeerIsReportedUnreachable(t *testing.T) {
 		t.Fatal(err)
 	}
 	tr.Send([]*raftpb.Message{peerApp(0)})
-	peerWaitFor(t, "an unreachable report", func() bool { n, _ := fb.counts(); return n > 0 })
+	waitFor(t, "an unreachable report", func() bool { n, _ := fb.counts(); return n > 0 })
 	snap := &raftpb.Message{Type: raftpb.MsgSnap.Enum(), From: new(uint64(peerTestLeader)), To: new(uint64(peerTestFollower)),
 		Snapshot: &raftpb.Snapshot{Metadata: &raftpb.SnapshotMetadata{Index: new(uint64(5)), Term: new(uint64(1))}}}
 	tr.Send([]*raftpb.Message{snap})
-	peerWaitFor(t, "a snapshot failure", func() bool {
+	waitFor(t, "a snapshot failure", func() bool {
 		_, s := fb.counts()
 		return len(s) == 1 && s[0] == raft.SnapshotFailure
 	})
@@ -375,7 +363,7 @@ func TestPeerHandlerRefuses(t *testing.T) {
 		t.Fatal(err)
 	}
 	tr.Send([]*raftpb.Message{peerApp(0)})
-	peerWaitFor(t, "an unreachable report", func() bool { n, _ := fb.counts(); return n > 0 })
+	waitFor(t, "an unreachable report", func() bool { n, _ := fb.counts(); return n > 0 })
 	if len(r.got) != 0 {
 		t.Fatal("a message from another cluster was delivered")
 	}
@@ -428,7 +416,7 @@ func TestPeerSnapshotStreamsIntoTheFollowersStore(t *testing.T) {
 	case <-time.After(10 * time.Second):
 		t.Fatal("no snapshot delivered")
 	}
-	peerWaitFor(t, "the snapshot report", func() bool {
+	waitFor(t, "the snapshot report", func() bool {
 		_, s := fb.counts()
 		return len(s) == 1 && s[0] == raft.SnapshotFinish
 	})

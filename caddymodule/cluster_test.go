@@ -28,6 +28,7 @@ import (
 	"regexp"
 	"slices"
 	"sort"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -464,100 +465,273 @@ func TestClusterThreeMembersOverLoopback(t *testing.T) {
 	}
 }
 
-// TestClusterLeaderKilledUnderWrites kills the leader with SIGKILL while clients write to
-// every member: the others elect a new leader within two election timeouts, and once the
-// killed member is back every acknowledged write is on every member.
+// writeLoad is writers putting keys into a cluster concurrently, each key written once, so
+// that every acknowledged write stays the latest value of its key. It keeps what the
+// members acknowledged and every request that was not answered 2xx.
+type writeLoad struct {
+	dir    string
+	client *http.Client
+	start  time.Time
+	// pick names the member writer w sends to; try counts the members it
+	// already found down (a refused connection) for the write at hand.
+	pick func(w, try int) *testMember
+
+	stopping atomic.Bool
+	cancel   context.CancelFunc // ends requests in flight: only when the test gives up
+	wg       sync.WaitGroup
+	nAcked   atomic.Int64
+
+	mu       sync.Mutex
+	acked    map[string]crashAck
+	failures []string
+}
+
+// startWriteLoad starts writers under dir. It stops them when the test ends, if stop was not
+// called before.
+func startWriteLoad(t *testing.T, dir string, writers int, pick func(w, try int) *testMember) *writeLoad {
+	ctx, cancel := context.WithCancel(context.Background())
+	l := &writeLoad{
+		dir:    dir,
+		client: crashClient(writers),
+		start:  time.Now(),
+		pick:   pick,
+		cancel: cancel,
+		acked:  make(map[string]crashAck),
+	}
+	t.Cleanup(func() {
+		l.cancel()
+		l.stop()
+	})
+	for w := range writers {
+		l.wg.Go(func() { l.write(ctx, w) })
+	}
+	return l
+}
+
+func (l *writeLoad) write(ctx context.Context, w int) {
+	for seq := 0; !l.stopping.Load() && ctx.Err() == nil; seq++ {
+		key := fmt.Sprintf("%s/w%02d-%06d", l.dir, w, seq)
+		for try := 0; ctx.Err() == nil; try++ {
+			m := l.pick(w, try)
+			value := fmt.Sprintf("%d/%d via %s", w, seq, m.Name)
+			sent := time.Now()
+			rctx, rcancel := context.WithTimeout(ctx, 15*time.Second)
+			status, node, err := crashPut(rctx, l.client, m.ClientURL, key, value)
+			rcancel()
+			if err == nil {
+				l.mu.Lock()
+				l.acked[key] = crashAck{Value: value, Index: node.ModifiedIndex}
+				l.mu.Unlock()
+				l.nAcked.Add(1)
+				break
+			}
+			if ctx.Err() != nil {
+				return // the test gave up: not an answer of the cluster's
+			}
+			l.mu.Lock()
+			l.failures = append(l.failures, fmt.Sprintf("PUT %s%s sent at +%v: status %d after %v: %v",
+				m.Name, key, sent.Sub(l.start).Round(time.Millisecond), status,
+				time.Since(sent).Round(time.Millisecond), err))
+			l.mu.Unlock()
+			if !linNeverSent(err) {
+				// Indeterminate (cut by a kill, timed out in an election,
+				// refused by the server): it may exist, so the key is not
+				// written again.
+				break
+			}
+			// Refused connection: nothing was sent, the member is down;
+			// the same write goes to another member.
+		}
+	}
+}
+
+// stop lets every writer finish the request it has in flight, then returns the writes
+// acknowledged and the requests that failed.
+func (l *writeLoad) stop() (map[string]crashAck, []string) {
+	l.stopping.Store(true)
+	l.wg.Wait()
+	l.client.CloseIdleConnections()
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.acked, l.failures
+}
+
+// waitAcks waits until n writes are acknowledged in all.
+func (l *writeLoad) waitAcks(t *testing.T, n int64, what string) {
+	t.Helper()
+	if !poll(30*time.Second, func() bool { return l.nAcked.Load() >= n }) {
+		l.cancel()
+		t.Fatalf("%s: only %d of %d writes acknowledged", what, l.nAcked.Load(), n)
+	}
+}
+
+// since is how long ago the load started, for messages that put events on the writers'
+// timeline.
+func (l *writeLoad) since() time.Duration {
+	return time.Since(l.start).Round(time.Millisecond)
+}
+
+// plainIndex reads X-Etcd-Index from a serializable GET of / on m: the store index of what m
+// itself has applied. ok is false when m does not answer.
+func plainIndex(m *testMember) (uint64, bool) {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	st, h, _, err := m.tryDo(ctx, "GET", "/v2/keys/", nil)
+	if err != nil || st != http.StatusOK {
+		return 0, false
+	}
+	idx, err := strconv.ParseUint(h.Get("X-Etcd-Index"), 10, 64)
+	return idx, err == nil
+}
+
+// waitCaughtUp waits until m has applied the store up to index, as its own (not quorum)
+// reads show.
+func waitCaughtUp(t *testing.T, m *testMember, index uint64, timeout time.Duration) {
+	t.Helper()
+	var got uint64
+	if !poll(timeout, func() bool {
+		got, _ = plainIndex(m)
+		return got >= index
+	}) {
+		t.Fatalf("%s never caught up: store index %d, want %d, after %v", m.Name, got, index, timeout)
+	}
+}
+
+// logSize is the length of p's log now, where raftLogSince can start.
+func logSize(p *proc) int64 {
+	fi, err := os.Stat(p.LogPath)
+	if err != nil {
+		return 0
+	}
+	return fi.Size()
+}
+
+// raftLogSince returns the Raft library's lines (elections, votes, leader changes) that p
+// logged from offset on, n at most: what explains a slow election.
+func raftLogSince(p *proc, offset int64, n int) string {
+	b, err := os.ReadFile(p.LogPath)
+	if err != nil {
+		return err.Error()
+	}
+	var out []string
+	for _, line := range strings.Split(string(b[min(offset, int64(len(b))):]), "\n") {
+		if strings.Contains(line, `"raftkv.raft"`) || strings.Contains(line, `"leader changed"`) || strings.Contains(line, `"leader lost"`) {
+			if out = append(out, line); len(out) == n {
+				break
+			}
+		}
+	}
+	return strings.Join(out, "\n")
+}
+
+// checkAckedEverywhere checks every acknowledged write on each of ms twice: with a quorum
+// read, and with a plain read once the member has applied everything any quorum read saw.
+func checkAckedEverywhere(t *testing.T, ms []*testMember, dir string, acked map[string]crashAck) {
+	t.Helper()
+	var target, highest uint64
+	for _, a := range acked {
+		highest = max(highest, a.Index)
+	}
+	for _, m := range ms {
+		checkAcked(t, m, dir, acked)
+		target = max(target, etcdIndex(t, m))
+	}
+	for _, m := range ms {
+		waitCaughtUp(t, m, target, 20*time.Second)
+		crashVerifyAcked(t, testClient, m.ClientURL, dir, acked, highest)
+	}
+}
+
+// TestClusterLeaderKilledUnderWrites kills the leader with SIGKILL three times in a row while
+// 16 clients write to the members that are up: each time the survivors elect a new leader
+// within two election timeouts, the killed member is restarted and catches up, and the next
+// kill hits the leader of the moment. At the end every acknowledged write is on every member.
 func TestClusterLeaderKilledUnderWrites(t *testing.T) {
+	const (
+		dir     = "/kill"
+		writers = 16
+		kills   = 3
+	)
 	c := startCluster(t, 3, nil)
 	ms := c.members
-	old := agreedLeader(t, ms, "", 10*time.Second)
-	var leader *testMember
-	var survivors []*testMember
-	for _, m := range ms {
-		if m.Name == old.Name {
-			leader = m
-		} else {
-			survivors = append(survivors, m)
-		}
-	}
-
-	const writers = 8
-	client := crashClient(writers)
-	defer client.CloseIdleConnections()
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	var (
-		mu     sync.Mutex
-		acked  = make(map[string]crashAck)
-		nAcked atomic.Int64
-		wg     sync.WaitGroup
-	)
-	for w := range writers {
-		wg.Go(func() {
-			for seq := 0; ctx.Err() == nil; seq++ {
-				// Round-robin over all members, the leader too: what the
-				// killed leader acknowledged before dying must survive.
-				m := ms[(w+seq)%len(ms)]
-				key := fmt.Sprintf("/kill/w%d-%06d", w, seq)
-				value := fmt.Sprintf("%d/%d via %s", w, seq, m.Name)
-				rctx, rcancel := context.WithTimeout(ctx, 15*time.Second)
-				_, node, err := crashPut(rctx, client, m.ClientURL, key, value)
-				rcancel()
-				if err != nil {
-					// Not acknowledged: the member is down, the request was
-					// in flight at the kill, or it timed out in the
-					// election. Such a write may or may not exist.
-					continue
-				}
-				mu.Lock()
-				acked[key] = crashAck{Value: value, Index: node.ModifiedIndex}
-				mu.Unlock()
-				nAcked.Add(1)
+	down := make([]atomic.Bool, len(ms))
+	// Each writer has a home member, the leader's too: what a killed leader
+	// acknowledged before dying must survive. A writer whose member is down
+	// moves to the next one up.
+	load := startWriteLoad(t, dir, writers, func(w, try int) *testMember {
+		for i := range ms {
+			if j := (w + try + i) % len(ms); !down[j].Load() {
+				return ms[j]
 			}
-		})
-	}
-	waitAcks := func(n int64, what string) {
-		if !poll(30*time.Second, func() bool { return nAcked.Load() >= n }) {
-			cancel()
-			wg.Wait()
-			t.Fatalf("%s: only %d writes acknowledged", what, nAcked.Load())
 		}
-	}
-	waitAcks(100, "before the kill")
+		return ms[(w+try)%len(ms)]
+	})
+	load.waitAcks(t, 100, "before the first kill")
 
-	leader.kill9()
-	killed := time.Now()
-	// Poll for the survivors' agreement on a new leader.
-	var elected time.Time
-	var newLeader memberInfo
-	if !poll(10*clusterElectionTimeout, func() bool {
-		a, okA := leaderOf(survivors[0])
-		b, okB := leaderOf(survivors[1])
-		if okA && okB && a.ID == b.ID && a.ID != old.ID {
-			elected, newLeader = time.Now(), a
-			return true
+	cur := agreedLeader(t, ms, "", 10*time.Second)
+	var elected []string
+	for kill := 1; kill <= kills; kill++ {
+		victim := c.byName(cur.Name)
+		vi := slices.Index(ms, victim)
+		var survivors []*testMember
+		for _, m := range ms {
+			if m != victim {
+				survivors = append(survivors, m)
+			}
 		}
-		return false
-	}) {
-		cancel()
-		wg.Wait()
-		t.Fatalf("no new leader among %v within %v of killing %s", names(survivors), 10*clusterElectionTimeout, old.Name)
-	}
-	took := elected.Sub(killed)
-	t.Logf("killed leader %s; %s elected after %v", old.Name, newLeader.Name, took.Round(time.Millisecond))
-	if took > 2*clusterElectionTimeout {
-		t.Errorf("new leader after %v, more than two election timeouts (%v)", took, 2*clusterElectionTimeout)
-	}
-	atElection := nAcked.Load()
-	waitAcks(atElection+100, "after the election")
-	cancel()
-	wg.Wait()
-	t.Logf("%d writes acknowledged", len(acked))
+		logFrom := make([]int64, len(survivors))
+		for i, m := range survivors {
+			logFrom[i] = logSize(m.proc)
+		}
+		down[vi].Store(true)
+		victim.kill9()
+		killed := time.Now()
+		// Poll for the survivors' agreement on a new leader.
+		var (
+			agreed time.Time
+			next   memberInfo
+		)
+		if !poll(10*clusterElectionTimeout, func() bool {
+			a, okA := leaderOf(survivors[0])
+			b, okB := leaderOf(survivors[1])
+			if okA && okB && a.ID == b.ID && a.ID != cur.ID {
+				agreed, next = time.Now(), a
+				return true
+			}
+			return false
+		}) {
+			t.Fatalf("kill %d: no new leader among %v within %v of killing %s", kill, names(survivors), 10*clusterElectionTimeout, cur.Name)
+		}
+		took := agreed.Sub(killed)
+		t.Logf("kill %d at +%v: leader %s killed; %s elected after %v", kill, load.since(), cur.Name, next.Name, took.Round(time.Millisecond))
+		if took > 2*clusterElectionTimeout {
+			t.Errorf("kill %d: new leader after %v, more than two election timeouts (%v)", kill, took, 2*clusterElectionTimeout)
+			for i, m := range survivors {
+				t.Logf("%s's Raft log from the kill to the agreement:\n%s", m.Name, raftLogSince(m.proc, logFrom[i], 40))
+			}
+		}
+		elected = append(elected, next.Name)
+		load.waitAcks(t, load.nAcked.Load()+100, fmt.Sprintf("kill %d, %s down", kill, victim.Name))
 
-	leader.restart(t)
-	for _, m := range ms {
-		checkAcked(t, m, "/kill", acked)
+		victim.restart(t)
+		// Rejoined: it follows the leader the others agree on and has
+		// applied what that leader had committed when it came back.
+		cur = agreedLeader(t, ms, "", 15*time.Second)
+		if cur.ID != next.ID {
+			// With PreVote and CheckQuorum a member coming back does not
+			// unseat a leader that is heard from; the next kill would not
+			// hit the leader this one elected.
+			t.Errorf("kill %d: leadership moved from %s to %s when %s came back", kill, next.Name, cur.Name, victim.Name)
+		}
+		waitCaughtUp(t, victim, etcdIndex(t, c.byName(cur.Name)), 20*time.Second)
+		down[vi].Store(false)
+		t.Logf("kill %d at +%v: %s back and caught up", kill, load.since(), victim.Name)
+		load.waitAcks(t, load.nAcked.Load()+50, fmt.Sprintf("kill %d, %s back", kill, victim.Name))
 	}
+	acked, failures := load.stop()
+	t.Logf("leaders elected: %v; %d writes acknowledged, %d not (in flight at a kill, or waiting out an election)",
+		elected, len(acked), len(failures))
+	checkAckedEverywhere(t, ms, dir, acked)
 }
 
 // TestClusterMembershipChanges adds a fourth member with etcdctl, starts it against the
@@ -671,6 +845,121 @@ func TestClusterMembershipChanges(t *testing.T) {
 	if err != nil || !strings.Contains(out, "cluster is healthy") || strings.Count(out, "is healthy: got healthy result from") != 3 {
 		t.Errorf("etcdctl cluster-health after the changes: %v\n%s", err, out)
 	}
+}
+
+// TestClusterMemberReplacedUnderWriteLoad replaces a member while 8 clients write through two
+// members that stay: a fourth member is added with POST /v2/members, started with
+// initial_cluster_state existing and waited for until it has caught up, then one of the
+// original three is removed with DELETE /v2/members/<id>. No write may fail: every request
+// is answered 2xx. At the end the three members left hold every acknowledged write. The
+// member removed is a follower, or the leader: asked through another member, the leader
+// steps down when it applies its removal and the others elect one; asked itself, it first
+// hands leadership over.
+func TestClusterMemberReplacedUnderWriteLoad(t *testing.T) {
+	t.Run("follower removed", func(t *testing.T) { memberReplacedUnderWriteLoad(t, false, false) })
+	t.Run("leader removed through a follower", func(t *testing.T) { memberReplacedUnderWriteLoad(t, true, false) })
+	t.Run("leader removes itself", func(t *testing.T) { memberReplacedUnderWriteLoad(t, true, true) })
+}
+
+// memberReplacedUnderWriteLoad is one case of TestClusterMemberReplacedUnderWriteLoad: the
+// member removed is the leader or a follower, and the DELETE goes to that member itself
+// (viaGone) or to one that stays.
+func memberReplacedUnderWriteLoad(t *testing.T, removeLeader, viaGone bool) {
+	const (
+		dir     = "/replace"
+		writers = 8
+	)
+	c := startCluster(t, 3, nil)
+	ms := c.members
+	leader := agreedLeader(t, ms, "", 10*time.Second)
+	var gone *testMember
+	var stay []*testMember
+	for _, m := range ms {
+		if gone == nil && (m.Name == leader.Name) == removeLeader {
+			gone = m
+		} else {
+			stay = append(stay, m)
+		}
+	}
+	t.Logf("leader %s; writing through %v; %s is to be removed", leader.Name, names(stay), gone.Name)
+	load := startWriteLoad(t, dir, writers, func(w, try int) *testMember {
+		return stay[(w+try)%len(stay)]
+	})
+	load.waitAcks(t, 100, "three members")
+
+	n4 := c.newTestMember("n4")
+	st, body := postJSON(t, stay[0], "POST", "/v2/members", `{"peerURLs":["`+n4.PeerURL+`"]}`)
+	var added memberInfo
+	if st != http.StatusCreated || json.Unmarshal([]byte(body), &added) != nil || added.ID == "" {
+		t.Fatalf("POST /v2/members: %d %s", st, body)
+	}
+	t.Logf("+%v: n4 added as %s", load.since(), added.ID)
+	c.members = append(c.members, n4)
+	c.writeCaddyfile(n4, c.members, "existing")
+	n4.spawn(t)
+	if err := n4.waitHealthy(30 * time.Second); err != nil {
+		t.Fatalf("n4 did not become healthy: %v", err)
+	}
+	waitCaughtUp(t, n4, etcdIndex(t, stay[0]), 30*time.Second)
+	t.Logf("+%v: n4 caught up", load.since())
+	load.waitAcks(t, load.nAcked.Load()+100, "four members")
+
+	var goneID string
+	for _, mi := range listMembers(t, stay[0]) {
+		if mi.Name == gone.Name {
+			goneID = mi.ID
+		}
+	}
+	if goneID == "" {
+		t.Fatalf("%s is not in %s's member list", gone.Name, stay[0].Name)
+	}
+	if removeLeader {
+		if now, ok := leaderOf(stay[0]); !ok || now.ID != goneID {
+			t.Logf("%s no longer leads (%+v, %v): removing it all the same", gone.Name, now, ok)
+		}
+	}
+	via := stay[1]
+	if viaGone {
+		via = gone
+	}
+	removing, ackedBefore := load.since(), load.nAcked.Load()
+	st, body = postJSON(t, via, "DELETE", "/v2/members/"+goneID, "")
+	if st != http.StatusNoContent {
+		t.Fatalf("DELETE /v2/members/%s (%s): %d %s", goneID, gone.Name, st, body)
+	}
+	t.Logf("+%v: %s removed (DELETE sent to %s at +%v); %d writes acknowledged meanwhile",
+		load.since(), gone.Name, via.Name, removing, load.nAcked.Load()-ackedBefore)
+
+	remaining := []*testMember{stay[0], stay[1], n4}
+	want := names(remaining)
+	sort.Strings(want)
+	for _, m := range remaining {
+		var got []string
+		if !poll(10*time.Second, func() bool {
+			got = got[:0]
+			for _, mi := range listMembers(t, m) {
+				got = append(got, mi.Name)
+			}
+			sort.Strings(got)
+			return slices.Equal(got, want)
+		}) {
+			t.Errorf("%s: members after removing %s: %v", m.Name, gone.Name, got)
+		}
+	}
+	now := agreedLeader(t, remaining, goneID, 10*time.Second)
+	t.Logf("+%v: %s leads %v", load.since(), now.Name, want)
+	load.waitAcks(t, load.nAcked.Load()+100, "after the removal")
+
+	acked, failures := load.stop()
+	t.Logf("%d writes acknowledged, %d failed", len(acked), len(failures))
+	for i, f := range failures {
+		if i == 20 {
+			t.Errorf("… and %d more", len(failures)-i)
+			break
+		}
+		t.Errorf("failed write: %s", f)
+	}
+	checkAckedEverywhere(t, remaining, dir, acked)
 }
 
 // postJSON sends a JSON body (or none) to m and returns the status and body.

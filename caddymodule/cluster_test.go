@@ -172,38 +172,6 @@ func (c *testCluster) writeCaddyfile(m *testMember, initial []*testMember, state
 	}
 }
 
-// spawn starts the process without waiting for it to be healthy, and registers its stop
-// (and its log, when the test fails) with the test.
-func (p *proc) spawn(t testing.TB) {
-	t.Helper()
-	t.Cleanup(func() {
-		p.stop()
-		if t.Failed() {
-			t.Logf("%s log (%s), last lines:\n%s", p.Name, p.LogPath, p.logTail(60))
-		}
-	})
-	logf, err := os.OpenFile(p.LogPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer logf.Close()
-	fmt.Fprintf(logf, "=== %s %s %s\n", time.Now().Format(time.RFC3339Nano), p.path, strings.Join(p.args, " "))
-	cmd := exec.Command(p.path, p.args...)
-	cmd.Env = p.env
-	cmd.Stdout, cmd.Stderr = logf, logf
-	if err := cmd.Start(); err != nil {
-		t.Fatalf("start %s: %v", p.Name, err)
-	}
-	done := make(chan struct{})
-	p.mu.Lock()
-	p.Cmd, p.done = cmd, done
-	p.mu.Unlock()
-	go func() {
-		_ = cmd.Wait()
-		close(done)
-	}()
-}
-
 // memberInfo is a member as /v2/members shows it.
 type memberInfo struct {
 	ID         string   `json:"id"`

@@ -228,17 +228,37 @@ func startEtcd(t testing.TB) *proc {
 // test, and waits for /health.
 func (p *proc) launch(t testing.TB) {
 	t.Helper()
+	p.spawn(t)
+	if err := p.waitHealthy(30 * time.Second); err != nil {
+		t.Fatalf("%s (pid %d) did not become healthy: %v", p.Name, p.Cmd.Process.Pid, err)
+	}
+}
+
+// spawn starts the process without waiting for it to be healthy, and registers its stop
+// (and its log, when the test fails) with the test.
+func (p *proc) spawn(t testing.TB) {
+	t.Helper()
 	t.Cleanup(func() {
 		p.stop()
 		if t.Failed() {
-			t.Logf("%s log (%s), last lines:\n%s", p.Name, p.LogPath, p.logTail(40))
+			t.Logf("%s log (%s), last lines:\n%s", p.Name, p.LogPath, p.logTail(60))
 		}
 	})
-	p.start(t)
+	p.startProcess(t)
 }
 
 // start runs p.path with p.args and waits until /health answers 200 (30 s at most).
 func (p *proc) start(t testing.TB) {
+	t.Helper()
+	p.startProcess(t)
+	if err := p.waitHealthy(30 * time.Second); err != nil {
+		// The cleanup launch registered prints the log tail.
+		t.Fatalf("%s (pid %d) did not become healthy: %v", p.Name, p.Cmd.Process.Pid, err)
+	}
+}
+
+// startProcess runs p.path with p.args, its output appended to p.LogPath, without waiting.
+func (p *proc) startProcess(t testing.TB) {
 	t.Helper()
 	logf, err := os.OpenFile(p.LogPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
 	if err != nil {
@@ -260,10 +280,6 @@ func (p *proc) start(t testing.TB) {
 		_ = cmd.Wait()
 		close(done)
 	}()
-	if err := p.waitHealthy(30 * time.Second); err != nil {
-		// The cleanup launch registered prints the log tail.
-		t.Fatalf("%s (pid %d) did not become healthy: %v", p.Name, cmd.Process.Pid, err)
-	}
 }
 
 // waitHealthy polls GET /health until it answers 200, the process exits, or the deadline.

@@ -54,20 +54,18 @@ func (h *Handler) serveHealth(w http.ResponseWriter, r *http.Request) {
 
 // serveStatsSelf is etcd's /v2/stats/self.
 func (h *Handler) serveStatsSelf(w http.ResponseWriter, r *http.Request) {
-	if !allowMethod(w, r, "GET") {
-		return
-	}
-	n := h.node()
-	if n == nil {
-		writeMessage(w, http.StatusServiceUnavailable, errNotRunning)
-		return
-	}
-	writeJSON(w, http.StatusOK, n.SelfStats(), false)
+	h.serveNodeStats(w, r, func(n *raftkv.Node) any { return n.SelfStats() })
 }
 
 // serveStatsStore is etcd's /v2/stats/store: the store's operation
 // counters since the member started, and its live watchers.
 func (h *Handler) serveStatsStore(w http.ResponseWriter, r *http.Request) {
+	h.serveNodeStats(w, r, func(n *raftkv.Node) any { return n.StoreStats() })
+}
+
+// serveNodeStats answers a GET with the running node's stats, written as
+// etcd writes them (json.Marshal: no trailing newline).
+func (h *Handler) serveNodeStats(w http.ResponseWriter, r *http.Request, stats func(*raftkv.Node) any) {
 	if !allowMethod(w, r, "GET") {
 		return
 	}
@@ -76,7 +74,7 @@ func (h *Handler) serveStatsStore(w http.ResponseWriter, r *http.Request) {
 		writeMessage(w, http.StatusServiceUnavailable, errNotRunning)
 		return
 	}
-	writeJSON(w, http.StatusOK, n.StoreStats(), false)
+	writeJSON(w, http.StatusOK, stats(n), false)
 }
 
 // leaderStats is etcd's /v2/stats/leader shape.

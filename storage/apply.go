@@ -503,15 +503,9 @@ func (a *applier) compareAndSwap(p string, r *Request) (e *Event, verr *Error) {
 	if p == "/" {
 		return nil, NewError(EcodeRootROnly, "/", a.index)
 	}
-	n, verr := a.lookup(p)
+	n, verr := a.compared(p, r)
 	if verr != nil {
 		return nil, verr
-	}
-	if n.dir {
-		return nil, NewError(EcodeNotFile, p, a.index)
-	}
-	if cause, ok := compareFailCause(&n, r.PrevValue, r.PrevIndex); !ok {
-		return nil, NewError(EcodeTestFailed, cause, a.index)
 	}
 	value := r.Val
 	if r.Refresh {
@@ -557,19 +551,30 @@ func (a *applier) delete(p string, r *Request) (e *Event, verr *Error) {
 	return e, nil
 }
 
+// compared finds the file that a compare-and-swap or compare-and-delete
+// tests, and tests it: 100 when it is missing, 102 for a directory, 101
+// when prevValue or prevIndex does not match.
+func (a *applier) compared(p string, r *Request) (record, *Error) {
+	n, verr := a.lookup(p)
+	if verr != nil {
+		return n, verr
+	}
+	if n.dir {
+		return n, NewError(EcodeNotFile, p, a.index)
+	}
+	if cause, ok := compareFailCause(&n, r.PrevValue, r.PrevIndex); !ok {
+		return n, NewError(EcodeTestFailed, cause, a.index)
+	}
+	return n, nil
+}
+
 // compareAndDelete is etcd's: unlike the other writes it has no read-only
 // root check, so "/" fails as a directory (102).
 func (a *applier) compareAndDelete(p string, r *Request) (e *Event, verr *Error) {
 	defer func() { a.stats.count(&a.stats.compareAndDeletes, verr == nil) }()
-	n, verr := a.lookup(p)
+	n, verr := a.compared(p, r)
 	if verr != nil {
 		return nil, verr
-	}
-	if n.dir {
-		return nil, NewError(EcodeNotFile, p, a.index)
-	}
-	if cause, ok := compareFailCause(&n, r.PrevValue, r.PrevIndex); !ok {
-		return nil, NewError(EcodeTestFailed, cause, a.index)
 	}
 	next := a.index + 1
 	e = &Event{Action: ActionCompareAndDelete, EtcdIndex: next,

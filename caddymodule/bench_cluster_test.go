@@ -105,7 +105,7 @@ func BenchmarkClusterVsEtcd(b *testing.B) {
 	}
 
 	rows := []*benchRow{put64, quorum, serial}
-	benchClusterPrint(rows)
+	benchPrint("three-member clusters on loopback", "six server processes on one machine; ", rows)
 	b.ReportMetric(0, "ns/op")
 	for _, r := range rows {
 		if ea, ed := benchMedian(r.values["etcaddy"]), benchMedian(r.values["etcd"]); ea > 0 && ed > 0 {
@@ -208,33 +208,4 @@ func benchLeader(ms []*testMember, timeout time.Duration) (*testMember, error) {
 		return leader, nil
 	}
 	return nil, fmt.Errorf("members %v agree on no leader within %v", names(ms), timeout)
-}
-
-// benchClusterPrint writes the result table in markdown to stdout, in the
-// form benchPrint gives the single-member one.
-func benchClusterPrint(rows []*benchRow) {
-	var sb strings.Builder
-	fmt.Fprintf(&sb, "\n### etcaddy vs etcd 3.4 (v2 API, three-member clusters on loopback, median of %d alternating rounds)\n\n", benchRounds)
-	fmt.Fprintf(&sb, "`./xcaddy.sh bench` on %s; six server processes on one machine; etcd with its default fsync; figures from one machine, shared with whatever else ran.\n\n", benchMachine())
-	sb.WriteString("| workload | etcaddy | etcd | ratio etcaddy/etcd | target |\n")
-	sb.WriteString("| --- | ---: | ---: | ---: | --- |\n")
-	for _, r := range rows {
-		ea, ed := benchMedian(r.values["etcaddy"]), benchMedian(r.values["etcd"])
-		ratio := "n/a"
-		if ea > 0 && ed > 0 {
-			ratio = fmt.Sprintf("%.2fx", ea/ed)
-		}
-		// Every row here is a rate.
-		fmt.Fprintf(&sb, "| %s (%s) | %s | %s | %s | %s (higher is better) |\n", r.workload, r.unit, benchFigure(ea), benchFigure(ed), ratio, r.target)
-	}
-	for _, r := range rows {
-		for _, server := range []string{"etcaddy", "etcd"} {
-			fmt.Fprintf(&sb, "\n- %s, %s, rounds: %s", r.workload, server, benchFigures(r.values[server]))
-		}
-		for _, n := range r.notes {
-			fmt.Fprintf(&sb, "\n- %s: %s", r.workload, n)
-		}
-	}
-	sb.WriteString("\n")
-	fmt.Print(sb.String())
 }

@@ -254,18 +254,14 @@ func TestReloadUnderWriteLoadKeepsNode(t *testing.T) {
 	waitWrites := func(what string, n int64) {
 		t.Helper()
 		target := total.Load() + n
-		deadline := time.Now().Add(30 * time.Second)
-		for total.Load() < target {
-			if time.Now().After(deadline) {
-				mu.Lock()
-				defer mu.Unlock()
-				var last error
-				if len(failures) > 0 {
-					last = failures[len(failures)-1].err
-				}
-				t.Fatalf("%s: writes stalled at %d acknowledged, %d failed; last failure: %v", what, total.Load(), failed.Load(), last)
+		if !poll(30*time.Second, func() bool { return total.Load() >= target }) {
+			mu.Lock()
+			defer mu.Unlock()
+			var last error
+			if len(failures) > 0 {
+				last = failures[len(failures)-1].err
 			}
-			time.Sleep(5 * time.Millisecond)
+			t.Fatalf("%s: writes stalled at %d acknowledged, %d failed; last failure: %v", what, total.Load(), failed.Load(), last)
 		}
 	}
 	waitWrites("before the first reload", reloadWriters)

@@ -93,7 +93,8 @@ var (
 	ctlErrIndex  = regexp.MustCompile(`\[(\d+)\]$`)
 	ctlTTLLine   = regexp.MustCompile(`^TTL: ([1-9]\d*)$`)
 	ctlEnvIndex  = regexp.MustCompile(`index=(\d+)`)
-	memberID     = regexp.MustCompile(`\b[0-9a-f]{16}\b`)
+	// etcdctl prints a member ID with %x: up to 16 digits, fewer when it has leading zeros.
+	memberID     = regexp.MustCompile(`(^|member )[0-9a-f]{1,16}(: name=| is )`)
 	peerURLsText = regexp.MustCompile(`peerURLs=\S+`)
 )
 
@@ -125,7 +126,7 @@ func (s *diffSide) normCtl(text string, unordered bool) string {
 		l = rel(l, ctlEnvIndex, func(_ []string, n int64) string { return fmt.Sprintf("index=%d", n) })
 		l = ctlTTLLine.ReplaceAllString(l, "TTL: <positive>")
 		l = s.relText(l)
-		l = memberID.ReplaceAllString(l, "<member-id>")
+		l = memberID.ReplaceAllString(l, "${1}<member-id>${2}")
 		lines[i] = peerURLsText.ReplaceAllString(l, "peerURLs=<peer-url>")
 	}
 	if unordered {

@@ -55,8 +55,13 @@ type report struct {
 func (n *Node) run() {
 	defer close(n.donec)
 	defer n.failReads(ErrStopped)
+	defer n.flushStore()
 	ticker := time.NewTicker(n.cfg.HeartbeatInterval)
 	defer ticker.Stop()
+	linger := time.NewTimer(time.Hour)
+	linger.Stop()
+	defer linger.Stop()
+	lingering := false
 	n.loop.reap.init()
 	defer n.loop.reap.stop()
 	for {
@@ -67,7 +72,18 @@ func (n *Node) run() {
 		// Block only when Raft has nothing to hand out: after Advance a
 		// leader often has new committed entries ready at once.
 		if !n.rn.HasReady() {
+			// A deferred apply commits with the next Save, or after
+			// applyLinger when none comes.
+			if n.store.Deferred() && !lingering {
+				linger.Reset(applyLinger)
+				lingering = true
+			}
 			select {
+			case <-linger.C:
+				lingering = false
+				n.flushStore()
+			case <-n.store.FlushRequests():
+				n.flushStore()
 			case <-ticker.C:
 				n.tick()
 			case f := <-n.ctrlc:
@@ -104,6 +120,22 @@ func (n *Node) run() {
 				n.removedBy("its removal was applied")
 			}
 		}
+	}
+}
+
+// applyLinger bounds how long a deferred apply waits for the next Save to
+// commit with (see storage.Ready.Defer). In a cluster the next write's
+// entries arrive within a client's round trip, so a serial writer's
+// applies ride with its next append; a reader never waits for it, since a
+// read asks for the commit at once.
+const applyLinger = 2 * time.Millisecond
+
+// flushStore commits a deferred apply. A failure leaves the applied
+// entries to be applied again at the next start; the next Save fails alike
+// and stops the loop.
+func (n *Node) flushStore() {
+	if err := n.store.Flush(); err != nil {
+		n.lg.Error("committing applied entries failed", zap.Error(err))
 	}
 }
 
@@ -145,6 +177,8 @@ func (n *Node) drain(tick <-chan time.Time) bool {
 		select {
 		case p := <-n.propc:
 			n.propose(p)
+		case <-n.store.FlushRequests():
+			n.flushStore()
 		case <-n.readc:
 			n.startRead()
 		case m := <-n.recvc:
@@ -238,6 +272,10 @@ func (n *Node) handleReady() error {
 			Snapshot:  snap,
 			Committed: committed,
 			ConfState: cs,
+			// Applying alone may wait for the next Save's commit: the log
+			// holds the entries, and Raft needs only a new term or vote
+			// durable before it sends.
+			Defer: n.termAndVoteSaved(hs),
 		})
 		if err != nil {
 			return err
@@ -283,7 +321,13 @@ func (n *Node) handleReady() error {
 		n.loop.raftApplied = rd.CommittedEntries[k-1].GetIndex()
 	}
 
-	// Send: everything the messages speak of is durable now.
+	// Send: everything the messages speak of is durable now. A snapshot
+	// is labelled with the applied index, so the file must hold it.
+	if hasSnapshot(msgs) {
+		if err := n.store.Flush(); err != nil {
+			return err
+		}
+	}
 	n.send(msgs)
 
 	// Signal: waiting proposers, then quorum reads whose index is applied.
@@ -503,18 +547,27 @@ func (n *Node) termAndVoteSaved(hs *raftpb.HardState) bool {
 	return last != nil && hs.GetTerm() == last.GetTerm() && hs.GetVote() == last.GetVote()
 }
 
+func hasSnapshot(msgs []*raftpb.Message) bool {
+	for _, m := range msgs {
+		if m.GetType() == raftpb.MsgSnap {
+			return true
+		}
+	}
+	return false
+}
+
 // sendEarly sends a leader's messages except snapshots, and returns those
 // (usually none) for after Save.
 func (n *Node) sendEarly(msgs []*raftpb.Message) []*raftpb.Message {
+	if !hasSnapshot(msgs) {
+		n.send(msgs)
+		return nil
+	}
 	snaps := 0
 	for _, m := range msgs {
 		if m.GetType() == raftpb.MsgSnap {
 			snaps++
 		}
-	}
-	if snaps == 0 {
-		n.send(msgs)
-		return nil
 	}
 	early := make([]*raftpb.Message, 0, len(msgs)-snaps)
 	late := make([]*raftpb.Message, 0, snaps)

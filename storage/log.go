@@ -168,6 +168,11 @@ func (s *Store) Compact(snap *raftpb.SnapshotMetadata, compactIndex uint64) erro
 	if snap == nil || compactIndex > snap.GetIndex() {
 		return fmt.Errorf("storage: compaction index %d is above the snapshot index %d", compactIndex, snap.GetIndex())
 	}
+	// bbolt has one writer, and the log must keep what an open transaction
+	// applied until it commits: a deferred Save's transaction goes first.
+	if err := s.Flush(); err != nil {
+		return err
+	}
 	first := true
 	for {
 		more := false

@@ -341,3 +341,96 @@ func TestAppendEntryMatchesProto(t *testing.T) {
 		}
 	}
 }
+
+// TestDeferredApplyCommitsLater drives Ready.Defer as a cluster member
+// does: entries appended by one Save, applied by a later one that leaves
+// its transaction open. Nothing of the apply is visible until it commits —
+// with the next Save, with Flush, or when a reader asks for it — and a
+// crash before the commit loses nothing: the log still holds the entries.
+func TestDeferredApplyCommitsLater(t *testing.T) {
+	ts := newTestStore(t)
+	ts.mustDo(set("/a", "1"))
+	w := mustWatch(t, ts, "/", true, true, 0)
+	ents := []*raftpb.Entry{entry(2, &Request{Method: MethodPut, Path: "/x", Val: "x"}),
+		entry(3, &Request{Method: MethodPut, Path: "/y", Val: "y"}),
+		entry(4, &Request{Method: MethodPut, Path: "/z", Val: "z"})}
+	if _, err := ts.Save(Ready{Entries: ents}); err != nil {
+		t.Fatal(err)
+	}
+	commit := func(i uint64) *raftpb.HardState {
+		return &raftpb.HardState{Term: proto.Uint64(1), Commit: proto.Uint64(i)}
+	}
+
+	out, err := ts.Save(Ready{HardState: commit(2), Committed: ents[:1], Defer: true})
+	if err != nil || len(out) != 1 || out[0].Event == nil || out[0].Event.Index() != 2 {
+		t.Fatalf("deferred Save: %+v %v", out, err)
+	}
+	if !ts.Deferred() || ts.AppliedIndex() != 1 || ts.Index() != 1 {
+		t.Fatalf("deferred %v applied %d index %d", ts.Deferred(), ts.AppliedIndex(), ts.Index())
+	}
+	wantNothing(t, w)
+
+	// A reader that starts now must see /x: it asks for the commit and
+	// waits for it.
+	got := make(chan error, 1)
+	go func() {
+		_, err := ts.get("/x", false, false)
+		got <- err
+	}()
+	<-ts.FlushRequests()
+	select {
+	case err := <-got:
+		t.Fatalf("the read did not wait for the commit: %v", err)
+	default:
+	}
+	if err := ts.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-got; err != nil {
+		t.Fatalf("read after the commit: %v", err)
+	}
+	if e := next(t, w); e.Index() != 2 || ts.AppliedIndex() != 2 || ts.Deferred() {
+		t.Fatalf("event %d applied %d deferred %v", e.Index(), ts.AppliedIndex(), ts.Deferred())
+	}
+
+	// The next Save that must commit carries a deferred apply with it.
+	if _, err := ts.Save(Ready{HardState: commit(3), Committed: ents[1:2], Defer: true}); err != nil {
+		t.Fatal(err)
+	}
+	next5 := entry(5, &Request{Method: MethodPut, Path: "/w", Val: "w"})
+	if _, err := ts.Save(Ready{Entries: []*raftpb.Entry{next5}, Defer: true}); err != nil {
+		t.Fatal(err)
+	}
+	if ts.Deferred() || ts.AppliedIndex() != 3 {
+		t.Fatalf("an append left the apply deferred: deferred %v applied %d", ts.Deferred(), ts.AppliedIndex())
+	}
+	if e := next(t, w); e.Index() != 3 {
+		t.Fatalf("event %d", e.Index())
+	}
+
+	// A crash with an apply still open: the apply is lost, the entry is
+	// not, and applying it again gives the same result.
+	if _, err := ts.Save(Ready{HardState: commit(4), Committed: ents[2:], Defer: true}); err != nil {
+		t.Fatal(err)
+	}
+	ts.reopen()
+	if ts.AppliedIndex() != 3 {
+		t.Fatalf("applied %d after reopening", ts.AppliedIndex())
+	}
+	st, err := ts.LoadRaft()
+	if err != nil || len(st.Entries) != 5 {
+		t.Fatalf("log after reopening: %d entries, %v", len(st.Entries), err)
+	}
+	out, err = ts.Save(Ready{HardState: commit(4), Committed: ents[2:]})
+	if err != nil || len(out) != 1 || out[0].Event == nil || out[0].Event.Index() != 4 {
+		t.Fatalf("applying again: %+v %v", out, err)
+	}
+
+	// Compaction and SetMeta commit a deferred apply before they write.
+	if _, err := ts.Save(Ready{HardState: commit(5), Committed: []*raftpb.Entry{next5}, Defer: true}); err != nil {
+		t.Fatal(err)
+	}
+	if err := ts.SetMeta("k", []byte("v")); err != nil || ts.Deferred() || ts.AppliedIndex() != 5 {
+		t.Fatalf("SetMeta: %v, deferred %v, applied %d", err, ts.Deferred(), ts.AppliedIndex())
+	}
+}

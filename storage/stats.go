@@ -58,6 +58,20 @@ type statDelta struct {
 	expires                                                                   uint64
 }
 
+// merge adds o to d.
+func (d *statDelta) merge(o *statDelta) {
+	for i := range 2 {
+		d.gets[i] += o.gets[i]
+		d.sets[i] += o.sets[i]
+		d.deletes[i] += o.deletes[i]
+		d.updates[i] += o.updates[i]
+		d.creates[i] += o.creates[i]
+		d.compareAndSwaps[i] += o.compareAndSwaps[i]
+		d.compareAndDeletes[i] += o.compareAndDeletes[i]
+	}
+	d.expires += o.expires
+}
+
 func (d *statDelta) count(pair *[2]uint64, ok bool) {
 	if ok {
 		pair[0]++

@@ -74,6 +74,23 @@ type Store struct {
 	snapMu   sync.Mutex                // orders the received snapshot's rename and removal
 	arena    arena                     // Save's values; Save's goroutine only
 	bufs     saveBufs                  // Save's encoding buffers, kept from one Save to the next
+	open     *bolt.Tx                  // a deferred Save's transaction, not yet committed; Save's goroutine only
+	pend     pending                   // what open holds that readers must not see before it commits
+	acked    atomic.Uint64             // the applied index whose results Save has handed out (committed or in open)
+	flushc   chan struct{}             // readers ask Save's goroutine to commit open (see FlushRequests)
+	commitMu sync.Mutex                // guards commitc
+	commitc  chan struct{}             // closed, and replaced, at each commit that moves the applied index
+	donec    chan struct{}             // closed by Close
+}
+
+// pending is the part of a deferred Save's outcome that is published when
+// its transaction commits: until then readers see the state before it.
+type pending struct {
+	published []*Event
+	stats     statDelta
+	applied   uint64
+	index     uint64
+	nextExp   *time.Time
 }
 
 // saveBufs are the buffers keys and values are encoded in before bbolt
@@ -140,7 +157,7 @@ func Open(dir string) (*Store, error) {
 		return nil, fmt.Errorf("storage: opening %s: %w", dir, err)
 	}
 	removeStaleSnapshots(dir)
-	s := &Store{db: db, now: time.Now}
+	s := &Store{db: db, now: time.Now, flushc: make(chan struct{}, 1), commitc: make(chan struct{}), donec: make(chan struct{})}
 	var events []*Event
 	err = db.Update(func(tx *bolt.Tx) error {
 		for _, name := range [][]byte{bucketLog, bucketRaft, bucketKeys, bucketExpiry, bucketEvents,
@@ -175,6 +192,7 @@ func Open(dir string) (*Store, error) {
 		return nil, fmt.Errorf("storage: opening %s: %w", dir, err)
 	}
 	s.hub = newHub(s.index.Load(), events)
+	s.acked.Store(s.applied.Load())
 	return s, nil
 }
 
@@ -183,7 +201,14 @@ func (s *Store) Close() error {
 	if s.closed.Swap(true) {
 		return ErrClosed
 	}
+	close(s.donec)
 	s.hub.close()
+	if s.open != nil {
+		// The loop ended without Flush (it failed): what open held is in
+		// the log, and is applied again at the next start.
+		s.open.Rollback()
+		s.open = nil
+	}
 	return s.db.Close()
 }
 
@@ -199,6 +224,10 @@ type Ready struct {
 	Snapshot  *raftpb.Snapshot
 	Committed []*raftpb.Entry   // applied in order, after the append; entries at or below the applied index are skipped
 	ConfState *raftpb.ConfState // the conf state after applying Committed's conf changes (nil: unchanged)
+	// Defer lets Save leave its transaction open when the Ready holds no
+	// entries, snapshot or conf state: nothing Raft needs durable before
+	// its next step. See Save.
+	Defer bool
 }
 
 // Applied is the outcome of one committed entry that carried a Request.
@@ -238,12 +267,28 @@ type Applied struct {
 // ahead of Raft's, and the committed entries in between are skipped when
 // Raft hands them out again. Once committed, watchers are brought up to
 // the new state (see hub.recover) and the file is removed.
+//
+// With rd.Defer, a Ready that has nothing Raft needs durable before its
+// next step (no entries, snapshot or conf state; the caller vouches that
+// its hard state changes only the commit index) is applied in a
+// transaction that stays open: the next Save continues it and commits
+// both, so that a member in a cluster commits once per write rather than
+// once to append and again to apply. Its results are returned at once. The
+// entries are in the log already, so a crash before the commit loses
+// nothing: they are applied again at the next start. Readers do not see
+// the open transaction; a read that starts after a result was handed out
+// waits for its commit (see settle), and asks for it on FlushRequests.
 func (s *Store) Save(rd Ready) ([]Applied, error) {
 	if s.closed.Load() {
 		return nil, ErrClosed
 	}
 	var install *snapshotInstall
 	if rd.Snapshot != nil && rd.Snapshot.GetMetadata().GetIndex() != 0 {
+		// What an open transaction applied commits first, on its own: the
+		// snapshot replaces that state, and watchers must see it in order.
+		if err := s.Flush(); err != nil {
+			return nil, err
+		}
 		in, err := s.openSnapshot(rd.Snapshot)
 		if err != nil {
 			return nil, err
@@ -261,9 +306,17 @@ func (s *Store) Save(rd Ready) ([]Applied, error) {
 		nextExp *time.Time
 		req     Request
 	)
-	// The previous transaction has ended: its values are in the file.
-	s.arena.reset()
-	err := s.db.Update(func(tx *bolt.Tx) error {
+	tx := s.open
+	if tx == nil {
+		// The previous transaction has ended: its values are in the file.
+		s.arena.reset()
+		var err error
+		if tx, err = s.db.Begin(true); err != nil {
+			return nil, closedErr(err)
+		}
+	}
+	s.open = nil
+	err := func() error {
 		defer func() { s.bufs = saveBufs{key: keep(a.kbuf), expiryKey: keep(a.ebuf), value: keep(a.scratch)} }()
 		meta := tx.Bucket(bucketMeta)
 		if install != nil {
@@ -373,27 +426,114 @@ func (s *Store) Save(rd Ready) ([]Applied, error) {
 		}
 		if a.expiryChanged || install != nil {
 			nextExp = firstExpiration(a.expiry)
+		} else if s.pend.applied != 0 {
+			nextExp = s.pend.nextExp
 		} else {
 			nextExp = s.nextExp.Load()
 		}
 		return nil
-	})
+	}()
 	if err != nil {
-		// The IDs noted in the rolled-back transaction are forgotten by
-		// rebuilding the set from the file, as Open does.
-		s.dedup = nil
+		tx.Rollback()
+		s.abandon()
 		return nil, closedErr(err)
 	}
-	// Durable now: only from here may anyone see the results.
-	s.applied.Store(applied)
-	s.nextExp.Store(nextExp)
-	s.counters.add(&a.stats)
-	s.index.Store(a.index)
+	s.pend.published = append(s.pend.published, a.published...)
+	s.pend.stats.merge(&a.stats)
+	s.pend.applied, s.pend.index, s.pend.nextExp = applied, a.index, nextExp
+	if rd.Defer && install == nil && len(rd.Entries) == 0 && rd.ConfState == nil {
+		s.open = tx
+		s.acked.Store(applied)
+		return out, nil
+	}
+	if err := s.commit(tx, install); err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+// commit commits tx and only then lets readers see what it holds: the
+// applied and store indexes, the counters, the events (to watchers).
+func (s *Store) commit(tx *bolt.Tx, install *snapshotInstall) error {
+	if err := tx.Commit(); err != nil {
+		s.abandon()
+		return closedErr(err)
+	}
+	p := s.pend
+	s.pend = pending{}
+	s.applied.Store(p.applied)
+	s.nextExp.Store(p.nextExp)
+	s.counters.add(&p.stats)
+	s.index.Store(p.index)
 	if install != nil {
 		s.installed(install)
 	}
-	s.hub.publish(a.published, a.index)
-	return out, nil
+	s.hub.publish(p.published, p.index)
+	s.acked.Store(p.applied)
+	s.commitMu.Lock()
+	close(s.commitc)
+	s.commitc = make(chan struct{})
+	s.commitMu.Unlock()
+	return nil
+}
+
+// abandon forgets a transaction that was rolled back. The request IDs it
+// noted are forgotten by rebuilding the set from the file, as Open does.
+// Results it handed out (a deferred Save's) came from committed log
+// entries, which are applied again at the next start; readers waiting for
+// them stop waiting.
+func (s *Store) abandon() {
+	s.dedup = nil
+	s.pend = pending{}
+	s.acked.Store(s.applied.Load())
+	s.commitMu.Lock()
+	close(s.commitc)
+	s.commitc = make(chan struct{})
+	s.commitMu.Unlock()
+}
+
+// Flush commits the transaction a deferred Save left open, if any. Save's
+// goroutine only.
+func (s *Store) Flush() error {
+	if s.open == nil {
+		return nil
+	}
+	tx := s.open
+	s.open = nil
+	return s.commit(tx, nil)
+}
+
+// Deferred reports whether a deferred Save's transaction awaits Flush.
+// Save's goroutine only.
+func (s *Store) Deferred() bool { return s.open != nil }
+
+// FlushRequests receives when a reader waits for a deferred Save's results
+// to become visible: Save's goroutine should then Flush.
+func (s *Store) FlushRequests() <-chan struct{} { return s.flushc }
+
+// settle waits until the results every Save has handed out so far are
+// visible to readers: a read that follows a write's answer sees the write.
+// It asks Save's goroutine to Flush, which commits a deferred Save.
+func (s *Store) settle() error {
+	target := s.acked.Load()
+	for s.applied.Load() < min(target, s.acked.Load()) {
+		s.commitMu.Lock()
+		ch := s.commitc
+		s.commitMu.Unlock()
+		if s.applied.Load() >= min(target, s.acked.Load()) {
+			break
+		}
+		select {
+		case s.flushc <- struct{}{}:
+		default:
+		}
+		select {
+		case <-ch:
+		case <-s.donec:
+			return ErrClosed
+		}
+	}
+	return nil
 }
 
 // appendFill is the fill percent of buckets whose keys only ever grow (the
@@ -425,6 +565,9 @@ func (s *Store) Index() uint64 { return s.index.Load() }
 func (s *Store) Get(path string, recursive, sorted bool, now time.Time) (*Event, error) {
 	if s.closed.Load() {
 		return nil, ErrClosed
+	}
+	if err := s.settle(); err != nil {
+		return nil, err
 	}
 	var (
 		e    *Event
@@ -475,6 +618,10 @@ func (s *Store) Meta(key string) []byte {
 func (s *Store) SetMeta(key string, value []byte) error {
 	if s.closed.Load() {
 		return ErrClosed
+	}
+	// bbolt has one writer: a deferred Save's transaction commits first.
+	if err := s.Flush(); err != nil {
+		return err
 	}
 	err := s.db.Update(func(tx *bolt.Tx) error {
 		return tx.Bucket(bucketMeta).Put([]byte(metaUserPrefix+key), value)

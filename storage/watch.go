@@ -149,6 +149,9 @@ func historyMatch(e *Event, key string, recursive bool) bool {
 // history from sinceIndex on, then live events (etcd sends only the first
 // historical one and then nothing more).
 func (s *Store) Watch(path string, recursive, stream bool, sinceIndex uint64) (*Watcher, error) {
+	if err := s.settle(); err != nil {
+		return nil, err
+	}
 	key := cleanPath(path)
 	h := s.hub
 	h.mu.Lock()

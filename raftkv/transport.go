@@ -95,7 +95,15 @@ type transportConfig struct {
 	// cluster removed this member (etcd stops such a member).
 	Removed func()
 	Logger  *zap.Logger
+	// SnapshotStall is how long a snapshot transfer may go without
+	// progress (zero: defaultSnapshotStall); see sendSnapshot.
+	SnapshotStall time.Duration
 }
+
+// defaultSnapshotStall: a connection that takes no byte of a snapshot for
+// this long, or a peer that does not answer this long after the last one,
+// is taken for dead.
+const defaultSnapshotStall = 30 * time.Second
 
 // peerTransport sends Raft messages to the other members over HTTP. Each
 // peer has a bounded queue and its own goroutines, so Send never blocks the
@@ -133,6 +141,13 @@ func newPeerTransport(cfg transportConfig) *peerTransport {
 		peers:   make(map[uint64]*peer),
 		removed: make(map[uint64]bool),
 	}
+}
+
+func (t *peerTransport) snapshotStall() time.Duration {
+	if t.cfg.SnapshotStall > 0 {
+		return t.cfg.SnapshotStall
+	}
+	return defaultSnapshotStall
 }
 
 // newPeerClient is the HTTP client members dial each other with.
@@ -557,24 +572,53 @@ var errSnapshotAbandoned = errors.New("raftkv: snapshot request ended")
 
 // sendSnapshot streams the metadata frame and this member's snapshot to the
 // peer through a pipe: the file is read once, in one read transaction, and
-// never copied in memory. Raft hears how it ended.
+// never copied in memory. Raft hears how it ended. A transfer that makes no
+// progress for SnapshotStall is abandoned: Raft waits for the report before
+// it tries that follower again, so a connection that hangs without an
+// error must not keep it waiting for ever.
 func (p *peer) sendSnapshot(frame []byte) {
 	u := p.url()
+	ctx, cancel := context.WithCancel(p.ctx)
+	defer cancel()
 	pr, pw := io.Pipe()
-	req, err := http.NewRequestWithContext(p.ctx, http.MethodPost, u+peerSnapshotPath, pr)
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, u+peerSnapshotPath, pr)
 	if err != nil {
 		p.t.cfg.ReportSnapshot(p.id, raft.SnapshotFailure)
 		return
 	}
+	var progress atomic.Int64 // when the connection last took bytes (UnixNano)
+	progress.Store(time.Now().UnixNano())
+	stall := p.t.snapshotStall()
+	stalled, done := make(chan struct{}), make(chan struct{})
+	defer close(done)
+	go func() {
+		t := time.NewTimer(stall)
+		defer t.Stop()
+		for {
+			select {
+			case <-done:
+				return
+			case <-t.C:
+				idle := time.Since(time.Unix(0, progress.Load()))
+				if idle >= stall {
+					close(stalled)
+					cancel()
+					return
+				}
+				t.Reset(stall - idle)
+			}
+		}
+	}()
 	p.t.setHeaders(req.Header, p.id)
 	req.Trailer = http.Header{trailerSnapshotHash: nil}
 	written := make(chan int64, 1)
 	go func() {
 		var n int64
-		_, err := pw.Write(appendPeerFrame(nil, frame))
+		w := progressWriter{w: pw, at: &progress}
+		_, err := w.Write(appendPeerFrame(nil, frame))
 		if err == nil {
 			h := sha256.New()
-			n, err = p.t.cfg.Snapshot(io.MultiWriter(pw, h))
+			n, err = p.t.cfg.Snapshot(io.MultiWriter(w, h))
 			if err == nil {
 				// Read by the HTTP client after the body's EOF, which
 				// the Close below comes before.
@@ -589,6 +633,11 @@ func (p *peer) sendSnapshot(frame []byte) {
 	pr.CloseWithError(errSnapshotAbandoned)
 	n := <-written
 	if err != nil {
+		select {
+		case <-stalled:
+			err = fmt.Errorf("no progress for %v", stall)
+		default:
+		}
 		if p.ctx.Err() == nil {
 			p.t.lg.Warn("sending a snapshot failed", zap.String("to", idString(p.id)), zap.String("url", u), zap.Error(err))
 			p.failed(u, err)
@@ -600,6 +649,21 @@ func (p *peer) sendSnapshot(frame []byte) {
 	}
 	p.t.lg.Info("snapshot sent", zap.String("to", idString(p.id)), zap.Int64("bytes", n))
 	p.t.cfg.ReportSnapshot(p.id, raft.SnapshotFinish)
+}
+
+// progressWriter notes the time of every write that went through: on a
+// pipe, the moment the HTTP client took the bytes.
+type progressWriter struct {
+	w  io.Writer
+	at *atomic.Int64
+}
+
+func (pw progressWriter) Write(b []byte) (int, error) {
+	n, err := pw.w.Write(b)
+	if n > 0 {
+		pw.at.Store(time.Now().UnixNano())
+	}
+	return n, err
 }
 
 // snapshotReceiver stores an incoming snapshot: storage.Store.

@@ -437,6 +437,49 @@ func TestPeerSnapshotStreamsIntoTheFollowersStore(t *testing.T) {
 	}
 }
 
+// A peer that stops taking a snapshot without closing the connection must
+// not keep Raft waiting for the report for ever: the transfer is abandoned
+// once it has made no progress for SnapshotStall.
+func TestPeerStalledSnapshotIsReportedFailed(t *testing.T) {
+	peerNoLeaks(t)
+	r := newPeerTestReceiver(t, peerPlainHTTP1, openPeerTestStore(t), nil)
+	r.hold() // the receiver reads nothing
+	fb := &peerFeedback{}
+	// More than the connection's buffers hold, written for as long as
+	// they take it.
+	zeros := make([]byte, 1<<20)
+	snapshot := func(w io.Writer) (int64, error) {
+		var n int64
+		for range 256 {
+			k, err := w.Write(zeros)
+			n += int64(k)
+			if err != nil {
+				return n, err
+			}
+		}
+		return n, nil
+	}
+	const stall = 300 * time.Millisecond
+	tr := newPeerTestTransport(t, transportConfig{Snapshot: snapshot, SnapshotStall: stall}, fb)
+	if err := tr.AddPeer(peerTestFollower, []string{r.srv.URL}); err != nil {
+		t.Fatal(err)
+	}
+	meta := &raftpb.SnapshotMetadata{Index: new(uint64(10)), Term: new(uint64(1)),
+		ConfState: &raftpb.ConfState{Voters: []uint64{peerTestLeader, peerTestFollower}}}
+	start := time.Now()
+	tr.Send([]*raftpb.Message{{Type: raftpb.MsgSnap.Enum(), From: new(uint64(peerTestLeader)), To: new(uint64(peerTestFollower)),
+		Term: new(uint64(1)), Snapshot: &raftpb.Snapshot{Metadata: meta}}})
+	<-r.entered
+	waitFor(t, "the snapshot failure report", func() bool {
+		_, s := fb.counts()
+		return len(s) == 1 && s[0] == raft.SnapshotFailure
+	})
+	if d := time.Since(start); d < stall {
+		t.Fatalf("reported after %v, before the connection stalled for %v", d, stall)
+	}
+	close(r.gate)
+}
+
 func TestPeerSnapshotRefusesDamagedStreams(t *testing.T) {
 	peerNoLeaks(t)
 	leader, follower := openPeerTestStore(t, "/a"), openPeerTestStore(t)

@@ -470,10 +470,7 @@ func (s *Store) commit(tx *bolt.Tx, install *snapshotInstall) error {
 	}
 	s.hub.publish(p.published, p.index)
 	s.acked.Store(p.applied)
-	s.commitMu.Lock()
-	close(s.commitc)
-	s.commitc = make(chan struct{})
-	s.commitMu.Unlock()
+	s.wakeSettlers()
 	return nil
 }
 
@@ -486,6 +483,11 @@ func (s *Store) abandon() {
 	s.dedup = nil
 	s.pend = pending{}
 	s.acked.Store(s.applied.Load())
+	s.wakeSettlers()
+}
+
+// wakeSettlers wakes the readers settle has waiting, to look again.
+func (s *Store) wakeSettlers() {
 	s.commitMu.Lock()
 	close(s.commitc)
 	s.commitc = make(chan struct{})

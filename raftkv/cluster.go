@@ -107,12 +107,10 @@ func (n *Node) RemoveMember(ctx context.Context, id uint64) error {
 	}
 	n.confMu.Lock()
 	defer n.confMu.Unlock()
-	switch {
-	case n.isRemoved(id):
-		return ErrMemberRemoved
-	case !n.hasMember(id):
-		return ErrMemberNotFound
-	case len(n.memberSnapshot()) == 1:
+	if err := n.knownMember(id); err != nil {
+		return err
+	}
+	if len(n.memberSnapshot()) == 1 {
 		return ErrLastMember
 	}
 	if id == n.leader.Load() && id == n.id {
@@ -132,6 +130,18 @@ func (n *Node) RemoveMember(ctx context.Context, id uint64) error {
 	return err
 }
 
+// knownMember refuses a change to a member the cluster removed or never
+// had, with etcd's errors.
+func (n *Node) knownMember(id uint64) error {
+	switch {
+	case n.isRemoved(id):
+		return ErrMemberRemoved
+	case !n.hasMember(id):
+		return ErrMemberNotFound
+	}
+	return nil
+}
+
 // UpdateMember proposes new peer URLs for a member and returns once applied.
 func (n *Node) UpdateMember(ctx context.Context, id uint64, peerURLs []string) error {
 	urls, err := normalizeURLs(peerURLs)
@@ -143,12 +153,10 @@ func (n *Node) UpdateMember(ctx context.Context, id uint64, peerURLs []string) e
 	}
 	n.confMu.Lock()
 	defer n.confMu.Unlock()
-	switch {
-	case n.isRemoved(id):
-		return ErrMemberRemoved
-	case !n.hasMember(id):
-		return ErrMemberNotFound
-	case n.peerURLUsed(urls, id):
+	if err := n.knownMember(id); err != nil {
+		return err
+	}
+	if n.peerURLUsed(urls, id) {
 		return ErrPeerURLExists
 	}
 	m := memberRecord{ID: id, PeerURLs: urls}

@@ -563,14 +563,7 @@ func (n *Node) sendEarly(msgs []*raftpb.Message) []*raftpb.Message {
 		n.send(msgs)
 		return nil
 	}
-	snaps := 0
-	for _, m := range msgs {
-		if m.GetType() == raftpb.MsgSnap {
-			snaps++
-		}
-	}
-	early := make([]*raftpb.Message, 0, len(msgs)-snaps)
-	late := make([]*raftpb.Message, 0, snaps)
+	var early, late []*raftpb.Message
 	for _, m := range msgs {
 		if m.GetType() == raftpb.MsgSnap {
 			late = append(late, m)

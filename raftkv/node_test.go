@@ -472,10 +472,13 @@ func TestDoAfterStopReturnsErrStopped(t *testing.T) {
 	}
 }
 
-func TestStopAnswersWaitingRequests(t *testing.T) {
+// startHeldNode starts a node whose loop, once started, holds its next
+// Save until unhold is called (at the latest when the test ends).
+func startHeldNode(t *testing.T) (n *Node, unhold func()) {
+	t.Helper()
 	var hold atomic.Bool
 	release := make(chan struct{})
-	n := startNode(t, t.TempDir(), nil, func(n *Node) {
+	n = startNode(t, t.TempDir(), nil, func(n *Node) {
 		n.loop.beforeSave = func() {
 			if hold.Load() {
 				<-release
@@ -483,9 +486,14 @@ func TestStopAnswersWaitingRequests(t *testing.T) {
 		}
 	})
 	var releaseOnce sync.Once
-	unhold := func() { releaseOnce.Do(func() { close(release) }) }
+	unhold = func() { releaseOnce.Do(func() { close(release) }) }
 	t.Cleanup(unhold) // runs before startNode's Stop, even on failure
 	hold.Store(true)
+	return n, unhold
+}
+
+func TestStopAnswersWaitingRequests(t *testing.T) {
+	n, unhold := startHeldNode(t)
 	errc := make(chan error, 1)
 	go func() {
 		_, err := n.Do(context.Background(), storage.Request{Method: storage.MethodPut, Path: "/held", Val: "x"})
@@ -506,19 +514,7 @@ func TestStopAnswersWaitingRequests(t *testing.T) {
 }
 
 func TestDoTimeoutDoesNotLeakWaiter(t *testing.T) {
-	var hold atomic.Bool
-	release := make(chan struct{})
-	n := startNode(t, t.TempDir(), nil, func(n *Node) {
-		n.loop.beforeSave = func() {
-			if hold.Load() {
-				<-release
-			}
-		}
-	})
-	var releaseOnce sync.Once
-	unhold := func() { releaseOnce.Do(func() { close(release) }) }
-	t.Cleanup(unhold) // runs before startNode's Stop, even on failure
-	hold.Store(true)
+	n, unhold := startHeldNode(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
 	defer cancel()
 	_, err := n.Do(ctx, storage.Request{Method: storage.MethodPut, Path: "/slow", Val: "x"})
@@ -528,7 +524,6 @@ func TestDoTimeoutDoesNotLeakWaiter(t *testing.T) {
 	if l := n.w.len(); l != 0 {
 		t.Fatalf("%d waiters left after timeout", l)
 	}
-	hold.Store(false)
 	unhold()
 	// The loop goes on: the timed-out write still lands, later ones work.
 	put(t, n, "/fast", "y")

@@ -338,6 +338,10 @@ func (n *Node) handleReady() error {
 		clear(n.loop.confApplied)
 		n.loop.confApplied = n.loop.confApplied[:0]
 	}
+	if cs != nil {
+		// After the triggers: a proposer woken here has its answer already.
+		n.confChanged.notify()
+	}
 	n.reapApplied(applied)
 	n.readStates(rd.ReadStates)
 

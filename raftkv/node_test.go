@@ -474,11 +474,11 @@ func TestDoAfterStopReturnsErrStopped(t *testing.T) {
 
 // startHeldNode starts a node whose loop, once started, holds its next
 // Save until unhold is called (at the latest when the test ends).
-func startHeldNode(t *testing.T) (n *Node, unhold func()) {
+func startHeldNode(t *testing.T, edit func(*Config)) (n *Node, unhold func()) {
 	t.Helper()
 	var hold atomic.Bool
 	release := make(chan struct{})
-	n = startNode(t, t.TempDir(), nil, func(n *Node) {
+	n = startNode(t, t.TempDir(), edit, func(n *Node) {
 		n.loop.beforeSave = func() {
 			if hold.Load() {
 				<-release
@@ -493,7 +493,7 @@ func startHeldNode(t *testing.T) (n *Node, unhold func()) {
 }
 
 func TestStopAnswersWaitingRequests(t *testing.T) {
-	n, unhold := startHeldNode(t)
+	n, unhold := startHeldNode(t, nil)
 	errc := make(chan error, 1)
 	go func() {
 		_, err := n.Do(context.Background(), storage.Request{Method: storage.MethodPut, Path: "/held", Val: "x"})
@@ -514,7 +514,7 @@ func TestStopAnswersWaitingRequests(t *testing.T) {
 }
 
 func TestDoTimeoutDoesNotLeakWaiter(t *testing.T) {
-	n, unhold := startHeldNode(t)
+	n, unhold := startHeldNode(t, nil)
 	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
 	defer cancel()
 	_, err := n.Do(ctx, storage.Request{Method: storage.MethodPut, Path: "/slow", Val: "x"})
@@ -594,4 +594,62 @@ func ExampleNode() {
 	}
 	fmt.Println(ev.Action, *ev.Node.Value)
 	// Output: set hello
+}
+
+func TestConfChangeTurnedEmptyIsProposedAgainOnApply(t *testing.T) {
+	// Raft keeps one conf change pending at a time and silently turns a
+	// second one, proposed while the first is unapplied, into an empty
+	// entry. Its proposer must propose it again once the pending one is
+	// applied: with an election timeout far beyond the test's deadline,
+	// waiting out two of them (the general retry) would fail the test.
+	var hold atomic.Bool
+	held := make(chan struct{}, 1)
+	release := make(chan struct{})
+	n := startNode(t, t.TempDir(), func(c *Config) { c.ElectionTimeout = time.Hour }, func(n *Node) {
+		n.loop.beforeSave = func() {
+			if hold.Load() {
+				held <- struct{}{}
+				<-release
+			}
+		}
+	})
+	var releaseOnce sync.Once
+	unhold := func() { releaseOnce.Do(func() { close(release) }) }
+	t.Cleanup(unhold)
+
+	// Hold the loop in a write's Save, queue two conf changes behind it:
+	// the loop then steps both in one batch, so the second meets the first
+	// pending.
+	hold.Store(true)
+	putc := make(chan error, 1)
+	go func() {
+		_, err := n.Do(context.Background(), storage.Request{Method: storage.MethodPut, Path: "/held", Val: "x"})
+		putc <- err
+	}()
+	<-held
+	hold.Store(false)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	errc := make(chan error, 2)
+	for _, name := range []string{"first", "second"} {
+		data, err := json.Marshal(attributesContext{Attributes: &memberAttributes{Name: name, ClientURLs: []string{}}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		cc := &raftpb.ConfChange{Type: raftpb.ConfChangeUpdateNode.Enum(), NodeId: new(n.id), Context: data}
+		go func() { errc <- n.changeMembership(ctx, cc) }()
+	}
+	waitFor(t, "both conf changes queued", func() bool { return len(n.propc) == 2 })
+	unhold()
+	for range 2 {
+		if err := <-errc; err != nil {
+			t.Fatalf("conf change: %v", err)
+		}
+	}
+	if err := <-putc; err != nil {
+		t.Fatalf("the held write: %v", err)
+	}
+	if m, _ := n.member(n.id); m.Name != "first" && m.Name != "second" {
+		t.Fatalf("member name %q after both changes", m.Name)
+	}
 }

@@ -1,6 +1,7 @@
 // Package caddymodule is etcaddy's Caddy glue: the raftkv app that runs a
 // member, the etcd handler that serves etcd's v2 HTTP API beside any other
-// route of a site, and their Caddyfile syntax.
+// route of a site, their Caddyfile syntax, and the operator routes on
+// Caddy's admin API (status, members, leader transfer, backups).
 //
 // It owns request parsing and response writing, byte for byte as etcd 3.4
 // answers, and the member's lifetime across config reloads (the Raft node

@@ -278,29 +278,53 @@ func (n *Node) LeaderStats() (leader string, followers map[string]FollowerStats,
 // waiting at most until ctx ends. Stop calls it. The transferee is the
 // voter whose log is furthest along, so the hand-over is quickest.
 func (n *Node) TransferLeadership(ctx context.Context) error {
+	err := n.transferLeadership(ctx, 0)
+	if errors.Is(err, ErrNotLeader) {
+		return nil
+	}
+	return err
+}
+
+// transferLeadership hands leadership to the voter to (0: the one whose log
+// is furthest along) and waits until this member knows of another leader.
+// Raft gives a transfer up when the transferee has not taken over within
+// an election timeout; this member then leads on and the wait lasts until
+// ctx ends.
+func (n *Node) transferLeadership(ctx context.Context, to uint64) error {
 	if err := n.checkRunning(); err != nil {
 		return err
 	}
 	if n.leader.Load() != n.id {
-		return nil
+		return ErrNotLeader
 	}
-	picked := make(chan uint64, 1)
 	changed := n.leaderChanged.wait()
+	picked := make(chan error, 1)
 	pick := func() {
-		var best uint64
-		var bestMatch uint64
+		// Raft's TransferLeader must run on the loop goroutine, which
+		// also knows for sure whether this member still leads.
+		if n.rn.BasicStatus().RaftState != raft.StateLeader {
+			picked <- ErrNotLeader
+			return
+		}
+		var best, bestMatch uint64
 		n.rn.WithProgress(func(id uint64, typ raft.ProgressType, pr tracker.Progress) {
-			if id == n.id || pr.IsLearner || typ != raft.ProgressTypePeer {
+			if id == n.id || pr.IsLearner || typ != raft.ProgressTypePeer || (to != 0 && id != to) {
 				return
 			}
 			if best == 0 || pr.Match > bestMatch {
 				best, bestMatch = id, pr.Match
 			}
 		})
-		if best != 0 {
+		switch {
+		case best != 0:
 			n.rn.TransferLeader(best)
+			n.lg.Info("transferring leadership", zap.String("from", idString(n.id)), zap.String("to", idString(best)))
+			picked <- nil
+		case to != 0:
+			picked <- fmt.Errorf("%w: %s is not another voting member", ErrMemberNotFound, idString(to))
+		default:
+			picked <- ErrNoTransferee
 		}
-		picked <- best
 	}
 	select {
 	case n.ctrlc <- pick:
@@ -309,21 +333,16 @@ func (n *Node) TransferLeadership(ctx context.Context) error {
 	case <-n.donec:
 		return ErrStopped
 	}
-	to := <-picked
-	if to == 0 {
-		return ErrNoTransferee
+	if err := <-picked; err != nil {
+		return err
 	}
-	n.lg.Info("transferring leadership", zap.String("from", idString(n.id)), zap.String("to", idString(to)))
 	for {
+		if l := n.leader.Load(); l != n.id && l != 0 {
+			return nil
+		}
 		select {
 		case <-changed:
-			if l := n.leader.Load(); l != n.id && l != 0 {
-				return nil
-			}
 			changed = n.leaderChanged.wait()
-			if l := n.leader.Load(); l != n.id && l != 0 {
-				return nil
-			}
 		case <-ctx.Done():
 			return ErrTimeout
 		case <-n.donec:

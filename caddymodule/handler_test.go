@@ -29,7 +29,7 @@ import (
 )
 
 type inproc struct {
-	t        *testing.T
+	t        testing.TB
 	upstream string // host:port of the backend behind reverse_proxy /app/*
 	port     int
 	base     string
@@ -87,7 +87,7 @@ func inprocConfig(port int, dataDir, webRoot, caddyDir, name, staticBody, upstre
 	return b
 }
 
-func inprocPort(t *testing.T) int {
+func inprocPort(t testing.TB) int {
 	t.Helper()
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -99,12 +99,12 @@ func inprocPort(t *testing.T) int {
 
 // startInproc loads a config into this process's Caddy and waits until the
 // member has elected itself.
-func startInproc(t *testing.T) *inproc {
+func startInproc(t testing.TB) *inproc {
 	t.Helper()
 	return startInprocNamed(t, "default")
 }
 
-func startInprocNamed(t *testing.T, name string) *inproc {
+func startInprocNamed(t testing.TB, name string) *inproc {
 	t.Helper()
 	dir := t.TempDir()
 	webRoot := filepath.Join(dir, "www")
@@ -216,7 +216,7 @@ func (s *inproc) expect(resp *http.Response, body string, status int) {
 	}
 }
 
-func decodeEvent(t *testing.T, body string) *storage.Event {
+func decodeEvent(t testing.TB, body string) *storage.Event {
 	t.Helper()
 	var ev storage.Event
 	if err := json.Unmarshal([]byte(body), &ev); err != nil {
@@ -225,7 +225,7 @@ func decodeEvent(t *testing.T, body string) *storage.Event {
 	return &ev
 }
 
-func decodeError(t *testing.T, body string) *storage.Error {
+func decodeError(t testing.TB, body string) *storage.Error {
 	t.Helper()
 	if !strings.HasSuffix(body, "\n") {
 		t.Fatalf("error body %q lacks etcd's newline", body)

@@ -1,0 +1,152 @@
+package caddymodule
+
+import (
+	"bufio"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/etcaddy/etcaddy/storage"
+)
+
+// FuzzKeysOverHTTP sends fuzzed requests — any method, request target,
+// content type and body, written as raw bytes so that nothing in a client
+// library tidies them up — through a real Caddy to a member, and checks
+// what the API promises for bad input: an answer (a watch may wait for an
+// event instead), never a 5xx, an etcd JSON error for a refused request on
+// /v2/keys, and a store that still answers a known key afterwards. Its
+// seeds run in every `go test`; `go test -fuzz FuzzKeysOverHTTP` explores.
+func FuzzKeysOverHTTP(f *testing.F) {
+	s := startInproc(f)
+	resp, body := s.form("PUT", "/v2/keys/fuzz/sentinel", "value=intact")
+	s.expect(resp, body, http.StatusCreated)
+
+	for _, seed := range []struct{ method, target, ctype, body string }{
+		{"GET", "/v2/keys/", "", ""},
+		{"PUT", "/v2/keys/a", formType, "value=1&ttl=abc"},
+		{"PUT", "/v2/keys/a?ttl=-1", formType, "value=1"},
+		{"PUT", "/v2/keys/a?ttl=", formType, "value=1"},
+		{"PUT", "/v2/keys/a?prevIndex=-1&prevValue=", formType, ""},
+		{"PUT", "/v2/keys/dir?dir=true", formType, "value=x"},
+		{"POST", "/v2/keys/queue", formType, "value=job"},
+		{"DELETE", "/v2/keys/fuzz?recursive=true&dir=maybe", "", ""},
+		{"DELETE", "/v2/keys/?recursive=true", "", ""},
+		{"GET", "/v2/keys/a?x=%zz", "", ""},
+		{"PUT", "/v2/keys/a", formType, "value=%zz"},
+		{"GET", "/v2/keys/a?a=1;b=2", "", ""},
+		{"PUT", "/v2/keys/u%ff%fe", formType, "value=1"},
+		{"PUT", "/v2/keys/../../etc/passwd", formType, "value=1"},
+		{"PUT", "/v2/keys/a/./b/../c", formType, "value=1"},
+		{"PUT", "/v2/keys//double//slash", formType, "value=1"},
+		{"PUT", "/v2/keys/%2e%2e/%2F", formType, "value=1"},
+		{"PUT", "/v2/keys/" + strings.Repeat("k", 9000), formType, "value=1"},
+		{"PUT", "/v2/keys/a", "multipart/form-data; boundary=x", "--x\r\nContent-Disposition: form-data; name=\"value\"\r\n\r\nv\r\n--x--\r\n"},
+		{"PUT", "/v2/keys/a", "application/json", `{"value":"1"}`},
+		{"PUT", "/v2/keys/a", formType + "; charset=\xff", "value=1"},
+		{"PATCH", "/v2/keys/a", "", ""},
+		{"OPTIONS", "/v2/keys/a", "", ""},
+		{"HEAD", "/v2/keys/fuzz/sentinel", "", ""},
+		{"GET", "/v2/keys/a?wait=true&waitIndex=1", "", ""},
+		{"GET", "/v2/keys/a?wait=true&waitIndex=18446744073709551615", "", ""},
+		{"GET", "/v2/keys/a?wait=true&stream=true&recursive=true", "", ""},
+		{"PUT", "/v2/keys/a?wait=true", formType, "value=1"},
+		{"PUT", "/v2/keys/a?refresh=true&ttl=5", formType, ""},
+		{"PUT", "/v2/keys/a?prevExist=false&prevExist=true", formType, "value=1&value=2"},
+		{"GET", "/v2/keys/fuzz?recursive=true&sorted=true&quorum=true", "", ""},
+		{"GET", "/v2/members/zz", "", ""},
+		{"POST", "/v2/members", "application/json", `{"peerURLs":["not a url"]}`},
+		{"DELETE", "/v2/members/0", "", ""},
+		{"GET", "/v2/stats/../../version", "", ""},
+		{"BREW", "/v2/keys/a", "", ""},
+		{"GET", "*", "", ""},
+		{"GET", "http://[::1", "", ""},
+	} {
+		f.Add(seed.method, seed.target, seed.ctype, seed.body)
+	}
+	addr := fmt.Sprintf("127.0.0.1:%d", s.port)
+	f.Fuzz(func(t *testing.T, method, target, ctype, body string) {
+		// Only the bytes a request line and a header can hold: the fuzz is
+		// about what the server makes of them, not about HTTP framing.
+		clean := func(s string) string {
+			return strings.Map(func(r rune) rune {
+				if r == '\r' || r == '\n' || r == ' ' || r == '\t' || r == 0 {
+					return -1
+				}
+				return r
+			}, s)
+		}
+		method, target, ctype = clean(method), clean(target), strings.Map(func(r rune) rune {
+			if r == '\r' || r == '\n' || r == 0 {
+				return -1
+			}
+			return r
+		}, ctype)
+		if method == "" || target == "" || len(body) > 2<<20 {
+			return
+		}
+		var req strings.Builder
+		fmt.Fprintf(&req, "%s %s HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n", method, target, addr)
+		if ctype != "" {
+			fmt.Fprintf(&req, "Content-Type: %s\r\n", ctype)
+		}
+		fmt.Fprintf(&req, "Content-Length: %d\r\n\r\n%s", len(body), body)
+
+		watch := strings.Contains(target, "wait")
+		status, ctypeOut, answer, err := rawRequest(addr, req.String(), watch)
+		switch {
+		case errors.Is(err, os.ErrDeadlineExceeded) && watch:
+			// A watch waiting for its event: that is its answer.
+		case errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF):
+			// net/http hangs up on a request it cannot parse at all.
+		case err != nil:
+			t.Fatalf("%s %q: %v", method, target, err)
+		case status >= 500:
+			t.Fatalf("%s %q (%q, %q): status %d: %s", method, target, ctype, body, status, answer)
+		case status >= 400 && strings.HasPrefix(target, "/v2/keys") && strings.HasPrefix(ctypeOut, "application/json"):
+			var e storage.Error
+			if err := json.Unmarshal(answer, &e); err != nil || e.ErrorCode == 0 || e.Message == "" {
+				t.Fatalf("%s %q: status %d with a body that is not etcd's error: %q (%v)", method, target, status, answer, err)
+			}
+		}
+		// The store still answers the key written before the fuzzing,
+		// unless this input removed or changed it, which etcd allows too.
+		status, _, answer, err = rawRequest(addr, "GET /v2/keys/fuzz/sentinel HTTP/1.1\r\nHost: "+addr+"\r\nConnection: close\r\n\r\n", false)
+		if err != nil || (status != http.StatusOK && status != http.StatusNotFound) {
+			t.Fatalf("after %s %q: the store answers %d, %v: %s", method, target, status, err, answer)
+		}
+	})
+}
+
+// rawRequest writes req on a new connection and reads one response, giving
+// up after two seconds (a quarter of one for a watch, which may wait).
+func rawRequest(addr, req string, watch bool) (status int, ctype string, body []byte, err error) {
+	conn, err := net.Dial("tcp", addr)
+	if err != nil {
+		return 0, "", nil, err
+	}
+	defer conn.Close()
+	wait := 2 * time.Second
+	if watch {
+		wait = 250 * time.Millisecond
+	}
+	if err := conn.SetDeadline(time.Now().Add(wait)); err != nil {
+		return 0, "", nil, err
+	}
+	if _, err := io.WriteString(conn, req); err != nil {
+		return 0, "", nil, err
+	}
+	resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
+	if err != nil {
+		return 0, "", nil, err
+	}
+	defer resp.Body.Close()
+	body, err = io.ReadAll(resp.Body)
+	return resp.StatusCode, resp.Header.Get("Content-Type"), body, err
+}

@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"io"
 	"net/http"
-	"slices"
 	"strconv"
 	"time"
 
@@ -38,7 +37,8 @@ func init() {
 //     member's data file.
 //
 // Without a raftkv app in the running config every route answers 404;
-// while the member is not running, 503.
+// while the member is not running, 503 (status still answers for a member
+// that has stopped, with running false).
 type AdminAPI struct {
 	logger *zap.Logger
 }
@@ -218,23 +218,8 @@ func (a *AdminAPI) serveMembers(w http.ResponseWriter, _ *http.Request, app *App
 	if err != nil {
 		return err
 	}
-	self := n.Status().ID
-	ms := n.Members()
-	out := make([]memberJSON, 0, len(ms))
-	for _, m := range ms {
-		mj := memberJSON{ID: idString(m.ID), Name: m.Name, PeerURLs: m.PeerURLs, ClientURLs: m.ClientURLs}
-		if m.ID == self && len(app.AdvertiseClientURLs) > 0 {
-			// The running config's, as the etcd handler lists them.
-			mj.ClientURLs = slices.Clone(app.AdvertiseClientURLs)
-		}
-		if mj.PeerURLs == nil {
-			mj.PeerURLs = []string{}
-		}
-		if mj.ClientURLs == nil {
-			mj.ClientURLs = []string{}
-		}
-		out = append(out, mj)
-	}
+	// The running config's advertised URLs, as the etcd handler lists them.
+	out := membersJSON(n, app.AdvertiseClientURLs, "")
 	return writeAdminJSON(w, struct {
 		Members []memberJSON `json:"members"`
 	}{out})
@@ -295,11 +280,7 @@ func (a *AdminAPI) serveTransfer(w http.ResponseWriter, r *http.Request, app *Ap
 
 	ctx, cancel := context.WithTimeout(r.Context(), timeout)
 	defer cancel()
-	if to == 0 {
-		err = n.TransferLeadership(ctx)
-	} else {
-		err = n.TransferLeadershipTo(ctx, to)
-	}
+	err = n.TransferLeadershipTo(ctx, to)
 	switch {
 	case err == nil:
 	case errors.Is(err, raftkv.ErrNoTransferee):

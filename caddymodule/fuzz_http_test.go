@@ -3,12 +3,10 @@ package caddymodule
 import (
 	"bufio"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
-	"os"
 	"strings"
 	"testing"
 	"time"
@@ -16,13 +14,16 @@ import (
 	"github.com/etcaddy/etcaddy/storage"
 )
 
-// FuzzKeysOverHTTP sends fuzzed requests — any method, request target,
-// content type and body, written as raw bytes so that nothing in a client
-// library tidies them up — through a real Caddy to a member, and checks
-// what the API promises for bad input: an answer (a watch may wait for an
-// event instead), never a 5xx, an etcd JSON error for a refused request on
-// /v2/keys, and a store that still answers a known key afterwards. Its
-// seeds run in every `go test`; `go test -fuzz FuzzKeysOverHTTP` explores.
+// FuzzKeysOverHTTP sends fuzzed requests to /v2/keys — any method, key and
+// query, content type and body, written as raw bytes so that nothing in a
+// client library tidies them up — through a real Caddy to a member, and
+// checks what the API promises for bad input: an answer (a watch may wait
+// for its event instead), never a 5xx or a dropped connection, an etcd JSON
+// error for a refused request, and a store that still answers afterwards.
+// The paths stay under /v2/keys: a fuzzed POST /v2/members could add a
+// member that never starts, and the single member would lose its quorum.
+// Its seeds run in every `go test`; `go test -fuzz FuzzKeysOverHTTP`
+// explores.
 func FuzzKeysOverHTTP(f *testing.F) {
 	s := startInproc(f)
 	resp, body := s.form("PUT", "/v2/keys/fuzz/sentinel", "value=intact")
@@ -60,13 +61,10 @@ func FuzzKeysOverHTTP(f *testing.F) {
 		{"PUT", "/v2/keys/a?refresh=true&ttl=5", formType, ""},
 		{"PUT", "/v2/keys/a?prevExist=false&prevExist=true", formType, "value=1&value=2"},
 		{"GET", "/v2/keys/fuzz?recursive=true&sorted=true&quorum=true", "", ""},
-		{"GET", "/v2/members/zz", "", ""},
-		{"POST", "/v2/members", "application/json", `{"peerURLs":["not a url"]}`},
-		{"DELETE", "/v2/members/0", "", ""},
-		{"GET", "/v2/stats/../../version", "", ""},
 		{"BREW", "/v2/keys/a", "", ""},
-		{"GET", "*", "", ""},
-		{"GET", "http://[::1", "", ""},
+		{"GET", "/v2/keys/../../v2/members", "", ""},
+		{"GET", "/v2/keys/a%", "", ""},
+		{"GET", "/v2/keys?recursive=true", "", ""},
 	} {
 		f.Add(seed.method, seed.target, seed.ctype, seed.body)
 	}
@@ -88,8 +86,11 @@ func FuzzKeysOverHTTP(f *testing.F) {
 			}
 			return r
 		}, ctype)
-		if method == "" || target == "" || len(body) > 2<<20 {
+		if method == "" || len(body) > 64<<10 {
 			return
+		}
+		if !strings.HasPrefix(target, "/v2/keys") {
+			target = "/v2/keys/" + target
 		}
 		var req strings.Builder
 		fmt.Fprintf(&req, "%s %s HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n", method, target, addr)
@@ -98,13 +99,11 @@ func FuzzKeysOverHTTP(f *testing.F) {
 		}
 		fmt.Fprintf(&req, "Content-Length: %d\r\n\r\n%s", len(body), body)
 
-		watch := strings.Contains(target, "wait")
-		status, ctypeOut, answer, err := rawRequest(addr, req.String(), watch)
+		// A watch (wait=true, however it is spelled) answers its headers at
+		// once and its body when an event comes: its body is not awaited.
+		watch := strings.Contains(strings.ToLower(target+body), "wait")
+		status, ctypeOut, answer, err := rawRequest(addr, method, req.String(), watch)
 		switch {
-		case errors.Is(err, os.ErrDeadlineExceeded) && watch:
-			// A watch waiting for its event: that is its answer.
-		case errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF):
-			// net/http hangs up on a request it cannot parse at all.
 		case err != nil:
 			t.Fatalf("%s %q: %v", method, target, err)
 		case status >= 500:
@@ -117,36 +116,37 @@ func FuzzKeysOverHTTP(f *testing.F) {
 		}
 		// The store still answers the key written before the fuzzing,
 		// unless this input removed or changed it, which etcd allows too.
-		status, _, answer, err = rawRequest(addr, "GET /v2/keys/fuzz/sentinel HTTP/1.1\r\nHost: "+addr+"\r\nConnection: close\r\n\r\n", false)
+		status, _, answer, err = rawRequest(addr, "GET", "GET /v2/keys/fuzz/sentinel HTTP/1.1\r\nHost: "+addr+"\r\nConnection: close\r\n\r\n", false)
 		if err != nil || (status != http.StatusOK && status != http.StatusNotFound) {
 			t.Fatalf("after %s %q: the store answers %d, %v: %s", method, target, status, err, answer)
 		}
 	})
 }
 
-// rawRequest writes req on a new connection and reads one response, giving
-// up after two seconds (a quarter of one for a watch, which may wait).
-func rawRequest(addr, req string, watch bool) (status int, ctype string, body []byte, err error) {
+// rawRequest writes req (whose method is method) on a new connection and
+// reads the response: for a watch only its status and headers. It gives up
+// after twice the time the etcd handler gives a request (requestTimeout).
+func rawRequest(addr, method, req string, watch bool) (status int, ctype string, body []byte, err error) {
 	conn, err := net.Dial("tcp", addr)
 	if err != nil {
 		return 0, "", nil, err
 	}
 	defer conn.Close()
-	wait := 2 * time.Second
-	if watch {
-		wait = 250 * time.Millisecond
-	}
-	if err := conn.SetDeadline(time.Now().Add(wait)); err != nil {
+	if err := conn.SetDeadline(time.Now().Add(2 * (5*time.Second + 2*defaultElectionTimeout))); err != nil {
 		return 0, "", nil, err
 	}
 	if _, err := io.WriteString(conn, req); err != nil {
 		return 0, "", nil, err
 	}
-	resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
+	resp, err := http.ReadResponse(bufio.NewReader(conn), &http.Request{Method: method})
 	if err != nil {
 		return 0, "", nil, err
 	}
-	defer resp.Body.Close()
+	// No resp.Body.Close: it would read a watch's body to its end. Closing
+	// the connection ends both.
+	if watch && resp.StatusCode == http.StatusOK {
+		return resp.StatusCode, resp.Header.Get("Content-Type"), nil, nil
+	}
 	body, err = io.ReadAll(resp.Body)
 	return resp.StatusCode, resp.Header.Get("Content-Type"), body, err
 }

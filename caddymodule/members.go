@@ -34,6 +34,12 @@ type memberJSON struct {
 // the Go client replace their endpoints with the members' client URLs, and
 // must land back here.
 func (h *Handler) members(r *http.Request, n *raftkv.Node) []memberJSON {
+	return membersJSON(n, h.advertise, requestURL(r))
+}
+
+// membersJSON lists n's members for an answer; this member's client URLs
+// are advertise, or else fallback (when not empty).
+func membersJSON(n *raftkv.Node, advertise []string, fallback string) []memberJSON {
 	self := n.Status().ID
 	ms := n.Members()
 	out := make([]memberJSON, 0, len(ms))
@@ -46,10 +52,10 @@ func (h *Handler) members(r *http.Request, n *raftkv.Node) []memberJSON {
 		}
 		if m.ID == self {
 			switch {
-			case len(h.advertise) > 0:
-				mj.ClientURLs = slices.Clone(h.advertise)
-			case len(mj.ClientURLs) == 0:
-				mj.ClientURLs = []string{requestURL(r)}
+			case len(advertise) > 0:
+				mj.ClientURLs = slices.Clone(advertise)
+			case len(mj.ClientURLs) == 0 && fallback != "":
+				mj.ClientURLs = []string{fallback}
 			}
 		}
 		if mj.PeerURLs == nil {

@@ -3,7 +3,6 @@ package raftkv
 import (
 	"context"
 	"errors"
-	"fmt"
 	"io"
 
 	"github.com/etcaddy/etcaddy/storage"
@@ -33,15 +32,17 @@ func (n *Node) Backup(ctx context.Context, w io.Writer) (int64, error) {
 	// A write's answer can go out while its apply waits in a transaction
 	// that stays open (storage.Ready.Defer), which no reader sees. Commit
 	// it first, on the loop goroutine that owns the store's write side.
-	flushed := make(chan struct{})
+	flushed := make(chan error, 1)
 	select {
-	case n.ctrlc <- func() { n.flushStore(); close(flushed) }:
+	case n.ctrlc <- func() { flushed <- n.store.Flush() }:
 	case <-ctx.Done():
 		return 0, ErrTimeout
 	case <-n.donec:
 		return 0, ErrStopped
 	}
-	<-flushed
+	if err := <-flushed; err != nil {
+		return 0, err
+	}
 	written, err := n.store.WriteSnapshot(stopWriter{w: w, stop: n.bgCtx})
 	if errors.Is(err, storage.ErrClosed) {
 		err = ErrStopped
@@ -63,14 +64,12 @@ func (s stopWriter) Write(p []byte) (int, error) {
 	return s.w.Write(p)
 }
 
-// TransferLeadershipTo hands leadership to the voting member to, if this
-// member leads, and waits until this member knows of another leader or ctx
-// ends (ErrTimeout). It fails with ErrNotLeader when this member does not
-// lead, and with ErrMemberNotFound when to is not another voting member.
-// TransferLeadership picks the transferee itself.
+// TransferLeadershipTo hands leadership to the voting member to (0: the
+// one whose log is furthest along), if this member leads, and waits until
+// this member knows of another leader or ctx ends (ErrTimeout). Unlike
+// TransferLeadership it fails with ErrNotLeader when this member does not
+// lead; with ErrMemberNotFound when to is not another voting member, and
+// ErrNoTransferee when there is none.
 func (n *Node) TransferLeadershipTo(ctx context.Context, to uint64) error {
-	if to == 0 {
-		return fmt.Errorf("%w: 0 is no member ID", ErrMemberNotFound)
-	}
 	return n.transferLeadership(ctx, to)
 }

@@ -2,8 +2,10 @@ package raftkv
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
+	"math"
 	"net/http"
 	"net/http/httptest"
 	"slices"
@@ -14,6 +16,7 @@ import (
 	"time"
 
 	"github.com/etcaddy/etcaddy/storage"
+	"go.etcd.io/raft/v3/raftpb"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest"
 )
@@ -504,5 +507,108 @@ func TestClusterWritesSurviveLeaderStop(t *testing.T) {
 	}
 	if len(seen) < 40 {
 		t.Fatalf("only %d writes acknowledged", len(seen))
+	}
+}
+
+func TestClusterForwardedConfChangeWaitsForThePendingOne(t *testing.T) {
+	// A follower's conf change reaches the leader while the leader's own is
+	// in its log unapplied. Raft would turn it into an empty entry, which
+	// its proposer would notice only after two election timeouts: the
+	// leader must hold it until its own is applied, then propose it. The
+	// leader's log shows which: in its term, no empty entry but its first.
+	c := &testCluster{t: t, edit: func(cfg *Config) { cfg.ElectionTimeout = 2 * time.Second }}
+	for i := range 3 {
+		c.members = append(c.members, newTestMember(t, fmt.Sprintf("m%d", i)))
+	}
+	for _, m := range c.members {
+		c.start(m, "new")
+	}
+	// Rather than wait out an election timeout, the first member campaigns
+	// once every member has applied the bootstrap conf changes (Raft
+	// refuses to campaign before).
+	waitFor(t, "the bootstrap applied", func() bool {
+		for _, m := range c.members {
+			if m.n().AppliedIndex() < 3 {
+				return false
+			}
+		}
+		return true
+	})
+	first := c.members[0].n()
+	first.ctrlc <- func() {
+		if err := first.rn.Campaign(); err != nil {
+			t.Errorf("campaign: %v", err)
+		}
+	}
+	leader := c.waitLeader(c.members...)
+	ln := leader.n()
+	follower := c.followers(leader, c.members...)[0].n()
+
+	// Hold the leader's loop once a conf change of its own is pending.
+	var hold atomic.Bool
+	held := make(chan struct{}, 1)
+	release := make(chan struct{})
+	var releaseOnce sync.Once
+	unhold := func() { releaseOnce.Do(func() { close(release) }) }
+	t.Cleanup(unhold)
+	ln.ctrlc <- func() {
+		ln.loop.beforeSave = func() {
+			if hold.Load() && ln.confBusy() {
+				select {
+				case held <- struct{}{}:
+				default:
+				}
+				<-release
+			}
+		}
+	}
+	hold.Store(true)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	update := func(n *Node, name string) <-chan error {
+		errc := make(chan error, 1)
+		data, err := json.Marshal(attributesContext{Attributes: &memberAttributes{Name: name, ClientURLs: []string{}}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		cc := &raftpb.ConfChange{Type: raftpb.ConfChangeUpdateNode.Enum(), NodeId: new(n.id), Context: data}
+		go func() { errc <- n.changeMembership(ctx, cc) }()
+		return errc
+	}
+	own := update(ln, "leader-renamed")
+	<-held
+	forwarded := update(follower, "follower-renamed")
+	// The held leader sends no heartbeat, so what reaches it now is the
+	// follower's forwarded proposal.
+	waitFor(t, "the forwarded conf change at the leader", func() bool { return len(ln.recvc) > 0 })
+	hold.Store(false)
+	unhold()
+	for _, errc := range []<-chan error{own, forwarded} {
+		if err := <-errc; err != nil {
+			t.Fatalf("conf change: %v", err)
+		}
+	}
+	for _, m := range c.members {
+		waitFor(t, "both renames on "+m.name, func() bool {
+			a, _ := m.n().member(ln.id)
+			b, _ := m.n().member(follower.id)
+			return a.Name == "leader-renamed" && b.Name == "follower-renamed"
+		})
+	}
+	term := ln.Status().Term
+	lo, _ := ln.ms.FirstIndex()
+	hi, _ := ln.ms.LastIndex()
+	ents, err := ln.ms.Entries(lo, hi+1, math.MaxUint64)
+	if err != nil {
+		t.Fatal(err)
+	}
+	empty := 0
+	for _, e := range ents {
+		if e.GetTerm() == term && e.GetType() == raftpb.EntryNormal && len(e.GetData()) == 0 {
+			empty++
+		}
+	}
+	if empty != 1 {
+		t.Fatalf("%d empty entries in the leader's term %d, want 1 (its own): a conf change was turned into one", empty, term)
 	}
 }

@@ -1,6 +1,9 @@
 package raftkv
 
 import (
+	"errors"
+	"math"
+	"slices"
 	"time"
 
 	"github.com/etcaddy/etcaddy/storage"
@@ -38,6 +41,8 @@ type loopState struct {
 	read               readLoop
 	reap               reaper
 	confApplied        []storage.Applied // conf changes applied in this Ready, for their proposers
+	confPending        uint64            // leader: the index Raft checks conf changes against (see confBusy)
+	confHeld           []heldConf        // leader: conf changes waiting for the pending one to apply
 	removedSelf        bool              // this member's removal was applied
 	stopAt             time.Time         // non-zero: the loop ends then (removed member)
 }
@@ -119,6 +124,7 @@ func (n *Node) run() {
 			if n.loop.removedSelf {
 				n.removedBy("its removal was applied")
 			}
+			n.releaseConf()
 		}
 	}
 }
@@ -206,6 +212,7 @@ func (n *Node) handleReady() error {
 	if rd.SoftState != nil {
 		n.softStateChanged(rd.SoftState)
 	}
+	n.trackConf(rd.Entries)
 
 	// Apply committed conf changes to Raft first, so that the conf state
 	// they produce is saved in the same transaction as their applied index.
@@ -255,11 +262,20 @@ func (n *Node) handleReady() error {
 	// durable. Not when its term or vote is new in this Ready: a message
 	// of a term the leader could forget in a crash would let it vote again
 	// in that term. A follower's replies must describe durable state, so
-	// it sends after Save; so does a leader's snapshot, which is
-	// relabelled with what this Ready applies.
+	// it sends after Save, except what it forwards to the leader (a
+	// proposal, a read index request), which claims nothing about its own
+	// state: the forward then overlaps the Save instead of waiting for it.
+	// A leader's snapshot goes after Save too: it is relabelled with what
+	// this Ready applies.
 	msgs := rd.Messages
-	if n.loop.lead == n.id && len(msgs) > 0 && n.termAndVoteSaved(rd.HardState) {
-		msgs = n.sendEarly(msgs)
+	if len(msgs) > 0 {
+		if n.loop.lead == n.id {
+			if n.termAndVoteSaved(rd.HardState) {
+				msgs = n.sendEarly(msgs, notSnapshot)
+			}
+		} else {
+			msgs = n.sendEarly(msgs, isForward)
+		}
 	}
 	if n.loop.beforeSave != nil {
 		n.loop.beforeSave()
@@ -337,10 +353,6 @@ func (n *Node) handleReady() error {
 		n.w.trigger(n.loop.confApplied)
 		clear(n.loop.confApplied)
 		n.loop.confApplied = n.loop.confApplied[:0]
-	}
-	if cs != nil {
-		// After the triggers: a proposer woken here has its answer already.
-		n.confChanged.notify()
 	}
 	n.reapApplied(applied)
 	n.readStates(rd.ReadStates)
@@ -455,6 +467,9 @@ func (n *Node) softStateChanged(ss *raft.SoftState) {
 		}
 		n.leaderChanged.notify()
 		n.retryReadOnLeaderChange()
+		if ss.Lead == n.id {
+			n.loop.confPending = confElected
+		}
 	}
 	n.setReaperLeader(ss.RaftState == raft.StateLeader)
 }
@@ -463,14 +478,118 @@ func (n *Node) softStateChanged(ss *raft.SoftState) {
 // goes to Raft at once.
 func (n *Node) propose(p proposal) {
 	if p.cc != nil {
-		if err := n.rn.ProposeConfChange(p.cc); err != nil {
-			n.lg.Debug("conf change dropped", zap.Error(err))
-			n.drops.Add(1)
-			signalDropped(p.c)
-		}
+		n.proposeConf(heldConf{p: p})
 		return
 	}
 	n.loop.batch = append(n.loop.batch, p)
+}
+
+// Raft keeps one conf change pending at a time: a leader turns a conf
+// change proposed while another sits unapplied in its log (or before it
+// has applied what its log held when it was elected) into an empty entry,
+// and tells nobody, so the proposer would wait out two election timeouts
+// before trying again. The leader holds such a change instead, and
+// proposes it as soon as Raft would take it: changes from this member's
+// clients and those followers forward alike, in the order they came.
+
+// heldConf is a conf change waiting on the leader: this member's proposal
+// (p), or a follower's forwarded MsgProp (m).
+type heldConf struct {
+	p proposal
+	m *raftpb.Message
+}
+
+// maxConfHeld bounds the conf changes a leader holds; beyond it they are
+// dropped (their proposers try again).
+const maxConfHeld = 1024
+
+// Values of loopState.confPending that stand for an index not known yet.
+const (
+	confElected  = math.MaxUint64     // elected in this Ready: Raft took its last index
+	confProposed = math.MaxUint64 - 1 // a conf change was stepped: its index comes in the next Ready
+)
+
+// confBusy reports whether Raft would turn a conf change proposed now into
+// an empty entry.
+func (n *Node) confBusy() bool {
+	return n.loop.lead == n.id && n.loop.confPending > n.loop.raftApplied
+}
+
+// proposeConf steps a conf change, or holds it while the leader is busy
+// with another (and behind those held before it).
+func (n *Node) proposeConf(h heldConf) {
+	if n.loop.lead == n.id && (n.confBusy() || len(n.loop.confHeld) > 0) {
+		if len(n.loop.confHeld) < maxConfHeld {
+			n.loop.confHeld = append(n.loop.confHeld, h)
+			return
+		}
+		n.lg.Warn("too many conf changes waiting; dropping one", zap.Int("waiting", len(n.loop.confHeld)))
+		n.dropConf(h, errors.New("too many conf changes waiting"))
+		return
+	}
+	var err error
+	if h.m != nil {
+		err = n.rn.Step(h.m)
+	} else {
+		err = n.rn.ProposeConfChange(h.p.cc)
+	}
+	if err != nil {
+		n.dropConf(h, err)
+		return
+	}
+	if n.loop.lead == n.id {
+		n.loop.confPending = confProposed
+	}
+}
+
+func (n *Node) dropConf(h heldConf, err error) {
+	n.lg.Debug("conf change dropped", zap.Error(err))
+	if h.m == nil {
+		n.drops.Add(1)
+		signalDropped(h.p.c)
+	}
+}
+
+// releaseConf proposes the first held conf change once Raft would take it.
+// A member that no longer leads hands them all to Raft at once, which
+// forwards them to the new leader or drops them (their proposers retry).
+func (n *Node) releaseConf() {
+	for len(n.loop.confHeld) > 0 && !n.confBusy() {
+		h := n.loop.confHeld[0]
+		n.loop.confHeld[0] = heldConf{}
+		n.loop.confHeld = n.loop.confHeld[1:]
+		n.proposeConf(h)
+	}
+	if len(n.loop.confHeld) == 0 {
+		n.loop.confHeld = nil
+	}
+}
+
+// trackConf follows, on the leader, the index Raft checks conf changes
+// against (its pendingConfIndex): its last index when elected, then the
+// index of each conf change it appends. ents are the Ready's new entries.
+func (n *Node) trackConf(ents []*raftpb.Entry) {
+	if n.loop.lead != n.id {
+		n.loop.confPending = 0
+		return
+	}
+	switch n.loop.confPending {
+	case confElected:
+		// At or past Raft's: the leader's own empty entry comes after it.
+		if k := len(ents); k > 0 {
+			n.loop.confPending = ents[k-1].GetIndex()
+		} else if last, err := n.ms.LastIndex(); err == nil {
+			n.loop.confPending = last
+		}
+	case confProposed:
+		// Its entry is below, unless Raft refused it after all.
+		n.loop.confPending = 0
+	}
+	for _, e := range ents {
+		if isConfEntry(e) {
+			n.loop.confPending = max(n.loop.confPending, e.GetIndex())
+		}
+	}
 }
 
 // flushProposals hands every queued attempt to Raft in one MsgProp: one
@@ -513,8 +632,14 @@ func (n *Node) tick() {
 
 // step hands Raft a message from a peer.
 func (n *Node) step(m *raftpb.Message) {
-	if m.GetType() == raftpb.MsgApp {
+	switch m.GetType() {
+	case raftpb.MsgApp:
 		n.recvAppends.Add(1)
+	case raftpb.MsgProp:
+		if n.loop.lead == n.id && slices.ContainsFunc(m.GetEntries(), isConfEntry) {
+			n.proposeConf(heldConf{m: m})
+			return
+		}
 	}
 	if err := n.rn.Step(m); err != nil {
 		n.lg.Debug("peer message refused", zap.Error(err), zap.Stringer("type", m.GetType()), zap.String("from", idString(m.GetFrom())))
@@ -560,23 +685,47 @@ func hasSnapshot(msgs []*raftpb.Message) bool {
 	return false
 }
 
-// sendEarly sends a leader's messages except snapshots, and returns those
-// (usually none) for after Save.
-func (n *Node) sendEarly(msgs []*raftpb.Message) []*raftpb.Message {
-	if !hasSnapshot(msgs) {
+// sendEarly sends the messages early picks, and returns the others for
+// after Save.
+func (n *Node) sendEarly(msgs []*raftpb.Message, early func(*raftpb.Message) bool) []*raftpb.Message {
+	k := 0
+	for _, m := range msgs {
+		if early(m) {
+			k++
+		}
+	}
+	switch k {
+	case 0:
+		return msgs
+	case len(msgs):
 		n.send(msgs)
 		return nil
 	}
-	var early, late []*raftpb.Message
+	now := make([]*raftpb.Message, 0, k)
+	var later []*raftpb.Message
 	for _, m := range msgs {
-		if m.GetType() == raftpb.MsgSnap {
-			late = append(late, m)
+		if early(m) {
+			now = append(now, m)
 		} else {
-			early = append(early, m)
+			later = append(later, m)
 		}
 	}
-	n.send(early)
-	return late
+	n.send(now)
+	return later
+}
+
+func isConfEntry(e *raftpb.Entry) bool {
+	t := e.GetType()
+	return t == raftpb.EntryConfChange || t == raftpb.EntryConfChangeV2
+}
+
+func notSnapshot(m *raftpb.Message) bool { return m.GetType() != raftpb.MsgSnap }
+
+// isForward reports whether m is a request a follower passes on to the
+// leader.
+func isForward(m *raftpb.Message) bool {
+	t := m.GetType()
+	return t == raftpb.MsgProp || t == raftpb.MsgReadIndex
 }
 
 // currentSnapshot re-labels an outgoing snapshot with this member's current

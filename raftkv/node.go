@@ -129,7 +129,6 @@ type Node struct {
 	w             waiters
 	leaderChanged broadcast // notified when the known leader changes
 	retryEpoch    broadcast // notified once per election timeout
-	confChanged   broadcast // notified when a Ready applied a conf change
 
 	readMu   sync.Mutex
 	nextRead *readRound // collects quorum reads for the next ReadIndex round
@@ -299,14 +298,6 @@ func (n *Node) submit(ctx context.Context, id uint64, p proposal) (result, error
 		// Take the leader signal before proposing: a leader elected between
 		// the drop and our wait must still wake us.
 		leaderChanged := n.leaderChanged.wait()
-		// A conf change Raft turned into an empty entry, because another
-		// was pending, is never applied: propose it again as soon as a
-		// conf change is applied (most likely the one that was pending),
-		// rather than after two election timeouts.
-		var confChanged <-chan struct{}
-		if p.cc != nil {
-			confChanged = n.confChanged.wait()
-		}
 		select {
 		case n.propc <- p: // the common case, without the full select
 		default:
@@ -318,7 +309,7 @@ func (n *Node) submit(ctx context.Context, id uint64, p proposal) (result, error
 				return result{}, ErrStopped
 			}
 		}
-		res, done, err := n.awaitAttempt(ctx, p.c, confChanged)
+		res, done, err := n.awaitAttempt(ctx, p.c)
 		if err != nil {
 			return result{}, err
 		}
@@ -333,28 +324,28 @@ func (n *Node) submit(ctx context.Context, id uint64, p proposal) (result, error
 		if err := n.backoff(ctx, attempt, leaderChanged); err != nil {
 			return result{}, err
 		}
+		// The answer may have come during the backoff: then no copy goes.
+		select {
+		case res := <-p.c:
+			if !res.dropped {
+				return res, nil
+			}
+		default:
+		}
 	}
 }
 
 // awaitAttempt waits for the outcome of one attempt. It returns done false
 // when the attempt must be retried: Raft dropped it (no leader, a leader
-// transfer in progress), it did not commit within two election timeouts
-// (the leader that took it may have lost it), or retry closed first.
-func (n *Node) awaitAttempt(ctx context.Context, c chan result, retry <-chan struct{}) (res result, done bool, err error) {
+// transfer in progress), or it did not commit within two election timeouts
+// (the leader that took it may have lost it).
+func (n *Node) awaitAttempt(ctx context.Context, c chan result) (res result, done bool, err error) {
 	epochs := 0
 	epoch := n.retryEpoch.wait()
 	for {
 		select {
 		case res = <-c:
 			return res, !res.dropped, nil
-		case <-retry:
-			// The Ready that closed retry may also have answered.
-			select {
-			case res = <-c:
-				return res, !res.dropped, nil
-			default:
-			}
-			return res, false, nil
 		case <-epoch:
 			if epochs++; epochs >= 2 {
 				return res, false, nil

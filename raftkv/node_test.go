@@ -473,14 +473,20 @@ func TestDoAfterStopReturnsErrStopped(t *testing.T) {
 }
 
 // startHeldNode starts a node whose loop, once started, holds its next
-// Save until unhold is called (at the latest when the test ends).
-func startHeldNode(t *testing.T, edit func(*Config)) (n *Node, unhold func()) {
+// Save until unhold is called (at the latest when the test ends); held
+// receives once the loop is held.
+func startHeldNode(t *testing.T, edit func(*Config)) (n *Node, held <-chan struct{}, unhold func()) {
 	t.Helper()
 	var hold atomic.Bool
+	heldc := make(chan struct{}, 1)
 	release := make(chan struct{})
 	n = startNode(t, t.TempDir(), edit, func(n *Node) {
 		n.loop.beforeSave = func() {
 			if hold.Load() {
+				select {
+				case heldc <- struct{}{}:
+				default:
+				}
 				<-release
 			}
 		}
@@ -489,11 +495,11 @@ func startHeldNode(t *testing.T, edit func(*Config)) (n *Node, unhold func()) {
 	unhold = func() { releaseOnce.Do(func() { close(release) }) }
 	t.Cleanup(unhold) // runs before startNode's Stop, even on failure
 	hold.Store(true)
-	return n, unhold
+	return n, heldc, unhold
 }
 
 func TestStopAnswersWaitingRequests(t *testing.T) {
-	n, unhold := startHeldNode(t, nil)
+	n, _, unhold := startHeldNode(t, nil)
 	errc := make(chan error, 1)
 	go func() {
 		_, err := n.Do(context.Background(), storage.Request{Method: storage.MethodPut, Path: "/held", Val: "x"})
@@ -514,7 +520,7 @@ func TestStopAnswersWaitingRequests(t *testing.T) {
 }
 
 func TestDoTimeoutDoesNotLeakWaiter(t *testing.T) {
-	n, unhold := startHeldNode(t, nil)
+	n, _, unhold := startHeldNode(t, nil)
 	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
 	defer cancel()
 	_, err := n.Do(ctx, storage.Request{Method: storage.MethodPut, Path: "/slow", Val: "x"})
@@ -596,38 +602,21 @@ func ExampleNode() {
 	// Output: set hello
 }
 
-func TestConfChangeTurnedEmptyIsProposedAgainOnApply(t *testing.T) {
+func TestConfChangeWaitsForThePendingOne(t *testing.T) {
 	// Raft keeps one conf change pending at a time and silently turns a
 	// second one, proposed while the first is unapplied, into an empty
-	// entry. Its proposer must propose it again once the pending one is
-	// applied: with an election timeout far beyond the test's deadline,
+	// entry. The leader must hold the second until the first is applied:
+	// with an election timeout far beyond the test's deadline, a proposer
 	// waiting out two of them (the general retry) would fail the test.
-	var hold atomic.Bool
-	held := make(chan struct{}, 1)
-	release := make(chan struct{})
-	n := startNode(t, t.TempDir(), func(c *Config) { c.ElectionTimeout = time.Hour }, func(n *Node) {
-		n.loop.beforeSave = func() {
-			if hold.Load() {
-				held <- struct{}{}
-				<-release
-			}
-		}
-	})
-	var releaseOnce sync.Once
-	unhold := func() { releaseOnce.Do(func() { close(release) }) }
-	t.Cleanup(unhold)
-
-	// Hold the loop in a write's Save, queue two conf changes behind it:
-	// the loop then steps both in one batch, so the second meets the first
-	// pending.
-	hold.Store(true)
+	n, held, unhold := startHeldNode(t, func(c *Config) { c.ElectionTimeout = time.Hour })
 	putc := make(chan error, 1)
 	go func() {
 		_, err := n.Do(context.Background(), storage.Request{Method: storage.MethodPut, Path: "/held", Val: "x"})
 		putc <- err
 	}()
+	// With the loop held in a Save, two conf changes queue up: the loop
+	// then takes both at once, the second while the first is pending.
 	<-held
-	hold.Store(false)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	errc := make(chan error, 2)
@@ -639,7 +628,9 @@ func TestConfChangeTurnedEmptyIsProposedAgainOnApply(t *testing.T) {
 		cc := &raftpb.ConfChange{Type: raftpb.ConfChangeUpdateNode.Enum(), NodeId: new(n.id), Context: data}
 		go func() { errc <- n.changeMembership(ctx, cc) }()
 	}
-	waitFor(t, "both conf changes queued", func() bool { return len(n.propc) == 2 })
+	// The held Save may be the write's or one left from the election,
+	// with the write queued too: either way both changes are queued.
+	waitFor(t, "both conf changes queued", func() bool { return len(n.propc) >= 2 && n.w.len() == 3 })
 	unhold()
 	for range 2 {
 		if err := <-errc; err != nil {

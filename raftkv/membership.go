@@ -371,6 +371,9 @@ func (n *Node) applyConfChanges(ents []*raftpb.Entry) (*raftpb.ConfState, bool, 
 			if err := proto.Unmarshal(e.GetData(), cc); err != nil {
 				return nil, false, fmt.Errorf("raftkv: damaged conf change at index %d: %w", e.GetIndex(), err)
 			}
+			if n.resurrects(cc.GetType(), cc.GetNodeId(), e.GetIndex()) {
+				cc.NodeId = new(uint64(0))
+			}
 			cs = n.rn.ApplyConfChange(cc)
 			if n.memberConfChange(cc.GetType(), cc.GetNodeId(), cc.GetContext()) {
 				changed = true
@@ -384,6 +387,11 @@ func (n *Node) applyConfChanges(ents []*raftpb.Entry) (*raftpb.ConfState, bool, 
 			if err := proto.Unmarshal(e.GetData(), cc); err != nil {
 				return nil, false, fmt.Errorf("raftkv: damaged conf change at index %d: %w", e.GetIndex(), err)
 			}
+			for _, c := range cc.GetChanges() {
+				if n.resurrects(c.GetType(), c.GetNodeId(), e.GetIndex()) {
+					c.NodeId = new(uint64(0))
+				}
+			}
 			cs = n.rn.ApplyConfChange(cc)
 			for _, c := range cc.GetChanges() {
 				if n.memberConfChange(c.GetType(), c.GetNodeId(), cc.GetContext()) {
@@ -396,6 +404,21 @@ func (n *Node) applyConfChanges(ents []*raftpb.Entry) (*raftpb.ConfState, bool, 
 		n.loop.confState = cs
 	}
 	return cs, changed, nil
+}
+
+// resurrects reports whether a conf change would add back a member the
+// cluster removed. Only a late copy of an add can (AddMember refuses removed
+// IDs): its proposer tried again, and both attempts reached the log, the
+// removal in between. Raft keeps no record of removals and would make the
+// member a voter again, one the member list refuses; such a change is
+// applied with node ID 0 instead, which Raft skips, as etcd does with a
+// change it refuses at apply time.
+func (n *Node) resurrects(t raftpb.ConfChangeType, id, index uint64) bool {
+	if (t != raftpb.ConfChangeAddNode && t != raftpb.ConfChangeAddLearnerNode) || id == 0 || !n.isRemoved(id) {
+		return false
+	}
+	n.lg.Warn("ignoring a conf change that adds a removed member", zap.String("member-id", idString(id)), zap.Uint64("index", index))
+	return true
 }
 
 // memberConfChange reflects one applied change in the member list. An added

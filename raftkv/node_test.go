@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -642,5 +643,42 @@ func TestConfChangeWaitsForThePendingOne(t *testing.T) {
 	}
 	if m, _ := n.member(n.id); m.Name != "first" && m.Name != "second" {
 		t.Fatalf("member name %q after both changes", m.Name)
+	}
+}
+
+func TestLateAddOfRemovedMemberIsIgnored(t *testing.T) {
+	// An add whose proposer tried again can reach the log twice, and the
+	// member can be removed in between. Raft keeps no record of removals:
+	// applying the late copy would make the removed member a voter (here a
+	// learner, which a single voter can add without losing its quorum)
+	// that the member list refuses.
+	n := startNode(t, t.TempDir(), nil)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	const ghost = 0x5eed
+	add, err := json.Marshal(memberRecord{ID: ghost, PeerURLs: []string{"http://127.0.0.1:1"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	change := func(typ raftpb.ConfChangeType) {
+		t.Helper()
+		cc := &raftpb.ConfChange{Type: typ.Enum(), NodeId: new(uint64(ghost)), Context: add}
+		if err := n.changeMembership(ctx, cc); err != nil {
+			t.Fatalf("%v: %v", typ, err)
+		}
+	}
+	learners := func() []uint64 {
+		got := make(chan []uint64, 1)
+		n.ctrlc <- func() { got <- slices.Clone(n.loop.confState.GetLearners()) }
+		return <-got
+	}
+	change(raftpb.ConfChangeAddLearnerNode)
+	if !n.hasMember(ghost) || !slices.Contains(learners(), ghost) {
+		t.Fatalf("added: member %v, learners %v", n.hasMember(ghost), learners())
+	}
+	change(raftpb.ConfChangeRemoveNode)
+	change(raftpb.ConfChangeAddLearnerNode) // the late copy
+	if n.hasMember(ghost) || slices.Contains(learners(), ghost) {
+		t.Fatalf("after the late add: member %v, learners %v", n.hasMember(ghost), learners())
 	}
 }

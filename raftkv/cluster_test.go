@@ -438,6 +438,7 @@ func TestClusterGrowsFromOneMember(t *testing.T) {
 		c.waitLeader(c.members...)
 		put(t, n, fmt.Sprintf("/from-%s", m.name), "x")
 	}
+	rounds := first.n().readRounds.Load()
 	for _, m := range c.members {
 		if got := m.n().Members(); len(got) != 3 {
 			t.Fatalf("%s lists %d members", m.name, len(got))
@@ -448,6 +449,9 @@ func TestClusterGrowsFromOneMember(t *testing.T) {
 				t.Fatalf("quorum GET %s on %s = %+v, %v", k, m.name, got, err)
 			}
 		}
+	}
+	if first.n().readRounds.Load() == rounds {
+		t.Fatal("the first member, no longer the only voter, answered quorum reads without a read index")
 	}
 }
 

@@ -220,6 +220,9 @@ func (n *Node) handleReady() error {
 	if err != nil {
 		return err
 	}
+	// Before this Ready sends anything: a voter just added hears from this
+	// member only once quorum reads stopped taking the sole voter's path.
+	n.updateSole()
 
 	// Save: entries, hard state, a received snapshot and the application of
 	// committed entries, in one bbolt transaction — one commit per Ready,
@@ -377,11 +380,26 @@ func (n *Node) handleReady() error {
 		// New keys may carry an earlier expiration; due ones may be gone.
 		n.reapCheck(time.Now())
 	}
+	n.updateSole() // a snapshot may have brought another conf state
 	return nil
 }
 
 // soleVoterLeader reports whether this member leads a cluster in which it
 // is the only voter.
+// updateSole publishes whether this member leads as the only voter, for
+// quorum reads (Node.Get).
+func (n *Node) updateSole() {
+	sole := n.soleVoterLeader()
+	n.soleMu.RLock()
+	same := n.sole == sole
+	n.soleMu.RUnlock()
+	if !same {
+		n.soleMu.Lock()
+		n.sole = sole
+		n.soleMu.Unlock()
+	}
+}
+
 func (n *Node) soleVoterLeader() bool {
 	cs := n.loop.confState
 	return n.loop.lead == n.id &&

@@ -130,6 +130,12 @@ type Node struct {
 	leaderChanged broadcast // notified when the known leader changes
 	retryEpoch    broadcast // notified once per election timeout
 
+	// soleMu guards sole: whether this member leads as the only voter, so
+	// that a quorum read is a local read (see Get). The loop takes the
+	// write lock only to change it.
+	soleMu sync.RWMutex
+	sole   bool
+
 	readMu   sync.Mutex
 	nextRead *readRound // collects quorum reads for the next ReadIndex round
 
@@ -409,10 +415,24 @@ func (n *Node) Get(ctx context.Context, path string, recursive, sorted, quorum b
 		return nil, ErrStopped
 	}
 	if quorum {
+		// The only voter, leading, needs no read index: no other member can
+		// have committed anything, and every write it answered is applied.
+		// The read lock keeps it the only voter until the read is done: the
+		// loop takes the write lock before it answers a new voter.
+		n.soleMu.RLock()
+		if n.sole {
+			defer n.soleMu.RUnlock()
+			return n.localGet(path, recursive, sorted)
+		}
+		n.soleMu.RUnlock()
 		if err := n.linearizableRead(ctx); err != nil {
 			return nil, err
 		}
 	}
+	return n.localGet(path, recursive, sorted)
+}
+
+func (n *Node) localGet(path string, recursive, sorted bool) (*storage.Event, error) {
 	ev, err := n.store.Get(path, recursive, sorted, time.Now())
 	if errors.Is(err, storage.ErrClosed) {
 		return nil, ErrStopped

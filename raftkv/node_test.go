@@ -682,3 +682,18 @@ func TestLateAddOfRemovedMemberIsIgnored(t *testing.T) {
 		t.Fatalf("after the late add: member %v, learners %v", n.hasMember(ghost), learners())
 	}
 }
+
+func TestSoleVoterQuorumReadIsLocal(t *testing.T) {
+	// The only voter needs no read index round for a quorum read: nobody
+	// else can have committed anything. With a second voter it must ask.
+	n := startNode(t, t.TempDir(), nil)
+	put(t, n, "/k", "v")
+	before := n.readRounds.Load()
+	ev, err := n.Get(context.Background(), "/k", false, false, true)
+	if err != nil || value(t, ev) != "v" {
+		t.Fatalf("quorum GET = %+v, %v", ev, err)
+	}
+	if got := n.readRounds.Load(); got != before {
+		t.Fatalf("%d read index rounds for a sole voter's quorum read", got-before)
+	}
+}

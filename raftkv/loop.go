@@ -545,6 +545,11 @@ func (n *Node) proposeConf(h heldConf) {
 		n.dropConf(h, errors.New("too many conf changes waiting"))
 		return
 	}
+	n.stepConf(h)
+}
+
+// stepConf hands a conf change to Raft.
+func (n *Node) stepConf(h heldConf) {
 	var err error
 	if h.m != nil {
 		err = n.rn.Step(h.m)
@@ -576,7 +581,7 @@ func (n *Node) releaseConf() {
 		h := n.loop.confHeld[0]
 		n.loop.confHeld[0] = heldConf{}
 		n.loop.confHeld = n.loop.confHeld[1:]
-		n.proposeConf(h)
+		n.stepConf(h)
 	}
 	if len(n.loop.confHeld) == 0 {
 		n.loop.confHeld = nil

@@ -7,7 +7,6 @@ package caddymodule
 import (
 	"context"
 	"encoding/json"
-	"io"
 	"net/http"
 	"net/url"
 	"os"
@@ -40,13 +39,7 @@ func adminTry(ctx context.Context, p *proc, method, path string) (int, http.Head
 	if err != nil {
 		return 0, nil, nil, err
 	}
-	resp, err := testClient.Do(req)
-	if err != nil {
-		return 0, nil, nil, err
-	}
-	defer resp.Body.Close()
-	body, err := io.ReadAll(resp.Body)
-	return resp.StatusCode, resp.Header, body, err
+	return roundTrip(req)
 }
 
 // adminStatusOf GETs /raftkv/status from p; ok is false when p does not answer 200.

@@ -454,6 +454,11 @@ func (p *proc) tryDo(ctx context.Context, method, path string, form url.Values) 
 	if err != nil {
 		return 0, nil, nil, err
 	}
+	return roundTrip(req)
+}
+
+// roundTrip sends req with testClient and reads the whole answer.
+func roundTrip(req *http.Request) (int, http.Header, []byte, error) {
 	resp, err := testClient.Do(req)
 	if err != nil {
 		return 0, nil, nil, err
@@ -461,7 +466,7 @@ func (p *proc) tryDo(ctx context.Context, method, path string, form url.Values) 
 	defer resp.Body.Close()
 	body, err := io.ReadAll(resp.Body)
 	if err != nil {
-		return resp.StatusCode, resp.Header, body, fmt.Errorf("%s %s: reading body: %w", method, path, err)
+		return resp.StatusCode, resp.Header, body, fmt.Errorf("%s %s: reading body: %w", req.Method, req.URL.Path, err)
 	}
 	return resp.StatusCode, resp.Header, body, nil
 }

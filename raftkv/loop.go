@@ -221,7 +221,7 @@ func (n *Node) handleReady() error {
 		return err
 	}
 	// Before this Ready sends anything: a voter just added hears from this
-	// member only once quorum reads stopped taking the sole voter's path.
+	// member only after quorum reads can tell it is no longer alone.
 	n.updateSole()
 
 	// Save: entries, hard state, a received snapshot and the application of
@@ -387,16 +387,10 @@ func (n *Node) handleReady() error {
 // soleVoterLeader reports whether this member leads a cluster in which it
 // is the only voter.
 // updateSole publishes whether this member leads as the only voter, for
-// quorum reads (Node.Get).
+// quorum reads (Node.Get): Node.sole is odd while it does.
 func (n *Node) updateSole() {
-	sole := n.soleVoterLeader()
-	n.soleMu.RLock()
-	same := n.sole == sole
-	n.soleMu.RUnlock()
-	if !same {
-		n.soleMu.Lock()
-		n.sole = sole
-		n.soleMu.Unlock()
+	if n.soleVoterLeader() != (n.sole.Load()%2 == 1) {
+		n.sole.Add(1)
 	}
 }
 

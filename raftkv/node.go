@@ -130,11 +130,9 @@ type Node struct {
 	leaderChanged broadcast // notified when the known leader changes
 	retryEpoch    broadcast // notified once per election timeout
 
-	// soleMu guards sole: whether this member leads as the only voter, so
-	// that a quorum read is a local read (see Get). The loop takes the
-	// write lock only to change it.
-	soleMu sync.RWMutex
-	sole   bool
+	// sole counts the changes of whether this member leads as the only
+	// voter; it is odd while it does (see Get). Only the loop changes it.
+	sole atomic.Uint64
 
 	readMu   sync.Mutex
 	nextRead *readRound // collects quorum reads for the next ReadIndex round
@@ -417,14 +415,15 @@ func (n *Node) Get(ctx context.Context, path string, recursive, sorted, quorum b
 	if quorum {
 		// The only voter, leading, needs no read index: no other member can
 		// have committed anything, and every write it answered is applied.
-		// The read lock keeps it the only voter until the read is done: the
-		// loop takes the write lock before it answers a new voter.
-		n.soleMu.RLock()
-		if n.sole {
-			defer n.soleMu.RUnlock()
-			return n.localGet(path, recursive, sorted)
+		// It must still be the only voter when the read is done: the loop
+		// counts the change before it sends a new voter anything, so an
+		// unchanged count means no other member has had a say yet.
+		if g := n.sole.Load(); g%2 == 1 {
+			ev, err := n.localGet(path, recursive, sorted)
+			if n.sole.Load() == g {
+				return ev, err
+			}
 		}
-		n.soleMu.RUnlock()
 		if err := n.linearizableRead(ctx); err != nil {
 			return nil, err
 		}

@@ -68,6 +68,7 @@ func (n *Node) boot(st *storage.Store) error {
 		n.loop.snapIndex = rs.Snapshot.GetIndex()
 		n.loop.confState = raftpb.EnsureConfState(cs)
 		n.committed.Store(rs.HardState.GetCommit())
+		n.commitSeen.Store(rs.HardState.GetCommit())
 		n.term.Store(rs.HardState.GetTerm())
 		// After a snapshot install the store may have applied past the
 		// commit index saved with it (the leader's file was ahead); Raft
@@ -92,8 +93,8 @@ func (n *Node) boot(st *storage.Store) error {
 	n.loop.hardState = rs.HardState
 	rn, err := raft.NewRawNode(&raft.Config{
 		ID:                        n.id,
-		ElectionTick:              int(n.cfg.ElectionTimeout / n.cfg.HeartbeatInterval),
-		HeartbeatTick:             1,
+		ElectionTick:              n.cfg.electionTicks(),
+		HeartbeatTick:             ticksPerHeartbeat,
 		Storage:                   ms,
 		Applied:                   raftApplied,
 		MaxSizePerMsg:             1 << 20,

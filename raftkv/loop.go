@@ -43,6 +43,7 @@ type loopState struct {
 	confApplied        []storage.Applied // conf changes applied in this Ready, for their proposers
 	confPending        uint64            // leader: the index Raft checks conf changes against (see confBusy)
 	confHeld           []heldConf        // leader: conf changes waiting for the pending one to apply
+	termStart          uint64            // leader: index of the first entry of its term (0: not known)
 	removedSelf        bool              // this member's removal was applied
 	stopAt             time.Time         // non-zero: the loop ends then (removed member)
 }
@@ -61,7 +62,7 @@ func (n *Node) run() {
 	defer close(n.donec)
 	defer n.failReads(ErrStopped)
 	defer n.flushStore()
-	ticker := time.NewTicker(n.cfg.HeartbeatInterval)
+	ticker := time.NewTicker(n.cfg.HeartbeatInterval / ticksPerHeartbeat)
 	defer ticker.Stop()
 	linger := time.NewTimer(time.Hour)
 	linger.Stop()
@@ -221,8 +222,12 @@ func (n *Node) handleReady() error {
 		return err
 	}
 	// Before this Ready sends anything: a voter just added hears from this
-	// member only after quorum reads can tell it is no longer alone.
-	n.updateSole()
+	// member only after quorum reads can tell it is no longer alone, and
+	// the commit index they compare with covers what it sends.
+	n.updateSole(false)
+	if hs := rd.HardState; hs != nil {
+		n.commitSeen.Store(max(n.commitSeen.Load(), hs.GetCommit()))
+	}
 
 	// Save: entries, hard state, a received snapshot and the application of
 	// committed entries, in one bbolt transaction — one commit per Ready,
@@ -380,20 +385,30 @@ func (n *Node) handleReady() error {
 		// New keys may carry an earlier expiration; due ones may be gone.
 		n.reapCheck(time.Now())
 	}
-	n.updateSole() // a snapshot may have brought another conf state
+	n.updateSole(true)
 	return nil
 }
 
-// soleVoterLeader reports whether this member leads a cluster in which it
-// is the only voter.
-// updateSole publishes whether this member leads as the only voter, for
-// quorum reads (Node.Get): Node.sole is odd while it does.
-func (n *Node) updateSole() {
-	if n.soleVoterLeader() != (n.sole.Load()%2 == 1) {
+// updateSole publishes, for quorum reads (Node.Get), whether this member
+// leads as the only voter: Node.sole is odd while it does. Mid-Ready
+// (before anything is sent) it only turns the path off; at the end of a
+// Ready it may turn it on, once this leader has applied the first entry of
+// its term: entries a previous configuration committed are then applied.
+func (n *Node) updateSole(endOfReady bool) {
+	on := n.sole.Load()%2 == 1
+	want := n.soleVoterLeader()
+	if !endOfReady {
+		want = want && on
+	} else {
+		want = want && n.loop.termStart != 0 && n.loop.applied >= n.loop.termStart
+	}
+	if want != on {
 		n.sole.Add(1)
 	}
 }
 
+// soleVoterLeader reports whether this member leads a cluster in which it
+// is the only voter.
 func (n *Node) soleVoterLeader() bool {
 	cs := n.loop.confState
 	return n.loop.lead == n.id &&
@@ -587,7 +602,7 @@ func (n *Node) releaseConf() {
 // index of each conf change it appends. ents are the Ready's new entries.
 func (n *Node) trackConf(ents []*raftpb.Entry) {
 	if n.loop.lead != n.id {
-		n.loop.confPending = 0
+		n.loop.confPending, n.loop.termStart = 0, 0
 		return
 	}
 	switch n.loop.confPending {
@@ -598,6 +613,7 @@ func (n *Node) trackConf(ents []*raftpb.Entry) {
 		} else if last, err := n.ms.LastIndex(); err == nil {
 			n.loop.confPending = last
 		}
+		n.loop.termStart = n.loop.confPending
 	case confProposed:
 		// Its entry is below, unless Raft refused it after all.
 		n.loop.confPending = 0
@@ -638,10 +654,24 @@ func (n *Node) flushProposals() {
 	n.loop.batch = batch[:0]
 }
 
+// ticksPerHeartbeat divides a heartbeat interval into Raft ticks. Raft
+// draws a follower's election timeout in whole ticks, from one to two
+// election timeouts: at one tick per heartbeat that is ten values (by
+// default), and two followers whose tickers started together (members
+// started at once) draw the same one a tenth of the time, campaign in the
+// same millisecond and split the vote, which costs another election
+// timeout. A hundred values make that rare.
+const ticksPerHeartbeat = 10
+
+// electionTicks is the election timeout in Raft ticks.
+func (c Config) electionTicks() int {
+	return int(c.ElectionTimeout/c.HeartbeatInterval) * ticksPerHeartbeat
+}
+
 func (n *Node) tick() {
 	n.rn.Tick()
 	n.loop.ticks++
-	if n.loop.ticks%int(n.cfg.ElectionTimeout/n.cfg.HeartbeatInterval) == 0 {
+	if n.loop.ticks%n.cfg.electionTicks() == 0 {
 		n.retryEpoch.notify()
 	}
 	n.retryReadIfLate(time.Now())

@@ -133,6 +133,9 @@ type Node struct {
 	// sole counts the changes of whether this member leads as the only
 	// voter; it is odd while it does (see Get). Only the loop changes it.
 	sole atomic.Uint64
+	// commitSeen is Raft's commit index as the loop learns it, before it
+	// sends anything that speaks of it.
+	commitSeen atomic.Uint64
 
 	readMu   sync.Mutex
 	nextRead *readRound // collects quorum reads for the next ReadIndex round
@@ -415,10 +418,12 @@ func (n *Node) Get(ctx context.Context, path string, recursive, sorted, quorum b
 	if quorum {
 		// The only voter, leading, needs no read index: no other member can
 		// have committed anything, and every write it answered is applied.
-		// It must still be the only voter when the read is done: the loop
+		// Only once it has applied all Raft has committed (entries of an
+		// earlier configuration may be committed but not yet applied), and
+		// it must still be the only voter when the read is done: the loop
 		// counts the change before it sends a new voter anything, so an
 		// unchanged count means no other member has had a say yet.
-		if g := n.sole.Load(); g%2 == 1 {
+		if g := n.sole.Load(); g%2 == 1 && n.applied.Load() >= n.commitSeen.Load() {
 			ev, err := n.localGet(path, recursive, sorted)
 			if n.sole.Load() == g {
 				return ev, err

@@ -193,11 +193,11 @@ func (n *Node) peerURLUsed(urls []string, except uint64) bool {
 }
 
 // changeMembership proposes cc and waits until this member has applied it.
-// Raft keeps one conf change pending at a time and turns a second one into
-// an empty entry; such an attempt is never applied, so it is proposed again
-// (same ID) as soon as this member applies a conf change, or after two
-// election timeouts when none comes, until ctx ends. A repeat that
-// reaches the log after the first one is harmless: adding a present member,
+// The leader holds a change while another is pending (see proposeConf), so
+// Raft does not turn it into an empty entry; an attempt lost otherwise (a
+// leader change) is proposed again (same ID) after two election timeouts,
+// until ctx ends. A repeat that reaches the log after the first one is
+// harmless: adding a present member or one removed since (see resurrects),
 // removing an absent one, setting the same URLs change nothing.
 func (n *Node) changeMembership(ctx context.Context, cc *raftpb.ConfChange) error {
 	if ctx.Err() != nil {

@@ -537,15 +537,24 @@ const (
 )
 
 // confBusy reports whether Raft would turn a conf change proposed now into
-// an empty entry.
+// an empty entry, or drop it because leadership is being handed over (the
+// held changes then go to the new leader).
 func (n *Node) confBusy() bool {
-	return n.loop.lead == n.id && n.loop.confPending > n.loop.raftApplied
+	if n.loop.lead != n.id {
+		return false
+	}
+	return n.loop.confPending > n.loop.raftApplied || n.rn.BasicStatus().LeadTransferee != 0
 }
 
 // proposeConf steps a conf change, or holds it while the leader is busy
 // with another (and behind those held before it).
 func (n *Node) proposeConf(h heldConf) {
 	if n.loop.lead == n.id && (n.confBusy() || len(n.loop.confHeld) > 0) {
+		if h.m == nil && slices.ContainsFunc(n.loop.confHeld, func(o heldConf) bool {
+			return o.m == nil && o.p.cc.GetId() == h.p.cc.GetId()
+		}) {
+			return // its proposer tried again: the attempt held answers it
+		}
 		if len(n.loop.confHeld) < maxConfHeld {
 			n.loop.confHeld = append(n.loop.confHeld, h)
 			return

@@ -1,6 +1,7 @@
 package raftkv
 
 import (
+	"cmp"
 	"context"
 	"crypto/tls"
 	"encoding/json"
@@ -306,15 +307,13 @@ func (n *Node) transferLeadership(ctx context.Context, to uint64) error {
 			picked <- ErrNotLeader
 			return
 		}
-		var best, bestMatch uint64
-		n.rn.WithProgress(func(id uint64, typ raft.ProgressType, pr tracker.Progress) {
-			if id == n.id || pr.IsLearner || typ != raft.ProgressTypePeer || (to != 0 && id != to) {
-				return
+		var best uint64
+		for _, id := range n.followersByMatch() {
+			if to == 0 || id == to {
+				best = id
+				break
 			}
-			if best == 0 || pr.Match > bestMatch {
-				best, bestMatch = id, pr.Match
-			}
-		})
+		}
 		switch {
 		case best != 0:
 			n.rn.TransferLeader(best)
@@ -461,4 +460,38 @@ type FollowerStats struct {
 		Fail    uint64 `json:"fail"`
 		Success uint64 `json:"success"`
 	} `json:"counts"`
+}
+
+// followersByMatch lists the voters other than this leader, the most
+// caught-up first (as far as Raft's progress tracking knows). Loop
+// goroutine only.
+func (n *Node) followersByMatch() []uint64 {
+	type follower struct{ id, match uint64 }
+	var fs []follower
+	n.rn.WithProgress(func(id uint64, typ raft.ProgressType, pr tracker.Progress) {
+		if id != n.id && !pr.IsLearner && typ == raft.ProgressTypePeer {
+			fs = append(fs, follower{id, pr.Match})
+		}
+	})
+	slices.SortStableFunc(fs, func(a, b follower) int { return cmp.Compare(b.match, a.match) })
+	ids := make([]uint64, len(fs))
+	for i, f := range fs {
+		ids[i] = f.id
+	}
+	return ids
+}
+
+// handOver asks member to to campaign at once (Raft's MsgTimeoutNow, as a
+// leadership transfer ends): a leader just removed, which stepped down
+// when it applied its removal, sends it after the messages that carry the
+// removal's commit. The receiver campaigns without pre-vote and despite
+// its leader lease, once it has applied that commit (stepTimeoutNow).
+func (n *Node) handOver(to uint64) {
+	n.lg.Info("handing leadership over after this member's removal", zap.String("to", idString(to)))
+	n.send([]*raftpb.Message{{
+		Type: raftpb.MsgTimeoutNow.Enum(),
+		From: new(n.id),
+		To:   new(to),
+		Term: new(n.rn.BasicStatus().GetTerm()),
+	}})
 }

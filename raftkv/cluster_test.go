@@ -18,7 +18,9 @@ import (
 	"github.com/etcaddy/etcaddy/storage"
 	"go.etcd.io/raft/v3/raftpb"
 	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
 	"go.uber.org/zap/zaptest"
+	"go.uber.org/zap/zaptest/observer"
 )
 
 // testMember is one member of an in-process cluster: a real bbolt file and
@@ -520,30 +522,7 @@ func TestClusterForwardedConfChangeWaitsForThePendingOne(t *testing.T) {
 	// its proposer would notice only after two election timeouts: the
 	// leader must hold it until its own is applied, then propose it. The
 	// leader's log shows which: in its term, no empty entry but its first.
-	c := &testCluster{t: t, edit: func(cfg *Config) { cfg.ElectionTimeout = 2 * time.Second }}
-	for i := range 3 {
-		c.members = append(c.members, newTestMember(t, fmt.Sprintf("m%d", i)))
-	}
-	for _, m := range c.members {
-		c.start(m, "new")
-	}
-	// Rather than wait out an election timeout, the first member campaigns
-	// once every member has applied the bootstrap conf changes (Raft
-	// refuses to campaign before).
-	waitFor(t, "the bootstrap applied", func() bool {
-		for _, m := range c.members {
-			if m.n().AppliedIndex() < 3 {
-				return false
-			}
-		}
-		return true
-	})
-	first := c.members[0].n()
-	first.ctrlc <- func() {
-		if err := first.rn.Campaign(); err != nil {
-			t.Errorf("campaign: %v", err)
-		}
-	}
+	c := startLedByFirst(t, func(cfg *Config) { cfg.ElectionTimeout = 2 * time.Second })
 	leader := c.waitLeader(c.members...)
 	ln := leader.n()
 	follower := c.followers(leader, c.members...)[0].n()
@@ -615,4 +594,154 @@ func TestClusterForwardedConfChangeWaitsForThePendingOne(t *testing.T) {
 	if empty != 1 {
 		t.Fatalf("%d empty entries in the leader's term %d, want 1 (its own): a conf change was turned into one", empty, term)
 	}
+}
+
+// startLedByFirst starts three members with long election timeouts (edit
+// sets them) and has the first one campaign, rather than wait one out: it
+// does once every member has applied the bootstrap conf changes (Raft
+// refuses to campaign before).
+func startLedByFirst(t *testing.T, edit func(*Config)) *testCluster {
+	c := &testCluster{t: t, edit: edit}
+	for i := range 3 {
+		c.members = append(c.members, newTestMember(t, fmt.Sprintf("m%d", i)))
+	}
+	for _, m := range c.members {
+		c.start(m, "new")
+	}
+	waitFor(t, "the bootstrap applied", func() bool {
+		for _, m := range c.members {
+			if m.n().AppliedIndex() < 3 {
+				return false
+			}
+		}
+		return true
+	})
+	first := c.members[0].n()
+	first.ctrlc <- func() {
+		if err := first.rn.Campaign(); err != nil {
+			t.Errorf("campaign: %v", err)
+		}
+	}
+	if leader := c.waitLeader(c.members...); leader != c.members[0] {
+		t.Fatalf("%s leads, not the first member", leader.name)
+	}
+	return c
+}
+
+// TestClusterRemovedLeaderHandsOver removes the leader through a follower.
+// The leader steps down when it applies its removal; rather than leave the
+// others to wait out an election timeout, it asks the most caught-up of
+// them to campaign at once (MsgTimeoutNow), which that one does after
+// applying the removal. The followers' logs show the election came from
+// the hand-over: Raft logs the MsgTimeoutNow it acts on.
+func TestClusterRemovedLeaderHandsOver(t *testing.T) {
+	logs := make(map[string]*observer.ObservedLogs)
+	var logsMu sync.Mutex
+	c := startLedByFirst(t, func(cfg *Config) {
+		cfg.ElectionTimeout = 2 * time.Second
+		core, observed := observer.New(zap.InfoLevel)
+		logsMu.Lock()
+		logs[cfg.Name] = observed
+		logsMu.Unlock()
+		cfg.Logger = zap.New(zapcore.NewTee(cfg.Logger.Core(), core)).Named(cfg.Name)
+	})
+	leader := c.members[0]
+	followers := c.members[1:]
+	put(t, leader.n(), "/before", "1")
+
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := followers[0].n().RemoveMember(ctx, leader.n().Status().ID); err != nil {
+		t.Fatalf("RemoveMember(leader) through a follower: %v", err)
+	}
+	now := c.waitLeader(followers...)
+	logsMu.Lock()
+	took := logs[now.name].FilterMessageSnippet("received MsgTimeoutNow").Len()
+	handed := logs[leader.name].FilterMessage("handing leadership over after this member's removal").Len()
+	logsMu.Unlock()
+	if took == 0 || handed != 1 {
+		t.Errorf("%s was elected without the removed leader's hand-over (MsgTimeoutNow acted on: %d; hand-overs sent: %d)", now.name, took, handed)
+	}
+	for _, m := range followers {
+		put(t, m.n(), "/after/"+m.name, "2")
+	}
+	// The new leader first: its own stop hands leadership to the other.
+	c.stop(now)
+}
+
+// TestClusterProposalLostWithItsLeaderIsRetried forwards a follower's
+// proposal to a leader that cannot act on it (its loop is held), then has
+// another member take over. The leader a proposal went to may lose it
+// without a word; the follower proposes it again as soon as it learns of
+// the new leader. Its election timeout is an hour, so the fallback (no
+// answer in two election timeouts) cannot be what answers it.
+func TestClusterProposalLostWithItsLeaderIsRetried(t *testing.T) {
+	c := startLedByFirst(t, func(cfg *Config) {
+		cfg.ElectionTimeout = 2 * time.Second
+		if cfg.Name == "m1" {
+			cfg.ElectionTimeout = time.Hour
+		}
+	})
+	leader, proposer, next := c.members[0].n(), c.members[1].n(), c.members[2].n()
+	put(t, leader, "/before", "1")
+	waitLocal(t, next, "/before", "1")
+
+	release := make(chan struct{})
+	var releaseOnce sync.Once
+	unhold := func() { releaseOnce.Do(func() { close(release) }) }
+	t.Cleanup(unhold)
+	leader.ctrlc <- func() { <-release }
+
+	errc := make(chan error, 1)
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		_, err := proposer.Do(ctx, storage.Request{Method: storage.MethodPut, Path: "/lost", Val: "found"})
+		errc <- err
+	}()
+	// The held leader sends nothing, so what reaches it is the proposal.
+	waitFor(t, "the forwarded proposal at the held leader", func() bool { return len(leader.recvc) > 0 })
+	term := next.Status().Term
+	next.ctrlc <- func() {
+		next.step(&raftpb.Message{Type: raftpb.MsgTimeoutNow.Enum(), From: new(leader.id), To: new(next.id), Term: new(term)})
+	}
+	if err := <-errc; err != nil {
+		t.Fatalf("the proposal the old leader held: %v", err)
+	}
+	if got := next.Status().Leader; got != next.id {
+		t.Errorf("leader %x, want %x", got, next.id)
+	}
+	unhold()
+	for _, n := range []*Node{proposer, next} {
+		waitLocal(t, n, "/lost", "found")
+	}
+	// The member with the hour-long timeout first, while it follows: a
+	// leader's stop waits up to an election timeout for a hand-over.
+	c.stop(c.members[1])
+}
+
+// TestClusterRemovedFollowerHearsAtOnce has a follower remove itself. The
+// leader that applies the removal addresses it no more, and the removed
+// member would learn of it only when its own election timeout made it
+// talk: an hour here. The leader's last heartbeat (farewell) tells it
+// first, so the removal answers and the member stops.
+func TestClusterRemovedFollowerHearsAtOnce(t *testing.T) {
+	c := startLedByFirst(t, func(cfg *Config) {
+		cfg.ElectionTimeout = 2 * time.Second
+		if cfg.Name == "m2" {
+			cfg.ElectionTimeout = time.Hour
+		}
+	})
+	leader, gone := c.members[0].n(), c.members[2].n()
+	put(t, leader, "/before", "1")
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := gone.RemoveMember(ctx, gone.id); err != nil {
+		t.Fatalf("a follower removing itself: %v", err)
+	}
+	waitFor(t, "the removed member to stop serving", func() bool { return !gone.Running() })
+	if got := leader.Members(); len(got) != 2 || slices.ContainsFunc(got, func(m Member) bool { return m.ID == gone.id }) {
+		t.Errorf("members after the removal: %+v", got)
+	}
+	put(t, c.members[1].n(), "/after", "2")
 }

@@ -40,12 +40,16 @@ type loopState struct {
 	noFastCampaign     bool       // tests only: a fresh single voter waits for its election timeout
 	read               readLoop
 	reap               reaper
-	confApplied        []storage.Applied // conf changes applied in this Ready, for their proposers
-	confPending        uint64            // leader: the index Raft checks conf changes against (see confBusy)
-	confHeld           []heldConf        // leader: conf changes waiting for the pending one to apply
-	termStart          uint64            // leader: index of the first entry of its term (0: not known)
-	removedSelf        bool              // this member's removal was applied
-	stopAt             time.Time         // non-zero: the loop ends then (removed member)
+	confApplied        []storage.Applied          // conf changes applied in this Ready, for their proposers
+	confPending        uint64                     // leader: the index Raft checks conf changes against (see confBusy)
+	confHeld           []heldConf                 // leader: conf changes waiting for the pending one to apply
+	termStart          uint64                     // leader: index of the first entry of its term (0: not known)
+	removedSelf        bool                       // this member's removal was applied
+	handoff            uint64                     // leader just removed: the member to hand leadership to (handOver)
+	farewells          map[uint64]*raftpb.Message // leader: last heartbeats to members it just removed (applyToRaft), sent by syncPeers
+	timeoutNow         *raftpb.Message            // a MsgTimeoutNow waiting for committed conf changes to apply
+	timeoutNowUntil    time.Time                  // when the waiting MsgTimeoutNow is dropped
+	stopAt             time.Time                  // non-zero: the loop ends then (removed member)
 }
 
 // report is a transport's feedback about a peer.
@@ -95,7 +99,7 @@ func (n *Node) run() {
 			case f := <-n.ctrlc:
 				f()
 			case <-n.selfc:
-				n.removedBy("a peer answered 410 Gone")
+				n.removedBy("a peer answered 410 Gone", 0)
 			case p := <-n.propc:
 				n.propose(p)
 			case <-n.readc:
@@ -123,9 +127,10 @@ func (n *Node) run() {
 				return
 			}
 			if n.loop.removedSelf {
-				n.removedBy("its removal was applied")
+				n.removedBy("its removal was applied", n.cfg.ElectionTimeout)
 			}
 			n.releaseConf()
+			n.stepTimeoutNow()
 		}
 	}
 }
@@ -147,17 +152,23 @@ func (n *Node) flushStore() {
 }
 
 // removedBy starts the end of a member the cluster removed: it refuses
-// requests at once, and its loop runs one more election timeout, so that
-// the commit of its own removal (when it led) reaches the others, then
-// ends. etcd stops such a member after a similar delay.
-func (n *Node) removedBy(why string) {
+// requests at once, and its loop runs for linger more, then ends. A member
+// that applied its removal lingers an election timeout, so that the
+// commit of its own removal (when it led) reaches the others; etcd stops
+// such a member after a similar delay. One that learnt it from a peer's
+// 410 has nothing left to tell: its loop ends now, and a client waiting on
+// its own removal hears that it is done.
+func (n *Node) removedBy(why string, linger time.Duration) {
 	if !n.loop.stopAt.IsZero() {
+		if linger == 0 {
+			n.loop.stopAt = time.Now()
+		}
 		return
 	}
 	n.loop.removedSelf = true
 	n.gone.Store(true)
 	n.running.Store(false)
-	n.loop.stopAt = time.Now().Add(n.cfg.ElectionTimeout)
+	n.loop.stopAt = time.Now().Add(linger)
 	n.lg.Warn("this member was removed from the cluster", zap.String("member-id", idString(n.id)), zap.String("how", why))
 }
 
@@ -195,7 +206,7 @@ func (n *Node) drain(tick <-chan time.Time) bool {
 		case f := <-n.ctrlc:
 			f()
 		case <-n.selfc:
-			n.removedBy("a peer answered 410 Gone")
+			n.removedBy("a peer answered 410 Gone", 0)
 		case <-tick:
 			n.tick()
 		case <-n.stopc:
@@ -249,6 +260,11 @@ func (n *Node) handleReady() error {
 			n.replaceMembers(snapMembers, snapRemoved)
 			membersChanged = true
 		}
+	}
+	if len(n.loop.farewells) > 0 && !n.termAndVoteSaved(rd.HardState) {
+		// A heartbeat claims nothing of this member's log, only its term,
+		// which must be durable: without it, no farewell.
+		clear(n.loop.farewells)
 	}
 	if membersChanged {
 		// Before Save: the list may then be ahead of the applied index, by
@@ -353,6 +369,10 @@ func (n *Node) handleReady() error {
 		}
 	}
 	n.send(msgs)
+	if to := n.loop.handoff; to != 0 {
+		n.loop.handoff = 0
+		n.handOver(to)
+	}
 
 	// Signal: waiting proposers, then quorum reads whose index is applied.
 	n.applied.Store(n.loop.applied)
@@ -696,7 +716,37 @@ func (n *Node) step(m *raftpb.Message) {
 			n.proposeConf(heldConf{m: m})
 			return
 		}
+	case raftpb.MsgTimeoutNow:
+		n.loop.timeoutNow = m
+		n.loop.timeoutNowUntil = time.Now().Add(n.cfg.ElectionTimeout)
+		n.stepTimeoutNow()
+		return
 	}
+	if err := n.rn.Step(m); err != nil {
+		n.lg.Debug("peer message refused", zap.Error(err), zap.Stringer("type", m.GetType()), zap.String("from", idString(m.GetFrom())))
+	}
+}
+
+// stepTimeoutNow hands Raft a MsgTimeoutNow once this member has applied
+// every committed entry: Raft refuses to campaign while a committed conf
+// change is unapplied, and the message that asks a member to lead often
+// arrives with the commit of a conf change (a removed leader's handOver
+// follows the commit of its own removal). One that waits longer than an
+// election timeout is dropped: it would only disrupt whatever leader the
+// cluster has by then.
+func (n *Node) stepTimeoutNow() {
+	m := n.loop.timeoutNow
+	if m == nil {
+		return
+	}
+	if time.Now().After(n.loop.timeoutNowUntil) {
+		n.loop.timeoutNow = nil
+		return
+	}
+	if st := n.rn.BasicStatus(); st.Applied < st.GetCommit() {
+		return
+	}
+	n.loop.timeoutNow = nil
 	if err := n.rn.Step(m); err != nil {
 		n.lg.Debug("peer message refused", zap.Error(err), zap.Stringer("type", m.GetType()), zap.String("from", idString(m.GetFrom())))
 	}

@@ -11,7 +11,9 @@ import (
 	"strings"
 
 	"github.com/etcaddy/etcaddy/storage"
+	"go.etcd.io/raft/v3"
 	"go.etcd.io/raft/v3/raftpb"
+	"go.etcd.io/raft/v3/tracker"
 	"go.uber.org/zap"
 	"google.golang.org/protobuf/proto"
 )
@@ -344,9 +346,10 @@ func (n *Node) syncPeers() {
 	members := n.memberSnapshot()
 	for _, id := range n.removedIDs() {
 		if id != n.id {
-			n.tr.RemovePeer(id)
+			n.tr.RemovePeer(id, n.loop.farewells[id])
 		}
 	}
+	clear(n.loop.farewells)
 	for _, m := range members {
 		if m.ID == n.id {
 			continue
@@ -374,7 +377,7 @@ func (n *Node) applyConfChanges(ents []*raftpb.Entry) (*raftpb.ConfState, bool, 
 			if n.resurrects(cc.GetType(), cc.GetNodeId(), e.GetIndex()) {
 				cc.NodeId = new(uint64(0))
 			}
-			cs = n.rn.ApplyConfChange(cc)
+			cs = n.applyToRaft(cc, cc.GetType() == raftpb.ConfChangeRemoveNode && cc.GetNodeId() == n.id)
 			if n.memberConfChange(cc.GetType(), cc.GetNodeId(), cc.GetContext()) {
 				changed = true
 			}
@@ -387,12 +390,14 @@ func (n *Node) applyConfChanges(ents []*raftpb.Entry) (*raftpb.ConfState, bool, 
 			if err := proto.Unmarshal(e.GetData(), cc); err != nil {
 				return nil, false, fmt.Errorf("raftkv: damaged conf change at index %d: %w", e.GetIndex(), err)
 			}
+			removesSelf := false
 			for _, c := range cc.GetChanges() {
 				if n.resurrects(c.GetType(), c.GetNodeId(), e.GetIndex()) {
 					c.NodeId = new(uint64(0))
 				}
+				removesSelf = removesSelf || (c.GetType() == raftpb.ConfChangeRemoveNode && c.GetNodeId() == n.id)
 			}
-			cs = n.rn.ApplyConfChange(cc)
+			cs = n.applyToRaft(cc, removesSelf)
 			for _, c := range cc.GetChanges() {
 				if n.memberConfChange(c.GetType(), c.GetNodeId(), cc.GetContext()) {
 					changed = true
@@ -404,6 +409,73 @@ func (n *Node) applyConfChanges(ents []*raftpb.Entry) (*raftpb.ConfState, bool, 
 		n.loop.confState = cs
 	}
 	return cs, changed, nil
+}
+
+// applyToRaft applies one conf change to Raft, and on a leader prepares
+// what the members it removes should still hear:
+//
+//   - A leader the change removes steps down there (StepDownOnRemoval), and
+//     the others would elect a new one only after an election timeout. It
+//     first ranks its followers, and hands leadership to the most
+//     caught-up one that stays once this Ready's messages are sent
+//     (handOver). Raft leaves this to the application (its switchToConfig
+//     has it as a TODO); etcd leaves the cluster leaderless.
+//   - Another member removed is no longer addressed: Raft drops its
+//     progress, the transport its queue. Without a word it would learn of
+//     its removal only when its election timeout makes it talk, and a
+//     client waiting on it (a member removing itself) with it. It gets a
+//     last heartbeat (farewell), which carries the commit index Raft would
+//     send it, and to which it answers: the answer meets a 410, and the
+//     member stops.
+func (n *Node) applyToRaft(cc raftpb.ConfChangeI, removesSelf bool) *raftpb.ConfState {
+	var ranked []uint64
+	var match map[uint64]uint64
+	if n.rn.BasicStatus().RaftState == raft.StateLeader {
+		if removesSelf {
+			ranked = n.followersByMatch()
+		}
+		for _, c := range cc.AsV2().Changes {
+			if c.GetType() == raftpb.ConfChangeRemoveNode && c.GetNodeId() != n.id {
+				if match == nil {
+					match = make(map[uint64]uint64)
+				}
+				match[c.GetNodeId()] = 0
+			}
+		}
+		if match != nil {
+			n.rn.WithProgress(func(id uint64, _ raft.ProgressType, pr tracker.Progress) {
+				if _, ok := match[id]; ok {
+					match[id] = pr.Match
+				}
+			})
+		}
+	}
+	cs := n.rn.ApplyConfChange(cc)
+	for _, id := range ranked {
+		if slices.Contains(cs.GetVoters(), id) {
+			n.loop.handoff = id
+			break
+		}
+	}
+	if len(match) > 0 {
+		st := n.rn.BasicStatus()
+		for id, m := range match {
+			if slices.Contains(cs.GetVoters(), id) || slices.Contains(cs.GetLearners(), id) {
+				continue
+			}
+			if n.loop.farewells == nil {
+				n.loop.farewells = make(map[uint64]*raftpb.Message)
+			}
+			n.loop.farewells[id] = &raftpb.Message{
+				Type:   raftpb.MsgHeartbeat.Enum(),
+				From:   new(n.id),
+				To:     new(id),
+				Term:   new(st.GetTerm()),
+				Commit: new(min(m, st.GetCommit())),
+			}
+		}
+	}
+	return cs
 }
 
 // resurrects reports whether a conf change would add back a member the

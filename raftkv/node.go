@@ -196,7 +196,10 @@ func (n *Node) Start() error {
 	n.startTime = time.Now()
 	n.propc = make(chan proposal, 1024)
 	n.readc = make(chan struct{}, 1)
-	n.recvc = make(chan *raftpb.Message, 256)
+	// Peer messages beyond this are dropped (Node.receive), as etcd's
+	// transport drops beyond its 4096: a forwarded proposal so lost waits
+	// for a retry.
+	n.recvc = make(chan *raftpb.Message, 4096)
 	n.reportc = make(chan report, 64)
 	n.ctrlc = make(chan func())
 	n.selfc = make(chan struct{}, 1)
@@ -316,7 +319,7 @@ func (n *Node) submit(ctx context.Context, id uint64, p proposal) (result, error
 				return result{}, ErrStopped
 			}
 		}
-		res, done, err := n.awaitAttempt(ctx, p.c)
+		res, done, err := n.awaitAttempt(ctx, p.c, leaderChanged)
 		if err != nil {
 			return result{}, err
 		}
@@ -344,15 +347,25 @@ func (n *Node) submit(ctx context.Context, id uint64, p proposal) (result, error
 
 // awaitAttempt waits for the outcome of one attempt. It returns done false
 // when the attempt must be retried: Raft dropped it (no leader, a leader
-// transfer in progress), or it did not commit within two election timeouts
-// (the leader that took it may have lost it).
-func (n *Node) awaitAttempt(ctx context.Context, c chan result) (res result, done bool, err error) {
+// transfer in progress), a new leader was elected since it was proposed
+// (leaderChanged: the leader it went to may have lost it, and a proposal a
+// leader drops on stepping down is dropped silently), or it did not commit
+// within two election timeouts (a message lost on the way). A copy that
+// survives as well is applied once: the store skips a request ID it has
+// applied (storage's dedup).
+func (n *Node) awaitAttempt(ctx context.Context, c chan result, leaderChanged <-chan struct{}) (res result, done bool, err error) {
 	epochs := 0
 	epoch := n.retryEpoch.wait()
 	for {
 		select {
 		case res = <-c:
 			return res, !res.dropped, nil
+		case <-leaderChanged:
+			if n.leader.Load() != 0 {
+				return res, false, nil
+			}
+			// Lost, not changed: wait for the next one.
+			leaderChanged = n.leaderChanged.wait()
 		case <-epoch:
 			if epochs++; epochs >= 2 {
 				return res, false, nil

@@ -117,6 +117,7 @@ type peerTransport struct {
 	mu      sync.RWMutex
 	peers   map[uint64]*peer
 	removed map[uint64]bool
+	retired []*peer // removed peers, possibly still sending their last messages
 	stopped bool
 }
 
@@ -186,11 +187,15 @@ func newPeerClient(tlsCfg *tls.Config, h2c bool) *http.Client {
 type peer struct {
 	id     uint64
 	t      *peerTransport
-	ctx    context.Context // ended by RemovePeer and Stop
+	ctx    context.Context // ended by Stop, and once a removed peer's queue is sent
 	cancel context.CancelFunc
-	queue  chan []byte // encoded messages
-	queued atomic.Int64
-	snapc  chan []byte // encoded MsgSnap (metadata only)
+	// retiring is closed by RemovePeer: the peer takes no more messages,
+	// and its sender ends once it has sent what was queued (a removed
+	// member's farewell) or after peerRequestTimeout.
+	retiring chan struct{}
+	queue    chan []byte // encoded messages
+	queued   atomic.Int64
+	snapc    chan []byte // encoded MsgSnap (metadata only)
 
 	mu       sync.Mutex
 	urls     []string
@@ -289,7 +294,7 @@ func (t *peerTransport) AddPeer(id uint64, urls []string) error {
 		return nil
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	p := &peer{id: id, t: t, ctx: ctx, cancel: cancel, urls: clean,
+	p := &peer{id: id, t: t, ctx: ctx, cancel: cancel, urls: clean, retiring: make(chan struct{}),
 		queue: make(chan []byte, peerQueueMessages), snapc: make(chan []byte, 1)}
 	t.peers[id] = p
 	t.wg.Add(2)
@@ -314,14 +319,23 @@ func (t *peerTransport) UpdatePeer(id uint64, urls []string) error {
 	return nil
 }
 
-// RemovePeer stops sending to a member, drops what was queued for it and
-// refuses its messages from now on (410, as etcd answers a removed member).
-func (t *peerTransport) RemovePeer(id uint64) {
+// RemovePeer stops sending to a member once what is queued for it, and
+// last (nil: nothing more), is sent (within peerRequestTimeout), and
+// refuses its messages from now on (410, as etcd answers a removed
+// member): an answer to last meets the 410.
+func (t *peerTransport) RemovePeer(id uint64, last *raftpb.Message) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	if p := t.peers[id]; p != nil {
-		p.cancel()
+		if last != nil {
+			if data, err := proto.Marshal(last); err == nil {
+				p.enqueue(data)
+			}
+		}
+		close(p.retiring)
+		time.AfterFunc(peerRequestTimeout, p.cancel)
 		delete(t.peers, id)
+		t.retired = append(t.retired, p)
 	}
 	t.removed[id] = true
 }
@@ -348,6 +362,10 @@ func (t *peerTransport) Stop() {
 		p.cancel()
 		delete(t.peers, id)
 	}
+	for _, p := range t.retired {
+		p.cancel()
+	}
+	t.retired = nil
 	t.mu.Unlock()
 	t.wg.Wait()
 	t.client.CloseIdleConnections()
@@ -468,6 +486,13 @@ func (p *peer) run() {
 		var first []byte
 		select {
 		case first = <-p.queue:
+		case <-p.retiring:
+			select {
+			case first = <-p.queue:
+			default:
+				p.cancel() // all sent: the snapshot sender ends too
+				return
+			}
 		case <-p.ctx.Done():
 			return
 		}
@@ -513,7 +538,12 @@ func (p *peer) post(body []byte) {
 	}
 	if err != nil {
 		if p.ctx.Err() != nil {
-			return // removed or stopping: nobody to tell
+			return // stopping: nobody to tell
+		}
+		select {
+		case <-p.retiring:
+			return // removed: a last word that did not get through
+		default:
 		}
 		p.failed(u, err)
 		p.t.cfg.ReportUnreachable(p.id)
@@ -713,7 +743,7 @@ func (h *peerHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, "method not allowed", http.StatusMethodNotAllowed)
 		return
 	}
-	from, ok := h.checkHeaders(w, r)
+	from, removed, ok := h.checkHeaders(w, r)
 	if !ok {
 		return
 	}
@@ -721,7 +751,7 @@ func (h *peerHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		h.serveSnapshot(w, r, from)
 		return
 	}
-	h.serveBatch(w, r, from)
+	h.serveBatch(w, r, from, removed)
 }
 
 // serveMembers answers the member list with the cluster ID in a header.
@@ -738,8 +768,10 @@ func (h *peerHandler) serveMembers(w http.ResponseWriter, r *http.Request) {
 
 // checkHeaders refuses what is not for this member or comes from no
 // member: etcd answers 412 for a cluster ID mismatch and 410 to a removed
-// member; an unknown sender gets 403.
-func (h *peerHandler) checkHeaders(w http.ResponseWriter, r *http.Request) (uint64, bool) {
+// member; an unknown sender gets 403. A removed member's message batch is
+// let through with removed true: serveBatch takes its last word (see
+// handOver) and answers 410 all the same.
+func (h *peerHandler) checkHeaders(w http.ResponseWriter, r *http.Request) (from uint64, removed, ok bool) {
 	cid, err := strconv.ParseUint(r.Header.Get(headerPeerClusterID), 16, 64)
 	if err != nil || cid != h.clusterID {
 		h.lg.Warn("peer request from another cluster refused",
@@ -748,29 +780,32 @@ func (h *peerHandler) checkHeaders(w http.ResponseWriter, r *http.Request) (uint
 			zap.String("remote-addr", r.RemoteAddr))
 		http.Error(w, fmt.Sprintf("cluster ID mismatch: this member belongs to cluster %s, the request to %q",
 			idString(h.clusterID), r.Header.Get(headerPeerClusterID)), http.StatusPreconditionFailed)
-		return 0, false
+		return 0, false, false
 	}
 	to, err := strconv.ParseUint(r.Header.Get(headerPeerTo), 16, 64)
 	if err != nil || to != h.id {
 		http.Error(w, fmt.Sprintf("to field mismatch: this member is %s, the request is for %q",
 			idString(h.id), r.Header.Get(headerPeerTo)), http.StatusPreconditionFailed)
-		return 0, false
+		return 0, false, false
 	}
-	from, err := strconv.ParseUint(r.Header.Get(headerPeerFrom), 16, 64)
+	from, err = strconv.ParseUint(r.Header.Get(headerPeerFrom), 16, 64)
 	if err != nil || from == 0 {
 		http.Error(w, "missing or malformed "+headerPeerFrom, http.StatusBadRequest)
-		return 0, false
+		return 0, false, false
 	}
 	switch h.status(from) {
 	case peerKnown:
-		return from, true
+		return from, false, true
 	case peerRemoved:
-		http.Error(w, "member "+idString(from)+" was removed from the cluster", http.StatusGone)
+		if r.URL.Path == peerRaftPath {
+			return from, true, true
+		}
+		http.Error(w, removedText(from), http.StatusGone)
 	default:
 		h.lg.Warn("peer request from an unknown member refused", zap.String("from", idString(from)), zap.String("remote-addr", r.RemoteAddr))
 		http.Error(w, "member "+idString(from)+" is not a member of this cluster", http.StatusForbidden)
 	}
-	return 0, false
+	return 0, false, false
 }
 
 // readPeerFrame reads one frame; io.EOF only at a frame boundary.
@@ -808,9 +843,18 @@ func (h *peerHandler) checkPeerMessage(m *raftpb.Message, from uint64) error {
 }
 
 // serveBatch decodes the whole batch before delivering any of it, so a bad
-// request delivers nothing.
-func (h *peerHandler) serveBatch(w http.ResponseWriter, r *http.Request, from uint64) {
+// request delivers nothing. From a removed member it delivers only
+// MsgTimeoutNow: a leader removed hands leadership over with it (handOver),
+// often after the receiver has applied the removal; it can start an
+// election, nothing more.
+func (h *peerHandler) serveBatch(w http.ResponseWriter, r *http.Request, from uint64, removed bool) {
 	body := http.MaxBytesReader(w, r.Body, peerMaxBody)
+	fail := func(msg string, status int) {
+		if removed {
+			msg, status = removedText(from), http.StatusGone
+		}
+		http.Error(w, msg, status)
+	}
 	var msgs []*raftpb.Message
 	for {
 		frame, err := readPeerFrame(body, peerMaxFrame)
@@ -822,28 +866,39 @@ func (h *peerHandler) serveBatch(w http.ResponseWriter, r *http.Request, from ui
 			if _, ok := errors.AsType[*http.MaxBytesError](err); ok {
 				status = http.StatusRequestEntityTooLarge
 			}
-			http.Error(w, "bad message batch: "+err.Error(), status)
+			fail("bad message batch: "+err.Error(), status)
 			return
 		}
 		m := &raftpb.Message{}
 		if err := proto.Unmarshal(frame, m); err != nil {
-			http.Error(w, "bad message batch: "+err.Error(), http.StatusBadRequest)
+			fail("bad message batch: "+err.Error(), http.StatusBadRequest)
 			return
 		}
 		if err := h.checkPeerMessage(m, from); err != nil {
-			http.Error(w, "bad message batch: "+err.Error(), http.StatusBadRequest)
+			fail("bad message batch: "+err.Error(), http.StatusBadRequest)
 			return
 		}
 		if m.GetType() == raftpb.MsgSnap {
-			http.Error(w, "bad message batch: snapshots go to "+peerSnapshotPath, http.StatusBadRequest)
+			fail("bad message batch: snapshots go to "+peerSnapshotPath, http.StatusBadRequest)
 			return
 		}
 		msgs = append(msgs, m)
 	}
 	for _, m := range msgs {
-		h.deliver(m)
+		if !removed || m.GetType() == raftpb.MsgTimeoutNow {
+			h.deliver(m)
+		}
+	}
+	if removed {
+		fail("", 0)
+		return
 	}
 	w.WriteHeader(http.StatusNoContent)
+}
+
+// removedText is the body of the 410 a removed member hears.
+func removedText(from uint64) string {
+	return "member " + idString(from) + " was removed from the cluster"
 }
 
 // serveSnapshot streams the snapshot into the store, then hands Raft the

@@ -261,7 +261,7 @@ func TestPeerDeadPeerIsReportedUnreachable(t *testing.T) {
 		return len(s) == 1 && s[0] == raft.SnapshotFailure
 	})
 	// Removed, the peer is neither sent to nor listened to.
-	tr.RemovePeer(peerTestFollower)
+	tr.RemovePeer(peerTestFollower, nil)
 	tr.Send([]*raftpb.Message{peerApp(1)})
 	if st := tr.peerStatus(peerTestFollower); st != peerRemoved {
 		t.Fatalf("status %v", st)
@@ -352,6 +352,29 @@ func TestPeerHandlerRefuses(t *testing.T) {
 				<-r.got
 			}
 		})
+	}
+
+	// A removed member's last word: of its batch, only the MsgTimeoutNow
+	// (a removed leader handing leadership over) is delivered; it hears
+	// 410 all the same.
+	timeoutNow := &raftpb.Message{Type: raftpb.MsgTimeoutNow.Enum(), From: new(uint64(3)), To: new(uint64(peerTestFollower)), Term: new(uint64(1))}
+	app := peerApp(1)
+	app.From = new(uint64(3))
+	req, err := http.NewRequest("POST", r.srv.URL+"/raft", bytes.NewReader(peerFrames(app, timeoutNow)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	req.Header = headers("c1", "3", "2")
+	resp, err := r.srv.Client().Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusGone || len(r.got) != 1 {
+		t.Fatalf("removed member's batch: %d, %d messages delivered", resp.StatusCode, len(r.got))
+	}
+	if m := <-r.got; m.GetType() != raftpb.MsgTimeoutNow {
+		t.Fatalf("removed member's batch delivered %v", m.GetType())
 	}
 	r.srv.Client().CloseIdleConnections()
 

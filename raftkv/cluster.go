@@ -226,7 +226,7 @@ func (n *Node) publish() {
 		return
 	}
 	for n.bgCtx.Err() == nil {
-		epoch := n.retryEpoch.wait()
+		epoch, changed := n.retryEpoch.wait(), n.leaderChanged.wait()
 		if m, ok := n.member(n.id); ok {
 			if m.Name == want.Name && slices.Equal(m.ClientURLs, want.ClientURLs) {
 				return
@@ -248,9 +248,10 @@ func (n *Node) publish() {
 			}
 		}
 		// Not a member yet (a joining member catching up), or no leader:
-		// look again after an election timeout.
+		// look again when a leader is known, or after an election timeout.
 		select {
 		case <-epoch:
+		case <-changed:
 		case <-n.bgCtx.Done():
 			return
 		}

@@ -195,9 +195,11 @@ func (n *Node) peerURLUsed(urls []string, except uint64) bool {
 
 // changeMembership proposes cc and waits until this member has applied it.
 // The leader holds a change while another is pending (see proposeConf), so
-// Raft does not turn it into an empty entry; an attempt lost otherwise (a
-// leader change) is proposed again (same ID) after two election timeouts,
-// until ctx ends. A repeat that reaches the log after the first one is
+// Raft does not turn it into an empty entry, and hands the changes it holds
+// to the new leader when it loses leadership; an attempt lost otherwise is
+// proposed again (same ID) after two election timeouts, until ctx ends, not
+// at once on a leader change as data is: nothing skips a conf change
+// applied twice, and a late copy of an UpdateNode would undo a newer one. A repeat that reaches the log after the first one is
 // harmless: adding a present member or one removed since (see resurrects),
 // removing an absent one, setting the same URLs change nothing.
 func (n *Node) changeMembership(ctx context.Context, cc *raftpb.ConfChange) error {
@@ -463,18 +465,29 @@ type FollowerStats struct {
 	} `json:"counts"`
 }
 
-// followersByMatch lists the voters other than this leader, the most
-// caught-up first (as far as Raft's progress tracking knows). Loop
-// goroutine only.
+// followersByMatch lists the voters other than this leader: those heard
+// from lately first (Raft's RecentActive), the most caught-up first among
+// them. Loop goroutine only.
 func (n *Node) followersByMatch() []uint64 {
-	type follower struct{ id, match uint64 }
+	type follower struct {
+		id, match uint64
+		active    bool
+	}
 	var fs []follower
 	n.rn.WithProgress(func(id uint64, typ raft.ProgressType, pr tracker.Progress) {
 		if id != n.id && !pr.IsLearner && typ == raft.ProgressTypePeer {
-			fs = append(fs, follower{id, pr.Match})
+			fs = append(fs, follower{id, pr.Match, pr.RecentActive})
 		}
 	})
-	slices.SortStableFunc(fs, func(a, b follower) int { return cmp.Compare(b.match, a.match) })
+	slices.SortStableFunc(fs, func(a, b follower) int {
+		if a.active != b.active {
+			if a.active {
+				return -1
+			}
+			return 1
+		}
+		return cmp.Compare(b.match, a.match)
+	})
 	ids := make([]uint64, len(fs))
 	for i, f := range fs {
 		ids[i] = f.id

@@ -49,6 +49,7 @@ type loopState struct {
 	farewells          map[uint64]*raftpb.Message // leader: last heartbeats to members it just removed (applyToRaft), sent by syncPeers
 	timeoutNow         *raftpb.Message            // a MsgTimeoutNow waiting for committed conf changes to apply
 	timeoutNowUntil    time.Time                  // when the waiting MsgTimeoutNow is dropped
+	timeoutNowCommit   uint64                     // the commit index when it arrived: it waits until that is applied
 	stopAt             time.Time                  // non-zero: the loop ends then (removed member)
 }
 
@@ -155,9 +156,10 @@ func (n *Node) flushStore() {
 // requests at once, and its loop runs for linger more, then ends. A member
 // that applied its removal lingers an election timeout, so that the
 // commit of its own removal (when it led) reaches the others; etcd stops
-// such a member after a similar delay. One that learnt it from a peer's
-// 410 has nothing left to tell: its loop ends now, and a client waiting on
-// its own removal hears that it is done.
+// such a member after a similar delay. A peer's 410 ends it at once: that
+// peer has applied the removal, and the member has nothing left to tell
+// (a client waiting on its own removal then hears that it is done). The
+// messages it queued last still go: the transport runs until Stop.
 func (n *Node) removedBy(why string, linger time.Duration) {
 	if !n.loop.stopAt.IsZero() {
 		if linger == 0 {
@@ -719,6 +721,7 @@ func (n *Node) step(m *raftpb.Message) {
 	case raftpb.MsgTimeoutNow:
 		n.loop.timeoutNow = m
 		n.loop.timeoutNowUntil = time.Now().Add(n.cfg.ElectionTimeout)
+		n.loop.timeoutNowCommit = n.rn.BasicStatus().GetCommit()
 		n.stepTimeoutNow()
 		return
 	}
@@ -728,9 +731,9 @@ func (n *Node) step(m *raftpb.Message) {
 }
 
 // stepTimeoutNow hands Raft a MsgTimeoutNow once this member has applied
-// every committed entry: Raft refuses to campaign while a committed conf
-// change is unapplied, and the message that asks a member to lead often
-// arrives with the commit of a conf change (a removed leader's handOver
+// what was committed when it arrived: Raft refuses to campaign while a
+// committed conf change is unapplied, and the message that asks a member
+// to lead often arrives right after the commit of a conf change (a removed leader's handOver
 // follows the commit of its own removal). One that waits longer than an
 // election timeout is dropped: it would only disrupt whatever leader the
 // cluster has by then.
@@ -743,7 +746,7 @@ func (n *Node) stepTimeoutNow() {
 		n.loop.timeoutNow = nil
 		return
 	}
-	if st := n.rn.BasicStatus(); st.Applied < st.GetCommit() {
+	if n.rn.BasicStatus().Applied < n.loop.timeoutNowCommit {
 		return
 	}
 	n.loop.timeoutNow = nil

@@ -377,7 +377,7 @@ func (n *Node) applyConfChanges(ents []*raftpb.Entry) (*raftpb.ConfState, bool, 
 			if n.resurrects(cc.GetType(), cc.GetNodeId(), e.GetIndex()) {
 				cc.NodeId = new(uint64(0))
 			}
-			cs = n.applyToRaft(cc, cc.GetType() == raftpb.ConfChangeRemoveNode && cc.GetNodeId() == n.id)
+			cs = n.applyToRaft(cc)
 			if n.memberConfChange(cc.GetType(), cc.GetNodeId(), cc.GetContext()) {
 				changed = true
 			}
@@ -390,14 +390,12 @@ func (n *Node) applyConfChanges(ents []*raftpb.Entry) (*raftpb.ConfState, bool, 
 			if err := proto.Unmarshal(e.GetData(), cc); err != nil {
 				return nil, false, fmt.Errorf("raftkv: damaged conf change at index %d: %w", e.GetIndex(), err)
 			}
-			removesSelf := false
 			for _, c := range cc.GetChanges() {
 				if n.resurrects(c.GetType(), c.GetNodeId(), e.GetIndex()) {
 					c.NodeId = new(uint64(0))
 				}
-				removesSelf = removesSelf || (c.GetType() == raftpb.ConfChangeRemoveNode && c.GetNodeId() == n.id)
 			}
-			cs = n.applyToRaft(cc, removesSelf)
+			cs = n.applyToRaft(cc)
 			for _, c := range cc.GetChanges() {
 				if n.memberConfChange(c.GetType(), c.GetNodeId(), cc.GetContext()) {
 					changed = true
@@ -416,9 +414,9 @@ func (n *Node) applyConfChanges(ents []*raftpb.Entry) (*raftpb.ConfState, bool, 
 //
 //   - A leader the change removes steps down there (StepDownOnRemoval), and
 //     the others would elect a new one only after an election timeout. It
-//     first ranks its followers, and hands leadership to the most
-//     caught-up one that stays once this Ready's messages are sent
-//     (handOver). Raft leaves this to the application (its switchToConfig
+//     ranks its followers first, and once stepped down hands leadership to
+//     the most caught-up one that stays, after this Ready's messages are
+//     sent (handOver). Raft leaves this to the application (its switchToConfig
 //     has it as a TODO); etcd leaves the cluster leaderless.
 //   - Another member removed is no longer addressed: Raft drops its
 //     progress, the transport its queue. Without a word it would learn of
@@ -427,52 +425,61 @@ func (n *Node) applyConfChanges(ents []*raftpb.Entry) (*raftpb.ConfState, bool, 
 //     last heartbeat (farewell), which carries the commit index Raft would
 //     send it, and to which it answers: the answer meets a 410, and the
 //     member stops.
-func (n *Node) applyToRaft(cc raftpb.ConfChangeI, removesSelf bool) *raftpb.ConfState {
+func (n *Node) applyToRaft(cc raftpb.ConfChangeI) *raftpb.ConfState {
 	var ranked []uint64
 	var match map[uint64]uint64
-	if n.rn.BasicStatus().RaftState == raft.StateLeader {
-		if removesSelf {
-			ranked = n.followersByMatch()
+	if st := n.rn.BasicStatus(); st.RaftState == raft.StateLeader {
+		// Conf changes are rare: rank the followers in case this one makes
+		// the leader step down.
+		ranked = n.followersByMatch()
+		if t := st.LeadTransferee; t != 0 {
+			// A transfer under way picked its member already.
+			ranked = append([]uint64{t}, ranked...)
 		}
+		var removes []uint64
 		for _, c := range cc.AsV2().Changes {
 			if c.GetType() == raftpb.ConfChangeRemoveNode && c.GetNodeId() != n.id {
-				if match == nil {
-					match = make(map[uint64]uint64)
-				}
-				match[c.GetNodeId()] = 0
+				removes = append(removes, c.GetNodeId())
 			}
 		}
-		if match != nil {
+		if len(removes) > 0 {
+			// Only members Raft still tracks: a repeated removal finds none.
 			n.rn.WithProgress(func(id uint64, _ raft.ProgressType, pr tracker.Progress) {
-				if _, ok := match[id]; ok {
+				if slices.Contains(removes, id) {
+					if match == nil {
+						match = make(map[uint64]uint64)
+					}
 					match[id] = pr.Match
 				}
 			})
 		}
 	}
 	cs := n.rn.ApplyConfChange(cc)
-	for _, id := range ranked {
-		if slices.Contains(cs.GetVoters(), id) {
-			n.loop.handoff = id
-			break
+	st := n.rn.BasicStatus()
+	if st.RaftState != raft.StateLeader {
+		// Stepped down (a joint configuration that leaves it out does not
+		// make it step down yet: the change that leaves the joint one does).
+		for _, id := range ranked {
+			if slices.Contains(cs.GetVoters(), id) {
+				n.loop.handoff = id
+				break
+			}
 		}
 	}
-	if len(match) > 0 {
-		st := n.rn.BasicStatus()
-		for id, m := range match {
-			if slices.Contains(cs.GetVoters(), id) || slices.Contains(cs.GetLearners(), id) {
-				continue
-			}
-			if n.loop.farewells == nil {
-				n.loop.farewells = make(map[uint64]*raftpb.Message)
-			}
-			n.loop.farewells[id] = &raftpb.Message{
-				Type:   raftpb.MsgHeartbeat.Enum(),
-				From:   new(n.id),
-				To:     new(id),
-				Term:   new(st.GetTerm()),
-				Commit: new(min(m, st.GetCommit())),
-			}
+	for id, m := range match {
+		if slices.Contains(cs.GetVoters(), id) || slices.Contains(cs.GetLearners(), id) ||
+			slices.Contains(cs.GetVotersOutgoing(), id) {
+			continue
+		}
+		if n.loop.farewells == nil {
+			n.loop.farewells = make(map[uint64]*raftpb.Message)
+		}
+		n.loop.farewells[id] = &raftpb.Message{
+			Type:   raftpb.MsgHeartbeat.Enum(),
+			From:   new(n.id),
+			To:     new(id),
+			Term:   new(st.GetTerm()),
+			Commit: new(min(m, st.GetCommit())),
 		}
 	}
 	return cs

@@ -319,7 +319,11 @@ func (n *Node) submit(ctx context.Context, id uint64, p proposal) (result, error
 				return result{}, ErrStopped
 			}
 		}
-		res, done, err := n.awaitAttempt(ctx, p.c, leaderChanged)
+		retryOn := leaderChanged
+		if p.cc != nil {
+			retryOn = nil // see changeMembership
+		}
+		res, done, err := n.awaitAttempt(ctx, p.c, retryOn)
 		if err != nil {
 			return result{}, err
 		}
@@ -348,8 +352,9 @@ func (n *Node) submit(ctx context.Context, id uint64, p proposal) (result, error
 // awaitAttempt waits for the outcome of one attempt. It returns done false
 // when the attempt must be retried: Raft dropped it (no leader, a leader
 // transfer in progress), a new leader was elected since it was proposed
-// (leaderChanged: the leader it went to may have lost it, and a proposal a
-// leader drops on stepping down is dropped silently), or it did not commit
+// (leaderChanged, nil for none: the leader it went to may have lost it, and
+// a proposal a leader drops on stepping down is dropped silently), or it
+// did not commit
 // within two election timeouts (a message lost on the way). A copy that
 // survives as well is applied once: the store skips a request ID it has
 // applied (storage's dedup).

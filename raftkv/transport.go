@@ -15,6 +15,7 @@ import (
 	"net"
 	"net/http"
 	"net/url"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -335,6 +336,7 @@ func (t *peerTransport) RemovePeer(id uint64, last *raftpb.Message) {
 		close(p.retiring)
 		time.AfterFunc(peerRequestTimeout, p.cancel)
 		delete(t.peers, id)
+		t.retired = slices.DeleteFunc(t.retired, func(r *peer) bool { return r.ctx.Err() != nil })
 		t.retired = append(t.retired, p)
 	}
 	t.removed[id] = true
@@ -544,6 +546,11 @@ func (p *peer) post(body []byte) {
 		case <-p.retiring:
 			return // removed: a last word that did not get through
 		default:
+		}
+		if se, ok := errors.AsType[*peerStatusError](err); ok && se.code == http.StatusGone {
+			// The peer is up and says this member was removed: no outage.
+			p.t.checkGone(err)
+			return
 		}
 		p.failed(u, err)
 		p.t.cfg.ReportUnreachable(p.id)

@@ -262,6 +262,11 @@ func TestPeerDeadPeerIsReportedUnreachable(t *testing.T) {
 	})
 	// Removed, the peer is neither sent to nor listened to.
 	tr.RemovePeer(peerTestFollower, nil)
+	waitFor(t, "the removed peer's sender to end", func() bool {
+		tr.mu.RLock()
+		defer tr.mu.RUnlock()
+		return len(tr.retired) == 1 && tr.retired[0].ctx.Err() != nil
+	})
 	tr.Send([]*raftpb.Message{peerApp(1)})
 	if st := tr.peerStatus(peerTestFollower); st != peerRemoved {
 		t.Fatalf("status %v", st)
@@ -597,4 +602,38 @@ func (ca *peerTestCA) issue(t *testing.T, name string, usage x509.ExtKeyUsage) t
 		t.Fatal(err)
 	}
 	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}
+}
+
+// TestPeerRemovedGetsItsLastMessage removes a peer with a last message (a
+// leader's farewell heartbeat): the message is delivered after the peer
+// was removed, and the peer's sender ends.
+func TestPeerRemovedGetsItsLastMessage(t *testing.T) {
+	peerNoLeaks(t)
+	r := newPeerTestReceiver(t, peerPlainHTTP1, nil, nil)
+	tr := newPeerTestTransport(t, transportConfig{}, &peerFeedback{})
+	if err := tr.AddPeer(peerTestFollower, []string{r.srv.URL}); err != nil {
+		t.Fatal(err)
+	}
+	last := &raftpb.Message{Type: raftpb.MsgHeartbeat.Enum(), From: new(uint64(peerTestLeader)), To: new(uint64(peerTestFollower)),
+		Term: new(uint64(1)), Commit: new(uint64(7))}
+	tr.Send([]*raftpb.Message{peerApp(1)})
+	tr.RemovePeer(peerTestFollower, last)
+	if st := tr.peerStatus(peerTestFollower); st != peerRemoved {
+		t.Fatalf("status %v", st)
+	}
+	for _, want := range []raftpb.MessageType{raftpb.MsgApp, raftpb.MsgHeartbeat} {
+		select {
+		case m := <-r.got:
+			if m.GetType() != want {
+				t.Fatalf("got %v, want %v", m.GetType(), want)
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatalf("no %v delivered", want)
+		}
+	}
+	waitFor(t, "the removed peer's sender to end", func() bool {
+		tr.mu.RLock()
+		defer tr.mu.RUnlock()
+		return len(tr.retired) == 1 && tr.retired[0].ctx.Err() != nil
+	})
 }

@@ -85,13 +85,32 @@ func lookAbs(name string) (string, error) {
 // for a listener on :0, which is closed again for the server under test to bind.
 func freePort(t testing.TB) int {
 	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatalf("free port: %v", err)
+	portsMu.Lock()
+	defer portsMu.Unlock()
+	for range 100 {
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatalf("free port: %v", err)
+		}
+		port := l.Addr().(*net.TCPAddr).Port
+		l.Close()
+		// The kernel may hand a closed port out again. Caddy binds with
+		// SO_REUSEPORT, so two servers given the same port would share it
+		// without an error, each getting part of the other's connections.
+		if !portsGiven[port] {
+			portsGiven[port] = true
+			return port
+		}
 	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
+	t.Fatal("free port: the kernel keeps handing out ports already given")
+	return 0
 }
+
+// portsGiven are the ports freePort has handed out in this process.
+var (
+	portsMu    sync.Mutex
+	portsGiven = make(map[int]bool)
+)
 
 // proc is one server process under test, etcaddy (Caddy) or the reference etcd.
 type proc struct {

@@ -625,7 +625,33 @@ func startLedByFirst(t *testing.T, edit func(*Config)) *testCluster {
 	if leader := c.waitLeader(c.members...); leader != c.members[0] {
 		t.Fatalf("%s leads, not the first member", leader.name)
 	}
+	// Each member publishes its name once it knows the leader: a conf
+	// change each, done before the test begins.
+	waitFor(t, "every member's name on every member", func() bool {
+		for _, m := range c.members {
+			for _, mm := range m.n().Members() {
+				if mm.Name == "" {
+					return false
+				}
+			}
+		}
+		return true
+	})
 	return c
+}
+
+// waitSameApplied waits until the nodes have applied the same index: with
+// nothing proposed meanwhile, none of them has entries the others lack.
+func waitSameApplied(t *testing.T, nodes ...*Node) {
+	t.Helper()
+	waitFor(t, "the same applied index on every member", func() bool {
+		for _, n := range nodes[1:] {
+			if n.AppliedIndex() != nodes[0].AppliedIndex() || n.Status().RaftIndex != nodes[0].Status().RaftIndex {
+				return false
+			}
+		}
+		return true
+	})
 }
 
 // TestClusterRemovedLeaderHandsOver removes the leader through a follower.
@@ -688,7 +714,9 @@ func TestClusterProposalLostWithItsLeaderIsRetried(t *testing.T) {
 	})
 	leader, proposer, next := c.members[0].n(), c.members[1].n(), c.members[2].n()
 	put(t, leader, "/before", "1")
-	waitLocal(t, next, "/before", "1")
+	// The member asked to take over must win the proposer's vote: its log
+	// must be as long as the proposer's, who never campaigns itself.
+	waitSameApplied(t, leader, proposer, next)
 
 	// The leader's loop is held: it takes the messages that reach it
 	// itself, and says when the proposal is among them; on release it

@@ -675,17 +675,26 @@ func TestClusterRemovedLeaderHandsOver(t *testing.T) {
 	followers := c.members[1:]
 	put(t, leader.n(), "/before", "1")
 
+	// An election its own timeout starts begins with a pre-vote; one a
+	// MsgTimeoutNow starts does not. Counted from the removal on.
+	preVotes := func(name string) int {
+		logsMu.Lock()
+		defer logsMu.Unlock()
+		return logs[name].FilterMessageSnippet("became pre-candidate").Len()
+	}
+	preVotedBefore := map[string]int{}
+	for _, m := range followers {
+		preVotedBefore[m.name] = preVotes(m.name)
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	if err := followers[0].n().RemoveMember(ctx, leader.n().Status().ID); err != nil {
 		t.Fatalf("RemoveMember(leader) through a follower: %v", err)
 	}
 	now := c.waitLeader(followers...)
-	// An election its own timeout starts begins with a pre-vote; one a
-	// MsgTimeoutNow starts does not.
+	preVoted := preVotes(now.name) - preVotedBefore[now.name]
 	logsMu.Lock()
 	took := logs[now.name].FilterMessageSnippet("received MsgTimeoutNow").Len()
-	preVoted := logs[now.name].FilterMessageSnippet("became pre-candidate").Len()
 	handed := logs[leader.name].FilterMessage("handing leadership over after this member's removal").Len()
 	logsMu.Unlock()
 	if took == 0 || preVoted != 0 || handed != 1 {

@@ -199,9 +199,10 @@ func (n *Node) peerURLUsed(urls []string, except uint64) bool {
 // to the new leader when it loses leadership; an attempt lost otherwise is
 // proposed again (same ID) after two election timeouts, until ctx ends, not
 // at once on a leader change as data is: nothing skips a conf change
-// applied twice, and a late copy of an UpdateNode would undo a newer one. A repeat that reaches the log after the first one is
-// harmless: adding a present member or one removed since (see resurrects),
-// removing an absent one, setting the same URLs change nothing.
+// applied twice, and a late copy of an UpdateNode would undo a newer one.
+// Other repeats that reach the log after the first one are harmless:
+// adding a present member or one removed since (see resurrects), removing
+// an absent one, setting the same URLs change nothing.
 func (n *Node) changeMembership(ctx context.Context, cc *raftpb.ConfChange) error {
 	if ctx.Err() != nil {
 		return ErrTimeout

@@ -47,9 +47,7 @@ type loopState struct {
 	removedSelf        bool                       // this member's removal was applied
 	handoff            uint64                     // leader just removed: the member to hand leadership to (handOver)
 	farewells          map[uint64]*raftpb.Message // leader: last heartbeats to members it just removed (applyToRaft), sent by syncPeers
-	timeoutNow         *raftpb.Message            // a MsgTimeoutNow waiting for committed conf changes to apply
-	timeoutNowUntil    time.Time                  // when the waiting MsgTimeoutNow is dropped
-	timeoutNowCommit   uint64                     // the commit index when it arrived: it waits until that is applied
+	timeoutNow         *waitingTimeoutNow         // a MsgTimeoutNow waiting for committed entries to apply
 	stopAt             time.Time                  // non-zero: the loop ends then (removed member)
 }
 
@@ -605,6 +603,7 @@ func (n *Node) stepConf(h heldConf) {
 	}
 }
 
+// dropConf gives up a conf change; its proposer, if local, retries.
 func (n *Node) dropConf(h heldConf, err error) {
 	n.lg.Debug("conf change dropped", zap.Error(err))
 	if h.m == nil {
@@ -719,40 +718,49 @@ func (n *Node) step(m *raftpb.Message) {
 			return
 		}
 	case raftpb.MsgTimeoutNow:
-		n.loop.timeoutNow = m
-		n.loop.timeoutNowUntil = time.Now().Add(n.cfg.ElectionTimeout)
-		n.loop.timeoutNowCommit = n.rn.BasicStatus().GetCommit()
+		n.loop.timeoutNow = &waitingTimeoutNow{m: m,
+			until: time.Now().Add(n.cfg.ElectionTimeout), commit: n.rn.BasicStatus().GetCommit()}
 		n.stepTimeoutNow()
 		return
 	}
+	n.stepRaft(m)
+}
+
+func (n *Node) stepRaft(m *raftpb.Message) {
 	if err := n.rn.Step(m); err != nil {
 		n.lg.Debug("peer message refused", zap.Error(err), zap.Stringer("type", m.GetType()), zap.String("from", idString(m.GetFrom())))
 	}
 }
 
+// waitingTimeoutNow is a MsgTimeoutNow held until this member has applied
+// commit, the commit index when it arrived, and dropped after until.
+type waitingTimeoutNow struct {
+	m      *raftpb.Message
+	until  time.Time
+	commit uint64
+}
+
 // stepTimeoutNow hands Raft a MsgTimeoutNow once this member has applied
 // what was committed when it arrived: Raft refuses to campaign while a
 // committed conf change is unapplied, and the message that asks a member
-// to lead often arrives right after the commit of a conf change (a removed leader's handOver
-// follows the commit of its own removal). One that waits longer than an
-// election timeout is dropped: it would only disrupt whatever leader the
-// cluster has by then.
+// to lead often arrives right after the commit of a conf change (a removed
+// leader's handOver follows the commit of its own removal). One that waits
+// longer than an election timeout is dropped: it would only disrupt
+// whatever leader the cluster has by then.
 func (n *Node) stepTimeoutNow() {
-	m := n.loop.timeoutNow
-	if m == nil {
+	w := n.loop.timeoutNow
+	if w == nil {
 		return
 	}
-	if time.Now().After(n.loop.timeoutNowUntil) {
+	if time.Now().After(w.until) {
 		n.loop.timeoutNow = nil
 		return
 	}
-	if n.rn.BasicStatus().Applied < n.loop.timeoutNowCommit {
+	if n.rn.BasicStatus().Applied < w.commit {
 		return
 	}
 	n.loop.timeoutNow = nil
-	if err := n.rn.Step(m); err != nil {
-		n.lg.Debug("peer message refused", zap.Error(err), zap.Stringer("type", m.GetType()), zap.String("from", idString(m.GetFrom())))
-	}
+	n.stepRaft(w.m)
 }
 
 // send hands durable-backed messages to the transport.

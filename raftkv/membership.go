@@ -416,8 +416,8 @@ func (n *Node) applyConfChanges(ents []*raftpb.Entry) (*raftpb.ConfState, bool, 
 //     the others would elect a new one only after an election timeout. It
 //     ranks its followers first, and once stepped down hands leadership to
 //     the most caught-up one that stays, after this Ready's messages are
-//     sent (handOver). Raft leaves this to the application (its switchToConfig
-//     has it as a TODO); etcd leaves the cluster leaderless.
+//     sent (handOver). Raft leaves this to the application (a TODO in its
+//     switchToConfig); etcd leaves the cluster leaderless.
 //   - Another member removed is no longer addressed: Raft drops its
 //     progress, the transport its queue. Without a word it would learn of
 //     its removal only when its election timeout makes it talk, and a
@@ -444,11 +444,9 @@ func (n *Node) applyToRaft(cc raftpb.ConfChangeI) *raftpb.ConfState {
 		}
 		if len(removes) > 0 {
 			// Only members Raft still tracks: a repeated removal finds none.
+			match = make(map[uint64]uint64, len(removes))
 			n.rn.WithProgress(func(id uint64, _ raft.ProgressType, pr tracker.Progress) {
 				if slices.Contains(removes, id) {
-					if match == nil {
-						match = make(map[uint64]uint64)
-					}
 					match[id] = pr.Match
 				}
 			})

@@ -354,10 +354,9 @@ func (n *Node) submit(ctx context.Context, id uint64, p proposal) (result, error
 // transfer in progress), a new leader was elected since it was proposed
 // (leaderChanged, nil for none: the leader it went to may have lost it, and
 // a proposal a leader drops on stepping down is dropped silently), or it
-// did not commit
-// within two election timeouts (a message lost on the way). A copy that
-// survives as well is applied once: the store skips a request ID it has
-// applied (storage's dedup).
+// did not commit within two election timeouts (a message lost on the way).
+// A copy that survives as well is applied once: the store skips a request
+// ID it has applied (storage's dedup).
 func (n *Node) awaitAttempt(ctx context.Context, c chan result, leaderChanged <-chan struct{}) (res result, done bool, err error) {
 	epochs := 0
 	epoch := n.retryEpoch.wait()

@@ -547,14 +547,11 @@ func (p *peer) post(body []byte) {
 			return // removed: a last word that did not get through
 		default:
 		}
-		if se, ok := errors.AsType[*peerStatusError](err); ok && se.code == http.StatusGone {
-			// The peer is up and says this member was removed: no outage.
-			p.t.checkGone(err)
-			return
+		if p.t.checkGone(err) {
+			return // the peer is up: no outage
 		}
 		p.failed(u, err)
 		p.t.cfg.ReportUnreachable(p.id)
-		p.t.checkGone(err)
 		return
 	}
 	p.succeeded(time.Since(start))
@@ -571,11 +568,16 @@ func (e *peerStatusError) Error() string { return e.status + ": " + e.msg }
 
 // checkGone tells the member it was removed when a peer answers 410, as
 // etcd's rafthttp does ("the member has been permanently removed from the
-// cluster").
-func (t *peerTransport) checkGone(err error) {
-	if se, ok := errors.AsType[*peerStatusError](err); ok && se.code == http.StatusGone && t.cfg.Removed != nil {
+// cluster"), and reports whether it did.
+func (t *peerTransport) checkGone(err error) bool {
+	se, ok := errors.AsType[*peerStatusError](err)
+	if !ok || se.code != http.StatusGone {
+		return false
+	}
+	if t.cfg.Removed != nil {
 		t.cfg.Removed()
 	}
+	return true
 }
 
 // do runs a request and turns any answer but 204 into an error carrying
@@ -897,7 +899,7 @@ func (h *peerHandler) serveBatch(w http.ResponseWriter, r *http.Request, from ui
 		}
 	}
 	if removed {
-		fail("", 0)
+		http.Error(w, removedText(from), http.StatusGone)
 		return
 	}
 	w.WriteHeader(http.StatusNoContent)

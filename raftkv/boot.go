@@ -189,6 +189,11 @@ func (n *Node) restoreMembers(st *storage.Store) error {
 	if err != nil {
 		return err
 	}
+	verdicts, err := decodeConfVerdicts(st.Meta(metaVerdicts))
+	if err != nil {
+		return err
+	}
 	n.id, n.clusterID, n.members, n.removed = id, cid, members, removed
+	n.loop.verdicts = verdicts
 	return nil
 }

@@ -71,7 +71,9 @@ func (e peerEntry) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 // Its ID is etcd's for a member added at run time: the hash of its sorted
 // peer URLs, the cluster token and the current Unix time. Changes are
 // checked against this member's list as etcd checks them: a peer URL in
-// use gives ErrPeerURLExists.
+// use gives ErrPeerURLExists, before the change is proposed and again
+// when the leader takes it (judgeConf), so of two concurrent additions of
+// one peer URL one fails.
 func (n *Node) AddMember(ctx context.Context, peerURLs []string) (Member, error) {
 	urls, err := normalizeURLs(peerURLs)
 	if err != nil {
@@ -198,19 +200,25 @@ func (n *Node) peerURLUsed(urls []string, except uint64) bool {
 // Raft does not turn it into an empty entry, and hands the changes it holds
 // to the new leader when it loses leadership; an attempt lost otherwise is
 // proposed again (same ID) after two election timeouts, until ctx ends, not
-// at once on a leader change as data is: nothing skips a conf change
-// applied twice, and a late copy of an UpdateNode would undo a newer one.
-// Other repeats that reach the log after the first one are harmless:
-// adding a present member or one removed since (see resurrects), removing
-// an absent one, setting the same URLs change nothing.
+// at once on a leader change as data is: the copies a fast retry leaves in
+// the log are judged only by the leader that takes them, against the
+// verdicts it has seen (judgeConf). A copy that reaches the log after the
+// first one is applied is turned into a no-op there.
+//
+// It returns the leader's refusal when the change conflicts with one that
+// entered the log first (judgeConf): ErrIDExists, ErrPeerURLExists,
+// ErrMemberNotFound, ErrMemberRemoved.
 func (n *Node) changeMembership(ctx context.Context, cc *raftpb.ConfChange) error {
 	if ctx.Err() != nil {
 		return ErrTimeout
 	}
 	cc.Id = new(n.ids.id())
 	n.lg.Info("proposing a membership change", zap.Stringer("type", cc.GetType()), zap.String("member-id", idString(cc.GetNodeId())))
-	_, err := n.submit(ctx, cc.GetId(), proposal{cc: cc, c: newWaitChan()})
-	return err
+	res, err := n.submit(ctx, cc.GetId(), proposal{cc: cc, c: newWaitChan()})
+	if err != nil {
+		return err
+	}
+	return res.err
 }
 
 // publish proposes this member's name and client URLs once it runs, when

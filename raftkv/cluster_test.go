@@ -809,3 +809,125 @@ func TestClusterRemovedFollowerHearsAtOnce(t *testing.T) {
 	}
 	put(t, c.members[1].n(), "/after", "2")
 }
+
+// TestClusterConcurrentAddsOfOnePeerURL adds one peer URL through every
+// member at once. Each proposer's own check passes (none has applied any of
+// the additions yet); the leader, which takes them one after the other,
+// refuses all but the first, as etcd refuses them when it applies them.
+func TestClusterConcurrentAddsOfOnePeerURL(t *testing.T) {
+	c := startLedByFirst(t, func(cfg *Config) { cfg.ElectionTimeout = 2 * time.Second })
+	leader := c.waitLeader(c.members...)
+	ln := leader.n()
+
+	// Hold the leader's loop once its own addition is pending, until the
+	// followers' additions have reached it.
+	var hold atomic.Bool
+	held := make(chan struct{}, 1)
+	release := make(chan struct{})
+	var releaseOnce sync.Once
+	unhold := func() { releaseOnce.Do(func() { close(release) }) }
+	t.Cleanup(unhold)
+	ln.ctrlc <- func() {
+		ln.loop.beforeSave = func() {
+			if hold.Load() && ln.confBusy() {
+				select {
+				case held <- struct{}{}:
+				default:
+				}
+				<-release
+			}
+		}
+	}
+	hold.Store(true)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	const url = "http://127.0.0.1:9"
+	add := func(n *Node) <-chan error {
+		errc := make(chan error, 1)
+		go func() {
+			_, err := n.AddMember(ctx, []string{url})
+			errc <- err
+		}()
+		return errc
+	}
+	errcs := []<-chan error{add(ln)}
+	<-held
+	for _, f := range c.followers(leader, c.members...) {
+		errcs = append(errcs, add(f.n()))
+	}
+	waitFor(t, "both forwarded additions at the leader", func() bool { return len(ln.recvc) >= 2 })
+	hold.Store(false)
+	unhold()
+	var ok, refused int
+	for _, errc := range errcs {
+		switch err := <-errc; {
+		case err == nil:
+			ok++
+		case errors.Is(err, ErrIDExists), errors.Is(err, ErrPeerURLExists):
+			refused++
+		default:
+			t.Errorf("AddMember: %v", err)
+		}
+	}
+	if ok != 1 || refused != 2 {
+		t.Fatalf("%d additions succeeded and %d were refused, want 1 and 2", ok, refused)
+	}
+	waitSameApplied(t, c.members[0].n(), c.members[1].n(), c.members[2].n())
+	for _, m := range c.members {
+		with := 0
+		for _, mm := range m.n().Members() {
+			if slices.Contains(mm.PeerURLs, url) {
+				with++
+			}
+		}
+		if with != 1 {
+			t.Errorf("%s lists %d members with %s, want 1", m.name, with, url)
+		}
+		voters := make(chan int, 1)
+		m.n().ctrlc <- func() { voters <- len(m.n().loop.confState.GetVoters()) }
+		if v := <-voters; v != 4 {
+			t.Errorf("%s: %d voters in Raft, want 4", m.name, v)
+		}
+	}
+}
+
+// TestClusterLateCopyOfUpdateIsANoOp proposes a peer URL update a second
+// time with the same request ID (a proposer's retry whose first attempt
+// made it after all) after a newer update: the copy must not undo it.
+func TestClusterLateCopyOfUpdateIsANoOp(t *testing.T) {
+	c := startLedByFirst(t, nil)
+	leader := c.waitLeader(c.members...)
+	ln := leader.n()
+	target := c.followers(leader, c.members...)[0]
+	tid := target.n().id
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+
+	first := &raftpb.ConfChange{Type: raftpb.ConfChangeUpdateNode.Enum(), NodeId: new(tid),
+		Context: encodeMember(memberRecord{ID: tid, PeerURLs: []string{"http://127.0.0.1:9"}}), Id: new(ln.ids.id())}
+	submit := func() error {
+		res, err := ln.submit(ctx, first.GetId(), proposal{cc: first, c: newWaitChan()})
+		if err != nil {
+			return err
+		}
+		return res.err
+	}
+	if err := submit(); err != nil {
+		t.Fatalf("first update: %v", err)
+	}
+	if err := ln.UpdateMember(ctx, tid, []string{target.url}); err != nil {
+		t.Fatalf("second update: %v", err)
+	}
+	if err := submit(); err != nil {
+		t.Fatalf("the copy of the first update: %v, want it taken as applied before", err)
+	}
+	if rec, _ := ln.member(tid); !slices.Equal(rec.PeerURLs, []string{target.url}) {
+		t.Fatalf("the leader has %v for %s, want %s: the late copy undid the newer update", rec.PeerURLs, target.name, target.url)
+	}
+	waitSameApplied(t, c.members[0].n(), c.members[1].n(), c.members[2].n())
+	for _, m := range c.members {
+		if rec, _ := m.n().member(tid); !slices.Equal(rec.PeerURLs, []string{target.url}) {
+			t.Errorf("%s has %v for %s, want %s: the late copy undid the newer update", m.name, rec.PeerURLs, target.name, target.url)
+		}
+	}
+}

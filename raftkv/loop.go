@@ -40,7 +40,8 @@ type loopState struct {
 	noFastCampaign     bool       // tests only: a fresh single voter waits for its election timeout
 	read               readLoop
 	reap               reaper
-	confApplied        []storage.Applied          // conf changes applied in this Ready, for their proposers
+	confApplied        []confOutcome              // conf changes applied in this Ready, for their proposers
+	verdicts           confVerdicts               // what became of the last conf changes applied (see judgeConf)
 	confPending        uint64                     // leader: the index Raft checks conf changes against (see confBusy)
 	confHeld           []heldConf                 // leader: conf changes waiting for the pending one to apply
 	termStart          uint64                     // leader: index of the first entry of its term (0: not known)
@@ -378,7 +379,9 @@ func (n *Node) handleReady() error {
 	n.applied.Store(n.loop.applied)
 	n.w.trigger(applied)
 	if len(n.loop.confApplied) > 0 {
-		n.w.trigger(n.loop.confApplied)
+		for _, o := range n.loop.confApplied {
+			n.w.finish(o.id, result{applied: storage.Applied{Index: o.index, ID: o.id}, err: o.err})
+		}
 		clear(n.loop.confApplied)
 		n.loop.confApplied = n.loop.confApplied[:0]
 	}
@@ -586,8 +589,12 @@ func (n *Node) proposeConf(h heldConf) {
 	n.stepConf(h)
 }
 
-// stepConf hands a conf change to Raft.
+// stepConf hands a conf change to Raft; a leader judges it first (see
+// judgeConf).
 func (n *Node) stepConf(h heldConf) {
+	if n.loop.lead == n.id {
+		h = n.judged(h)
+	}
 	var err error
 	if h.m != nil {
 		err = n.rn.Step(h.m)

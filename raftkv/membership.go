@@ -10,7 +10,6 @@ import (
 	"slices"
 	"strings"
 
-	"github.com/etcaddy/etcaddy/storage"
 	"go.etcd.io/raft/v3"
 	"go.etcd.io/raft/v3/raftpb"
 	"go.etcd.io/raft/v3/tracker"
@@ -26,6 +25,7 @@ const (
 	metaMembers   = "raftkv/members"
 	metaIDGen     = "raftkv/id_generation"
 	metaRemoved   = "raftkv/removed_members"
+	metaVerdicts  = "raftkv/conf_verdicts"
 )
 
 // memberRecord is how a member is persisted and carried in the Context of
@@ -329,9 +329,12 @@ func decodeIDs(b []byte) (map[uint64]bool, error) {
 	return out, nil
 }
 
-// saveMembers persists the member list and the removed IDs.
+// saveMembers persists the member list, the removed IDs and the verdicts.
 func (n *Node) saveMembers() error {
 	if err := n.store.SetMeta(metaMembers, encodeMembers(n.memberSnapshot())); err != nil {
+		return err
+	}
+	if err := n.store.SetMeta(metaVerdicts, n.loop.verdicts.encode()); err != nil {
 		return err
 	}
 	return n.store.SetMeta(metaRemoved, encodeIDs(n.removedIDs()))
@@ -360,10 +363,16 @@ func (n *Node) syncPeers() {
 	}
 }
 
+// confOutcome is what the proposer of an applied conf change hears.
+type confOutcome struct {
+	index, id uint64
+	err       error // the leader refused the change (judgeConf)
+}
+
 // applyConfChanges applies the committed conf changes of a Ready to Raft
 // and to the member list, before the Ready is saved. It returns the
 // resulting conf state (nil: none in this Ready) and whether the member list
-// changed.
+// or the verdicts changed.
 func (n *Node) applyConfChanges(ents []*raftpb.Entry) (*raftpb.ConfState, bool, error) {
 	var cs *raftpb.ConfState
 	changed := false
@@ -381,9 +390,13 @@ func (n *Node) applyConfChanges(ents []*raftpb.Entry) (*raftpb.ConfState, bool, 
 			if n.memberConfChange(cc.GetType(), cc.GetNodeId(), cc.GetContext()) {
 				changed = true
 			}
-			if cc.GetId() != 0 {
+			if id := cc.GetId(); id != 0 {
+				code := refusal(cc)
+				if n.loop.verdicts.add(id, code) {
+					changed = true
+				}
 				// Its proposer hears once the Ready is saved.
-				n.loop.confApplied = append(n.loop.confApplied, storage.Applied{Index: e.GetIndex(), ID: cc.GetId()})
+				n.loop.confApplied = append(n.loop.confApplied, confOutcome{index: e.GetIndex(), id: id, err: refusalErr(code)})
 			}
 		case raftpb.EntryConfChangeV2:
 			cc := &raftpb.ConfChangeV2{}

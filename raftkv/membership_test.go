@@ -102,3 +102,38 @@ func TestRequestIDsDifferForMembersSharingLowBits(t *testing.T) {
 		t.Fatalf("members sharing their low 16 bits produce the same request IDs (%x)", a.base)
 	}
 }
+
+func TestConfVerdictsKeepTheLastOnesAndRoundTrip(t *testing.T) {
+	var v confVerdicts
+	for i := range maxConfVerdicts + 10 {
+		code := ""
+		if i%3 == 0 {
+			code = refusedURLUsed
+		}
+		if !v.add(uint64(i+1), code) {
+			t.Fatalf("add %d: reported as seen", i+1)
+		}
+	}
+	if v.add(maxConfVerdicts, "other") {
+		t.Fatal("a second verdict for one ID replaced the first")
+	}
+	got, err := decodeConfVerdicts(v.encode())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(got.order) != maxConfVerdicts {
+		t.Fatalf("%d verdicts kept, want %d", len(got.order), maxConfVerdicts)
+	}
+	if _, ok := got.get(10); ok {
+		t.Error("the oldest verdicts were kept")
+	}
+	for _, id := range []uint64{11, 12, maxConfVerdicts + 10} {
+		want, _ := v.get(id)
+		if code, ok := got.get(id); !ok || code != want {
+			t.Errorf("verdict of %d: %q %v, want %q", id, code, ok, want)
+		}
+	}
+	if _, err := decodeConfVerdicts([]byte{0, 0, 0}); err == nil {
+		t.Error("a damaged encoding decoded")
+	}
+}

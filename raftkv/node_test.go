@@ -680,7 +680,12 @@ func TestLateAddOfRemovedMemberIsIgnored(t *testing.T) {
 		t.Fatalf("added: member %v, learners %v", n.hasMember(ghost), learners())
 	}
 	change(raftpb.ConfChangeRemoveNode)
-	change(raftpb.ConfChangeAddLearnerNode) // the late copy
+	// The late copy: the leader refuses it as it enters the log (judgeConf);
+	// were it in the log already, the apply would skip it (resurrects).
+	cc := &raftpb.ConfChange{Type: raftpb.ConfChangeAddLearnerNode.Enum(), NodeId: new(uint64(ghost)), Context: add}
+	if err := n.changeMembership(ctx, cc); !errors.Is(err, ErrMemberRemoved) {
+		t.Fatalf("the late add: %v, want %v", err, ErrMemberRemoved)
+	}
 	if n.hasMember(ghost) || slices.Contains(learners(), ghost) {
 		t.Fatalf("after the late add: member %v, learners %v", n.hasMember(ghost), learners())
 	}

@@ -14,6 +14,7 @@ import (
 // entry that carried its request ID, or that Raft dropped one attempt.
 type result struct {
 	applied storage.Applied
+	err     error // a conf change the leader refused
 	dropped bool
 }
 
@@ -82,6 +83,16 @@ func (w *waiters) trigger(applied []storage.Applied) {
 			delete(w.m, a.ID)
 			c <- result{applied: *a}
 		}
+	}
+	w.mu.Unlock()
+}
+
+// finish hands one outcome to the waiter of id, if any.
+func (w *waiters) finish(id uint64, r result) {
+	w.mu.Lock()
+	if c, ok := w.m[id]; ok {
+		delete(w.m, id)
+		c <- r
 	}
 	w.mu.Unlock()
 }

@@ -1,0 +1,231 @@
+package raftkv
+
+import (
+	"encoding/binary"
+	"encoding/json"
+	"fmt"
+	"slices"
+
+	"go.etcd.io/raft/v3/raftpb"
+	"google.golang.org/protobuf/proto"
+)
+
+// Membership changes are checked by the leader as they enter its log, the
+// checks etcd makes when it applies one (ValidateConfigurationChange):
+// AddMember's own checks run before the change is proposed, so two
+// concurrent additions of one peer URL (in the same second: of one ID, which
+// hashes the URLs and the time) would both pass them. The leader holds a change
+// until every earlier one is applied (proposeConf), so it judges each
+// against the membership all earlier changes made. A refused change still
+// enters the log, with node ID 0, which Raft skips (as etcd skips a change
+// it refuses), and its refusal in the context: every member applies it
+// alike, and its proposer, on whichever member, hears why. The verdict is
+// in the log, so replaying the log never judges again.
+//
+// The leader also recognizes a copy of a change applied before (its
+// proposer tried again and both attempts reached the log): the copy is
+// turned into a no-op too. Without that, a late copy of an UpdateNode
+// would undo a newer update.
+
+// Refusal codes, as the context of a refused change carries them.
+const (
+	refusedRemoved  = "member-removed"
+	refusedIDExists = "id-exists"
+	refusedURLUsed  = "peer-url-exists"
+	refusedNotFound = "member-not-found"
+	refusedCopy     = "applied-before" // a copy of an applied change: its proposer has succeeded
+)
+
+// confRefusal is the context of a refused change.
+type confRefusal struct {
+	Refused string `json:"refused"`
+}
+
+// refusalErr is what the proposer of a change refused with code hears.
+func refusalErr(code string) error {
+	switch code {
+	case "", refusedCopy:
+		return nil
+	case refusedRemoved:
+		return ErrMemberRemoved
+	case refusedIDExists:
+		return ErrIDExists
+	case refusedURLUsed:
+		return ErrPeerURLExists
+	case refusedNotFound:
+		return ErrMemberNotFound
+	}
+	return fmt.Errorf("raftkv: membership change refused (%s)", code)
+}
+
+// refusal returns the refusal an applied change carries, "" for none.
+func refusal(cc *raftpb.ConfChange) string {
+	if cc.GetNodeId() != 0 || len(cc.GetContext()) == 0 {
+		return ""
+	}
+	var r confRefusal
+	if json.Unmarshal(cc.GetContext(), &r) != nil {
+		return ""
+	}
+	return r.Refused
+}
+
+// judgeConf returns why the leader refuses cc, "" when it takes it.
+func (n *Node) judgeConf(cc *raftpb.ConfChange) string {
+	if id := cc.GetId(); id != 0 {
+		if code, ok := n.loop.verdicts.get(id); ok {
+			if code == "" {
+				return refusedCopy
+			}
+			return code
+		}
+	}
+	id := cc.GetNodeId()
+	if id == 0 {
+		return ""
+	}
+	known := func() string {
+		switch {
+		case n.isRemoved(id):
+			return refusedRemoved
+		case !n.hasMember(id):
+			return refusedNotFound
+		}
+		return ""
+	}
+	switch cc.GetType() {
+	case raftpb.ConfChangeAddNode, raftpb.ConfChangeAddLearnerNode:
+		switch {
+		case n.isRemoved(id):
+			return refusedRemoved
+		case n.hasMember(id):
+			return refusedIDExists
+		}
+		var m memberRecord
+		if json.Unmarshal(cc.GetContext(), &m) == nil && n.peerURLUsed(m.PeerURLs, 0) {
+			return refusedURLUsed
+		}
+	case raftpb.ConfChangeRemoveNode:
+		return known()
+	case raftpb.ConfChangeUpdateNode:
+		if code := known(); code != "" {
+			return code
+		}
+		var attrs attributesContext
+		if json.Unmarshal(cc.GetContext(), &attrs) == nil && attrs.Attributes != nil {
+			return ""
+		}
+		var m memberRecord
+		if json.Unmarshal(cc.GetContext(), &m) == nil && n.peerURLUsed(m.PeerURLs, id) {
+			return refusedURLUsed
+		}
+	}
+	return ""
+}
+
+// refused is cc as it enters the log when refused with code.
+func refused(cc *raftpb.ConfChange, code string) *raftpb.ConfChange {
+	out := proto.Clone(cc).(*raftpb.ConfChange)
+	out.NodeId = new(uint64(0))
+	out.Context, _ = json.Marshal(confRefusal{Refused: code})
+	return out
+}
+
+// judged is h as the leader steps it: refused changes rewritten. The
+// proposer's own ConfChange is left alone (a retry sends it again, and is
+// judged again).
+func (n *Node) judged(h heldConf) heldConf {
+	if h.m == nil {
+		if code := n.judgeConf(h.p.cc); code != "" {
+			h.p.cc = refused(h.p.cc, code)
+		}
+		return h
+	}
+	var ents []*raftpb.Entry
+	for i, e := range h.m.GetEntries() {
+		if e.GetType() != raftpb.EntryConfChange {
+			continue
+		}
+		cc := &raftpb.ConfChange{}
+		if proto.Unmarshal(e.GetData(), cc) != nil {
+			continue // Raft refuses it the same way everywhere
+		}
+		code := n.judgeConf(cc)
+		if code == "" {
+			continue
+		}
+		data, err := proto.Marshal(refused(cc, code))
+		if err != nil {
+			continue
+		}
+		if ents == nil {
+			ents = slices.Clone(h.m.GetEntries())
+		}
+		ne := proto.Clone(e).(*raftpb.Entry)
+		ne.Data = data
+		ents[i] = ne
+	}
+	if ents != nil {
+		m := proto.Clone(h.m).(*raftpb.Message)
+		m.Entries = ents
+		h.m = m
+	}
+	return h
+}
+
+// confVerdicts remembers what became of the last maxConfVerdicts changes
+// this member applied, by request ID: "" when applied, else the refusal.
+// Owned by the loop; persisted with the member list.
+type confVerdicts struct {
+	m     map[uint64]string
+	order []uint64
+}
+
+const maxConfVerdicts = 1024
+
+func (v *confVerdicts) get(id uint64) (string, bool) {
+	code, ok := v.m[id]
+	return code, ok
+}
+
+// add records the verdict of id's first application; it reports whether
+// that is new.
+func (v *confVerdicts) add(id uint64, code string) bool {
+	if _, ok := v.m[id]; ok {
+		return false
+	}
+	if v.m == nil {
+		v.m = make(map[uint64]string)
+	}
+	if len(v.order) >= maxConfVerdicts {
+		delete(v.m, v.order[0])
+		v.order = v.order[1:]
+	}
+	v.m[id] = code
+	v.order = append(v.order, id)
+	return true
+}
+
+// encode writes the verdicts oldest first: ID, code length, code.
+func (v *confVerdicts) encode() []byte {
+	var b []byte
+	for _, id := range v.order {
+		code := v.m[id]
+		b = binary.BigEndian.AppendUint64(b, id)
+		b = append(b, byte(len(code)))
+		b = append(b, code...)
+	}
+	return b
+}
+
+func decodeConfVerdicts(b []byte) (confVerdicts, error) {
+	var v confVerdicts
+	for len(b) > 0 {
+		if len(b) < 9 || len(b) < 9+int(b[8]) {
+			return confVerdicts{}, fmt.Errorf("raftkv: damaged membership verdicts in meta")
+		}
+		v.add(binary.BigEndian.Uint64(b), string(b[9:9+int(b[8])]))
+		b = b[9+int(b[8]):]
+	}
+	return v, nil
+}

@@ -7,6 +7,7 @@ import (
 	"slices"
 
 	"go.etcd.io/raft/v3/raftpb"
+	"go.uber.org/zap"
 	"google.golang.org/protobuf/proto"
 )
 
@@ -124,7 +125,11 @@ func (n *Node) judgeConf(cc *raftpb.ConfChange) string {
 }
 
 // refused is cc as it enters the log when refused with code.
-func refused(cc *raftpb.ConfChange, code string) *raftpb.ConfChange {
+func (n *Node) refused(cc *raftpb.ConfChange, code string) *raftpb.ConfChange {
+	if code != refusedCopy {
+		n.lg.Info("refusing a membership change", zap.Stringer("type", cc.GetType()),
+			zap.String("member-id", idString(cc.GetNodeId())), zap.String("reason", code))
+	}
 	out := proto.Clone(cc).(*raftpb.ConfChange)
 	out.NodeId = new(uint64(0))
 	out.Context, _ = json.Marshal(confRefusal{Refused: code})
@@ -137,7 +142,7 @@ func refused(cc *raftpb.ConfChange, code string) *raftpb.ConfChange {
 func (n *Node) judged(h heldConf) heldConf {
 	if h.m == nil {
 		if code := n.judgeConf(h.p.cc); code != "" {
-			h.p.cc = refused(h.p.cc, code)
+			h.p.cc = n.refused(h.p.cc, code)
 		}
 		return h
 	}
@@ -154,7 +159,7 @@ func (n *Node) judged(h heldConf) heldConf {
 		if code == "" {
 			continue
 		}
-		data, err := proto.Marshal(refused(cc, code))
+		data, err := proto.Marshal(n.refused(cc, code))
 		if err != nil {
 			continue
 		}

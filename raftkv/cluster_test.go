@@ -278,6 +278,16 @@ func TestClusterAddMemberCatchesUpBySnapshot(t *testing.T) {
 	// started with state "existing": the log it needs is compacted, so it
 	// catches up by snapshot.
 	joiner := newTestMember(t, "m3")
+	verdictIDs := func(n *Node) []uint64 {
+		got := make(chan []uint64, 1)
+		n.ctrlc <- func() { got <- slices.Clone(n.loop.verdicts.order) }
+		return <-got
+	}
+	// The members' publishes, applied long before the snapshot's index.
+	early := verdictIDs(leader.n())
+	if len(early) < 3 {
+		t.Fatalf("the leader has %d membership verdicts, want the 3 publishes at least", len(early))
+	}
 	added, err := follower.n().AddMember(ctx, []string{joiner.url})
 	if err != nil {
 		t.Fatalf("AddMember: %v", err)
@@ -296,6 +306,10 @@ func TestClusterAddMemberCatchesUpBySnapshot(t *testing.T) {
 	waitLocal(t, n, "/k39", "39")
 	// The counter moves just after the install's data is visible.
 	waitFor(t, "a snapshot installed", func() bool { return n.installs.Load() > 0 })
+	// It recognizes copies of the changes in the snapshot, were it to lead.
+	if got := verdictIDs(n); slices.ContainsFunc(early, func(id uint64) bool { return !slices.Contains(got, id) }) {
+		t.Errorf("the joiner's verdicts %x lack some of the snapshot's %x", got, early)
+	}
 	c.waitLeader(c.members...)
 	put(t, n, "/from-joiner", "x")
 	for _, m := range c.members {

@@ -261,6 +261,9 @@ func (n *Node) handleReady() error {
 			n.replaceMembers(snapMembers, snapRemoved)
 			membersChanged = true
 		}
+		if err := n.mergeSnapshotVerdicts(string(snap.GetData())); err != nil {
+			return err
+		}
 	}
 	if len(n.loop.farewells) > 0 && !n.termAndVoteSaved(rd.HardState) {
 		// A heartbeat claims nothing of this member's log, only its term,
@@ -925,6 +928,24 @@ func readSnapshotMembers(path string) ([]memberRecord, map[uint64]bool, error) {
 		return nil, nil, err
 	}
 	return members, removed, nil
+}
+
+// mergeSnapshotVerdicts adds the verdicts a received snapshot file holds to
+// this member's, so that as leader it still recognizes a late copy of a
+// change it never applied itself (see judgeConf).
+func (n *Node) mergeSnapshotVerdicts(path string) error {
+	b, err := storage.SnapshotMeta(path, metaVerdicts)
+	if err != nil {
+		return err
+	}
+	v, err := decodeConfVerdicts(b)
+	if err != nil {
+		return err
+	}
+	for _, id := range v.order {
+		n.loop.verdicts.add(id, v.m[id])
+	}
+	return nil
 }
 
 // reportUnreachable tells Raft a peer could not be reached, so it stops

@@ -868,8 +868,10 @@ func TestClusterConcurrentAddsOfOnePeerURL(t *testing.T) {
 	<-held
 	for _, f := range c.followers(leader, c.members...) {
 		errcs = append(errcs, add(f.n()))
+		// Its own check passed (nothing is applied while the leader is
+		// held): the refusal, if any, must come from the leader.
+		waitFor(t, "the addition proposed on "+f.name, func() bool { return f.n().w.len() > 0 })
 	}
-	waitFor(t, "both forwarded additions at the leader", func() bool { return len(ln.recvc) >= 2 })
 	hold.Store(false)
 	unhold()
 	var ok, refused int
@@ -885,6 +887,19 @@ func TestClusterConcurrentAddsOfOnePeerURL(t *testing.T) {
 	}
 	if ok != 1 || refused != 2 {
 		t.Fatalf("%d additions succeeded and %d were refused, want 1 and 2", ok, refused)
+	}
+	codes := make(chan []string, 1)
+	ln.ctrlc <- func() {
+		var cs []string
+		for _, id := range ln.loop.verdicts.order {
+			if code := ln.loop.verdicts.m[id]; code == refusedIDExists || code == refusedURLUsed {
+				cs = append(cs, code)
+			}
+		}
+		codes <- cs
+	}
+	if cs := <-codes; len(cs) != 2 {
+		t.Errorf("the leader's log holds refusals %v, want two", cs)
 	}
 	waitSameApplied(t, c.members[0].n(), c.members[1].n(), c.members[2].n())
 	for _, m := range c.members {
@@ -944,4 +959,34 @@ func TestClusterLateCopyOfUpdateIsANoOp(t *testing.T) {
 			t.Errorf("%s has %v for %s, want %s: the late copy undid the newer update", m.name, rec.PeerURLs, target.name, target.url)
 		}
 	}
+}
+
+// TestClusterRemovalOfTheLastVoterIsRefused removes every member, the
+// leader last, past the proposer's own checks (as concurrent removals
+// through different members pass them: each sees three members). The
+// leader must refuse the removal that would leave no voter: Raft panics on
+// it, and at every restart after.
+func TestClusterRemovalOfTheLastVoterIsRefused(t *testing.T) {
+	c := startLedByFirst(t, nil)
+	leader := c.waitLeader(c.members...)
+	ln := leader.n()
+	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+	defer cancel()
+	remove := func(id uint64) error {
+		return ln.changeMembership(ctx, &raftpb.ConfChange{Type: raftpb.ConfChangeRemoveNode.Enum(), NodeId: new(id)})
+	}
+	for _, f := range c.followers(leader, c.members...) {
+		if err := remove(f.n().id); err != nil {
+			t.Fatalf("removing %s: %v", f.name, err)
+		}
+	}
+	if err := remove(ln.id); !errors.Is(err, ErrLastMember) {
+		t.Fatalf("removing the last voter: %v, want %v", err, ErrLastMember)
+	}
+	voters := make(chan int, 1)
+	ln.ctrlc <- func() { voters <- len(ln.loop.confState.GetVoters()) }
+	if v := <-voters; v != 1 {
+		t.Fatalf("%d voters, want 1", v)
+	}
+	put(t, ln, "/still-writable", "yes")
 }

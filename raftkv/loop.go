@@ -566,16 +566,28 @@ const (
 // an empty entry, or drop it because leadership is being handed over (the
 // held changes then go to the new leader).
 func (n *Node) confBusy() bool {
-	if n.loop.lead != n.id {
+	st := n.rn.BasicStatus()
+	if st.RaftState != raft.StateLeader {
 		return false
 	}
-	return n.loop.confPending > n.loop.raftApplied || n.rn.BasicStatus().LeadTransferee != 0
+	if n.loop.lead != n.id {
+		// Elected while the loop took in messages or at Advance: the Ready
+		// that reports it (and trackConf's confElected) has not come yet.
+		return true
+	}
+	return n.loop.confPending > n.loop.raftApplied || st.LeadTransferee != 0
+}
+
+// raftLeads reports whether Raft leads now; loop.lead learns it only at the
+// next Ready.
+func (n *Node) raftLeads() bool {
+	return n.rn.BasicStatus().RaftState == raft.StateLeader
 }
 
 // proposeConf steps a conf change, or holds it while the leader is busy
 // with another (and behind those held before it).
 func (n *Node) proposeConf(h heldConf) {
-	if n.loop.lead == n.id && (n.confBusy() || len(n.loop.confHeld) > 0) {
+	if n.raftLeads() && (n.confBusy() || len(n.loop.confHeld) > 0) {
 		if h.m == nil && slices.ContainsFunc(n.loop.confHeld, func(o heldConf) bool {
 			return o.m == nil && o.p.cc.GetId() == h.p.cc.GetId()
 		}) {
@@ -595,8 +607,13 @@ func (n *Node) proposeConf(h heldConf) {
 // stepConf hands a conf change to Raft; a leader judges it first (see
 // judgeConf).
 func (n *Node) stepConf(h heldConf) {
-	if n.loop.lead == n.id {
-		h = n.judged(h)
+	leads := n.raftLeads()
+	if leads {
+		var ok bool
+		if h, ok = n.judged(h); !ok {
+			n.dropConf(h, errors.New("undecodable conf change"))
+			return
+		}
 	}
 	var err error
 	if h.m != nil {
@@ -608,7 +625,7 @@ func (n *Node) stepConf(h heldConf) {
 		n.dropConf(h, err)
 		return
 	}
-	if n.loop.lead == n.id {
+	if leads {
 		n.loop.confPending = confProposed
 	}
 }
@@ -723,7 +740,7 @@ func (n *Node) step(m *raftpb.Message) {
 	case raftpb.MsgApp:
 		n.recvAppends.Add(1)
 	case raftpb.MsgProp:
-		if n.loop.lead == n.id && slices.ContainsFunc(m.GetEntries(), isConfEntry) {
+		if slices.ContainsFunc(m.GetEntries(), isConfEntry) && n.raftLeads() {
 			n.proposeConf(heldConf{m: m})
 			return
 		}

@@ -687,6 +687,20 @@ func TestLateAddOfRemovedMemberIsIgnored(t *testing.T) {
 		t.Fatalf("the late add: %v, want %v", err, ErrMemberRemoved)
 	}
 	if n.hasMember(ghost) || slices.Contains(learners(), ghost) {
+		t.Fatalf("after the refused add: member %v, learners %v", n.hasMember(ghost), learners())
+	}
+	// A copy already in the log when the removal was judged (or written
+	// before leaders judged): stepped into Raft past the judge, applied
+	// as node 0.
+	before := n.AppliedIndex()
+	n.ctrlc <- func() {
+		if err := n.rn.ProposeConfChange(&raftpb.ConfChange{Type: raftpb.ConfChangeAddLearnerNode.Enum(),
+			NodeId: new(uint64(ghost)), Context: add, Id: new(n.ids.id())}); err != nil {
+			t.Errorf("ProposeConfChange: %v", err)
+		}
+	}
+	waitFor(t, "the unjudged copy applied", func() bool { return n.AppliedIndex() > before })
+	if n.hasMember(ghost) || slices.Contains(learners(), ghost) {
 		t.Fatalf("after the late add: member %v, learners %v", n.hasMember(ghost), learners())
 	}
 }

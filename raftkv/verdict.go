@@ -34,6 +34,7 @@ const (
 	refusedIDExists = "id-exists"
 	refusedURLUsed  = "peer-url-exists"
 	refusedNotFound = "member-not-found"
+	refusedLast     = "last-member"
 	refusedCopy     = "applied-before" // a copy of an applied change: its proposer has succeeded
 )
 
@@ -55,6 +56,8 @@ func refusalErr(code string) error {
 		return ErrPeerURLExists
 	case refusedNotFound:
 		return ErrMemberNotFound
+	case refusedLast:
+		return ErrLastMember
 	}
 	return fmt.Errorf("raftkv: membership change refused (%s)", code)
 }
@@ -107,7 +110,15 @@ func (n *Node) judgeConf(cc *raftpb.ConfChange) string {
 			return refusedURLUsed
 		}
 	case raftpb.ConfChangeRemoveNode:
-		return known()
+		if code := known(); code != "" {
+			return code
+		}
+		// Raft cannot run without a voter: a removal of the last one
+		// panics it, at every restart after.
+		voters := n.loop.confState.GetVoters()
+		if len(voters) == 1 && voters[0] == id && len(n.loop.confState.GetVotersOutgoing()) == 0 {
+			return refusedLast
+		}
 	case raftpb.ConfChangeUpdateNode:
 		if code := known(); code != "" {
 			return code
@@ -138,22 +149,31 @@ func (n *Node) refused(cc *raftpb.ConfChange, code string) *raftpb.ConfChange {
 
 // judged is h as the leader steps it: refused changes rewritten. The
 // proposer's own ConfChange is left alone (a retry sends it again, and is
-// judged again).
-func (n *Node) judged(h heldConf) heldConf {
+// judged again). ok is false for a message with a conf entry that does not
+// decode, which Raft's leader would panic on: it must not be stepped.
+// ConfChangeV2 entries pass unjudged: nothing here proposes them but Raft
+// itself, to leave a joint configuration.
+func (n *Node) judged(h heldConf) (_ heldConf, ok bool) {
 	if h.m == nil {
 		if code := n.judgeConf(h.p.cc); code != "" {
 			h.p.cc = n.refused(h.p.cc, code)
 		}
-		return h
+		return h, true
 	}
 	var ents []*raftpb.Entry
 	for i, e := range h.m.GetEntries() {
+		if e.GetType() == raftpb.EntryConfChangeV2 {
+			if proto.Unmarshal(e.GetData(), &raftpb.ConfChangeV2{}) != nil {
+				return h, false
+			}
+			continue
+		}
 		if e.GetType() != raftpb.EntryConfChange {
 			continue
 		}
 		cc := &raftpb.ConfChange{}
 		if proto.Unmarshal(e.GetData(), cc) != nil {
-			continue // Raft refuses it the same way everywhere
+			return h, false
 		}
 		code := n.judgeConf(cc)
 		if code == "" {
@@ -175,7 +195,7 @@ func (n *Node) judged(h heldConf) heldConf {
 		m.Entries = ents
 		h.m = m
 	}
-	return h
+	return h, true
 }
 
 // confVerdicts remembers what became of the last maxConfVerdicts changes

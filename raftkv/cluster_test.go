@@ -542,24 +542,7 @@ func TestClusterForwardedConfChangeWaitsForThePendingOne(t *testing.T) {
 	follower := c.followers(leader, c.members...)[0].n()
 
 	// Hold the leader's loop once a conf change of its own is pending.
-	var hold atomic.Bool
-	held := make(chan struct{}, 1)
-	release := make(chan struct{})
-	var releaseOnce sync.Once
-	unhold := func() { releaseOnce.Do(func() { close(release) }) }
-	t.Cleanup(unhold)
-	ln.ctrlc <- func() {
-		ln.loop.beforeSave = func() {
-			if hold.Load() && ln.confBusy() {
-				select {
-				case held <- struct{}{}:
-				default:
-				}
-				<-release
-			}
-		}
-	}
-	hold.Store(true)
+	held, unhold := holdWhileConfBusy(t, ln)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	update := func(n *Node, name string) <-chan error {
@@ -578,7 +561,6 @@ func TestClusterForwardedConfChangeWaitsForThePendingOne(t *testing.T) {
 	// The held leader sends no heartbeat, so what reaches it now is the
 	// follower's forwarded proposal.
 	waitFor(t, "the forwarded conf change at the leader", func() bool { return len(ln.recvc) > 0 })
-	hold.Store(false)
 	unhold()
 	for _, errc := range []<-chan error{own, forwarded} {
 		if err := <-errc; err != nil {
@@ -608,6 +590,34 @@ func TestClusterForwardedConfChangeWaitsForThePendingOne(t *testing.T) {
 	if empty != 1 {
 		t.Fatalf("%d empty entries in the leader's term %d, want 1 (its own): a conf change was turned into one", empty, term)
 	}
+}
+
+// holdWhileConfBusy makes ln's loop stop before its next Save while a conf
+// change is pending in its log: held receives once it is stopped there;
+// unhold lets it go for good (also at cleanup).
+func holdWhileConfBusy(t *testing.T, ln *Node) (held <-chan struct{}, unhold func()) {
+	var hold atomic.Bool
+	heldc := make(chan struct{}, 1)
+	release := make(chan struct{})
+	var releaseOnce sync.Once
+	unhold = func() {
+		hold.Store(false)
+		releaseOnce.Do(func() { close(release) })
+	}
+	t.Cleanup(unhold)
+	ln.ctrlc <- func() {
+		ln.loop.beforeSave = func() {
+			if hold.Load() && ln.confBusy() {
+				select {
+				case heldc <- struct{}{}:
+				default:
+				}
+				<-release
+			}
+		}
+	}
+	hold.Store(true)
+	return heldc, unhold
 }
 
 // startLedByFirst starts three members with long election timeouts (edit
@@ -835,24 +845,7 @@ func TestClusterConcurrentAddsOfOnePeerURL(t *testing.T) {
 
 	// Hold the leader's loop once its own addition is pending, until the
 	// followers' additions have reached it.
-	var hold atomic.Bool
-	held := make(chan struct{}, 1)
-	release := make(chan struct{})
-	var releaseOnce sync.Once
-	unhold := func() { releaseOnce.Do(func() { close(release) }) }
-	t.Cleanup(unhold)
-	ln.ctrlc <- func() {
-		ln.loop.beforeSave = func() {
-			if hold.Load() && ln.confBusy() {
-				select {
-				case held <- struct{}{}:
-				default:
-				}
-				<-release
-			}
-		}
-	}
-	hold.Store(true)
+	held, unhold := holdWhileConfBusy(t, ln)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	const url = "http://127.0.0.1:9"
@@ -872,7 +865,6 @@ func TestClusterConcurrentAddsOfOnePeerURL(t *testing.T) {
 		// held): the refusal, if any, must come from the leader.
 		waitFor(t, "the addition proposed on "+f.name, func() bool { return f.n().w.len() > 0 })
 	}
-	hold.Store(false)
 	unhold()
 	var ok, refused int
 	for _, errc := range errcs {

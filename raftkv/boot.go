@@ -152,23 +152,24 @@ func (n *Node) bootstrapMembers(st *storage.Store) ([]raft.Peer, error) {
 	n.members = members
 	// Meta first: a crash before the first Save leaves a data directory
 	// that still looks fresh and bootstraps again to the same IDs.
-	for _, kv := range []struct {
-		k string
-		v []byte
-	}{
-		{metaMembers, encodeMembers(members)},
-		{metaClusterID, putUint64(n.clusterID)},
-		{metaMemberID, putUint64(n.id)},
-	} {
-		if err := st.SetMeta(kv.k, kv.v); err != nil {
-			return nil, err
-		}
+	if err := n.saveIdentity(st); err != nil {
+		return nil, err
 	}
 	peers := make([]raft.Peer, len(members))
 	for i, m := range members {
 		peers[i] = raft.Peer{ID: m.ID, Context: encodeMember(m)}
 	}
 	return peers, nil
+}
+
+// saveIdentity persists a new member's ID, cluster ID and member list, in
+// one commit.
+func (n *Node) saveIdentity(st *storage.Store) error {
+	return st.SetMetas(map[string][]byte{
+		metaMembers:   encodeMembers(n.members),
+		metaClusterID: putUint64(n.clusterID),
+		metaMemberID:  putUint64(n.id),
+	})
 }
 
 // restoreMembers reads back the member's identity and the member list.

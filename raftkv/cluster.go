@@ -85,16 +85,11 @@ func (n *Node) AddMember(ctx context.Context, peerURLs []string) (Member, error)
 	n.confMu.Lock()
 	defer n.confMu.Unlock()
 	id := memberID(urls, n.cfg.InitialClusterToken+strconv.FormatInt(time.Now().Unix(), 10))
-	switch {
-	case n.isRemoved(id):
-		return Member{}, ErrMemberRemoved
-	case n.hasMember(id):
-		return Member{}, ErrIDExists
-	case n.peerURLUsed(urls, 0):
-		return Member{}, ErrPeerURLExists
-	}
 	m := memberRecord{ID: id, PeerURLs: urls}
 	cc := &raftpb.ConfChange{Type: raftpb.ConfChangeAddNode.Enum(), NodeId: new(id), Context: encodeMember(m)}
+	if err := n.confConflict(cc); err != nil {
+		return Member{}, err
+	}
 	if err := n.changeMembership(ctx, cc); err != nil {
 		return Member{}, err
 	}
@@ -110,11 +105,9 @@ func (n *Node) RemoveMember(ctx context.Context, id uint64) error {
 	}
 	n.confMu.Lock()
 	defer n.confMu.Unlock()
-	if err := n.knownMember(id); err != nil {
+	cc := &raftpb.ConfChange{Type: raftpb.ConfChangeRemoveNode.Enum(), NodeId: new(id)}
+	if err := n.confConflict(cc); err != nil {
 		return err
-	}
-	if len(n.memberSnapshot()) == 1 {
-		return ErrLastMember
 	}
 	if id == n.leader.Load() && id == n.id {
 		tctx, cancel := context.WithTimeout(ctx, n.cfg.ElectionTimeout)
@@ -123,7 +116,6 @@ func (n *Node) RemoveMember(ctx context.Context, id uint64) error {
 		}
 		cancel()
 	}
-	cc := &raftpb.ConfChange{Type: raftpb.ConfChangeRemoveNode.Enum(), NodeId: new(id)}
 	err := n.changeMembership(ctx, cc)
 	if errors.Is(err, ErrStopped) && id == n.id && n.gone.Load() {
 		// The others applied it and stopped talking to this member before
@@ -156,14 +148,11 @@ func (n *Node) UpdateMember(ctx context.Context, id uint64, peerURLs []string) e
 	}
 	n.confMu.Lock()
 	defer n.confMu.Unlock()
-	if err := n.knownMember(id); err != nil {
-		return err
-	}
-	if n.peerURLUsed(urls, id) {
-		return ErrPeerURLExists
-	}
 	m := memberRecord{ID: id, PeerURLs: urls}
 	cc := &raftpb.ConfChange{Type: raftpb.ConfChangeUpdateNode.Enum(), NodeId: new(id), Context: encodeMember(m)}
+	if err := n.confConflict(cc); err != nil {
+		return err
+	}
 	return n.changeMembership(ctx, cc)
 }
 
@@ -409,17 +398,8 @@ func (n *Node) joinMembers(st *storage.Store) error {
 		n.id, n.clusterID = self.ID, cid
 		slices.SortFunc(members, func(a, b memberRecord) int { return cmpUint64(a.ID, b.ID) })
 		n.members = members
-		for _, kv := range []struct {
-			k string
-			v []byte
-		}{
-			{metaMembers, encodeMembers(members)},
-			{metaClusterID, putUint64(n.clusterID)},
-			{metaMemberID, putUint64(n.id)},
-		} {
-			if err := st.SetMeta(kv.k, kv.v); err != nil {
-				return err
-			}
+		if err := n.saveIdentity(st); err != nil {
+			return err
 		}
 		n.lg.Info("joining an existing cluster", zap.String("member-id", idString(n.id)),
 			zap.String("cluster-id", idString(cid)), zap.Int("members", len(members)))

@@ -884,7 +884,7 @@ func TestClusterConcurrentAddsOfOnePeerURL(t *testing.T) {
 	ln.ctrlc <- func() {
 		var cs []string
 		for _, id := range ln.loop.verdicts.order {
-			if code := ln.loop.verdicts.m[id]; code == refusedIDExists || code == refusedURLUsed {
+			if code := ln.loop.verdicts.m[id]; code == refusalCodes[ErrIDExists] || code == refusalCodes[ErrPeerURLExists] {
 				cs = append(cs, code)
 			}
 		}

@@ -40,7 +40,7 @@ type loopState struct {
 	noFastCampaign     bool       // tests only: a fresh single voter waits for its election timeout
 	read               readLoop
 	reap               reaper
-	confApplied        []confOutcome              // conf changes applied in this Ready, for their proposers
+	confApplied        []result                   // conf changes applied in this Ready, for their proposers
 	verdicts           confVerdicts               // what became of the last conf changes applied (see judgeConf)
 	confPending        uint64                     // leader: the index Raft checks conf changes against (see confBusy)
 	confHeld           []heldConf                 // leader: conf changes waiting for the pending one to apply
@@ -382,9 +382,7 @@ func (n *Node) handleReady() error {
 	n.applied.Store(n.loop.applied)
 	n.w.trigger(applied)
 	if len(n.loop.confApplied) > 0 {
-		for _, o := range n.loop.confApplied {
-			n.w.finish(o.id, result{applied: storage.Applied{Index: o.index, ID: o.id}, err: o.err})
-		}
+		n.w.finish(n.loop.confApplied)
 		clear(n.loop.confApplied)
 		n.loop.confApplied = n.loop.confApplied[:0]
 	}

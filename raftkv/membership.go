@@ -10,6 +10,7 @@ import (
 	"slices"
 	"strings"
 
+	"github.com/etcaddy/etcaddy/storage"
 	"go.etcd.io/raft/v3"
 	"go.etcd.io/raft/v3/raftpb"
 	"go.etcd.io/raft/v3/tracker"
@@ -329,15 +330,14 @@ func decodeIDs(b []byte) (map[uint64]bool, error) {
 	return out, nil
 }
 
-// saveMembers persists the member list, the removed IDs and the verdicts.
+// saveMembers persists the member list, the removed IDs and the verdicts,
+// in one commit.
 func (n *Node) saveMembers() error {
-	if err := n.store.SetMeta(metaMembers, encodeMembers(n.memberSnapshot())); err != nil {
-		return err
-	}
-	if err := n.store.SetMeta(metaVerdicts, n.loop.verdicts.encode()); err != nil {
-		return err
-	}
-	return n.store.SetMeta(metaRemoved, encodeIDs(n.removedIDs()))
+	return n.store.SetMetas(map[string][]byte{
+		metaMembers:  encodeMembers(n.memberSnapshot()),
+		metaRemoved:  encodeIDs(n.removedIDs()),
+		metaVerdicts: n.loop.verdicts.encode(),
+	})
 }
 
 // syncPeers makes the transport address exactly the current members and
@@ -361,12 +361,6 @@ func (n *Node) syncPeers() {
 			n.lg.Warn("cannot address member", zap.String("member-id", idString(m.ID)), zap.Strings("peer-urls", m.PeerURLs), zap.Error(err))
 		}
 	}
-}
-
-// confOutcome is what the proposer of an applied conf change hears.
-type confOutcome struct {
-	index, id uint64
-	err       error // the leader refused the change (judgeConf)
 }
 
 // applyConfChanges applies the committed conf changes of a Ready to Raft
@@ -396,7 +390,8 @@ func (n *Node) applyConfChanges(ents []*raftpb.Entry) (*raftpb.ConfState, bool, 
 					changed = true
 				}
 				// Its proposer hears once the Ready is saved.
-				n.loop.confApplied = append(n.loop.confApplied, confOutcome{index: e.GetIndex(), id: id, err: refusalErr(code)})
+				n.loop.confApplied = append(n.loop.confApplied,
+					result{applied: storage.Applied{Index: e.GetIndex(), ID: id}, err: refusalErr(code)})
 			}
 		case raftpb.EntryConfChangeV2:
 			cc := &raftpb.ConfChangeV2{}

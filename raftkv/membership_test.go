@@ -108,7 +108,7 @@ func TestConfVerdictsKeepTheLastOnesAndRoundTrip(t *testing.T) {
 	for i := range maxConfVerdicts + 10 {
 		code := ""
 		if i%3 == 0 {
-			code = refusedURLUsed
+			code = refusalCodes[ErrPeerURLExists]
 		}
 		if !v.add(uint64(i+1), code) {
 			t.Fatalf("add %d: reported as seen", i+1)

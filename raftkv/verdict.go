@@ -28,15 +28,18 @@ import (
 // turned into a no-op too. Without that, a late copy of an UpdateNode
 // would undo a newer update.
 
-// Refusal codes, as the context of a refused change carries them.
-const (
-	refusedRemoved  = "member-removed"
-	refusedIDExists = "id-exists"
-	refusedURLUsed  = "peer-url-exists"
-	refusedNotFound = "member-not-found"
-	refusedLast     = "last-member"
-	refusedCopy     = "applied-before" // a copy of an applied change: its proposer has succeeded
-)
+// refusalCodes name the refusals in the log and in the saved verdicts.
+var refusalCodes = map[error]string{
+	ErrMemberRemoved:  "member-removed",
+	ErrIDExists:       "id-exists",
+	ErrPeerURLExists:  "peer-url-exists",
+	ErrMemberNotFound: "member-not-found",
+	ErrLastMember:     "last-member",
+}
+
+// refusedCopy is the code of a copy of an applied change: its proposer has
+// succeeded.
+const refusedCopy = "applied-before"
 
 // confRefusal is the context of a refused change.
 type confRefusal struct {
@@ -45,19 +48,13 @@ type confRefusal struct {
 
 // refusalErr is what the proposer of a change refused with code hears.
 func refusalErr(code string) error {
-	switch code {
-	case "", refusedCopy:
+	if code == "" || code == refusedCopy {
 		return nil
-	case refusedRemoved:
-		return ErrMemberRemoved
-	case refusedIDExists:
-		return ErrIDExists
-	case refusedURLUsed:
-		return ErrPeerURLExists
-	case refusedNotFound:
-		return ErrMemberNotFound
-	case refusedLast:
-		return ErrLastMember
+	}
+	for err, c := range refusalCodes {
+		if c == code {
+			return err
+		}
 	}
 	return fmt.Errorf("raftkv: membership change refused (%s)", code)
 }
@@ -74,6 +71,48 @@ func refusal(cc *raftpb.ConfChange) string {
 	return r.Refused
 }
 
+// confConflict checks cc against this member's membership as etcd checks a
+// change: the member must be known (not removed) to be removed or updated,
+// and new to be added; a peer URL may belong to one member; the last member
+// stays. AddMember, UpdateMember and RemoveMember check before proposing;
+// the leader checks again as the change enters its log (judgeConf).
+func (n *Node) confConflict(cc *raftpb.ConfChange) error {
+	id := cc.GetNodeId()
+	switch cc.GetType() {
+	case raftpb.ConfChangeAddNode, raftpb.ConfChangeAddLearnerNode:
+		switch {
+		case n.isRemoved(id):
+			return ErrMemberRemoved
+		case n.hasMember(id):
+			return ErrIDExists
+		}
+		var m memberRecord
+		if json.Unmarshal(cc.GetContext(), &m) == nil && n.peerURLUsed(m.PeerURLs, 0) {
+			return ErrPeerURLExists
+		}
+	case raftpb.ConfChangeRemoveNode:
+		if err := n.knownMember(id); err != nil {
+			return err
+		}
+		if len(n.memberSnapshot()) == 1 {
+			return ErrLastMember
+		}
+	case raftpb.ConfChangeUpdateNode:
+		if err := n.knownMember(id); err != nil {
+			return err
+		}
+		var attrs attributesContext
+		if json.Unmarshal(cc.GetContext(), &attrs) == nil && attrs.Attributes != nil {
+			return nil
+		}
+		var m memberRecord
+		if json.Unmarshal(cc.GetContext(), &m) == nil && n.peerURLUsed(m.PeerURLs, id) {
+			return ErrPeerURLExists
+		}
+	}
+	return nil
+}
+
 // judgeConf returns why the leader refuses cc, "" when it takes it.
 func (n *Node) judgeConf(cc *raftpb.ConfChange) string {
 	if id := cc.GetId(); id != 0 {
@@ -84,53 +123,18 @@ func (n *Node) judgeConf(cc *raftpb.ConfChange) string {
 			return code
 		}
 	}
-	id := cc.GetNodeId()
-	if id == 0 {
+	if cc.GetNodeId() == 0 {
 		return ""
 	}
-	known := func() string {
-		switch {
-		case n.isRemoved(id):
-			return refusedRemoved
-		case !n.hasMember(id):
-			return refusedNotFound
-		}
-		return ""
+	if err := n.confConflict(cc); err != nil {
+		return refusalCodes[err]
 	}
-	switch cc.GetType() {
-	case raftpb.ConfChangeAddNode, raftpb.ConfChangeAddLearnerNode:
-		switch {
-		case n.isRemoved(id):
-			return refusedRemoved
-		case n.hasMember(id):
-			return refusedIDExists
-		}
-		var m memberRecord
-		if json.Unmarshal(cc.GetContext(), &m) == nil && n.peerURLUsed(m.PeerURLs, 0) {
-			return refusedURLUsed
-		}
-	case raftpb.ConfChangeRemoveNode:
-		if code := known(); code != "" {
-			return code
-		}
-		// Raft cannot run without a voter: a removal of the last one
-		// panics it, at every restart after.
-		voters := n.loop.confState.GetVoters()
-		if len(voters) == 1 && voters[0] == id && len(n.loop.confState.GetVotersOutgoing()) == 0 {
-			return refusedLast
-		}
-	case raftpb.ConfChangeUpdateNode:
-		if code := known(); code != "" {
-			return code
-		}
-		var attrs attributesContext
-		if json.Unmarshal(cc.GetContext(), &attrs) == nil && attrs.Attributes != nil {
-			return ""
-		}
-		var m memberRecord
-		if json.Unmarshal(cc.GetContext(), &m) == nil && n.peerURLUsed(m.PeerURLs, id) {
-			return refusedURLUsed
-		}
+	// What Raft itself needs: a voter. A removal of the last one panics it,
+	// at every restart after; the member list above counts learners too.
+	voters := n.loop.confState.GetVoters()
+	if cc.GetType() == raftpb.ConfChangeRemoveNode && len(voters) == 1 && voters[0] == cc.GetNodeId() &&
+		len(n.loop.confState.GetVotersOutgoing()) == 0 {
+		return refusalCodes[ErrLastMember]
 	}
 	return ""
 }

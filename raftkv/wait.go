@@ -75,26 +75,31 @@ func (w *waiters) cancel(id uint64) {
 func (w *waiters) trigger(applied []storage.Applied) {
 	w.mu.Lock()
 	for i := range applied {
-		a := &applied[i]
-		if a.ID == 0 {
-			continue
-		}
-		if c, ok := w.m[a.ID]; ok {
-			delete(w.m, a.ID)
-			c <- result{applied: *a}
-		}
+		w.handLocked(result{applied: applied[i]})
 	}
 	w.mu.Unlock()
 }
 
-// finish hands one outcome to the waiter of id, if any.
-func (w *waiters) finish(id uint64, r result) {
+// finish hands whole results (conf changes, which may carry a refusal) to
+// their waiters.
+func (w *waiters) finish(results []result) {
 	w.mu.Lock()
+	for _, r := range results {
+		w.handLocked(r)
+	}
+	w.mu.Unlock()
+}
+
+// handLocked hands r to the waiter of its request ID, if any.
+func (w *waiters) handLocked(r result) {
+	id := r.applied.ID
+	if id == 0 {
+		return
+	}
 	if c, ok := w.m[id]; ok {
 		delete(w.m, id)
 		c <- r
 	}
-	w.mu.Unlock()
 }
 
 func (w *waiters) len() int {

@@ -618,6 +618,11 @@ func (s *Store) Meta(key string) []byte {
 
 // SetMeta writes a member-level value durably.
 func (s *Store) SetMeta(key string, value []byte) error {
+	return s.SetMetas(map[string][]byte{key: value})
+}
+
+// SetMetas stores several member values in one commit.
+func (s *Store) SetMetas(values map[string][]byte) error {
 	if s.closed.Load() {
 		return ErrClosed
 	}
@@ -626,7 +631,13 @@ func (s *Store) SetMeta(key string, value []byte) error {
 		return err
 	}
 	err := s.db.Update(func(tx *bolt.Tx) error {
-		return tx.Bucket(bucketMeta).Put([]byte(metaUserPrefix+key), value)
+		b := tx.Bucket(bucketMeta)
+		for k, v := range values {
+			if err := b.Put([]byte(metaUserPrefix+k), v); err != nil {
+				return err
+			}
+		}
+		return nil
 	})
 	return closedErr(err)
 }

@@ -105,6 +105,14 @@ type App struct {
 	// --peer-trusted-ca-file). Default: the system's roots.
 	PeerTrustedCAFile string `json:"peer_trusted_ca_file,omitempty"`
 
+	// Whether membership changes that could cost the cluster its quorum
+	// are refused, as etcd's --strict-reconfig-check refuses them (500
+	// from /v2/members): adding a member while this member has not reached
+	// every member for the last 5 s, or while too few members have started
+	// to make the new quorum; removing a member that is up while too few
+	// others are. A reload changes it on the running member. Default: true.
+	StrictReconfigCheck *bool `json:"strict_reconfig_check,omitempty"`
+
 	member  *member
 	poolKey string // set while this instance holds a reference in members
 	logger  *zap.Logger
@@ -285,13 +293,18 @@ func isLoopback(host string) bool {
 	return err == nil && ip.IsLoopback()
 }
 
-// Start starts the member. On a reload it is already running and Start
-// does nothing.
+// Start starts the member. On a reload it is already running, and Start
+// only applies strict_reconfig_check, the one setting a reload changes.
 func (a *App) Start() error {
 	if err := a.member.start(); err != nil {
 		return fmt.Errorf("raftkv: starting member %q in %s: %w", a.Name, a.DataDir, err)
 	}
+	a.member.node.SetStrictReconfigCheck(a.strictReconfigCheck())
 	return nil
+}
+
+func (a *App) strictReconfigCheck() bool {
+	return a.StrictReconfigCheck == nil || *a.StrictReconfigCheck
 }
 
 // Stop does nothing: the member outlives this app instance, and the
@@ -337,6 +350,7 @@ func (a *App) nodeConfig() raftkv.Config {
 		InitialClusterState: a.InitialClusterState,
 		InitialClusterToken: a.InitialClusterToken,
 		AdvertiseClientURLs: slices.Clone(a.AdvertiseClientURLs),
+		LooseReconfig:       !a.strictReconfigCheck(),
 		// The node outlives this config, so it logs through the process's
 		// default logger rather than this config's.
 		Logger: caddy.Log().Named("raftkv"),

@@ -58,6 +58,7 @@ func parseGlobalOption(d *caddyfile.Dispenser, existing any) (any, error) {
 //		peer_cert_file        <cert.pem>
 //		peer_key_file         <key.pem>
 //		peer_trusted_ca_file  <ca.pem>
+//		strict_reconfig_check [true|false]
 //	}
 //
 // initial_cluster takes etcd's --initial-cluster list, as one
@@ -147,6 +148,20 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 						a.InitialCluster[name] = append(a.InitialCluster[name], u)
 					}
 				}
+
+			case "strict_reconfig_check":
+				on := true
+				if d.NextArg() {
+					v, err := strconv.ParseBool(d.Val())
+					if err != nil {
+						return d.Errf("strict_reconfig_check must be true or false, not %q", d.Val())
+					}
+					on = v
+				}
+				if d.NextArg() {
+					return d.ArgErr()
+				}
+				a.StrictReconfigCheck = &on
 
 			case "advertise_client_urls":
 				args := d.RemainingArgs()

@@ -715,8 +715,16 @@ func TestClusterMembershipChanges(t *testing.T) {
 	}
 
 	n4 := c.newTestMember("n4")
-	out, err := etcdctl(t, clientURLs(ms), "member", "add", "n4", n4.PeerURL)
-	if err != nil {
+	// etcd's strict reconfiguration check refuses an addition until the
+	// member asked has reached every member for 5 s (a 500, which etcdctl
+	// reports as "has no leader" from each endpoint); a refusal changes
+	// nothing, so etcdctl is run again until it is taken.
+	var out string
+	var err error
+	if !poll(30*time.Second, func() bool {
+		out, err = etcdctl(t, clientURLs(ms), "member", "add", "n4", n4.PeerURL)
+		return err == nil
+	}) {
 		t.Fatalf("etcdctl member add: %v\n%s", err, out)
 	}
 	idm := regexp.MustCompile(`Added member named n4 with ID ([0-9a-f]+) to cluster`).FindStringSubmatch(out)
@@ -729,6 +737,18 @@ func TestClusterMembershipChanges(t *testing.T) {
 	body := `{"peerURLs":["` + n4.PeerURL + `"]}`
 	if st, b := postJSON(t, ms[1], "POST", "/v2/members", body); st != http.StatusConflict || b != `{"message":"membership: peerURL exists"}` {
 		t.Errorf("POST the same peer URL again: %d %s", st, b)
+	}
+	// While n4 has not started, no member reaches it: the strict check
+	// refuses another addition, as etcd does, with a bare 500.
+	n5 := c.newTestMember("n5")
+	if !poll(10*time.Second, func() bool { return len(listMembers(t, ms[2])) == 4 }) {
+		t.Fatalf("%s never listed n4: %+v", ms[2].Name, listMembers(t, ms[2]))
+	}
+	if st, b := postJSON(t, ms[2], "POST", "/v2/members", `{"peerURLs":["`+n5.PeerURL+`"]}`); st != http.StatusInternalServerError || b != `{"message":"Internal Server Error"}` {
+		t.Errorf("POST /v2/members while n4 is added but down: %d %s, want etcd's 500", st, b)
+	}
+	if out, err := etcdctl(t, clientURLs(ms), "member", "add", "n5", n5.PeerURL); err == nil || !strings.Contains(out, "has no leader") {
+		t.Errorf("etcdctl member add while n4 is added but down: %v\n%s", err, out)
 	}
 
 	c.members = append(c.members, n4)
@@ -856,7 +876,14 @@ func memberReplacedUnderWriteLoad(t *testing.T, removeLeader, viaGone bool) {
 	load.waitAcks(t, 100, "three members")
 
 	n4 := c.newTestMember("n4")
-	st, body := postJSON(t, stay[0], "POST", "/v2/members", `{"peerURLs":["`+n4.PeerURL+`"]}`)
+	// The strict reconfiguration check answers 500 until stay[0] has
+	// reached every member for 5 s; a refusal changes nothing.
+	var st int
+	var body string
+	poll(30*time.Second, func() bool {
+		st, body = postJSON(t, stay[0], "POST", "/v2/members", `{"peerURLs":["`+n4.PeerURL+`"]}`)
+		return st != http.StatusInternalServerError
+	})
 	var added memberInfo
 	if st != http.StatusCreated || json.Unmarshal([]byte(body), &added) != nil || added.ID == "" {
 		t.Fatalf("POST /v2/members: %d %s", st, body)
@@ -891,7 +918,12 @@ func memberReplacedUnderWriteLoad(t *testing.T, removeLeader, viaGone bool) {
 		via = gone
 	}
 	removing, ackedBefore := load.since(), load.nAcked.Load()
-	st, body = postJSON(t, via, "DELETE", "/v2/members/"+goneID, "")
+	// The strict check also answers 500 while via has not reached enough
+	// members for 5 s: again until it takes it.
+	poll(30*time.Second, func() bool {
+		st, body = postJSON(t, via, "DELETE", "/v2/members/"+goneID, "")
+		return st != http.StatusInternalServerError
+	})
 	if st != http.StatusNoContent {
 		t.Fatalf("DELETE /v2/members/%s (%s): %d %s", goneID, gone.Name, st, body)
 	}

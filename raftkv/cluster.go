@@ -73,7 +73,8 @@ func (e peerEntry) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 // checked against this member's list as etcd checks them: a peer URL in
 // use gives ErrPeerURLExists, before the change is proposed and again
 // when the leader takes it (judgeConf), so of two concurrent additions of
-// one peer URL one fails.
+// one peer URL one fails. The strict reconfiguration check may refuse it
+// (SetStrictReconfigCheck).
 func (n *Node) AddMember(ctx context.Context, peerURLs []string) (Member, error) {
 	urls, err := normalizeURLs(peerURLs)
 	if err != nil {
@@ -90,6 +91,9 @@ func (n *Node) AddMember(ctx context.Context, peerURLs []string) (Member, error)
 	if err := n.confConflict(cc); err != nil {
 		return Member{}, err
 	}
+	if err := n.mayAddMember(); err != nil {
+		return Member{}, err
+	}
 	if err := n.changeMembership(ctx, cc); err != nil {
 		return Member{}, err
 	}
@@ -98,7 +102,8 @@ func (n *Node) AddMember(ctx context.Context, peerURLs []string) (Member, error)
 
 // RemoveMember proposes the removal of a member and returns once applied.
 // Removing the leader first hands leadership to another member, so the
-// cluster does not wait out an election timeout.
+// cluster does not wait out an election timeout. The strict
+// reconfiguration check may refuse it (SetStrictReconfigCheck).
 func (n *Node) RemoveMember(ctx context.Context, id uint64) error {
 	if err := n.checkRunning(); err != nil {
 		return err
@@ -107,6 +112,9 @@ func (n *Node) RemoveMember(ctx context.Context, id uint64) error {
 	defer n.confMu.Unlock()
 	cc := &raftpb.ConfChange{Type: raftpb.ConfChangeRemoveNode.Enum(), NodeId: new(id)}
 	if err := n.confConflict(cc); err != nil {
+		return err
+	}
+	if err := n.mayRemoveMember(id); err != nil {
 		return err
 	}
 	if id == n.leader.Load() && id == n.id {

@@ -91,6 +91,11 @@ func (c *testCluster) start(m *testMember, state string) *Node {
 		InitialClusterState: state,
 		AdvertiseClientURLs: []string{"http://" + m.name + ".example:2379"},
 		Logger:              zaptest.NewLogger(c.t, zaptest.Level(zap.WarnLevel)).Named(m.name),
+		// Membership tests change members at once, and leave the strict
+		// reconfiguration check to TestStrictReconfigCheck (and the
+		// Caddy tests, which keep etcd's default).
+		LooseReconfig:  true,
+		healthInterval: 100 * time.Millisecond,
 	}
 	if c.edit != nil {
 		c.edit(&cfg)

@@ -40,7 +40,15 @@ type Config struct {
 	InitialClusterToken string              // default "etcd-cluster"
 	AdvertiseClientURLs []string            // may be empty: the handler then answers with the URL the request came in on
 	Peer                PeerConfig          // how this member dials its peers
-	Logger              *zap.Logger
+	// LooseReconfig turns off etcd's strict reconfiguration check
+	// (--strict-reconfig-check=false); see SetStrictReconfigCheck.
+	LooseReconfig bool
+	Logger        *zap.Logger
+
+	// healthInterval is how long every peer must have been reachable for
+	// the strict reconfiguration check (default: etcd's 5 s); tests
+	// shorten it.
+	healthInterval time.Duration
 }
 
 // withDefaults fills etcd's defaults in and checks what has none.
@@ -81,6 +89,9 @@ func (c Config) withDefaults() (Config, error) {
 	if c.Logger == nil {
 		c.Logger = zap.NewNop()
 	}
+	if c.healthInterval <= 0 {
+		c.healthInterval = defaultHealthInterval
+	}
 	return c, nil
 }
 
@@ -113,6 +124,7 @@ type Node struct {
 	removed   map[uint64]bool // removed member IDs, never reused
 
 	confMu sync.Mutex      // one membership change at a time from this member
+	loose  atomic.Bool     // the strict reconfiguration check is off
 	bg     sync.WaitGroup  // background goroutines (publish)
 	bgCtx  context.Context // ended by Stop
 	bgStop context.CancelFunc
@@ -157,7 +169,11 @@ type Node struct {
 }
 
 // NewNode returns a node that has not started: no file is opened.
-func NewNode(cfg Config) *Node { return &Node{cfg: cfg} }
+func NewNode(cfg Config) *Node {
+	n := &Node{cfg: cfg}
+	n.loose.Store(cfg.LooseReconfig)
+	return n
+}
 
 // Start opens the store, restores Raft state and starts the Raft loop, the
 // ticker and the reaper. Calling Start on a started node does nothing.
@@ -215,6 +231,7 @@ func (n *Node) Start() error {
 		ReportSnapshot:    n.reportSnapshot,
 		Removed:           n.peerSaysRemoved,
 		Logger:            n.lg.Named("peer"),
+		ProbeIdle:         n.cfg.healthInterval / 5,
 	})
 	n.syncPeers()
 	ph := newPeerHandler(n.id, n.clusterID, n.tr.peerStatus, n.receive, st, n.lg.Named("peer"))

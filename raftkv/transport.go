@@ -99,6 +99,11 @@ type transportConfig struct {
 	// SnapshotStall is how long a snapshot transfer may go without
 	// progress (zero: defaultSnapshotStall); see sendSnapshot.
 	SnapshotStall time.Duration
+	// ProbeIdle is how long a peer may go without a message before an
+	// empty batch probes it (zero: never), so that every member knows
+	// which peers it reaches (activeSince), followers too: they send to
+	// the leader only.
+	ProbeIdle time.Duration
 }
 
 // defaultSnapshotStall: a connection that takes no byte of a snapshot for
@@ -204,6 +209,10 @@ type peer struct {
 	failing  bool
 	lastFail string
 	stats    followerCounters
+	// activeSince is when the peer last became reachable: the first
+	// answered POST after a failed one (zero while it fails, or before it
+	// ever answered). etcd's rafthttp ActiveSince.
+	activeSince time.Time
 }
 
 // followerCounters are the numbers behind a follower's /v2/stats/leader
@@ -355,6 +364,20 @@ func (t *peerTransport) peerStatus(id uint64) peerState {
 	return peerUnknown
 }
 
+// activeSince is when peer id last became reachable from this member; zero
+// when it is not reachable now, or not a peer.
+func (t *peerTransport) activeSince(id uint64) time.Time {
+	t.mu.RLock()
+	p := t.peers[id]
+	t.mu.RUnlock()
+	if p == nil {
+		return time.Time{}
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.activeSince
+}
+
 // Stop ends every peer's goroutines and in-flight requests and waits for
 // them. Send does nothing afterwards.
 func (t *peerTransport) Stop() {
@@ -452,21 +475,27 @@ func (p *peer) url() string {
 	return p.urls[p.pick%len(p.urls)]
 }
 
-// failed moves on to the peer's next URL and logs once per outage.
-func (p *peer) failed(u string, err error) {
+// failed moves on to the peer's next URL and logs once per outage. A failed
+// probe is not counted in the peer's statistics: no message was lost.
+func (p *peer) failed(u string, err error, probe bool) {
 	p.mu.Lock()
-	p.stats.fail++
+	if !probe {
+		p.stats.fail++
+	}
 	if p.urls[p.pick%len(p.urls)] == u {
 		p.pick++
 	}
 	first := !p.failing
 	p.failing, p.lastFail = true, err.Error()
+	p.activeSince = time.Time{}
 	p.mu.Unlock()
 	if first {
 		p.t.lg.Warn("peer unreachable", zap.String("peer", idString(p.id)), zap.String("url", u), zap.Error(err))
 	}
 }
 
+// succeeded records an answered POST; rtt is zero for a probe, which the
+// peer's statistics leave out.
 func (p *peer) succeeded(rtt time.Duration) {
 	p.mu.Lock()
 	if rtt > 0 {
@@ -474,6 +503,9 @@ func (p *peer) succeeded(rtt time.Duration) {
 	}
 	was := p.failing
 	p.failing = false
+	if p.activeSince.IsZero() {
+		p.activeSince = time.Now()
+	}
 	p.mu.Unlock()
 	if was {
 		p.t.lg.Info("peer reachable again", zap.String("peer", idString(p.id)))
@@ -481,12 +513,24 @@ func (p *peer) succeeded(rtt time.Duration) {
 }
 
 // run sends the queue in batches: whatever accumulated while the previous
-// POST was in flight goes in the next one, up to peerBatchBytes.
+// POST was in flight goes in the next one, up to peerBatchBytes. A peer
+// with nothing to send for ProbeIdle gets an empty batch.
 func (p *peer) run() {
 	defer p.t.wg.Done()
+	var probe <-chan time.Time
+	var probeTimer *time.Timer
+	if d := p.t.cfg.ProbeIdle; d > 0 {
+		probeTimer = time.NewTimer(0) // the first probe at once
+		defer probeTimer.Stop()
+		probe = probeTimer.C
+	}
 	for {
 		var first []byte
 		select {
+		case <-probe:
+			p.post(nil)
+			probeTimer.Reset(p.t.cfg.ProbeIdle)
+			continue
 		case first = <-p.queue:
 		case <-p.retiring:
 			select {
@@ -511,6 +555,9 @@ func (p *peer) run() {
 			}
 		}
 		p.post(body)
+		if probeTimer != nil {
+			probeTimer.Reset(p.t.cfg.ProbeIdle)
+		}
 	}
 }
 
@@ -527,7 +574,8 @@ func (t *peerTransport) setHeaders(h http.Header, to uint64) {
 }
 
 // post sends one batch. A failure reports the peer unreachable; the batch
-// is dropped, and Raft resends what matters.
+// is dropped, and Raft resends what matters. An empty body is a probe: it
+// only tells whether the peer answers, and Raft hears nothing of it.
 func (p *peer) post(body []byte) {
 	u := p.url()
 	ctx, cancel := context.WithTimeout(p.ctx, peerRequestTimeout)
@@ -550,8 +598,15 @@ func (p *peer) post(body []byte) {
 		if p.t.checkGone(err) {
 			return // the peer is up: no outage
 		}
-		p.failed(u, err)
-		p.t.cfg.ReportUnreachable(p.id)
+		probe := len(body) == 0
+		p.failed(u, err, probe)
+		if !probe {
+			p.t.cfg.ReportUnreachable(p.id)
+		}
+		return
+	}
+	if len(body) == 0 {
+		p.succeeded(0)
 		return
 	}
 	p.succeeded(time.Since(start))
@@ -679,7 +734,7 @@ func (p *peer) sendSnapshot(frame []byte) {
 		}
 		if p.ctx.Err() == nil {
 			p.t.lg.Warn("sending a snapshot failed", zap.String("to", idString(p.id)), zap.String("url", u), zap.Error(err))
-			p.failed(u, err)
+			p.failed(u, err, false)
 			p.t.cfg.ReportUnreachable(p.id)
 			p.t.checkGone(err)
 		}

@@ -1,0 +1,122 @@
+package raftkv
+
+import (
+	"errors"
+	"time"
+
+	"go.uber.org/zap"
+)
+
+// Errors of etcd's strict reconfiguration check, worded as etcd words them.
+// The /v2/members handler answers both with a bare 500, as etcd does.
+var (
+	// ErrUnhealthy refuses a change while this member has not reached
+	// every member it would need for the new quorum for a whole health
+	// interval.
+	ErrUnhealthy = errors.New("etcdserver: unhealthy cluster")
+	// ErrNotEnoughStartedMembers refuses a change after which the members
+	// that have started (published their name) would not make a quorum.
+	ErrNotEnoughStartedMembers = errors.New("etcdserver: re-configuration failed due to not enough started members")
+)
+
+// defaultHealthInterval is etcd's HealthInterval: how long a peer must have
+// been reachable to count for the strict reconfiguration check.
+const defaultHealthInterval = 5 * time.Second
+
+// SetStrictReconfigCheck turns etcd's strict reconfiguration check on (the
+// default, as etcd's --strict-reconfig-check) or off. While it is on,
+// AddMember and RemoveMember refuse a change that could leave the cluster
+// without a quorum: adding a member while the members started so far would
+// not make the new quorum (ErrNotEnoughStartedMembers) or while this member
+// has not reached every member for a health interval (5 s; ErrUnhealthy),
+// and removing a reachable member while too few of the others are reachable
+// (ErrUnhealthy). A member that is down may always be removed. The check
+// runs on the member asked, against what it knows, as etcd's does.
+func (n *Node) SetStrictReconfigCheck(on bool) { n.loose.Store(!on) }
+
+// mayAddMember is etcd's mayAddMember for a voting member.
+func (n *Node) mayAddMember() error {
+	if n.loose.Load() {
+		return nil
+	}
+	members := n.memberSnapshot()
+	started := 0
+	for _, m := range members {
+		if m.Name != "" {
+			started++
+		}
+	}
+	// Adding a second member to a lone one (etcd's case of restoring a
+	// cluster from one member's data) is allowed.
+	if total := len(members) + 1; !(started == 1 && total == 2) && started < total/2+1 {
+		n.lg.Warn("refusing to add a member: not enough started members",
+			zap.Int("started", started), zap.Int("members-after", total))
+		return ErrNotEnoughStartedMembers
+	}
+	if n.connectedSince(members) != len(members) {
+		n.lg.Warn("refusing to add a member: this member has not reached every member for the last "+
+			n.cfg.healthInterval.String()+"; the change could break the quorum",
+			zap.Int("members", len(members)))
+		return ErrUnhealthy
+	}
+	return nil
+}
+
+// mayRemoveMember is etcd's mayRemoveMember for a voting member.
+func (n *Node) mayRemoveMember(id uint64) error {
+	if n.loose.Load() {
+		return nil
+	}
+	members := n.memberSnapshot()
+	others, started := 0, 0
+	for _, m := range members {
+		if m.ID == id {
+			continue
+		}
+		others++
+		if m.Name != "" {
+			started++
+		}
+	}
+	if started < others/2+1 {
+		n.lg.Warn("refusing to remove a member: not enough started members would be left",
+			zap.String("member", idString(id)), zap.Int("started", started), zap.Int("members-after", others))
+		return ErrNotEnoughStartedMembers
+	}
+	// A member this one does not reach is no part of the quorum it sees.
+	if id != n.id && n.activeSince(id).IsZero() {
+		return nil
+	}
+	if active := n.connectedSince(members); active-1 < 1+(len(members)-1)/2 {
+		n.lg.Warn("refusing to remove a member: too few members reachable; the change could break the quorum",
+			zap.String("member", idString(id)), zap.Int("reachable", active), zap.Int("members", len(members)))
+		return ErrUnhealthy
+	}
+	return nil
+}
+
+// connectedSince counts the members this one has reached for the whole
+// last health interval, itself included (etcd's numConnectedSince).
+func (n *Node) connectedSince(members []memberRecord) int {
+	since := time.Now().Add(-n.cfg.healthInterval)
+	k := 0
+	for _, m := range members {
+		if m.ID == n.id {
+			k++
+			continue
+		}
+		if t := n.activeSince(m.ID); !t.IsZero() && t.Before(since) {
+			k++
+		}
+	}
+	return k
+}
+
+// activeSince is when peer id became reachable; zero when it is not, or
+// when this member runs alone (no transport).
+func (n *Node) activeSince(id uint64) time.Time {
+	if n.tr == nil {
+		return time.Time{}
+	}
+	return n.tr.activeSince(id)
+}

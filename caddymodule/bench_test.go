@@ -296,6 +296,17 @@ type benchRow struct {
 	target   string
 	values   map[string][]float64 // per server, one per round
 	notes    []string
+	// first is the server in the etcaddy column: "etcaddy", unless the row
+	// measures Caddy alone.
+	first string
+}
+
+// firstServer is the server whose figures fill the etcaddy column.
+func (r *benchRow) firstServer() string {
+	if r.first != "" {
+		return r.first
+	}
+	return "etcaddy"
 }
 
 func (r *benchRow) add(server string, v float64) {
@@ -303,6 +314,14 @@ func (r *benchRow) add(server string, v float64) {
 		r.values = make(map[string][]float64)
 	}
 	r.values[server] = append(r.values[server], v)
+}
+
+// copyFrom adds server's figures of row from (the etcd column of a Caddy
+// alone row is etcd's own figure for the workload).
+func (r *benchRow) copyFrom(server string, from *benchRow) {
+	for _, v := range from.values[server] {
+		r.add(server, v)
+	}
 }
 
 func (r *benchRow) note(format string, args ...any) {
@@ -332,6 +351,23 @@ func BenchmarkVsEtcd(b *testing.B) {
 	quorum := &benchRow{metric: "quorum-get64", workload: "GET quorum=true, 64 clients", unit: "ops/s", higher: true, target: ">= 2x"}
 	watch := &benchRow{metric: "watch-p99", workload: fmt.Sprintf("watch delivery p99, %d watchers, %d writes/s", benchWatchers, benchWatchRate), unit: "ms", target: "<= 1x"}
 	rss := &benchRow{metric: "rss-100k", workload: fmt.Sprintf("RSS after %dk keys of %d B, fresh server", benchRSSKeys/1000, benchValue), unit: "MiB", target: "<= 0.5x"}
+
+	// Caddy alone: the same binary with no etcaddy in its config, answering
+	// every request with a fixed GET answer (respond). What it reaches is
+	// the most any handler served through Caddy's HTTP server reaches on
+	// this machine with this load generator: the ceiling of the etcd
+	// handler, whatever it does.
+	answer := fmt.Sprintf(`{"action":"get","node":{"key":"/bench/get/500","value":"%s","modifiedIndex":501,"createdIndex":501}}`, strings.Repeat("v", benchValue))
+	alone := benchServer{name: "Caddy alone", c: benchClient(benchClients), p: startEtcaddy(b, etcaddyOpts{Caddyfile: "{\n\tadmin 127.0.0.1:{admin_port}\n}\n\n" +
+		"http://127.0.0.1:{client_port} {\n\trespond `" + answer + "` 200\n}\n"})}
+	aloneGet := &benchRow{first: alone.name, metric: "caddy-alone-get64", workload: "Caddy alone (`respond` with a GET's answer), 64 clients; etcd: its GET", unit: "ops/s", higher: true, target: "the ceiling of any Caddy handler"}
+	alonePut := &benchRow{first: alone.name, metric: "caddy-alone-put64", workload: "Caddy alone (`respond`), PUT, 64 clients; etcd: its PUT", unit: "ops/s", higher: true, target: "the ceiling of any Caddy handler"}
+	aloneRSS := &benchRow{first: alone.name, metric: "caddy-alone-rss", workload: fmt.Sprintf("Caddy alone, RSS before any request; etcd: after %dk keys", benchRSSKeys/1000), unit: "MiB", target: "the floor of etcaddy's RSS"}
+	if v, err := benchRSS(alone.p.Cmd.Process.Pid); err == nil {
+		aloneRSS.add(alone.name, float64(v)/(1<<20))
+	} else {
+		aloneRSS.note("%v", err)
+	}
 
 	measure := func(row *benchRow, s benchServer, res benchResult) {
 		row.add(s.name, res.rate())
@@ -375,6 +411,12 @@ func BenchmarkVsEtcd(b *testing.B) {
 				return benchDo(s.c, http.MethodGet, fmt.Sprintf("%s/v2/keys/bench/get/%d", s.p.ClientURL, (c*7919+i)%benchGetKeys), "")
 			}))
 		}
+		measure(aloneGet, alone, benchLoad(benchClients, benchWindow, 0, func(c, i int) error {
+			return benchDo(alone.c, http.MethodGet, fmt.Sprintf("%s/v2/keys/bench/get/%d", alone.p.ClientURL, (c*7919+i)%benchGetKeys), "")
+		}))
+		measure(alonePut, alone, benchLoad(benchClients, benchWindow, 0, func(c, i int) error {
+			return benchDo(alone.c, http.MethodPut, fmt.Sprintf("%s/v2/keys/bench/put/r%d/c%d/%d", alone.p.ClientURL, round, c, i), value)
+		}))
 		for _, s := range servers {
 			measure(quorum, s, benchLoad(benchClients, benchWindow, 0, func(c, i int) error {
 				return benchDo(s.c, http.MethodGet, fmt.Sprintf("%s/v2/keys/bench/get/%d?quorum=true", s.p.ClientURL, (c*7919+i)%benchGetKeys), "")
@@ -395,10 +437,12 @@ func BenchmarkVsEtcd(b *testing.B) {
 			}
 		}
 	}
-	for _, s := range servers {
+	for _, s := range append(servers, alone) {
 		s.c.CloseIdleConnections()
 		s.p.stop()
 	}
+	aloneGet.copyFrom("etcd", get64)
+	alonePut.copyFrom("etcd", put64)
 
 	// RSS: a fresh process of each, loaded with the same keys; the servers
 	// above are stopped so they do not compete for memory or CPU.
@@ -428,13 +472,14 @@ func BenchmarkVsEtcd(b *testing.B) {
 		p.stop()
 	}
 
-	rows := []*benchRow{serial, put64, get64, quorum, watch, cpu, rss}
+	aloneRSS.copyFrom("etcd", rss)
+	rows := []*benchRow{serial, put64, get64, quorum, watch, cpu, rss, aloneGet, alonePut, aloneRSS}
 	benchPrint("single member", "", rows)
 	// The ratios also go to the benchmark line, for benchstat; the time of
 	// the one iteration says nothing, so it is left out.
 	b.ReportMetric(0, "ns/op")
 	for _, r := range rows {
-		if ea, ed := benchMedian(r.values["etcaddy"]), benchMedian(r.values["etcd"]); ea > 0 && ed > 0 {
+		if ea, ed := benchMedian(r.values[r.firstServer()]), benchMedian(r.values["etcd"]); ea > 0 && ed > 0 {
 			b.ReportMetric(ea/ed, "etcaddy/etcd-"+r.metric)
 		}
 	}
@@ -448,7 +493,7 @@ func benchPrint(setup, processes string, rows []*benchRow) {
 	sb.WriteString("| workload | etcaddy | etcd | ratio etcaddy/etcd | target |\n")
 	sb.WriteString("| --- | ---: | ---: | ---: | --- |\n")
 	for _, r := range rows {
-		ea, ed := benchMedian(r.values["etcaddy"]), benchMedian(r.values["etcd"])
+		ea, ed := benchMedian(r.values[r.firstServer()]), benchMedian(r.values["etcd"])
 		better := "lower is better"
 		if r.higher {
 			better = "higher is better"
@@ -464,7 +509,7 @@ func benchPrint(setup, processes string, rows []*benchRow) {
 		fmt.Fprintf(&sb, "| %s (%s) | %s | %s | %s | %s |\n", r.workload, r.unit, benchFigure(ea), benchFigure(ed), ratio, target)
 	}
 	for _, r := range rows {
-		for _, server := range []string{"etcaddy", "etcd"} {
+		for _, server := range []string{r.firstServer(), "etcd"} {
 			fmt.Fprintf(&sb, "\n- %s, %s, rounds: %s", r.workload, server, benchFigures(r.values[server]))
 		}
 		for _, n := range r.notes {

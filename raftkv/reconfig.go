@@ -40,15 +40,11 @@ func (n *Node) mayAddMember() error {
 		return nil
 	}
 	members := n.memberSnapshot()
-	started := 0
-	for _, m := range members {
-		if m.Name != "" {
-			started++
-		}
-	}
+	total, started := countStarted(members, 0)
+	total++ // the new member
 	// Adding a second member to a lone one (etcd's case of restoring a
 	// cluster from one member's data) is allowed.
-	if total := len(members) + 1; !(started == 1 && total == 2) && started < total/2+1 {
+	if !(started == 1 && total == 2) && started < total/2+1 {
 		n.lg.Warn("refusing to add a member: not enough started members",
 			zap.Int("started", started), zap.Int("members-after", total))
 		return ErrNotEnoughStartedMembers
@@ -68,16 +64,7 @@ func (n *Node) mayRemoveMember(id uint64) error {
 		return nil
 	}
 	members := n.memberSnapshot()
-	others, started := 0, 0
-	for _, m := range members {
-		if m.ID == id {
-			continue
-		}
-		others++
-		if m.Name != "" {
-			started++
-		}
-	}
+	others, started := countStarted(members, id)
 	if started < others/2+1 {
 		n.lg.Warn("refusing to remove a member: not enough started members would be left",
 			zap.String("member", idString(id)), zap.Int("started", started), zap.Int("members-after", others))
@@ -93,6 +80,21 @@ func (n *Node) mayRemoveMember(id uint64) error {
 		return ErrUnhealthy
 	}
 	return nil
+}
+
+// countStarted counts the members other than except, and those of them
+// that have started: published their name, as etcd's IsStarted.
+func countStarted(members []memberRecord, except uint64) (total, started int) {
+	for _, m := range members {
+		if m.ID == except {
+			continue
+		}
+		total++
+		if m.Name != "" {
+			started++
+		}
+	}
+	return total, started
 }
 
 // connectedSince counts the members this one has reached for the whole

@@ -577,6 +577,7 @@ func (t *peerTransport) setHeaders(h http.Header, to uint64) {
 // is dropped, and Raft resends what matters. An empty body is a probe: it
 // only tells whether the peer answers, and Raft hears nothing of it.
 func (p *peer) post(body []byte) {
+	probe := len(body) == 0
 	u := p.url()
 	ctx, cancel := context.WithTimeout(p.ctx, peerRequestTimeout)
 	defer cancel()
@@ -598,18 +599,17 @@ func (p *peer) post(body []byte) {
 		if p.t.checkGone(err) {
 			return // the peer is up: no outage
 		}
-		probe := len(body) == 0
 		p.failed(u, err, probe)
 		if !probe {
 			p.t.cfg.ReportUnreachable(p.id)
 		}
 		return
 	}
-	if len(body) == 0 {
-		p.succeeded(0)
-		return
+	rtt := time.Since(start)
+	if probe {
+		rtt = 0
 	}
-	p.succeeded(time.Since(start))
+	p.succeeded(rtt)
 }
 
 // peerStatusError is a peer's answer other than 204.

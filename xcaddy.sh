@@ -8,7 +8,7 @@
 #   ./xcaddy.sh bench                   build, then run etcaddy and a real etcd side by side
 #
 # Needs Go 1.26; `test` also installs Debian's etcd-server and etcd-client (the reference
-# server and etcdctl) with apt-get. Never reads standard input.
+# server and etcdctl) and python3-etcd (a v2 client) with apt-get. Never reads standard input.
 set -euo pipefail
 
 readonly CADDY_VERSION=v2.11.9
@@ -112,6 +112,9 @@ install_test_tools() {
 	local pkgs=()
 	command -v etcd >/dev/null || pkgs+=(etcd-server)
 	command -v etcdctl >/dev/null || pkgs+=(etcd-client)
+	# python-etcd, the Python v2 client, for Debian's own Python 3 (a python3 earlier on PATH
+	# may be another installation that cannot see Debian's packages).
+	/usr/bin/python3 -c 'import etcd' 2>/dev/null || pkgs+=(python3-etcd)
 	if ((${#pkgs[@]})); then
 		echo "xcaddy.sh: installing ${pkgs[*]}"
 		apt_install "${pkgs[@]}"
@@ -125,6 +128,7 @@ install_test_tools() {
 	for tool in etcd etcdctl xcaddy staticcheck; do
 		command -v "$tool" >/dev/null || missing+=("$tool")
 	done
+	/usr/bin/python3 -c 'import etcd' 2>/dev/null || missing+=(python3-etcd)
 	((${#missing[@]} == 0)) || die "still missing after install: ${missing[*]}"
 }
 
@@ -149,7 +153,7 @@ run_tests() {
 	echo "xcaddy.sh: go test -race (full log: $log)"
 	{
 		set +e
-		ETCADDY_CADDY_BIN=$repo/caddy go test -race -count=1 -timeout 30m -v ./... 2>&1
+		ETCADDY_CADDY_BIN=$repo/caddy ETCADDY_PYTHON=/usr/bin/python3 go test -race -count=1 -timeout 30m -v ./... 2>&1
 		echo $? >"$rcfile"
 	} | tee "$log" | grep --line-buffered -v -E '^[[:space:]]*=== (RUN|PAUSE|CONT|NAME)' || true
 	rc=$(<"$rcfile")

@@ -1,7 +1,7 @@
 package caddymodule
 
 // The real clients against etcaddy, each compared with the same client against the real
-// etcd 3.4: etcdctl (v2 API) and go.etcd.io/etcd/client/v2.
+// etcd 3.4: etcdctl (v2 API), go.etcd.io/etcd/client/v2 and python-etcd.
 
 import (
 	"bytes"
@@ -10,6 +10,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"net/url"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -692,5 +693,52 @@ func TestGoClientMatchesEtcd(t *testing.T) {
 	}
 	if testing.Verbose() {
 		t.Logf("%d calls compared", n)
+	}
+}
+
+// TestPythonEtcdMatchesEtcd runs the same python-etcd script (testdata/python_etcd.py: keys,
+// directories, compare-and-swap, TTL and refresh, in-order keys, watches, etcd.Lock, the
+// cluster properties the client reads) against etcd and against etcaddy and compares the
+// transcripts line by line.
+func TestPythonEtcdMatchesEtcd(t *testing.T) {
+	script, err := filepath.Abs(filepath.Join("testdata", "python_etcd.py"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := newDiffer(t, startEtcd(t), startSubject(t))
+	var out [2][]string
+	for i, s := range d.sides() {
+		u, err := url.Parse(s.p.ClientURL)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+		cmd := exec.CommandContext(ctx, pythonBin, script, u.Hostname(), u.Port())
+		var stderr bytes.Buffer
+		cmd.Stderr = &stderr
+		stdout, err := cmd.Output()
+		cancel()
+		if err != nil {
+			t.Fatalf("%s: python-etcd script: %v\nstdout:\n%s\nstderr:\n%s", s.p.Name, err, stdout, stderr.Bytes())
+		}
+		out[i] = strings.Split(strings.TrimRight(string(stdout), "\n"), "\n")
+	}
+	for i := range max(len(out[0]), len(out[1])) {
+		var a, b string
+		if i < len(out[0]) {
+			a = out[0][i]
+		}
+		if i < len(out[1]) {
+			b = out[1][i]
+		}
+		if d.transcript != nil {
+			fmt.Fprintf(d.transcript, "### line %d\n--- %s: %s\n--- %s: %s\n", i+1, d.ref.p.Name, a, d.sub.p.Name, b)
+		}
+		if a != b {
+			t.Errorf("line %d differs:\n  %s: %s\n  %s: %s", i+1, d.ref.p.Name, a, d.sub.p.Name, b)
+		}
+	}
+	if testing.Verbose() {
+		t.Logf("%d lines compared", len(out[0]))
 	}
 }

@@ -24,12 +24,12 @@ import (
 )
 
 // Absolute paths of the programs the end-to-end tests run, set by TestMain.
-var caddyBin, etcdBin, etcdctlBin string
+var caddyBin, etcdBin, etcdctlBin, pythonBin string
 
-// TestMain finds etcd and etcdctl and a Caddy binary with etcaddy compiled in: the one
-// $ETCADDY_CADDY_BIN names (./xcaddy.sh test sets it), else one built now with
-// ../xcaddy.sh build into a temporary directory. A missing program fails the run: the
-// end-to-end tests compare against the real etcd and are never skipped.
+// TestMain finds etcd, etcdctl, a Python with python-etcd, and a Caddy binary with etcaddy
+// compiled in: the one $ETCADDY_CADDY_BIN names (./xcaddy.sh test sets it), else one built
+// now with ../xcaddy.sh build into a temporary directory. A missing program fails the run:
+// the end-to-end tests compare against the real etcd and are never skipped.
 func TestMain(m *testing.M) {
 	os.Exit(runTests(m))
 }
@@ -44,6 +44,10 @@ func runTests(m *testing.M) int {
 	if etcdctlBin, err = lookAbs("etcdctl"); err != nil {
 		fmt.Fprintf(os.Stderr, "etcdctl is not on PATH: %v\n"+
 			"install Debian's etcd-client (./xcaddy.sh test does)\n", err)
+		return 1
+	}
+	if pythonBin, err = findPythonEtcd(); err != nil {
+		fmt.Fprintf(os.Stderr, "%v\ninstall Debian's python3-etcd (./xcaddy.sh test does)\n", err)
 		return 1
 	}
 	if bin := os.Getenv("ETCADDY_CADDY_BIN"); bin != "" {
@@ -71,6 +75,30 @@ func runTests(m *testing.M) int {
 		}
 	}
 	return m.Run()
+}
+
+// findPythonEtcd returns a Python 3 that imports python-etcd (the etcd module): the one
+// $ETCADDY_PYTHON names, else python3 on PATH, else Debian's /usr/bin/python3, where the
+// python3-etcd package installs it (a python3 on PATH may be another installation).
+func findPythonEtcd() (string, error) {
+	candidates := []string{"python3", "/usr/bin/python3"}
+	if p := os.Getenv("ETCADDY_PYTHON"); p != "" {
+		candidates = []string{p}
+	}
+	var tried []string
+	for _, c := range candidates {
+		p, err := lookAbs(c)
+		if err != nil {
+			tried = append(tried, fmt.Sprintf("%s: %v", c, err))
+			continue
+		}
+		out, err := exec.Command(p, "-c", "import etcd").CombinedOutput()
+		if err == nil {
+			return p, nil
+		}
+		tried = append(tried, fmt.Sprintf("%s: %v: %s", p, err, bytes.TrimSpace(out)))
+	}
+	return "", fmt.Errorf("no Python 3 with python-etcd (import etcd): %s", strings.Join(tried, "; "))
 }
 
 func lookAbs(name string) (string, error) {

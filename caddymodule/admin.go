@@ -288,6 +288,11 @@ func (a *AdminAPI) serveTransfer(w http.ResponseWriter, r *http.Request, app *Ap
 			HTTPStatus: http.StatusConflict,
 			Err:        errors.New("this member is the only voting member of its cluster: there is no other member to hand leadership to"),
 		}
+	case errors.Is(err, raftkv.ErrTransfereeUnreachable):
+		return caddy.APIError{
+			HTTPStatus: http.StatusConflict,
+			Err:        fmt.Errorf("%w: it could not take over; this member still leads", err),
+		}
 	case errors.Is(err, raftkv.ErrNotLeader):
 		return notLeaderError(n, n.Status())
 	case errors.Is(err, raftkv.ErrMemberNotFound):

@@ -334,6 +334,32 @@ func TestAdminTransferLeadershipInCluster(t *testing.T) {
 	cur, _ := adminLeader(t, ms)
 	status, header, body = adminDo(t, cur.proc, "POST", adminTransferPath+"?to=1234")
 	wantAdminError(t, "transfer to a stranger", status, header, body, http.StatusBadRequest, "1234")
+
+	// A transferee that is down cannot take over: refused, and the leader leads on (a
+	// transfer Raft kept under way would drop every write for an election timeout).
+	var down *testMember
+	for _, m := range ms {
+		if m.proc != cur.proc {
+			down = m
+			break
+		}
+	}
+	downStatus, ok := adminStatusOf(down.proc)
+	if !ok {
+		t.Fatalf("no status from %s", down.Name)
+	}
+	down.proc.stop()
+	status, header, body = adminDo(t, cur.proc, "POST", adminTransferPath+"?to="+downStatus.ID+"&timeout=10s")
+	wantAdminError(t, "transfer to a stopped member", status, header, body, http.StatusConflict,
+		"not reachable", downStatus.ID)
+	var up []*testMember
+	for _, m := range ms {
+		if m != down {
+			up = append(up, m)
+		}
+	}
+	adminAgreedLeader(t, up, cur.status.ID)
+	adminPutEverywhere(t, up, "/admin/after-refusal")
 }
 
 // adminMember is a member with the status it reported.

@@ -33,6 +33,11 @@ var (
 	// ErrNoTransferee is returned by TransferLeadership when there is no
 	// other voter to hand leadership to.
 	ErrNoTransferee = errors.New("raftkv: no other voting member to transfer leadership to")
+	// ErrTransfereeUnreachable is returned by TransferLeadership when the
+	// member to hand leadership to does not answer this one (stopped, or
+	// cut off): it could not take over, and the cluster would wait an
+	// election timeout for nothing.
+	ErrTransfereeUnreachable = errors.New("raftkv: the member to transfer leadership to is not reachable")
 )
 
 // PeerConfig is the client side of peer traffic: how this member dials the
@@ -295,11 +300,11 @@ func (n *Node) TransferLeadership(ctx context.Context) error {
 	return err
 }
 
-// transferLeadership hands leadership to the voter to (0: the one whose log
-// is furthest along) and waits until this member knows of another leader.
-// Raft gives a transfer up when the transferee has not taken over within
-// an election timeout; this member then leads on and the wait lasts until
-// ctx ends.
+// transferLeadership hands leadership to the voter to (0: the reachable one
+// whose log is furthest along) and waits until this member knows of another
+// leader. Raft gives a transfer up when the transferee has not taken over
+// within an election timeout; this member then leads on and the wait lasts
+// until ctx ends, or until the transferee stops answering.
 func (n *Node) transferLeadership(ctx context.Context, to uint64) error {
 	if err := n.checkRunning(); err != nil {
 		return err
@@ -308,12 +313,16 @@ func (n *Node) transferLeadership(ctx context.Context, to uint64) error {
 		return ErrNotLeader
 	}
 	changed := n.leaderChanged.wait()
-	picked := make(chan error, 1)
+	type choice struct {
+		to  uint64
+		err error
+	}
+	picked := make(chan choice, 1)
 	pick := func() {
 		// Raft's TransferLeader must run on the loop goroutine, which
 		// also knows for sure whether this member still leads.
 		if n.rn.BasicStatus().RaftState != raft.StateLeader {
-			picked <- ErrNotLeader
+			picked <- choice{err: ErrNotLeader}
 			return
 		}
 		var best uint64
@@ -324,14 +333,16 @@ func (n *Node) transferLeadership(ctx context.Context, to uint64) error {
 			}
 		}
 		switch {
+		case best != 0 && n.activeSince(best).IsZero():
+			picked <- choice{err: fmt.Errorf("%w: %s", ErrTransfereeUnreachable, idString(best))}
 		case best != 0:
 			n.rn.TransferLeader(best)
 			n.lg.Info("transferring leadership", zap.String("from", idString(n.id)), zap.String("to", idString(best)))
-			picked <- nil
+			picked <- choice{to: best}
 		case to != 0:
-			picked <- fmt.Errorf("%w: %s is not another voting member", ErrMemberNotFound, idString(to))
+			picked <- choice{err: fmt.Errorf("%w: %s is not another voting member", ErrMemberNotFound, idString(to))}
 		default:
-			picked <- ErrNoTransferee
+			picked <- choice{err: ErrNoTransferee}
 		}
 	}
 	select {
@@ -341,9 +352,14 @@ func (n *Node) transferLeadership(ctx context.Context, to uint64) error {
 	case <-n.donec:
 		return ErrStopped
 	}
-	if err := <-picked; err != nil {
-		return err
+	c := <-picked
+	if c.err != nil {
+		return c.err
 	}
+	// A transferee that stops answering (it was stopping too) cannot take
+	// over: look every heartbeat.
+	tick := time.NewTicker(n.cfg.HeartbeatInterval)
+	defer tick.Stop()
 	for {
 		if l := n.leader.Load(); l != n.id && l != 0 {
 			return nil
@@ -351,6 +367,11 @@ func (n *Node) transferLeadership(ctx context.Context, to uint64) error {
 		select {
 		case <-changed:
 			changed = n.leaderChanged.wait()
+		case <-tick.C:
+			if n.activeSince(c.to).IsZero() {
+				n.abortTransfer(ctx, c.to)
+				return fmt.Errorf("%w: %s", ErrTransfereeUnreachable, idString(c.to))
+			}
 		case <-ctx.Done():
 			return ErrTimeout
 		case <-n.donec:
@@ -462,9 +483,25 @@ type FollowerStats struct {
 	} `json:"counts"`
 }
 
+// abortTransfer ends a transfer to member to that Raft still has under
+// way: while one is, the leader drops every proposal.
+func (n *Node) abortTransfer(ctx context.Context, to uint64) {
+	abort := func() {
+		if n.rn.BasicStatus().LeadTransferee == to {
+			n.rn.TransferLeader(n.id) // aborts the transfer, and asks for nothing
+			n.lg.Info("leadership transfer given up: the transferee does not answer", zap.String("to", idString(to)))
+		}
+	}
+	select {
+	case n.ctrlc <- abort:
+	case <-ctx.Done():
+	case <-n.donec:
+	}
+}
+
 // followersByMatch lists the voters other than this leader: those heard
-// from lately first (Raft's RecentActive), the most caught-up first among
-// them. Loop goroutine only.
+// from lately (Raft's RecentActive) that also answer this member's messages
+// now first, the most caught-up first among them. Loop goroutine only.
 func (n *Node) followersByMatch() []uint64 {
 	type follower struct {
 		id, match uint64
@@ -473,7 +510,7 @@ func (n *Node) followersByMatch() []uint64 {
 	var fs []follower
 	n.rn.WithProgress(func(id uint64, typ raft.ProgressType, pr tracker.Progress) {
 		if id != n.id && !pr.IsLearner && typ == raft.ProgressTypePeer {
-			fs = append(fs, follower{id, pr.Match, pr.RecentActive})
+			fs = append(fs, follower{id, pr.Match, pr.RecentActive && !n.activeSince(id).IsZero()})
 		}
 	})
 	slices.SortStableFunc(fs, func(a, b follower) int {

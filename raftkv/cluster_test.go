@@ -987,3 +987,31 @@ func TestClusterRemovalOfTheLastVoterIsRefused(t *testing.T) {
 	}
 	put(t, ln, "/still-writable", "yes")
 }
+
+// TestClusterStopOfTheLastLeaderDoesNotWait stops the followers, then the
+// leader. Raft still counts the followers as recently active (the leader's
+// check-quorum round, one election timeout, has not come), but they no
+// longer answer: handing leadership to one of them cannot succeed, and
+// Stop must not wait the leader's election timeout (a minute here) for it.
+func TestClusterStopOfTheLastLeaderDoesNotWait(t *testing.T) {
+	c := startLedByFirst(t, func(cfg *Config) {
+		cfg.ElectionTimeout = 2 * time.Second
+		if cfg.Name == "m0" {
+			cfg.ElectionTimeout = time.Minute
+		}
+	})
+	leader := c.members[0].n()
+	put(t, leader, "/before", "1")
+	c.stop(c.members[1])
+	c.stop(c.members[2])
+	stopped := make(chan error, 1)
+	go func() { stopped <- leader.Stop() }()
+	select {
+	case err := <-stopped:
+		if err != nil {
+			t.Fatalf("Stop: %v", err)
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("the last leader's Stop still waits after 20s: it is handing leadership to a stopped member")
+	}
+}

@@ -268,7 +268,12 @@ func (n *Node) Stop() error {
 		// Hand leadership over first, so the cluster does not wait out an
 		// election timeout (etcd transfers leadership on shutdown too).
 		ctx, cancel := context.WithTimeout(context.Background(), n.cfg.ElectionTimeout)
-		if err := n.TransferLeadership(ctx); err != nil && !errors.Is(err, ErrNoTransferee) {
+		switch err := n.TransferLeadership(ctx); {
+		case err == nil, errors.Is(err, ErrNoTransferee):
+		case errors.Is(err, ErrTransfereeUnreachable):
+			// The others are down or stopping too: nobody to hand over to.
+			n.lg.Info("no leadership transfer on stop", zap.Error(err))
+		default:
 			n.lg.Warn("leadership transfer on stop failed", zap.Error(err))
 		}
 		cancel()

@@ -6,6 +6,8 @@ package caddymodule
 // makes.
 
 import (
+	"bufio"
+	"bytes"
 	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
@@ -1166,5 +1168,97 @@ func writePEM(t *testing.T, path, typ string, der []byte) {
 	t.Helper()
 	if err := os.WriteFile(path, pem.EncodeToMemory(&pem.Block{Type: typ, Bytes: der}), 0o600); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// TestPythonEtcdFailsOver gives python-etcd every member of a three-member cluster, the
+// leader first (the one it talks to), kills that member (kill -9), and has it write and read
+// on: the client finds the others through /v2/machines and goes on there once they have
+// elected a new leader, as against an etcd cluster.
+func TestPythonEtcdFailsOver(t *testing.T) {
+	c := startCluster(t, 3, nil)
+	script, err := filepath.Abs(filepath.Join("testdata", "python_etcd_failover.py"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	leader := c.byName(agreedLeader(t, c.members, "", 10*time.Second).Name)
+	ms := []*testMember{leader}
+	for _, m := range c.members {
+		if m != leader {
+			ms = append(ms, m)
+		}
+	}
+	args := []string{script}
+	var urls []string
+	for _, m := range ms {
+		u, err := url.Parse(m.ClientURL)
+		if err != nil {
+			t.Fatal(err)
+		}
+		args = append(args, u.Port())
+		urls = append(urls, m.ClientURL)
+	}
+	slices.Sort(urls)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, pythonBin, args...)
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() {
+		if cmd.ProcessState == nil { // the test failed before the Wait below
+			cmd.Process.Kill()
+			cmd.Wait()
+		}
+	}()
+	lines := bufio.NewScanner(stdout)
+	next := func() string {
+		if !lines.Scan() {
+			t.Fatalf("python-etcd stopped early (%v); stderr:\n%s", lines.Err(), stderr.String())
+		}
+		return lines.Text()
+	}
+	if got := next(); got != "members 3" {
+		t.Errorf("got %q, want members 3", got)
+	}
+	if got, want := next(), "machines "+strings.Join(urls, " "); got != want {
+		t.Errorf("got %q, want %q", got, want)
+	}
+	var port string
+	if _, err := fmt.Sscan(strings.TrimPrefix(next(), "connected "), &port); err != nil {
+		t.Fatal(err)
+	}
+	var victim *testMember
+	for _, m := range c.members {
+		if strings.HasSuffix(m.ClientURL, ":"+port) {
+			victim = m
+		}
+	}
+	if victim != leader {
+		t.Fatalf("python-etcd talks to port %s, not to the leader %s (%s)", port, leader.Name, leader.ClientURL)
+	}
+	victim.kill9()
+	t.Logf("killed %s, the leader, which python-etcd talked to", victim.Name)
+	if _, err := io.WriteString(stdin, "go on\n"); err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{"after set 2 moved", "read before 1", "read after 2", "done"} {
+		if got := next(); got != want {
+			t.Errorf("got %q, want %q", got, want)
+		}
+	}
+	stdin.Close()
+	if err := cmd.Wait(); err != nil {
+		t.Errorf("python-etcd: %v; stderr:\n%s", err, stderr.String())
 	}
 }

@@ -307,9 +307,13 @@ func (a *App) strictReconfigCheck() bool {
 	return a.StrictReconfigCheck == nil || *a.StrictReconfigCheck
 }
 
-// Stop does nothing: the member outlives this app instance, and the
-// instance's Cleanup releases it.
-func (a *App) Stop() error { return nil }
+// Stop leaves the member be: it outlives this app instance, and the
+// instance's Cleanup releases it. When Caddy exits, it ends open watches
+// (see processExit).
+func (a *App) Stop() error {
+	endWatchesIfExiting()
+	return nil
+}
 
 // Cleanup releases this instance's reference on the member; the member
 // stops when no config uses its data directory any more.

@@ -7,6 +7,7 @@ import (
 	"path"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -81,7 +82,28 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	h.member = app.member
 	h.timeout = app.requestTimeout()
 	h.advertise = app.AdvertiseClientURLs
+	if srv, ok := ctx.Value(caddyhttp.ServerCtxKey).(*caddyhttp.Server); ok {
+		srv.RegisterOnShutdown(endWatchesIfExiting)
+	}
 	return nil
+}
+
+// processExit is closed once Caddy exits (caddy.Exiting) and a server
+// with an etcd handler, or the raftkv app, begins to stop: open watches
+// end then, as etcd's do when it stops. Caddy waits for every response
+// before it exits (its grace period is unlimited by default), so a watch
+// would otherwise hold the process until its client goes away. A server
+// stopped by a config reload leaves its watches be: the member goes on,
+// and they end with their event.
+var (
+	processExit     = make(chan struct{})
+	processExitOnce sync.Once
+)
+
+func endWatchesIfExiting() {
+	if caddy.Exiting() {
+		processExitOnce.Do(func() { close(processExit) })
+	}
 }
 
 // Paths of etcd's client API (v2http/client.go).

@@ -18,6 +18,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -876,5 +877,72 @@ func TestEtcdAloneRunsADefaultMember(t *testing.T) {
 	s.expect(resp, body, http.StatusOK)
 	if !strings.Contains(body, `"name":"default"`) {
 		t.Fatalf("members: %s", body)
+	}
+}
+
+// TestWatchesOutliveReloadsAndEndAtExit opens a long-poll watch and a stream watch on a real
+// Caddy, reloads its config (the server they run on is replaced), then stops Caddy (SIGTERM).
+// A reload leaves them be: the member goes on, and both get the next event. Caddy waits for
+// every response before it exits; at exit the watches must end, as etcd's do when it stops,
+// or the process stays until their clients go away.
+func TestWatchesOutliveReloadsAndEndAtExit(t *testing.T) {
+	p := startEtcaddy(t, etcaddyOpts{})
+	type ended struct {
+		status int
+		body   string
+		err    error
+	}
+	watch := func(path string) <-chan ended {
+		out := make(chan ended, 1)
+		go func() {
+			// The context only bounds a failing run; a passing one ends long before.
+			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+			defer cancel()
+			st, _, body, err := p.tryDo(ctx, "GET", path, nil)
+			out <- ended{st, string(body), err}
+		}()
+		return out
+	}
+	longPoll := watch("/v2/keys/exit/key?wait=true")
+	stream := watch("/v2/keys/exit?wait=true&stream=true&recursive=true")
+	var st struct {
+		Watchers int `json:"watchers"`
+	}
+	if !poll(10*time.Second, func() bool {
+		_, _, body := p.do(t, "GET", "/v2/stats/store", nil)
+		return json.Unmarshal(body, &st) == nil && st.Watchers == 2
+	}) {
+		t.Fatalf("watchers = %d, want the 2 watches registered", st.Watchers)
+	}
+
+	// A reload that adds a site: every server is replaced.
+	cfg := reloadCaddyfileText(t, p) + fmt.Sprintf("\nhttp://127.0.0.1:%d {\n\trespond \"other\"\n}\n", freePort(t))
+	if status, body, err := reloadLoad(&http.Client{Timeout: time.Minute}, p.AdminURL, cfg); err != nil || status != http.StatusOK {
+		t.Fatalf("POST /load: %d %s %v", status, body, err)
+	}
+	// On a new connection: the replaced server closes the kept-alive ones.
+	fresh := &http.Client{Transport: &http.Transport{DisableKeepAlives: true}, Timeout: time.Minute}
+	req, err := http.NewRequest("PUT", p.ClientURL+"/v2/keys/exit/key?value=after+the+reload", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp, err := fresh.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusCreated {
+		t.Fatalf("PUT after the reload: %s", resp.Status)
+	}
+	if e := <-longPoll; e.err != nil || e.status != http.StatusOK || !strings.Contains(e.body, `"value":"after the reload"`) {
+		t.Errorf("long-poll watch across a reload: %d %q %v; want the event", e.status, e.body, e.err)
+	}
+
+	if !p.signal(syscall.SIGTERM, 20*time.Second) {
+		t.Fatal("Caddy still runs 20s after SIGTERM with a stream watch open")
+	}
+	e := <-stream
+	if e.err != nil || e.status != http.StatusOK || strings.Count(e.body, "\n") != 1 || !strings.Contains(e.body, `"value":"after the reload"`) {
+		t.Errorf("stream watch across a reload, then exit: %d %q %v; want the one event, then the end of the response", e.status, e.body, e.err)
 	}
 }

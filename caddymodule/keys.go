@@ -328,6 +328,8 @@ func (h *Handler) serveWatch(w http.ResponseWriter, r *http.Request, n *raftkv.N
 		select {
 		case <-r.Context().Done():
 			return
+		case <-processExit:
+			return
 		case ev, ok := <-wa.EventChan:
 			if !ok {
 				// The watch ended: a streaming watcher that fell behind, or

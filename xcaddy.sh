@@ -192,9 +192,11 @@ run)
 	if [[ -z $config ]]; then
 		# The single-member default. Caddyfile.example is a three-member
 		# HTTPS cluster, which needs certificates and two more machines.
+		# Loopback only and any host name (127.0.0.1 or localhost), as
+		# etcd's default listener.
 		mkdir -p "$repo/etcaddy-data"
 		config=$repo/etcaddy-data/Caddyfile
-		printf '{\n\traftkv {\n\t\tdata_dir %s\n\t}\n}\n\nhttp://127.0.0.1:2379 {\n\tetcd\n}\n' \
+		printf '{\n\traftkv {\n\t\tdata_dir %s\n\t}\n}\n\nhttp://:2379 {\n\tbind 127.0.0.1\n\tetcd\n}\n' \
 			"$repo/etcaddy-data/default" >"$config"
 	elif [[ $config != /* ]]; then
 		config=$callerdir/$config

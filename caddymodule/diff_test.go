@@ -1003,9 +1003,18 @@ func TestDifferentialAgainstEtcd(t *testing.T) {
 	d.watchEnd("key")
 	d.watchEnd("rec")
 	d.watchStart("parent", "/v2/keys/w/k?wait=true")
+	// A removed directory wakes the watchers at the nodes it took, not those of keys that
+	// were not there: they get the next event at their own key.
+	d.watchStart("absent", "/v2/keys/w/none?wait=true")
+	d.watchStart("underfile", "/v2/keys/w/k/sub?wait=true&recursive=true")
 	d.req("DELETE", "/v2/keys/w?recursive=true", nil)
 	d.watchEnd("parent")
 	d.watchEnd("dir")
+	d.req("PUT", "/v2/keys/w/none", vals("value", "back"))
+	d.req("PUT", "/v2/keys/w/k/sub/x", vals("value", "under"))
+	d.watchEnd("absent")
+	d.watchEnd("underfile")
+	d.req("DELETE", "/v2/keys/w?recursive=true", nil)
 	d.req("GET", "/v2/keys/w/k?wait=true&waitIndex=${wk.index}", nil)
 	d.req("GET", "/v2/keys/w?wait=true&recursive=true&waitIndex=${hid.index}", nil)
 	d.req("GET", "/v2/keys/w?wait=true&recursive=true&waitIndex=${hid.index+1}", nil)

@@ -182,6 +182,11 @@ type applier struct {
 	// expiryChanged is set once the expiry index is written, so that a
 	// Save without TTLs does not look for the next expiration again.
 	expiryChanged bool
+	// watched is set when the hub had watchers as the Save began: then a
+	// removed directory's event lists the nodes it took (Event.removed),
+	// collected here by remove while removed is not nil.
+	watched bool
+	removed map[string]struct{}
 }
 
 // apply runs one request and returns its event or v2 error. SYNC returns
@@ -300,6 +305,9 @@ func (a *applier) deleteExpiry(exp int64, p string) {
 // remove deletes the node at p with its whole subtree and their expiry
 // index entries. Watchers get one event for all of it (etcd-io/etcd#3672).
 func (a *applier) remove(p string, rec record) {
+	if a.removed != nil {
+		a.removed[p] = struct{}{}
+	}
 	if rec.dir {
 		a.removeChildren(p)
 	}
@@ -546,9 +554,20 @@ func (a *applier) delete(p string, r *Request) (e *Event, verr *Error) {
 	e = &Event{Action: ActionDelete, EtcdIndex: next,
 		Node:     &Node{Key: p, Dir: n.dir, ModifiedIndex: next, CreatedIndex: n.created},
 		PrevNode: n.external(p, a.now)}
-	a.remove(p, n)
+	a.removeNode(e, p, n)
 	a.index = next
 	return e, nil
+}
+
+// removeNode removes the node of a delete or expire event and its subtree;
+// when watchers may wait below a directory, the event keeps the paths of
+// the nodes removed (see hub.notify).
+func (a *applier) removeNode(e *Event, p string, rec record) {
+	if rec.dir && a.watched {
+		a.removed = make(map[string]struct{})
+	}
+	a.remove(p, rec)
+	e.removed, a.removed = a.removed, nil
 }
 
 // compared finds the file that a compare-and-swap or compare-and-delete
@@ -614,7 +633,7 @@ func (a *applier) expire(cutoff int64) {
 		e := &Event{Action: ActionExpire, EtcdIndex: next,
 			Node:     &Node{Key: p, Dir: n.dir, ModifiedIndex: next, CreatedIndex: n.created},
 			PrevNode: n.external(p, a.now)}
-		a.remove(p, n)
+		a.removeNode(e, p, n)
 		a.index = next
 		a.stats.expires++
 		a.fail(a.emit(e))

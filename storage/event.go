@@ -27,6 +27,10 @@ type Event struct {
 	// Refresh marks a TTL refresh: kept in history but never delivered to
 	// watchers (etcd 3.4 skips refresh events).
 	Refresh bool `json:"-"`
+	// removed, for a deleted or expired directory, holds the paths of the
+	// nodes it took, until its watchers are notified; nil when nobody
+	// watched as it was applied (hub.notify then tells every watcher below).
+	removed map[string]struct{}
 }
 
 // Index is the modifiedIndex of the event's node: its position in history.

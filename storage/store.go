@@ -359,6 +359,7 @@ func (s *Store) Save(rd Ready) ([]Applied, error) {
 			published: make([]*Event, 0, len(rd.Committed)),
 			ebuf:      s.bufs.expiryKey,
 			scratch:   s.bufs.value,
+			watched:   s.hub.count.Load() > 0,
 		}
 		a.kbuf = s.bufs.key
 		a.events.FillPercent = appendFill

@@ -277,6 +277,7 @@ func (h *hub) publish(events []*Event, index uint64) {
 		if !h.closed && !e.Refresh && h.count.Load() > 0 {
 			h.notify(e)
 		}
+		e.removed = nil // the history keeps the event a while
 	}
 	h.index = index
 }
@@ -284,8 +285,10 @@ func (h *hub) publish(events []*Event, index uint64) {
 // notify delivers e to the live watchers it concerns, as etcd's watcherHub
 // does: watchers at the key itself; recursive watchers at an ancestor,
 // unless a component of the key below the watched path is hidden ("_");
-// and, for a deleted or expired directory, every watcher below it. Each
-// watcher gets an event once, although etcd may hand a stream watcher a
+// and, for a deleted or expired directory, the watchers at each node it
+// took (etcd's Remove callback names the nodes that were there: a watcher
+// of a key that did not exist under the directory waits on). Each watcher
+// gets an event once, although etcd may hand a stream watcher a
 // directory's delete twice.
 func (h *hub) notify(e *Event) {
 	key := e.Node.Key
@@ -324,18 +327,21 @@ func (h *hub) notify(e *Event) {
 		d++
 	}
 	if n != nil && e.Node.Dir && (e.Action == ActionDelete || e.Action == ActionExpire) {
-		var walk func(*watchNode)
-		walk = func(n *watchNode) {
+		var walk func(n *watchNode, dir string)
+		walk = func(n *watchNode, dir string) {
 			for _, c := range n.children {
-				for w := range c.watchers {
-					if idx >= w.since {
-						targets = append(targets, w)
+				p := joinPath(dir, c.name)
+				if _, took := e.removed[p]; took || e.removed == nil {
+					for w := range c.watchers {
+						if idx >= w.since {
+							targets = append(targets, w)
+						}
 					}
 				}
-				walk(c)
+				walk(c, p)
 			}
 		}
-		walk(n)
+		walk(n, key)
 	}
 	for _, w := range targets {
 		if w.lastSent != idx { // each watcher gets each event once

@@ -226,7 +226,7 @@ func (a *App) Validate() error {
 		if name == "" {
 			return errors.New("raftkv: initial_cluster has a member without a name")
 		}
-		if _, err := parseURLs(urls); err != nil {
+		if _, err := raftkv.NormalizeURLs(urls); err != nil {
 			return fmt.Errorf("raftkv: initial_cluster member %q: %v", name, err)
 		}
 	}
@@ -236,7 +236,7 @@ func (a *App) Validate() error {
 		}
 	}
 	if len(a.AdvertiseClientURLs) > 0 {
-		if _, err := parseURLs(a.AdvertiseClientURLs); err != nil {
+		if _, err := raftkv.NormalizeURLs(a.AdvertiseClientURLs); err != nil {
 			return fmt.Errorf("raftkv: advertise_client_urls: %v", err)
 		}
 	}

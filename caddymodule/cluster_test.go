@@ -816,6 +816,10 @@ func TestClusterMembershipChanges(t *testing.T) {
 		{"PUT", "/v2/members/" + n3ID, `{"peerURLs":["http://127.0.0.1:1"]}`, http.StatusInternalServerError, `{"message":"Internal Server Error"}`},
 		{"DELETE", "/v2/members/123abc", "", http.StatusNotFound, `{"message":"No such member: 123abc"}`},
 		{"PUT", "/v2/members/123abc", `{"peerURLs":["http://127.0.0.1:1"]}`, http.StatusNotFound, `{"message":"No such member: 123abc"}`},
+		// etcd looks for the member first: an unknown or removed one with a peer URL in use
+		// is still 404 or 500, not 409.
+		{"PUT", "/v2/members/123abc", `{"peerURLs":["` + ms[0].PeerURL + `"]}`, http.StatusNotFound, `{"message":"No such member: 123abc"}`},
+		{"PUT", "/v2/members/" + n3ID, `{"peerURLs":["` + ms[0].PeerURL + `"]}`, http.StatusInternalServerError, `{"message":"Internal Server Error"}`},
 		{"PUT", "/v2/members/" + n4ID, `{"peerURLs":["` + ms[0].PeerURL + `"]}`, http.StatusConflict, `{"message":"membership: peerURL exists"}`},
 		// Updating a member to the peer URLs it has is a no-op that succeeds.
 		{"PUT", "/v2/members/" + n4ID, `{"peerURLs":["` + n4.PeerURL + `"]}`, http.StatusNoContent, ""},

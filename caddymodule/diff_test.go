@@ -815,6 +815,9 @@ func TestDifferentialAgainstEtcd(t *testing.T) {
 	d.req("DELETE", "/v2/keys${rootq.key}", nil)
 	d.req("GET", "/v2/keys/a?quorum=true", nil)
 	d.req("GET", "/v2/keys/missing?quorum=true", nil)
+	// quorum=true makes a GET a read through Raft, which ignores wait, waitIndex and stream.
+	d.req("GET", "/v2/keys/a?quorum=true&wait=true", nil)
+	d.req("GET", "/v2/keys/missing?quorum=true&wait=true&waitIndex=1&stream=true", nil)
 	d.req("PUT", "/v2/keys", vals("value", "root"))
 	d.req("PUT", "/v2/keys/%C3%BCn%C3%AFc%C3%B6de", vals("value", "✓ ünïcödé"))
 	d.req("GET", "/v2/keys/%C3%BCn%C3%AFc%C3%B6de", nil)
@@ -823,6 +826,7 @@ func TestDifferentialAgainstEtcd(t *testing.T) {
 	d.req("PUT", "/v2/keys/q%3Fmark", vals("value", "?"))
 	d.req("GET", "/v2/keys/q%3Fmark", nil)
 	d.req("GET", "/v2/keysx", nil)
+	d.req("GET", "/v2", nil)
 	d.req("GET", "/v2/stats/nothing", nil)
 
 	// Parameter errors (reference §1.1), one by one and in etcd's validation order.

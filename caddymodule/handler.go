@@ -162,7 +162,7 @@ func endpointOf(p string) endpoint {
 		return epAuthEnable
 	case p == authPrefix || strings.HasPrefix(p, authPrefix+"/"):
 		return epAuth
-	case strings.HasPrefix(p, v2Prefix):
+	case p == "/v2" || strings.HasPrefix(p, v2Prefix):
 		// etcd's ServeMux owns all of /v2/: an unknown path there is its
 		// plain 404, not the next handler's business.
 		return epV2Unknown

@@ -848,7 +848,7 @@ func TestNotRunningAnswers503(t *testing.T) {
 		{"PUT", "/v2/keys/a", 503, `{"errorCode":300,"message":"Raft Internal Error","cause":"etcdserver: server stopped","index":0}` + "\n"},
 		{"GET", "/v2/members", 503, `{"message":"etcdserver: server stopped"}`},
 		{"GET", "/v2/stats/self", 503, `{"message":"etcdserver: server stopped"}`},
-		{"GET", "/health", 503, `{"health":"false"}`},
+		{"GET", "/health", 503, `{"health":"false"}` + "\n"},
 		{"GET", "/version", 200, versionBody},
 		{"PATCH", "/v2/keys/a", 405, "Method Not Allowed\n"},
 		{"GET", "/elsewhere", http.StatusTeapot, ""},

@@ -272,7 +272,10 @@ func (h *Handler) serveKeys(w http.ResponseWriter, r *http.Request, hv *headerVa
 	)
 	switch r.Method {
 	case http.MethodGet, http.MethodHead:
-		if kr.wait {
+		// etcd turns a quorum GET into a read through Raft (QGET) before
+		// it looks at wait: with quorum=true, wait, waitIndex and stream
+		// are ignored and the answer comes at once.
+		if kr.wait && !kr.quorum {
 			h.serveWatch(w, r, n, kr, hv)
 			return
 		}

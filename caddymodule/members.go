@@ -6,9 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
-	"net/url"
 	"slices"
 	"sort"
 	"strconv"
@@ -160,7 +158,10 @@ func (h *Handler) serveMembers(w http.ResponseWriter, r *http.Request) {
 		if !ok {
 			return
 		}
-		if h.peerURLTaken(r, n, urls, id) {
+		// etcd looks for the member before it compares peer URLs: an
+		// unknown or removed ID gets its own answer from UpdateMember.
+		if slices.ContainsFunc(n.Members(), func(m raftkv.Member) bool { return m.ID == parseID(id) }) &&
+			h.peerURLTaken(r, n, urls, id) {
 			writeMessage(w, http.StatusConflict, raftkv.ErrPeerURLExists.Error())
 			return
 		}
@@ -271,43 +272,12 @@ func readPeerURLs(w http.ResponseWriter, r *http.Request) ([]string, bool) {
 		writeMessage(w, http.StatusBadRequest, err.Error())
 		return nil, false
 	}
-	urls, err := parseURLs(req.PeerURLs)
+	urls, err := raftkv.NormalizeURLs(req.PeerURLs)
 	if err != nil {
 		writeMessage(w, http.StatusBadRequest, err.Error())
 		return nil, false
 	}
 	return urls, true
-}
-
-// parseURLs checks URLs as etcd's types.NewURLs does, with its messages,
-// and returns them sorted.
-func parseURLs(strs []string) ([]string, error) {
-	if len(strs) == 0 {
-		return nil, errors.New("no valid URLs given")
-	}
-	out := make([]string, 0, len(strs))
-	for _, in := range strs {
-		in = strings.TrimSpace(in)
-		u, err := url.Parse(in)
-		if err != nil {
-			return nil, err
-		}
-		switch u.Scheme {
-		case "http", "https":
-			if _, _, err := net.SplitHostPort(u.Host); err != nil {
-				return nil, fmt.Errorf(`URL address does not have the form "host:port": %s`, in)
-			}
-			if u.Path != "" {
-				return nil, fmt.Errorf("URL must not contain a path: %s", in)
-			}
-		case "unix", "unixs":
-		default:
-			return nil, fmt.Errorf("URL scheme must be http, https, unix, or unixs: %s", in)
-		}
-		out = append(out, u.String())
-	}
-	sort.Strings(out)
-	return out, nil
 }
 
 // trimPrefix is etcd's: the prefix and one slash after it go.

@@ -7,6 +7,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/etcaddy/etcaddy/raftkv"
 	"github.com/etcaddy/etcaddy/storage"
 )
 
@@ -227,7 +228,8 @@ func TestRoutingAndPathCleaning(t *testing.T) {
 		{"/v2/keys//foo", "/v2/keys/foo", epKeys},
 		{"/v2/keys/a/./b", "/v2/keys/a/b", epKeys},
 		{"/v2/keys/a/../b", "/v2/keys/b", epKeys},
-		{"/v2/keys/..", "/v2", epNone},
+		{"/v2/keys/..", "/v2", epV2Unknown},
+		{"/v2", "/v2", epV2Unknown},
 		{"/v2//keys/a", "/v2/keys/a", epKeys},
 		{"/v2/keysx", "/v2/keysx", epV2Unknown},
 		{"/v2/members", "/v2/members", epMembers},
@@ -270,18 +272,21 @@ func TestParseURLsAsEtcd(t *testing.T) {
 		{[]string{"not a url"}, "", "URL scheme must be http, https, unix, or unixs: not a url"},
 		{[]string{"http://1.2.3.4"}, "", `URL address does not have the form "host:port": http://1.2.3.4`},
 		{[]string{"http://1.2.3.4:5/x"}, "", "URL must not contain a path: http://1.2.3.4:5/x"},
-		{[]string{" https://b:2 ", "http://a:1", "unix://sock"}, "http://a:1 https://b:2 unix://sock", ""},
+		// etcd checks unix URLs alike (answers of etcd 3.4 to POST /v2/members).
+		{[]string{"unix://x"}, "", `URL address does not have the form "host:port": unix://x`},
+		{[]string{"unixs://x:1/path"}, "", "URL must not contain a path: unixs://x:1/path"},
+		{[]string{" https://b:2 ", "http://a:1", "unix://sock:0"}, "http://a:1 https://b:2 unix://sock:0", ""},
 	}
 	for _, tt := range tests {
-		got, err := parseURLs(tt.in)
+		got, err := raftkv.NormalizeURLs(tt.in)
 		if tt.wantErr != "" {
 			if err == nil || err.Error() != tt.wantErr {
-				t.Errorf("parseURLs(%q) error %v, want %q", tt.in, err, tt.wantErr)
+				t.Errorf("NormalizeURLs(%q) error %v, want %q", tt.in, err, tt.wantErr)
 			}
 			continue
 		}
 		if err != nil || strings.Join(got, " ") != tt.want {
-			t.Errorf("parseURLs(%q) = %q, %v; want %q", tt.in, got, err, tt.want)
+			t.Errorf("NormalizeURLs(%q) = %q, %v; want %q", tt.in, got, err, tt.want)
 		}
 	}
 }

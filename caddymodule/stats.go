@@ -45,8 +45,10 @@ func (h *Handler) serveHealth(w http.ResponseWriter, r *http.Request) {
 	}
 	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
 	if !healthy {
+		// etcd answers with http.Error: nosniff, and a newline.
+		w.Header().Set("X-Content-Type-Options", "nosniff")
 		w.WriteHeader(http.StatusServiceUnavailable)
-		_, _ = io.WriteString(w, `{"health":"false"}`)
+		_, _ = io.WriteString(w, `{"health":"false"}`+"\n")
 		return
 	}
 	_, _ = io.WriteString(w, `{"health":"true"}`)

@@ -81,7 +81,7 @@ func (e peerEntry) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 // one peer URL one fails. The strict reconfiguration check may refuse it
 // (SetStrictReconfigCheck).
 func (n *Node) AddMember(ctx context.Context, peerURLs []string) (Member, error) {
-	urls, err := normalizeURLs(peerURLs)
+	urls, err := NormalizeURLs(peerURLs)
 	if err != nil {
 		return Member{}, err
 	}
@@ -152,7 +152,7 @@ func (n *Node) knownMember(id uint64) error {
 
 // UpdateMember proposes new peer URLs for a member and returns once applied.
 func (n *Node) UpdateMember(ctx context.Context, id uint64, peerURLs []string) error {
-	urls, err := normalizeURLs(peerURLs)
+	urls, err := NormalizeURLs(peerURLs)
 	if err != nil {
 		return err
 	}
@@ -390,7 +390,7 @@ func (n *Node) joinMembers(st *storage.Store) error {
 	if !ok {
 		return fmt.Errorf("raftkv: couldn't find local name %q in the initial cluster configuration", n.cfg.Name)
 	}
-	myURLs, err := normalizeURLs(mine)
+	myURLs, err := NormalizeURLs(mine)
 	if err != nil {
 		return fmt.Errorf("raftkv: initial cluster member %q: %w", n.cfg.Name, err)
 	}

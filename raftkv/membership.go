@@ -4,6 +4,7 @@ import (
 	"crypto/sha1"
 	"encoding/binary"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net"
 	"net/url"
@@ -52,28 +53,30 @@ type memberAttributes struct {
 	ClientURLs []string `json:"clientURLs"`
 }
 
-// normalizeURLs parses and sorts peer URLs as etcd's types.NewURLs does, so
-// that the same configuration written differently hashes to the same ID.
-func normalizeURLs(raw []string) ([]string, error) {
+// NormalizeURLs checks URLs as etcd's types.NewURLs does, with its
+// messages, and returns them sorted, so that the same configuration
+// written differently hashes to the same ID.
+func NormalizeURLs(raw []string) ([]string, error) {
 	if len(raw) == 0 {
-		return nil, fmt.Errorf("no valid URLs given")
+		return nil, errors.New("no valid URLs given")
 	}
 	out := make([]string, 0, len(raw))
-	for _, s := range raw {
-		u, err := url.Parse(strings.TrimSpace(s))
+	for _, in := range raw {
+		in = strings.TrimSpace(in)
+		u, err := url.Parse(in)
 		if err != nil {
 			return nil, err
 		}
 		switch u.Scheme {
 		case "http", "https", "unix", "unixs":
 		default:
-			return nil, fmt.Errorf("URL scheme must be http, https, unix, or unixs: %s", s)
+			return nil, fmt.Errorf("URL scheme must be http, https, unix, or unixs: %s", in)
 		}
 		if _, _, err := net.SplitHostPort(u.Host); err != nil {
-			return nil, fmt.Errorf(`URL address does not have the form "host:port": %s`, s)
+			return nil, fmt.Errorf(`URL address does not have the form "host:port": %s`, in)
 		}
 		if u.Path != "" {
-			return nil, fmt.Errorf("URL must not contain a path: %s", s)
+			return nil, fmt.Errorf("URL must not contain a path: %s", in)
 		}
 		out = append(out, u.String())
 	}
@@ -111,7 +114,7 @@ func initialMembers(cluster map[string][]string, token string) ([]memberRecord, 
 	members := make([]memberRecord, 0, len(cluster))
 	seen := make(map[uint64]string, len(cluster))
 	for name, raw := range cluster {
-		urls, err := normalizeURLs(raw)
+		urls, err := NormalizeURLs(raw)
 		if err != nil {
 			return nil, fmt.Errorf("raftkv: initial cluster member %q: %w", name, err)
 		}

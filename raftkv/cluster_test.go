@@ -21,6 +21,7 @@ import (
 	"go.uber.org/zap/zapcore"
 	"go.uber.org/zap/zaptest"
 	"go.uber.org/zap/zaptest/observer"
+	"google.golang.org/protobuf/proto"
 )
 
 // testMember is one member of an in-process cluster: a real bbolt file and
@@ -1014,4 +1015,83 @@ func TestClusterStopOfTheLastLeaderDoesNotWait(t *testing.T) {
 	case <-time.After(20 * time.Second):
 		t.Fatal("the last leader's Stop still waits after 20s: it is handing leadership to a stopped member")
 	}
+}
+
+// TestLeaderElectedDuringADrainJudgesConfChanges has a member win its
+// election while the loop takes in messages, and receive a forwarded conf
+// change in the same pass, before the Ready that reports the election. The
+// change (a member with this member's own peer URL) must be judged, and
+// refused, as any change the leader takes: loop.lead learns of the election
+// only at that Ready, so the loop asks Raft whether it leads.
+func TestLeaderElectedDuringADrainJudgesConfChanges(t *testing.T) {
+	n := NewNode(Config{
+		DataDir:         t.TempDir(),
+		ElectionTimeout: time.Hour, // it campaigns when the test says so
+		Logger:          zaptest.NewLogger(t, zaptest.Level(zap.WarnLevel)),
+	})
+	n.loop.noFastCampaign = true
+	if err := n.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { n.Stop() })
+	waitFor(t, "the bootstrap applied", func() bool { return n.AppliedIndex() >= 1 })
+	self := n.Members()[0]
+	const newID = 0x1234
+	cc := &raftpb.ConfChange{
+		Id:      new(n.ids.id()),
+		Type:    raftpb.ConfChangeAddNode.Enum(),
+		NodeId:  new(uint64(newID)),
+		Context: encodeMember(memberRecord{ID: newID, PeerURLs: self.PeerURLs}),
+	}
+	data, err := proto.Marshal(cc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Raft campaigns only once it has applied the bootstrap conf change
+	// (Advance after the Ready that applied it).
+	waitFor(t, "Raft to have applied the bootstrap", func() bool {
+		applied := make(chan uint64)
+		n.ctrlc <- func() { applied <- n.rn.BasicStatus().Applied }
+		return <-applied >= 1
+	})
+	done := make(chan error, 1)
+	n.ctrlc <- func() {
+		if err := n.rn.Campaign(); err != nil {
+			done <- err
+			return
+		}
+		// The election's Readies (votes to itself, hard state; nothing to
+		// persist that the next Ready does not supersede), handled here so
+		// that Raft leads before the loop's next Ready tells it so, as when
+		// the last vote arrives among the messages the loop takes in.
+		for i := 0; i < 10 && !n.raftLeads() && n.rn.HasReady(); i++ {
+			rd := n.rn.Ready()
+			if len(rd.Entries) > 0 || len(rd.CommittedEntries) > 0 {
+				done <- fmt.Errorf("an election Ready with entries: %+v", rd)
+				return
+			}
+			n.rn.Advance(rd)
+		}
+		if !n.raftLeads() || n.loop.lead == n.id {
+			done <- fmt.Errorf("the test needs Raft to lead before the loop knows it: %+v, loop.lead %x", n.rn.BasicStatus(), n.loop.lead)
+			return
+		}
+		n.step(&raftpb.Message{
+			Type:    raftpb.MsgProp.Enum(),
+			From:    new(uint64(newID)),
+			To:      new(n.id),
+			Entries: []*raftpb.Entry{{Type: raftpb.EntryConfChange.Enum(), Data: data}},
+		})
+		done <- nil
+	}
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the leader's first entry and the change applied", func() bool {
+		return n.AppliedIndex() >= 3
+	})
+	if ms := n.Members(); len(ms) != 1 {
+		t.Fatalf("members after a change with a peer URL in use: %+v; want it refused", ms)
+	}
+	put(t, n, "/after", "1") // still its own quorum
 }

@@ -1095,3 +1095,29 @@ func TestLeaderElectedDuringADrainJudgesConfChanges(t *testing.T) {
 	}
 	put(t, n, "/after", "1") // still its own quorum
 }
+
+// TestClusterExpiresKeysWithNothingElseGoingOn writes keys with a short TTL
+// to a three-member cluster, one at a time, and nothing else: each must go
+// on every member. The leader applies a lone write in a Ready of its own,
+// whose bbolt transaction commits later (deferred apply); its reaper must
+// count that write's expiration all the same.
+func TestClusterExpiresKeysWithNothingElseGoingOn(t *testing.T) {
+	c := newTestCluster(t, 3, nil)
+	for i := range 4 {
+		key := fmt.Sprintf("/ttl/%d", i)
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		_, err := c.members[i%3].n().Do(ctx, storage.Request{Method: storage.MethodPut, Path: key, Val: "v",
+			Expiration: time.Now().Add(200 * time.Millisecond).UnixNano()})
+		cancel()
+		if err != nil {
+			t.Fatalf("PUT %s: %v", key, err)
+		}
+		for _, m := range c.members {
+			waitFor(t, key+" expired on "+m.name, func() bool {
+				_, err := m.n().Get(context.Background(), key, false, false, false)
+				var verr *storage.Error
+				return errors.As(err, &verr) && verr.ErrorCode == storage.EcodeKeyNotFound
+			})
+		}
+	}
+}

@@ -593,9 +593,16 @@ func (s *Store) Get(path string, recursive, sorted bool, now time.Time) (*Event,
 }
 
 // NextExpiration returns the earliest expiration among live keys, if any:
-// the leader's reaper proposes a SYNC once it is due.
+// the leader's reaper proposes a SYNC once it is due. It counts what the
+// last Save applied, committed to disk or not yet (a deferred apply, see
+// Ready.Defer): a SYNC enters the log after those entries, so it finds
+// their keys. Call it from the goroutine that calls Save.
 func (s *Store) NextExpiration() (time.Time, bool) {
-	if t := s.nextExp.Load(); t != nil {
+	t := s.nextExp.Load()
+	if s.pend.applied != 0 {
+		t = s.pend.nextExp
+	}
+	if t != nil {
 		return *t, true
 	}
 	return time.Time{}, false

@@ -828,12 +828,27 @@ func TestClusterRemovedFollowerHearsAtOnce(t *testing.T) {
 	})
 	leader, gone := c.members[0].n(), c.members[2].n()
 	put(t, leader, "/before", "1")
+	// A watch open on the member: no event will reach it once the member
+	// is removed, and its client must learn so, to move to another one.
+	w, err := gone.Watch("/never", false, true, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer w.Remove()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	if err := gone.RemoveMember(ctx, gone.id); err != nil {
 		t.Fatalf("a follower removing itself: %v", err)
 	}
 	waitFor(t, "the removed member to stop serving", func() bool { return !gone.Running() })
+	waitFor(t, "the removed member's watch to end", func() bool {
+		select {
+		case _, open := <-w.EventChan:
+			return !open
+		default:
+			return false
+		}
+	})
 	if got := leader.Members(); len(got) != 2 || slices.ContainsFunc(got, func(m Member) bool { return m.ID == gone.id }) {
 		t.Errorf("members after the removal: %+v", got)
 	}

@@ -65,6 +65,10 @@ type report struct {
 func (n *Node) run() {
 	defer close(n.donec)
 	defer n.failReads(ErrStopped)
+	// Watches end with the loop (a removal, a storage failure, Stop): no
+	// event would reach them any more, and their clients should move on
+	// to another member, as from an etcd member that exits.
+	defer n.store.EndWatches()
 	defer n.flushStore()
 	ticker := time.NewTicker(n.cfg.HeartbeatInterval / ticksPerHeartbeat)
 	defer ticker.Stop()
@@ -169,6 +173,7 @@ func (n *Node) removedBy(why string, linger time.Duration) {
 	n.loop.removedSelf = true
 	n.gone.Store(true)
 	n.running.Store(false)
+	n.store.EndWatches() // now, not when the loop ends: it may linger
 	n.loop.stopAt = time.Now().Add(linger)
 	n.lg.Warn("this member was removed from the cluster", zap.String("member-id", idString(n.id)), zap.String("how", why))
 }

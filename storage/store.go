@@ -212,6 +212,11 @@ func (s *Store) Close() error {
 	return s.db.Close()
 }
 
+// EndWatches ends every watcher and refuses new ones (Watch answers
+// ErrClosed), while reads go on: the member that calls it will apply
+// nothing more (its Raft loop ended), so no event would ever come.
+func (s *Store) EndWatches() { s.hub.close() }
+
 // Ready is one Raft Ready's worth of durable work. Save writes all of it in
 // one bbolt transaction (one commit, so one pair of fsyncs per Ready).
 type Ready struct {

@@ -2,6 +2,8 @@ package raftkv
 
 import (
 	"fmt"
+	"slices"
+	"time"
 
 	"github.com/etcaddy/etcaddy/storage"
 	"go.etcd.io/raft/v3"
@@ -150,6 +152,9 @@ func (n *Node) bootstrapMembers(st *storage.Store) ([]raft.Peer, error) {
 	n.id = self.ID
 	n.clusterID = clusterID(memberIDs(members))
 	n.members = members
+	if err := n.checkNotBootstrapped(); err != nil {
+		return nil, err
+	}
 	// Meta first: a crash before the first Save leaves a data directory
 	// that still looks fresh and bootstraps again to the same IDs.
 	if err := n.saveIdentity(st); err != nil {
@@ -160,6 +165,51 @@ func (n *Node) bootstrapMembers(st *storage.Store) ([]raft.Peer, error) {
 		peers[i] = raft.Peer{ID: m.ID, Context: encodeMember(m)}
 	}
 	return peers, nil
+}
+
+// bootstrapCheckTimeout bounds how long a new member asks the others
+// whether they already know it (etcd's bootstrap timeout is 1 s too).
+const bootstrapCheckTimeout = time.Second
+
+// checkNotBootstrapped is etcd's isMemberBootstrapped: a member of a new
+// cluster that starts with no Raft state asks the other members of the
+// initial cluster for their member list, and refuses to start when one
+// lists it with client URLs: it ran before, and its data directory was
+// emptied or replaced. Bootstrapping again would hand Raft a log that the
+// cluster's commit index is far past, which Raft cannot survive; the way
+// back is member remove, member add, and a start with
+// initial_cluster_state existing. Members that do not answer (a new
+// cluster starting) are no objection.
+func (n *Node) checkNotBootstrapped() error {
+	var ask []string
+	for name, urls := range n.cfg.InitialCluster {
+		if name != n.cfg.Name {
+			ask = append(ask, urls...)
+		}
+	}
+	if len(ask) == 0 {
+		return nil
+	}
+	client := newPeerClient(n.cfg.Peer.TLS, n.cfg.Peer.H2C)
+	defer client.CloseIdleConnections()
+	known := make(chan bool, len(ask))
+	for _, u := range ask {
+		go func() {
+			members, cid, err := fetchMembers(client, u, bootstrapCheckTimeout)
+			ok := err == nil && cid == n.clusterID && slices.ContainsFunc(members, func(m memberRecord) bool {
+				return m.ID == n.id && len(m.ClientURLs) > 0
+			})
+			known <- ok
+		}()
+	}
+	for range ask {
+		if <-known {
+			return fmt.Errorf("raftkv: member %s has already been bootstrapped: its data directory %s holds no Raft state, "+
+				"but the cluster knows it; remove it (member remove), add it again (member add) and start it with initial_cluster_state existing",
+				idString(n.id), n.cfg.DataDir)
+		}
+	}
+	return nil
 }
 
 // saveIdentity persists a new member's ID, cluster ID and member list, in

@@ -408,7 +408,7 @@ func (n *Node) joinMembers(st *storage.Store) error {
 	defer client.CloseIdleConnections()
 	var lastErr error
 	for _, u := range ask {
-		members, cid, err := fetchMembers(client, u)
+		members, cid, err := fetchMembers(client, u, 5*time.Second)
 		if err != nil {
 			lastErr = err
 			continue
@@ -437,9 +437,9 @@ func (n *Node) joinMembers(st *storage.Store) error {
 	return fmt.Errorf("raftkv: cannot fetch the cluster's members from %v: %w", ask, lastErr)
 }
 
-// fetchMembers reads a peer's GET /raft/members.
-func fetchMembers(client *http.Client, peerURL string) ([]memberRecord, uint64, error) {
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+// fetchMembers reads a peer's GET /raft/members, waiting at most timeout.
+func fetchMembers(client *http.Client, peerURL string, timeout time.Duration) ([]memberRecord, uint64, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, peerURL+peerMembersPath, nil)
 	if err != nil {

@@ -83,6 +83,21 @@ func (c *testCluster) initialCluster() map[string][]string {
 // start runs a (new) Node for m on its data directory.
 func (c *testCluster) start(m *testMember, state string) *Node {
 	c.t.Helper()
+	n := NewNode(c.config(m, state))
+	m.node.Store(n)
+	if err := n.Start(); err != nil {
+		c.t.Fatalf("Start %s: %v", m.name, err)
+	}
+	c.t.Cleanup(func() {
+		if err := n.Stop(); err != nil {
+			c.t.Errorf("Stop %s: %v", m.name, err)
+		}
+	})
+	return n
+}
+
+// config is m's configuration, with c.edit applied.
+func (c *testCluster) config(m *testMember, state string) Config {
 	cfg := Config{
 		Name:                m.name,
 		DataDir:             m.dir,
@@ -101,17 +116,7 @@ func (c *testCluster) start(m *testMember, state string) *Node {
 	if c.edit != nil {
 		c.edit(&cfg)
 	}
-	n := NewNode(cfg)
-	m.node.Store(n)
-	if err := n.Start(); err != nil {
-		c.t.Fatalf("Start %s: %v", m.name, err)
-	}
-	c.t.Cleanup(func() {
-		if err := n.Stop(); err != nil {
-			c.t.Errorf("Stop %s: %v", m.name, err)
-		}
-	})
-	return n
+	return cfg
 }
 
 // stop stops m's Node.
@@ -1134,5 +1139,66 @@ func TestClusterExpiresKeysWithNothingElseGoingOn(t *testing.T) {
 				return errors.As(err, &verr) && verr.ErrorCode == storage.EcodeKeyNotFound
 			})
 		}
+	}
+}
+
+// TestClusterRestartWithEmptyDataDirIsRefused restarts a member of a running
+// cluster on an empty data directory with its first configuration (state
+// new). It would bootstrap a log the others' commit index is far past, and
+// Raft would panic as soon as the leader spoke to it; like etcd ("member …
+// has already been bootstrapped") it must refuse to start instead.
+func TestClusterRestartWithEmptyDataDirIsRefused(t *testing.T) {
+	c := startLedByFirst(t, nil)
+	put(t, c.members[0].n(), "/before", "1")
+	m := c.members[2]
+	// etcd's test: the cluster lists the member with the client URLs it
+	// published when it first ran.
+	waitFor(t, m.name+"'s client URLs on the others", func() bool {
+		for _, o := range c.members[:2] {
+			if !slices.ContainsFunc(o.n().memberSnapshot(), func(r memberRecord) bool {
+				return r.ID == m.n().id && len(r.ClientURLs) > 0
+			}) {
+				return false
+			}
+		}
+		return true
+	})
+	c.stop(m)
+	m.dir = t.TempDir()
+	n := NewNode(c.config(m, "new"))
+	m.node.Store(n)
+	err := n.Start()
+	if err == nil {
+		n.Stop()
+		t.Fatal("a member with an emptied data directory started")
+	}
+	if !strings.Contains(err.Error(), "has already been bootstrapped") || !strings.Contains(err.Error(), idString(n.id)) {
+		t.Fatalf("Start: %v; want etcd's refusal naming the member", err)
+	}
+	put(t, c.members[0].n(), "/after", "2")
+}
+
+// TestLoopPanicStopsTheMemberOnly panics on the loop goroutine, as Raft does
+// on a state it cannot go on from: the member stops serving, the process
+// (Caddy, and every other site in it) goes on, and Stop still works.
+func TestLoopPanicStopsTheMemberOnly(t *testing.T) {
+	n := startNode(t, t.TempDir(), nil)
+	put(t, n, "/before", "1")
+	n.ctrlc <- func() { panic("a state Raft cannot go on from (test)") }
+	waitFor(t, "the loop to end", func() bool {
+		select {
+		case <-n.donec:
+			return true
+		default:
+			return false
+		}
+	})
+	if n.Running() {
+		t.Error("the member still says it runs")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if _, err := n.Do(ctx, storage.Request{Method: storage.MethodPut, Path: "/after", Val: "2"}); !errors.Is(err, ErrStopped) {
+		t.Errorf("a write after the panic: %v, want ErrStopped", err)
 	}
 }

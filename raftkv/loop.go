@@ -70,6 +70,17 @@ func (n *Node) run() {
 	// to another member, as from an etcd member that exits.
 	defer n.store.EndWatches()
 	defer n.flushStore()
+	// Raft panics on a state it cannot go on from (a log that lost entries
+	// a peer's commit index counts on, say). The member stops, as etcd's
+	// process would, but Caddy and every other site in it go on; the
+	// log says why.
+	defer func() {
+		if r := recover(); r != nil {
+			n.running.Store(false)
+			n.lg.Error("raftkv loop stopped by a Raft panic; the member no longer serves",
+				zap.Any("panic", r), zap.Stack("stack"))
+		}
+	}()
 	ticker := time.NewTicker(n.cfg.HeartbeatInterval / ticksPerHeartbeat)
 	defer ticker.Stop()
 	linger := time.NewTimer(time.Hour)

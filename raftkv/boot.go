@@ -202,12 +202,14 @@ func (n *Node) checkNotBootstrapped() error {
 			known <- ok
 		}()
 	}
+	bootstrapped := false
 	for range ask {
-		if <-known {
-			return fmt.Errorf("raftkv: member %s has already been bootstrapped: its data directory %s holds no Raft state, "+
-				"but the cluster knows it; remove it (member remove), add it again (member add) and start it with initial_cluster_state existing",
-				idString(n.id), n.cfg.DataDir)
-		}
+		bootstrapped = <-known || bootstrapped // every answer: no goroutine outlives the call
+	}
+	if bootstrapped {
+		return fmt.Errorf("raftkv: member %s has already been bootstrapped: its data directory %s holds no Raft state, "+
+			"but the cluster knows it; remove it (member remove), add it again (member add) and start it with initial_cluster_state existing",
+			idString(n.id), n.cfg.DataDir)
 	}
 	return nil
 }

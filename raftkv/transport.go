@@ -203,9 +203,15 @@ type peer struct {
 	queued   atomic.Int64
 	snapc    chan []byte // encoded MsgSnap (metadata only)
 
-	mu       sync.Mutex
-	urls     []string
-	pick     int
+	mu   sync.Mutex
+	urls []string
+	pick int
+	// kept is the URL the peer answered on when its URLs were changed to
+	// ones without it: it is used until it fails. etcd's members keep the
+	// connections they have across a member update, so that the member
+	// can be restarted on its new URL afterwards (etcd's documented order)
+	// without being cut off in between.
+	kept     string
 	failing  bool
 	lastFail string
 	stats    followerCounters
@@ -465,13 +471,26 @@ func (p *peer) queueSnapshot(m *raftpb.Message) {
 
 func (p *peer) setURLs(urls []string) {
 	p.mu.Lock()
+	defer p.mu.Unlock()
+	if cur := p.currentURL(); !p.failing && !p.activeSince.IsZero() && !slices.Contains(urls, cur) {
+		p.kept = cur
+	} else if slices.Contains(urls, p.kept) {
+		p.kept = ""
+	}
 	p.urls, p.pick = urls, 0
-	p.mu.Unlock()
 }
 
 func (p *peer) url() string {
 	p.mu.Lock()
 	defer p.mu.Unlock()
+	return p.currentURL()
+}
+
+// currentURL is the URL the next request goes to. p.mu held.
+func (p *peer) currentURL() string {
+	if p.kept != "" {
+		return p.kept
+	}
 	return p.urls[p.pick%len(p.urls)]
 }
 
@@ -482,7 +501,10 @@ func (p *peer) failed(u string, err error, probe bool) {
 	if !probe {
 		p.stats.fail++
 	}
-	if p.urls[p.pick%len(p.urls)] == u {
+	switch {
+	case u == p.kept:
+		p.kept = "" // the member moved to its new URLs
+	case p.urls[p.pick%len(p.urls)] == u:
 		p.pick++
 	}
 	first := !p.failing

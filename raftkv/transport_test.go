@@ -637,3 +637,56 @@ func TestPeerRemovedGetsItsLastMessage(t *testing.T) {
 		return len(tr.retired) == 1 && tr.retired[0].ctx.Err() != nil
 	})
 }
+
+// TestPeerUpdateKeepsTheURLItAnswersOn changes a peer's URLs while it
+// answers on its old one. As etcd's members keep their connections across a
+// member update, messages go on to the old URL until it fails (the member
+// restarted on its new one), then to the new URL.
+func TestPeerUpdateKeepsTheURLItAnswersOn(t *testing.T) {
+	peerNoLeaks(t)
+	old := newPeerTestReceiver(t, peerPlainHTTP1, nil, nil)
+	moved := newPeerTestReceiver(t, peerPlainHTTP1, nil, nil)
+	fb := &peerFeedback{}
+	tr := newPeerTestTransport(t, transportConfig{}, fb)
+	if err := tr.AddPeer(peerTestFollower, []string{old.srv.URL}); err != nil {
+		t.Fatal(err)
+	}
+	receive := func(r *peerTestReceiver, index uint64) {
+		t.Helper()
+		select {
+		case m := <-r.got:
+			if m.GetIndex() != index {
+				t.Fatalf("message %d, want %d", m.GetIndex(), index)
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatalf("message %d never arrived", index)
+		}
+	}
+	tr.Send([]*raftpb.Message{peerApp(0)})
+	receive(old, 0)
+	waitFor(t, "the peer answering", func() bool { return !tr.activeSince(peerTestFollower).IsZero() })
+
+	if err := tr.UpdatePeer(peerTestFollower, []string{moved.srv.URL}); err != nil {
+		t.Fatal(err)
+	}
+	tr.Send([]*raftpb.Message{peerApp(1)})
+	receive(old, 1)
+	if n := moved.requests.Load(); n != 0 {
+		t.Fatalf("the new URL got %d requests while the old one answers", n)
+	}
+
+	// The member restarts on its new URL: the old one fails once, and the
+	// peer moves on.
+	old.srv.Close()
+	index := uint64(2)
+	waitFor(t, "a message at the new URL", func() bool {
+		tr.Send([]*raftpb.Message{peerApp(index)})
+		index++
+		select {
+		case <-moved.got:
+			return true
+		case <-time.After(50 * time.Millisecond):
+			return false
+		}
+	})
+}

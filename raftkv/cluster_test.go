@@ -1202,3 +1202,45 @@ func TestLoopPanicStopsTheMemberOnly(t *testing.T) {
 		t.Errorf("a write after the panic: %v, want ErrStopped", err)
 	}
 }
+
+// TestSelfStatsRates checks etcd's send and receive rates of append
+// messages: the last samples' count and size per second over the time they
+// span, nothing once the last is over a second old.
+func TestSelfStatsRates(t *testing.T) {
+	var q rateQueue
+	t0 := time.Unix(1000, 0)
+	if p, b := q.rates(t0); p != 0 || b != 0 {
+		t.Fatalf("empty queue: %v %v", p, b)
+	}
+	for i, size := range []int{10, 20, 30} {
+		q.add(t0.Add(time.Duration(i)*100*time.Millisecond), size)
+	}
+	if p, b := q.rates(t0.Add(250 * time.Millisecond)); math.Abs(p-15) > 1e-9 || math.Abs(b-300) > 1e-9 {
+		t.Errorf("3 messages, 60 bytes over 200ms: %v/s %vB/s, want 15 and 300", p, b)
+	}
+	if p, b := q.rates(t0.Add(1300 * time.Millisecond)); p != 0 || b != 0 {
+		t.Errorf("a second after the last message: %v %v", p, b)
+	}
+	for i := range 2 * rateSamples {
+		q.add(t0.Add(2*time.Second+time.Duration(i)*time.Millisecond), 1)
+	}
+	if p, b := q.rates(t0.Add(2400 * time.Millisecond)); p < 1000 || p > 1010 || math.Abs(b-p) > 1e-9 {
+		t.Errorf("the last %d of 1 ms apart: %v/s %vB/s, want about 1000", rateSamples, p, b)
+	}
+
+	// A cluster's leader sends appends, its followers receive them.
+	c := newTestCluster(t, 3, nil)
+	leader := c.waitLeader(c.members...)
+	for i := range 3 {
+		put(t, leader.n(), fmt.Sprintf("/rate/%d", i), "v")
+	}
+	if s := leader.n().SelfStats(); s.SendPkgRate <= 0 || s.SendBandwidthRate <= 0 {
+		t.Errorf("leader's send rates after writes: %v %v", s.SendPkgRate, s.SendBandwidthRate)
+	}
+	for _, f := range c.followers(leader, c.members...) {
+		waitFor(t, f.name+"'s receive rates", func() bool {
+			s := f.n().SelfStats()
+			return s.RecvPkgRate > 0 && s.RecvBandwidthRate > 0
+		})
+	}
+}

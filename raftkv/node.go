@@ -166,6 +166,8 @@ type Node struct {
 	installs    atomic.Uint64 // snapshots received and installed
 	sendAppends atomic.Uint64
 	recvAppends atomic.Uint64
+	sendRate    rateQueue // of the appends counted in sendAppends
+	recvRate    rateQueue // and in recvAppends
 }
 
 // NewNode returns a node that has not started: no file is opened.

@@ -2,6 +2,7 @@ package raftkv
 
 import (
 	"strconv"
+	"sync"
 	"time"
 
 	"github.com/etcaddy/etcaddy/storage"
@@ -33,6 +34,7 @@ func (n *Node) SelfStats() SelfStats {
 	if !n.booted.Load() {
 		return SelfStats{State: "StateFollower"}
 	}
+	now := time.Now()
 	s := SelfStats{
 		Name:                 n.cfg.Name,
 		ID:                   idString(n.id),
@@ -41,6 +43,8 @@ func (n *Node) SelfStats() SelfStats {
 		RecvAppendRequestCnt: n.recvAppends.Load(),
 		SendAppendRequestCnt: n.sendAppends.Load(),
 	}
+	s.RecvPkgRate, s.RecvBandwidthRate = n.recvRate.rates(now)
+	s.SendPkgRate, s.SendBandwidthRate = n.sendRate.rates(now)
 	lead := n.leader.Load()
 	if lead != 0 && lead == n.id {
 		s.State = "StateLeader"
@@ -66,3 +70,52 @@ func (n *Node) StoreStats() storage.Stats {
 // idString formats a member or cluster ID as etcd's types.ID does:
 // lowercase hex without padding.
 func idString(id uint64) string { return strconv.FormatUint(id, 16) }
+
+// rateSamples is how many messages a rateQueue remembers (etcd's
+// queueCapacity).
+const rateSamples = 200
+
+// rateQueue is etcd's statsQueue: the last rateSamples append messages
+// sent (or received), whose number and size per second over the time they
+// span are /v2/stats/self's send (recv) PkgRate and BandwidthRate. Both are
+// 0, and left out, when the last message is over a second old.
+type rateQueue struct {
+	mu    sync.Mutex
+	at    [rateSamples]int64 // unix nanoseconds
+	size  [rateSamples]int
+	next  int // where the next sample goes
+	n     int // samples held
+	bytes int // their total size
+}
+
+func (q *rateQueue) add(now time.Time, size int) {
+	q.mu.Lock()
+	if q.n == rateSamples {
+		q.bytes -= q.size[q.next]
+	} else {
+		q.n++
+	}
+	q.at[q.next], q.size[q.next] = now.UnixNano(), size
+	q.bytes += size
+	q.next = (q.next + 1) % rateSamples
+	q.mu.Unlock()
+}
+
+func (q *rateQueue) rates(now time.Time) (pkg, bandwidth float64) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if q.n == 0 {
+		return 0, 0
+	}
+	last := q.at[(q.next+rateSamples-1)%rateSamples]
+	if now.UnixNano()-last > int64(time.Second) {
+		q.n, q.bytes = 0, 0
+		return 0, 0
+	}
+	first := q.at[(q.next+rateSamples-q.n)%rateSamples]
+	span := float64(last - first)
+	if span <= 0 {
+		return 0, 0
+	}
+	return float64(q.n) / span * float64(time.Second), float64(q.bytes) / span * float64(time.Second)
+}

@@ -40,8 +40,13 @@ func (n *Node) Backup(ctx context.Context, w io.Writer) (int64, error) {
 	case <-n.donec:
 		return 0, ErrStopped
 	}
-	if err := <-flushed; err != nil {
-		return 0, err
+	select {
+	case err := <-flushed:
+		if err != nil {
+			return 0, err
+		}
+	case <-n.donec: // the loop ended before it answered (a panic, say)
+		return 0, ErrStopped
 	}
 	written, err := n.store.WriteSnapshot(stopWriter{w: w, stop: n.bgCtx})
 	if errors.Is(err, storage.ErrClosed) {

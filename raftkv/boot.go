@@ -2,6 +2,7 @@ package raftkv
 
 import (
 	"fmt"
+	"net/http"
 	"slices"
 	"time"
 
@@ -191,6 +192,9 @@ func (n *Node) checkNotBootstrapped() error {
 		return nil
 	}
 	client := newPeerClient(n.cfg.Peer.TLS, n.cfg.Peer.H2C)
+	// One request per peer: no connection is kept for later (a dial that
+	// ends after its request gave up would otherwise idle on).
+	client.Transport.(*http.Transport).DisableKeepAlives = true
 	defer client.CloseIdleConnections()
 	known := make(chan bool, len(ask))
 	for _, u := range ask {

@@ -352,14 +352,21 @@ func (n *Node) transferLeadership(ctx context.Context, to uint64) error {
 	case <-n.donec:
 		return ErrStopped
 	}
-	c := <-picked
+	var c choice
+	select {
+	case c = <-picked:
+	case <-n.donec: // the loop ended (a panic in pick, say)
+		return ErrStopped
+	}
 	if c.err != nil {
 		return c.err
 	}
 	// A transferee that stops answering (it was stopping too) cannot take
-	// over: look every heartbeat.
+	// over: look every heartbeat, and give up when two looks in a row find
+	// it unreachable (one failed request alone may be a blip).
 	tick := time.NewTicker(n.cfg.HeartbeatInterval)
 	defer tick.Stop()
+	unreachable := 0
 	for {
 		if l := n.leader.Load(); l != n.id && l != 0 {
 			return nil
@@ -368,7 +375,11 @@ func (n *Node) transferLeadership(ctx context.Context, to uint64) error {
 		case <-changed:
 			changed = n.leaderChanged.wait()
 		case <-tick.C:
-			if n.activeSince(c.to).IsZero() {
+			if !n.activeSince(c.to).IsZero() {
+				unreachable = 0
+				continue
+			}
+			if unreachable++; unreachable >= 2 {
 				n.abortTransfer(ctx, c.to)
 				return fmt.Errorf("%w: %s", ErrTransfereeUnreachable, idString(c.to))
 			}

@@ -1228,19 +1228,24 @@ func TestSelfStatsRates(t *testing.T) {
 		t.Errorf("the last %d of 1 ms apart: %v/s %vB/s, want about 1000", rateSamples, p, b)
 	}
 
-	// A cluster's leader sends appends, its followers receive them.
+	// A cluster's leader sends appends, its followers receive them. Each
+	// look follows fresh writes: the rates are gone a second after them.
 	c := newTestCluster(t, 3, nil)
 	leader := c.waitLeader(c.members...)
-	for i := range 3 {
-		put(t, leader.n(), fmt.Sprintf("/rate/%d", i), "v")
-	}
-	if s := leader.n().SelfStats(); s.SendPkgRate <= 0 || s.SendBandwidthRate <= 0 {
-		t.Errorf("leader's send rates after writes: %v %v", s.SendPkgRate, s.SendBandwidthRate)
-	}
-	for _, f := range c.followers(leader, c.members...) {
-		waitFor(t, f.name+"'s receive rates", func() bool {
-			s := f.n().SelfStats()
-			return s.RecvPkgRate > 0 && s.RecvBandwidthRate > 0
-		})
-	}
+	i := 0
+	waitFor(t, "the leader's send rates and the followers' receive rates", func() bool {
+		for range 3 {
+			put(t, leader.n(), fmt.Sprintf("/rate/%d", i), "v")
+			i++
+		}
+		if s := leader.n().SelfStats(); s.SendPkgRate <= 0 || s.SendBandwidthRate <= 0 {
+			return false
+		}
+		for _, f := range c.followers(leader, c.members...) {
+			if s := f.n().SelfStats(); s.RecvPkgRate <= 0 || s.RecvBandwidthRate <= 0 {
+				return false
+			}
+		}
+		return true
+	})
 }

@@ -73,11 +73,12 @@ func (n *Node) run() {
 	// Raft panics on a state it cannot go on from (a log that lost entries
 	// a peer's commit index counts on, say). The member stops, as etcd's
 	// process would, but Caddy and every other site in it go on; the
-	// log says why.
+	// log says why. The store rolled back a write a panic cut short
+	// (rollbackOnPanic), so what flushStore commits is whole.
 	defer func() {
 		if r := recover(); r != nil {
 			n.running.Store(false)
-			n.lg.Error("raftkv loop stopped by a Raft panic; the member no longer serves",
+			n.lg.Error("raftkv loop stopped by a panic; the member no longer serves (a restart of Caddy starts it again, a reload does not)",
 				zap.Any("panic", r), zap.Stack("stack"))
 		}
 	}()

@@ -422,3 +422,36 @@ func TestStatsCountEveryOperation(t *testing.T) {
 		t.Fatal("watchers not decremented")
 	}
 }
+
+// TestSavePanicLeavesNoTransactionOpen panics in the middle of a Save, with
+// its write transaction open (here in the clock the applier reads). The
+// transaction must be rolled back before the panic goes on: left open, it
+// would keep bbolt's lock, and Close would wait for it forever. What was
+// saved before is intact; the half-applied entry is not there.
+func TestSavePanicLeavesNoTransactionOpen(t *testing.T) {
+	ts := newTestStore(t)
+	ts.mustDo(set("/before", "1"))
+	ts.Store.now = func() time.Time { panic("in the middle of a Save (test)") }
+	func() {
+		defer func() {
+			if r := recover(); r == nil {
+				t.Fatal("Save did not panic")
+			}
+		}()
+		ts.apply(set("/during", "2"))
+	}()
+	closed := make(chan error, 1)
+	go func() { closed <- ts.Close() }()
+	select {
+	case err := <-closed:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("Close still waits 10s after a Save panicked: its transaction was left open")
+	}
+	ts.open()
+	ts.mustGet("/before", false)
+	_, err := ts.get("/during", false, false)
+	wantErr(t, err, EcodeKeyNotFound, "/during", 1)
+}

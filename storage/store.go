@@ -321,6 +321,7 @@ func (s *Store) Save(rd Ready) ([]Applied, error) {
 		}
 	}
 	s.open = nil
+	defer s.rollbackOnPanic(tx)
 	err := func() error {
 		defer func() { s.bufs = saveBufs{key: keep(a.kbuf), expiryKey: keep(a.ebuf), value: keep(a.scratch)} }()
 		meta := tx.Bucket(bucketMeta)
@@ -508,7 +509,21 @@ func (s *Store) Flush() error {
 	}
 	tx := s.open
 	s.open = nil
+	defer s.rollbackOnPanic(tx)
 	return s.commit(tx, nil)
+}
+
+// rollbackOnPanic ends tx and forgets what it held when its caller panics
+// (in bbolt, say), then lets the panic go on: a write transaction left open
+// would keep bbolt's lock, and Close would wait for it forever. Rolling
+// back a transaction that committed does nothing.
+func (s *Store) rollbackOnPanic(tx *bolt.Tx) {
+	if r := recover(); r != nil {
+		_ = tx.Rollback()
+		s.open = nil
+		s.abandon()
+		panic(r)
+	}
 }
 
 // Deferred reports whether a deferred Save's transaction awaits Flush.

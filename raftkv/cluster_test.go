@@ -660,12 +660,14 @@ func startLedByFirst(t *testing.T, edit func(*Config)) *testCluster {
 	if leader := c.waitLeader(c.members...); leader != c.members[0] {
 		t.Fatalf("%s leads, not the first member", leader.name)
 	}
-	// Each member publishes its name once it knows the leader: a conf
-	// change each, done before the test begins.
-	waitFor(t, "every member's name on every member", func() bool {
+	// Each member publishes its client URLs once it knows the leader: a
+	// conf change each, done before the test begins (the names come from
+	// the initial cluster already). A publish still in flight would put an
+	// entry in some logs and not yet in others.
+	waitFor(t, "every member's client URLs on every member", func() bool {
 		for _, m := range c.members {
-			for _, mm := range m.n().Members() {
-				if mm.Name == "" {
+			for _, mm := range m.n().memberSnapshot() {
+				if mm.Name == "" || len(mm.ClientURLs) == 0 {
 					return false
 				}
 			}

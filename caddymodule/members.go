@@ -113,7 +113,10 @@ func (h *Handler) serveMembers(w http.ResponseWriter, r *http.Request) {
 		if !ok {
 			return
 		}
-		if h.peerURLTaken(r, n, urls, "") {
+		// Before AddMember: the new member's ID is made of its peer URLs
+		// and the current second, so a second POST of one URL within the
+		// same second would be refused as "ID exists" first.
+		if h.peerURLTaken(r, n, urls) {
 			writeMessage(w, http.StatusConflict, raftkv.ErrPeerURLExists.Error())
 			return
 		}
@@ -156,13 +159,6 @@ func (h *Handler) serveMembers(w http.ResponseWriter, r *http.Request) {
 		}
 		urls, ok := readPeerURLs(w, r)
 		if !ok {
-			return
-		}
-		// etcd looks for the member before it compares peer URLs: an
-		// unknown or removed ID gets its own answer from UpdateMember.
-		if slices.ContainsFunc(n.Members(), func(m raftkv.Member) bool { return m.ID == parseID(id) }) &&
-			h.peerURLTaken(r, n, urls, id) {
-			writeMessage(w, http.StatusConflict, raftkv.ErrPeerURLExists.Error())
 			return
 		}
 		ctx, cancel := context.WithTimeout(r.Context(), h.timeout)
@@ -208,22 +204,6 @@ func (h *Handler) writeMembershipError(w http.ResponseWriter, err error, id stri
 func parseID(s string) uint64 {
 	id, _ := strconv.ParseUint(s, 16, 64)
 	return id
-}
-
-// peerURLTaken reports whether a member other than except already has one
-// of urls (etcd's ErrPeerURLexists).
-func (h *Handler) peerURLTaken(r *http.Request, n *raftkv.Node, urls []string, except string) bool {
-	for _, m := range h.members(r, n) {
-		if m.ID == except {
-			continue
-		}
-		for _, u := range m.PeerURLs {
-			if slices.Contains(urls, u) {
-				return true
-			}
-		}
-	}
-	return false
 }
 
 // memberIDFromPath is etcd's getID: no ID is 405 (without an Allow
@@ -278,6 +258,19 @@ func readPeerURLs(w http.ResponseWriter, r *http.Request) ([]string, bool) {
 		return nil, false
 	}
 	return urls, true
+}
+
+// peerURLTaken reports whether a member already has one of urls (etcd's
+// ErrPeerURLexists).
+func (h *Handler) peerURLTaken(r *http.Request, n *raftkv.Node, urls []string) bool {
+	for _, m := range h.members(r, n) {
+		for _, u := range m.PeerURLs {
+			if slices.Contains(urls, u) {
+				return true
+			}
+		}
+	}
+	return false
 }
 
 // trimPrefix is etcd's: the prefix and one slash after it go.

@@ -182,12 +182,7 @@ const bootstrapCheckTimeout = time.Second
 // initial_cluster_state existing. Members that do not answer (a new
 // cluster starting) are no objection.
 func (n *Node) checkNotBootstrapped() error {
-	var ask []string
-	for name, urls := range n.cfg.InitialCluster {
-		if name != n.cfg.Name {
-			ask = append(ask, urls...)
-		}
-	}
+	ask := n.otherInitialPeerURLs()
 	if len(ask) == 0 {
 		return nil
 	}

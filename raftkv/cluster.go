@@ -405,13 +405,7 @@ func (n *Node) joinMembers(st *storage.Store) error {
 	if err != nil {
 		return fmt.Errorf("raftkv: initial cluster member %q: %w", n.cfg.Name, err)
 	}
-	var ask []string
-	for name, urls := range n.cfg.InitialCluster {
-		if name != n.cfg.Name {
-			ask = append(ask, urls...)
-		}
-	}
-	slices.Sort(ask)
+	ask := n.otherInitialPeerURLs()
 	if len(ask) == 0 {
 		return errors.New("raftkv: joining an existing cluster needs the other members in the initial cluster")
 	}
@@ -446,6 +440,19 @@ func (n *Node) joinMembers(st *storage.Store) error {
 		return nil
 	}
 	return fmt.Errorf("raftkv: cannot fetch the cluster's members from %v: %w", ask, lastErr)
+}
+
+// otherInitialPeerURLs lists the peer URLs of the initial cluster's other
+// members, sorted: whom a starting member asks about the cluster.
+func (n *Node) otherInitialPeerURLs() []string {
+	var urls []string
+	for name, u := range n.cfg.InitialCluster {
+		if name != n.cfg.Name {
+			urls = append(urls, u...)
+		}
+	}
+	slices.Sort(urls)
+	return urls
 }
 
 // fetchMembers reads a peer's GET /raft/members, waiting at most timeout.

@@ -754,7 +754,6 @@ func (n *Node) step(m *raftpb.Message) {
 	switch m.GetType() {
 	case raftpb.MsgApp:
 		n.recvAppends.Add(1)
-		n.recvRate.add(time.Now(), proto.Size(m))
 	case raftpb.MsgProp:
 		if slices.ContainsFunc(m.GetEntries(), isConfEntry) && n.raftLeads() {
 			n.proposeConf(heldConf{m: m})
@@ -815,7 +814,6 @@ func (n *Node) send(msgs []*raftpb.Message) {
 		switch m.GetType() {
 		case raftpb.MsgApp:
 			n.sendAppends.Add(1)
-			n.sendRate.add(time.Now(), proto.Size(m))
 		case raftpb.MsgSnap:
 			msgs[i] = n.currentSnapshot(m)
 		}

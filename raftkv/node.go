@@ -166,8 +166,8 @@ type Node struct {
 	installs    atomic.Uint64 // snapshots received and installed
 	sendAppends atomic.Uint64
 	recvAppends atomic.Uint64
-	sendRate    rateQueue // of the appends counted in sendAppends
-	recvRate    rateQueue // and in recvAppends
+	sendRate    rateQueue // of the appends the transport sends
+	recvRate    rateQueue // and the peer handler receives
 }
 
 // NewNode returns a node that has not started: no file is opened.
@@ -234,10 +234,12 @@ func (n *Node) Start() error {
 		Removed:           n.peerSaysRemoved,
 		Logger:            n.lg.Named("peer"),
 		ProbeIdle:         n.cfg.healthInterval / 5,
+		SentAppends:       &n.sendRate,
 	})
 	n.syncPeers()
 	ph := newPeerHandler(n.id, n.clusterID, n.tr.peerStatus, n.receive, st, n.lg.Named("peer"))
 	ph.members = n.memberSnapshot
+	ph.recvAppends = &n.recvRate
 	n.peerH.Store(ph)
 	n.bgCtx, n.bgStop = context.WithCancel(context.Background())
 	n.started = true

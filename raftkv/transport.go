@@ -104,6 +104,9 @@ type transportConfig struct {
 	// which peers it reaches (activeSince), followers too: they send to
 	// the leader only.
 	ProbeIdle time.Duration
+	// SentAppends, if set, samples each MsgApp sent, with its encoded size
+	// (the send rates of /v2/stats/self).
+	SentAppends *rateQueue
 }
 
 // defaultSnapshotStall: a connection that takes no byte of a snapshot for
@@ -410,6 +413,7 @@ func (t *peerTransport) Stop() {
 func (t *peerTransport) Send(msgs []*raftpb.Message) {
 	t.mu.RLock()
 	defer t.mu.RUnlock()
+	var now time.Time
 	for _, m := range msgs {
 		p := t.peers[m.GetTo()]
 		if p == nil {
@@ -426,6 +430,12 @@ func (t *peerTransport) Send(msgs []*raftpb.Message) {
 		if err != nil {
 			t.lg.Error("encoding a Raft message", zap.Error(err), zap.Stringer("type", m.GetType()))
 			continue
+		}
+		if m.GetType() == raftpb.MsgApp && t.cfg.SentAppends != nil {
+			if now.IsZero() {
+				now = time.Now()
+			}
+			t.cfg.SentAppends.add(now, len(data))
 		}
 		if !p.enqueue(data) {
 			t.cfg.ReportUnreachable(p.id)
@@ -805,6 +815,9 @@ type peerHandler struct {
 	// cluster ID and its peers there, as etcd's joining member reads its
 	// peers' /members.
 	members func() []memberRecord
+	// recvAppends, if set, samples each MsgApp received, with its encoded
+	// size (the receive rates of /v2/stats/self).
+	recvAppends *rateQueue
 }
 
 func newPeerHandler(id, clusterID uint64, status func(uint64) peerState, deliver func(*raftpb.Message), snapshots snapshotReceiver, lg *zap.Logger) *peerHandler {
@@ -967,6 +980,9 @@ func (h *peerHandler) serveBatch(w http.ResponseWriter, r *http.Request, from ui
 		if m.GetType() == raftpb.MsgSnap {
 			fail("bad message batch: snapshots go to "+peerSnapshotPath, http.StatusBadRequest)
 			return
+		}
+		if m.GetType() == raftpb.MsgApp && h.recvAppends != nil {
+			h.recvAppends.add(time.Now(), len(frame))
 		}
 		msgs = append(msgs, m)
 	}

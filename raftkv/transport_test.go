@@ -130,6 +130,19 @@ func newPeerTestReceiver(t *testing.T, mode peerServerMode, store snapshotReceiv
 	return r
 }
 
+// next returns the next message delivered, or fails the test when none
+// comes within 10 s; what names it in the failure.
+func (r *peerTestReceiver) next(t *testing.T, what string) *raftpb.Message {
+	t.Helper()
+	select {
+	case m := <-r.got:
+		return m
+	case <-time.After(10 * time.Second):
+		t.Fatalf("%s never arrived", what)
+		return nil
+	}
+}
+
 func (r *peerTestReceiver) hold() {
 	r.gate, r.entered = make(chan struct{}), make(chan struct{})
 }
@@ -187,13 +200,9 @@ func TestPeerBatchesArriveInOrder(t *testing.T) {
 			}
 			close(r.gate)
 			for i := range uint64(total) {
-				select {
-				case m := <-r.got:
-					if m.GetIndex() != i || m.GetType() != raftpb.MsgApp || string(m.GetEntries()[0].GetData()) != fmt.Sprint("entry ", i+1) {
-						t.Fatalf("message %d: %v", i, m)
-					}
-				case <-time.After(10 * time.Second):
-					t.Fatalf("message %d never arrived", i)
+				m := r.next(t, fmt.Sprint("message ", i))
+				if m.GetIndex() != i || m.GetType() != raftpb.MsgApp || string(m.GetEntries()[0].GetData()) != fmt.Sprint("entry ", i+1) {
+					t.Fatalf("message %d: %v", i, m)
 				}
 			}
 			if n := r.requests.Load(); n != 2 {
@@ -622,13 +631,8 @@ func TestPeerRemovedGetsItsLastMessage(t *testing.T) {
 		t.Fatalf("status %v", st)
 	}
 	for _, want := range []raftpb.MessageType{raftpb.MsgApp, raftpb.MsgHeartbeat} {
-		select {
-		case m := <-r.got:
-			if m.GetType() != want {
-				t.Fatalf("got %v, want %v", m.GetType(), want)
-			}
-		case <-time.After(10 * time.Second):
-			t.Fatalf("no %v delivered", want)
+		if m := r.next(t, want.String()); m.GetType() != want {
+			t.Fatalf("got %v, want %v", m.GetType(), want)
 		}
 	}
 	waitFor(t, "the removed peer's sender to end", func() bool {
@@ -653,13 +657,8 @@ func TestPeerUpdateKeepsTheURLItAnswersOn(t *testing.T) {
 	}
 	receive := func(r *peerTestReceiver, index uint64) {
 		t.Helper()
-		select {
-		case m := <-r.got:
-			if m.GetIndex() != index {
-				t.Fatalf("message %d, want %d", m.GetIndex(), index)
-			}
-		case <-time.After(10 * time.Second):
-			t.Fatalf("message %d never arrived", index)
+		if m := r.next(t, fmt.Sprint("message ", index)); m.GetIndex() != index {
+			t.Fatalf("message %d, want %d", m.GetIndex(), index)
 		}
 	}
 	tr.Send([]*raftpb.Message{peerApp(0)})

@@ -332,11 +332,14 @@ func (h *Handler) serveWatch(w http.ResponseWriter, r *http.Request, n *raftkv.N
 		case <-r.Context().Done():
 			return
 		case <-processExit:
-			return
+			abortWatch()
 		case ev, ok := <-wa.EventChan:
 			if !ok {
-				// The watch ended: a streaming watcher that fell behind, or
-				// the member stopping. etcd ends the response the same way.
+				if wa.Ended() {
+					abortWatch()
+				}
+				// A streaming watcher that fell behind: etcd ends the
+				// response the same way.
 				return
 			}
 			// An event encoding/json would refuse ends the watch, as
@@ -356,6 +359,14 @@ func (h *Handler) serveWatch(w http.ResponseWriter, r *http.Request, n *raftkv.N
 		}
 	}
 }
+
+// abortWatch cuts the connection of a watch whose member stopped (removed,
+// stopped by a failure) or whose Caddy exits, as an etcd member's exit
+// cuts its watchers': the client sees a broken response, not the end of
+// an empty one, and moves on to another member as from a member that is
+// down (python-etcd with allow_reconnect, the Go client). net/http closes
+// the connection (HTTP/1) or resets the stream (HTTP/2) and logs nothing.
+func abortWatch() { panic(http.ErrAbortHandler) }
 
 // writeKeyEvent is etcd's writeKeyEvent: 201 for a node created by set or
 // create, 200 otherwise; X-Etcd-Index is the store index after the

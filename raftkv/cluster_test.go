@@ -856,6 +856,9 @@ func TestClusterRemovedFollowerHearsAtOnce(t *testing.T) {
 			return false
 		}
 	})
+	if !w.Ended() {
+		t.Error("the removed member's watch ended, but not as one its member stopped serving")
+	}
 	if got := leader.Members(); len(got) != 2 || slices.ContainsFunc(got, func(m Member) bool { return m.ID == gone.id }) {
 		t.Errorf("members after the removal: %+v", got)
 	}

@@ -42,6 +42,15 @@ func (w *Watcher) Remove() {
 	w.hub.mu.Unlock()
 }
 
+// Ended reports whether the watch ended because the store stopped serving
+// watches (EndWatches, Close): the member is gone, not the watch's own
+// course (an event, Remove, a streaming watcher that fell behind).
+func (w *Watcher) Ended() bool {
+	w.hub.mu.Lock()
+	defer w.hub.mu.Unlock()
+	return w.hub.closed
+}
+
 // watchNode is one path component in the hub's tree of watched paths, so
 // that an event finds its watchers by walking its key's ancestors, and a
 // deleted directory finds the watchers below it, without looking at any

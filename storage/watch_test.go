@@ -195,6 +195,9 @@ func TestStreamingWatcherIsDroppedWhenFull(t *testing.T) {
 	if ts.Stats().Watchers != 0 {
 		t.Fatal("dropped watcher still counted")
 	}
+	if w.Ended() {
+		t.Fatal("a dropped watcher says the store ended it")
+	}
 }
 
 func TestStreamingWatchFromHistoryContinuesLive(t *testing.T) {
@@ -255,6 +258,9 @@ func TestCloseEndsWatchersAndRefusesCalls(t *testing.T) {
 		t.Fatal(err)
 	}
 	wantClosed(t, w)
+	if !w.Ended() {
+		t.Fatal("a watcher Close ended does not say so")
+	}
 	w.Remove()
 	if _, err := ts.Watch("/a", false, false, 0); err != ErrClosed {
 		t.Fatalf("Watch: %v", err)

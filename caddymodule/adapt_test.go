@@ -230,7 +230,7 @@ func TestPeerTLSFilesReadAtStart(t *testing.T) {
 			if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
 				t.Fatalf("Start: %v, want an error containing %q", err, tt.wantErr)
 			}
-			if app.member.node.Running() {
+			if app.member.current().Running() {
 				t.Error("the node runs without its peer TLS")
 			}
 		})

@@ -150,7 +150,7 @@ var errMemberNotRunning = caddy.APIError{
 
 // runningNode returns the app's node if it runs.
 func runningNode(app *App) (*raftkv.Node, error) {
-	n := app.member.node
+	n := app.member.current()
 	if !n.Running() {
 		return nil, errMemberNotRunning
 	}
@@ -179,7 +179,7 @@ type adminStatus struct {
 // stopped still answers, with running false, so an operator can see which
 // member it was.
 func (a *AdminAPI) serveStatus(w http.ResponseWriter, _ *http.Request, app *App) error {
-	n := app.member.node
+	n := app.member.current()
 	st := n.Status()
 	if st.ID == 0 {
 		return caddy.APIError{

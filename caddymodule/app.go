@@ -4,7 +4,6 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
-	"net/http"
 	"net/netip"
 	"net/url"
 	"path/filepath"
@@ -12,6 +11,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
@@ -151,7 +151,9 @@ func (a *App) Provision(ctx caddy.Context) error {
 			// I/O in Provision.
 			cfg.Peer.TLS = &tls.Config{MinVersion: tls.VersionTLS12}
 		}
-		return &member{node: raftkv.NewNode(cfg), cfg: cfg, peerFiles: files}, nil
+		m := &member{cfg: cfg, peerFiles: files}
+		m.node.Store(raftkv.NewNode(cfg))
+		return m, nil
 	})
 	if err != nil {
 		return err
@@ -294,12 +296,13 @@ func isLoopback(host string) bool {
 }
 
 // Start starts the member. On a reload it is already running, and Start
-// only applies strict_reconfig_check, the one setting a reload changes.
+// only applies strict_reconfig_check, the one setting a reload changes; a
+// member that a failure stopped starts again.
 func (a *App) Start() error {
 	if err := a.member.start(); err != nil {
 		return fmt.Errorf("raftkv: starting member %q in %s: %w", a.Name, a.DataDir, err)
 	}
-	a.member.node.SetStrictReconfigCheck(a.strictReconfigCheck())
+	a.member.current().SetStrictReconfigCheck(a.strictReconfigCheck())
 	return nil
 }
 
@@ -364,20 +367,28 @@ func (a *App) nodeConfig() raftkv.Config {
 // member is what the pool holds for one data directory: the node, and the
 // configuration it was created with.
 type member struct {
-	node      *raftkv.Node
+	node      atomic.Pointer[raftkv.Node] // replaced only when a failure stopped it (see start)
 	cfg       raftkv.Config
 	peerFiles peerTLSFiles
 
 	startMu    sync.Mutex
 	peerLoaded bool
-
-	peerOnce sync.Once
-	peer     http.Handler // the node's peer endpoint, once asked for
 }
+
+// current is the member's node.
+func (m *member) current() *raftkv.Node { return m.node.Load() }
 
 // start loads the peer TLS files into the node's client TLS config, the
 // first time only, then starts the node (which does nothing when it runs
 // already: a reload).
+//
+// A node whose Raft loop a panic or a storage failure stopped is done for;
+// etcd's process would have exited, and its supervisor started a new one.
+// Caddy lives on, so the operator's reload (or restart) is that new start:
+// the dead node is stopped, which closes its file, and a new one starts on
+// the same data directory, from what the file holds. Handlers of every
+// config look the node up per request, so they all move to the new one. If
+// the failure is still there, the start fails, and so does the reload.
 func (m *member) start() error {
 	m.startMu.Lock()
 	defer m.startMu.Unlock()
@@ -387,11 +398,20 @@ func (m *member) start() error {
 		}
 	}
 	m.peerLoaded = true
-	return m.node.Start()
+	n := m.current()
+	if n.Failed() {
+		m.cfg.Logger.Warn("the member was stopped by a failure; starting it again", zap.String("data_dir", m.cfg.DataDir))
+		if err := n.Stop(); err != nil {
+			m.cfg.Logger.Warn("closing the stopped member's storage", zap.Error(err))
+		}
+		n = raftkv.NewNode(m.cfg)
+		m.node.Store(n)
+	}
+	return n.Start()
 }
 
 // Destruct stops the node when the last config using it is gone.
-func (m *member) Destruct() error { return m.node.Stop() }
+func (m *member) Destruct() error { return m.current().Stop() }
 
 // sameIdentity fails when cfg would turn the running member into another
 // one: its name and cluster token make its member ID.

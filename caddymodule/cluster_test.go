@@ -1061,7 +1061,7 @@ func TestClusterPeersOverMutualTLS(t *testing.T) {
 // it, answering 503 while the member does not run (peers retry), and hands
 // every other path to the next handler.
 func TestPeerHandlerRoutes(t *testing.T) {
-	h := &PeerHandler{member: &member{node: raftkv.NewNode(raftkv.Config{DataDir: t.TempDir()})}}
+	h := &PeerHandler{member: memberOf(raftkv.NewNode(raftkv.Config{DataDir: t.TempDir()}))}
 	next := caddyhttp.HandlerFunc(func(w http.ResponseWriter, r *http.Request) error {
 		w.WriteHeader(http.StatusTeapot)
 		return nil

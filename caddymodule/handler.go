@@ -269,13 +269,16 @@ func (hv *headerValues) set(hdr http.Header, key, v string) {
 }
 
 // node returns the member's node when it runs. Until the raftkv app has
-// started it (apps start in random order, and HTTP may come first) and once
-// a reload or shutdown has stopped it, there is none.
+// started it (apps start in random order, and HTTP may come first), once a
+// shutdown, a removal or a failure has stopped it, there is none.
 func (h *Handler) node() *raftkv.Node {
-	if h.member == nil || !h.member.node.Running() {
+	if h.member == nil {
 		return nil
 	}
-	return h.member.node
+	if n := h.member.current(); n.Running() {
+		return n
+	}
+	return nil
 }
 
 // cleanPath is Go's ServeMux path cleaning: path.Clean, keeping a

@@ -66,20 +66,13 @@ func (h *PeerHandler) ServeHTTP(w http.ResponseWriter, r *http.Request, next cad
 	// Until the app has started the node (apps start in any order, HTTP
 	// may come first) and once it has stopped, peers get a 503 and retry:
 	// raftkv reports them unreachable and Raft resends.
-	if h.member == nil || !h.member.node.Running() {
+	if h.member == nil || !h.member.current().Running() {
 		w.Header().Set("Retry-After", "1")
 		http.Error(w, "raftkv member not running", http.StatusServiceUnavailable)
 		return nil
 	}
-	h.member.peerHandler().ServeHTTP(w, r)
+	h.member.current().PeerHandler().ServeHTTP(w, r)
 	return nil
-}
-
-// peerHandler returns the node's peer handler, asked for once: a node is
-// never restarted (a new data directory config makes a new member).
-func (m *member) peerHandler() http.Handler {
-	m.peerOnce.Do(func() { m.peer = m.node.PeerHandler() })
-	return m.peer
 }
 
 // parsePeerDirective sets up the peer handler. Syntax:

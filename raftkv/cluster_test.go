@@ -859,6 +859,9 @@ func TestClusterRemovedFollowerHearsAtOnce(t *testing.T) {
 	if !w.Ended() {
 		t.Error("the removed member's watch ended, but not as one its member stopped serving")
 	}
+	if gone.Failed() {
+		t.Error("a removed member says a failure stopped it")
+	}
 	if got := leader.Members(); len(got) != 2 || slices.ContainsFunc(got, func(m Member) bool { return m.ID == gone.id }) {
 		t.Errorf("members after the removal: %+v", got)
 	}
@@ -1187,7 +1190,8 @@ func TestClusterRestartWithEmptyDataDirIsRefused(t *testing.T) {
 // on a state it cannot go on from: the member stops serving, the process
 // (Caddy, and every other site in it) goes on, and Stop still works.
 func TestLoopPanicStopsTheMemberOnly(t *testing.T) {
-	n := startNode(t, t.TempDir(), nil)
+	dir := t.TempDir()
+	n := startNode(t, dir, nil)
 	put(t, n, "/before", "1")
 	n.ctrlc <- func() { panic("a state Raft cannot go on from (test)") }
 	waitFor(t, "the loop to end", func() bool {
@@ -1206,6 +1210,21 @@ func TestLoopPanicStopsTheMemberOnly(t *testing.T) {
 	if _, err := n.Do(ctx, storage.Request{Method: storage.MethodPut, Path: "/after", Val: "2"}); !errors.Is(err, ErrStopped) {
 		t.Errorf("a write after the panic: %v, want ErrStopped", err)
 	}
+	if !n.Failed() {
+		t.Fatal("a member a panic stopped does not say it failed")
+	}
+	// The dead node gives its file back; a new one starts the member again.
+	if err := n.Stop(); err != nil {
+		t.Fatalf("Stop of the failed node: %v", err)
+	}
+	if n.Failed() {
+		t.Error("a stopped node still says it failed")
+	}
+	again := startNode(t, dir, nil)
+	if ev, err := again.Get(ctx, "/before", false, false, true); err != nil || ev.Node.Value == nil || *ev.Node.Value != "1" {
+		t.Fatalf("the member started again: GET /before = %+v, %v", ev, err)
+	}
+	put(t, again, "/after", "2")
 }
 
 // TestSelfStatsRates checks etcd's send and receive rates of append

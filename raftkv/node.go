@@ -299,6 +299,25 @@ func (n *Node) Stop() error {
 // Running reports whether Start succeeded and Stop has not been called.
 func (n *Node) Running() bool { return n.running.Load() }
 
+// Failed reports whether the member stopped on its own: its Raft loop
+// ended on a panic or a storage failure, not by Stop or by its removal
+// from the cluster. A Node does not restart; a new one on the same data
+// directory starts the member again from what its file holds, as a new
+// etcd process would.
+func (n *Node) Failed() bool {
+	n.lifeMu.Lock()
+	defer n.lifeMu.Unlock()
+	if !n.started || n.stopped || n.gone.Load() {
+		return false
+	}
+	select {
+	case <-n.donec:
+		return true
+	default:
+		return false
+	}
+}
+
 // Do proposes a write and waits until it is applied on this member, retrying
 // a proposal Raft dropped until ctx ends. A v2 failure (412, 404, ...) is
 // returned as a *storage.Error; ctx ending gives ErrTimeout.

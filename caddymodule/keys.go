@@ -365,7 +365,9 @@ func (h *Handler) serveWatch(w http.ResponseWriter, r *http.Request, n *raftkv.N
 // cuts its watchers': the client sees a broken response, not the end of
 // an empty one, and moves on to another member as from a member that is
 // down (python-etcd with allow_reconnect, the Go client). net/http closes
-// the connection (HTTP/1) or resets the stream (HTTP/2) and logs nothing.
+// the connection (HTTP/1) or resets the stream (HTTP/2, HTTP/3) and logs
+// nothing; Caddy's access log, when on, shows the request with duration 0,
+// as for its own reverse_proxy's aborts.
 func abortWatch() { panic(http.ErrAbortHandler) }
 
 // writeKeyEvent is etcd's writeKeyEvent: 201 for a node created by set or

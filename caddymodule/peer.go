@@ -12,6 +12,8 @@ import (
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+
+	"github.com/etcaddy/etcaddy/raftkv"
 )
 
 func init() {
@@ -66,12 +68,16 @@ func (h *PeerHandler) ServeHTTP(w http.ResponseWriter, r *http.Request, next cad
 	// Until the app has started the node (apps start in any order, HTTP
 	// may come first) and once it has stopped, peers get a 503 and retry:
 	// raftkv reports them unreachable and Raft resends.
-	if h.member == nil || !h.member.current().Running() {
+	var n *raftkv.Node
+	if h.member != nil {
+		n = h.member.current()
+	}
+	if n == nil || !n.Running() {
 		w.Header().Set("Retry-After", "1")
 		http.Error(w, "raftkv member not running", http.StatusServiceUnavailable)
 		return nil
 	}
-	h.member.current().PeerHandler().ServeHTTP(w, r)
+	n.PeerHandler().ServeHTTP(w, r)
 	return nil
 }
 

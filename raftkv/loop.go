@@ -78,7 +78,7 @@ func (n *Node) run() {
 	defer func() {
 		if r := recover(); r != nil {
 			n.running.Store(false)
-			n.lg.Error("raftkv loop stopped by a panic; the member no longer serves (a config reload or a restart of Caddy starts it again)",
+			n.lg.Error("raftkv loop stopped by a panic; the member no longer serves (caddy reload --force, or a restart of Caddy, starts it again)",
 				zap.Any("panic", r), zap.Stack("stack"))
 		}
 	}()
@@ -138,7 +138,7 @@ func (n *Node) run() {
 			if err := n.handleReady(); err != nil {
 				// The store refused a write: Raft's state and the disk may
 				// now disagree, so the member stops rather than guess.
-				n.lg.Error("raftkv loop stopped by a storage failure; the member no longer serves (a config reload or a restart of Caddy starts it again)", zap.Error(err))
+				n.lg.Error("raftkv loop stopped by a storage failure; the member no longer serves (caddy reload --force, or a restart of Caddy, starts it again)", zap.Error(err))
 				n.running.Store(false)
 				return
 			}

@@ -42,9 +42,10 @@ func (w *Watcher) Remove() {
 	w.hub.mu.Unlock()
 }
 
-// Ended reports whether the watch ended because the store stopped serving
-// watches (EndWatches, Close): the member is gone, not the watch's own
-// course (an event, Remove, a streaming watcher that fell behind).
+// Ended reports whether the store no longer serves watches (EndWatches,
+// Close): a watch that ends then ended because its member is gone, not in
+// its own course (an event, Remove, a streaming watcher that fell behind),
+// or would have ended so at once.
 func (w *Watcher) Ended() bool {
 	w.hub.mu.Lock()
 	defer w.hub.mu.Unlock()

@@ -1227,6 +1227,35 @@ func TestLoopPanicStopsTheMemberOnly(t *testing.T) {
 	put(t, again, "/after", "2")
 }
 
+// TestRemovalEndsWatchesWhileTheLoopLingers: a member that applied its own
+// removal keeps its Raft loop an election timeout more (see removedBy), but
+// its watches end at once, so that their clients move to another member now.
+func TestRemovalEndsWatchesWhileTheLoopLingers(t *testing.T) {
+	n := startNode(t, t.TempDir(), nil)
+	w, err := n.Watch("/k", false, true, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer w.Remove()
+	n.ctrlc <- func() { n.removedBy("a test", time.Hour) }
+	waitFor(t, "the watch to end", func() bool {
+		select {
+		case _, open := <-w.EventChan:
+			return !open
+		default:
+			return false
+		}
+	})
+	if !w.Ended() || n.Running() || n.Failed() {
+		t.Errorf("after the removal: watch ended by the store %v, running %v, failed %v; want true, false, false", w.Ended(), n.Running(), n.Failed())
+	}
+	select {
+	case <-n.donec:
+		t.Error("the loop ended at once; it should linger")
+	default:
+	}
+}
+
 // TestSelfStatsRates checks etcd's send and receive rates of append
 // messages: the last samples' count and size per second over the time they
 // span, nothing once the last is over a second old.

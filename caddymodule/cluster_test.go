@@ -38,6 +38,7 @@ import (
 	"time"
 
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	client "go.etcd.io/etcd/client/v2"
 
 	"github.com/etcaddy/etcaddy/raftkv"
 )
@@ -1172,6 +1173,89 @@ func writePEM(t *testing.T, path, typ string, der []byte) {
 	t.Helper()
 	if err := os.WriteFile(path, pem.EncodeToMemory(&pem.Block{Type: typ, Bytes: der}), 0o600); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// TestGoClientWatchMovesOnWhenItsMemberIsRemoved watches a key through the Go v2 client
+// pinned to the leader (EndpointSelectionPrioritizeLeader, after a Sync), removes that member,
+// and writes the key through another. The removed member ends its watch at once (cutting
+// the connection, as etcd's exit does) and answers 503 from then on; the client takes that
+// as a failed endpoint and asks the next one, with the watch's index, so Next returns the
+// write instead of hanging on a member that will never see it.
+func TestGoClientWatchMovesOnWhenItsMemberIsRemoved(t *testing.T) {
+	c := startCluster(t, 3, nil)
+	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
+	defer cancel()
+	gc, err := client.New(client.Config{
+		Endpoints:     clientURLs(c.members),
+		Transport:     client.DefaultTransport,
+		SelectionMode: client.EndpointSelectionPrioritizeLeader,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	leaderInfo := agreedLeader(t, c.members, "", 10*time.Second)
+	leader := c.byName(leaderInfo.Name)
+	if err := gc.Sync(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if eps := gc.Endpoints(); !slices.Contains(eps, leader.ClientURL) {
+		t.Fatalf("endpoints after Sync: %v", eps)
+	}
+	kapi := client.NewKeysAPI(gc)
+	set, err := kapi.Set(ctx, "/gowatch", "0", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	type next struct {
+		resp *client.Response
+		err  error
+	}
+	got := make(chan next, 1)
+	go func() {
+		w := kapi.Watcher("/gowatch", &client.WatcherOptions{AfterIndex: set.Node.ModifiedIndex})
+		resp, err := w.Next(ctx)
+		got <- next{resp, err}
+	}()
+	var st struct {
+		Watchers int `json:"watchers"`
+	}
+	if !poll(10*time.Second, func() bool {
+		_, _, body := leader.do(t, "GET", "/v2/stats/store", nil)
+		return json.Unmarshal(body, &st) == nil && st.Watchers == 1
+	}) {
+		t.Fatalf("the watch never reached the leader %s (watchers %d): the client is not pinned to it", leader.Name, st.Watchers)
+	}
+
+	var others []*testMember
+	for _, m := range c.members {
+		if m != leader {
+			others = append(others, m)
+		}
+	}
+	var status int
+	var body string
+	if !poll(30*time.Second, func() bool {
+		status, body = postJSON(t, others[0], "DELETE", "/v2/members/"+leaderInfo.ID, "")
+		return status == http.StatusNoContent
+	}) {
+		t.Fatalf("DELETE /v2/members/%s (the leader): %d %s", leaderInfo.ID, status, body)
+	}
+	// A write during the election that follows may be refused: the test retries it.
+	var b []byte
+	if !poll(30*time.Second, func() bool {
+		status, _, b = others[0].do(t, "PUT", "/v2/keys/gowatch", url.Values{"value": {"1"}})
+		return status == http.StatusOK
+	}) {
+		t.Fatalf("PUT /gowatch after the removal: %d %s", status, b)
+	}
+	select {
+	case n := <-got:
+		if n.err != nil || n.resp.Node == nil || n.resp.Node.Value != "1" {
+			t.Fatalf("the watch across its member's removal: %+v %v; want the write", n.resp, n.err)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("the watch never returned after its member was removed")
 	}
 }
 

@@ -386,11 +386,11 @@ func (m *member) current() *raftkv.Node { return m.node.Load() }
 // etcd's process would have exited, and its supervisor started a new one.
 // Caddy lives on, so the operator's reload (`caddy reload --force` when the
 // config is unchanged: Caddy skips loading the config it runs) or restart
-// is that new start:
-// the dead node is stopped, which closes its file, and a new one starts on
-// the same data directory, from what the file holds. Handlers of every
-// config look the node up per request, so they all move to the new one. If
-// the failure is still there, the start fails, and so does the reload.
+// is that new start: the dead node is stopped, which closes its file, and a
+// new one starts on the same data directory, from what the file holds.
+// Handlers of every config look the node up per request, so they all move
+// to the new one. If the failure is still there, the start fails, and so
+// does the reload.
 func (m *member) start() error {
 	m.startMu.Lock()
 	defer m.startMu.Unlock()

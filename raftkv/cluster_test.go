@@ -848,14 +848,7 @@ func TestClusterRemovedFollowerHearsAtOnce(t *testing.T) {
 		t.Fatalf("a follower removing itself: %v", err)
 	}
 	waitFor(t, "the removed member to stop serving", func() bool { return !gone.Running() })
-	waitFor(t, "the removed member's watch to end", func() bool {
-		select {
-		case _, open := <-w.EventChan:
-			return !open
-		default:
-			return false
-		}
-	})
+	waitFor(t, "the removed member's watch to end", func() bool { return watchEnded(w) })
 	if !w.Ended() {
 		t.Error("the removed member's watch ended, but not as one its member stopped serving")
 	}
@@ -1227,6 +1220,17 @@ func TestLoopPanicStopsTheMemberOnly(t *testing.T) {
 	put(t, again, "/after", "2")
 }
 
+// watchEnded reports whether w's channel is closed, taking an event that
+// may still be in it.
+func watchEnded(w *storage.Watcher) bool {
+	select {
+	case _, open := <-w.EventChan:
+		return !open
+	default:
+		return false
+	}
+}
+
 // TestRemovalEndsWatchesWhileTheLoopLingers: a member that applied its own
 // removal keeps its Raft loop an election timeout more (see removedBy), but
 // its watches end at once, so that their clients move to another member now.
@@ -1238,14 +1242,7 @@ func TestRemovalEndsWatchesWhileTheLoopLingers(t *testing.T) {
 	}
 	defer w.Remove()
 	n.ctrlc <- func() { n.removedBy("a test", time.Hour) }
-	waitFor(t, "the watch to end", func() bool {
-		select {
-		case _, open := <-w.EventChan:
-			return !open
-		default:
-			return false
-		}
-	})
+	waitFor(t, "the watch to end", func() bool { return watchEnded(w) })
 	if !w.Ended() || n.Running() || n.Failed() {
 		t.Errorf("after the removal: watch ended by the store %v, running %v, failed %v; want true, false, false", w.Ended(), n.Running(), n.Failed())
 	}

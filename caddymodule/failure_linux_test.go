@@ -3,12 +3,19 @@
 package caddymodule
 
 import (
+	"context"
+	"fmt"
+	"io"
 	"net/http"
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
+	"time"
 
 	"github.com/caddyserver/caddy/v2"
 
@@ -25,6 +32,10 @@ func TestReloadStartsAMemberAFailureStopped(t *testing.T) {
 	s := startInproc(t)
 	resp, body := s.form("PUT", "/v2/keys/kept", "value=1")
 	s.expect(resp, body, http.StatusCreated)
+	// Writers run through the failure and the reload: a write is acknowledged (2xx) or
+	// refused with etcd's error; none acknowledged may be missing afterwards.
+	load := startFailureLoad(s, 4)
+	load.waitAcked(s, 20)
 
 	db, err := filepath.EvalSymlinks(filepath.Join(s.dataDir, "member.db"))
 	if err != nil {
@@ -54,8 +65,14 @@ func TestReloadStartsAMemberAFailureStopped(t *testing.T) {
 		t.Fatal(err)
 	}
 
+	// 500 when this write is the one the disk refused (or was in flight then), 503 when a
+	// writer's already stopped the member.
 	resp, body = s.form("PUT", "/v2/keys/lost", "value=2")
-	s.expectKeyError(resp, body, http.StatusInternalServerError, storage.EcodeRaftInternal, errNotRunning)
+	if resp.StatusCode != http.StatusServiceUnavailable {
+		s.expectKeyError(resp, body, http.StatusInternalServerError, storage.EcodeRaftInternal, errNotRunning)
+	} else if e := decodeError(t, body); e.ErrorCode != storage.EcodeRaftInternal || e.Cause != errNotRunning {
+		t.Fatalf("PUT /lost on the stopped member: %d %s", resp.StatusCode, body)
+	}
 	resp, body = s.do("GET", "/health", "", "")
 	if resp.StatusCode != http.StatusServiceUnavailable {
 		t.Fatalf("/health of a stopped member: %d %s", resp.StatusCode, body)
@@ -85,4 +102,91 @@ func TestReloadStartsAMemberAFailureStopped(t *testing.T) {
 	if n, _ := members.References(s.dataDir); n != 1 {
 		t.Fatalf("references after the reload = %d, want 1", n)
 	}
+
+	acked, refused := load.stop(t, s)
+	if refused == 0 {
+		t.Error("no write was refused while the member was stopped: the writers never met the failure")
+	}
+	for key, value := range acked {
+		resp, body := s.do("GET", "/v2/keys"+key, "", "")
+		s.expect(resp, body, http.StatusOK)
+		if ev := decodeEvent(t, body); ev.Node.Value == nil || *ev.Node.Value != value {
+			t.Fatalf("acknowledged write %s=%s reads %s", key, value, body)
+		}
+	}
+	t.Logf("%d writes acknowledged, %d refused", len(acked), refused)
+}
+
+// failureLoad is writers that PUT fresh keys until stopped.
+type failureLoad struct {
+	stopc   chan struct{}
+	wg      sync.WaitGroup
+	mu      sync.Mutex
+	acked   map[string]string
+	refused int
+	wrong   []string // answers that are neither an acknowledgement nor etcd's refusal
+	acks    atomic.Int64
+}
+
+func startFailureLoad(s *inproc, writers int) *failureLoad {
+	l := &failureLoad{stopc: make(chan struct{}), acked: map[string]string{}}
+	for w := range writers {
+		l.wg.Add(1)
+		go func() {
+			defer l.wg.Done()
+			for i := 0; ; i++ {
+				select {
+				case <-l.stopc:
+					return
+				default:
+				}
+				key, value := fmt.Sprintf("/load/%d/%d", w, i), fmt.Sprintf("v%d", i)
+				ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+				req := s.request(ctx, "PUT", "/v2/keys"+key, formType, "value="+value)
+				resp, err := s.client.Do(req)
+				if err != nil {
+					// A connection the reload reset before its request was read.
+					cancel()
+					continue
+				}
+				b, err := io.ReadAll(resp.Body)
+				resp.Body.Close()
+				cancel()
+				l.mu.Lock()
+				switch {
+				case err != nil:
+				case resp.StatusCode == http.StatusCreated:
+					l.acked[key] = value
+					l.acks.Add(1)
+				case resp.StatusCode/100 == 5 && strings.Contains(string(b), `"cause":"etcdserver: server stopped"`):
+					// 500 for a write in flight when the member stopped, 503 after.
+					l.refused++
+				default:
+					l.wrong = append(l.wrong, fmt.Sprintf("PUT %s: %d %s", key, resp.StatusCode, b))
+				}
+				l.mu.Unlock()
+			}
+		}()
+	}
+	return l
+}
+
+// waitAcked waits until the writers have had n more writes acknowledged.
+func (l *failureLoad) waitAcked(s *inproc, n int64) {
+	s.t.Helper()
+	base := l.acks.Load()
+	s.waitFor(fmt.Sprintf("%d more acknowledged writes", n), func() bool { return l.acks.Load() >= base+n })
+}
+
+// stop lets the writers make 20 more acknowledged writes (the member is back), stops them and
+// returns what they saw.
+func (l *failureLoad) stop(t *testing.T, s *inproc) (map[string]string, int) {
+	t.Helper()
+	l.waitAcked(s, 20)
+	close(l.stopc)
+	l.wg.Wait()
+	if len(l.wrong) > 0 {
+		t.Fatalf("answers that are neither 201 nor etcd's refusal: %v", l.wrong)
+	}
+	return l.acked, l.refused
 }

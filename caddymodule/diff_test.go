@@ -894,6 +894,9 @@ func TestDifferentialAgainstEtcd(t *testing.T) {
 	d.saveAs("cad", "PUT", "/v2/keys/cad", vals("value", "x"))
 	d.req("DELETE", "/v2/keys/cad?prevIndex=${cad.index}", nil)
 	d.req("DELETE", "/v2/keys/nokey?prevValue=x", nil)
+	// A compare-and-delete of the root is etcd's 102 with no cause at all.
+	d.req("DELETE", "/v2/keys/?prevValue=x", nil)
+	d.req("DELETE", "/v2/keys/?prevIndex=1&recursive=true", nil)
 	d.req("PUT", "/v2/keys/pe", vals("value", "x"))
 	d.req("DELETE", "/v2/keys/pe?prevExist=true", nil)
 	// prevExist=false wins over prevValue: etcd creates, ignoring the comparison.

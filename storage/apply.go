@@ -579,7 +579,13 @@ func (a *applier) compared(p string, r *Request) (record, *Error) {
 		return n, verr
 	}
 	if n.dir {
-		return n, NewError(EcodeNotFile, p, a.index)
+		// etcd keeps the keys under /1 in its store and trims that prefix
+		// off an error's cause: the root's own path comes out empty.
+		cause := p
+		if p == "/" {
+			cause = ""
+		}
+		return n, NewError(EcodeNotFile, cause, a.index)
 	}
 	if cause, ok := compareFailCause(&n, r.PrevValue, r.PrevIndex); !ok {
 		return n, NewError(EcodeTestFailed, cause, a.index)

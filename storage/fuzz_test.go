@@ -274,6 +274,9 @@ func (m *model) apply(r *Request) mresult {
 		if code != 0 {
 			return fail(code, cause)
 		}
+		if p == "/" {
+			return fail(EcodeNotFile, "") // etcd's cause is its store path minus its "/1" prefix
+		}
 		if n.dir {
 			return fail(EcodeNotFile, p)
 		}

@@ -47,6 +47,7 @@ func TestRandomizedDifferentialAgainstEtcd(t *testing.T) {
 			// Every write's answer is saved as "last", so that prevIndex and waitIndex can
 			// name indexes the servers hold (relative to each one's own).
 			// Ten writes first: a watch's index a few below the current one is then a real one.
+			d.saveAs("first", "PUT", "/v2/keys/seed", vals("value", "start"))
 			for i := range 10 {
 				d.saveAs("last", "PUT", "/v2/keys/seed", vals("value", fmt.Sprint("start", i)))
 			}
@@ -74,10 +75,14 @@ func (g *randomSteps) pick(xs []string) string { return xs[g.rnd.IntN(len(xs))] 
 func (g *randomSteps) chance(p float64) bool { return g.rnd.Float64() < p }
 
 // index is an index the servers hold (the last write's X-Etcd-Index, or a few before it), or
-// now and then one that is malformed.
+// now and then one that is malformed or beyond any. (After a request refused for its
+// parameters, "last" is 0 on both servers: the indexes made from it are then 0 or negative,
+// malformed alike on both.)
 func (g *randomSteps) index() string {
 	if g.chance(0.05) {
-		return g.pick([]string{"0", "-1", "abc", "99999999"})
+		// An index beyond any held one is relative too: the causes that quote it are
+		// compared relative to each server's start.
+		return g.pick([]string{"0", "-1", "abc", "${first.etcd+100000}"})
 	}
 	return fmt.Sprintf("${last.etcd-%d}", g.rnd.IntN(8))
 }

@@ -42,26 +42,41 @@ func TestRandomizedDifferentialAgainstEtcd(t *testing.T) {
 	}
 	for _, seed := range seeds {
 		t.Run(fmt.Sprintf("seed=%d", seed), func(t *testing.T) {
-			d := newDiffer(t, startEtcd(t), startSubject(t))
-			g := randomSteps{rnd: rand.New(rand.NewPCG(seed, 0x6574636164647921))}
-			// Every write's answer is saved as "last", so that prevIndex and waitIndex can
-			// name indexes the servers hold (relative to each one's own).
-			// Ten writes first: a watch's index a few below the current one is then a real one.
-			d.saveAs("first", "PUT", "/v2/keys/seed", vals("value", "start"))
-			for i := range 10 {
-				d.saveAs("last", "PUT", "/v2/keys/seed", vals("value", fmt.Sprint("start", i)))
-			}
-			for range steps {
-				g.step(d)
-			}
-			t.Logf("seed %d: %d steps", seed, d.steps)
+			randomDifferential(t, seed, steps, newDiffer(t, startEtcd(t), startSubject(t)), false)
 		})
 	}
+	// The same against a three-member etcaddy, each request to a member picked at random:
+	// writes through followers, reads with quorum=true (a default read on a follower may be
+	// stale, as v2 allows), watches on the member whose index they start from.
+	t.Run(fmt.Sprintf("cluster/seed=%d", seeds[0]), func(t *testing.T) {
+		c := startCluster(t, 3, nil)
+		d := newDiffer(t, startEtcd(t), c.members[0].proc)
+		pick := rand.New(rand.NewPCG(seeds[0], 3))
+		d.sub.route = func() *proc { return c.members[pick.IntN(len(c.members))].proc }
+		randomDifferential(t, seeds[0], steps, d, true)
+	})
+}
+
+// randomDifferential runs steps random requests of seed through d.
+func randomDifferential(t *testing.T, seed uint64, steps int, d *differ, cluster bool) {
+	g := randomSteps{rnd: rand.New(rand.NewPCG(seed, 0x6574636164647921)), cluster: cluster}
+	// Every write's answer is saved as "last", so that prevIndex can name indexes the servers
+	// hold (relative to each one's own). Ten writes first: an index a few below the current
+	// one is then a real one.
+	d.saveAs("first", "PUT", "/v2/keys/seed", vals("value", "start"))
+	for i := range 10 {
+		d.saveAs("last", "PUT", "/v2/keys/seed", vals("value", fmt.Sprint("start", i)))
+	}
+	for range steps {
+		g.step(d)
+	}
+	t.Logf("seed %d: %d steps", seed, d.steps)
 }
 
 // randomSteps generates the requests of TestRandomizedDifferentialAgainstEtcd.
 type randomSteps struct {
-	rnd *rand.Rand
+	rnd     *rand.Rand
+	cluster bool // GETs with quorum=true, watches on one member
 }
 
 // The key space: a few names that nest, so that requests meet each other's nodes.
@@ -125,7 +140,7 @@ func (g *randomSteps) step(d *differ) {
 		if g.chance(0.3) {
 			q.Set("sorted", "true")
 		}
-		if g.chance(0.2) {
+		if g.cluster || g.chance(0.2) {
 			q.Set("quorum", "true")
 		}
 		if q.Get("sorted") == "true" {
@@ -152,7 +167,11 @@ func (g *randomSteps) step(d *differ) {
 		// an index at or below the current one finds an event there (or 401 once the history
 		// no longer reaches back, or 400 for a malformed index). The current index is the
 		// X-Etcd-Index of a read of the root.
-		d.saveAs("now", "GET", "/v2/keys/", nil)
+		if route := d.sub.route; route != nil {
+			d.sub.route = nil // both on the first member
+			defer func() { d.sub.route = route }()
+		}
+		d.saveAs("now", "GET", "/v2/keys/?quorum=true", nil)
 		q.Set("wait", "true")
 		q.Set("recursive", "true")
 		if g.chance(0.05) {

@@ -42,6 +42,8 @@ type diffSide struct {
 	// delivers every event exactly once, so the reference's immediate
 	// repeats are dropped before comparing; etcaddy's never are.
 	reference bool
+	// route, when set, picks the member each request goes to (a cluster); p otherwise.
+	route func() *proc
 }
 
 // answer is one server's normalized response.
@@ -190,9 +192,13 @@ func (s *diffSide) send(ctx context.Context, st step) (string, *http.Response, [
 	if err != nil {
 		return "", nil, nil, err
 	}
+	p := s.p
+	if s.route != nil {
+		p = s.route()
+	}
 	var req *http.Request
 	if st.raw {
-		req, err = http.NewRequestWithContext(ctx, st.method, s.p.ClientURL+path, strings.NewReader(st.body))
+		req, err = http.NewRequestWithContext(ctx, st.method, p.ClientURL+path, strings.NewReader(st.body))
 		if err == nil && st.ctype != "" {
 			req.Header.Set("Content-Type", st.ctype)
 		}
@@ -201,12 +207,15 @@ func (s *diffSide) send(ctx context.Context, st step) (string, *http.Response, [
 		if form, err = s.expandForm(st.form); err != nil {
 			return path, nil, nil, err
 		}
-		req, err = s.p.newRequest(ctx, st.method, path, form)
+		req, err = p.newRequest(ctx, st.method, path, form)
 	}
 	if err != nil {
 		return path, nil, nil, err
 	}
 	desc := st.method + " " + path
+	if p != s.p {
+		desc = p.Name + ": " + desc
+	}
 	if req.URL.RawQuery != "" && !strings.Contains(path, "?") {
 		desc += "?" + req.URL.RawQuery
 	}

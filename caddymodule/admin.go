@@ -150,8 +150,8 @@ var errMemberNotRunning = caddy.APIError{
 
 // runningNode returns the app's node if it runs.
 func runningNode(app *App) (*raftkv.Node, error) {
-	n := app.member.current()
-	if !n.Running() {
+	n := app.member.running()
+	if n == nil {
 		return nil, errMemberNotRunning
 	}
 	return n, nil

@@ -378,6 +378,18 @@ type member struct {
 // current is the member's node.
 func (m *member) current() *raftkv.Node { return m.node.Load() }
 
+// running returns the member's node when it runs, nil otherwise (or when m
+// is nil: a handler whose app has none).
+func (m *member) running() *raftkv.Node {
+	if m == nil {
+		return nil
+	}
+	if n := m.current(); n.Running() {
+		return n
+	}
+	return nil
+}
+
 // start loads the peer TLS files into the node's client TLS config, the
 // first time only, then starts the node (which does nothing when it runs
 // already: a reload).

@@ -271,15 +271,7 @@ func (hv *headerValues) set(hdr http.Header, key, v string) {
 // node returns the member's node when it runs. Until the raftkv app has
 // started it (apps start in random order, and HTTP may come first), once a
 // shutdown, a removal or a failure has stopped it, there is none.
-func (h *Handler) node() *raftkv.Node {
-	if h.member == nil {
-		return nil
-	}
-	if n := h.member.current(); n.Running() {
-		return n
-	}
-	return nil
-}
+func (h *Handler) node() *raftkv.Node { return h.member.running() }
 
 // cleanPath is Go's ServeMux path cleaning: path.Clean, keeping a
 // trailing slash.

@@ -12,8 +12,6 @@ import (
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
-
-	"github.com/etcaddy/etcaddy/raftkv"
 )
 
 func init() {
@@ -68,11 +66,8 @@ func (h *PeerHandler) ServeHTTP(w http.ResponseWriter, r *http.Request, next cad
 	// Until the app has started the node (apps start in any order, HTTP
 	// may come first) and once it has stopped, peers get a 503 and retry:
 	// raftkv reports them unreachable and Raft resends.
-	var n *raftkv.Node
-	if h.member != nil {
-		n = h.member.current()
-	}
-	if n == nil || !n.Running() {
+	n := h.member.running()
+	if n == nil {
 		w.Header().Set("Retry-After", "1")
 		http.Error(w, "raftkv member not running", http.StatusServiceUnavailable)
 		return nil

@@ -240,7 +240,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	case epAuthEnable:
 		h.serveAuthEnable(w, r)
 	case epAuth:
-		serveAuthUnsupported(w)
+		h.serveAuth(w, r)
 	case epV2Unknown:
 		http.Error(w, "404 page not found", http.StatusNotFound)
 	}

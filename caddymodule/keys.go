@@ -260,6 +260,11 @@ func (h *Handler) serveKeys(w http.ResponseWriter, r *http.Request, hv *headerVa
 		writeKeyErrorStatus(w, hv, status, perr)
 		return
 	}
+	if !h.keyAccess(r, n, r.URL.Path[len(keysPrefix):], kr.recursive) {
+		writeKeyErrorStatus(w, hv, http.StatusUnauthorized,
+			storage.NewError(storage.EcodeUnauthorized, errInsufficientCredentials, 0))
+		return
+	}
 
 	// Every request that waits on Raft gets etcd's request timeout; a
 	// client that goes away ends the wait early (the write may still be

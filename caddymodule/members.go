@@ -86,6 +86,10 @@ func (h *Handler) serveMembers(w http.ResponseWriter, r *http.Request) {
 		writeMessage(w, http.StatusServiceUnavailable, errNotRunning)
 		return
 	}
+	if !h.membersAccess(r, n) {
+		writeMessage(w, http.StatusUnauthorized, errInsufficientCredentials)
+		return
+	}
 	w.Header().Set("X-Etcd-Cluster-Id", idString(n.Status().ClusterID))
 
 	switch r.Method {
@@ -301,36 +305,4 @@ func (h *Handler) serveMachines(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
 	}
 	_, _ = io.WriteString(w, body)
-}
-
-// errAuthUnsupported explains the one part of etcd's v2 API that etcaddy
-// leaves to Caddy: access control.
-const errAuthUnsupported = "v2 auth is not supported: put basic_auth, forward_auth or client certificates in front of the etcd handler"
-
-// serveAuthEnable answers /v2/auth/enable. Reading it tells clients (etcdctl
-// auth status, client libraries probing) that auth is off, which is true;
-// turning it on is refused.
-func (h *Handler) serveAuthEnable(w http.ResponseWriter, r *http.Request) {
-	if !allowMethod(w, r, "GET", "PUT", "DELETE") {
-		return
-	}
-	if r.Method != http.MethodGet {
-		serveAuthUnsupported(w)
-		return
-	}
-	n := h.node()
-	if n == nil {
-		writeMessage(w, http.StatusServiceUnavailable, errNotRunning)
-		return
-	}
-	w.Header().Set("X-Etcd-Cluster-Id", idString(n.Status().ClusterID))
-	writeJSON(w, http.StatusOK, struct {
-		Enabled bool `json:"enabled"`
-	}{false}, true)
-}
-
-// serveAuthUnsupported answers the rest of /v2/auth: users and roles only
-// matter once auth is on.
-func serveAuthUnsupported(w http.ResponseWriter) {
-	writeMessage(w, http.StatusNotImplemented, errAuthUnsupported)
 }

@@ -498,6 +498,26 @@ func (n *Node) Get(ctx context.Context, path string, recursive, sorted, quorum b
 	return n.localGet(path, recursive, sorted)
 }
 
+// Auth returns the v2 auth data this member has applied; with quorum, as
+// of a linearizable read (see Get).
+func (n *Node) Auth(ctx context.Context, quorum bool) (*storage.AuthData, error) {
+	if !n.running.Load() {
+		return nil, ErrStopped
+	}
+	if quorum {
+		if g := n.sole.Load(); g%2 == 0 || n.applied.Load() < n.commitSeen.Load() {
+			if err := n.linearizableRead(ctx); err != nil {
+				return nil, err
+			}
+		}
+	}
+	d, err := n.store.Auth()
+	if errors.Is(err, storage.ErrClosed) {
+		return nil, ErrStopped
+	}
+	return d, err
+}
+
 func (n *Node) localGet(path string, recursive, sorted bool) (*storage.Event, error) {
 	ev, err := n.store.Get(path, recursive, sorted, time.Now())
 	if errors.Is(err, storage.ErrClosed) {

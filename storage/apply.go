@@ -187,6 +187,10 @@ type applier struct {
 	// collected here by remove while removed is not nil.
 	watched bool
 	removed map[string]struct{}
+	// auth is the auth data's bucket; authChanged is set once a write
+	// changed it, so that Save publishes the new data.
+	auth        *bolt.Bucket
+	authChanged bool
 }
 
 // apply runs one request and returns its event or v2 error. SYNC returns
@@ -215,6 +219,8 @@ func (a *applier) apply(r *Request) (*Event, *Error) {
 	case MethodSync:
 		a.expire(r.Time)
 		return nil, nil
+	case MethodAuthPut, MethodAuthDelete:
+		return a.applyAuth(r)
 	case MethodQGet:
 		e, verr := a.getEvent(p, r.Recursive)
 		a.stats.count(&a.stats.gets, verr == nil)

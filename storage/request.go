@@ -63,7 +63,7 @@ const (
 	reqKnownFlags = reqDir | reqRecursive | reqRefresh | reqPrevExistSet | reqPrevExist
 )
 
-var methodCodes = [...]string{1: MethodPut, 2: MethodPost, 3: MethodDelete, 4: MethodQGet, 5: MethodSync}
+var methodCodes = [...]string{1: MethodPut, 2: MethodPost, 3: MethodDelete, 4: MethodQGet, 5: MethodSync, 6: MethodAuthPut, 7: MethodAuthDelete}
 
 func methodCode(m string) byte {
 	for i, s := range methodCodes {

@@ -1,11 +1,13 @@
 package storage
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"io"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"time"
 
@@ -34,7 +36,11 @@ const snapshotName = "snap.tmp"
 // replicatedBuckets are the buckets a snapshot replaces: the state every
 // member holds alike. The Raft log and hard state are this member's own and
 // are rewritten from the snapshot metadata; meta keeps this member's values.
-var replicatedBuckets = [][]byte{bucketKeys, bucketExpiry, bucketEvents, bucketRequests, bucketReqOrder}
+var replicatedBuckets = [][]byte{bucketKeys, bucketExpiry, bucketEvents, bucketRequests, bucketReqOrder, bucketAuth}
+
+// optionalBuckets are replicated buckets a snapshot may lack (a leader of
+// an earlier version had none): the copy then has an empty one.
+var optionalBuckets = [][]byte{bucketAuth}
 
 // snapshotPath is where ReceiveSnapshot leaves the file for Save.
 func (s *Store) snapshotPath() string {
@@ -154,7 +160,7 @@ func checkSnapshotFile(path string) error {
 			return first
 		}
 		for _, name := range append([][]byte{bucketMeta}, replicatedBuckets...) {
-			if tx.Bucket(name) == nil {
+			if tx.Bucket(name) == nil && !slices.ContainsFunc(optionalBuckets, func(b []byte) bool { return bytes.Equal(b, name) }) {
 				return fmt.Errorf("%w: no %s bucket", ErrSnapshotInvalid, name)
 			}
 		}
@@ -270,6 +276,9 @@ func replaceBucket(tx *bolt.Tx, src *bolt.Bucket, name []byte) error {
 	dst, err := tx.CreateBucket(name)
 	if err != nil {
 		return err
+	}
+	if src == nil {
+		return nil // an optional bucket the snapshot lacks
 	}
 	// The values stay valid: the snapshot's read transaction outlives
 	// this one's commit.

@@ -39,6 +39,7 @@ var (
 	bucketExpiry = []byte("expiry") // expiration + path -> nothing
 	bucketEvents = []byte("events") // the last 1000 events and up to eventSlack older: big-endian index -> event
 	bucketMeta   = []byte("meta")   // hard state, applied index, store index, compaction point, member values
+	// bucketAuth ("auth", auth.go): the v2 auth data, path -> value
 	// Applied request IDs are no longer stored per commit (see dedup); the
 	// two empty buckets remain only because snapshot installation copies
 	// and checks them.
@@ -68,6 +69,7 @@ type Store struct {
 	closed   atomic.Bool
 	applied  atomic.Uint64
 	index    atomic.Uint64
+	auth     atomic.Pointer[AuthData]
 	nextExp  atomic.Pointer[time.Time] // nil: no key has a TTL
 	dedup    *dedup                    // nil after a failed Save: rebuilt from the file; Save's goroutine only
 	now      func() time.Time          // the clock for ttl fields; tests replace it
@@ -91,6 +93,7 @@ type pending struct {
 	applied   uint64
 	index     uint64
 	nextExp   *time.Time
+	auth      *AuthData // nil: unchanged
 }
 
 // saveBufs are the buffers keys and values are encoded in before bbolt
@@ -161,7 +164,7 @@ func Open(dir string) (*Store, error) {
 	var events []*Event
 	err = db.Update(func(tx *bolt.Tx) error {
 		for _, name := range [][]byte{bucketLog, bucketRaft, bucketKeys, bucketExpiry, bucketEvents,
-			bucketRequests, bucketReqOrder, bucketMeta, bucketDedup} {
+			bucketRequests, bucketReqOrder, bucketMeta, bucketDedup, bucketAuth} {
 			if _, err := tx.CreateBucketIfNotExists(name); err != nil {
 				return err
 			}
@@ -185,7 +188,9 @@ func Open(dir string) (*Store, error) {
 		}
 		s.dedup = d
 		s.nextExp.Store(firstExpiration(tx.Bucket(bucketExpiry)))
-		return nil
+		auth, err := loadAuth(tx.Bucket(bucketAuth))
+		s.auth.Store(auth)
+		return err
 	})
 	if err != nil {
 		db.Close()
@@ -309,6 +314,7 @@ func (s *Store) Save(rd Ready) ([]Applied, error) {
 		a       applier
 		applied uint64
 		nextExp *time.Time
+		auth    *AuthData
 		req     Request
 	)
 	tx := s.open
@@ -366,6 +372,7 @@ func (s *Store) Save(rd Ready) ([]Applied, error) {
 			ebuf:      s.bufs.expiryKey,
 			scratch:   s.bufs.value,
 			watched:   s.hub.count.Load() > 0,
+			auth:      tx.Bucket(bucketAuth),
 		}
 		a.kbuf = s.bufs.key
 		a.events.FillPercent = appendFill
@@ -431,6 +438,12 @@ func (s *Store) Save(rd Ready) ([]Applied, error) {
 				return err
 			}
 		}
+		if a.authChanged || install != nil {
+			var err error
+			if auth, err = loadAuth(a.auth); err != nil {
+				return err
+			}
+		}
 		if a.expiryChanged || install != nil {
 			nextExp = firstExpiration(a.expiry)
 		} else if s.pend.applied != 0 {
@@ -448,6 +461,9 @@ func (s *Store) Save(rd Ready) ([]Applied, error) {
 	s.pend.published = append(s.pend.published, a.published...)
 	s.pend.stats.merge(&a.stats)
 	s.pend.applied, s.pend.index, s.pend.nextExp = applied, a.index, nextExp
+	if auth != nil {
+		s.pend.auth = auth
+	}
 	if rd.Defer && install == nil && len(rd.Entries) == 0 && rd.ConfState == nil {
 		s.open = tx
 		s.acked.Store(applied)
@@ -472,6 +488,9 @@ func (s *Store) commit(tx *bolt.Tx, install *snapshotInstall) error {
 	s.nextExp.Store(p.nextExp)
 	s.counters.add(&p.stats)
 	s.index.Store(p.index)
+	if p.auth != nil {
+		s.auth.Store(p.auth)
+	}
 	if install != nil {
 		s.installed(install)
 	}

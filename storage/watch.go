@@ -284,7 +284,9 @@ func (h *hub) publish(events []*Event, index uint64) {
 	defer h.mu.Unlock()
 	for _, e := range events {
 		h.history.add(e)
-		if !h.closed && !e.Refresh && h.count.Load() > 0 {
+		// Auth writes' events (keys without a leading "/") are history
+		// only: no watcher can match them.
+		if !h.closed && !e.Refresh && h.count.Load() > 0 && strings.HasPrefix(e.Node.Key, "/") {
 			h.notify(e)
 		}
 		e.removed = nil // the history keeps the event a while

@@ -1,0 +1,820 @@
+package caddymodule
+
+import (
+	"context"
+	"crypto/hmac"
+	"crypto/rand"
+	"crypto/sha256"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/http"
+	"path"
+	"reflect"
+	"slices"
+	"sort"
+	"strings"
+	"sync"
+	"sync/atomic"
+
+	"go.uber.org/zap"
+	"golang.org/x/crypto/bcrypt"
+
+	"github.com/etcaddy/etcaddy/raftkv"
+	"github.com/etcaddy/etcaddy/storage"
+)
+
+// etcd 3.4's v2 auth (etcdserver/api/v2auth, v2http/client_auth.go):
+// users with bcrypt-hashed passwords, roles granting read and write on key
+// patterns, and a switch that turns checking on. The data travels through
+// Raft like any write (storage's AUTHPUT and AUTHDELETE), as JSON in etcd's
+// own form, so answers and stored values are etcd's field for field.
+
+const (
+	rootRoleName  = "root"
+	guestRoleName = "guest"
+)
+
+// authUser is etcd's v2auth.User: the stored form (password is the bcrypt
+// hash) and the request body of PUT /v2/auth/users/<name>.
+type authUser struct {
+	User     string   `json:"user"`
+	Password string   `json:"password,omitempty"`
+	Roles    []string `json:"roles"`
+	Grant    []string `json:"grant,omitempty"`
+	Revoke   []string `json:"revoke,omitempty"`
+}
+
+// authRole is etcd's v2auth.Role.
+type authRole struct {
+	Role        string           `json:"role"`
+	Permissions authPermissions  `json:"permissions"`
+	Grant       *authPermissions `json:"grant,omitempty"`
+	Revoke      *authPermissions `json:"revoke,omitempty"`
+}
+
+type authPermissions struct {
+	KV rwPermission `json:"kv"`
+}
+
+type rwPermission struct {
+	Read  []string `json:"read"`
+	Write []string `json:"write"`
+}
+
+func (p *authPermissions) isEmpty() bool {
+	return p == nil || (len(p.KV.Read) == 0 && len(p.KV.Write) == 0)
+}
+
+// The built-in roles: root is never stored and cannot change; guest is
+// what enabling auth creates when there is none (everything allowed, so
+// turning auth on locks nobody out until guest is narrowed).
+var (
+	rootRole  = authRole{Role: rootRoleName, Permissions: authPermissions{KV: rwPermission{Read: []string{"/*"}, Write: []string{"/*"}}}}
+	guestRole = authRole{Role: guestRoleName, Permissions: authPermissions{KV: rwPermission{Read: []string{"/*"}, Write: []string{"/*"}}}}
+)
+
+// authError is etcd's v2auth.Error: a status and a {"message"} body.
+type authError struct {
+	status int
+	msg    string
+}
+
+func (e *authError) Error() string { return e.msg }
+
+func authErrf(status int, format string, args ...any) *authError {
+	return &authError{status: status, msg: "auth: " + fmt.Sprintf(format, args...)}
+}
+
+// authView is the auth data of one storage.AuthData, parsed.
+type authView struct {
+	src     *storage.AuthData
+	enabled bool
+	users   map[string]string // name -> stored JSON
+	roles   map[string]string
+}
+
+// parsed caches the parsed form of the latest AuthData seen: it changes
+// only when users, roles or the switch do.
+var parsed atomic.Pointer[authView]
+
+func viewOf(d *storage.AuthData) *authView {
+	if v := parsed.Load(); v != nil && v.src == d {
+		return v
+	}
+	v := &authView{src: d, users: map[string]string{}, roles: map[string]string{}}
+	for k, val := range d.Values {
+		switch {
+		case k == storage.AuthEnabledPath:
+			_ = json.Unmarshal([]byte(val), &v.enabled)
+		case strings.HasPrefix(k, "/users/"):
+			v.users[k[len("/users/"):]] = val
+		case strings.HasPrefix(k, "/roles/"):
+			v.roles[k[len("/roles/"):]] = val
+		}
+	}
+	parsed.Store(v)
+	return v
+}
+
+// user is etcd's getUser: the root user always has the root role.
+func (v *authView) user(name string) (*authUser, error) {
+	raw, ok := v.users[name]
+	if !ok {
+		return nil, authErrf(http.StatusNotFound, "User %s does not exist.", name)
+	}
+	u := &authUser{}
+	if err := json.Unmarshal([]byte(raw), u); err != nil {
+		return nil, err
+	}
+	if u.User == rootRoleName && !slices.Contains(u.Roles, rootRoleName) {
+		u.Roles = append(u.Roles, rootRoleName)
+	}
+	return u, nil
+}
+
+func (v *authView) role(name string) (*authRole, error) {
+	if name == rootRoleName {
+		r := rootRole
+		return &r, nil
+	}
+	raw, ok := v.roles[name]
+	if !ok {
+		return nil, authErrf(http.StatusNotFound, "Role %s does not exist.", name)
+	}
+	r := &authRole{}
+	if err := json.Unmarshal([]byte(raw), r); err != nil {
+		return nil, err
+	}
+	return r, nil
+}
+
+func sortedNames(m map[string]string, extra ...string) []string {
+	names := append([]string(nil), extra...)
+	for k := range m {
+		names = append(names, k)
+	}
+	sort.Strings(names)
+	return names
+}
+
+// hasAccess is etcd's HasKeyAccess (recursive false) and
+// HasRecursiveAccess: a pattern ending in "*" grants every key it is a
+// string prefix of; any other grants that key alone, and never a
+// recursive request.
+func (r *authRole) hasAccess(key string, write, recursive bool) bool {
+	if r.Role == rootRoleName {
+		return true
+	}
+	list := r.Permissions.KV.Read
+	if write {
+		list = r.Permissions.KV.Write
+	}
+	for _, pat := range list {
+		if prefix, ok := strings.CutSuffix(pat, "*"); ok {
+			if strings.HasPrefix(key, prefix) {
+				return true
+			}
+		} else if !recursive && key == pat {
+			return true
+		}
+	}
+	return false
+}
+
+// passwords remembers passwords bcrypt has accepted, so that a client
+// sending its credentials with every request pays bcrypt's cost (tens of
+// milliseconds, by design) once rather than every time, as etcd does. An
+// entry holds the stored hash it was checked against, so a new password
+// voids it, and an HMAC of the password under a key made at start, never
+// the password.
+var passwords = struct {
+	sync.Mutex
+	key  [32]byte
+	seen map[string]passwordEntry
+}{seen: map[string]passwordEntry{}}
+
+type passwordEntry struct {
+	hash string
+	mac  []byte
+}
+
+func init() {
+	_, _ = rand.Read(passwords.key[:])
+}
+
+func passwordMAC(user, password string) []byte {
+	m := hmac.New(sha256.New, passwords.key[:])
+	m.Write([]byte(user))
+	m.Write([]byte{0})
+	m.Write([]byte(password))
+	return m.Sum(nil)
+}
+
+// checkPassword is etcd's CheckPassword with the memory above.
+func checkPassword(u *authUser, password string) bool {
+	mac := passwordMAC(u.User, password)
+	passwords.Lock()
+	e, ok := passwords.seen[u.User]
+	passwords.Unlock()
+	if ok && e.hash == u.Password && hmac.Equal(e.mac, mac) {
+		return true
+	}
+	if bcrypt.CompareHashAndPassword([]byte(u.Password), []byte(password)) != nil {
+		return false
+	}
+	passwords.Lock()
+	if len(passwords.seen) > 4096 {
+		clear(passwords.seen) // users come and go; never grow without bound
+	}
+	passwords.seen[u.User] = passwordEntry{hash: u.Password, mac: mac}
+	passwords.Unlock()
+	return true
+}
+
+// requestUser is the user a request authenticates as: by basic auth, or,
+// when it has no Authorization header, by the common name of a verified
+// client certificate (etcd's --client-cert-auth; here: the site's
+// client_auth verified one). nil when the credentials are wrong or there
+// are none; anonymous reports that there were none.
+func (h *Handler) requestUser(r *http.Request, v *authView) (u *authUser, anonymous bool) {
+	if r.Header.Get("Authorization") == "" {
+		if r.TLS != nil {
+			for _, chain := range r.TLS.VerifiedChains {
+				for _, cert := range chain {
+					if u, err := v.user(cert.Subject.CommonName); err == nil {
+						return u, false
+					}
+				}
+			}
+		}
+		return nil, true
+	}
+	name, password, ok := r.BasicAuth()
+	if !ok {
+		return nil, false
+	}
+	u, err := v.user(name)
+	if err != nil {
+		return nil, false
+	}
+	if !checkPassword(u, password) {
+		h.logger.Warn("incorrect password", zap.String("user-name", name))
+		return nil, false
+	}
+	return u, false
+}
+
+// authView returns the member's auth data, parsed.
+func (h *Handler) authView(ctx context.Context, n *raftkv.Node, quorum bool) (*authView, error) {
+	d, err := n.Auth(ctx, quorum)
+	if err != nil {
+		return nil, err
+	}
+	return viewOf(d), nil
+}
+
+// rootAccess is etcd's hasRootAccess: anything goes while auth is off;
+// then only a user with the root role.
+func (h *Handler) rootAccess(r *http.Request, v *authView) bool {
+	if !v.enabled {
+		return true
+	}
+	u, _ := h.requestUser(r, v)
+	return u != nil && slices.Contains(u.Roles, rootRoleName)
+}
+
+// keyAccess is etcd's hasKeyPrefixAccess for a request on key (the URL
+// path after /v2/keys, as sent): GET and HEAD read, the rest write. A
+// request without credentials gets the guest role's access, if there is
+// a guest role; one with wrong credentials gets none.
+func (h *Handler) keyAccess(r *http.Request, n *raftkv.Node, key string, recursive bool) bool {
+	v, err := h.authView(r.Context(), n, false)
+	if err != nil || !v.enabled {
+		// A stopped member answers the request itself with its error.
+		return true
+	}
+	write := r.Method != http.MethodGet && r.Method != http.MethodHead
+	u, anonymous := h.requestUser(r, v)
+	if anonymous {
+		guest, err := v.role(guestRoleName)
+		return err == nil && guest.hasAccess(key, write, false)
+	}
+	if u == nil {
+		return false
+	}
+	for _, name := range u.Roles {
+		if role, err := v.role(name); err == nil && role.hasAccess(key, write, recursive) {
+			return true
+		}
+	}
+	h.logger.Warn("invalid access for user on key", zap.String("user-name", u.User), zap.String("key", key))
+	return false
+}
+
+// membersAccess is etcd's hasWriteRootAccess for /v2/members: reading is
+// open, changing needs root.
+func (h *Handler) membersAccess(r *http.Request, n *raftkv.Node) bool {
+	if r.Method == http.MethodGet || r.Method == http.MethodHead {
+		return true
+	}
+	v, err := h.authView(r.Context(), n, false)
+	return err != nil || h.rootAccess(r, v)
+}
+
+const errInsufficientCredentials = "Insufficient credentials"
+
+// serveAuth answers /v2/auth/...: etcd's mux routes /roles, /roles/...,
+// /users, /users/... and /enable; any other path under it is its 404.
+func (h *Handler) serveAuth(w http.ResponseWriter, r *http.Request) {
+	sub := strings.TrimPrefix(r.URL.Path, authPrefix)
+	var users bool
+	switch {
+	case sub == "/enable":
+		h.serveAuthEnable(w, r)
+		return
+	case sub == "/users" || strings.HasPrefix(sub, "/users/"):
+		users = true
+	case sub == "/roles" || strings.HasPrefix(sub, "/roles/"):
+	default:
+		http.Error(w, "404 page not found", http.StatusNotFound)
+		return
+	}
+	// "/users/" cleans to "/users": the list; "/users/a/b" is refused.
+	pieces := strings.Split(path.Clean(sub), "/")
+	name := ""
+	switch {
+	case len(pieces) == 3:
+		name = pieces[2]
+	case len(pieces) != 2:
+		writeMessage(w, http.StatusBadRequest, "Invalid path")
+		return
+	}
+	methods := []string{"GET", "PUT", "DELETE"}
+	if name == "" {
+		methods = methods[:1]
+	}
+	if !allowMethod(w, r, methods...) {
+		return
+	}
+	n, v, ok := h.authRequest(w, r, true)
+	if !ok {
+		return
+	}
+	switch {
+	case users && name == "":
+		h.listUsers(w, v)
+	case users:
+		h.serveUser(w, r, n, v, name)
+	case name == "":
+		listRoles(w, v)
+	default:
+		h.serveRole(w, r, n, v, name)
+	}
+}
+
+// authRequest does what every /v2/auth request does after its method
+// check: find the member, check root access (all of them need it once auth
+// is on, except reading /enable), and set the headers of an answer.
+func (h *Handler) authRequest(w http.ResponseWriter, r *http.Request, needRoot bool) (*raftkv.Node, *authView, bool) {
+	n := h.node()
+	if n == nil {
+		writeMessage(w, http.StatusServiceUnavailable, errNotRunning)
+		return nil, nil, false
+	}
+	v, err := h.authView(r.Context(), n, false)
+	if err != nil {
+		writeMessage(w, http.StatusServiceUnavailable, errNotRunning)
+		return nil, nil, false
+	}
+	if needRoot && !h.rootAccess(r, v) {
+		writeMessage(w, http.StatusUnauthorized, errInsufficientCredentials)
+		return nil, nil, false
+	}
+	w.Header().Set("X-Etcd-Cluster-Id", idString(n.Status().ClusterID))
+	w.Header().Set("Content-Type", "application/json")
+	return n, v, true
+}
+
+// serveAuthEnable is etcd's enableDisable: GET tells whether auth is on
+// (anyone may ask), PUT turns it on (root only once on, and only when a
+// root user exists), DELETE turns it off.
+func (h *Handler) serveAuthEnable(w http.ResponseWriter, r *http.Request) {
+	if !allowMethod(w, r, "GET", "PUT", "DELETE") {
+		return
+	}
+	n, v, ok := h.authRequest(w, r, r.Method != http.MethodGet && r.Method != http.MethodHead)
+	if !ok {
+		return
+	}
+	if r.Method == http.MethodGet {
+		writeJSON(w, http.StatusOK, struct {
+			Enabled bool `json:"enabled"`
+		}{v.enabled}, true)
+		return
+	}
+	on := r.Method == http.MethodPut
+	err := h.changeAuth(r.Context(), n, func(v *authView) (*authChange, error) {
+		switch {
+		case on && v.enabled:
+			return nil, authErrf(http.StatusConflict, "already enabled")
+		case !on && !v.enabled:
+			return nil, authErrf(http.StatusConflict, "already disabled")
+		}
+		if on {
+			if _, err := v.user(rootRoleName); err != nil {
+				return nil, authErrf(http.StatusConflict, "No root user available, please create one")
+			}
+			if _, err := v.role(guestRoleName); err != nil {
+				// etcd creates the guest role first, in a write of its own.
+				return &authChange{path: "/roles/" + guestRoleName, value: guestRole, create: true, then: true}, nil
+			}
+		}
+		return &authChange{path: storage.AuthEnabledPath, value: on, prev: v.src.Values[storage.AuthEnabledPath]}, nil
+	})
+	if err != nil {
+		h.writeAuthError(w, err)
+		return
+	}
+	w.WriteHeader(http.StatusOK)
+}
+
+// listUsers is etcd's baseUsers: every user with its roles spelled out
+// (roles that no longer exist left out); no users is "users": null.
+func (h *Handler) listUsers(w http.ResponseWriter, v *authView) {
+	type userWithRoles struct {
+		User  string      `json:"user"`
+		Roles []*authRole `json:"roles,omitempty"`
+	}
+	var out struct {
+		Users []userWithRoles `json:"users"`
+	}
+	for _, name := range sortedNames(v.users) {
+		u, err := v.user(name)
+		if err != nil {
+			h.writeAuthError(w, err)
+			return
+		}
+		uwr := userWithRoles{User: u.User}
+		for _, rn := range u.Roles {
+			if role, err := v.role(rn); err == nil {
+				uwr.Roles = append(uwr.Roles, role)
+			}
+		}
+		out.Users = append(out.Users, uwr)
+	}
+	writeJSON(w, http.StatusOK, out, true)
+}
+
+// listRoles is etcd's baseRoles: root and every stored role, by name.
+func listRoles(w http.ResponseWriter, v *authView) {
+	var out struct {
+		Roles []*authRole `json:"roles"`
+	}
+	for _, name := range sortedNames(v.roles, rootRoleName) {
+		role, err := v.role(name)
+		if err != nil {
+			continue
+		}
+		out.Roles = append(out.Roles, role)
+	}
+	writeJSON(w, http.StatusOK, out, true)
+}
+
+// serveUser is etcd's forUser.
+func (h *Handler) serveUser(w http.ResponseWriter, r *http.Request, n *raftkv.Node, v *authView, name string) {
+	switch r.Method {
+	case http.MethodGet:
+		u, err := v.user(name)
+		if err != nil {
+			h.writeAuthError(w, err)
+			return
+		}
+		out := struct {
+			User  string      `json:"user"`
+			Roles []*authRole `json:"roles,omitempty"`
+		}{User: u.User}
+		for _, rn := range u.Roles {
+			role, err := v.role(rn)
+			if err != nil {
+				h.writeAuthError(w, err)
+				return
+			}
+			out.Roles = append(out.Roles, role)
+		}
+		writeJSON(w, http.StatusOK, out, true)
+
+	case http.MethodPut:
+		var in authUser
+		if json.NewDecoder(r.Body).Decode(&in) != nil {
+			writeMessage(w, http.StatusBadRequest, "Invalid JSON in request body.")
+			return
+		}
+		if in.User != name {
+			writeMessage(w, http.StatusBadRequest, "User JSON name does not match the name in the URL")
+			return
+		}
+		if (len(in.Grant) > 0 || len(in.Revoke) > 0) && len(in.Roles) > 0 {
+			writeMessage(w, http.StatusBadRequest, "User JSON contains both roles and grant/revoke")
+			return
+		}
+		var out *authUser
+		created := false
+		err := h.changeAuth(r.Context(), n, func(v *authView) (*authChange, error) {
+			old, err := v.user(name)
+			// etcd creates when the body has roles (200 even so), or when
+			// there is no such user (201); otherwise it updates.
+			create := len(in.Grant) == 0 && len(in.Revoke) == 0 && (len(in.Roles) > 0 || err != nil)
+			if create {
+				u := in
+				if u.User == rootRoleName && !slices.Contains(u.Roles, rootRoleName) {
+					u.Roles = append(u.Roles, rootRoleName)
+				}
+				if u.Password == "" {
+					return nil, authErrf(http.StatusBadRequest, "Cannot create user %s with an empty password", u.User)
+				}
+				hash, err := bcrypt.GenerateFromPassword([]byte(u.Password), bcrypt.DefaultCost)
+				if err != nil {
+					return nil, err
+				}
+				u.Password = string(hash)
+				out, created = &u, len(in.Roles) == 0
+				return &authChange{path: "/users/" + name, value: u, create: true,
+					exists: authErrf(http.StatusConflict, "User %s already exists.", name)}, nil
+			}
+			if err != nil {
+				// etcd's UpdateUser passes getUser's error on as it is.
+				return nil, err
+			}
+			nu, err := mergeUser(old, &in)
+			if err != nil {
+				return nil, err
+			}
+			if reflect.DeepEqual(old, nu) {
+				return nil, authErrf(http.StatusBadRequest, "User not updated. Use grant/revoke/password to update the user.")
+			}
+			out, created = nu, false
+			return &authChange{path: "/users/" + name, value: nu, prev: v.users[name]}, nil
+		})
+		if err != nil {
+			h.writeAuthError(w, err)
+			return
+		}
+		status := http.StatusOK
+		if created {
+			status = http.StatusCreated
+		}
+		o := *out
+		o.Password = ""
+		writeJSON(w, status, o, true)
+
+	case http.MethodDelete:
+		err := h.changeAuth(r.Context(), n, func(v *authView) (*authChange, error) {
+			if v.enabled && name == rootRoleName {
+				return nil, authErrf(http.StatusForbidden, "Cannot delete root user while auth is enabled.")
+			}
+			return &authChange{path: "/users/" + name, delete: true,
+				missing: authErrf(http.StatusNotFound, "User %s does not exist", name)}, nil
+		})
+		if err != nil {
+			h.writeAuthError(w, err)
+		}
+	}
+}
+
+// mergeUser is etcd's User.merge: a new password (hashed), then the roles
+// granted and revoked, sorted.
+func mergeUser(old, in *authUser) (*authUser, error) {
+	out := &authUser{User: old.User, Password: old.Password}
+	if in.Password != "" {
+		hash, err := bcrypt.GenerateFromPassword([]byte(in.Password), bcrypt.DefaultCost)
+		if err != nil {
+			return nil, err
+		}
+		out.Password = string(hash)
+	}
+	roles := setOf(old.Roles)
+	for _, g := range in.Grant {
+		if roles[g] {
+			return nil, authErrf(http.StatusConflict, "Granting duplicate role %s for user %s", g, in.User)
+		}
+		roles[g] = true
+	}
+	for _, rv := range in.Revoke {
+		if !roles[rv] {
+			return nil, authErrf(http.StatusConflict, "Revoking ungranted role %s for user %s", rv, in.User)
+		}
+		delete(roles, rv)
+	}
+	out.Roles = keysOf(roles)
+	return out, nil
+}
+
+func setOf(list []string) map[string]bool {
+	m := make(map[string]bool, len(list))
+	for _, s := range list {
+		m[s] = true
+	}
+	return m
+}
+
+// keysOf is the set's members, sorted: never nil (etcd's Values).
+func keysOf(m map[string]bool) []string {
+	out := make([]string, 0, len(m))
+	for k := range m {
+		out = append(out, k)
+	}
+	sort.Strings(out)
+	return out
+}
+
+// serveRole is etcd's forRole.
+func (h *Handler) serveRole(w http.ResponseWriter, r *http.Request, n *raftkv.Node, v *authView, name string) {
+	switch r.Method {
+	case http.MethodGet:
+		role, err := v.role(name)
+		if err != nil {
+			h.writeAuthError(w, err)
+			return
+		}
+		writeJSON(w, http.StatusOK, role, true)
+
+	case http.MethodPut:
+		var in authRole
+		if json.NewDecoder(r.Body).Decode(&in) != nil {
+			writeMessage(w, http.StatusBadRequest, "Invalid JSON in request body.")
+			return
+		}
+		if in.Role != name {
+			writeMessage(w, http.StatusBadRequest, "Role JSON name does not match the name in the URL")
+			return
+		}
+		create := in.Grant.isEmpty() && in.Revoke.isEmpty()
+		if !create && !in.Permissions.isEmpty() {
+			writeMessage(w, http.StatusBadRequest, "Role JSON contains both permissions and grant/revoke")
+			return
+		}
+		if name == rootRoleName {
+			h.writeAuthError(w, authErrf(http.StatusForbidden, "Cannot modify role %s: is root role.", name))
+			return
+		}
+		out := &in
+		err := h.changeAuth(r.Context(), n, func(v *authView) (*authChange, error) {
+			if create {
+				return &authChange{path: "/roles/" + name, value: in, create: true,
+					exists: authErrf(http.StatusConflict, "Role %s already exists.", name)}, nil
+			}
+			old, err := v.role(name)
+			if err != nil {
+				return nil, authErrf(http.StatusNotFound, "Role %s doesn't exist.", name)
+			}
+			nr, err := mergeRole(old, &in)
+			if err != nil {
+				return nil, err
+			}
+			if reflect.DeepEqual(old, nr) {
+				return nil, authErrf(http.StatusBadRequest, "Role not updated. Use grant/revoke to update the role.")
+			}
+			out = nr
+			return &authChange{path: "/roles/" + name, value: nr, prev: v.roles[name]}, nil
+		})
+		if err != nil {
+			h.writeAuthError(w, err)
+			return
+		}
+		status := http.StatusOK
+		if create {
+			status = http.StatusCreated
+		}
+		writeJSON(w, status, out, true)
+
+	case http.MethodDelete:
+		if name == rootRoleName {
+			h.writeAuthError(w, authErrf(http.StatusForbidden, "Cannot modify role %s: is root role.", name))
+			return
+		}
+		err := h.changeAuth(r.Context(), n, func(*authView) (*authChange, error) {
+			return &authChange{path: "/roles/" + name, delete: true,
+				missing: authErrf(http.StatusNotFound, "Role %s doesn't exist.", name)}, nil
+		})
+		if err != nil {
+			h.writeAuthError(w, err)
+		}
+	}
+}
+
+// mergeRole is etcd's Role.merge: grants (a duplicate is a conflict), then
+// revokes (one not granted is passed over), each list sorted.
+func mergeRole(old, in *authRole) (*authRole, error) {
+	out := &authRole{Role: old.Role}
+	kv := old.Permissions.KV
+	if in.Grant != nil {
+		read, write := setOf(kv.Read), setOf(kv.Write)
+		for _, p := range in.Grant.KV.Read {
+			if read[p] {
+				return nil, authErrf(http.StatusConflict, "Granting duplicate read permission %s", p)
+			}
+			read[p] = true
+		}
+		for _, p := range in.Grant.KV.Write {
+			if write[p] {
+				return nil, authErrf(http.StatusConflict, "Granting duplicate write permission %s", p)
+			}
+			write[p] = true
+		}
+		kv = rwPermission{Read: keysOf(read), Write: keysOf(write)}
+	}
+	if in.Revoke != nil {
+		read, write := setOf(kv.Read), setOf(kv.Write)
+		for _, p := range in.Revoke.KV.Read {
+			delete(read, p)
+		}
+		for _, p := range in.Revoke.KV.Write {
+			delete(write, p)
+		}
+		kv = rwPermission{Read: keysOf(read), Write: keysOf(write)}
+	}
+	out.Permissions.KV = kv
+	return out, nil
+}
+
+// authChange is one write of the auth data that an operation decided on.
+type authChange struct {
+	path    string
+	value   any    // marshalled as JSON
+	delete  bool   // delete path instead (it must exist)
+	create  bool   // path must not exist
+	prev    string // path must still hold this (an update read from it)
+	exists  error  // the answer when create finds path taken
+	missing error  // the answer when delete finds nothing
+	then    bool   // the operation goes on after this write (decide again)
+}
+
+// changeAuth runs an operation on the auth data: decide looks at the data
+// as of a linearizable read and names the write to make, or the error to
+// answer. An update is conditional on the value it was computed from, and
+// is decided again on the new data when another write came first (etcd
+// writes blindly, so that one of two concurrent grants could be lost).
+func (h *Handler) changeAuth(ctx context.Context, n *raftkv.Node, decide func(*authView) (*authChange, error)) error {
+	ctx, cancel := context.WithTimeout(ctx, h.timeout)
+	defer cancel()
+	for {
+		v, err := h.authView(ctx, n, true)
+		if err != nil {
+			return err
+		}
+		c, err := decide(v)
+		if err != nil {
+			return err
+		}
+		req := storage.Request{Method: storage.MethodAuthPut, Path: c.path, PrevValue: c.prev}
+		if c.delete {
+			req.Method = storage.MethodAuthDelete
+		} else {
+			b, err := json.Marshal(c.value)
+			if err != nil {
+				return err
+			}
+			req.Val = string(b)
+			if c.create {
+				req.PrevExist = new(false)
+			}
+		}
+		_, err = n.Do(ctx, req)
+		var se *storage.Error
+		switch {
+		case errors.As(err, &se) && se.ErrorCode == storage.EcodeTestFailed:
+			continue // changed since it was read: decide again
+		case errors.As(err, &se) && se.ErrorCode == storage.EcodeNodeExist && c.exists != nil:
+			return c.exists
+		case errors.As(err, &se) && se.ErrorCode == storage.EcodeNodeExist && c.then:
+			continue // made meanwhile by another request
+		case errors.As(err, &se) && se.ErrorCode == storage.EcodeKeyNotFound && c.missing != nil:
+			return c.missing
+		case errors.As(err, &se) && se.ErrorCode == storage.EcodeKeyNotFound && c.prev != "":
+			continue // deleted since it was read
+		case err != nil:
+			return err
+		case c.then:
+			continue
+		}
+		return nil
+	}
+}
+
+// writeAuthError answers an auth operation's error as etcd's writeError
+// does: its own status and message, or 500 for anything else.
+func (h *Handler) writeAuthError(w http.ResponseWriter, err error) {
+	var ae *authError
+	switch {
+	case errors.As(err, &ae):
+		writeMessage(w, ae.status, ae.msg)
+	case errors.Is(err, raftkv.ErrStopped):
+		writeMessage(w, http.StatusServiceUnavailable, errNotRunning)
+	case errors.Is(err, raftkv.ErrTimeout):
+		writeMessage(w, http.StatusInternalServerError, "etcdserver: request timed out")
+	default:
+		h.logger.Warn("auth operation failed", zap.Error(err))
+		writeMessage(w, http.StatusInternalServerError, "Internal Server Error")
+	}
+}

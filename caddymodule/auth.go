@@ -666,7 +666,7 @@ func (h *Handler) serveRole(w http.ResponseWriter, r *http.Request, n *raftkv.No
 			}
 			old, err := v.role(name)
 			if err != nil {
-				return nil, authErrf(http.StatusNotFound, "Role %s doesn't exist.", name)
+				return nil, err // as etcd's UpdateRole passes getRole's on
 			}
 			nr, err := mergeRole(old, &in)
 			if err != nil {

@@ -166,6 +166,7 @@ type step struct {
 	raw          bool       // send body/ctype as they are
 	mode         cmpMode
 	save         string
+	auth         string // "user:password" for basic auth; empty: none
 }
 
 func (d *differ) req(method, path string, form url.Values) {
@@ -184,6 +185,21 @@ func (d *differ) saveAs(name, method, path string, form url.Values) {
 
 func (d *differ) rawBody(method, path, ctype, body string) {
 	d.run(step{method: method, path: path, ctype: ctype, body: body, raw: true})
+}
+
+// as sends a raw JSON body (none when empty) with basic auth as user ("name:password",
+// empty: no Authorization header).
+func (d *differ) as(user, method, path, body string) {
+	st := step{method: method, path: path, auth: user, raw: true, body: body}
+	if body != "" {
+		st.ctype = "application/json"
+	}
+	d.run(st)
+}
+
+// asForm sends a form request (see req) with basic auth as user.
+func (d *differ) asForm(user, method, path string, form url.Values) {
+	d.run(step{method: method, path: path, form: form, auth: user})
 }
 
 // send performs st on one server and returns the raw answer.
@@ -212,7 +228,13 @@ func (s *diffSide) send(ctx context.Context, st step) (string, *http.Response, [
 	if err != nil {
 		return path, nil, nil, err
 	}
+	if name, password, ok := strings.Cut(st.auth, ":"); ok {
+		req.SetBasicAuth(name, password)
+	}
 	desc := st.method + " " + path
+	if st.auth != "" {
+		desc = "(as " + st.auth + ") " + desc
+	}
 	if p != s.p {
 		desc = p.Name + ": " + desc
 	}

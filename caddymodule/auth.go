@@ -506,8 +506,7 @@ func (h *Handler) serveUser(w http.ResponseWriter, r *http.Request, n *raftkv.No
 
 	case http.MethodPut:
 		var in authUser
-		if json.NewDecoder(r.Body).Decode(&in) != nil {
-			writeMessage(w, http.StatusBadRequest, "Invalid JSON in request body.")
+		if !decodeAuthBody(w, r, &in) {
 			return
 		}
 		if in.User != name {
@@ -582,6 +581,22 @@ func (h *Handler) serveUser(w http.ResponseWriter, r *http.Request, n *raftkv.No
 	}
 }
 
+// decodeAuthBody reads the JSON value a PUT of a user or role starts with
+// (etcd reads no further), from at most etcd's --max-request-bytes.
+func decodeAuthBody(w http.ResponseWriter, r *http.Request, v any) bool {
+	err := json.NewDecoder(http.MaxBytesReader(w, r.Body, maxRequestBytes)).Decode(v)
+	var tooLarge *http.MaxBytesError
+	switch {
+	case errors.As(err, &tooLarge):
+		writeMessage(w, http.StatusRequestEntityTooLarge, causeBodyTooLarge)
+	case err != nil:
+		writeMessage(w, http.StatusBadRequest, "Invalid JSON in request body.")
+	default:
+		return true
+	}
+	return false
+}
+
 // mergeUser is etcd's User.merge: a new password (hashed), then the roles
 // granted and revoked, sorted.
 func mergeUser(old, in *authUser) (*authUser, error) {
@@ -641,8 +656,7 @@ func (h *Handler) serveRole(w http.ResponseWriter, r *http.Request, n *raftkv.No
 
 	case http.MethodPut:
 		var in authRole
-		if json.NewDecoder(r.Body).Decode(&in) != nil {
-			writeMessage(w, http.StatusBadRequest, "Invalid JSON in request body.")
+		if !decodeAuthBody(w, r, &in) {
 			return
 		}
 		if in.Role != name {

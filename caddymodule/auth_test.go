@@ -1,0 +1,151 @@
+package caddymodule
+
+import (
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+
+	"golang.org/x/crypto/bcrypt"
+)
+
+// asUser sends a JSON body (none when empty) with basic auth as user ("name:password"; empty:
+// no credentials).
+func (s *inproc) asUser(user, method, path, body string) (*http.Response, string) {
+	s.t.Helper()
+	ctype := ""
+	if body != "" {
+		ctype = "application/json"
+	}
+	req := s.request(s.t.Context(), method, path, ctype, body)
+	if name, password, ok := strings.Cut(user, ":"); ok {
+		req.SetBasicAuth(name, password)
+	}
+	resp, err := s.client.Do(req)
+	if err != nil {
+		s.t.Fatalf("%s %s: %v", method, path, err)
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		s.t.Fatal(err)
+	}
+	return resp, string(b)
+}
+
+func (s *inproc) wantStatus(resp *http.Response, body string, status int) {
+	s.t.Helper()
+	if resp.StatusCode != status {
+		s.t.Fatalf("%s %s: status %d, want %d; body %q", resp.Request.Method, resp.Request.URL, resp.StatusCode, status, body)
+	}
+}
+
+// Two roles granted to one user at the same moment both stay granted: each update is
+// conditional on the user it was computed from, and computed again when the other won.
+// (etcd writes each blindly, and one of the two can be lost.)
+func TestConcurrentAuthUpdatesAreNotLost(t *testing.T) {
+	s := startInproc(t)
+	resp, body := s.asUser("", "PUT", "/v2/auth/users/u", `{"user":"u","password":"p"}`)
+	s.wantStatus(resp, body, http.StatusCreated)
+	const n = 6
+	for i := range n {
+		resp, body := s.asUser("", "PUT", fmt.Sprintf("/v2/auth/roles/r%d", i), fmt.Sprintf(`{"role":"r%d","permissions":{"kv":{"read":["/r%d/*"]}}}`, i, i))
+		s.wantStatus(resp, body, http.StatusCreated)
+	}
+	var wg sync.WaitGroup
+	errs := make(chan string, n)
+	for i := range n {
+		wg.Go(func() {
+			req := s.request(t.Context(), "PUT", "/v2/auth/users/u", "application/json", fmt.Sprintf(`{"user":"u","grant":["r%d"]}`, i))
+			resp, err := s.client.Do(req)
+			if err != nil {
+				errs <- err.Error()
+				return
+			}
+			resp.Body.Close()
+			if resp.StatusCode != http.StatusOK {
+				errs <- fmt.Sprintf("grant r%d: status %d", i, resp.StatusCode)
+			}
+		})
+	}
+	wg.Wait()
+	close(errs)
+	for e := range errs {
+		t.Error(e)
+	}
+	resp, body = s.asUser("", "GET", "/v2/auth/users/u", "")
+	s.wantStatus(resp, body, http.StatusOK)
+	var u struct {
+		Roles []struct {
+			Role string `json:"role"`
+		} `json:"roles"`
+	}
+	if err := json.Unmarshal([]byte(body), &u); err != nil {
+		t.Fatal(err)
+	}
+	if len(u.Roles) != n {
+		t.Fatalf("user has %d roles after %d concurrent grants: %s", len(u.Roles), n, body)
+	}
+}
+
+func TestAuthBadInputOverHTTP(t *testing.T) {
+	s := startInproc(t)
+	big := `{"user":"big","password":"` + strings.Repeat("p", maxRequestBytes) + `"}`
+	resp, body := s.asUser("", "PUT", "/v2/auth/users/big", big)
+	s.wantStatus(resp, body, http.StatusRequestEntityTooLarge)
+	if !strings.Contains(body, causeBodyTooLarge) {
+		t.Fatalf("body %q", body)
+	}
+	resp, body = s.asUser("", "PUT", "/v2/auth/roles/big", `{"role":"big","permissions":{"kv":{"read":["`+strings.Repeat("r", maxRequestBytes)+`"]}}}`)
+	s.wantStatus(resp, body, http.StatusRequestEntityTooLarge)
+	for _, b := range []string{"", "{", `{"user":["x"]}`, `{"user":"x","roles":"r"}`, "\xff"} {
+		resp, body := s.asUser("", "PUT", "/v2/auth/users/x", b)
+		s.wantStatus(resp, body, http.StatusBadRequest)
+	}
+	// Nothing of it was stored; the member goes on.
+	resp, body = s.asUser("", "GET", "/v2/auth/users", "")
+	s.wantStatus(resp, body, http.StatusOK)
+	if body != "{\"users\":null}\n" {
+		t.Fatalf("users after bad input: %q", body)
+	}
+	resp, body = s.form("PUT", "/v2/keys/after", "value=ok")
+	s.expect(resp, body, http.StatusCreated)
+}
+
+func TestPasswordMemoryFollowsTheStoredHash(t *testing.T) {
+	hash := func(pw string) string {
+		h, err := bcrypt.GenerateFromPassword([]byte(pw), bcrypt.MinCost)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return string(h)
+	}
+	u1 := &authUser{User: "memo", Password: hash("one")}
+	for _, c := range []struct {
+		u    *authUser
+		pw   string
+		want bool
+	}{
+		{u1, "one", true}, {u1, "one", true}, {u1, "two", false}, {u1, "", false},
+		// A new password voids what was remembered of the old one.
+		{&authUser{User: "memo", Password: hash("two")}, "one", false},
+		{&authUser{User: "memo", Password: hash("two")}, "two", true},
+		{u1, "two", false}, {u1, "one", true},
+		// Another user's password is not this one's.
+		{&authUser{User: "other", Password: u1.Password}, "one", true},
+	} {
+		if got := checkPassword(c.u, c.pw); got != c.want {
+			t.Fatalf("checkPassword(%s, %q) = %v, want %v", c.u.User, c.pw, got, c.want)
+		}
+	}
+	passwords.Lock()
+	e := passwords.seen["memo"]
+	passwords.Unlock()
+	if e.hash != u1.Password || slices.Equal(e.mac, []byte("one")) {
+		t.Fatalf("remembered %+v", e)
+	}
+}

@@ -1,6 +1,7 @@
 package caddymodule
 
 import (
+	"crypto/tls"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -9,6 +10,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"golang.org/x/crypto/bcrypt"
 )
@@ -147,5 +149,104 @@ func TestPasswordMemoryFollowsTheStoredHash(t *testing.T) {
 	passwords.Unlock()
 	if e.hash != u1.Password || slices.Equal(e.mac, []byte("one")) {
 		t.Fatalf("remembered %+v", e)
+	}
+}
+
+// A client certificate the site verified (Caddy's client_auth) authenticates as the user its
+// common name names, when the request has no Authorization header (etcd's
+// --client-cert-auth); basic auth, when sent, decides instead.
+func TestClientCertificateAuthenticatesItsCommonName(t *testing.T) {
+	pki := newTestPKI(t, "fleet", "stranger")
+	tlsPort := freePort(t)
+	cert, key := pki.memberFiles("fleet")
+	p := startEtcaddy(t, etcaddyOpts{Caddyfile: fmt.Sprintf(`{
+	admin 127.0.0.1:{admin_port}
+	auto_https disable_redirects
+	skip_install_trust
+	raftkv {
+		data_dir {data_dir}
+	}
+}
+
+http://127.0.0.1:{client_port} {
+	etcd
+}
+
+https://localhost:%d {
+	bind 127.0.0.1
+	tls %s %s {
+		client_auth {
+			mode verify_if_given
+			trust_pool file %s
+		}
+	}
+	etcd
+}
+`, tlsPort, cert, key, pki.caFile)})
+	put := func(user, path, body string) int {
+		t.Helper()
+		req, err := http.NewRequestWithContext(t.Context(), "PUT", p.ClientURL+path, strings.NewReader(body))
+		if err != nil {
+			t.Fatal(err)
+		}
+		req.Header.Set("Content-Type", "application/json")
+		if name, pw, ok := strings.Cut(user, ":"); ok {
+			req.SetBasicAuth(name, pw)
+		}
+		resp, err := testClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		return resp.StatusCode
+	}
+	for _, s := range []struct{ user, path, body string }{
+		{"", "/v2/auth/users/root", `{"user":"root","password":"rootpw"}`},
+		{"", "/v2/auth/roles/rkt", `{"role":"rkt","permissions":{"kv":{"read":["/rkt/*"],"write":["/rkt/*"]}}}`},
+		{"", "/v2/auth/users/fleet", `{"user":"fleet","password":"fleetpw","roles":["rkt"]}`},
+		{"", "/v2/auth/enable", ""},
+		{"root:rootpw", "/v2/auth/roles/guest", `{"role":"guest","revoke":{"kv":{"read":["/*"],"write":["/*"]}}}`},
+	} {
+		if st := put(s.user, s.path, s.body); st/100 != 2 {
+			t.Fatalf("PUT %s: %d", s.path, st)
+		}
+	}
+	base := fmt.Sprintf("https://localhost:%d", tlsPort)
+	client := func(name string) *http.Client {
+		cfg := &tls.Config{RootCAs: pki.pool, MinVersion: tls.VersionTLS12}
+		if name != "" {
+			cfg.Certificates = []tls.Certificate{pki.pair(t, name)}
+		}
+		c := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{TLSClientConfig: cfg}}
+		t.Cleanup(c.CloseIdleConnections)
+		return c
+	}
+	for _, tc := range []struct {
+		name, cert, user, path string
+		want                   int
+	}{
+		{"fleet's certificate may write its keys", "fleet", "", "/v2/keys/rkt/x", http.StatusCreated},
+		{"but not others", "fleet", "", "/v2/keys/other", http.StatusUnauthorized},
+		{"basic auth decides when sent", "fleet", "root:rootpw", "/v2/keys/other", http.StatusCreated},
+		{"wrong basic auth is refused", "fleet", "fleet:wrong", "/v2/keys/rkt/y", http.StatusUnauthorized},
+		{"a certificate naming no user is a guest", "stranger", "", "/v2/keys/rkt/z", http.StatusUnauthorized},
+		{"no certificate is a guest", "", "", "/v2/keys/rkt/z", http.StatusUnauthorized},
+	} {
+		req, err := http.NewRequestWithContext(t.Context(), "PUT", base+tc.path, strings.NewReader("value=1"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		req.Header.Set("Content-Type", formType)
+		if name, pw, ok := strings.Cut(tc.user, ":"); ok {
+			req.SetBasicAuth(name, pw)
+		}
+		resp, err := client(tc.cert).Do(req)
+		if err != nil {
+			t.Fatalf("%s: %v", tc.name, err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != tc.want {
+			t.Errorf("%s: status %d, want %d", tc.name, resp.StatusCode, tc.want)
+		}
 	}
 }

@@ -21,7 +21,7 @@ import (
 // which carries no value.
 const (
 	MethodAuthPut    = "AUTHPUT"    // set Path to Val; PrevExist and PrevValue as for PUT
-	MethodAuthDelete = "AUTHDELETE" // delete Path, which must exist; PrevValue as for DELETE
+	MethodAuthDelete = "AUTHDELETE" // delete Path (not /enabled), which must exist; PrevValue as for DELETE
 )
 
 var bucketAuth = []byte("auth")
@@ -87,6 +87,10 @@ func (a *applier) internalEvent(action, p string, dir bool) *Event {
 func (a *applier) applyAuth(r *Request) (*Event, *Error) {
 	if !authPath(r.Path) {
 		return nil, NewError(EcodeRaftInternal, "storage: not an auth path: "+r.Path, a.index)
+	}
+	if r.Method == MethodAuthDelete && r.Path == AuthEnabledPath {
+		// It says whether the rest exists (see above): it only changes.
+		return nil, NewError(EcodeRaftInternal, "storage: "+AuthEnabledPath+" cannot be deleted", a.index)
 	}
 	b := a.auth
 	if b.Get([]byte(AuthEnabledPath)) == nil {

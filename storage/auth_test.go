@@ -53,6 +53,7 @@ func TestAuthWritesMoveTheIndexAsEtcds(t *testing.T) {
 		{authPut("/other", "x"), EcodeRaftInternal},
 		{authPut("/users/a/b", "x"), EcodeRaftInternal},
 		{authPut("/users/", "x"), EcodeRaftInternal},
+		{Request{Method: MethodAuthDelete, Path: AuthEnabledPath}, EcodeRaftInternal},
 	} {
 		if _, err := ts.do(c.r); err == nil || err.ErrorCode != c.code {
 			t.Fatalf("%+v: got %v, want code %d", c.r, err, c.code)

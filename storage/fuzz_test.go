@@ -2,6 +2,7 @@ package storage
 
 import (
 	"fmt"
+	"maps"
 	"reflect"
 	"strings"
 	"testing"
@@ -12,6 +13,8 @@ func requestSeeds() []Request {
 	return []Request{
 		{},
 		{ID: 1, Method: MethodPut, Path: "/a", Val: "v"},
+		{ID: 2, Method: MethodAuthPut, Path: "/users/root", Val: `{"user":"root"}`, PrevExist: boolp(false)},
+		{ID: 3, Method: MethodAuthDelete, Path: "/roles/r", PrevValue: "{}"},
 		{ID: 1<<64 - 1, Method: MethodPut, Path: "/a/b", Val: "x", Dir: true, PrevValue: "p", PrevIndex: 9,
 			PrevExist: boolp(true), Expiration: -1 << 63, Recursive: true, Refresh: true, Time: 1<<63 - 1},
 		{Method: MethodPut, Path: "/c", PrevExist: boolp(false)},
@@ -109,6 +112,7 @@ func FuzzUnmarshalRequest(f *testing.F) {
 type model struct {
 	nodes map[string]*mnode
 	index uint64
+	auth  map[string]string // the auth data; nil until the first auth write
 }
 
 type mnode struct {
@@ -228,6 +232,8 @@ func compareOK(n *mnode, prevValue string, prevIndex uint64) (string, bool) {
 func (m *model) apply(r *Request) mresult {
 	p := r.Path
 	switch {
+	case r.Method == MethodAuthPut || r.Method == MethodAuthDelete:
+		return m.applyAuth(r)
 	case r.Method == MethodPost:
 		return m.create(fmt.Sprintf("%s/%020d", strings.TrimSuffix(p, "/"), m.index+1), r.Dir, r.Val, false, ActionCreate)
 	case r.Method == MethodPut && r.PrevExist != nil && !*r.PrevExist:
@@ -308,7 +314,51 @@ func (m *model) apply(r *Request) mresult {
 	}
 }
 
+// applyAuth is etcd's writes under /2: the first one creates /2, /2/users,
+// /2/roles and /2/enabled ("false") before it, each taking an index.
+func (m *model) applyAuth(r *Request) mresult {
+	if r.Method == MethodAuthDelete && r.Path == AuthEnabledPath {
+		return fail(EcodeRaftInternal, "storage: /enabled cannot be deleted")
+	}
+	if m.auth == nil {
+		m.auth = map[string]string{AuthEnabledPath: "false"}
+		m.index += 4
+	}
+	cur, ok := m.auth[r.Path]
+	switch {
+	case !ok && (r.Method == MethodAuthDelete || r.PrevExist != nil && *r.PrevExist || r.PrevValue != ""):
+		return fail(EcodeKeyNotFound, "/2"+r.Path)
+	case r.PrevValue != "" && cur != r.PrevValue:
+		return fail(EcodeTestFailed, "[prevValue mismatch]")
+	case r.Method == MethodAuthPut && r.PrevExist != nil && !*r.PrevExist && ok:
+		return fail(EcodeNodeExist, "/2"+r.Path)
+	}
+	action := ActionSet
+	switch {
+	case r.Method == MethodAuthDelete && r.PrevValue != "":
+		action = ActionCompareAndDelete
+	case r.Method == MethodAuthDelete:
+		action = ActionDelete
+	case r.PrevExist != nil && !*r.PrevExist:
+		action = ActionCreate
+	case r.PrevValue != "":
+		action = ActionCompareAndSwap
+	case r.PrevExist != nil:
+		action = ActionUpdate
+	}
+	if r.Method == MethodAuthDelete {
+		delete(m.auth, r.Path)
+	} else {
+		m.auth[r.Path] = r.Val
+	}
+	m.index++
+	return mresult{action: action, key: "2" + r.Path, node: mnode{created: m.index, modified: m.index}}
+}
+
 var fuzzNames = [...]string{"a", "b", "_h"}
+
+// fuzzAuthPaths are the auth data's paths the auth requests of decodeOps use.
+var fuzzAuthPaths = [...]string{"/users/a", "/roles/a", AuthEnabledPath}
 var fuzzValues = [...]string{"", "x", "y"}
 
 // decodeOps turns fuzz bytes into requests: three bytes per request (kind,
@@ -330,7 +380,7 @@ func decodeOps(data []byte) []Request {
 		v := fuzzValues[val%3]
 		idx := uint64(val/3) % 12
 		r := Request{Path: p, Val: v}
-		switch kind % 14 {
+		switch kind % 16 {
 		case 0:
 			r.Method = MethodPut
 		case 1:
@@ -359,6 +409,18 @@ func decodeOps(data []byte) []Request {
 			r.Method = MethodPost
 		case 13:
 			r.Method, r.Dir = MethodPost, true
+		case 14:
+			r = Request{Method: MethodAuthPut, Path: fuzzAuthPaths[sel%3], Val: v}
+			switch (val / 3) % 4 {
+			case 1:
+				r.PrevExist = boolp(false)
+			case 2:
+				r.PrevExist = boolp(true)
+			case 3:
+				r.PrevValue = fuzzValues[(val/12)%3]
+			}
+		case 15:
+			r = Request{Method: MethodAuthDelete, Path: fuzzAuthPaths[sel%3], PrevValue: fuzzValues[(val/3)%3]}
 		}
 		reqs = append(reqs, r)
 	}
@@ -373,6 +435,7 @@ func FuzzStoreOps(f *testing.F) {
 	f.Add([]byte{0, 255, 0, 7, 255, 0, 9, 255, 0, 10, 255, 4, 12, 255, 1, 13, 255, 0, 2, 8, 1, 3, 17, 0, 10, 8, 4, 11, 8, 6})
 	f.Add([]byte{0, 5, 1, 0, 14, 2, 0, 23, 1, 5, 5, 4, 6, 5, 9, 8, 2, 0, 9, 2, 0, 11, 14, 15, 0, 2, 0, 4, 8, 2, 12, 2, 1})
 	f.Add([]byte("the quick brown fox jumps over the lazy dog, twice: the quick brown fox jumps over the lazy dog"))
+	f.Add([]byte{0, 0, 1, 14, 0, 1, 14, 0, 4, 14, 0, 7, 0, 1, 2, 14, 1, 10, 15, 0, 0, 15, 0, 4, 15, 1, 0, 14, 2, 2, 14, 2, 11, 0, 0, 2})
 	f.Fuzz(func(t *testing.T, data []byte) {
 		reqs := decodeOps(data)
 		if len(reqs) == 0 {
@@ -390,6 +453,9 @@ func FuzzStoreOps(f *testing.F) {
 			if ts.Index() != m.index {
 				t.Fatalf("store index %d, model %d", ts.Index(), m.index)
 			}
+		}
+		if want, got := m.auth, ts.authValues(); !maps.Equal(want, got) {
+			t.Fatalf("auth data %v, model %v", got, want)
 		}
 		visible := 0
 		for p, n := range m.nodes {

@@ -145,3 +145,80 @@ func rawRequest(addr, method, req string, watch bool) (status int, ctype string,
 	body, err = io.ReadAll(resp.Body)
 	return resp.StatusCode, resp.Header.Get("Content-Type"), body, err
 }
+
+// FuzzAuthOverHTTP sends fuzzed requests to /v2/auth — any method, path below it, JSON body
+// and Authorization header — through a real Caddy to a member, and checks what it promises
+// for bad input: an answer, never a 5xx or a dropped connection, etcd's {"message"} error
+// for a refused request, and a store that still answers afterwards (possibly refusing the
+// request, when the input turned auth on and narrowed the guest role).
+func FuzzAuthOverHTTP(f *testing.F) {
+	s := startInproc(f)
+	resp, body := s.form("PUT", "/v2/keys/fuzz/sentinel", "value=intact")
+	s.expect(resp, body, http.StatusCreated)
+	root := "Basic cm9vdDpyb290cHc=" // root:rootpw
+	for _, seed := range []struct{ method, target, authz, body string }{
+		{"GET", "/v2/auth/enable", "", ""},
+		{"PUT", "/v2/auth/users/root", "", `{"user":"root","password":"rootpw"}`},
+		{"PUT", "/v2/auth/roles/r", "", `{"role":"r","permissions":{"kv":{"read":["/fuzz/*"],"write":[]}}}`},
+		{"PUT", "/v2/auth/roles/r", "", `{"role":"r","grant":{"kv":{"read":["/x"]}},"revoke":{"kv":{"write":["/y"]}}}`},
+		{"PUT", "/v2/auth/users/u", "", `{"user":"u","password":"p","roles":["r","r"]}`},
+		{"PUT", "/v2/auth/users/u", "", `{"user":"u","grant":["r"],"revoke":["r"]}`},
+		{"PUT", "/v2/auth/users/u", "", `{"user":"u","password":null,"roles":[null]}`},
+		{"PUT", "/v2/auth/enable", root, ""},
+		{"GET", "/v2/auth/users", "Basic !!!", ""},
+		{"GET", "/v2/auth/users", "Bearer x", ""},
+		{"GET", "/v2/auth/users", "Basic " + "dTo=", ""},
+		{"DELETE", "/v2/auth/enable", root, ""},
+		{"DELETE", "/v2/auth/users/%ff", root, ""},
+		{"PUT", "/v2/auth/roles/%2F", root, `{"role":"/"}`},
+		{"PUT", "/v2/auth/users/x", "", "\xff\xfe"},
+		{"PATCH", "/v2/auth/roles/r", "", ""},
+		{"GET", "/v2/auth/users/a/b/c", "", ""},
+		{"GET", "/v2/auth/../keys/fuzz/sentinel", "", ""},
+		{"PUT", "/v2/auth/roles/guest", root, `{"role":"guest","revoke":{"kv":{"read":["/*"],"write":["/*"]}}}`},
+	} {
+		f.Add(seed.method, seed.target, seed.authz, seed.body)
+	}
+	addr := fmt.Sprintf("127.0.0.1:%d", s.port)
+	f.Fuzz(func(t *testing.T, method, target, authz, body string) {
+		drop := func(s, cut string) string {
+			return strings.Map(func(r rune) rune {
+				if r == 0 || strings.ContainsRune(cut, r) {
+					return -1
+				}
+				return r
+			}, s)
+		}
+		method, target, authz = drop(method, "\r\n \t"), drop(target, "\r\n \t"), drop(authz, "\r\n")
+		if method == "" || len(body) > 64<<10 {
+			return
+		}
+		if !strings.HasPrefix(target, "/v2/auth") {
+			target = "/v2/auth/" + target
+		}
+		var req strings.Builder
+		fmt.Fprintf(&req, "%s %s HTTP/1.1\r\nHost: %s\r\nConnection: close\r\nContent-Type: application/json\r\n", method, target, addr)
+		if authz != "" {
+			fmt.Fprintf(&req, "Authorization: %s\r\n", authz)
+		}
+		fmt.Fprintf(&req, "Content-Length: %d\r\n\r\n%s", len(body), body)
+		status, ctypeOut, answer, err := rawRequest(addr, method, req.String(), false)
+		switch {
+		case err != nil:
+			t.Fatalf("%s %q: %v", method, target, err)
+		case status >= 500:
+			t.Fatalf("%s %q (%q, %q): status %d: %s", method, target, authz, body, status, answer)
+		case status >= 400 && strings.HasPrefix(ctypeOut, "application/json"):
+			var e struct {
+				Message string `json:"message"`
+			}
+			if err := json.Unmarshal(answer, &e); err != nil || e.Message == "" {
+				t.Fatalf("%s %q: status %d with a body that is not etcd's error: %q (%v)", method, target, status, answer, err)
+			}
+		}
+		status, _, answer, err = rawRequest(addr, "GET", "GET /v2/keys/fuzz/sentinel HTTP/1.1\r\nHost: "+addr+"\r\nConnection: close\r\n\r\n", false)
+		if err != nil || (status != http.StatusOK && status != http.StatusNotFound && status != http.StatusUnauthorized) {
+			t.Fatalf("after %s %q: the store answers %d, %v: %s", method, target, status, err, answer)
+		}
+	})
+}

@@ -6,14 +6,12 @@ package caddymodule
 // others and survive a member's crash.
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"net/http"
-	"os/exec"
 	"slices"
 	"strings"
 	"sync"
@@ -69,30 +67,7 @@ func (st ctlAuthStep) fails(code int) ctlAuthStep {
 // time than etcdctl's default 2 s per request: every request with credentials costs the
 // server a bcrypt comparison (etcd makes one each time), which a loaded machine can stretch.
 func (s *diffSide) etcdctlTyping(stdin string, args []string) ctlResult {
-	ctx, cancel := context.WithTimeout(context.Background(), 40*time.Second)
-	defer cancel()
-	cmd, err := s.etcdctlCmd(ctx, append([]string{"--timeout", "15s", "--total-timeout", "30s"}, args...))
-	if err != nil {
-		return ctlResult{code: -1, stderr: err.Error()}
-	}
-	cmd.Stdin = strings.NewReader(stdin)
-	var out, errb bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &out, &errb
-	err = cmd.Run()
-	res := ctlResult{stdout: out.String(), stderr: errb.String()}
-	var exit *exec.ExitError
-	switch {
-	case err == nil:
-	case errors.As(err, &exit):
-		res.code = exit.ExitCode()
-	default:
-		res.code = -1
-		res.stderr += err.Error()
-	}
-	if ctx.Err() != nil {
-		res.stderr += "\n(killed: no exit within 40s)"
-	}
-	return res
+	return s.runEtcdctl(stdin, 40*time.Second, append([]string{"--timeout", "15s", "--total-timeout", "30s"}, args...))
 }
 
 // TestEtcdctlAuthMatchesEtcd runs etcdctl's user, role and auth commands (ETCDCTL_API=2), and
@@ -557,30 +532,7 @@ func goAuthScript(t *testing.T, s *diffSide, r *recorder) {
 // AuthRoleAPI, and KeysAPI with Config.Username and Password) against etcd and against
 // etcaddy and compares the outcomes call by call.
 func TestGoClientAuth(t *testing.T) {
-	d := newDiffer(t, startEtcd(t), startSubject(t))
-	var recs [2]*recorder
-	for i, s := range d.sides() {
-		recs[i] = &recorder{s: s}
-		goAuthScript(t, s, recs[i])
-	}
-	for i := range max(len(recs[0].lines), len(recs[1].lines)) {
-		var a, b string
-		if i < len(recs[0].lines) {
-			a = recs[0].lines[i]
-		}
-		if i < len(recs[1].lines) {
-			b = recs[1].lines[i]
-		}
-		if d.transcript != nil {
-			fmt.Fprintf(d.transcript, "### call %d\n--- %s: %s\n--- %s: %s\n", i+1, d.ref.p.Name, a, d.sub.p.Name, b)
-		}
-		if a != b {
-			t.Errorf("call %d differs:\n  %s: %s\n  %s: %s", i+1, d.ref.p.Name, a, d.sub.p.Name, b)
-		}
-	}
-	if testing.Verbose() {
-		t.Logf("%d calls compared", len(recs[0].lines))
-	}
+	compareScripts(t, newDiffer(t, startEtcd(t), startSubject(t)), goAuthScript)
 }
 
 // authAnswer is the status and body of one answer of memberRequest.

@@ -63,13 +63,17 @@ func (s *diffSide) etcdctlCmd(ctx context.Context, args []string) (*exec.Cmd, er
 }
 
 // etcdctl runs etcdctl to completion (20 s at most).
-func (s *diffSide) etcdctl(args []string) ctlResult {
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+func (s *diffSide) etcdctl(args []string) ctlResult { return s.runEtcdctl("", 20*time.Second, args) }
+
+// runEtcdctl runs etcdctl with stdin on its standard input, for limit at most.
+func (s *diffSide) runEtcdctl(stdin string, limit time.Duration, args []string) ctlResult {
+	ctx, cancel := context.WithTimeout(context.Background(), limit)
 	defer cancel()
 	cmd, err := s.etcdctlCmd(ctx, args)
 	if err != nil {
 		return ctlResult{code: -1, stderr: err.Error()}
 	}
+	cmd.Stdin = strings.NewReader(stdin)
 	var out, errb bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &errb
 	err = cmd.Run()
@@ -84,7 +88,7 @@ func (s *diffSide) etcdctl(args []string) ctlResult {
 		res.stderr += err.Error()
 	}
 	if ctx.Err() != nil {
-		res.stderr += "\n(killed: no exit within 20s)"
+		res.stderr += fmt.Sprintf("\n(killed: no exit within %v)", limit)
 	}
 	return res
 }
@@ -669,11 +673,17 @@ func goClientScript(t *testing.T, s *diffSide, r *recorder) {
 // TestGoClientMatchesEtcd runs the same go.etcd.io/etcd/client/v2 script against etcd and
 // against etcaddy and compares the outcomes call by call.
 func TestGoClientMatchesEtcd(t *testing.T) {
-	d := newDiffer(t, startEtcd(t), startSubject(t))
+	compareScripts(t, newDiffer(t, startEtcd(t), startSubject(t)), goClientScript)
+}
+
+// compareScripts runs script against both sides of d and compares what each recorded, call
+// by call.
+func compareScripts(t *testing.T, d *differ, script func(*testing.T, *diffSide, *recorder)) {
+	t.Helper()
 	var recs [2]*recorder
 	for i, s := range d.sides() {
 		recs[i] = &recorder{s: s}
-		goClientScript(t, s, recs[i])
+		script(t, s, recs[i])
 	}
 	n := max(len(recs[0].lines), len(recs[1].lines))
 	for i := 0; i < n; i++ {

@@ -112,18 +112,34 @@ func keep(b []byte) []byte {
 
 // arena holds the values one write transaction puts, in shared chunks
 // rather than one allocation each. bbolt keeps a value by reference until
-// the transaction ends (it copies it into a page at commit), so the chunk
-// is reused by the next transaction, never within one.
+// the transaction ends (it copies it into a page at commit), so the chunks
+// are reused by the next transaction, never within one.
 type arena struct {
-	buf []byte
+	buf  []byte   // the chunk being filled
+	used [][]byte // the chunks this transaction filled before buf
+	free [][]byte // chunks no transaction references
 }
 
 // arenaChunk is the size of a chunk; a value over a quarter of it gets an
 // allocation of its own, so that a chunk kept for reuse stays small.
 const arenaChunk = 16 << 10
 
-// reset makes the chunk reusable: no transaction references it any more.
-func (a *arena) reset() { a.buf = a.buf[:0] }
+// arenaKeep is how many free chunks are kept for the next transactions: a
+// Ready of a few hundred writes fills that many; a rare huge one leaves
+// no more behind.
+const arenaKeep = 64
+
+// reset makes the chunks reusable: no transaction references them any more.
+func (a *arena) reset() {
+	for _, c := range a.used {
+		if len(a.free) < arenaKeep {
+			a.free = append(a.free, c[:0])
+		}
+	}
+	clear(a.used)
+	a.used = a.used[:0]
+	a.buf = a.buf[:0]
+}
 
 // copy returns a copy of b that stays valid until the next reset.
 func (a *arena) copy(b []byte) []byte {
@@ -131,7 +147,14 @@ func (a *arena) copy(b []byte) []byte {
 		return slices.Clone(b)
 	}
 	if cap(a.buf)-len(a.buf) < len(b) {
-		a.buf = make([]byte, 0, arenaChunk)
+		if a.buf != nil {
+			a.used = append(a.used, a.buf)
+		}
+		if k := len(a.free); k > 0 {
+			a.buf, a.free = a.free[k-1], a.free[:k-1]
+		} else {
+			a.buf = make([]byte, 0, arenaChunk)
+		}
 	}
 	n := len(a.buf)
 	a.buf = append(a.buf, b...)

@@ -30,6 +30,10 @@ var bucketAuth = []byte("auth")
 // "false"), which exists once the first auth write has been applied.
 const AuthEnabledPath = "/enabled"
 
+// authRootUser is the root user's path: while auth is on it cannot go,
+// and auth cannot go on without it.
+const authRootUser = "/users/root"
+
 // AuthData is the auth data as of one commit: path -> value. It is never
 // changed once published; a write publishes a new one.
 type AuthData struct {
@@ -62,14 +66,18 @@ func loadAuth(b *bolt.Bucket) (*AuthData, error) {
 	return d, err
 }
 
-// Auth returns the auth data as this member has applied it. Like Get, it
-// first waits for every write already answered to become visible.
+// Auth returns the auth data as this member has applied it. When an auth
+// write was answered from a transaction not yet committed (a deferred
+// Save), it first waits for that commit, as Get does for any write; other
+// writes it does not wait for: every request's access check reads this.
 func (s *Store) Auth() (*AuthData, error) {
 	if s.closed.Load() {
 		return nil, ErrClosed
 	}
-	if err := s.settle(); err != nil {
-		return nil, err
+	if s.authAcked.Load() > s.applied.Load() {
+		if err := s.settle(); err != nil {
+			return nil, err
+		}
 	}
 	return s.auth.Load(), nil
 }
@@ -103,6 +111,17 @@ func (a *applier) applyAuth(r *Request) (*Event, *Error) {
 		a.fail(b.Put([]byte(AuthEnabledPath), []byte("false")))
 		a.fail(a.emit(a.internalEvent(ActionCreate, AuthEnabledPath, false)))
 		a.authChanged = true
+	}
+	// etcd's own rules, kept here too so that no pair of concurrent
+	// requests can break them: auth on needs a root user, and the root
+	// user stays while auth is on. A refusal is a failed compare: the
+	// caller decides again on the data that refused it.
+	on := string(b.Get([]byte(AuthEnabledPath))) == "true"
+	switch {
+	case r.Method == MethodAuthPut && r.Path == AuthEnabledPath && r.Val == "true" && b.Get([]byte(authRootUser)) == nil:
+		return nil, NewError(EcodeTestFailed, "[no root user]", a.index)
+	case r.Method == MethodAuthDelete && r.Path == authRootUser && on:
+		return nil, NewError(EcodeTestFailed, "[auth is on]", a.index)
 	}
 	key := []byte(r.Path)
 	cur := b.Get(key)

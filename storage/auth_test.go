@@ -3,6 +3,7 @@ package storage
 import (
 	"maps"
 	"testing"
+	"time"
 )
 
 func authPut(p, v string) Request { return Request{Method: MethodAuthPut, Path: p, Val: v} }
@@ -111,5 +112,80 @@ func TestSnapshotInstallCarriesAuthData(t *testing.T) {
 		if v := s.authValues(); !maps.Equal(v, want) || s.Index() != 7 {
 			t.Fatalf("after install: %v, index %d", v, s.Index())
 		}
+	}
+}
+
+// etcd's rules hold at apply, whatever the requests raced with: auth goes on only with a
+// root user, and the root user stays while it is on.
+func TestAuthRootRulesHoldAtApply(t *testing.T) {
+	ts := newTestStore(t)
+	ts.mustDo(authCreate("/users/alice", "a"))
+	if _, err := ts.do(authPut(AuthEnabledPath, "true")); err == nil || err.ErrorCode != EcodeTestFailed {
+		t.Fatalf("auth on without root: %v", err)
+	}
+	ts.mustDo(authCreate("/users/root", "r"))
+	ts.mustDo(authPut(AuthEnabledPath, "true"))
+	if _, err := ts.do(Request{Method: MethodAuthDelete, Path: "/users/root"}); err == nil || err.ErrorCode != EcodeTestFailed {
+		t.Fatalf("root deleted while auth is on: %v", err)
+	}
+	ts.mustDo(Request{Method: MethodAuthDelete, Path: "/users/alice"})
+	ts.mustDo(authPut(AuthEnabledPath, "false"))
+	ts.mustDo(Request{Method: MethodAuthDelete, Path: "/users/root"})
+	if v := ts.authValues(); len(v) != 1 || v[AuthEnabledPath] != "false" {
+		t.Fatalf("auth data %v", v)
+	}
+}
+
+// A deferred Save's results are answered before its commit: Auth waits for that commit
+// when the Save changed the auth data (a revoked role must not pass a later check), and
+// not otherwise (every request's access check reads it).
+func TestAuthWaitsForDeferredAuthWritesOnly(t *testing.T) {
+	ts := newTestStore(t)
+	ents := []*raftEntry{
+		entry(1, &Request{Method: MethodPut, Path: "/k", Val: "1"}),
+		entry(2, &Request{Method: MethodAuthPut, Path: "/users/root", Val: "r", PrevExist: boolp(false)}),
+	}
+	if _, err := ts.Save(Ready{Entries: ents}); err != nil {
+		t.Fatal(err)
+	}
+	auth := func() <-chan *AuthData {
+		c := make(chan *AuthData, 1)
+		go func() {
+			d, err := ts.Auth()
+			if err != nil {
+				t.Error(err)
+			}
+			c <- d
+		}()
+		return c
+	}
+	if _, err := ts.Save(Ready{Committed: ents[:1], Defer: true}); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case d := <-auth():
+		if len(d.Values) != 0 {
+			t.Fatalf("auth data %v", d.Values)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("Auth waited for a deferred key write")
+	}
+	if !ts.Deferred() {
+		t.Fatal("a key write's deferred transaction was committed for Auth")
+	}
+	if _, err := ts.Save(Ready{Committed: ents[1:], Defer: true}); err != nil {
+		t.Fatal(err)
+	}
+	got := auth()
+	select {
+	case <-ts.FlushRequests():
+	case <-time.After(10 * time.Second):
+		t.Fatal("Auth did not ask for the deferred auth write's commit")
+	}
+	if err := ts.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	if d := <-got; d.Values["/users/root"] != "r" {
+		t.Fatalf("Auth after a deferred auth write: %v", d.Values)
 	}
 }

@@ -70,6 +70,9 @@ type Store struct {
 	applied  atomic.Uint64
 	index    atomic.Uint64
 	auth     atomic.Pointer[AuthData]
+	// authAcked is the applied index of the last auth change Save handed
+	// out: Auth waits for a commit only while it is above applied.
+	authAcked atomic.Uint64
 	nextExp  atomic.Pointer[time.Time] // nil: no key has a TTL
 	dedup    *dedup                    // nil after a failed Save: rebuilt from the file; Save's goroutine only
 	now      func() time.Time          // the clock for ttl fields; tests replace it
@@ -486,6 +489,7 @@ func (s *Store) Save(rd Ready) ([]Applied, error) {
 	s.pend.applied, s.pend.index, s.pend.nextExp = applied, a.index, nextExp
 	if auth != nil {
 		s.pend.auth = auth
+		s.authAcked.Store(applied)
 	}
 	if rd.Defer && install == nil && len(rd.Entries) == 0 && rd.ConfState == nil {
 		s.open = tx
@@ -507,13 +511,15 @@ func (s *Store) commit(tx *bolt.Tx, install *snapshotInstall) error {
 	}
 	p := s.pend
 	s.pend = pending{}
+	// The auth data first: Auth trusts it once the applied index covers
+	// the change (see authAcked).
+	if p.auth != nil {
+		s.auth.Store(p.auth)
+	}
 	s.applied.Store(p.applied)
 	s.nextExp.Store(p.nextExp)
 	s.counters.add(&p.stats)
 	s.index.Store(p.index)
-	if p.auth != nil {
-		s.auth.Store(p.auth)
-	}
 	if install != nil {
 		s.installed(install)
 	}

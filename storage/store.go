@@ -73,19 +73,19 @@ type Store struct {
 	// authAcked is the applied index of the last auth change Save handed
 	// out: Auth waits for a commit only while it is above applied.
 	authAcked atomic.Uint64
-	nextExp  atomic.Pointer[time.Time] // nil: no key has a TTL
-	dedup    *dedup                    // nil after a failed Save: rebuilt from the file; Save's goroutine only
-	now      func() time.Time          // the clock for ttl fields; tests replace it
-	snapMu   sync.Mutex                // orders the received snapshot's rename and removal
-	arena    arena                     // Save's values; Save's goroutine only
-	bufs     saveBufs                  // Save's encoding buffers, kept from one Save to the next
-	open     *bolt.Tx                  // a deferred Save's transaction, not yet committed; Save's goroutine only
-	pend     pending                   // what open holds that readers must not see before it commits
-	acked    atomic.Uint64             // the applied index whose results Save has handed out (committed or in open)
-	flushc   chan struct{}             // readers ask Save's goroutine to commit open (see FlushRequests)
-	commitMu sync.Mutex                // guards commitc
-	commitc  chan struct{}             // closed, and replaced, at each commit that moves the applied index
-	donec    chan struct{}             // closed by Close
+	nextExp   atomic.Pointer[time.Time] // nil: no key has a TTL
+	dedup     *dedup                    // nil after a failed Save: rebuilt from the file; Save's goroutine only
+	now       func() time.Time          // the clock for ttl fields; tests replace it
+	snapMu    sync.Mutex                // orders the received snapshot's rename and removal
+	arena     arena                     // Save's values; Save's goroutine only
+	bufs      saveBufs                  // Save's encoding buffers, kept from one Save to the next
+	open      *bolt.Tx                  // a deferred Save's transaction, not yet committed; Save's goroutine only
+	pend      pending                   // what open holds that readers must not see before it commits
+	acked     atomic.Uint64             // the applied index whose results Save has handed out (committed or in open)
+	flushc    chan struct{}             // readers ask Save's goroutine to commit open (see FlushRequests)
+	commitMu  sync.Mutex                // guards commitc
+	commitc   chan struct{}             // closed, and replaced, at each commit that moves the applied index
+	donec     chan struct{}             // closed by Close
 }
 
 // pending is the part of a deferred Save's outcome that is published when

@@ -223,13 +223,13 @@ func (n *Node) changeMembership(ctx context.Context, cc *raftpb.ConfChange) erro
 	return res.err
 }
 
-// publish proposes this member's name and client URLs once it runs, when
+// publish proposes this member's name, client URLs and features once it runs, when
 // the cluster's record of them differs, as etcd publishes its attributes
 // after start: every member's /v2/members then lists its client URLs. It
 // retries until it succeeds or the member stops.
 func (n *Node) publish() {
 	defer n.bg.Done()
-	want := memberAttributes{Name: n.cfg.Name, ClientURLs: slices.Clone(n.cfg.AdvertiseClientURLs)}
+	want := memberAttributes{Name: n.cfg.Name, ClientURLs: slices.Clone(n.cfg.AdvertiseClientURLs), Features: slices.Clone(Features)}
 	if want.ClientURLs == nil {
 		want.ClientURLs = []string{}
 	}
@@ -241,7 +241,7 @@ func (n *Node) publish() {
 	for n.bgCtx.Err() == nil {
 		epoch, changed := n.retryEpoch.wait(), n.leaderChanged.wait()
 		if m, ok := n.member(n.id); ok {
-			if m.Name == want.Name && slices.Equal(m.ClientURLs, want.ClientURLs) {
+			if m.Name == want.Name && slices.Equal(m.ClientURLs, want.ClientURLs) && slices.Equal(m.Features, want.Features) {
 				return
 			}
 			if n.leader.Load() != 0 {

@@ -1299,3 +1299,33 @@ func TestSelfStatsRates(t *testing.T) {
 		return true
 	})
 }
+
+// Every member publishes the features of its build with its attributes; ClusterHas holds on
+// a member once every other member has published the feature, and no longer once one
+// publishes attributes without it (a member of an earlier build restarting).
+func TestClusterHasFeaturesOnceEveryMemberPublishedThem(t *testing.T) {
+	c := newTestCluster(t, 3, nil)
+	c.waitLeader(c.members...)
+	for _, m := range c.members {
+		waitFor(t, "every member's features on "+m.name, func() bool { return m.n().ClusterHas(FeatureAuth) })
+	}
+	if c.members[0].n().ClusterHas("time-travel") {
+		t.Fatal("a feature nobody has")
+	}
+	old := c.members[2].n()
+	data, err := json.Marshal(attributesContext{Attributes: &memberAttributes{Name: c.members[2].name, ClientURLs: []string{}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := old.changeMembership(ctx, &raftpb.ConfChange{Type: raftpb.ConfChangeUpdateNode.Enum(), NodeId: new(old.id), Context: data}); err != nil {
+		t.Fatal(err)
+	}
+	for _, m := range c.members[:2] {
+		waitFor(t, "the old build's attributes on "+m.name, func() bool { return !m.n().ClusterHas(FeatureAuth) })
+	}
+	if !old.ClusterHas(FeatureAuth) {
+		t.Fatal("a member doubts its own features")
+	}
+}

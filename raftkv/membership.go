@@ -37,6 +37,7 @@ type memberRecord struct {
 	Name       string   `json:"name"`
 	PeerURLs   []string `json:"peerURLs"`
 	ClientURLs []string `json:"clientURLs,omitempty"`
+	Features   []string `json:"features,omitempty"` // as published; see Features
 }
 
 // attributesContext is the Context of the ConfChangeUpdateNode a member
@@ -51,6 +52,32 @@ type attributesContext struct {
 type memberAttributes struct {
 	Name       string   `json:"name"`
 	ClientURLs []string `json:"clientURLs"`
+	Features   []string `json:"features,omitempty"`
+}
+
+// Features are what this build can apply beyond the first release's
+// entries, published with the member's attributes. A member of an
+// earlier build publishes none (and ignores the field in others'), so a
+// write only members with a feature can apply waits until every member
+// has published it: ClusterHas. Like etcd's cluster version, which gates
+// v2 auth during rolling upgrades.
+var Features = []string{FeatureAuth}
+
+// FeatureAuth: v2 auth's AUTHPUT and AUTHDELETE requests.
+const FeatureAuth = "auth"
+
+// ClusterHas reports whether every member has published feature (this
+// member has every feature of its build). Until a member starts and
+// publishes, it has none.
+func (n *Node) ClusterHas(feature string) bool {
+	n.membersMu.RLock()
+	defer n.membersMu.RUnlock()
+	for _, m := range n.members {
+		if m.ID != n.id && !slices.Contains(m.Features, feature) {
+			return false
+		}
+	}
+	return true
 }
 
 // NormalizeURLs checks URLs as etcd's types.NewURLs does, with its
@@ -267,10 +294,10 @@ func (n *Node) updateMember(id uint64, ctx []byte) bool {
 	}
 	m := &n.members[i]
 	if a := attrs.Attributes; a != nil {
-		if m.Name == a.Name && slices.Equal(m.ClientURLs, a.ClientURLs) {
+		if m.Name == a.Name && slices.Equal(m.ClientURLs, a.ClientURLs) && slices.Equal(m.Features, a.Features) {
 			return false
 		}
-		m.Name, m.ClientURLs = a.Name, slices.Clone(a.ClientURLs)
+		m.Name, m.ClientURLs, m.Features = a.Name, slices.Clone(a.ClientURLs), slices.Clone(a.Features)
 		return true
 	}
 	if slices.Equal(m.PeerURLs, rec.PeerURLs) {

@@ -11,11 +11,13 @@ import (
 	"net/http"
 	"path"
 	"reflect"
+	"runtime"
 	"slices"
 	"sort"
 	"strings"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"go.uber.org/zap"
 	"golang.org/x/crypto/bcrypt"
@@ -90,8 +92,10 @@ func authErrf(status int, format string, args ...any) *authError {
 type authView struct {
 	src     *storage.AuthData
 	enabled bool
-	users   map[string]string // name -> stored JSON
+	users   map[string]string // name -> stored JSON (for conditional updates)
 	roles   map[string]string
+	user1   map[string]*authUser // parsed; never changed once the view is published
+	role1   map[string]*authRole
 }
 
 // parsed caches the parsed form of the latest AuthData seen: it changes
@@ -102,51 +106,56 @@ func viewOf(d *storage.AuthData) *authView {
 	if v := parsed.Load(); v != nil && v.src == d {
 		return v
 	}
-	v := &authView{src: d, users: map[string]string{}, roles: map[string]string{}}
+	v := &authView{src: d, users: map[string]string{}, roles: map[string]string{},
+		user1: map[string]*authUser{}, role1: map[string]*authRole{}}
 	for k, val := range d.Values {
 		switch {
 		case k == storage.AuthEnabledPath:
 			_ = json.Unmarshal([]byte(val), &v.enabled)
 		case strings.HasPrefix(k, "/users/"):
-			v.users[k[len("/users/"):]] = val
+			u := &authUser{}
+			if json.Unmarshal([]byte(val), u) == nil {
+				// etcd's getUser: the root user always has the root role.
+				if u.User == rootRoleName && !slices.Contains(u.Roles, rootRoleName) {
+					u.Roles = append(u.Roles, rootRoleName)
+				}
+				v.users[k[len("/users/"):]], v.user1[k[len("/users/"):]] = val, u
+			}
 		case strings.HasPrefix(k, "/roles/"):
-			v.roles[k[len("/roles/"):]] = val
+			r := &authRole{}
+			if json.Unmarshal([]byte(val), r) == nil {
+				v.roles[k[len("/roles/"):]], v.role1[k[len("/roles/"):]] = val, r
+			}
 		}
 	}
 	parsed.Store(v)
 	return v
 }
 
-// user is etcd's getUser: the root user always has the root role.
+// user is etcd's getUser: a copy of the user, free to change.
 func (v *authView) user(name string) (*authUser, error) {
-	raw, ok := v.users[name]
+	pu, ok := v.user1[name]
 	if !ok {
 		return nil, authErrf(http.StatusNotFound, "User %s does not exist.", name)
 	}
-	u := &authUser{}
-	if err := json.Unmarshal([]byte(raw), u); err != nil {
-		return nil, err
-	}
-	if u.User == rootRoleName && !slices.Contains(u.Roles, rootRoleName) {
-		u.Roles = append(u.Roles, rootRoleName)
-	}
-	return u, nil
+	u := *pu
+	u.Roles = slices.Clone(pu.Roles)
+	return &u, nil
 }
 
+// role is etcd's getRole: a copy of the role (root's is built in).
 func (v *authView) role(name string) (*authRole, error) {
 	if name == rootRoleName {
 		r := rootRole
 		return &r, nil
 	}
-	raw, ok := v.roles[name]
+	pr, ok := v.role1[name]
 	if !ok {
 		return nil, authErrf(http.StatusNotFound, "Role %s does not exist.", name)
 	}
-	r := &authRole{}
-	if err := json.Unmarshal([]byte(raw), r); err != nil {
-		return nil, err
-	}
-	return r, nil
+	r := *pr
+	r.Permissions.KV = rwPermission{Read: slices.Clone(pr.Permissions.KV.Read), Write: slices.Clone(pr.Permissions.KV.Write)}
+	return &r, nil
 }
 
 func sortedNames(m map[string]string, extra ...string) []string {
@@ -211,6 +220,29 @@ func passwordMAC(user, password string) []byte {
 	return m.Sum(nil)
 }
 
+// bcryptSlots bounds the bcrypt runs at once: each takes a core for tens of
+// milliseconds, and wrong passwords, which nothing remembers, cost one
+// each; more at once would only starve every other request.
+var bcryptSlots = make(chan struct{}, max(2, runtime.GOMAXPROCS(0)))
+
+// bcryptMax is the length of password bcrypt hashes. etcd 3.4's bcrypt
+// ignored the rest of a longer one, which bcrypt now refuses: it is cut
+// to this length, as etcd did, for hashing and for checking alike.
+const bcryptMax = 72
+
+func bcryptInput(password string) []byte {
+	b := []byte(password)
+	return b[:min(len(b), bcryptMax)]
+}
+
+// hashPassword is etcd's HashPassword.
+func hashPassword(password string) (string, error) {
+	bcryptSlots <- struct{}{}
+	defer func() { <-bcryptSlots }()
+	hash, err := bcrypt.GenerateFromPassword(bcryptInput(password), bcrypt.DefaultCost)
+	return string(hash), err
+}
+
 // checkPassword is etcd's CheckPassword with the memory above.
 func checkPassword(u *authUser, password string) bool {
 	mac := passwordMAC(u.User, password)
@@ -220,7 +252,10 @@ func checkPassword(u *authUser, password string) bool {
 	if ok && e.hash == u.Password && hmac.Equal(e.mac, mac) {
 		return true
 	}
-	if bcrypt.CompareHashAndPassword([]byte(u.Password), []byte(password)) != nil {
+	bcryptSlots <- struct{}{}
+	err := bcrypt.CompareHashAndPassword([]byte(u.Password), bcryptInput(password))
+	<-bcryptSlots
+	if err != nil {
 		return false
 	}
 	passwords.Lock()
@@ -235,16 +270,20 @@ func checkPassword(u *authUser, password string) bool {
 // requestUser is the user a request authenticates as: by basic auth, or,
 // when it has no Authorization header, by the common name of a verified
 // client certificate (etcd's --client-cert-auth; here: the site's
-// client_auth verified one). nil when the credentials are wrong or there
-// are none; anonymous reports that there were none.
+// client_auth verified one). Only the client's own certificate names a
+// user: etcd tries the CAs of its chain too, so that a CA named like a
+// user would make every certificate it signed that user. nil when the
+// credentials are wrong or there are none; anonymous reports that there
+// were none.
 func (h *Handler) requestUser(r *http.Request, v *authView) (u *authUser, anonymous bool) {
 	if r.Header.Get("Authorization") == "" {
 		if r.TLS != nil {
 			for _, chain := range r.TLS.VerifiedChains {
-				for _, cert := range chain {
-					if u, err := v.user(cert.Subject.CommonName); err == nil {
-						return u, false
-					}
+				if len(chain) == 0 {
+					continue
+				}
+				if u, err := v.user(chain[0].Subject.CommonName); err == nil {
+					return u, false
 				}
 			}
 		}
@@ -288,38 +327,43 @@ func (h *Handler) rootAccess(r *http.Request, v *authView) bool {
 // path after /v2/keys, as sent): GET and HEAD read, the rest write. A
 // request without credentials gets the guest role's access, if there is
 // a guest role; one with wrong credentials gets none.
-func (h *Handler) keyAccess(r *http.Request, n *raftkv.Node, key string, recursive bool) bool {
+// An error means the member cannot tell (it stopped).
+func (h *Handler) keyAccess(r *http.Request, n *raftkv.Node, key string, recursive bool) (bool, error) {
 	v, err := h.authView(r.Context(), n, false)
 	if err != nil || !v.enabled {
-		// A stopped member answers the request itself with its error.
-		return true
+		return err == nil, err
 	}
 	write := r.Method != http.MethodGet && r.Method != http.MethodHead
 	u, anonymous := h.requestUser(r, v)
 	if anonymous {
+		// Checked as etcd does: as if not recursive, so that a guest's
+		// exact pattern also grants recursive reads below it.
 		guest, err := v.role(guestRoleName)
-		return err == nil && guest.hasAccess(key, write, false)
+		return err == nil && guest.hasAccess(key, write, false), nil
 	}
 	if u == nil {
-		return false
+		return false, nil
 	}
 	for _, name := range u.Roles {
 		if role, err := v.role(name); err == nil && role.hasAccess(key, write, recursive) {
-			return true
+			return true, nil
 		}
 	}
 	h.logger.Warn("invalid access for user on key", zap.String("user-name", u.User), zap.String("key", key))
-	return false
+	return false, nil
 }
 
 // membersAccess is etcd's hasWriteRootAccess for /v2/members: reading is
 // open, changing needs root.
-func (h *Handler) membersAccess(r *http.Request, n *raftkv.Node) bool {
+func (h *Handler) membersAccess(r *http.Request, n *raftkv.Node) (bool, error) {
 	if r.Method == http.MethodGet || r.Method == http.MethodHead {
-		return true
+		return true, nil
 	}
 	v, err := h.authView(r.Context(), n, false)
-	return err != nil || h.rootAccess(r, v)
+	if err != nil {
+		return false, err
+	}
+	return h.rootAccess(r, v), nil
 }
 
 const errInsufficientCredentials = "Insufficient credentials"
@@ -414,7 +458,7 @@ func (h *Handler) serveAuthEnable(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	on := r.Method == http.MethodPut
-	err := h.changeAuth(r.Context(), n, func(v *authView) (*authChange, error) {
+	err := h.changeAuth(r, n, func(v *authView) (*authChange, error) {
 		switch {
 		case on && v.enabled:
 			return nil, authErrf(http.StatusConflict, "already enabled")
@@ -519,7 +563,7 @@ func (h *Handler) serveUser(w http.ResponseWriter, r *http.Request, n *raftkv.No
 		}
 		var out *authUser
 		created := false
-		err := h.changeAuth(r.Context(), n, func(v *authView) (*authChange, error) {
+		err := h.changeAuth(r, n, func(v *authView) (*authChange, error) {
 			old, err := v.user(name)
 			// etcd creates when the body has roles (200 even so), or when
 			// there is no such user (201); otherwise it updates.
@@ -532,11 +576,11 @@ func (h *Handler) serveUser(w http.ResponseWriter, r *http.Request, n *raftkv.No
 				if u.Password == "" {
 					return nil, authErrf(http.StatusBadRequest, "Cannot create user %s with an empty password", u.User)
 				}
-				hash, err := bcrypt.GenerateFromPassword([]byte(u.Password), bcrypt.DefaultCost)
+				hash, err := hashPassword(u.Password)
 				if err != nil {
 					return nil, err
 				}
-				u.Password = string(hash)
+				u.Password = hash
 				out, created = &u, len(in.Roles) == 0
 				return &authChange{path: "/users/" + name, value: u, create: true,
 					exists: authErrf(http.StatusConflict, "User %s already exists.", name)}, nil
@@ -568,7 +612,7 @@ func (h *Handler) serveUser(w http.ResponseWriter, r *http.Request, n *raftkv.No
 		writeJSON(w, status, o, true)
 
 	case http.MethodDelete:
-		err := h.changeAuth(r.Context(), n, func(v *authView) (*authChange, error) {
+		err := h.changeAuth(r, n, func(v *authView) (*authChange, error) {
 			if v.enabled && name == rootRoleName {
 				return nil, authErrf(http.StatusForbidden, "Cannot delete root user while auth is enabled.")
 			}
@@ -602,11 +646,11 @@ func decodeAuthBody(w http.ResponseWriter, r *http.Request, v any) bool {
 func mergeUser(old, in *authUser) (*authUser, error) {
 	out := &authUser{User: old.User, Password: old.Password}
 	if in.Password != "" {
-		hash, err := bcrypt.GenerateFromPassword([]byte(in.Password), bcrypt.DefaultCost)
+		hash, err := hashPassword(in.Password)
 		if err != nil {
 			return nil, err
 		}
-		out.Password = string(hash)
+		out.Password = hash
 	}
 	roles := setOf(old.Roles)
 	for _, g := range in.Grant {
@@ -673,7 +717,7 @@ func (h *Handler) serveRole(w http.ResponseWriter, r *http.Request, n *raftkv.No
 			return
 		}
 		out := &in
-		err := h.changeAuth(r.Context(), n, func(v *authView) (*authChange, error) {
+		err := h.changeAuth(r, n, func(v *authView) (*authChange, error) {
 			if create {
 				return &authChange{path: "/roles/" + name, value: in, create: true,
 					exists: authErrf(http.StatusConflict, "Role %s already exists.", name)}, nil
@@ -707,7 +751,7 @@ func (h *Handler) serveRole(w http.ResponseWriter, r *http.Request, n *raftkv.No
 			h.writeAuthError(w, authErrf(http.StatusForbidden, "Cannot modify role %s: is root role.", name))
 			return
 		}
-		err := h.changeAuth(r.Context(), n, func(*authView) (*authChange, error) {
+		err := h.changeAuth(r, n, func(*authView) (*authChange, error) {
 			return &authChange{path: "/roles/" + name, delete: true,
 				missing: authErrf(http.StatusNotFound, "Role %s doesn't exist.", name)}, nil
 		})
@@ -769,16 +813,28 @@ type authChange struct {
 // answer. An update is conditional on the value it was computed from, and
 // is decided again on the new data when another write came first (etcd
 // writes blindly, so that one of two concurrent grants could be lost).
-func (h *Handler) changeAuth(ctx context.Context, n *raftkv.Node, decide func(*authView) (*authChange, error)) error {
-	ctx, cancel := context.WithTimeout(ctx, h.timeout)
+//
+// The request's root access is checked again on that data: a member that
+// has not yet applied auth's switch to on must not let anyone through.
+// And every member must be able to apply the write (raftkv.ClusterHas):
+// during a rolling upgrade it waits for the last member until the
+// request's time is up, then answers etcd's "not capable".
+func (h *Handler) changeAuth(r *http.Request, n *raftkv.Node, decide func(*authView) (*authChange, error)) error {
+	ctx, cancel := context.WithTimeout(r.Context(), h.timeout)
 	defer cancel()
 	for {
 		v, err := h.authView(ctx, n, true)
 		if err != nil {
 			return err
 		}
+		if !h.rootAccess(r, v) {
+			return &authError{status: http.StatusUnauthorized, msg: errInsufficientCredentials}
+		}
 		c, err := decide(v)
 		if err != nil {
+			return err
+		}
+		if err := awaitCapable(ctx, n); err != nil {
 			return err
 		}
 		req := storage.Request{Method: storage.MethodAuthPut, Path: c.path, PrevValue: c.prev}
@@ -814,6 +870,28 @@ func (h *Handler) changeAuth(ctx context.Context, n *raftkv.Node, decide func(*a
 		}
 		return nil
 	}
+}
+
+// errNotCapable is etcd's answer to auth requests while a member of an
+// earlier version is in the cluster.
+var errNotCapable = &authError{status: http.StatusInternalServerError,
+	msg: "Not capable of accessing auth feature during rolling upgrades."}
+
+// awaitCapable waits until every member can apply auth writes, or ctx ends.
+func awaitCapable(ctx context.Context, n *raftkv.Node) error {
+	if n.ClusterHas(raftkv.FeatureAuth) {
+		return nil
+	}
+	tick := time.NewTicker(20 * time.Millisecond)
+	defer tick.Stop()
+	for !n.ClusterHas(raftkv.FeatureAuth) {
+		select {
+		case <-ctx.Done():
+			return errNotCapable
+		case <-tick.C:
+		}
+	}
+	return nil
 }
 
 // writeAuthError answers an auth operation's error as etcd's writeError

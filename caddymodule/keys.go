@@ -260,7 +260,12 @@ func (h *Handler) serveKeys(w http.ResponseWriter, r *http.Request, hv *headerVa
 		writeKeyErrorStatus(w, hv, status, perr)
 		return
 	}
-	if !h.keyAccess(r, n, r.URL.Path[len(keysPrefix):], kr.recursive) {
+	switch ok, err := h.keyAccess(r, n, r.URL.Path[len(keysPrefix):], kr.recursive); {
+	case err != nil:
+		writeKeyErrorStatus(w, hv, http.StatusServiceUnavailable,
+			storage.NewError(storage.EcodeRaftInternal, errNotRunning, 0))
+		return
+	case !ok:
 		writeKeyErrorStatus(w, hv, http.StatusUnauthorized,
 			storage.NewError(storage.EcodeUnauthorized, errInsufficientCredentials, 0))
 		return

@@ -86,7 +86,11 @@ func (h *Handler) serveMembers(w http.ResponseWriter, r *http.Request) {
 		writeMessage(w, http.StatusServiceUnavailable, errNotRunning)
 		return
 	}
-	if !h.membersAccess(r, n) {
+	switch ok, err := h.membersAccess(r, n); {
+	case err != nil:
+		writeMessage(w, http.StatusServiceUnavailable, errNotRunning)
+		return
+	case !ok:
 		writeMessage(w, http.StatusUnauthorized, errInsufficientCredentials)
 		return
 	}

@@ -4,7 +4,8 @@
 // Caddy's admin API (status, members, leader transfer, backups).
 //
 // It owns request parsing and response writing, byte for byte as etcd 3.4
-// answers, and the member's lifetime across config reloads (the Raft node
-// lives in a package-level UsagePool, never in an app instance). It holds no
-// keyspace logic: every read and write goes to package raftkv.
+// answers, etcd's v2 auth (users, roles, access checks, bcrypt: auth.go),
+// and the member's lifetime across config reloads (the Raft node lives in a
+// package-level UsagePool, never in an app instance). It holds no keyspace
+// logic: every read and write, the auth data's too, goes to package raftkv.
 package caddymodule

@@ -1,6 +1,7 @@
 // Package storage holds one member's durable state in a single bbolt file:
-// the etcd v2 keyspace (directories, values, TTLs), the last 1000 events for
-// watches, and the Raft log, hard state and snapshot metadata.
+// the etcd v2 keyspace (directories, values, TTLs), the v2 auth data (what
+// etcd keeps under /2: opaque values here, see auth.go), the last 1000
+// events for watches, and the Raft log, hard state and snapshot metadata.
 //
 // It applies committed v2 requests exactly as etcd 3.4's v2 store does and
 // hands the resulting events to the watcher hub. It knows nothing of HTTP,

@@ -229,7 +229,7 @@ func (n *Node) changeMembership(ctx context.Context, cc *raftpb.ConfChange) erro
 // retries until it succeeds or the member stops.
 func (n *Node) publish() {
 	defer n.bg.Done()
-	want := memberAttributes{Name: n.cfg.Name, ClientURLs: slices.Clone(n.cfg.AdvertiseClientURLs), Features: slices.Clone(Features)}
+	want := memberAttributes{Name: n.cfg.Name, ClientURLs: slices.Clone(n.cfg.AdvertiseClientURLs), Features: slices.Clone(buildFeatures)}
 	if want.ClientURLs == nil {
 		want.ClientURLs = []string{}
 	}

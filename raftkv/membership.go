@@ -37,7 +37,7 @@ type memberRecord struct {
 	Name       string   `json:"name"`
 	PeerURLs   []string `json:"peerURLs"`
 	ClientURLs []string `json:"clientURLs,omitempty"`
-	Features   []string `json:"features,omitempty"` // as published; see Features
+	Features   []string `json:"features,omitempty"` // as published; see buildFeatures
 }
 
 // attributesContext is the Context of the ConfChangeUpdateNode a member
@@ -55,13 +55,13 @@ type memberAttributes struct {
 	Features   []string `json:"features,omitempty"`
 }
 
-// Features are what this build can apply beyond the first release's
+// buildFeatures are what this build can apply beyond the first release's
 // entries, published with the member's attributes. A member of an
 // earlier build publishes none (and ignores the field in others'), so a
 // write only members with a feature can apply waits until every member
 // has published it: ClusterHas. Like etcd's cluster version, which gates
 // v2 auth during rolling upgrades.
-var Features = []string{FeatureAuth}
+var buildFeatures = []string{FeatureAuth}
 
 // FeatureAuth: v2 auth's AUTHPUT and AUTHDELETE requests.
 const FeatureAuth = "auth"

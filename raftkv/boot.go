@@ -150,6 +150,11 @@ func (n *Node) bootstrapMembers(st *storage.Store) ([]raft.Peer, error) {
 	if self == nil {
 		return nil, fmt.Errorf("raftkv: couldn't find local name %q in the initial cluster configuration", n.cfg.Name)
 	}
+	if len(members) == 1 {
+		// The only member's list is the cluster's: its features are known
+		// without a publish (every member that joins later copies it).
+		self.Features = slices.Clone(buildFeatures)
+	}
 	n.id = self.ID
 	n.clusterID = clusterID(memberIDs(members))
 	n.members = members

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"math"
 	"os"
 	"slices"
 	"strconv"
@@ -19,6 +20,7 @@ import (
 	"go.uber.org/goleak"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest"
+	"google.golang.org/protobuf/proto"
 )
 
 func TestMain(m *testing.M) {
@@ -717,5 +719,28 @@ func TestSoleVoterQuorumReadIsLocal(t *testing.T) {
 	}
 	if got := n.readRounds.Load(); got != before {
 		t.Fatalf("%d read index rounds for a sole voter's quorum read", got-before)
+	}
+}
+
+// A cluster bootstrapped with one member knows that member's features from the start: no
+// publish goes through Raft for them, and members that join later copy its list.
+func TestSingleMemberKnowsItsFeaturesWithoutPublishing(t *testing.T) {
+	n := startNode(t, t.TempDir(), nil)
+	m, ok := n.member(n.id)
+	if !ok || !slices.Equal(m.Features, buildFeatures) {
+		t.Fatalf("own record %+v", m)
+	}
+	lo, _ := n.ms.FirstIndex()
+	hi, _ := n.ms.LastIndex()
+	ents, err := n.ms.Entries(lo, hi+1, math.MaxUint64)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range ents {
+		var cc raftpb.ConfChange
+		if e.GetType() == raftpb.EntryConfChange && proto.Unmarshal(e.GetData(), &cc) == nil &&
+			cc.GetType() == raftpb.ConfChangeUpdateNode {
+			t.Fatalf("a member update in the log of a fresh single member: index %d", e.GetIndex())
+		}
 	}
 }

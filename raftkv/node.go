@@ -474,8 +474,27 @@ func outcome(a storage.Applied) (*storage.Event, error) {
 // (a fresh request context per attempt) and waits until this member has
 // applied it: linearizable. Without quorum it reads local state.
 func (n *Node) Get(ctx context.Context, path string, recursive, sorted, quorum bool) (*storage.Event, error) {
+	return readLocal(ctx, n, quorum, func() (*storage.Event, error) { return n.localGet(path, recursive, sorted) })
+}
+
+// Auth returns the v2 auth data this member has applied; with quorum, as
+// of a linearizable read (see Get).
+func (n *Node) Auth(ctx context.Context, quorum bool) (*storage.AuthData, error) {
+	return readLocal(ctx, n, quorum, func() (*storage.AuthData, error) {
+		d, err := n.store.Auth()
+		if errors.Is(err, storage.ErrClosed) {
+			return nil, ErrStopped
+		}
+		return d, err
+	})
+}
+
+// readLocal runs local, a read of this member's store; with quorum, so that it
+// sees everything committed before the call.
+func readLocal[T any](ctx context.Context, n *Node, quorum bool, local func() (T, error)) (T, error) {
+	var zero T
 	if !n.running.Load() {
-		return nil, ErrStopped
+		return zero, ErrStopped
 	}
 	if quorum {
 		// The only voter, leading, needs no read index: no other member can
@@ -486,36 +505,16 @@ func (n *Node) Get(ctx context.Context, path string, recursive, sorted, quorum b
 		// counts the change before it sends a new voter anything, so an
 		// unchanged count means no other member has had a say yet.
 		if g := n.sole.Load(); g%2 == 1 && n.applied.Load() >= n.commitSeen.Load() {
-			ev, err := n.localGet(path, recursive, sorted)
+			v, err := local()
 			if n.sole.Load() == g {
-				return ev, err
+				return v, err
 			}
 		}
 		if err := n.linearizableRead(ctx); err != nil {
-			return nil, err
+			return zero, err
 		}
 	}
-	return n.localGet(path, recursive, sorted)
-}
-
-// Auth returns the v2 auth data this member has applied; with quorum, as
-// of a linearizable read (see Get).
-func (n *Node) Auth(ctx context.Context, quorum bool) (*storage.AuthData, error) {
-	if !n.running.Load() {
-		return nil, ErrStopped
-	}
-	if quorum {
-		if g := n.sole.Load(); g%2 == 0 || n.applied.Load() < n.commitSeen.Load() {
-			if err := n.linearizableRead(ctx); err != nil {
-				return nil, err
-			}
-		}
-	}
-	d, err := n.store.Auth()
-	if errors.Is(err, storage.ErrClosed) {
-		return nil, ErrStopped
-	}
-	return d, err
+	return local()
 }
 
 func (n *Node) localGet(path string, recursive, sorted bool) (*storage.Event, error) {

@@ -7,7 +7,6 @@ import (
 	"io"
 	"os"
 	"path/filepath"
-	"slices"
 	"strings"
 	"time"
 
@@ -36,11 +35,9 @@ const snapshotName = "snap.tmp"
 // replicatedBuckets are the buckets a snapshot replaces: the state every
 // member holds alike. The Raft log and hard state are this member's own and
 // are rewritten from the snapshot metadata; meta keeps this member's values.
+// A snapshot may lack the auth bucket (a leader of an earlier version had
+// none): the copy then has an empty one.
 var replicatedBuckets = [][]byte{bucketKeys, bucketExpiry, bucketEvents, bucketRequests, bucketReqOrder, bucketAuth}
-
-// optionalBuckets are replicated buckets a snapshot may lack (a leader of
-// an earlier version had none): the copy then has an empty one.
-var optionalBuckets = [][]byte{bucketAuth}
 
 // snapshotPath is where ReceiveSnapshot leaves the file for Save.
 func (s *Store) snapshotPath() string {
@@ -160,7 +157,7 @@ func checkSnapshotFile(path string) error {
 			return first
 		}
 		for _, name := range append([][]byte{bucketMeta}, replicatedBuckets...) {
-			if tx.Bucket(name) == nil && !slices.ContainsFunc(optionalBuckets, func(b []byte) bool { return bytes.Equal(b, name) }) {
+			if tx.Bucket(name) == nil && !bytes.Equal(name, bucketAuth) {
 				return fmt.Errorf("%w: no %s bucket", ErrSnapshotInvalid, name)
 			}
 		}
@@ -278,7 +275,7 @@ func replaceBucket(tx *bolt.Tx, src *bolt.Bucket, name []byte) error {
 		return err
 	}
 	if src == nil {
-		return nil // an optional bucket the snapshot lacks
+		return nil // the auth bucket, which the snapshot lacks
 	}
 	// The values stay valid: the snapshot's read transaction outlives
 	// this one's commit.

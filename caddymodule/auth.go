@@ -368,15 +368,13 @@ func (h *Handler) membersAccess(r *http.Request, n *raftkv.Node) (bool, error) {
 
 const errInsufficientCredentials = "Insufficient credentials"
 
-// serveAuth answers /v2/auth/...: etcd's mux routes /roles, /roles/...,
-// /users, /users/... and /enable; any other path under it is its 404.
+// serveAuth answers /v2/auth/... but /v2/auth/enable (serveAuthEnable):
+// etcd's mux routes /roles, /roles/..., /users and /users/...; any other
+// path under it is its 404.
 func (h *Handler) serveAuth(w http.ResponseWriter, r *http.Request) {
 	sub := strings.TrimPrefix(r.URL.Path, authPrefix)
 	var users bool
 	switch {
-	case sub == "/enable":
-		h.serveAuthEnable(w, r)
-		return
 	case sub == "/users" || strings.HasPrefix(sub, "/users/"):
 		users = true
 	case sub == "/roles" || strings.HasPrefix(sub, "/roles/"):
@@ -407,7 +405,7 @@ func (h *Handler) serveAuth(w http.ResponseWriter, r *http.Request) {
 	}
 	switch {
 	case users && name == "":
-		h.listUsers(w, v)
+		listUsers(w, v)
 	case users:
 		h.serveUser(w, r, n, v, name)
 	case name == "":
@@ -447,7 +445,7 @@ func (h *Handler) serveAuthEnable(w http.ResponseWriter, r *http.Request) {
 	if !allowMethod(w, r, "GET", "PUT", "DELETE") {
 		return
 	}
-	n, v, ok := h.authRequest(w, r, r.Method != http.MethodGet && r.Method != http.MethodHead)
+	n, v, ok := h.authRequest(w, r, r.Method != http.MethodGet)
 	if !ok {
 		return
 	}
@@ -483,24 +481,21 @@ func (h *Handler) serveAuthEnable(w http.ResponseWriter, r *http.Request) {
 	w.WriteHeader(http.StatusOK)
 }
 
+// userWithRoles is etcd's answer about a user: its roles spelled out.
+type userWithRoles struct {
+	User  string      `json:"user"`
+	Roles []*authRole `json:"roles,omitempty"`
+}
+
 // listUsers is etcd's baseUsers: every user with its roles spelled out
 // (roles that no longer exist left out); no users is "users": null.
-func (h *Handler) listUsers(w http.ResponseWriter, v *authView) {
-	type userWithRoles struct {
-		User  string      `json:"user"`
-		Roles []*authRole `json:"roles,omitempty"`
-	}
+func listUsers(w http.ResponseWriter, v *authView) {
 	var out struct {
 		Users []userWithRoles `json:"users"`
 	}
 	for _, name := range sortedNames(v.users) {
-		u, err := v.user(name)
-		if err != nil {
-			h.writeAuthError(w, err)
-			return
-		}
-		uwr := userWithRoles{User: u.User}
-		for _, rn := range u.Roles {
+		uwr := userWithRoles{User: v.user1[name].User}
+		for _, rn := range v.user1[name].Roles {
 			if role, err := v.role(rn); err == nil {
 				uwr.Roles = append(uwr.Roles, role)
 			}
@@ -516,10 +511,7 @@ func listRoles(w http.ResponseWriter, v *authView) {
 		Roles []*authRole `json:"roles"`
 	}
 	for _, name := range sortedNames(v.roles, rootRoleName) {
-		role, err := v.role(name)
-		if err != nil {
-			continue
-		}
+		role, _ := v.role(name) // every name has its role
 		out.Roles = append(out.Roles, role)
 	}
 	writeJSON(w, http.StatusOK, out, true)
@@ -534,10 +526,7 @@ func (h *Handler) serveUser(w http.ResponseWriter, r *http.Request, n *raftkv.No
 			h.writeAuthError(w, err)
 			return
 		}
-		out := struct {
-			User  string      `json:"user"`
-			Roles []*authRole `json:"roles,omitempty"`
-		}{User: u.User}
+		out := userWithRoles{User: u.User}
 		for _, rn := range u.Roles {
 			role, err := v.role(rn)
 			if err != nil {

@@ -31,6 +31,7 @@ type loopState struct {
 	hardState          *raftpb.HardState // the last hard state saved
 	scratch            []*raftpb.Entry   // commitOnAppend's committed entries
 	snapIndex          uint64            // index of the last snapshot
+	droppedAt          uint64            // applied index of the last drop of mapped pages (memory.go)
 	confState          *raftpb.ConfState // the latest applied conf state
 	lead               uint64            // the leader as of the last SoftState
 	campaignAfterReady bool
@@ -409,6 +410,7 @@ func (n *Node) handleReady() error {
 	if err := n.maybeSnapshot(); err != nil {
 		return err
 	}
+	n.maybeDropMappedPages()
 
 	// Advance: Raft may now hand out the next Ready (for a leader, the
 	// commit of what was just saved).

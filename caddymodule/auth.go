@@ -757,17 +757,11 @@ func mergeRole(old, in *authRole) (*authRole, error) {
 	kv := old.Permissions.KV
 	if in.Grant != nil {
 		read, write := setOf(kv.Read), setOf(kv.Write)
-		for _, p := range in.Grant.KV.Read {
-			if read[p] {
-				return nil, authErrf(http.StatusConflict, "Granting duplicate read permission %s", p)
-			}
-			read[p] = true
+		if err := grantAll(read, in.Grant.KV.Read, "read"); err != nil {
+			return nil, err
 		}
-		for _, p := range in.Grant.KV.Write {
-			if write[p] {
-				return nil, authErrf(http.StatusConflict, "Granting duplicate write permission %s", p)
-			}
-			write[p] = true
+		if err := grantAll(write, in.Grant.KV.Write, "write"); err != nil {
+			return nil, err
 		}
 		kv = rwPermission{Read: keysOf(read), Write: keysOf(write)}
 	}
@@ -783,6 +777,18 @@ func mergeRole(old, in *authRole) (*authRole, error) {
 	}
 	out.Permissions.KV = kv
 	return out, nil
+}
+
+// grantAll adds the patterns to a role's read or write set; one already
+// there is etcd's conflict.
+func grantAll(set map[string]bool, patterns []string, kind string) error {
+	for _, p := range patterns {
+		if set[p] {
+			return authErrf(http.StatusConflict, "Granting duplicate %s permission %s", kind, p)
+		}
+		set[p] = true
+	}
+	return nil
 }
 
 // authChange is one write of the auth data that an operation decided on.

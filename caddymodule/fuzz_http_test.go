@@ -78,17 +78,12 @@ func FuzzKeysOverHTTP(f *testing.F) {
 		if !strings.HasPrefix(target, "/v2/keys") {
 			target = "/v2/keys/" + target
 		}
-		var req strings.Builder
-		fmt.Fprintf(&req, "%s %s HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n", method, target, addr)
-		if ctype != "" {
-			fmt.Fprintf(&req, "Content-Type: %s\r\n", ctype)
-		}
-		fmt.Fprintf(&req, "Content-Length: %d\r\n\r\n%s", len(body), body)
+		req := rawHTTP(addr, method, target, body, "Content-Type", ctype)
 
 		// A watch (wait=true, however it is spelled) answers its headers at
 		// once and its body when an event comes: its body is not awaited.
 		watch := strings.Contains(strings.ToLower(target+body), "wait")
-		status, ctypeOut, answer, err := rawRequest(addr, method, req.String(), watch)
+		status, ctypeOut, answer, err := rawRequest(addr, method, req, watch)
 		switch {
 		case err != nil:
 			t.Fatalf("%s %q: %v", method, target, err)
@@ -126,6 +121,20 @@ func checkSentinel(t *testing.T, addr, method, target string, statuses ...int) {
 	if err != nil || !slices.Contains(statuses, status) {
 		t.Fatalf("after %s %q: the store answers %d, %v: %s", method, target, status, err, answer)
 	}
+}
+
+// rawHTTP is an HTTP/1.1 request as it goes on the wire, with the headers
+// given as name, value pairs (one with an empty value left out).
+func rawHTTP(addr, method, target, body string, headers ...string) string {
+	var req strings.Builder
+	fmt.Fprintf(&req, "%s %s HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n", method, target, addr)
+	for i := 0; i+1 < len(headers); i += 2 {
+		if headers[i+1] != "" {
+			fmt.Fprintf(&req, "%s: %s\r\n", headers[i], headers[i+1])
+		}
+	}
+	fmt.Fprintf(&req, "Content-Length: %d\r\n\r\n%s", len(body), body)
+	return req.String()
 }
 
 // rawRequest writes req (whose method is method) on a new connection and
@@ -198,13 +207,8 @@ func FuzzAuthOverHTTP(f *testing.F) {
 		if !strings.HasPrefix(target, "/v2/auth") {
 			target = "/v2/auth/" + target
 		}
-		var req strings.Builder
-		fmt.Fprintf(&req, "%s %s HTTP/1.1\r\nHost: %s\r\nConnection: close\r\nContent-Type: application/json\r\n", method, target, addr)
-		if authz != "" {
-			fmt.Fprintf(&req, "Authorization: %s\r\n", authz)
-		}
-		fmt.Fprintf(&req, "Content-Length: %d\r\n\r\n%s", len(body), body)
-		status, ctypeOut, answer, err := rawRequest(addr, method, req.String(), false)
+		req := rawHTTP(addr, method, target, body, "Content-Type", "application/json", "Authorization", authz)
+		status, ctypeOut, answer, err := rawRequest(addr, method, req, false)
 		switch {
 		case err != nil:
 			t.Fatalf("%s %q: %v", method, target, err)

@@ -16,22 +16,17 @@ import (
 const dropMappedEvery = 1000
 
 // maybeDropMappedPages drops the mapped pages every dropMappedEvery applied
-// entries.
+// entries. droppedAt starts at 0, so a member that restarts with more than
+// that applied drops at its first Ready the pages bbolt's freelist rebuild
+// read at open (every page of the file); one with fewer has a small file.
 func (n *Node) maybeDropMappedPages() {
 	ls := &n.loop
 	if ls.applied-ls.droppedAt < dropMappedEvery {
 		return
 	}
 	ls.droppedAt = ls.applied
-	n.dropMappedPages()
-}
-
-// dropMappedPages lets go of the database pages the member has read since
-// the last time (storage.Store.DropMappedPages), as it does at boot, after
-// the freelist's rebuild read every page. The pages stay in the page cache;
-// what shrinks is the member's RSS, which would otherwise grow to the size
-// of member.db.
-func (n *Node) dropMappedPages() {
+	// The pages stay in the page cache; what shrinks is the member's RSS,
+	// which would otherwise grow to the size of member.db.
 	if err := n.store.DropMappedPages(); err != nil && !errors.Is(err, storage.ErrClosed) {
 		n.lg.Warn("cannot drop the mapped pages of the database", zap.Error(err))
 	}

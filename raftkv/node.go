@@ -211,7 +211,6 @@ func (n *Node) Start() error {
 		return err
 	}
 	n.store = st
-	n.dropMappedPages()
 	n.startTime = time.Now()
 	n.propc = make(chan proposal, 1024)
 	n.readc = make(chan struct{}, 1)

@@ -142,6 +142,9 @@ func (a *App) Provision(ctx caddy.Context) error {
 	}
 	a.DataDir = dir
 	a.warnPeerSecurity()
+	if err := movedByReload(dir, a.Name); err != nil {
+		return err
+	}
 	cfg := a.nodeConfig()
 	files := a.peerTLSFiles()
 	val, loaded, err := members.LoadOrNew(dir, func() (caddy.Destructor, error) {
@@ -178,6 +181,28 @@ func (a *App) Provision(ctx caddy.Context) error {
 	}
 	a.member, a.poolKey = m, dir
 	return nil
+}
+
+// movedByReload refuses a config whose member would live in data
+// directory dir while this process runs a member in another one: a config
+// has one member, so the new config would replace the running member by
+// another, with what that directory holds (often nothing: a new cluster),
+// and stop the running one. That is a reload that changed data_dir, or a
+// name when data_dir is left to its default. A member that stopped (removed
+// from its cluster, or by a failure) may be replaced.
+func movedByReload(dir, name string) error {
+	var err error
+	members.Range(func(key, value any) bool {
+		m := value.(*member)
+		if key.(string) != dir && m.current().Running() {
+			err = fmt.Errorf("raftkv: this process runs member %q in data_dir %s: a reload cannot move it to %s "+
+				"(member %q); to move its data, stop Caddy, move the directory and start Caddy again",
+				m.cfg.Name, key, dir, name)
+			return false
+		}
+		return true
+	})
+	return err
 }
 
 func (a *App) setDefaults() {

@@ -12,6 +12,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -823,6 +824,20 @@ func TestReloadKeepsMemberAndRefusesRename(t *testing.T) {
 	err := caddy.Load(inprocConfig(port, s.dataDir, webRoot, caddyDir, "renamed", "renamed", s.upstream), false)
 	if err == nil || !strings.Contains(err.Error(), "cannot be renamed") {
 		t.Fatalf("rename by reload: %v", err)
+	}
+	// Another data directory: the new config's member would be another
+	// one (a new cluster in an empty directory), the running one would
+	// stop. So would a rename with data_dir left to its default, which
+	// follows the name.
+	moved := filepath.Join(t.TempDir(), "moved")
+	for _, dir := range []string{moved, ""} {
+		err = caddy.Load(inprocConfig(port, dir, webRoot, caddyDir, "other", "moved", s.upstream), false)
+		if err == nil || !strings.Contains(err.Error(), "a reload cannot move it") {
+			t.Fatalf("data_dir %q by reload: %v", dir, err)
+		}
+	}
+	if _, err := os.Stat(moved); !errors.Is(err, fs.ErrNotExist) {
+		t.Fatalf("the refused load made %s: %v", moved, err)
 	}
 	if _, body := s.do("GET", "/static", "", ""); body != "reloaded" {
 		t.Fatalf("the old config stopped serving: %q", body)

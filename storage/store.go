@@ -171,8 +171,11 @@ func Open(dir string) (*Store, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("storage: %w", err)
 	}
-	db, err := bolt.Open(filepath.Join(dir, "member.db"), 0o600, &bolt.Options{
-		Timeout: time.Second,
+	db, err := openDB(filepath.Join(dir, "member.db"), &bolt.Options{
+		Timeout: lockTimeout,
+		// The file's lock is taken and its pages checked before bbolt
+		// reads them: a damaged file is an error, not a crash.
+		OpenFile: openChecked,
 		// The freelist is rebuilt at open instead of written at every
 		// commit, which keeps commits cheap after log compaction.
 		NoFreelistSync: true,
@@ -225,6 +228,22 @@ func Open(dir string) (*Store, error) {
 	s.hub = newHub(s.index.Load(), events)
 	s.acked.Store(s.applied.Load())
 	return s, nil
+}
+
+// openDB is bolt.Open that turns a panic into an error: openChecked has
+// checked the pages bbolt walks on goroutines of its own, and what bbolt
+// reads on this one (meta pages, a synced freelist) panics here at worst.
+func openDB(path string, opts *bolt.Options) (db *bolt.DB, err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			db, err = nil, fmt.Errorf("%w: %v", ErrDamaged, r)
+		}
+	}()
+	db, err = bolt.Open(path, 0o600, opts)
+	if errors.Is(err, berrors.ErrTimeout) {
+		err = ErrLocked
+	}
+	return db, err
 }
 
 // Close stops every watcher (their channels close) and closes the file.

@@ -1,0 +1,162 @@
+package storage
+
+import (
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+// damageFixture writes a member.db with trees several pages deep in its
+// buckets (keys, log, history, expiry) and values spanning overflow pages,
+// and returns its bytes, page size and number of pages in use (bbolt
+// grows the file ahead of use).
+func damageFixture(t *testing.T) ([]byte, int, int) {
+	t.Helper()
+	ts := newTestStore(t)
+	for i := range 12 {
+		var reqs []Request
+		for j := range 25 {
+			r := set(fmt.Sprintf("/dir%d/key%04d", j%7, i*25+j), strings.Repeat("v", 100+(i*j)%300))
+			if j%5 == 0 {
+				r.Expiration = testClock.Add(time.Hour).UnixNano()
+			}
+			reqs = append(reqs, r)
+		}
+		ts.apply(reqs...)
+	}
+	ts.apply(set("/big", strings.Repeat("B", 3*os.Getpagesize())))
+	if err := ts.Close(); err != nil {
+		t.Fatal(err)
+	}
+	b, err := os.ReadFile(filepath.Join(ts.dir, "member.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ts.open() // for the Cleanup's Close
+	if err := checkFile(mustOpen(t, filepath.Join(ts.dir, "member.db")), int64(len(b))); err != nil {
+		t.Fatalf("a healthy file: %v", err)
+	}
+	ps, hwm := os.Getpagesize(), 0
+	for _, m := range []int{0, ps} {
+		if meta, ok := parseMeta(b[m+pageHeaderSize:]); ok {
+			hwm = max(hwm, int(meta.pgid))
+		}
+	}
+	// Only the pages in use: a file cut behind them is whole (see
+	// TestOpenRefusesTruncatedFiles), and each case writes less.
+	return b[:hwm*ps], ps, hwm
+}
+
+func mustOpen(t *testing.T, path string) *os.File {
+	t.Helper()
+	f, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { f.Close() })
+	return f
+}
+
+// openDamaged writes b as the member.db of data directory dir and opens it.
+// Open either refuses it or serves it whole; a damaged page it would read
+// must never take the process down (bbolt walks the pages at open on a
+// goroutine no recover reaches: a crash there ends this test binary).
+func openDamaged(t *testing.T, dir string, b []byte) error {
+	t.Helper()
+	if err := os.WriteFile(filepath.Join(dir, "member.db"), b, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	s, err := Open(dir)
+	if err != nil {
+		return err
+	}
+	defer s.Close()
+	// Whatever Open took for whole must read as such.
+	if _, err := s.Get("/", true, true, testClock); err != nil {
+		return err
+	}
+	return nil
+}
+
+func TestOpenRefusesDamagedPages(t *testing.T) {
+	orig, ps, hwm := damageFixture(t)
+	dir := t.TempDir()
+	rnd := rand.New(rand.NewPCG(1, 2))
+	refused := 0
+	for i := range hwm {
+		b := append([]byte(nil), orig...)
+		page := b[i*ps : (i+1)*ps]
+		for k := range page {
+			page[k] = byte(rnd.Uint32())
+		}
+		// Pages 0 and 1 are the meta pages, and bbolt falls back to the
+		// other; free pages are nobody's. A page of a tree is ErrDamaged;
+		// the continuation of a long value has no header to check, and its
+		// garbage fails where the value is decoded.
+		if err := openDamaged(t, dir, b); err != nil {
+			refused++
+		}
+	}
+	if refused < hwm/2 {
+		t.Fatalf("%d of %d overwritten pages refused", refused, hwm)
+	}
+	t.Logf("%d pages in use, %d overwritten ones refused", hwm, refused)
+}
+
+func TestOpenRefusesDamagedElements(t *testing.T) {
+	orig, ps, hwm := damageFixture(t)
+	dir := t.TempDir()
+	rnd := rand.New(rand.NewPCG(3, 4))
+	refused := 0
+	for i := 2; i < hwm; i++ {
+		for range 3 {
+			// Garble the element headers behind an intact page header:
+			// positions and sizes that point anywhere.
+			b := append([]byte(nil), orig...)
+			for range 4 {
+				b[i*ps+pageHeaderSize+rnd.IntN(4*pageElementSize)] ^= byte(1 + rnd.IntN(255))
+			}
+			if err := openDamaged(t, dir, b); err != nil {
+				refused++
+			}
+		}
+	}
+	if refused == 0 {
+		t.Fatal("no garbled page refused")
+	}
+}
+
+func TestOpenRefusesTruncatedFiles(t *testing.T) {
+	orig, ps, hwm := damageFixture(t)
+	dir := t.TempDir()
+	for _, n := range []int{ps * 2, ps*2 + 100, ps * hwm / 3, ps*hwm/2 + 7, ps*hwm - 1, ps * (hwm - 1)} {
+		err := openDamaged(t, dir, orig[:n])
+		if err == nil || (n > ps*2 && !errors.Is(err, ErrDamaged)) {
+			t.Errorf("cut to %d bytes (%d pages in use): %v, want ErrDamaged", n, hwm, err)
+		}
+	}
+	// A file cut behind its last page in use (bbolt grows files ahead of
+	// use) is whole.
+	if err := openDamaged(t, dir, orig[:ps*hwm]); err != nil {
+		t.Errorf("cut to its pages in use: %v", err)
+	}
+}
+
+func TestOpenRefusesAFileAnotherOpenHolds(t *testing.T) {
+	ts := newTestStore(t)
+	start := time.Now()
+	_, err := Open(ts.dir)
+	if !errors.Is(err, ErrLocked) {
+		t.Fatalf("second Open: %v, want ErrLocked", err)
+	}
+	if d := time.Since(start); d < lockTimeout {
+		t.Fatalf("gave up after %v, before the %v it waits", d, lockTimeout)
+	}
+	// The first one goes on.
+	ts.mustDo(set("/a", "1"))
+}

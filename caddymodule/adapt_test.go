@@ -135,6 +135,8 @@ func TestAppValidateAsEtcdFlags(t *testing.T) {
 		{"election under 5 heartbeats", App{HeartbeatInterval: ms(100), ElectionTimeout: ms(400)}, "at least 5 times heartbeat_interval"},
 		{"election too long", App{HeartbeatInterval: ms(100), ElectionTimeout: ms(60000)}, "too long"},
 		{"negative heartbeat", App{HeartbeatInterval: ms(-1)}, "negative"},
+		{"heartbeat in nanoseconds", App{HeartbeatInterval: 100, ElectionTimeout: 1000}, "under 1ms"},
+		{"shortest heartbeat", App{HeartbeatInterval: ms(1), ElectionTimeout: ms(5)}, ""},
 		{"bad cluster state", App{InitialClusterState: "old"}, "initial_cluster_state"},
 		{"cluster without this member", App{Name: "n1", InitialCluster: map[string][]string{"n2": {"http://a:2380"}}}, `does not name this member "n1"`},
 		{"peer URL without a port", App{Name: "n1", InitialCluster: map[string][]string{"n1": {"http://a"}}}, `does not have the form "host:port"`},

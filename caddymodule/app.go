@@ -63,7 +63,7 @@ type App struct {
 	SnapshotCount uint64 `json:"snapshot_count,omitempty"`
 
 	// Time between the leader's heartbeats (etcd's --heartbeat-interval).
-	// Default: 100ms.
+	// At least 1ms. Default: 100ms.
 	HeartbeatInterval caddy.Duration `json:"heartbeat_interval,omitempty"`
 
 	// How long a follower waits without hearing from a leader before it
@@ -114,7 +114,9 @@ type App struct {
 	StrictReconfigCheck *bool `json:"strict_reconfig_check,omitempty"`
 
 	member  *member
-	poolKey string // set while this instance holds a reference in members
+	poolKey string        // set while this instance holds a reference in members
+	cfg     raftkv.Config // this config's node settings, for a member that starts anew
+	files   peerTLSFiles
 	logger  *zap.Logger
 }
 
@@ -147,15 +149,10 @@ func (a *App) Provision(ctx caddy.Context) error {
 	}
 	cfg := a.nodeConfig()
 	files := a.peerTLSFiles()
+	a.cfg, a.files = cfg, files
 	val, loaded, err := members.LoadOrNew(dir, func() (caddy.Destructor, error) {
-		if !files.empty() {
-			// Filled in by member.start from the files, before the node
-			// starts and first dials a peer: reading them here would be
-			// I/O in Provision.
-			cfg.Peer.TLS = &tls.Config{MinVersion: tls.VersionTLS12}
-		}
-		m := &member{cfg: cfg, peerFiles: files}
-		m.node.Store(raftkv.NewNode(cfg))
+		m := &member{cfg: withPeerTLS(cfg, files), peerFiles: files}
+		m.node.Store(raftkv.NewNode(m.cfg))
 		return m, nil
 	})
 	if err != nil {
@@ -175,7 +172,7 @@ func (a *App) Provision(ctx caddy.Context) error {
 			changed = append(changed, "peer TLS files")
 		}
 		if len(changed) > 0 {
-			a.logger.Warn("member settings changed; they take effect when Caddy restarts",
+			a.logger.Warn("member settings changed; they take effect when Caddy restarts (or when a member a failure stopped starts again)",
 				zap.String("data_dir", dir), zap.Strings("settings", changed))
 		}
 	}
@@ -238,6 +235,11 @@ func (a *App) Validate() error {
 		return fmt.Errorf("raftkv: election_timeout %v is negative", time.Duration(a.ElectionTimeout))
 	}
 	hb, et := time.Duration(a.HeartbeatInterval), time.Duration(a.ElectionTimeout)
+	if hb > 0 && hb < time.Millisecond {
+		// etcd's flag counts whole milliseconds; below that, the Raft loop
+		// would tick faster than it can turn (or not at all).
+		return fmt.Errorf("raftkv: heartbeat_interval %v is under 1ms (in JSON, a number without a unit is nanoseconds: write \"100ms\")", hb)
+	}
 	if hb > 0 && et > 0 && et < 5*hb {
 		return fmt.Errorf("raftkv: election_timeout %v should be at least 5 times heartbeat_interval %v", et, hb)
 	}
@@ -321,13 +323,16 @@ func isLoopback(host string) bool {
 }
 
 // Start starts the member. On a reload it is already running, and Start
-// only applies strict_reconfig_check, the one setting a reload changes; a
-// member that a failure stopped starts again.
+// only applies the settings a reload changes, strict_reconfig_check and
+// advertise_client_urls; a member that a failure stopped starts again,
+// with this config's settings.
 func (a *App) Start() error {
-	if err := a.member.start(); err != nil {
+	if err := a.member.start(a.cfg, a.files); err != nil {
 		return fmt.Errorf("raftkv: starting member %q in %s: %w", a.Name, a.DataDir, err)
 	}
-	a.member.current().SetStrictReconfigCheck(a.strictReconfigCheck())
+	n := a.member.current()
+	n.SetStrictReconfigCheck(a.strictReconfigCheck())
+	n.SetAdvertiseClientURLs(a.AdvertiseClientURLs)
 	return nil
 }
 
@@ -389,8 +394,19 @@ func (a *App) nodeConfig() raftkv.Config {
 	}
 }
 
+// withPeerTLS gives cfg the client side of peer TLS when files name any:
+// an empty tls.Config, filled in from the files by member.start before
+// the node starts and first dials a peer (reading them in Provision would
+// be I/O there).
+func withPeerTLS(cfg raftkv.Config, files peerTLSFiles) raftkv.Config {
+	if !files.empty() {
+		cfg.Peer.TLS = &tls.Config{MinVersion: tls.VersionTLS12}
+	}
+	return cfg
+}
+
 // member is what the pool holds for one data directory: the node, and the
-// configuration it was created with.
+// configuration it was last started with.
 type member struct {
 	node      atomic.Pointer[raftkv.Node] // replaced only when a failure stopped it (see start)
 	cfg       raftkv.Config
@@ -424,28 +440,31 @@ func (m *member) running() *raftkv.Node {
 // Caddy lives on, so the operator's reload (`caddy reload --force` when the
 // config is unchanged: Caddy skips loading the config it runs) or restart
 // is that new start: the dead node is stopped, which closes its file, and a
-// new one starts on the same data directory, from what the file holds.
+// new one starts on the same data directory, from what the file holds,
+// with the settings of cfg and files, the config being started (the cause
+// may have been one of them: a heartbeat too short for the machine, say).
 // Handlers of every config look the node up per request, so they all move
 // to the new one. If the failure is still there, the start fails, and so
 // does the reload.
-func (m *member) start() error {
+func (m *member) start(cfg raftkv.Config, files peerTLSFiles) error {
 	m.startMu.Lock()
 	defer m.startMu.Unlock()
-	if !m.peerLoaded && m.cfg.Peer.TLS != nil {
-		if err := m.peerFiles.load(m.cfg.Peer.TLS); err != nil {
-			return err
-		}
-	}
-	m.peerLoaded = true
 	n := m.current()
 	if n.Failed() {
 		m.cfg.Logger.Warn("the member was stopped by a failure; starting it again", zap.String("data_dir", m.cfg.DataDir))
 		if err := n.Stop(); err != nil {
 			m.cfg.Logger.Warn("closing the stopped member's storage", zap.Error(err))
 		}
+		m.cfg, m.peerFiles, m.peerLoaded = withPeerTLS(cfg, files), files, false
 		n = raftkv.NewNode(m.cfg)
 		m.node.Store(n)
 	}
+	if !m.peerLoaded && m.cfg.Peer.TLS != nil {
+		if err := m.peerFiles.load(m.cfg.Peer.TLS); err != nil {
+			return err
+		}
+	}
+	m.peerLoaded = true
 	return n.Start()
 }
 
@@ -469,8 +488,8 @@ func (m *member) sameIdentity(cfg raftkv.Config) error {
 }
 
 // tuningChanges names the settings that differ from the running member's
-// and that only a restart applies. (advertise_client_urls is not one: the
-// handler publishes the current config's.)
+// and that only a restart applies. (advertise_client_urls is not one: Start
+// publishes the current config's.)
 func (m *member) tuningChanges(cfg raftkv.Config) []string {
 	var changed []string
 	if m.cfg.SnapshotCount != cfg.SnapshotCount {

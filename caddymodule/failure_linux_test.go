@@ -4,6 +4,7 @@ package caddymodule
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"io"
 	"net/http"
@@ -81,9 +82,21 @@ func TestReloadStartsAMemberAFailureStopped(t *testing.T) {
 		t.Fatalf("the rest of the site stopped too: %q", body)
 	}
 
-	// The same config: Caddy skips a load of the config it runs unless forced, as
-	// `caddy reload --force` forces it.
-	if err := caddy.Load(s.config, true); err != nil {
+	// The same config, but for Raft timings that only a new start applies: the
+	// member starts with the config being loaded (the operator may have
+	// changed what stopped it). Caddy skips a load of the config it runs
+	// unless forced, as `caddy reload --force` forces it.
+	var cfg map[string]any
+	if err := json.Unmarshal(s.config, &cfg); err != nil {
+		t.Fatal(err)
+	}
+	app := cfg["apps"].(map[string]any)["raftkv"].(map[string]any)
+	app["heartbeat_interval"], app["election_timeout"] = "20ms", "200ms"
+	retuned, err := json.Marshal(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := caddy.Load(retuned, true); err != nil {
 		t.Fatalf("reload: %v", err)
 	}
 	// A reload may reset a connection made as it swaps the listening sockets, before its
@@ -110,6 +123,12 @@ func TestReloadStartsAMemberAFailureStopped(t *testing.T) {
 	if n, _ := members.References(s.dataDir); n != 1 {
 		t.Fatalf("references after the reload = %d, want 1", n)
 	}
+	members.Range(func(key, value any) bool {
+		if m := value.(*member); key == s.dataDir && m.cfg.HeartbeatInterval != 20*time.Millisecond {
+			t.Errorf("the member started again with heartbeat %v, not the reloaded config's 20ms", m.cfg.HeartbeatInterval)
+		}
+		return true
+	})
 
 	acked, refused := load.stop(t, s)
 	if refused == 0 {

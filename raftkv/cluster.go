@@ -223,32 +223,35 @@ func (n *Node) changeMembership(ctx context.Context, cc *raftpb.ConfChange) erro
 	return res.err
 }
 
-// publish proposes this member's name, client URLs and features once it runs, when
-// the cluster's record of them differs, as etcd publishes its attributes
-// after start: every member's /v2/members then lists its client URLs. It
-// retries until it succeeds or the member stops.
+// publish proposes this member's name, client URLs and features once it
+// runs, when the cluster's record of them differs, as etcd publishes its
+// attributes after start: every member's /v2/members then lists its client
+// URLs. It retries until it succeeds or the member stops. Each attempt
+// proposes the URLs advertised then, so a publish that a later change of
+// them (SetAdvertiseClientURLs, which starts another) overtakes ends with
+// the same record.
 func (n *Node) publish() {
 	defer n.bg.Done()
-	want := memberAttributes{Name: n.cfg.Name, ClientURLs: slices.Clone(n.cfg.AdvertiseClientURLs), Features: slices.Clone(buildFeatures)}
-	if want.ClientURLs == nil {
-		want.ClientURLs = []string{}
-	}
-	ctxData, err := json.Marshal(attributesContext{Attributes: &want})
-	if err != nil {
-		n.lg.Error("encoding member attributes", zap.Error(err))
-		return
-	}
 	for n.bgCtx.Err() == nil {
+		want := memberAttributes{Name: n.cfg.Name, ClientURLs: n.advertised(), Features: slices.Clone(buildFeatures)}
+		if want.ClientURLs == nil {
+			want.ClientURLs = []string{}
+		}
 		epoch, changed := n.retryEpoch.wait(), n.leaderChanged.wait()
 		if m, ok := n.member(n.id); ok {
 			if m.Name == want.Name && slices.Equal(m.ClientURLs, want.ClientURLs) && slices.Equal(m.Features, want.Features) {
 				return
 			}
 			if n.leader.Load() != 0 {
+				ctxData, err := json.Marshal(attributesContext{Attributes: &want})
+				if err != nil {
+					n.lg.Error("encoding member attributes", zap.Error(err))
+					return
+				}
 				ctx, cancel := context.WithTimeout(n.bgCtx, 10*n.cfg.ElectionTimeout)
 				cc := &raftpb.ConfChange{Type: raftpb.ConfChangeUpdateNode.Enum(), NodeId: new(n.id), Context: ctxData}
 				n.confMu.Lock()
-				err := n.changeMembership(ctx, cc)
+				err = n.changeMembership(ctx, cc)
 				n.confMu.Unlock()
 				cancel()
 				if errors.Is(err, ErrStopped) || n.bgCtx.Err() != nil {

@@ -1329,3 +1329,32 @@ func TestClusterHasFeaturesOnceEveryMemberPublishedThem(t *testing.T) {
 		t.Fatal("a member doubts its own features")
 	}
 }
+
+// TestClusterLearnsChangedClientURLs: a member whose advertised client URLs
+// change while it runs (a Caddy reload) publishes them, and every member
+// lists them; a change back, and a quick change after it that overtakes
+// its publish, end with the last URLs everywhere.
+func TestClusterLearnsChangedClientURLs(t *testing.T) {
+	c := newTestCluster(t, 3, nil)
+	c.waitLeader(c.members...)
+	m := c.members[1]
+	clientURLs := func(on *testMember) []string {
+		for _, mm := range on.n().Members() {
+			if mm.Name == m.name {
+				return mm.ClientURLs
+			}
+		}
+		return nil
+	}
+	original := clientURLs(m)
+	for _, urls := range [][]string{{"https://moved.example:2379"}, original, {"https://a.example:1", "https://b.example:2"}} {
+		m.n().SetAdvertiseClientURLs(urls)
+		if len(urls) == 2 {
+			m.n().SetAdvertiseClientURLs(urls[1:])
+			urls = urls[1:]
+		}
+		for _, on := range c.members {
+			waitFor(t, fmt.Sprintf("%v on %s", urls, on.name), func() bool { return slices.Equal(clientURLs(on), urls) })
+		}
+	}
+}

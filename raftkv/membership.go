@@ -211,8 +211,8 @@ func getUint64(b []byte) (uint64, bool) {
 }
 
 // Members lists the cluster's members, sorted by ID. This member's client
-// URLs are the configured AdvertiseClientURLs; other members' are those
-// they published.
+// URLs are the ones it advertises (SetAdvertiseClientURLs); other members'
+// are those they published.
 func (n *Node) Members() []Member {
 	if !n.booted.Load() {
 		return nil
@@ -224,7 +224,7 @@ func (n *Node) Members() []Member {
 		mm := Member{ID: m.ID, Name: m.Name, PeerURLs: slices.Clone(m.PeerURLs), ClientURLs: slices.Clone(m.ClientURLs)}
 		if m.ID == n.id {
 			mm.Name = n.cfg.Name
-			mm.ClientURLs = slices.Clone(n.cfg.AdvertiseClientURLs)
+			mm.ClientURLs = n.advertised()
 		}
 		if mm.ClientURLs == nil {
 			// etcd lists an unstarted member with "clientURLs":[], never null.

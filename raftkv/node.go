@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -123,11 +124,14 @@ type Node struct {
 	members   []memberRecord  // sorted by ID
 	removed   map[uint64]bool // removed member IDs, never reused
 
-	confMu sync.Mutex      // one membership change at a time from this member
-	loose  atomic.Bool     // the strict reconfiguration check is off
-	bg     sync.WaitGroup  // background goroutines (publish)
-	bgCtx  context.Context // ended by Stop
-	bgStop context.CancelFunc
+	confMu sync.Mutex  // one membership change at a time from this member
+	loose  atomic.Bool // the strict reconfiguration check is off
+	// advertise is the client URLs this member publishes (starting as
+	// cfg.AdvertiseClientURLs; SetAdvertiseClientURLs changes them).
+	advertise atomic.Pointer[[]string]
+	bg        sync.WaitGroup  // background goroutines (publish)
+	bgCtx     context.Context // ended by Stop
+	bgStop    context.CancelFunc
 
 	propc   chan proposal
 	readc   chan struct{}
@@ -174,6 +178,8 @@ type Node struct {
 func NewNode(cfg Config) *Node {
 	n := &Node{cfg: cfg}
 	n.loose.Store(cfg.LooseReconfig)
+	urls := slices.Clone(cfg.AdvertiseClientURLs)
+	n.advertise.Store(&urls)
 	return n
 }
 
@@ -255,6 +261,27 @@ func (n *Node) Start() error {
 	n.bg.Add(1)
 	go n.publish()
 	return nil
+}
+
+// advertised returns the client URLs this member publishes (a copy).
+func (n *Node) advertised() []string { return slices.Clone(*n.advertise.Load()) }
+
+// SetAdvertiseClientURLs changes the client URLs this member publishes: a
+// running member publishes them through Raft, so that every member's
+// /v2/members and /v2/machines list them (etcd publishes its attributes
+// once, at start; a Caddy reload changes them on the running member).
+func (n *Node) SetAdvertiseClientURLs(urls []string) {
+	urls = slices.Clone(urls)
+	if slices.Equal(urls, *n.advertise.Load()) {
+		return
+	}
+	n.advertise.Store(&urls)
+	n.lifeMu.Lock()
+	defer n.lifeMu.Unlock()
+	if n.started && !n.stopped {
+		n.bg.Add(1)
+		go n.publish()
+	}
 }
 
 // Stop stops the loop (transferring leadership first when there are other

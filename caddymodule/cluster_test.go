@@ -34,6 +34,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -1394,5 +1395,43 @@ func TestPythonEtcdFailsOver(t *testing.T) {
 	stdin.Close()
 	if err := cmd.Wait(); err != nil {
 		t.Errorf("python-etcd: %v; stderr:\n%s", err, stderr.String())
+	}
+}
+
+// TestClusterMemberWithoutQuorumExitsAtOnce: a member whose peers are gone holds a write
+// until its request timeout (5 s + 2 election timeouts); when Caddy is told to exit, it
+// answers it at once with etcd's "server stopped" and exits, as etcd does, instead of
+// waiting the timeout out (Caddy waits for every response before it stops the member).
+func TestClusterMemberWithoutQuorumExitsAtOnce(t *testing.T) {
+	c := startCluster(t, 3, nil)
+	m := c.members[0]
+	c.members[1].kill9()
+	c.members[2].kill9()
+	type answer struct {
+		status int
+		body   []byte
+		err    error
+	}
+	answers := make(chan answer, 1)
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		defer cancel()
+		status, _, body, err := m.tryDo(ctx, "PUT", "/v2/keys/held", url.Values{"value": {"1"}})
+		answers <- answer{status, body, err}
+	}()
+	select {
+	case a := <-answers:
+		t.Fatalf("the write ended without a quorum: %d %s %v", a.status, a.body, a.err)
+	case <-time.After(2 * clusterElectionTimeout):
+		// Held: the member waits for a quorum, and has stepped down if it led.
+	}
+	start := time.Now()
+	// The request would hold Caddy until its timeout, 5 s from now.
+	if !m.signal(syscall.SIGTERM, 3*time.Second) {
+		t.Fatalf("Caddy still runs %v after SIGTERM; log:\n%s", time.Since(start), m.logTail(30))
+	}
+	a := <-answers
+	if a.err != nil || a.status != http.StatusInternalServerError || !strings.Contains(string(a.body), "etcdserver: server stopped") {
+		t.Fatalf("the held write: %d %s %v, want 500 server stopped", a.status, a.body, a.err)
 	}
 }

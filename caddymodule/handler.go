@@ -90,11 +90,12 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 
 // processExit is closed once Caddy exits (caddy.Exiting) and a server
 // with an etcd handler, or the raftkv app, begins to stop: open watches
-// end then, as etcd's do when it stops. Caddy waits for every response
-// before it exits (its grace period is unlimited by default), so a watch
-// would otherwise hold the process until its client goes away. A server
-// stopped by a config reload leaves its watches be: the member goes on,
-// and they end with their event.
+// end then, as etcd's do when it stops, and so do requests waiting for Raft
+// (Node.EndRequests). Caddy waits for every response before it exits (its
+// grace period is unlimited by default), so a watch would otherwise hold
+// the process until its client goes away, and a write to a member without
+// a quorum until its timeout. A server stopped by a config reload leaves
+// them be: the member goes on, and they end with their event.
 var (
 	processExit     = make(chan struct{})
 	processExitOnce sync.Once
@@ -102,7 +103,13 @@ var (
 
 func endWatchesIfExiting() {
 	if caddy.Exiting() {
-		processExitOnce.Do(func() { close(processExit) })
+		processExitOnce.Do(func() {
+			close(processExit)
+			members.Range(func(_, value any) bool {
+				value.(*member).current().EndRequests()
+				return true
+			})
+		})
 	}
 }
 

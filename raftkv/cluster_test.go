@@ -1358,3 +1358,48 @@ func TestClusterLearnsChangedClientURLs(t *testing.T) {
 		}
 	}
 }
+
+// TestEndRequestsEndsWaitsWithoutAQuorum: a member that lost its quorum
+// holds writes and quorum reads until their deadline; EndRequests (Caddy
+// exiting) ends them at once with ErrStopped, and those that come after,
+// while the node itself goes on.
+func TestEndRequestsEndsWaitsWithoutAQuorum(t *testing.T) {
+	c := newTestCluster(t, 3, nil)
+	c.stop(c.members[1])
+	c.stop(c.members[2])
+	n := c.members[0].n()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Hour)
+	defer cancel()
+	errc := make(chan error, 2)
+	go func() {
+		_, err := n.Do(ctx, storage.Request{Method: storage.MethodPut, Path: "/held", Val: "1"})
+		errc <- err
+	}()
+	go func() {
+		_, err := n.Get(ctx, "/held", false, false, true)
+		errc <- err
+	}()
+	select {
+	case err := <-errc:
+		t.Fatalf("a request without a quorum ended on its own: %v", err)
+	case <-time.After(4 * c.config(c.members[0], "new").ElectionTimeout):
+		// Held through two retry epochs: they wait for a quorum.
+	}
+	n.EndRequests()
+	for range 2 {
+		select {
+		case err := <-errc:
+			if !errors.Is(err, ErrStopped) {
+				t.Fatalf("got %v, want ErrStopped", err)
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatal("EndRequests left a request waiting")
+		}
+	}
+	if _, err := n.Do(ctx, storage.Request{Method: storage.MethodPut, Path: "/later", Val: "1"}); !errors.Is(err, ErrStopped) {
+		t.Fatalf("a write after EndRequests: %v", err)
+	}
+	if !n.Running() {
+		t.Fatal("EndRequests stopped the node")
+	}
+}

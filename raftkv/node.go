@@ -129,9 +129,12 @@ type Node struct {
 	// advertise is the client URLs this member publishes (starting as
 	// cfg.AdvertiseClientURLs; SetAdvertiseClientURLs changes them).
 	advertise atomic.Pointer[[]string]
-	bg        sync.WaitGroup  // background goroutines (publish)
-	bgCtx     context.Context // ended by Stop
-	bgStop    context.CancelFunc
+	// endc is closed by EndRequests: waiting requests end at once.
+	endc    chan struct{}
+	endOnce sync.Once
+	bg      sync.WaitGroup  // background goroutines (publish)
+	bgCtx   context.Context // ended by Stop
+	bgStop  context.CancelFunc
 
 	propc   chan proposal
 	readc   chan struct{}
@@ -176,7 +179,7 @@ type Node struct {
 
 // NewNode returns a node that has not started: no file is opened.
 func NewNode(cfg Config) *Node {
-	n := &Node{cfg: cfg}
+	n := &Node{cfg: cfg, endc: make(chan struct{})}
 	n.loose.Store(cfg.LooseReconfig)
 	urls := slices.Clone(cfg.AdvertiseClientURLs)
 	n.advertise.Store(&urls)
@@ -284,6 +287,14 @@ func (n *Node) SetAdvertiseClientURLs(urls []string) {
 	}
 }
 
+// EndRequests ends every request waiting for Raft (a write, a quorum read,
+// a membership change) with ErrStopped, now and from now on, while the
+// node goes on: Caddy calls it when the process exits, since it waits for
+// every response before it stops the member, and a member without a
+// quorum would keep them for their whole timeout. etcd's exit ends them
+// alike, as "server stopped": what such a write became is not known.
+func (n *Node) EndRequests() { n.endOnce.Do(func() { close(n.endc) }) }
+
 // Stop stops the loop (transferring leadership first when there are other
 // members), waits for it and closes the store. Waiting requests get
 // ErrStopped. Safe to call more than once.
@@ -374,6 +385,11 @@ func (n *Node) Do(ctx context.Context, r storage.Request) (*storage.Event, error
 // application of id, proposing again each time an attempt was dropped or
 // went unanswered, until ctx ends. p.c receives the outcome.
 func (n *Node) submit(ctx context.Context, id uint64, p proposal) (result, error) {
+	select {
+	case <-n.endc:
+		return result{}, ErrStopped
+	default:
+	}
 	n.w.register(id, p.c)
 	defer n.w.cancel(id)
 	for attempt := 0; ; attempt++ {
@@ -388,6 +404,8 @@ func (n *Node) submit(ctx context.Context, id uint64, p proposal) (result, error
 			case <-ctx.Done():
 				return result{}, ErrTimeout
 			case <-n.donec:
+				return result{}, ErrStopped
+			case <-n.endc:
 				return result{}, ErrStopped
 			}
 		}
@@ -449,6 +467,8 @@ func (n *Node) awaitAttempt(ctx context.Context, c chan result, leaderChanged <-
 			epoch = n.retryEpoch.wait()
 		case <-ctx.Done():
 			return res, false, ErrTimeout
+		case <-n.endc:
+			return res, false, ErrStopped
 		case <-n.donec:
 			// The last Ready before the loop stopped may have answered.
 			select {
@@ -477,6 +497,8 @@ func (n *Node) backoff(ctx context.Context, attempt int, leaderChanged <-chan st
 	case <-ctx.Done():
 		return ErrTimeout
 	case <-n.donec:
+		return ErrStopped
+	case <-n.endc:
 		return ErrStopped
 	}
 	return nil

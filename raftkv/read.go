@@ -34,6 +34,11 @@ type readLoop struct {
 // committed before the call: a read of local state afterwards is
 // linearizable.
 func (n *Node) linearizableRead(ctx context.Context) error {
+	select {
+	case <-n.endc:
+		return ErrStopped
+	default:
+	}
 	n.readMu.Lock()
 	r := n.nextRead
 	if r == nil {
@@ -51,6 +56,8 @@ func (n *Node) linearizableRead(ctx context.Context) error {
 	case <-ctx.Done():
 		return ErrTimeout
 	case <-n.donec:
+		return ErrStopped
+	case <-n.endc:
 		return ErrStopped
 	}
 }

@@ -1,6 +1,7 @@
 package caddymodule
 
 import (
+	"context"
 	"crypto/tls"
 	"errors"
 	"fmt"
@@ -15,6 +16,7 @@ import (
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/modules/caddyevents"
 	"go.uber.org/zap"
 
 	"github.com/etcaddy/etcaddy/raftkv"
@@ -177,6 +179,33 @@ func (a *App) Provision(ctx caddy.Context) error {
 		}
 	}
 	a.member, a.poolKey = m, dir
+	// Caddy stops its apps in no set order, and its HTTP servers, the
+	// peer site among them, stop answering first when the http app goes
+	// first: a leader that waits for its own Stop to hand over can no
+	// longer hear the member it hands over to. Caddy's "stopping" event
+	// comes before any app stops.
+	events, err := ctx.App("events")
+	if err != nil {
+		return err
+	}
+	return events.(*caddyevents.App).On("stopping", exitHandover{m})
+}
+
+// exitHandover is the member's handler of Caddy's "stopping" event, which
+// every config emits as it stops: when the process exits (not on a
+// reload, which keeps the member), open watches and waiting requests end,
+// and a leader hands leadership over while its peers still hear it.
+type exitHandover struct{ m *member }
+
+// Handle implements caddyevents.Handler.
+func (h exitHandover) Handle(context.Context, caddy.Event) error {
+	if !caddy.Exiting() {
+		return nil
+	}
+	endWatchesIfExiting()
+	if n := h.m.running(); n != nil {
+		n.HandOver()
+	}
 	return nil
 }
 

@@ -1435,3 +1435,40 @@ func TestClusterMemberWithoutQuorumExitsAtOnce(t *testing.T) {
 		t.Fatalf("the held write: %d %s %v, want 500 server stopped", a.status, a.body, a.err)
 	}
 }
+
+// TestClusterLeaderHandsOverOnExit: a leader told to exit (SIGTERM) under a write load hands
+// leadership over before its peer site stops answering: Caddy stops its apps in no set order,
+// and its servers first, so the hand-over runs on Caddy's "stopping" event, before any app
+// stops. The log says it was handed over, and the writes to the others go on.
+func TestClusterLeaderHandsOverOnExit(t *testing.T) {
+	c := startCluster(t, 3, nil)
+	l := agreedLeader(t, c.members, "", 10*time.Second)
+	leader := c.byName(l.Name)
+	var others []*testMember
+	for _, m := range c.members {
+		if m != leader {
+			others = append(others, m)
+		}
+	}
+	load := startWriteLoad(t, "/handover", 4, func(w, try int) *testMember { return others[(w+try)%2] })
+	load.waitAcks(t, 50, "before the exit")
+	logStart := logSize(leader.proc)
+	leader.stop()
+	next := agreedLeader(t, others, l.ID, 10*time.Second)
+	load.waitAcks(t, load.nAcked.Load()+50, "after the exit")
+	acked, failures := load.stop()
+	b, err := os.ReadFile(leader.LogPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	log := string(b[min(logStart, int64(len(b))):])
+	if !strings.Contains(log, "transferring leadership") || strings.Contains(log, "transfer on stop failed") ||
+		strings.Contains(log, "no leadership transfer") {
+		t.Fatalf("the leader's log on exit:\n%s", log)
+	}
+	if len(failures) > 0 {
+		t.Fatalf("%d writes to the members that stay failed: %v", len(failures), failures)
+	}
+	checkAckedEverywhere(t, others, "/handover", acked)
+	t.Logf("%s handed over to %s; %d writes acknowledged", l.Name, next.Name, len(acked))
+}

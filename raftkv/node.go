@@ -306,20 +306,7 @@ func (n *Node) Stop() error {
 		return nil
 	}
 	n.stopped = true
-	if n.running.Load() && n.leader.Load() == n.id {
-		// Hand leadership over first, so the cluster does not wait out an
-		// election timeout (etcd transfers leadership on shutdown too).
-		ctx, cancel := context.WithTimeout(context.Background(), n.cfg.ElectionTimeout)
-		switch err := n.TransferLeadership(ctx); {
-		case err == nil, errors.Is(err, ErrNoTransferee):
-		case errors.Is(err, ErrTransfereeUnreachable):
-			// The others are down or stopping too: nobody to hand over to.
-			n.lg.Info("no leadership transfer on stop", zap.Error(err))
-		default:
-			n.lg.Warn("leadership transfer on stop failed", zap.Error(err))
-		}
-		cancel()
-	}
+	n.HandOver()
 	n.running.Store(false)
 	n.bgStop()
 	close(n.stopc)
@@ -332,6 +319,27 @@ func (n *Node) Stop() error {
 	err := n.store.Close()
 	n.lg.Info("raftkv member stopped", zap.String("member-id", idString(n.id)))
 	return err
+}
+
+// HandOver transfers leadership to another member when this one leads,
+// waiting at most an election timeout, so that the cluster does not wait
+// one out after this member stops (etcd transfers leadership on shutdown
+// too). Stop calls it; Caddy calls it earlier when it exits, before its
+// servers stop answering the peers that must take over.
+func (n *Node) HandOver() {
+	if !n.running.Load() || n.leader.Load() != n.id {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), n.cfg.ElectionTimeout)
+	defer cancel()
+	switch err := n.TransferLeadership(ctx); {
+	case err == nil, errors.Is(err, ErrNoTransferee):
+	case errors.Is(err, ErrTransfereeUnreachable):
+		// The others are down or stopping too: nobody to hand over to.
+		n.lg.Info("no leadership transfer on stop", zap.Error(err))
+	default:
+		n.lg.Warn("leadership transfer on stop failed", zap.Error(err))
+	}
 }
 
 // Running reports whether Start succeeded and Stop has not been called.

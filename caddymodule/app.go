@@ -445,8 +445,14 @@ type member struct {
 	peerLoaded bool
 }
 
-// current is the member's node.
-func (m *member) current() *raftkv.Node { return m.node.Load() }
+// current is the member's node (nil when m is: a handler whose app has
+// none).
+func (m *member) current() *raftkv.Node {
+	if m == nil {
+		return nil
+	}
+	return m.node.Load()
+}
 
 // running returns the member's node when it runs, nil otherwise (or when m
 // is nil: a handler whose app has none).
@@ -474,13 +480,16 @@ func (m *member) running() *raftkv.Node {
 // may have been one of them: a heartbeat too short for the machine, say).
 // Handlers of every config look the node up per request, so they all move
 // to the new one. If the failure is still there, the start fails, and so
-// does the reload.
+// does the reload. A node whose start failed is stopped, and the next
+// start makes a new one the same way.
 func (m *member) start(cfg raftkv.Config, files peerTLSFiles) error {
 	m.startMu.Lock()
 	defer m.startMu.Unlock()
 	n := m.current()
-	if n.Failed() {
-		m.cfg.Logger.Warn("the member was stopped by a failure; starting it again", zap.String("data_dir", m.cfg.DataDir))
+	if failed := n.Failed(); failed || n.Stopped() {
+		if failed {
+			m.cfg.Logger.Warn("the member was stopped by a failure; starting it again", zap.String("data_dir", m.cfg.DataDir))
+		}
 		if err := n.Stop(); err != nil {
 			m.cfg.Logger.Warn("closing the stopped member's storage", zap.Error(err))
 		}
@@ -488,13 +497,29 @@ func (m *member) start(cfg raftkv.Config, files peerTLSFiles) error {
 		n = raftkv.NewNode(m.cfg)
 		m.node.Store(n)
 	}
+	err := m.loadPeerFiles()
+	if err == nil {
+		err = n.Start()
+	}
+	if err != nil {
+		// Requests waiting for the member to be ready (HTTP may have
+		// started first) get its 503 now, not when their clients give
+		// up; the next start makes a new node.
+		_ = n.Stop() // it never ran: nothing to close
+	}
+	return err
+}
+
+// loadPeerFiles loads the peer TLS files into the member's client TLS
+// config, the first time only.
+func (m *member) loadPeerFiles() error {
 	if !m.peerLoaded && m.cfg.Peer.TLS != nil {
 		if err := m.peerFiles.load(m.cfg.Peer.TLS); err != nil {
 			return err
 		}
 	}
 	m.peerLoaded = true
-	return n.Start()
+	return nil
 }
 
 // Destruct stops the node when the last config using it is gone.

@@ -815,7 +815,7 @@ type authChange struct {
 // during a rolling upgrade it waits for the last member until the
 // request's time is up, then answers etcd's "not capable".
 func (h *Handler) changeAuth(r *http.Request, n *raftkv.Node, decide func(*authView) (*authChange, error)) error {
-	ctx, cancel := context.WithTimeout(r.Context(), h.timeout)
+	ctx, cancel := h.requestContext(r)
 	defer cancel()
 	for {
 		v, err := h.authView(ctx, n, true)

@@ -1,6 +1,7 @@
 package caddymodule
 
 import (
+	"context"
 	"encoding/json"
 	"net/http"
 	"net/url"
@@ -228,6 +229,19 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	}
 
 	switch ep {
+	case epVersion, epHealth, epV2Unknown:
+	default:
+		// As etcd, a member serves no client request before it has caught
+		// up with its cluster (raftkv.Node.becomeReady): the request waits,
+		// as it would for an etcd that has not published itself yet, until
+		// then, until its client gives up, or until the member stops.
+		if n := h.member.current(); n != nil {
+			if err := n.WaitReady(r.Context()); err != nil && r.Context().Err() != nil {
+				return nil
+			}
+		}
+	}
+	switch ep {
 	case epKeys:
 		h.serveKeys(w, r, hv)
 	case epMembers:
@@ -273,6 +287,16 @@ func (hv *headerValues) set(hdr http.Header, key, v string) {
 	hv.n++
 	hv.vals[i] = v
 	hdr[key] = hv.vals[i : i+1 : i+1]
+}
+
+// requestContext bounds a request's wait for Raft (a write, a quorum read,
+// a membership or auth change) by the request timeout, as etcd's handlers
+// do, from context.Background: the client going away does not end it.
+// net/http ends r.Context() when it reads the end of the connection, and a
+// client that half-closes its side once its request is sent (nc -N, some
+// proxies) would otherwise get a 500 for a write that goes on and lands.
+func (h *Handler) requestContext(r *http.Request) (context.Context, context.CancelFunc) {
+	return context.WithTimeout(context.WithoutCancel(r.Context()), h.timeout)
 }
 
 // node returns the member's node when it runs. Until the raftkv app has

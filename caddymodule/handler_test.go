@@ -853,13 +853,14 @@ func memberOf(n *raftkv.Node) *member {
 	return m
 }
 
-// TestNotRunningAnswers503 serves from a member whose node was never
-// started, as happens when HTTP starts before the raftkv app.
+// TestNotRunningAnswers503 serves from a member whose node stopped before
+// it ran (its start failed, say).
 func TestNotRunningAnswers503(t *testing.T) {
-	h := &Handler{
-		member:  memberOf(raftkv.NewNode(raftkv.Config{DataDir: t.TempDir()})),
-		timeout: time.Second,
+	n := raftkv.NewNode(raftkv.Config{DataDir: t.TempDir()})
+	if err := n.Stop(); err != nil {
+		t.Fatal(err)
 	}
+	h := &Handler{member: memberOf(n), timeout: time.Second}
 	next := caddyhttp.HandlerFunc(func(w http.ResponseWriter, r *http.Request) error {
 		w.WriteHeader(http.StatusTeapot)
 		return nil
@@ -885,6 +886,49 @@ func TestNotRunningAnswers503(t *testing.T) {
 		}
 		if rec.Code != tt.status || rec.Body.String() != tt.body {
 			t.Errorf("%s %s: %d %q, want %d %q", tt.method, tt.path, rec.Code, rec.Body.String(), tt.status, tt.body)
+		}
+	}
+}
+
+// TestRequestsWaitForTheMemberToStart: Caddy starts its apps in no set
+// order, so the HTTP server may serve before the raftkv app has started the
+// member: its requests wait until the member is ready, as etcd's wait until
+// it has published itself, instead of a 503 "server stopped" that clients
+// such as python-etcd raise; /health and /version answer at once.
+func TestRequestsWaitForTheMemberToStart(t *testing.T) {
+	n := raftkv.NewNode(raftkv.Config{DataDir: t.TempDir(), HeartbeatInterval: 10 * time.Millisecond, ElectionTimeout: 100 * time.Millisecond})
+	t.Cleanup(func() { _ = n.Stop() })
+	h := &Handler{member: memberOf(n), timeout: 10 * time.Second}
+	next := caddyhttp.HandlerFunc(func(w http.ResponseWriter, r *http.Request) error { return nil })
+	serve := func(method, target string) *httptest.ResponseRecorder {
+		rec := httptest.NewRecorder()
+		if err := h.ServeHTTP(rec, httptest.NewRequest(method, target, nil), next); err != nil {
+			t.Errorf("%s %s: %v", method, target, err)
+		}
+		return rec
+	}
+	if rec := serve("GET", "/health"); rec.Code != http.StatusServiceUnavailable {
+		t.Fatalf("/health before the start: %d", rec.Code)
+	}
+	answers := make(chan *httptest.ResponseRecorder, 2)
+	go func() { answers <- serve("GET", "/v2/keys/?recursive=true") }()
+	go func() { answers <- serve("GET", "/v2/members") }()
+	select {
+	case rec := <-answers:
+		t.Fatalf("answered before the member started: %d %s", rec.Code, rec.Body)
+	case <-time.After(200 * time.Millisecond):
+	}
+	if err := n.Start(); err != nil {
+		t.Fatal(err)
+	}
+	for range 2 {
+		select {
+		case rec := <-answers:
+			if rec.Code != http.StatusOK {
+				t.Fatalf("once started: %d %s", rec.Code, rec.Body)
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatal("requests still wait for a member that started")
 		}
 	}
 }
@@ -972,5 +1016,58 @@ func TestWatchesOutliveReloadsAndEndAtExit(t *testing.T) {
 	if e.err == nil || !errors.Is(e.err, io.ErrUnexpectedEOF) || e.status != http.StatusOK ||
 		strings.Count(e.body, "\n") != 1 || !strings.Contains(e.body, `"value":"after the reload"`) {
 		t.Errorf("stream watch across a reload, then exit: %d %q %v; want the one event, then a cut connection", e.status, e.body, e.err)
+	}
+}
+
+// TestHalfClosedClientGetsItsAnswer: a client that closes its side of the connection once
+// its request is sent (nc -N, some proxies) still reads the answer, as from etcd, whose
+// handlers wait for Raft on a context of their own. net/http ends the request's context
+// when it reads the end of the connection: a write that waited on it answered 500 "request
+// timed out" and landed all the same.
+func TestHalfClosedClientGetsItsAnswer(t *testing.T) {
+	s := startInproc(t)
+	resp, body := s.form("PUT", "/v2/keys/cas", "value=old")
+	s.expect(resp, body, http.StatusCreated)
+	tests := []struct {
+		method, target, body string
+		status               int
+	}{
+		{"PUT", "/v2/keys/half", "value=1", http.StatusCreated},
+		{"POST", "/v2/keys/queue", "value=job", http.StatusCreated},
+		{"PUT", "/v2/keys/cas?prevValue=old", "value=new", http.StatusOK},
+		{"PUT", "/v2/keys/cas?prevValue=old", "value=newer", http.StatusPreconditionFailed},
+		{"DELETE", "/v2/keys/half", "", http.StatusOK},
+		{"GET", "/v2/keys/cas?quorum=true", "", http.StatusOK},
+	}
+	for _, tt := range tests {
+		conn, err := net.Dial("tcp", fmt.Sprintf("127.0.0.1:%d", s.port))
+		if err != nil {
+			t.Fatal(err)
+		}
+		req := fmt.Sprintf("%s %s HTTP/1.1\r\nHost: 127.0.0.1\r\n", tt.method, tt.target)
+		if tt.body != "" {
+			req += fmt.Sprintf("Content-Type: application/x-www-form-urlencoded\r\nContent-Length: %d\r\n", len(tt.body))
+		}
+		req += "\r\n" + tt.body
+		if _, err := io.WriteString(conn, req); err != nil {
+			t.Fatal(err)
+		}
+		if err := conn.(*net.TCPConn).CloseWrite(); err != nil {
+			t.Fatal(err)
+		}
+		_ = conn.SetReadDeadline(time.Now().Add(10 * time.Second))
+		resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
+		if err != nil {
+			t.Fatalf("%s %s: %v", tt.method, tt.target, err)
+		}
+		b, _ := io.ReadAll(resp.Body)
+		conn.Close()
+		if resp.StatusCode != tt.status {
+			t.Errorf("%s %s, half-closed: %d %s, want %d", tt.method, tt.target, resp.StatusCode, b, tt.status)
+		}
+	}
+	resp, body = s.do("GET", "/v2/keys/cas", "", "")
+	if ev := decodeEvent(t, body); resp.StatusCode != http.StatusOK || ev.Node.Value == nil || *ev.Node.Value != "new" {
+		t.Fatalf("after the half-closed CAS: %d %s", resp.StatusCode, body)
 	}
 }

@@ -292,7 +292,7 @@ func (h *Handler) serveKeys(w http.ResponseWriter, r *http.Request, hv *headerVa
 		ctx := r.Context()
 		if kr.quorum {
 			var cancel context.CancelFunc
-			ctx, cancel = context.WithTimeout(ctx, h.timeout)
+			ctx, cancel = h.requestContext(r)
 			defer cancel()
 		}
 		ev, err = n.Get(ctx, kr.key, kr.recursive, kr.sorted, kr.quorum)
@@ -300,7 +300,7 @@ func (h *Handler) serveKeys(w http.ResponseWriter, r *http.Request, hv *headerVa
 			st = n.Status()
 		}
 	default:
-		ctx, cancel := context.WithTimeout(r.Context(), h.timeout)
+		ctx, cancel := h.requestContext(r)
 		defer cancel()
 		ev, err = n.Do(ctx, kr.storageRequest(time.Now()))
 		st = n.Status()

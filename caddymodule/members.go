@@ -1,7 +1,6 @@
 package caddymodule
 
 import (
-	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -128,7 +127,7 @@ func (h *Handler) serveMembers(w http.ResponseWriter, r *http.Request) {
 			writeMessage(w, http.StatusConflict, raftkv.ErrPeerURLExists.Error())
 			return
 		}
-		ctx, cancel := context.WithTimeout(r.Context(), h.timeout)
+		ctx, cancel := h.requestContext(r)
 		m, err := n.AddMember(ctx, urls)
 		cancel()
 		if err != nil {
@@ -151,7 +150,7 @@ func (h *Handler) serveMembers(w http.ResponseWriter, r *http.Request) {
 		if !ok {
 			return
 		}
-		ctx, cancel := context.WithTimeout(r.Context(), h.timeout)
+		ctx, cancel := h.requestContext(r)
 		err := n.RemoveMember(ctx, parseID(id))
 		cancel()
 		if err != nil {
@@ -169,7 +168,7 @@ func (h *Handler) serveMembers(w http.ResponseWriter, r *http.Request) {
 		if !ok {
 			return
 		}
-		ctx, cancel := context.WithTimeout(r.Context(), h.timeout)
+		ctx, cancel := h.requestContext(r)
 		err := n.UpdateMember(ctx, parseID(id), urls)
 		cancel()
 		if err != nil {

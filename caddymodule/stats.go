@@ -1,7 +1,6 @@
 package caddymodule
 
 import (
-	"context"
 	"io"
 	"net/http"
 	"strconv"
@@ -38,7 +37,7 @@ func (h *Handler) serveHealth(w http.ResponseWriter, r *http.Request) {
 		if serializable, _ := strconv.ParseBool(r.URL.Query().Get("serializable")); serializable {
 			healthy = n.Status().Leader != 0
 		} else {
-			ctx, cancel := context.WithTimeout(r.Context(), h.timeout)
+			ctx, cancel := h.requestContext(r)
 			healthy = n.Healthy(ctx)
 			cancel()
 		}

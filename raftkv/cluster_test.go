@@ -1403,3 +1403,42 @@ func TestEndRequestsEndsWaitsWithoutAQuorum(t *testing.T) {
 		t.Fatal("EndRequests stopped the node")
 	}
 }
+
+// TestRestartedMemberIsReadyOnceCaughtUp: a member that restarts serves its clients only
+// once it has applied what the cluster had committed when it asked (a leader's read index),
+// as etcd serves none before it has published itself: with its peers down it is not ready,
+// whatever its file holds; with a quorum back, it is, and holds every write.
+func TestRestartedMemberIsReadyOnceCaughtUp(t *testing.T) {
+	c := newTestCluster(t, 3, nil)
+	ev := put(t, c.members[0].n(), "/before", "1")
+	for _, m := range c.members {
+		c.stop(m)
+	}
+	n := c.start(c.members[0], "new")
+	ctx, cancel := context.WithTimeout(context.Background(), 4*c.config(c.members[0], "new").ElectionTimeout)
+	err := n.WaitReady(ctx)
+	cancel()
+	if !errors.Is(err, ErrTimeout) || n.Ready() {
+		t.Fatalf("ready without a quorum: %v", err)
+	}
+	c.start(c.members[1], "new")
+	ctx, cancel = context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := n.WaitReady(ctx); err != nil {
+		t.Fatalf("not ready with a quorum back: %v", err)
+	}
+	if n.AppliedIndex() < ev.Node.ModifiedIndex {
+		t.Fatalf("ready at applied index %d, before the write at %d", n.AppliedIndex(), ev.Node.ModifiedIndex)
+	}
+	c.stop(c.members[0])
+	if err := n.WaitReady(ctx); err != nil {
+		t.Fatalf("a ready member that stopped: %v", err)
+	}
+	again := c.start(c.members[0], "new")
+	if err := again.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	if err := again.WaitReady(ctx); !errors.Is(err, ErrStopped) {
+		t.Fatalf("a member stopped before it was ready: %v", err)
+	}
+}

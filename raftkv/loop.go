@@ -65,6 +65,7 @@ type report struct {
 // one Ready.
 func (n *Node) run() {
 	defer close(n.donec)
+	defer n.halt()
 	defer n.failReads(ErrStopped)
 	// Watches end with the loop (a removal, a storage failure, Stop): no
 	// event would reach them any more, and their clients should move on

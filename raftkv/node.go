@@ -132,9 +132,15 @@ type Node struct {
 	// endc is closed by EndRequests: waiting requests end at once.
 	endc    chan struct{}
 	endOnce sync.Once
-	bg      sync.WaitGroup  // background goroutines (publish)
-	bgCtx   context.Context // ended by Stop
-	bgStop  context.CancelFunc
+	// readyc is closed once the member has caught up with its cluster
+	// after it started (becomeReady); haltc once it never will: Stop, or
+	// the end of its loop (a failure, its removal).
+	readyc   chan struct{}
+	haltc    chan struct{}
+	haltOnce sync.Once
+	bg       sync.WaitGroup  // background goroutines (publish)
+	bgCtx    context.Context // ended by Stop
+	bgStop   context.CancelFunc
 
 	propc   chan proposal
 	readc   chan struct{}
@@ -179,7 +185,7 @@ type Node struct {
 
 // NewNode returns a node that has not started: no file is opened.
 func NewNode(cfg Config) *Node {
-	n := &Node{cfg: cfg, endc: make(chan struct{})}
+	n := &Node{cfg: cfg, endc: make(chan struct{}), readyc: make(chan struct{}), haltc: make(chan struct{})}
 	n.loose.Store(cfg.LooseReconfig)
 	urls := slices.Clone(cfg.AdvertiseClientURLs)
 	n.advertise.Store(&urls)
@@ -261,10 +267,72 @@ func (n *Node) Start() error {
 		zap.Uint64("applied-index", n.applied.Load()),
 		zap.Uint64("etcd-index", st.Index()))
 	go n.run()
-	n.bg.Add(1)
+	n.bg.Add(2)
 	go n.publish()
+	go n.becomeReady()
 	return nil
 }
+
+// becomeReady closes readyc once this member has applied everything its
+// cluster had committed when it asked, which takes a leader's read index
+// (a quorum read). Until then WaitReady holds client requests, as etcd
+// serves none before it has published itself through Raft: a member that
+// restarted after answering a write whose application had not reached its
+// disk yet (the log had; see storage.Ready.Defer) would otherwise read as
+// of before that write until it heard from the leader, and one that cannot
+// reach its cluster (no quorum, another cluster's peers) would serve what
+// its file holds, or nothing, as if current.
+func (n *Node) becomeReady() {
+	defer n.bg.Done()
+	for n.bgCtx.Err() == nil {
+		ctx, cancel := context.WithTimeout(n.bgCtx, 2*n.cfg.ElectionTimeout)
+		err := n.linearizableRead(ctx)
+		cancel()
+		switch {
+		case err == nil:
+			close(n.readyc)
+			n.lg.Info("raftkv member ready to serve clients", zap.String("member-id", idString(n.id)),
+				zap.Uint64("applied-index", n.applied.Load()))
+			return
+		case errors.Is(err, ErrStopped):
+			return
+		}
+	}
+}
+
+// WaitReady waits until the member is ready to serve clients (see
+// becomeReady), ctx ends (ErrTimeout), or it never will be: it stopped, or
+// Caddy exits (ErrStopped). It returns at once for a ready member.
+func (n *Node) WaitReady(ctx context.Context) error {
+	select {
+	case <-n.readyc:
+		return nil
+	default:
+	}
+	select {
+	case <-n.readyc:
+		return nil
+	case <-ctx.Done():
+		return ErrTimeout
+	case <-n.haltc:
+		return ErrStopped
+	case <-n.endc:
+		return ErrStopped
+	}
+}
+
+// Ready reports whether the member is ready to serve clients.
+func (n *Node) Ready() bool {
+	select {
+	case <-n.readyc:
+		return true
+	default:
+		return false
+	}
+}
+
+// halt closes haltc: the member will never be ready (again).
+func (n *Node) halt() { n.haltOnce.Do(func() { close(n.haltc) }) }
 
 // advertised returns the client URLs this member publishes (a copy).
 func (n *Node) advertised() []string { return slices.Clone(*n.advertise.Load()) }
@@ -303,9 +371,11 @@ func (n *Node) Stop() error {
 	defer n.lifeMu.Unlock()
 	if n.stopped || !n.started {
 		n.stopped = true
+		n.halt()
 		return nil
 	}
 	n.stopped = true
+	n.halt()
 	n.HandOver()
 	n.running.Store(false)
 	n.bgStop()
@@ -340,6 +410,14 @@ func (n *Node) HandOver() {
 	default:
 		n.lg.Warn("leadership transfer on stop failed", zap.Error(err))
 	}
+}
+
+// Stopped reports whether Stop has been called: the node cannot start
+// again.
+func (n *Node) Stopped() bool {
+	n.lifeMu.Lock()
+	defer n.lifeMu.Unlock()
+	return n.stopped
 }
 
 // Running reports whether Start succeeded and Stop has not been called.

@@ -146,10 +146,11 @@ var jsonSafe = func() (t [utf8.RuneSelf]bool) {
 
 const hexDigits = "0123456789abcdef"
 
-// appendJSONString is encoding/json's appendString with escapeHTML: short
-// escapes for \" \\ \b \f \n \r \t, \u00XX for the other control bytes
-// and for < > &, \ufffd for each byte of invalid UTF-8, and \u2028 \u2029
-// escaped for JavaScript.
+// appendJSONString is encoding/json's appendString with escapeHTML, as
+// the Go release etcd 3.4.23 was built with has it: short escapes for \"
+// \\ \n \r \t, \u00XX for the other control bytes (\b and \f too: Go 1.22
+// gave them short escapes) and for < > &, \ufffd for each byte of invalid
+// UTF-8, and \u2028 \u2029 escaped for JavaScript.
 func appendJSONString(b []byte, s string) []byte {
 	b = append(b, '"')
 	start := 0
@@ -163,10 +164,6 @@ func appendJSONString(b []byte, s string) []byte {
 			switch c {
 			case '"', '\\':
 				b = append(b, '\\', c)
-			case '\b':
-				b = append(b, '\\', 'b')
-			case '\f':
-				b = append(b, '\\', 'f')
 			case '\n':
 				b = append(b, '\\', 'n')
 			case '\r':

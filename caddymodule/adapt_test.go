@@ -2,7 +2,6 @@ package caddymodule
 
 import (
 	"bytes"
-	"context"
 	"encoding/json"
 	"flag"
 	"fmt"
@@ -201,7 +200,8 @@ func TestPeerSecurityWarnings(t *testing.T) {
 
 // TestPeerTLSFilesReadAtStart: Provision reads none of the peer TLS files
 // (caddy validate runs it beside the live member); Start does, and fails
-// with the file's name when one is missing or holds no certificate.
+// with the file's name when one is missing or holds no certificate, before
+// the member touches its data directory.
 func TestPeerTLSFilesReadAtStart(t *testing.T) {
 	dir := t.TempDir()
 	notPEM := filepath.Join(dir, "ca.pem")
@@ -210,31 +210,47 @@ func TestPeerTLSFilesReadAtStart(t *testing.T) {
 	}
 	for _, tt := range []struct {
 		name    string
-		app     App
+		app     map[string]any
 		wantErr string
 	}{
-		{"missing certificate", App{PeerCertFile: filepath.Join(dir, "none.pem"), PeerKeyFile: filepath.Join(dir, "none-key.pem")}, "none.pem"},
-		{"CA file without PEM", App{PeerTrustedCAFile: notPEM}, "holds no PEM certificate"},
+		{"missing certificate", map[string]any{"peer_cert_file": filepath.Join(dir, "none.pem"), "peer_key_file": filepath.Join(dir, "none-key.pem")}, "none.pem"},
+		{"CA file without PEM", map[string]any{"peer_trusted_ca_file": notPEM}, "holds no PEM certificate"},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
-			ctx, cancel := caddy.NewContext(caddy.Context{Context: context.Background()})
-			defer cancel()
-			app := tt.app
-			app.DataDir = filepath.Join(t.TempDir(), "data")
-			if err := app.Provision(ctx); err != nil {
-				t.Fatalf("Provision: %v", err)
+			data := filepath.Join(t.TempDir(), "data")
+			tt.app["data_dir"] = data
+			cfg, err := json.Marshal(map[string]any{
+				"admin": map[string]any{"disabled": true, "config": map[string]any{"persist": false}},
+				"apps":  map[string]any{"raftkv": tt.app},
+			})
+			if err != nil {
+				t.Fatal(err)
 			}
-			defer app.Cleanup()
-			if _, err := os.Stat(app.DataDir); !os.IsNotExist(err) {
-				t.Errorf("Provision touched the data directory: %v", err)
+			if err := caddy.Validate(mustConfig(t, cfg)); err != nil {
+				t.Fatalf("validate: %v", err)
 			}
-			err := app.Start()
+			err = caddy.Load(cfg, true)
+			if err == nil {
+				_ = caddy.Stop()
+			}
 			if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
-				t.Fatalf("Start: %v, want an error containing %q", err, tt.wantErr)
+				t.Fatalf("load: %v, want an error containing %q", err, tt.wantErr)
 			}
-			if app.member.current().Running() {
-				t.Error("the node runs without its peer TLS")
+			if _, err := os.Stat(data); !os.IsNotExist(err) {
+				t.Errorf("the member touched its data directory: %v", err)
+			}
+			if _, ok := members.References(data); ok {
+				t.Error("the failed load left its member behind")
 			}
 		})
 	}
+}
+
+func mustConfig(t *testing.T, b []byte) *caddy.Config {
+	t.Helper()
+	var cfg caddy.Config
+	if err := json.Unmarshal(b, &cfg); err != nil {
+		t.Fatal(err)
+	}
+	return &cfg
 }

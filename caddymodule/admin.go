@@ -145,7 +145,7 @@ func activeApp() (*App, error) {
 
 var errMemberNotRunning = caddy.APIError{
 	HTTPStatus: http.StatusServiceUnavailable,
-	Err:        errors.New("the raftkv member is not running (starting, stopping, or removed from its cluster)"),
+	Err:        errors.New("the raftkv member is not running (starting, stopping, stopped by a failure, or removed from its cluster)"),
 }
 
 // runningNode returns the app's node if it runs.
@@ -172,6 +172,7 @@ type adminStatus struct {
 	LeaderSince  *time.Time `json:"leader_since,omitempty"`
 	Members      int        `json:"members"`
 	Running      bool       `json:"running"`
+	Ready        bool       `json:"ready"` // caught up with its cluster: it serves clients
 	DataDir      string     `json:"data_dir"`
 }
 
@@ -199,7 +200,12 @@ func (a *AdminAPI) serveStatus(w http.ResponseWriter, _ *http.Request, app *App)
 		StartTime:    st.StartTime,
 		Members:      len(n.Members()),
 		Running:      n.Running(),
+		Ready:        n.Running() && n.Ready(),
 		DataDir:      app.member.cfg.DataDir,
+	}
+	if !out.Running {
+		// What it knew of the leader when it stopped is no longer so.
+		st.Leader, out.IsLeader = 0, false
 	}
 	if st.Leader != 0 {
 		out.Leader = idString(st.Leader)

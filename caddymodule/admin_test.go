@@ -103,7 +103,7 @@ func TestAdminSingleMember(t *testing.T) {
 	if _, err := strconv.ParseUint(before.ClusterID, 16, 64); err != nil || before.ClusterID == "0" {
 		t.Errorf("cluster_id %q is not a hex cluster ID", before.ClusterID)
 	}
-	if before.Name != "default" || before.Leader != before.ID || !before.IsLeader || !before.Running ||
+	if before.Name != "default" || before.Leader != before.ID || !before.IsLeader || !before.Running || !before.Ready ||
 		before.Members != 1 || before.RaftTerm == 0 || before.RaftIndex == 0 || before.StartTime.IsZero() ||
 		before.DataDir != p.DataDir {
 		t.Errorf("status of a lone running member: %+v", before)

@@ -119,6 +119,7 @@ type App struct {
 	poolKey string        // set while this instance holds a reference in members
 	cfg     raftkv.Config // this config's node settings, for a member that starts anew
 	files   peerTLSFiles
+	started bool // Start succeeded: Cleanup's release may stop a member that ran
 	logger  *zap.Logger
 }
 
@@ -362,6 +363,7 @@ func (a *App) Start() error {
 	n := a.member.current()
 	n.SetStrictReconfigCheck(a.strictReconfigCheck())
 	n.SetAdvertiseClientURLs(a.AdvertiseClientURLs)
+	a.started = true
 	return nil
 }
 
@@ -386,7 +388,7 @@ func (a *App) Cleanup() error {
 	key := a.poolKey
 	a.poolKey = ""
 	deleted, err := members.Delete(key)
-	if deleted && a.logger != nil {
+	if deleted && a.started && a.logger != nil {
 		a.logger.Info("member stopped", zap.String("name", a.Name), zap.String("data_dir", key))
 	}
 	return err

@@ -348,8 +348,11 @@ func (h *Handler) serveWatch(w http.ResponseWriter, r *http.Request, n *raftkv.N
 				if wa.Ended() {
 					abortWatch()
 				}
-				// A streaming watcher that fell behind: etcd ends the
-				// response the same way.
+				// A streaming watcher that fell behind (100 events
+				// unread): its response ends, and its client can watch
+				// again from the last index it saw. etcd's hub drops such
+				// a watcher too, but leaves its response open with nothing
+				// more to come.
 				return
 			}
 			// An event encoding/json would refuse ends the watch, as

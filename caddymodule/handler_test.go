@@ -1071,3 +1071,27 @@ func TestHalfClosedClientGetsItsAnswer(t *testing.T) {
 		t.Fatalf("after the half-closed CAS: %d %s", resp.StatusCode, body)
 	}
 }
+
+// TestMembersWithoutHostHeader: a member without advertise_client_urls lists the URL a
+// request came in on; an HTTP/1.0 request without a Host header gets the address it was
+// sent to, not "http://".
+func TestMembersWithoutHostHeader(t *testing.T) {
+	s := startInproc(t)
+	conn, err := net.Dial("tcp", fmt.Sprintf("127.0.0.1:%d", s.port))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	if _, err := io.WriteString(conn, "GET /v2/machines HTTP/1.0\r\n\r\n"); err != nil {
+		t.Fatal(err)
+	}
+	_ = conn.SetReadDeadline(time.Now().Add(10 * time.Second))
+	resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := io.ReadAll(resp.Body)
+	if want := fmt.Sprintf("http://127.0.0.1:%d", s.port); resp.StatusCode != http.StatusOK || string(b) != want {
+		t.Fatalf("/v2/machines without a Host header: %d %q, want %q", resp.StatusCode, b, want)
+	}
+}

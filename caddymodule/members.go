@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"slices"
 	"sort"
@@ -66,13 +67,20 @@ func membersJSON(n *raftkv.Node, advertise []string, fallback string) []memberJS
 	return out
 }
 
-// requestURL is the scheme://host a request was sent to.
+// requestURL is the scheme://host a request was sent to: its Host, or,
+// for a request without one (HTTP/1.0), the address it came in on.
 func requestURL(r *http.Request) string {
 	scheme := "http"
 	if r.TLS != nil {
 		scheme = "https"
 	}
-	return scheme + "://" + r.Host
+	host := r.Host
+	if host == "" {
+		if addr, ok := r.Context().Value(http.LocalAddrContextKey).(net.Addr); ok {
+			host = addr.String()
+		}
+	}
+	return scheme + "://" + host
 }
 
 // serveMembers is etcd's membersHandler.

@@ -190,7 +190,7 @@ func (a *AdminAPI) serveStatus(w http.ResponseWriter, _ *http.Request, app *App)
 	}
 	out := adminStatus{
 		ID:           idString(st.ID),
-		Name:         app.member.cfg.Name,
+		Name:         app.Name,
 		ClusterID:    idString(st.ClusterID),
 		IsLeader:     st.IsLeader,
 		RaftTerm:     st.Term,
@@ -201,7 +201,7 @@ func (a *AdminAPI) serveStatus(w http.ResponseWriter, _ *http.Request, app *App)
 		Members:      len(n.Members()),
 		Running:      n.Running(),
 		Ready:        n.Running() && n.Ready(),
-		DataDir:      app.member.cfg.DataDir,
+		DataDir:      app.DataDir,
 	}
 	if !out.Running {
 		// What it knew of the leader when it stopped is no longer so.
@@ -247,7 +247,8 @@ func (a *AdminAPI) serveTransfer(w http.ResponseWriter, r *http.Request, app *Ap
 		return err
 	}
 	q := r.URL.Query()
-	timeout := transferTimeouts * app.member.cfg.ElectionTimeout
+	// The running config's (the member's own may be older: see member.start).
+	timeout := transferTimeouts * time.Duration(app.ElectionTimeout)
 	if s := q.Get("timeout"); s != "" {
 		d, err := caddy.ParseDuration(s)
 		if err != nil || d <= 0 {

@@ -1472,3 +1472,61 @@ func TestClusterLeaderHandsOverOnExit(t *testing.T) {
 	checkAckedEverywhere(t, others, "/handover", acked)
 	t.Logf("%s handed over to %s; %d writes acknowledged", l.Name, next.Name, len(acked))
 }
+
+// TestClusterRestartedMemberReadsNoOlderThanItAcknowledged: a member killed right after it
+// acknowledged a write (its application of the write may not have reached its disk yet: see
+// README, "applying waits for the next append's commit") restarts with the entry in its log
+// but not yet known to be committed. Until it has caught up with its cluster it must not
+// answer a read as of before that write: with its peers stopped (SIGSTOP) a GET waits, as
+// etcd's does until it has published itself, and never says the key is missing; once they
+// run again, the key is there.
+func TestClusterRestartedMemberReadsNoOlderThanItAcknowledged(t *testing.T) {
+	c := startCluster(t, 3, nil)
+	for round := range 3 {
+		l := agreedLeader(t, c.members, "", 20*time.Second)
+		var m *testMember
+		var others []*testMember
+		for _, o := range c.members {
+			if o.Name != l.Name && m == nil {
+				m = o
+			} else {
+				others = append(others, o)
+			}
+		}
+		key := fmt.Sprintf("/v2/keys/acked%d", round)
+		if status, _, body := m.do(t, "PUT", key, url.Values{"value": {"v"}}); status != http.StatusCreated {
+			t.Fatalf("PUT %s on %s: %d %s", key, m.Name, status, body)
+		}
+		m.kill9()
+		for _, o := range others {
+			if err := syscall.Kill(o.Cmd.Process.Pid, syscall.SIGSTOP); err != nil {
+				t.Fatal(err)
+			}
+		}
+		resume := func() {
+			for _, o := range others {
+				_ = syscall.Kill(o.Cmd.Process.Pid, syscall.SIGCONT)
+			}
+		}
+		t.Cleanup(resume)
+		m.startProcess(t)
+		if !poll(30*time.Second, func() bool {
+			ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+			defer cancel()
+			_, _, _, err := m.tryDo(ctx, "GET", "/version", nil)
+			return err == nil
+		}) {
+			t.Fatalf("%s did not come back", m.Name)
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		status, _, body, err := m.tryDo(ctx, "GET", key, nil)
+		cancel()
+		if err == nil && status != http.StatusOK {
+			t.Fatalf("round %d: %s answered GET %s with its peers stopped: %d %s", round, m.Name, key, status, body)
+		}
+		resume()
+		if status, _, body := m.do(t, "GET", key, nil); status != http.StatusOK {
+			t.Fatalf("round %d: GET %s on %s with its peers back: %d %s", round, key, m.Name, status, body)
+		}
+	}
+}

@@ -234,11 +234,12 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		// As etcd, a member serves no client request before it has caught
 		// up with its cluster (raftkv.Node.becomeReady): the request waits,
 		// as it would for an etcd that has not published itself yet, until
-		// then, until its client gives up, or until the member stops.
+		// then, until its client gives up (or half-closes its connection),
+		// or until the member stops or Caddy exits. Whatever ended the
+		// wait, the endpoint answers: a member that is not ready is one
+		// that does not run to it (node), so 503.
 		if n := h.member.current(); n != nil {
-			if err := n.WaitReady(r.Context()); err != nil && r.Context().Err() != nil {
-				return nil
-			}
+			_ = n.WaitReady(r.Context())
 		}
 	}
 	switch ep {
@@ -299,10 +300,17 @@ func (h *Handler) requestContext(r *http.Request) (context.Context, context.Canc
 	return context.WithTimeout(context.WithoutCancel(r.Context()), h.timeout)
 }
 
-// node returns the member's node when it runs. Until the raftkv app has
-// started it (apps start in random order, and HTTP may come first), once a
-// shutdown, a removal or a failure has stopped it, there is none.
-func (h *Handler) node() *raftkv.Node { return h.member.running() }
+// node returns the member's node when it runs and is ready to serve
+// clients (see ServeHTTP). Until the raftkv app has started it (apps start
+// in random order, and HTTP may come first) and it has caught up with its
+// cluster, and once a shutdown, a removal or a failure has stopped it,
+// there is none.
+func (h *Handler) node() *raftkv.Node {
+	if n := h.member.running(); n != nil && n.Ready() {
+		return n
+	}
+	return nil
+}
 
 // cleanPath is Go's ServeMux path cleaning: path.Clean, keeping a
 // trailing slash.

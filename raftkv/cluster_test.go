@@ -1427,8 +1427,9 @@ func TestRestartedMemberIsReadyOnceCaughtUp(t *testing.T) {
 	if err := n.WaitReady(ctx); err != nil {
 		t.Fatalf("not ready with a quorum back: %v", err)
 	}
-	if n.AppliedIndex() < ev.Node.ModifiedIndex {
-		t.Fatalf("ready at applied index %d, before the write at %d", n.AppliedIndex(), ev.Node.ModifiedIndex)
+	got, err := n.Get(ctx, "/before", false, false, false)
+	if err != nil || got.Node.ModifiedIndex != ev.Node.ModifiedIndex || n.Status().EtcdIndex < ev.Node.ModifiedIndex {
+		t.Fatalf("ready at etcd index %d without the write at %d: %+v %v", n.Status().EtcdIndex, ev.Node.ModifiedIndex, got, err)
 	}
 	c.stop(c.members[0])
 	if err := n.WaitReady(ctx); err != nil {

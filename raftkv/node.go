@@ -138,7 +138,7 @@ type Node struct {
 	readyc   chan struct{}
 	haltc    chan struct{}
 	haltOnce sync.Once
-	bg       sync.WaitGroup  // background goroutines (publish)
+	bg       sync.WaitGroup  // background goroutines (publish, becomeReady)
 	bgCtx    context.Context // ended by Stop
 	bgStop   context.CancelFunc
 

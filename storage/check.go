@@ -73,9 +73,11 @@ const (
 	inBucketSize     = 16 // root pgid uint64, sequence uint64
 	branchPageFlag   = 0x01
 	leafPageFlag     = 0x02
+	freelistPageFlag = 0x10
+	noFreelist       = 1<<64 - 1 // the meta's freelist with NoFreelistSync
 	bucketLeafFlag   = 0x01
 	minBoltPageSize  = 1 << 10
-	maxBoltPageSize  = 1 << 16
+	maxBoltPageSize  = 1 << 24 // the largest page size bbolt looks for a meta page at
 	firstNonMetaPage = 2
 )
 
@@ -134,7 +136,7 @@ func (c *fileCheck) readMeta() error {
 		return fmt.Errorf("%w: neither meta page is valid", ErrDamaged)
 	}
 	c.pageSize = int64(m.pageSize)
-	if c.pageSize < minBoltPageSize || c.pageSize > maxBoltPageSize || c.pageSize&(c.pageSize-1) != 0 {
+	if c.pageSize < minBoltPageSize || c.pageSize > maxBoltPageSize {
 		return fmt.Errorf("%w: page size %d", ErrDamaged, m.pageSize)
 	}
 	c.hwm, c.root = m.pgid, m.root
@@ -143,13 +145,47 @@ func (c *fileCheck) readMeta() error {
 			ErrDamaged, c.hwm, c.pageSize, c.size)
 	}
 	c.seen = make([]uint64, (c.hwm+63)/64)
+	if m.freelist != noFreelist {
+		// A file bbolt made but never committed to holds the freelist page
+		// of its creation, which bbolt reads at open.
+		if err := c.checkFreelist(m.freelist); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// checkFreelist checks the freelist page id: inside the file, labelled as
+// a freelist, its count of page IDs inside it.
+func (c *fileCheck) checkFreelist(id uint64) error {
+	if id < firstNonMetaPage || id >= c.hwm {
+		return fmt.Errorf("%w: freelist page %d is out of bounds (the file has %d)", ErrDamaged, id, c.hwm)
+	}
+	p, err := c.readPage(id)
+	if err != nil {
+		return err
+	}
+	if flags := le.Uint16(p[8:]); flags != freelistPageFlag {
+		return fmt.Errorf("%w: freelist page %d has type %#x", ErrDamaged, id, flags)
+	}
+	// A count of 0xFFFF means the real count is the first ID's slot.
+	n, at := uint64(le.Uint16(p[10:])), uint64(pageHeaderSize)
+	if n == 0xFFFF {
+		if len(p) < pageHeaderSize+8 {
+			return fmt.Errorf("%w: freelist page %d is cut short", ErrDamaged, id)
+		}
+		n, at = le.Uint64(p[pageHeaderSize:]), pageHeaderSize+8
+	}
+	if n > (uint64(len(p))-at)/8 {
+		return fmt.Errorf("%w: freelist page %d counts %d pages, more than it holds", ErrDamaged, id, n)
+	}
 	return nil
 }
 
 type boltMeta struct {
-	pageSize   uint32
-	root, pgid uint64
-	txid       uint64
+	pageSize             uint32
+	root, freelist, pgid uint64
+	txid                 uint64
 }
 
 func parseMeta(b []byte) (boltMeta, bool) {
@@ -164,6 +200,7 @@ func parseMeta(b []byte) (boltMeta, bool) {
 	return boltMeta{
 		pageSize: le.Uint32(b[8:]),
 		root:     le.Uint64(b[16:]),
+		freelist: le.Uint64(b[32:]),
 		pgid:     le.Uint64(b[40:]),
 		txid:     le.Uint64(b[48:]),
 	}, true
@@ -254,6 +291,11 @@ func (c *fileCheck) walkElements(p []byte, id uint64, lo, hi []byte) error {
 		if id == 0 {
 			return fmt.Errorf("%w: an inline bucket holds a branch page", ErrDamaged)
 		}
+		if count == 0 {
+			// bbolt never writes one, and its cursor reads element 0 of a
+			// branch page without looking at the count.
+			return fmt.Errorf("%w: branch page %d is empty", ErrDamaged, id)
+		}
 	case leafPageFlag:
 	default:
 		return fmt.Errorf("%w: page %d has type %#x, neither branch nor leaf", ErrDamaged, id, flags)
@@ -283,6 +325,9 @@ func (c *fileCheck) walkElements(p []byte, id uint64, lo, hi []byte) error {
 			}
 			key = p[uint64(at)+pos : uint64(at)+pos+ksize]
 			value = p[uint64(at)+pos+ksize : uint64(at)+pos+ksize+vsize]
+		}
+		if len(key) == 0 {
+			return fmt.Errorf("%w: page %d: key %d is empty", ErrDamaged, id, i) // bbolt refuses empty keys
 		}
 		if (prev != nil && bytes.Compare(prev, key) >= 0) || (lo != nil && bytes.Compare(key, lo) < 0) ||
 			(hi != nil && bytes.Compare(key, hi) >= 0) {

@@ -1,6 +1,7 @@
 package storage
 
 import (
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"math/rand/v2"
@@ -9,6 +10,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	bolt "go.etcd.io/bbolt"
 )
 
 // damageFixture writes a member.db with trees several pages deep in its
@@ -159,4 +162,60 @@ func TestOpenRefusesAFileAnotherOpenHolds(t *testing.T) {
 	}
 	// The first one goes on.
 	ts.mustDo(set("/a", "1"))
+}
+
+// TestOpenRefusesAnEmptyBranchPage: a branch page whose count is zero passes bbolt's own
+// walk (it sees no children) but its cursor reads element 0 regardless, and the first
+// lookup through it panicked inside Open's first transaction.
+func TestOpenRefusesAnEmptyBranchPage(t *testing.T) {
+	orig, ps, hwm := damageFixture(t)
+	dir := t.TempDir()
+	// The pages in use: a freed copy of a branch page is nobody's.
+	path := filepath.Join(dir, "member.db")
+	if err := os.WriteFile(path, orig, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	c := &fileCheck{f: mustOpen(t, path), size: int64(len(orig))}
+	if err := c.readMeta(); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.walkBucket(c.root, nil); err != nil {
+		t.Fatal(err)
+	}
+	branches := 0
+	for i := 2; i < hwm; i++ {
+		p := orig[i*ps:]
+		if c.seen[i/64]&(1<<(i%64)) == 0 || binary.NativeEndian.Uint16(p[8:]) != branchPageFlag {
+			continue
+		}
+		branches++
+		b := append([]byte(nil), orig...)
+		binary.NativeEndian.PutUint16(b[i*ps+10:], 0)
+		if err := openDamaged(t, dir, b); !errors.Is(err, ErrDamaged) {
+			t.Errorf("branch page %d emptied: %v, want ErrDamaged", i, err)
+		}
+	}
+	if branches == 0 {
+		t.Fatal("the fixture has no branch page")
+	}
+}
+
+// TestOpenTakesAFileBboltNeverCommittedTo: bbolt writes a freelist page when it creates a
+// file; a member that stopped before its first commit leaves one behind, which is whole.
+func TestOpenTakesAFileBboltNeverCommittedTo(t *testing.T) {
+	dir := t.TempDir()
+	db, err := bolt.Open(filepath.Join(dir, "member.db"), 0o600, &bolt.Options{NoFreelistSync: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := db.Close(); err != nil {
+		t.Fatal(err)
+	}
+	s, err := Open(dir)
+	if err != nil {
+		t.Fatalf("Open: %v", err)
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
 }

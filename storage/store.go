@@ -165,8 +165,10 @@ func (a *arena) copy(b []byte) []byte {
 }
 
 // Open opens (creating if needed) <dir>/member.db, with the directory
-// created 0700. It takes bbolt's file lock with a timeout, so a second
-// process on the same directory fails instead of hanging.
+// created 0700. It takes the file's lock, waiting a second at most, so a
+// second process on the same directory fails (ErrLocked) instead of
+// hanging, and checks the file's pages before bbolt reads them: a damaged
+// file is ErrDamaged, never a crash.
 func Open(dir string) (*Store, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("storage: %w", err)
@@ -230,12 +232,26 @@ func Open(dir string) (*Store, error) {
 	return s, nil
 }
 
-// openDB is bolt.Open that turns a panic into an error: openChecked has
-// checked the pages bbolt walks on goroutines of its own, and what bbolt
-// reads on this one (meta pages, a synced freelist) panics here at worst.
+// openDB is bolt.Open that turns a panic on this goroutine into an error.
+// bbolt's freelist rebuild panics here on any problem its walk (on a
+// goroutine of its own) reports, and what it reads here (meta pages, a
+// synced freelist) may panic too; openChecked has checked all of it first,
+// so this is a second guard. bbolt cleans nothing up after such a panic:
+// the file it opened is closed here, which lets go of its lock, so that a
+// later start can try again; its mapping and its walk's goroutine remain.
 func openDB(path string, opts *bolt.Options) (db *bolt.DB, err error) {
+	var file *os.File
+	openFile := opts.OpenFile
+	opts.OpenFile = func(name string, flag int, perm os.FileMode) (*os.File, error) {
+		f, err := openFile(name, flag, perm)
+		file = f
+		return f, err
+	}
 	defer func() {
 		if r := recover(); r != nil {
+			if file != nil {
+				file.Close()
+			}
 			db, err = nil, fmt.Errorf("%w: %v", ErrDamaged, r)
 		}
 	}()

@@ -304,10 +304,8 @@ func (n *Node) becomeReady() {
 // becomeReady), ctx ends (ErrTimeout), or it never will be: it stopped, or
 // Caddy exits (ErrStopped). It returns at once for a ready member.
 func (n *Node) WaitReady(ctx context.Context) error {
-	select {
-	case <-n.readyc:
+	if n.Ready() {
 		return nil
-	default:
 	}
 	select {
 	case <-n.readyc:

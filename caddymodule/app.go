@@ -180,6 +180,7 @@ func (a *App) Provision(ctx caddy.Context) error {
 		}
 	}
 	a.member, a.poolKey = m, dir
+	m.hold(a)
 	// Caddy stops its apps in no set order, and its HTTP servers, the
 	// peer site among them, stop answering first when the http app goes
 	// first: a leader that waits for its own Stop to hand over can no
@@ -360,10 +361,8 @@ func (a *App) Start() error {
 	if err := a.member.start(a.cfg, a.files); err != nil {
 		return fmt.Errorf("raftkv: starting member %q in %s: %w", a.Name, a.DataDir, err)
 	}
-	n := a.member.current()
-	n.SetStrictReconfigCheck(a.strictReconfigCheck())
-	n.SetAdvertiseClientURLs(a.AdvertiseClientURLs)
 	a.started = true
+	a.member.apply(a)
 	return nil
 }
 
@@ -373,9 +372,13 @@ func (a *App) strictReconfigCheck() bool {
 
 // Stop leaves the member be: it outlives this app instance, and the
 // instance's Cleanup releases it. When Caddy exits, it ends open watches
-// (see processExit).
+// (see processExit). When Caddy rolls a reload back (an app started after
+// this one failed), the config it keeps running gets its settings back.
 func (a *App) Stop() error {
 	endWatchesIfExiting()
+	if a.member != nil && !caddy.Exiting() {
+		a.member.withdraw(a)
+	}
 	return nil
 }
 
@@ -387,6 +390,7 @@ func (a *App) Cleanup() error {
 	}
 	key := a.poolKey
 	a.poolKey = ""
+	a.member.release(a)
 	deleted, err := members.Delete(key)
 	if deleted && a.started && a.logger != nil {
 		a.logger.Info("member stopped", zap.String("name", a.Name), zap.String("data_dir", key))
@@ -445,6 +449,61 @@ type member struct {
 
 	startMu    sync.Mutex
 	peerLoaded bool
+	apps       []*App // the app instances holding the member, oldest first
+	inEffect   *App   // the started instance whose reloadable settings the node has
+}
+
+// hold and release track the app instances that hold the member.
+func (m *member) hold(a *App) {
+	m.startMu.Lock()
+	defer m.startMu.Unlock()
+	m.apps = append(m.apps, a)
+}
+
+func (m *member) release(a *App) {
+	m.startMu.Lock()
+	defer m.startMu.Unlock()
+	m.apps = slices.DeleteFunc(m.apps, func(b *App) bool { return b == a })
+	if m.inEffect == a {
+		m.inEffect = nil
+	}
+}
+
+// apply gives the node the settings a reload changes on a running member
+// (strict_reconfig_check, advertise_client_urls) from a, a started
+// instance.
+func (m *member) apply(a *App) {
+	m.startMu.Lock()
+	defer m.startMu.Unlock()
+	m.applyLocked(a)
+}
+
+func (m *member) applyLocked(a *App) {
+	n := m.current()
+	n.SetStrictReconfigCheck(a.strictReconfigCheck())
+	n.SetAdvertiseClientURLs(a.AdvertiseClientURLs)
+	m.inEffect = a
+}
+
+// withdraw is a's Stop while the process goes on. After a reload, the old
+// instance stops once the new one has started, whose settings are in
+// effect: nothing to do. When a's are in effect, Caddy is rolling back the
+// reload that started a (an app after it failed to start) and keeps the
+// config it ran before: the node gets that config's settings back, which
+// a's Start had replaced (published client URLs among them). A member a
+// failure had stopped keeps running, with a's timings, until it restarts.
+func (m *member) withdraw(a *App) {
+	m.startMu.Lock()
+	defer m.startMu.Unlock()
+	if m.inEffect != a {
+		return
+	}
+	for _, b := range slices.Backward(m.apps) {
+		if b != a && b.started {
+			m.applyLocked(b)
+			return
+		}
+	}
 }
 
 // current is the member's node (nil when m is: a handler whose app has

@@ -860,6 +860,60 @@ func TestReloadKeepsMemberAndRefusesRename(t *testing.T) {
 	s.expect(resp, body, http.StatusOK)
 }
 
+// TestReloadRolledBackKeepsSettings: a reload that Caddy rolls back (an app
+// fails to start after raftkv started: here the HTTP app, on a port taken)
+// leaves the member with the settings of the config that stays, not the
+// client URLs the refused config advertised. Caddy starts apps in map
+// order, so the load is tried until raftkv has started first (about one in
+// two tries).
+func TestReloadRolledBackKeepsSettings(t *testing.T) {
+	s := startInproc(t)
+	taken, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer taken.Close()
+	var cfg map[string]any
+	if err := json.Unmarshal(inprocConfig(s.port, s.dataDir, t.TempDir(), t.TempDir(), "default", "refused", s.upstream), &cfg); err != nil {
+		t.Fatal(err)
+	}
+	apps := cfg["apps"].(map[string]any)
+	apps["raftkv"].(map[string]any)["advertise_client_urls"] = []string{"http://refused.example:2379"}
+	servers := apps["http"].(map[string]any)["servers"].(map[string]any)
+	servers["taken"] = map[string]any{"listen": []string{taken.Addr().String()}, "automatic_https": map[string]any{"disable": true}}
+	refused, err := json.Marshal(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	want := `[{"id":"` // the member's own URL is the request's: its config sets none
+	for try := 0; try < 40; try++ {
+		if err := caddy.Load(refused, false); err == nil || !strings.Contains(err.Error(), "address already in use") {
+			t.Fatalf("load with a port taken: %v", err)
+		}
+		// The refused config's listener on the same port closed: a
+		// connection made to it meanwhile is reset (README, Reloads).
+		s.client.CloseIdleConnections()
+		var body string
+		s.waitFor("an answer from the running config", func() bool {
+			resp, err := s.client.Do(s.request(context.Background(), "GET", "/v2/members", "", ""))
+			if err != nil {
+				return false
+			}
+			defer resp.Body.Close()
+			b, err := io.ReadAll(resp.Body)
+			body = string(b)
+			return err == nil && resp.StatusCode == http.StatusOK
+		})
+		if !strings.HasPrefix(body, `{"members":`+want) || !strings.Contains(body, `"clientURLs":["`+s.base+`"]`) {
+			t.Fatalf("try %d: after the rolled-back reload, /v2/members = %s, want the client URL %s", try, body, s.base)
+		}
+	}
+	if _, body := s.do("GET", "/static", "", ""); body != "static" {
+		t.Fatalf("the running config stopped serving: %q", body)
+	}
+}
+
 // memberOf is a member around a node that no config made.
 func memberOf(n *raftkv.Node) *member {
 	m := &member{}

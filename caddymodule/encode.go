@@ -1,6 +1,7 @@
 package caddymodule
 
 import (
+	"bytes"
 	"strconv"
 	"sync"
 	"unicode/utf8"
@@ -196,4 +197,30 @@ func appendJSONString(b []byte, s string) []byte {
 	}
 	b = append(b, s[start:]...)
 	return append(b, '"')
+}
+
+// legacyEscapes rewrites the \b and \f escapes of encoding/json's output
+// (short since Go 1.22) as \u0008 and \u000c, as etcd 3.4.23's Go wrote
+// them (see appendJSONString): for the bodies writeJSON marshals.
+func legacyEscapes(b []byte) []byte {
+	if !bytes.Contains(b, []byte(`\b`)) && !bytes.Contains(b, []byte(`\f`)) {
+		return b
+	}
+	out := make([]byte, 0, len(b)+8)
+	for i := 0; i < len(b); i++ {
+		if b[i] != '\\' || i+1 == len(b) {
+			out = append(out, b[i])
+			continue
+		}
+		i++
+		switch b[i] {
+		case 'b':
+			out = append(out, `\u0008`...)
+		case 'f':
+			out = append(out, `\u000c`...)
+		default:
+			out = append(out, '\\', b[i])
+		}
+	}
+	return out
 }

@@ -167,3 +167,19 @@ func FuzzEncodeEvent(f *testing.F) {
 		checkEvent(t, ev)
 	})
 }
+
+// TestLegacyEscapes: what writeJSON marshals escapes \b and \f as
+// appendJSONString does (etcd 3.4.23's Go), and nothing else changes, an
+// escaped backslash before a b or an f included.
+func TestLegacyEscapes(t *testing.T) {
+	for _, s := range []string{"", "plain", "a\bb\fc", `back\slash b \b \f \\b`, "\b\f\\b\f", "<&>\u2028\t\n\x01\xff"} {
+		m, err := json.Marshal(map[string]string{"user": s})
+		if err != nil {
+			t.Fatal(err)
+		}
+		want := append(append([]byte(`{"user":`), appendJSONString(nil, s)...), '}')
+		if got := legacyEscapes(m); !bytes.Equal(got, want) {
+			t.Errorf("%q: legacyEscapes(%s) = %s, want %s", s, m, got, want)
+		}
+	}
+}

@@ -377,6 +377,7 @@ func writeJSON(w http.ResponseWriter, status int, v any, newline bool) {
 		http.Error(w, "Internal Server Error", http.StatusInternalServerError)
 		return
 	}
+	b = legacyEscapes(b)
 	if newline {
 		b = append(b, '\n')
 	}

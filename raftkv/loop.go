@@ -38,6 +38,7 @@ type loopState struct {
 	ticks              int
 	batch              []proposal // proposals taken since the last flush
 	beforeSave         func()     // tests only: runs before each Save
+	flushErr           error      // the first failure of flushStore: the loop stops
 	noFastCampaign     bool       // tests only: a fresh single voter waits for its election timeout
 	read               readLoop
 	reap               reaper
@@ -71,7 +72,11 @@ func (n *Node) run() {
 	// event would reach them any more, and their clients should move on
 	// to another member, as from an etcd member that exits.
 	defer n.store.EndWatches()
-	defer n.flushStore()
+	defer func() {
+		if err := n.store.Flush(); err != nil {
+			n.lg.Error("committing applied entries failed", zap.Error(err))
+		}
+	}()
 	// Raft panics on a state it cannot go on from (a log that lost entries
 	// a peer's commit index counts on, say). The member stops, as etcd's
 	// process would, but Caddy and every other site in it go on; the
@@ -135,13 +140,14 @@ func (n *Node) run() {
 		if !n.drain(ticker.C) {
 			return
 		}
+		if err := n.loop.flushErr; err != nil {
+			n.storageFailed(err)
+			return
+		}
 		n.flushProposals()
 		if n.rn.HasReady() {
 			if err := n.handleReady(); err != nil {
-				// The store refused a write: Raft's state and the disk may
-				// now disagree, so the member stops rather than guess.
-				n.lg.Error("raftkv loop stopped by a storage failure; the member no longer serves (caddy reload --force, or a restart of Caddy, starts it again)", zap.Error(err))
-				n.running.Store(false)
+				n.storageFailed(err)
 				return
 			}
 			if n.loop.removedSelf {
@@ -160,12 +166,20 @@ func (n *Node) run() {
 // read asks for the commit at once.
 const applyLinger = 2 * time.Millisecond
 
+// storageFailed ends the loop's service: the store refused a write, so
+// Raft's state and the disk may disagree, and the member stops rather than
+// guess.
+func (n *Node) storageFailed(err error) {
+	n.lg.Error("raftkv loop stopped by a storage failure; the member no longer serves (caddy reload --force, or a restart of Caddy, starts it again)", zap.Error(err))
+	n.running.Store(false)
+}
+
 // flushStore commits a deferred apply. A failure leaves the applied
-// entries to be applied again at the next start; the next Save fails alike
-// and stops the loop.
+// entries to be applied again at the next start; the store refuses reads
+// and writes from then on, and the loop stops (flushErr).
 func (n *Node) flushStore() {
-	if err := n.store.Flush(); err != nil {
-		n.lg.Error("committing applied entries failed", zap.Error(err))
+	if err := n.store.Flush(); err != nil && n.loop.flushErr == nil {
+		n.loop.flushErr = err
 	}
 }
 

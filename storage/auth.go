@@ -71,8 +71,8 @@ func loadAuth(b *bolt.Bucket) (*AuthData, error) {
 // Save), it first waits for that commit, as Get does for any write; other
 // writes it does not wait for: every request's access check reads this.
 func (s *Store) Auth() (*AuthData, error) {
-	if s.closed.Load() {
-		return nil, ErrClosed
+	if err := s.usable(); err != nil {
+		return nil, err
 	}
 	if s.authAcked.Load() > s.applied.Load() {
 		if err := s.settle(); err != nil {

@@ -162,8 +162,8 @@ func (s *Store) LoadRaft() (*RaftState, error) {
 // also saves the applied request IDs, which Open could no longer rebuild
 // from the entries deleted (see dedup).
 func (s *Store) Compact(snap *raftpb.SnapshotMetadata, compactIndex uint64) error {
-	if s.closed.Load() {
-		return ErrClosed
+	if err := s.usable(); err != nil {
+		return err
 	}
 	if snap == nil || compactIndex > snap.GetIndex() {
 		return fmt.Errorf("storage: compaction index %d is above the snapshot index %d", compactIndex, snap.GetIndex())

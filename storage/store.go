@@ -20,6 +20,25 @@ import (
 // ErrClosed is returned by a Store that has been closed.
 var ErrClosed = errors.New("storage: closed")
 
+// errFailed is what a store refuses every write and read with once a
+// commit failed, or a transaction whose results Save had handed out (a
+// deferred Save's) was rolled back: readers would otherwise be served the
+// state before writes whose answers went out, and a failed commit may have
+// reached the file after all. Opening the file again applies the
+// committed entries from the log. It is an ErrClosed: the member stops.
+var errFailed = fmt.Errorf("%w: a commit failed, open the file again", ErrClosed)
+
+// usable is nil unless the store is closed or failed.
+func (s *Store) usable() error {
+	if s.failed.Load() {
+		return errFailed
+	}
+	if s.closed.Load() {
+		return ErrClosed
+	}
+	return nil
+}
+
 // ErrSnapshotUnsupported is returned by Save for a Ready whose snapshot
 // names no received file (its Data is empty): this store installs only
 // snapshots that ReceiveSnapshot wrote.
@@ -67,6 +86,7 @@ type Store struct {
 	hub      *hub
 	counters counters
 	closed   atomic.Bool
+	failed   atomic.Bool // see errFailed
 	applied  atomic.Uint64
 	index    atomic.Uint64
 	auth     atomic.Pointer[AuthData]
@@ -350,8 +370,8 @@ type Applied struct {
 // the open transaction; a read that starts after a result was handed out
 // waits for its commit (see settle), and asks for it on FlushRequests.
 func (s *Store) Save(rd Ready) ([]Applied, error) {
-	if s.closed.Load() {
-		return nil, ErrClosed
+	if err := s.usable(); err != nil {
+		return nil, err
 	}
 	var install *snapshotInstall
 	if rd.Snapshot != nil && rd.Snapshot.GetMetadata().GetIndex() != 0 {
@@ -541,6 +561,7 @@ func (s *Store) Save(rd Ready) ([]Applied, error) {
 // applied and store indexes, the counters, the events (to watchers).
 func (s *Store) commit(tx *bolt.Tx, install *snapshotInstall) error {
 	if err := tx.Commit(); err != nil {
+		s.failed.Store(true)
 		s.abandon()
 		return closedErr(err)
 	}
@@ -567,9 +588,12 @@ func (s *Store) commit(tx *bolt.Tx, install *snapshotInstall) error {
 // abandon forgets a transaction that was rolled back. The request IDs it
 // noted are forgotten by rebuilding the set from the file, as Open does.
 // Results it handed out (a deferred Save's) came from committed log
-// entries, which are applied again at the next start; readers waiting for
-// them stop waiting.
+// entries, which are applied again at the next start; until then the
+// store has failed (errFailed), and readers waiting for them get that.
 func (s *Store) abandon() {
+	if s.acked.Load() > s.applied.Load() {
+		s.failed.Store(true)
+	}
 	s.dedup = nil
 	s.pend = pending{}
 	s.acked.Store(s.applied.Load())
@@ -622,12 +646,17 @@ func (s *Store) FlushRequests() <-chan struct{} { return s.flushc }
 // It asks Save's goroutine to Flush, which commits a deferred Save.
 func (s *Store) settle() error {
 	target := s.acked.Load()
-	for s.applied.Load() < min(target, s.acked.Load()) {
+	for {
+		// acked is read before failed: abandon sets failed first.
+		done := s.applied.Load() >= min(target, s.acked.Load())
+		if err := s.usable(); err != nil || done {
+			return err
+		}
 		s.commitMu.Lock()
 		ch := s.commitc
 		s.commitMu.Unlock()
 		if s.applied.Load() >= min(target, s.acked.Load()) {
-			break
+			return s.usable()
 		}
 		select {
 		case s.flushc <- struct{}{}:
@@ -639,7 +668,6 @@ func (s *Store) settle() error {
 			return ErrClosed
 		}
 	}
-	return nil
 }
 
 // appendFill is the fill percent of buckets whose keys only ever grow (the
@@ -669,8 +697,8 @@ func (s *Store) Index() uint64 { return s.index.Load() }
 //
 // Listings always come sorted: the keyspace is ordered that way.
 func (s *Store) Get(path string, recursive, sorted bool, now time.Time) (*Event, error) {
-	if s.closed.Load() {
-		return nil, ErrClosed
+	if err := s.usable(); err != nil {
+		return nil, err
 	}
 	if err := s.settle(); err != nil {
 		return nil, err
@@ -734,8 +762,8 @@ func (s *Store) SetMeta(key string, value []byte) error {
 
 // SetMetas stores several member values in one commit.
 func (s *Store) SetMetas(values map[string][]byte) error {
-	if s.closed.Load() {
-		return ErrClosed
+	if err := s.usable(); err != nil {
+		return err
 	}
 	// bbolt has one writer: a deferred Save's transaction commits first.
 	if err := s.Flush(); err != nil {

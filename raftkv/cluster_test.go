@@ -45,12 +45,24 @@ type testCluster struct {
 }
 
 func newTestMember(t *testing.T, name string) *testMember {
+	return newSlowTestMember(t, name, 0)
+}
+
+// newSlowTestMember is a member whose peer endpoint is oneWay away: every
+// message batch it receives reaches it oneWay late, and its answer takes
+// oneWay more (a network round trip of 2*oneWay; the sleeps are the
+// simulated network, not waits for a condition).
+func newSlowTestMember(t *testing.T, name string, oneWay time.Duration) *testMember {
 	m := &testMember{name: name, dir: t.TempDir()}
 	m.srv = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		n := m.n()
 		if n == nil {
 			http.Error(w, "no member here", http.StatusServiceUnavailable)
 			return
+		}
+		if oneWay > 0 && r.Method == http.MethodPost {
+			time.Sleep(oneWay)
+			defer time.Sleep(oneWay)
 		}
 		n.PeerHandler().ServeHTTP(w, r)
 	}))
@@ -61,9 +73,15 @@ func newTestMember(t *testing.T, name string) *testMember {
 
 // newTestCluster starts size members bootstrapping one cluster.
 func newTestCluster(t *testing.T, size int, edit func(*Config)) *testCluster {
+	return newSlowTestCluster(t, size, 0, edit)
+}
+
+// newSlowTestCluster is newTestCluster with every member oneWay away (see
+// newSlowTestMember).
+func newSlowTestCluster(t *testing.T, size int, oneWay time.Duration, edit func(*Config)) *testCluster {
 	c := &testCluster{t: t, edit: edit}
 	for i := range size {
-		c.members = append(c.members, newTestMember(t, fmt.Sprintf("m%d", i)))
+		c.members = append(c.members, newSlowTestMember(t, fmt.Sprintf("m%d", i), oneWay))
 	}
 	for _, m := range c.members {
 		c.start(m, "new")
@@ -1441,5 +1459,36 @@ func TestRestartedMemberIsReadyOnceCaughtUp(t *testing.T) {
 	}
 	if err := again.WaitReady(ctx); !errors.Is(err, ErrStopped) {
 		t.Fatalf("a member stopped before it was ready: %v", err)
+	}
+}
+
+// TestReadIndexOverSlowLinks: with a 300 ms round trip between members (a
+// cluster across regions, tuned as etcd's guide says: heartbeat about the
+// round trip, election timeout ten times it), a follower's read index
+// takes two round trips (to the leader, the leader's heartbeat round, the
+// answer back), longer than readRetry. An answer to an attempt that a
+// retry replaced still counts for its round: otherwise every answer comes
+// too late, and followers never become ready nor serve a quorum read.
+func TestReadIndexOverSlowLinks(t *testing.T) {
+	c := newSlowTestCluster(t, 3, 150*time.Millisecond, func(cfg *Config) {
+		cfg.HeartbeatInterval = 300 * time.Millisecond
+		cfg.ElectionTimeout = 3 * time.Second
+	})
+	leader := c.waitLeader(c.members...)
+	put(t, leader.n(), "/k", "v")
+	for _, f := range c.followers(leader, c.members...) {
+		ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+		err := f.n().WaitReady(ctx)
+		if err == nil {
+			var ev *storage.Event
+			ev, err = f.n().Get(ctx, "/k", false, false, true)
+			if err == nil && *ev.Node.Value != "v" {
+				t.Errorf("follower %s: quorum GET /k = %q", f.name, *ev.Node.Value)
+			}
+		}
+		cancel()
+		if err != nil {
+			t.Errorf("follower %s: %v (read index rounds asked: %d)", f.name, err, f.n().readRounds.Load())
+		}
 	}
 }

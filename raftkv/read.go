@@ -3,6 +3,7 @@ package raftkv
 import (
 	"context"
 	"encoding/binary"
+	"slices"
 	"time"
 
 	"go.etcd.io/raft/v3"
@@ -25,7 +26,7 @@ type readRound struct {
 // readLoop is the loop's side of quorum reads.
 type readLoop struct {
 	inflight *readRound   // asked of Raft, no answer yet
-	rctx     uint64       // the request context of inflight's current attempt
+	rctxs    []uint64     // the request contexts of inflight's attempts
 	retryAt  time.Time    // when to ask again
 	waiting  []*readRound // answered, waiting for their index to be applied
 }
@@ -78,24 +79,31 @@ func (n *Node) startRead() {
 		return
 	}
 	rl.inflight = r
+	rl.rctxs = rl.rctxs[:0]
 	n.requestReadIndex()
 }
 
 // requestReadIndex asks Raft for a read index with a fresh request context.
-// Never reuse one across attempts: an answer to an earlier attempt can
-// arrive late and carry an index from before a leader change, a stale read
-// (etcd-io/etcd#20418). The context comes from the request ID generator, so
-// it is unique across restarts too.
+// Never reuse one across rounds: an answer to an attempt of an earlier
+// round can arrive late and carry an index from before a read of this
+// round began, a stale read (etcd-io/etcd#20418). An answer to any attempt
+// of the round in flight counts: every attempt went out after each of the
+// round's reads began, and a leader answers with an index it confirmed
+// after it received the request. Only the newest would never come in time
+// where a round trip to the leader and its heartbeat round take longer
+// than readRetry (members far apart). The context comes from the request
+// ID generator, so it is unique across restarts too.
 func (n *Node) requestReadIndex() {
 	rl := &n.loop.read
-	rl.rctx = n.ids.id()
+	rctx := n.ids.id()
+	rl.rctxs = append(rl.rctxs, rctx)
 	n.readRounds.Add(1)
 	rl.retryAt = time.Now().Add(readRetry)
 	// Step, not RawNode.ReadIndex, to learn at once that there is no leader
 	// to ask; the attempt is then repeated when one appears.
 	err := n.rn.Step(&raftpb.Message{
 		Type:    raftpb.MsgReadIndex.Enum(),
-		Entries: []*raftpb.Entry{{Data: binary.BigEndian.AppendUint64(nil, rl.rctx)}},
+		Entries: []*raftpb.Entry{{Data: binary.BigEndian.AppendUint64(nil, rctx)}},
 	})
 	if err != nil {
 		n.lg.Debug("read index request dropped", zap.Error(err))
@@ -107,8 +115,8 @@ func (n *Node) requestReadIndex() {
 func (n *Node) readStates(states []raft.ReadState) {
 	rl := &n.loop.read
 	for _, rs := range states {
-		if rl.inflight == nil || len(rs.RequestCtx) != 8 || binary.BigEndian.Uint64(rs.RequestCtx) != rl.rctx {
-			continue // an answer to an abandoned attempt
+		if rl.inflight == nil || len(rs.RequestCtx) != 8 || !slices.Contains(rl.rctxs, binary.BigEndian.Uint64(rs.RequestCtx)) {
+			continue // an answer to an attempt of an earlier round
 		}
 		rl.inflight.index = rs.Index
 		rl.waiting = append(rl.waiting, rl.inflight)

@@ -33,6 +33,9 @@ type testMember struct {
 	srv  *httptest.Server
 	url  string
 	node atomic.Pointer[Node]
+	// refuseFrom, when not "", is the hex ID of a member whose messages
+	// this one's peer endpoint refuses (a link cut one way).
+	refuseFrom atomic.Value
 }
 
 func (m *testMember) n() *Node { return m.node.Load() }
@@ -58,6 +61,10 @@ func newSlowTestMember(t *testing.T, name string, oneWay time.Duration) *testMem
 		n := m.n()
 		if n == nil {
 			http.Error(w, "no member here", http.StatusServiceUnavailable)
+			return
+		}
+		if from, _ := m.refuseFrom.Load().(string); from != "" && r.Header.Get(headerPeerFrom) == from {
+			http.Error(w, "cut off (test)", http.StatusServiceUnavailable)
 			return
 		}
 		if oneWay > 0 && r.Method == http.MethodPost {
@@ -1490,5 +1497,79 @@ func TestReadIndexOverSlowLinks(t *testing.T) {
 		if err != nil {
 			t.Errorf("follower %s: %v (read index rounds asked: %d)", f.name, err, f.n().readRounds.Load())
 		}
+	}
+}
+
+// TestRetryAfterOriginalForgottenIsNotAppliedTwice: a follower whose
+// forwarded write committed, but who does not hear from the leader (the
+// link to it cut one way), proposes the write again when it hears a leader
+// again. By then more requests than the store remembers (storage's dedup)
+// were applied after the first copy: a copy proposed then would be applied
+// as a new write (here a second in-order key). Catching up from the log,
+// the follower applies the first copy before it would retry, and answers
+// with it; catching up by snapshot (the leader compacted its log), which
+// answers nobody, it gives up with a timeout.
+func TestRetryAfterOriginalForgottenIsNotAppliedTwice(t *testing.T) {
+	for _, tc := range []struct {
+		name          string
+		snapshotCount uint64
+	}{{"log", 100000}, {"snapshot", 2000}} {
+		t.Run(tc.name, func(t *testing.T) {
+			c := newTestCluster(t, 3, func(cfg *Config) { cfg.SnapshotCount = tc.snapshotCount })
+			leader := c.waitLeader(c.members...)
+			f := c.followers(leader, c.members...)[0]
+			f.refuseFrom.Store(idString(leader.n().Status().ID))
+
+			done := make(chan error, 1)
+			go func() {
+				ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+				defer cancel()
+				_, err := f.n().Do(ctx, storage.Request{Method: storage.MethodPost, Path: "/q", Val: "once"})
+				done <- err
+			}()
+			waitFor(t, "the in-order key on the leader", func() bool {
+				ev, err := leader.n().Get(context.Background(), "/q", false, false, false)
+				return err == nil && len(ev.Node.Nodes) == 1
+			})
+			const writes = 10100 // more than the store remembers
+			var next atomic.Int64
+			var wg sync.WaitGroup
+			for range 32 {
+				wg.Go(func() {
+					for i := next.Add(1); i <= writes; i = next.Add(1) {
+						ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+						_, err := leader.n().Do(ctx, storage.Request{Method: storage.MethodPut, Path: fmt.Sprintf("/w/%d", i%100), Val: "x"})
+						cancel()
+						if err != nil {
+							t.Errorf("write %d: %v", i, err)
+							return
+						}
+					}
+				})
+			}
+			wg.Wait()
+			f.refuseFrom.Store("")
+			err := <-done
+			if tc.name == "snapshot" && errors.Is(err, ErrTimeout) {
+				err = nil
+			}
+			if err != nil {
+				t.Fatalf("the follower's write: %v", err)
+			}
+			want := leader.n().Status().EtcdIndex
+			for _, m := range c.members {
+				waitFor(t, m.name+" at the leader's index", func() bool { return m.n().Status().EtcdIndex >= want })
+				ev, err := m.n().Get(context.Background(), "/q", false, false, false)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if len(ev.Node.Nodes) != 1 {
+					t.Errorf("%s: one POST left %d in-order keys", m.name, len(ev.Node.Nodes))
+				}
+			}
+			if got := leader.n().Status().EtcdIndex; got != want {
+				t.Errorf("the store index moved from %d to %d after the follower's write was answered: a late copy applied", want, got)
+			}
+		})
 	}
 }

@@ -476,6 +476,8 @@ func (n *Node) submit(ctx context.Context, id uint64, p proposal) (result, error
 	}
 	n.w.register(id, p.c)
 	defer n.w.cancel(id)
+	installs := n.installs.Load()
+	inLog := false // an attempt may have reached a log
 	for attempt := 0; ; attempt++ {
 		// Take the leader signal before proposing: a leader elected between
 		// the drop and our wait must still wake us.
@@ -512,13 +514,32 @@ func (n *Node) submit(ctx context.Context, id uint64, p proposal) (result, error
 		if err := n.backoff(ctx, attempt, leaderChanged); err != nil {
 			return result{}, err
 		}
-		// The answer may have come during the backoff: then no copy goes.
+		inLog = inLog || !res.dropped
+		if inLog {
+			// An attempt may be in a log, committed even, unheard of here
+			// (a member cut off from its leader). A read index applied
+			// here first: an attempt committed by then is applied and
+			// answered, and one that commits later lands near the copy
+			// in the log. Without it a copy could come after the store
+			// forgot the original's ID, and apply the write again.
+			if err := n.linearizableRead(ctx); err != nil {
+				return result{}, err
+			}
+		}
+		// The answer may have come meanwhile: then no copy goes.
 		select {
 		case res := <-p.c:
 			if !res.dropped {
 				return res, nil
 			}
 		default:
+			if inLog && n.installs.Load() != installs {
+				// A snapshot came since the first attempt: it may hold
+				// the request applied, which answers nobody here, and the
+				// ID forgotten. Whether it was applied cannot be told:
+				// etcd's answer to that is a timeout.
+				return result{}, ErrTimeout
+			}
 		}
 	}
 }

@@ -169,6 +169,7 @@ type snapshotInstall struct {
 	applied uint64
 	index   uint64
 	events  []*Event
+	behind  bool // the file's state is older than the live one, which stays
 }
 
 // openSnapshot opens the file a Ready's snapshot refers to. Only the file
@@ -207,6 +208,12 @@ func (in *snapshotInstall) close() {
 // inside Save's transaction, and resets the Raft log to the snapshot: Raft
 // discards its whole log when it restores a snapshot (raftLog.restore), so
 // no saved entry, even above the snapshot index, may be read back later.
+//
+// A file whose applied index is below the live one (a member that
+// installed a file ahead of its snapshot index, then a snapshot of a leader
+// that had applied less) leaves the live state as it is: both are the same
+// history, the live one further along, and replacing it would take reads
+// and watchers back in time. Only the log and the snapshot's place reset.
 func (in *snapshotInstall) apply(tx *bolt.Tx) error {
 	srcMeta := in.tx.Bucket(bucketMeta)
 	in.applied = getUint64(srcMeta, keyApplied)
@@ -214,7 +221,15 @@ func (in *snapshotInstall) apply(tx *bolt.Tx) error {
 	if in.applied < in.meta.GetIndex() {
 		return fmt.Errorf("storage: snapshot file at applied index %d is older than snapshot %d", in.applied, in.meta.GetIndex())
 	}
+	meta := tx.Bucket(bucketMeta)
+	if live := getUint64(meta, keyApplied); in.applied < live {
+		in.behind = true
+		in.applied, in.index = live, getUint64(meta, keyIndex)
+	}
 	for _, name := range replicatedBuckets {
+		if in.behind {
+			break
+		}
 		if err := replaceBucket(tx, in.tx.Bucket(name), name); err != nil {
 			return fmt.Errorf("storage: installing snapshot %d: %w", in.meta.GetIndex(), err)
 		}
@@ -234,7 +249,6 @@ func (in *snapshotInstall) apply(tx *bolt.Tx) error {
 	if err := putProto(raft, keyConfState, cs); err != nil {
 		return err
 	}
-	meta := tx.Bucket(bucketMeta)
 	for _, kv := range []struct {
 		k []byte
 		v uint64
@@ -242,6 +256,9 @@ func (in *snapshotInstall) apply(tx *bolt.Tx) error {
 		if err := putUint64(meta, kv.k, kv.v); err != nil {
 			return err
 		}
+	}
+	if in.behind {
+		return nil
 	}
 	return tx.Bucket(bucketEvents).ForEach(func(_, v []byte) error {
 		e, err := unmarshalEvent(v)
@@ -282,7 +299,9 @@ func replaceBucket(tx *bolt.Tx, src *bolt.Bucket, name []byte) error {
 // installed runs after Save's transaction has committed: watchers learn
 // of the new state, and the file goes unless a newer snapshot replaced it.
 func (s *Store) installed(in *snapshotInstall) {
-	s.hub.recover(in.events, in.index)
+	if !in.behind {
+		s.hub.recover(in.events, in.index)
+	}
 	s.snapMu.Lock()
 	defer s.snapMu.Unlock()
 	if info, err := os.Stat(in.path); err == nil && os.SameFile(info, in.info) {

@@ -224,7 +224,7 @@ func (iotestErrReader) Read([]byte) (int, error) { return 0, errors.New("connect
 
 func TestSaveRefusesSnapshotsItDidNotReceive(t *testing.T) {
 	leader, follower := newTestStore(t), newTestStore(t)
-	leader.apply(set("/a", "1"))
+	leader.apply(set("/a", "1"), set("/a", "2"), set("/a", "3"))
 	follower.apply(set("/mine", "1"), set("/mine", "2"))
 	path := receive(t, leader, follower)
 
@@ -235,7 +235,7 @@ func TestSaveRefusesSnapshotsItDidNotReceive(t *testing.T) {
 	if _, err := follower.Save(snapshotReady("", 1, 1, 1)); !errors.Is(err, ErrSnapshotUnsupported) {
 		t.Fatalf("no file: %v", err)
 	}
-	// The leader's file is at index 1: it cannot stand for snapshot 5.
+	// The leader's file is at index 3: it cannot stand for snapshot 5.
 	if _, err := follower.Save(snapshotReady(path, 5, 1, 1)); err == nil || !strings.Contains(err.Error(), "older than snapshot 5") {
 		t.Fatalf("stale file: %v", err)
 	}
@@ -244,7 +244,7 @@ func TestSaveRefusesSnapshotsItDidNotReceive(t *testing.T) {
 		t.Fatalf("index %d", follower.Index())
 	}
 	follower.mustGet("/mine", false)
-	if _, err := follower.Save(snapshotReady(path, 1, 1, 1)); err != nil {
+	if _, err := follower.Save(snapshotReady(path, 3, 1, 1)); err != nil {
 		t.Fatal(err)
 	}
 	follower.mustGet("/a", false)
@@ -262,5 +262,62 @@ func TestOpenRemovesLeftoverSnapshots(t *testing.T) {
 		if _, err := os.Stat(p); !os.IsNotExist(err) {
 			t.Fatalf("%s: %v", p, err)
 		}
+	}
+}
+
+// TestSnapshotBehindTheLiveStateKeepsIt: a follower installs a file ahead
+// of its snapshot index (applied 10 for snapshot 5), then a snapshot with a
+// higher index (7) whose file is behind what it applied (8: a new leader
+// that had applied less). The live state stays: reads and the store index
+// do not go back, entries 8-10 that Raft hands out again are skipped, a
+// streaming watcher sees no event twice, and the request IDs of those
+// entries, whose log is gone, are still known after a restart.
+func TestSnapshotBehindTheLiveStateKeepsIt(t *testing.T) {
+	a, b, f := newTestStore(t), newTestStore(t), newTestStore(t)
+	var reqs []Request
+	for i := 1; i <= 10; i++ {
+		reqs = append(reqs, Request{ID: uint64(100 + i), Method: MethodPut, Path: "/k", Val: fmt.Sprint(i)})
+	}
+	a.apply(reqs...)
+	b.apply(reqs[:8]...)
+	w := mustWatch(t, f, "/", true, true, 0)
+	if _, err := f.Save(snapshotReady(receive(t, a, f), 5, 1, 1)); err != nil {
+		t.Fatal(err)
+	}
+	for i := uint64(1); i <= 10; i++ {
+		if got := next(t, w).Index(); got != i {
+			t.Fatalf("event %d after the first install, want %d", got, i)
+		}
+	}
+	if _, err := f.Save(snapshotReady(receive(t, b, f), 7, 1, 1)); err != nil {
+		t.Fatal(err)
+	}
+	check := func(when string) {
+		t.Helper()
+		e := f.mustGet("/k", false)
+		if f.AppliedIndex() != 10 || f.Index() != 10 || *e.Node.Value != "10" || e.Node.ModifiedIndex != 10 {
+			t.Fatalf("%s: applied %d, index %d, /k = %q at %d; want all at 10", when, f.AppliedIndex(), f.Index(), *e.Node.Value, e.Node.ModifiedIndex)
+		}
+	}
+	check("after the second install")
+	var ents []*raftpb.Entry
+	for i := uint64(8); i <= 10; i++ {
+		ents = append(ents, entry(i, &reqs[i-1]))
+	}
+	if _, err := f.Save(Ready{HardState: &raftpb.HardState{Term: proto.Uint64(1), Commit: proto.Uint64(10)}, Entries: ents, Committed: ents}); err != nil {
+		t.Fatal(err)
+	}
+	check("after entries 8-10 came again")
+	select {
+	case e := <-w.EventChan:
+		t.Fatalf("the watcher got event %d again", e.Index())
+	default:
+	}
+	w.Remove()
+	f.reopen()
+	check("after a restart")
+	out := f.apply(reqs[9]) // entry 11, a late copy of request 110
+	if !out[0].Duplicate {
+		t.Fatalf("a copy of a request applied before the second install was applied again: %+v", out[0])
 	}
 }

@@ -412,23 +412,27 @@ func (s *Store) Save(rd Ready) ([]Applied, error) {
 	err := func() error {
 		defer func() { s.bufs = saveBufs{key: keep(a.kbuf), expiryKey: keep(a.ebuf), value: keep(a.scratch)} }()
 		meta := tx.Bucket(bucketMeta)
+		if s.dedup == nil {
+			d, err := loadDedup(tx, getUint64(meta, keyApplied))
+			if err != nil {
+				return err
+			}
+			s.dedup = d
+		}
 		if install != nil {
 			if err := install.apply(tx); err != nil {
 				return err
 			}
-			// The file's applied request IDs replace ours. Its log holds
-			// them but ours was just dropped, so they become our seed.
-			d, err := loadDedup(install.tx, install.applied)
-			if err != nil {
-				return fmt.Errorf("storage: installing snapshot %d: %w", install.meta.GetIndex(), err)
+			d := s.dedup
+			if !install.behind {
+				// The file's applied request IDs replace ours.
+				var err error
+				if d, err = loadDedup(install.tx, install.applied); err != nil {
+					return fmt.Errorf("storage: installing snapshot %d: %w", install.meta.GetIndex(), err)
+				}
 			}
+			// The log that held them was just dropped: they become our seed.
 			if err := d.saveSeed(tx, install.applied); err != nil {
-				return err
-			}
-			s.dedup = d
-		} else if s.dedup == nil {
-			d, err := loadDedup(tx, getUint64(meta, keyApplied))
-			if err != nil {
 				return err
 			}
 			s.dedup = d

@@ -106,6 +106,8 @@ type Store struct {
 	commitMu  sync.Mutex                // guards commitc
 	commitc   chan struct{}             // closed, and replaced, at each commit that moves the applied index
 	donec     chan struct{}             // closed by Close
+
+	beforePublish func() // tests only: runs in commit before watchers hear of its events
 }
 
 // pending is the part of a deferred Save's outcome that is published when
@@ -576,14 +578,20 @@ func (s *Store) commit(tx *bolt.Tx, install *snapshotInstall) error {
 	if p.auth != nil {
 		s.auth.Store(p.auth)
 	}
-	s.applied.Store(p.applied)
 	s.nextExp.Store(p.nextExp)
 	s.counters.add(&p.stats)
 	s.index.Store(p.index)
 	if install != nil {
 		s.installed(install)
 	}
+	if s.beforePublish != nil {
+		s.beforePublish()
+	}
 	s.hub.publish(p.published, p.index)
+	// Readers that wait for the commit (settle) go on only now: a watch
+	// that starts after the answer it waited for registers after that
+	// answer's event, which it must not be handed.
+	s.applied.Store(p.applied)
 	s.acked.Store(p.applied)
 	s.wakeSettlers()
 	return nil

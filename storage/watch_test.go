@@ -4,6 +4,9 @@ import (
 	"fmt"
 	"testing"
 	"time"
+
+	"go.etcd.io/raft/v3/raftpb"
+	"google.golang.org/protobuf/proto"
 )
 
 // next receives one event or fails when none is ready: events are handed
@@ -404,5 +407,58 @@ func TestRemovedDirectoryWakesWatchersOfItsNodesOnly(t *testing.T) {
 				t.Errorf("watcher at /d/none after the key was created: %s", jsonOf(t, e))
 			}
 		})
+	}
+}
+
+// TestWatchAfterAnAnswerMissesItsEvent: a client answered for the write at
+// index 2 (a deferred Save's result) starts a watch without waitIndex. It
+// waits for the next event, from index 3 on, even when it starts while the
+// commit that makes index 2 visible is under way: it must not be handed
+// event 2.
+func TestWatchAfterAnAnswerMissesItsEvent(t *testing.T) {
+	ts := newTestStore(t)
+	ts.mustDo(set("/k", "1"))
+	ent := entry(2, &Request{Method: MethodPut, Path: "/k", Val: "2"})
+	if _, err := ts.Save(Ready{Entries: []*raftpb.Entry{ent}}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ts.Save(Ready{HardState: &raftpb.HardState{Term: proto.Uint64(1), Commit: proto.Uint64(2)},
+		Committed: []*raftpb.Entry{ent}, Defer: true}); err != nil {
+		t.Fatal(err)
+	}
+	wc := make(chan *Watcher, 1)
+	ts.beforePublish = func() {
+		// The file holds index 2 now; the watch, started after the
+		// answer, waits for it to be visible (or, wrongly, registers
+		// at once: give it the time to).
+		go func() {
+			w, err := ts.Watch("/k", false, false, 0)
+			if err != nil {
+				t.Error(err)
+			}
+			wc <- w
+		}()
+		select {
+		case w := <-wc:
+			wc <- w
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+	if err := ts.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	ts.beforePublish = nil
+	w := <-wc
+	if w == nil {
+		return
+	}
+	defer w.Remove()
+	select {
+	case e := <-w.EventChan:
+		t.Fatalf("a watch started after the answer for index 2 got event %d (its start index %d)", e.Index(), w.StartIndex)
+	case <-time.After(100 * time.Millisecond):
+	}
+	if w.StartIndex != 2 {
+		t.Fatalf("start index %d, want 2", w.StartIndex)
 	}
 }

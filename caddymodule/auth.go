@@ -399,6 +399,11 @@ func (h *Handler) serveAuth(w http.ResponseWriter, r *http.Request) {
 	if !allowMethod(w, r, methods...) {
 		return
 	}
+	if r.Method == http.MethodPut && len("/roles/")+len(name) > storage.MaxPathLen {
+		// etcd has no bound; the store keeps a name in a key of bbolt's.
+		writeMessage(w, http.StatusBadRequest, fmt.Sprintf("name too long: at most %d bytes", storage.MaxPathLen-len("/roles/")))
+		return
+	}
 	n, v, ok := h.authRequest(w, r, true)
 	if !ok {
 		return

@@ -13,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/etcaddy/etcaddy/storage"
 	"golang.org/x/crypto/bcrypt"
 )
 
@@ -108,6 +109,15 @@ func TestAuthBadInputOverHTTP(t *testing.T) {
 	for _, b := range []string{"", "{", `{"user":["x"]}`, `{"user":"x","roles":"r"}`, "\xff"} {
 		resp, body := s.asUser("", "PUT", "/v2/auth/users/x", b)
 		s.wantStatus(resp, body, http.StatusBadRequest)
+	}
+	// A name longer than the store keeps (under Caddy's header limit).
+	long := strings.Repeat("n", storage.MaxPathLen)
+	for _, kind := range []string{"users", "roles"} {
+		resp, body := s.asUser("", "PUT", "/v2/auth/"+kind+"/"+long, `{"user":"`+long+`","role":"`+long+`","password":"p"}`)
+		s.wantStatus(resp, body, http.StatusBadRequest)
+		if !strings.Contains(body, "name too long") {
+			t.Fatalf("%s: %q", kind, body)
+		}
 	}
 	// Nothing of it was stored; the member goes on.
 	resp, body = s.asUser("", "GET", "/v2/auth/users", "")

@@ -391,7 +391,7 @@ func (a *applier) internalCreate(p string, dir bool, value string, unique, repla
 	if p == "/" {
 		return nil, NewError(EcodeRootROnly, "/", a.index)
 	}
-	if len(p) > maxPathLen {
+	if len(p) > MaxPathLen {
 		return nil, NewError(EcodeInvalidField, "key is too long", a.index)
 	}
 	if exp < minExpiration {

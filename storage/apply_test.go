@@ -387,9 +387,9 @@ func TestPathsWithControlBytes(t *testing.T) {
 
 func TestTooLongKeyIsAV2Error(t *testing.T) {
 	ts := newTestStore(t)
-	_, err := ts.do(set("/"+strings.Repeat("k", maxPathLen), "v"))
+	_, err := ts.do(set("/"+strings.Repeat("k", MaxPathLen), "v"))
 	wantErr(t, verr(err), EcodeInvalidField, "key is too long", 0)
-	ts.mustDo(set("/"+strings.Repeat("k", maxPathLen-1), "v"))
+	ts.mustDo(set("/"+strings.Repeat("k", MaxPathLen-1), "v"))
 }
 
 func TestStatsCountEveryOperation(t *testing.T) {

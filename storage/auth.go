@@ -96,6 +96,9 @@ func (a *applier) applyAuth(r *Request) (*Event, *Error) {
 	if !authPath(r.Path) {
 		return nil, NewError(EcodeRaftInternal, "storage: not an auth path: "+r.Path, a.index)
 	}
+	if len(r.Path) > MaxPathLen {
+		return nil, NewError(EcodeInvalidField, "key is too long", a.index)
+	}
 	if r.Method == MethodAuthDelete && r.Path == AuthEnabledPath {
 		// It says whether the rest exists (see above): it only changes.
 		return nil, NewError(EcodeRaftInternal, "storage: "+AuthEnabledPath+" cannot be deleted", a.index)

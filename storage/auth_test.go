@@ -2,6 +2,7 @@ package storage
 
 import (
 	"maps"
+	"strings"
 	"testing"
 	"time"
 )
@@ -55,6 +56,8 @@ func TestAuthWritesMoveTheIndexAsEtcds(t *testing.T) {
 		{authPut("/users/a/b", "x"), EcodeRaftInternal},
 		{authPut("/users/", "x"), EcodeRaftInternal},
 		{Request{Method: MethodAuthDelete, Path: AuthEnabledPath}, EcodeRaftInternal},
+		// Past bbolt's key limit the whole Save would fail, on every member.
+		{authPut("/users/"+strings.Repeat("u", 32<<10), "{}"), EcodeInvalidField},
 	} {
 		if _, err := ts.do(c.r); err == nil || err.ErrorCode != c.code {
 			t.Fatalf("%+v: got %v, want code %d", c.r, err, c.code)

@@ -19,10 +19,11 @@ import (
 // order-preserving escape, so a name holding a NUL byte cannot forge a
 // sibling's prefix. The root "/" is implicit: it has no key of its own.
 
-// maxPathLen bounds a key's path so that its encoded form (at most twice as
-// long) stays below bbolt's 32 KiB key limit. A longer path is refused with
-// a v2 error rather than failing the whole Raft batch.
-const maxPathLen = 16000
+// MaxPathLen bounds a key's path so that its encoded form (at most twice as
+// long) stays below bbolt's 32 KiB key limit, and an auth record's path
+// (/users/<name>, /roles/<name>). A longer path is refused with a v2 error
+// rather than failing the whole Raft batch.
+const MaxPathLen = 16000
 
 func needsEscape(s string) bool {
 	for i := 0; i < len(s); i++ {

@@ -794,7 +794,7 @@ func (pw progressWriter) Write(b []byte) (int, error) {
 
 // snapshotReceiver stores an incoming snapshot: storage.Store.
 type snapshotReceiver interface {
-	ReceiveSnapshot(r io.Reader) (string, error)
+	ReceiveSnapshot(r io.Reader, index uint64) (string, error)
 }
 
 // peerHandler is the receiving side of the peer protocol, an http.Handler
@@ -1034,7 +1034,7 @@ func (h *peerHandler) serveSnapshot(w http.ResponseWriter, r *http.Request, from
 		return
 	}
 	hv := &hashedBody{r: r.Body, h: sha256.New(), want: func() string { return r.Trailer.Get(trailerSnapshotHash) }}
-	path, err := h.snapshots.ReceiveSnapshot(hv)
+	path, err := h.snapshots.ReceiveSnapshot(hv, m.GetSnapshot().GetMetadata().GetIndex())
 	switch {
 	case errors.Is(err, storage.ErrSnapshotInvalid):
 		http.Error(w, "bad snapshot: "+err.Error(), http.StatusBadRequest)

@@ -7,6 +7,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"time"
 
@@ -29,7 +30,9 @@ import (
 // early or is not a member.db: the sender's fault, not this member's.
 var ErrSnapshotInvalid = errors.New("storage: invalid snapshot")
 
-// snapshotName is the received snapshot waiting for Raft to install it.
+// snapshotName begins the names of received snapshots: snap.tmp.* while
+// one is written, snap.tmp-<index>-<n> once it waits for Raft to install
+// it (see ReceiveSnapshot).
 const snapshotName = "snap.tmp"
 
 // replicatedBuckets are the buckets a snapshot replaces: the state every
@@ -39,22 +42,40 @@ const snapshotName = "snap.tmp"
 // none): the copy then has an empty one.
 var replicatedBuckets = [][]byte{bucketKeys, bucketExpiry, bucketEvents, bucketRequests, bucketReqOrder, bucketAuth}
 
-// snapshotPath is where ReceiveSnapshot leaves the file for Save.
-func (s *Store) snapshotPath() string {
-	return filepath.Join(filepath.Dir(s.db.Path()), snapshotName)
+// receivedIndex is the snapshot index in the name of a file
+// ReceiveSnapshot left in this store's directory; ok is false for any other
+// path.
+func (s *Store) receivedIndex(path string) (index uint64, ok bool) {
+	if filepath.Dir(path) != filepath.Dir(s.db.Path()) {
+		return 0, false
+	}
+	rest, ok := strings.CutPrefix(filepath.Base(path), snapshotName+"-")
+	if !ok {
+		return 0, false
+	}
+	idx, n, ok := strings.Cut(rest, "-")
+	index, err := strconv.ParseUint(idx, 10, 64)
+	if _, err2 := strconv.ParseUint(n, 10, 64); !ok || err != nil || err2 != nil {
+		return 0, false
+	}
+	return index, true
 }
 
 // ReceiveSnapshot streams a snapshot sent by the leader (WriteSnapshot's
-// output) to <dir>/snap.tmp, fsynced, and returns that path: the value for
-// the Snapshot.Data of the MsgSnap that goes with it. The stream is copied
-// through a small buffer, never held in memory.
+// output) for snapshot index to <dir>/snap.tmp-<index>-<n>, fsynced, and
+// returns that path: the value for the Snapshot.Data of the MsgSnap that
+// goes with it. The stream is copied through a small buffer, never held in
+// memory.
 //
 // The file is written under a temporary name, checked (a bbolt file holding
 // the store's buckets, every page reachable) and only then renamed into
 // place, so Save never sees a partial or damaged file. A stream that fails
 // to read or is not such a file gives an error wrapping ErrSnapshotInvalid.
-// A later snapshot replaces an earlier one still waiting.
-func (s *Store) ReceiveSnapshot(r io.Reader) (path string, err error) {
+// Each file has a name of its own: a second snapshot received while Raft
+// has yet to take the first one's message leaves that one's file alone.
+// Installing a snapshot removes its file, and every other one Raft can no
+// longer take (at or below the applied index).
+func (s *Store) ReceiveSnapshot(r io.Reader, index uint64) (path string, err error) {
 	if s.closed.Load() {
 		return "", ErrClosed
 	}
@@ -86,11 +107,8 @@ func (s *Store) ReceiveSnapshot(r io.Reader) (path string, err error) {
 	if err := checkSnapshotFile(tmp); err != nil {
 		return "", err
 	}
-	path = s.snapshotPath()
-	s.snapMu.Lock()
-	err = os.Rename(tmp, path)
-	s.snapMu.Unlock()
-	if err != nil {
+	path = filepath.Join(dir, fmt.Sprintf("%s-%d-%d", snapshotName, index, s.received.Add(1)))
+	if err := os.Rename(tmp, path); err != nil {
 		return "", fmt.Errorf("storage: receiving a snapshot: %w", err)
 	}
 	// The rename must survive a crash before the install commits.
@@ -160,7 +178,6 @@ func checkSnapshotFile(path string) error {
 // snapshotInstall is a received snapshot being installed by one Save.
 type snapshotInstall struct {
 	path string
-	info os.FileInfo // the file opened, to remove only that one afterwards
 	db   *bolt.DB
 	tx   *bolt.Tx // read-only; open until Save's transaction has committed
 	meta *raftpb.SnapshotMetadata
@@ -180,11 +197,10 @@ func (s *Store) openSnapshot(snap *raftpb.Snapshot) (*snapshotInstall, error) {
 	if path == "" {
 		return nil, ErrSnapshotUnsupported
 	}
-	if path != s.snapshotPath() {
-		return nil, fmt.Errorf("storage: snapshot file %q is not this store's %s", path, snapshotName)
+	if _, ok := s.receivedIndex(path); !ok {
+		return nil, fmt.Errorf("storage: snapshot file %q is not one this store received", path)
 	}
-	info, err := os.Stat(path)
-	if err != nil {
+	if _, err := os.Stat(path); err != nil {
 		return nil, fmt.Errorf("storage: installing snapshot %d: %w", snap.GetMetadata().GetIndex(), err)
 	}
 	db, err := openSnapshotFile(path)
@@ -196,7 +212,7 @@ func (s *Store) openSnapshot(snap *raftpb.Snapshot) (*snapshotInstall, error) {
 		db.Close()
 		return nil, fmt.Errorf("storage: installing snapshot %d: %w", snap.GetMetadata().GetIndex(), err)
 	}
-	return &snapshotInstall{path: path, info: info, db: db, tx: tx, meta: snap.GetMetadata()}, nil
+	return &snapshotInstall{path: path, db: db, tx: tx, meta: snap.GetMetadata()}, nil
 }
 
 func (in *snapshotInstall) close() {
@@ -297,15 +313,23 @@ func replaceBucket(tx *bolt.Tx, src *bolt.Bucket, name []byte) error {
 }
 
 // installed runs after Save's transaction has committed: watchers learn
-// of the new state, and the file goes unless a newer snapshot replaced it.
+// of the new state, and the file goes, with every received file Raft can
+// no longer take (its snapshot index is at or below the applied one, so
+// at or below Raft's commit index: Raft ignores such a snapshot).
 func (s *Store) installed(in *snapshotInstall) {
 	if !in.behind {
 		s.hub.recover(in.events, in.index)
 	}
-	s.snapMu.Lock()
-	defer s.snapMu.Unlock()
-	if info, err := os.Stat(in.path); err == nil && os.SameFile(info, in.info) {
-		os.Remove(in.path)
+	os.Remove(in.path)
+	entries, err := os.ReadDir(filepath.Dir(in.path))
+	if err != nil {
+		return
+	}
+	for _, e := range entries {
+		p := filepath.Join(filepath.Dir(in.path), e.Name())
+		if index, ok := s.receivedIndex(p); ok && index <= in.applied {
+			os.Remove(p)
+		}
 	}
 }
 

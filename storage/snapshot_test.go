@@ -24,7 +24,7 @@ func receive(t *testing.T, leader, follower *tstore) string {
 		_, err := leader.WriteSnapshot(pw)
 		pw.CloseWithError(err)
 	}()
-	path, err := follower.ReceiveSnapshot(pr)
+	path, err := follower.ReceiveSnapshot(pr, leader.AppliedIndex())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -60,7 +60,7 @@ func TestSnapshotInstallReplacesTheFollowersState(t *testing.T) {
 		t.Fatal(err)
 	}
 	path := receive(t, leader, follower)
-	if path != filepath.Join(follower.dir, "snap.tmp") {
+	if filepath.Dir(path) != follower.dir || !strings.HasPrefix(filepath.Base(path), "snap.tmp-6-") {
 		t.Fatalf("received at %s", path)
 	}
 	if v, err := SnapshotMeta(path, "members"); err != nil || string(v) != "leader's list" {
@@ -185,7 +185,7 @@ func TestReceiveSnapshotRefusesBadStreams(t *testing.T) {
 	}
 	for name, r := range cases {
 		t.Run(name, func(t *testing.T) {
-			if _, err := follower.ReceiveSnapshot(r); !errors.Is(err, ErrSnapshotInvalid) {
+			if _, err := follower.ReceiveSnapshot(r, 1); !errors.Is(err, ErrSnapshotInvalid) {
 				t.Fatalf("got %v", err)
 			}
 			ents, err := os.ReadDir(follower.dir)
@@ -213,7 +213,7 @@ func TestReceiveSnapshotRefusesBadStreams(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer f.Close()
-	if _, err := follower.ReceiveSnapshot(f); !errors.Is(err, ErrSnapshotInvalid) || !strings.Contains(err.Error(), "no meta bucket") {
+	if _, err := follower.ReceiveSnapshot(f, 1); !errors.Is(err, ErrSnapshotInvalid) || !strings.Contains(err.Error(), "no meta bucket") {
 		t.Fatalf("a bbolt file without buckets: %v", err)
 	}
 }
@@ -229,7 +229,7 @@ func TestSaveRefusesSnapshotsItDidNotReceive(t *testing.T) {
 	path := receive(t, leader, follower)
 
 	elsewhere := filepath.Join(t.TempDir(), "snap.tmp")
-	if _, err := follower.Save(snapshotReady(elsewhere, 1, 1, 1)); err == nil || !strings.Contains(err.Error(), "is not this store's") {
+	if _, err := follower.Save(snapshotReady(elsewhere, 1, 1, 1)); err == nil || !strings.Contains(err.Error(), "is not one this store received") {
 		t.Fatalf("a file elsewhere: %v", err)
 	}
 	if _, err := follower.Save(snapshotReady("", 1, 1, 1)); !errors.Is(err, ErrSnapshotUnsupported) {
@@ -319,5 +319,36 @@ func TestSnapshotBehindTheLiveStateKeepsIt(t *testing.T) {
 	out := f.apply(reqs[9]) // entry 11, a late copy of request 110
 	if !out[0].Duplicate {
 		t.Fatalf("a copy of a request applied before the second install was applied again: %+v", out[0])
+	}
+}
+
+// TestSecondReceivedSnapshotKeepsTheFirstsFile: a second snapshot arrives
+// while Raft has yet to take the first one's message (both wait in its
+// queue). Each has a file of its own: the first installs with its own
+// file, and once it is installed the second one's file, which Raft can no
+// longer take, is gone too.
+func TestSecondReceivedSnapshotKeepsTheFirstsFile(t *testing.T) {
+	a, b, f := newTestStore(t), newTestStore(t), newTestStore(t)
+	for i := range 6 {
+		a.apply(set("/k", fmt.Sprint(i+1)))
+	}
+	for i := range 4 {
+		b.apply(set("/k", fmt.Sprint(i+1)))
+	}
+	first := receive(t, a, f)
+	second := receive(t, b, f)
+	if first == second {
+		t.Fatalf("both snapshots received at %s", first)
+	}
+	if _, err := f.Save(snapshotReady(first, 6, 1, 1)); err != nil {
+		t.Fatal(err)
+	}
+	if e := f.mustGet("/k", false); *e.Node.Value != "6" {
+		t.Fatalf("/k = %q after the first install", *e.Node.Value)
+	}
+	for _, p := range []string{first, second} {
+		if _, err := os.Stat(p); !os.IsNotExist(err) {
+			t.Errorf("%s after the install: %v", p, err)
+		}
 	}
 }

@@ -96,7 +96,7 @@ type Store struct {
 	nextExp   atomic.Pointer[time.Time] // nil: no key has a TTL
 	dedup     *dedup                    // nil after a failed Save: rebuilt from the file; Save's goroutine only
 	now       func() time.Time          // the clock for ttl fields; tests replace it
-	snapMu    sync.Mutex                // orders the received snapshot's rename and removal
+	received  atomic.Uint64             // received snapshots, for their file names
 	arena     arena                     // Save's values; Save's goroutine only
 	bufs      saveBufs                  // Save's encoding buffers, kept from one Save to the next
 	open      *bolt.Tx                  // a deferred Save's transaction, not yet committed; Save's goroutine only

@@ -178,7 +178,7 @@ func newPeerClient(tlsCfg *tls.Config, h2c bool) *http.Client {
 		// Peers talk directly: a proxy from the environment is not meant
 		// for them (etcd's peer transport dials directly as well).
 		Proxy:               nil,
-		DialContext:         (&net.Dialer{Timeout: peerDialTimeout, KeepAlive: 30 * time.Second}).DialContext,
+		DialContext:         peerDialer().DialContext,
 		TLSClientConfig:     tlsConfig,
 		TLSHandshakeTimeout: 5 * time.Second,
 		ForceAttemptHTTP2:   true,
@@ -190,6 +190,16 @@ func newPeerClient(tlsCfg *tls.Config, h2c bool) *http.Client {
 		HTTP2: &http.HTTP2Config{SendPingTimeout: 10 * time.Second, PingTimeout: 5 * time.Second},
 	}
 	return &http.Client{Transport: rt}
+}
+
+// peerDialer dials peers. Its sockets allow their address to be reused
+// (see reuseAddr): a redial to a member that is down, on the same machine,
+// can get that member's own port as its source port (the kernel's pick),
+// connect to itself, and be closed by Go's dialer, which then leaves the
+// port in TIME_WAIT for a minute; without SO_REUSEADDR on it, the member
+// could not listen on its port when it restarts.
+func peerDialer() *net.Dialer {
+	return &net.Dialer{Timeout: peerDialTimeout, KeepAlive: 30 * time.Second, Control: reuseAddr}
 }
 
 // peer is one member this one sends to.

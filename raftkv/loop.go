@@ -290,7 +290,13 @@ func (n *Node) handleReady() error {
 		if err != nil {
 			return err
 		}
-		if snapMembers != nil {
+		// A file behind what this member applied leaves its state, the
+		// member list with it, as it is (storage keeps it too).
+		fileApplied, err := storage.SnapshotApplied(string(snap.GetData()))
+		if err != nil {
+			return err
+		}
+		if snapMembers != nil && fileApplied >= n.loop.applied {
 			n.replaceMembers(snapMembers, snapRemoved)
 			membersChanged = true
 		}

@@ -476,9 +476,14 @@ func (n *Node) submit(ctx context.Context, id uint64, p proposal) (result, error
 	}
 	n.w.register(id, p.c)
 	defer n.w.cancel(id)
-	installs := n.installs.Load()
-	inLog := false // an attempt may have reached a log
+	var installs uint64 // snapshots installed when the first attempt that may be in a log went
+	inLog := false      // an attempt may have reached a log
 	for attempt := 0; ; attempt++ {
+		if !inLog {
+			// Snapshots installed while no attempt could be in a log
+			// cannot hold this request.
+			installs = n.installs.Load()
+		}
 		// Take the leader signal before proposing: a leader elected between
 		// the drop and our wait must still wake us.
 		leaderChanged := n.leaderChanged.wait()
@@ -533,13 +538,13 @@ func (n *Node) submit(ctx context.Context, id uint64, p proposal) (result, error
 				return res, nil
 			}
 		default:
-			if inLog && n.installs.Load() != installs {
-				// A snapshot came since the first attempt: it may hold
-				// the request applied, which answers nobody here, and the
-				// ID forgotten. Whether it was applied cannot be told:
-				// etcd's answer to that is a timeout.
-				return result{}, ErrTimeout
-			}
+		}
+		if inLog && n.installs.Load() != installs {
+			// A snapshot came since the first attempt that may be in a
+			// log: it may hold the request applied, which answers nobody
+			// here, and the ID forgotten. Whether it was applied cannot
+			// be told: etcd's answer to that is a timeout.
+			return result{}, ErrTimeout
 		}
 	}
 }

@@ -314,20 +314,31 @@ func replaceBucket(tx *bolt.Tx, src *bolt.Bucket, name []byte) error {
 
 // installed runs after Save's transaction has committed: watchers learn
 // of the new state, and the file goes, with every received file Raft can
-// no longer take (its snapshot index is at or below the applied one, so
-// at or below Raft's commit index: Raft ignores such a snapshot).
+// no longer take (its snapshot index is at or below this one's, so at or
+// below Raft's commit index: Raft ignores such a snapshot). Not below the
+// applied index: a file may be ahead of its snapshot index, and Raft takes
+// a snapshot above its commit index whatever its file applied.
 func (s *Store) installed(in *snapshotInstall) {
 	if !in.behind {
 		s.hub.recover(in.events, in.index)
 	}
 	os.Remove(in.path)
-	entries, err := os.ReadDir(filepath.Dir(in.path))
+	s.DropReceivedSnapshots(in.meta.GetIndex())
+}
+
+// DropReceivedSnapshots removes the received snapshot files whose snapshot
+// index is at or below index. Raft ignores a snapshot at or below its
+// commit index, so that is the index to give: the files of snapshots Raft
+// did not take, or whose message was dropped on the way to it, go.
+func (s *Store) DropReceivedSnapshots(index uint64) {
+	dir := filepath.Dir(s.db.Path())
+	entries, err := os.ReadDir(dir)
 	if err != nil {
 		return
 	}
 	for _, e := range entries {
-		p := filepath.Join(filepath.Dir(in.path), e.Name())
-		if index, ok := s.receivedIndex(p); ok && index <= in.applied {
+		p := filepath.Join(dir, e.Name())
+		if i, ok := s.receivedIndex(p); ok && i <= index {
 			os.Remove(p)
 		}
 	}
@@ -403,6 +414,25 @@ func (h *hub) recover(events []*Event, index uint64) {
 			}
 		}
 	}
+}
+
+// SnapshotApplied reads the applied index of a received snapshot file: a
+// file behind this member's applied index leaves its state as it is (see
+// snapshotInstall.apply).
+func SnapshotApplied(path string) (uint64, error) {
+	db, err := openSnapshotFile(path)
+	if err != nil {
+		return 0, fmt.Errorf("storage: reading snapshot %s: %w", path, err)
+	}
+	defer db.Close()
+	var applied uint64
+	err = db.View(func(tx *bolt.Tx) error {
+		if b := tx.Bucket(bucketMeta); b != nil {
+			applied = getUint64(b, keyApplied)
+		}
+		return nil
+	})
+	return applied, err
 }
 
 // SnapshotMeta reads a member value, as SetMeta writes them, from a

@@ -19,12 +19,19 @@ import (
 // peer transport does: neither side ever holds the whole file.
 func receive(t *testing.T, leader, follower *tstore) string {
 	t.Helper()
+	return receiveAt(t, leader, follower, leader.AppliedIndex())
+}
+
+// receiveAt is receive for a snapshot of the given index (a leader's file
+// may be ahead of the snapshot it is sent for).
+func receiveAt(t *testing.T, leader, follower *tstore, index uint64) string {
+	t.Helper()
 	pr, pw := io.Pipe()
 	go func() {
 		_, err := leader.WriteSnapshot(pw)
 		pw.CloseWithError(err)
 	}()
-	path, err := follower.ReceiveSnapshot(pr, leader.AppliedIndex())
+	path, err := follower.ReceiveSnapshot(pr, index)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -350,5 +357,45 @@ func TestSecondReceivedSnapshotKeepsTheFirstsFile(t *testing.T) {
 		if _, err := os.Stat(p); !os.IsNotExist(err) {
 			t.Errorf("%s after the install: %v", p, err)
 		}
+	}
+}
+
+// TestQueuedSnapshotAboveTheInstalledOneKeepsItsFile: two snapshots wait
+// in Raft's queue, A's (index 5, its file applied to 10) and B's (index 7,
+// its file applied to 8). Raft takes A's first; its commit index is then
+// 5, so it takes B's too (7 > 5): installing A must not remove B's file.
+func TestQueuedSnapshotAboveTheInstalledOneKeepsItsFile(t *testing.T) {
+	a, b, f := newTestStore(t), newTestStore(t), newTestStore(t)
+	for i := 1; i <= 10; i++ {
+		a.apply(set("/k", fmt.Sprint(i)))
+	}
+	for i := 1; i <= 8; i++ {
+		b.apply(set("/k", fmt.Sprint(i)))
+	}
+	first := receiveAt(t, a, f, 5)
+	second := receiveAt(t, b, f, 7)
+	if _, err := f.Save(snapshotReady(first, 5, 1, 1)); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.Save(snapshotReady(second, 7, 1, 1)); err != nil {
+		t.Fatalf("Raft's next Ready (snapshot 7, above its commit index 5): %v", err)
+	}
+	if e := f.mustGet("/k", false); *e.Node.Value != "10" {
+		t.Fatalf("/k = %q", *e.Node.Value)
+	}
+}
+
+// TestDropReceivedSnapshots: the files of snapshots Raft did not take go
+// once its commit index passes theirs; a later one stays.
+func TestDropReceivedSnapshots(t *testing.T) {
+	a, f := newTestStore(t), newTestStore(t)
+	a.apply(set("/k", "1"))
+	old, later := receiveAt(t, a, f, 3), receiveAt(t, a, f, 9)
+	f.DropReceivedSnapshots(5)
+	if _, err := os.Stat(old); !os.IsNotExist(err) {
+		t.Errorf("%s: %v", old, err)
+	}
+	if _, err := os.Stat(later); err != nil {
+		t.Errorf("%s: %v", later, err)
 	}
 }

@@ -109,6 +109,9 @@ func TestCaddyfileAdaptErrors(t *testing.T) {
 		{"missing peer_cert_file", "{\n\traftkv {\n\t\tpeer_cert_file\n\t}\n}\n", "wrong argument count"},
 		{"two peer CA files", "{\n\traftkv {\n\t\tpeer_trusted_ca_file a.pem b.pem\n\t}\n}\n", "wrong argument count"},
 		{"etcd has no options yet", ":2379 {\n\tetcd {\n\t\tcors off\n\t}\n}\n", `unrecognized etcd option "cors"`},
+		{"empty name", "{\n\traftkv {\n\t\tname \"\"\n\t}\n}\n", "name needs a value"},
+		{"empty initial_cluster", "{\n\traftkv {\n\t\tinitial_cluster \"\" ,\n\t}\n}\n", "initial_cluster needs <name>=<peer_url> pairs"},
+		{"empty advertise_client_urls", "{\n\traftkv {\n\t\tadvertise_client_urls \"\"\n\t}\n}\n", "advertise_client_urls needs URLs"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -253,4 +256,20 @@ func mustConfig(t *testing.T, b []byte) *caddy.Config {
 		t.Fatal(err)
 	}
 	return &cfg
+}
+
+// TestNameThatCannotNameADataDir: without data_dir, the member's directory
+// is raftkv/<name> under Caddy's data directory: a name that would leave it
+// (or be Caddy's own) is refused.
+func TestNameThatCannotNameADataDir(t *testing.T) {
+	for _, name := range []string{".", "..", "../x", "a/b", `a\b`} {
+		var cfg caddy.Config
+		raw := fmt.Sprintf(`{"admin":{"disabled":true},"apps":{"raftkv":{"name":%q}}}`, name)
+		if err := json.Unmarshal([]byte(raw), &cfg); err != nil {
+			t.Fatal(err)
+		}
+		if err := caddy.Validate(&cfg); err == nil || !strings.Contains(err.Error(), "set data_dir") {
+			t.Errorf("name %q: %v", name, err)
+		}
+	}
 }

@@ -137,6 +137,10 @@ func (App) CaddyModule() caddy.ModuleInfo {
 // holds the data directory.
 func (a *App) Provision(ctx caddy.Context) error {
 	a.logger = ctx.Logger()
+	if a.DataDir == "" && (strings.ContainsAny(a.Name, `/\`) || a.Name == "." || a.Name == "..") {
+		// The default data_dir is raftkv/<name> under Caddy's data directory.
+		return fmt.Errorf("raftkv: name %q cannot name a directory under Caddy's data directory: set data_dir", a.Name)
+	}
 	a.setDefaults()
 	if err := a.Validate(); err != nil {
 		return err

@@ -895,7 +895,9 @@ func awaitCapable(ctx context.Context, n *raftkv.Node) error {
 }
 
 // writeAuthError answers an auth operation's error as etcd's writeError
-// does: its own status and message, or 500 for anything else.
+// does: its own status and message, or 500 for anything else (a timeout
+// too: etcd's WriteError answers every error that is not its own kind
+// with a bare "Internal Server Error").
 func (h *Handler) writeAuthError(w http.ResponseWriter, err error) {
 	var ae *authError
 	switch {
@@ -904,7 +906,7 @@ func (h *Handler) writeAuthError(w http.ResponseWriter, err error) {
 	case errors.Is(err, raftkv.ErrStopped):
 		writeMessage(w, http.StatusServiceUnavailable, errNotRunning)
 	case errors.Is(err, raftkv.ErrTimeout):
-		writeMessage(w, http.StatusInternalServerError, "etcdserver: request timed out")
+		writeMessage(w, http.StatusInternalServerError, "Internal Server Error")
 	default:
 		h.logger.Warn("auth operation failed", zap.Error(err))
 		writeMessage(w, http.StatusInternalServerError, "Internal Server Error")

@@ -82,6 +82,9 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				if d.NextArg() {
 					return d.ArgErr()
 				}
+				if v == "" {
+					return d.Errf("%s needs a value, not an empty one", opt)
+				}
 				switch opt {
 				case "name":
 					a.Name = v
@@ -148,6 +151,9 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 						a.InitialCluster[name] = append(a.InitialCluster[name], u)
 					}
 				}
+				if len(a.InitialCluster) == 0 {
+					return d.Err("initial_cluster needs <name>=<peer_url> pairs, not empty ones")
+				}
 
 			case "strict_reconfig_check":
 				on := true
@@ -174,6 +180,9 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 							a.AdvertiseClientURLs = append(a.AdvertiseClientURLs, u)
 						}
 					}
+				}
+				if len(a.AdvertiseClientURLs) == 0 {
+					return d.Err("advertise_client_urls needs URLs, not empty ones")
 				}
 
 			default:

@@ -7,6 +7,7 @@ package caddymodule
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -1161,5 +1162,103 @@ func TestMembersWithoutHostHeader(t *testing.T) {
 	b, _ := io.ReadAll(resp.Body)
 	if want := fmt.Sprintf("http://127.0.0.1:%d", s.port); resp.StatusCode != http.StatusOK || string(b) != want {
 		t.Fatalf("/v2/machines without a Host header: %d %q, want %q", resp.StatusCode, b, want)
+	}
+}
+
+// TestWatchUnderEncode: a site with `encode` before `etcd` (compression for
+// its other routes): a watch's headers still go out at once, before any
+// event, and its events are not compressed, as etcd sends them. Caddy's
+// encoder holds headers back until the first body write.
+func TestWatchUnderEncode(t *testing.T) {
+	s := startInproc(t)
+	var cfg map[string]any
+	if err := json.Unmarshal(s.config, &cfg); err != nil {
+		t.Fatal(err)
+	}
+	srv := cfg["apps"].(map[string]any)["http"].(map[string]any)["servers"].(map[string]any)["test"].(map[string]any)
+	encode := map[string]any{"handle": []any{map[string]any{"handler": "encode", "encodings": map[string]any{"gzip": map[string]any{}}}}}
+	srv["routes"] = append([]any{encode}, srv["routes"].([]any)...)
+	b, err := json.Marshal(cfg)
+	b = bytes.Replace(b, []byte(`"body":"static"`), []byte(`"body":"encoded"`), 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := caddy.Load(b, false); err != nil {
+		t.Fatalf("reload with encode: %v", err)
+	}
+	s.client.CloseIdleConnections()
+	s.waitFor("the config with encode", func() bool {
+		resp, err := s.client.Do(s.request(context.Background(), "GET", "/static", "", ""))
+		if err != nil {
+			return false
+		}
+		b, err := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		return err == nil && string(b) == "encoded"
+	})
+
+	for i, q := range []string{"wait=true", "wait=true&stream=true"} {
+		key := fmt.Sprintf("/v2/keys/enc%d", i)
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		req := s.request(ctx, "GET", key+"?"+q, "", "")
+		req.Header.Set("Accept-Encoding", "gzip")
+		headers := make(chan error, 1)
+		var resp *http.Response
+		go func() {
+			var err error
+			resp, err = s.client.Do(req)
+			headers <- err
+		}()
+		// No event yet: the headers alone must arrive.
+		select {
+		case err := <-headers:
+			if err != nil {
+				t.Fatalf("%s: %v", q, err)
+			}
+		case <-time.After(5 * time.Second):
+			t.Fatalf("%s: no headers within 5s of a watch with no event yet", q)
+		}
+		if ce := resp.Header.Get("Content-Encoding"); ce != "" || resp.Header.Get("X-Etcd-Index") == "" {
+			t.Fatalf("%s: headers %v", q, resp.Header)
+		}
+		r, body := s.form("PUT", key, "value=v")
+		s.expect(r, body, http.StatusCreated)
+		line, err := bufio.NewReader(resp.Body).ReadString('\n')
+		if err != nil || !strings.HasPrefix(line, `{"action":"set"`) {
+			t.Fatalf("%s: first event %q, %v", q, line, err)
+		}
+		resp.Body.Close()
+		cancel()
+	}
+}
+
+// TestLostQuorumAnswersAsEtcd: a member whose cluster lost its quorum (a
+// second member added that never starts) answers as etcd 3.4 does: HEAD
+// with quorum=true reads locally (only GET becomes a quorum read); adding
+// a member fails the strict check, with etcd's bare 500, before its peer
+// URL is found in use; an auth write that times out gets etcd's bare 500.
+func TestLostQuorumAnswersAsEtcd(t *testing.T) {
+	s := startInproc(t)
+	r, body := s.form("PUT", "/v2/keys/q", "value=1")
+	s.expect(r, body, http.StatusCreated)
+	const add = `{"peerURLs":["http://127.0.0.1:29999"]}`
+	r, body = s.do("POST", "/v2/members", "application/json", add)
+	s.wantStatus(r, body, http.StatusCreated)
+
+	start := time.Now()
+	r, body = s.do("HEAD", "/v2/keys/q?quorum=true", "", "")
+	s.wantStatus(r, body, http.StatusOK)
+	if d := time.Since(start); d > 3*time.Second {
+		t.Fatalf("HEAD ?quorum=true took %v: it waited for a quorum", d)
+	}
+	r, body = s.do("POST", "/v2/members", "application/json", add)
+	s.wantStatus(r, body, http.StatusInternalServerError)
+	if body != `{"message":"Internal Server Error"}` {
+		t.Fatalf("second add of the same peer URL: %q", body)
+	}
+	r, body = s.asUser("", "PUT", "/v2/auth/users/x", `{"user":"x","password":"p"}`)
+	s.wantStatus(r, body, http.StatusInternalServerError)
+	if body != `{"message":"Internal Server Error"}` {
+		t.Fatalf("auth write without a quorum: %q", body)
 	}
 }

@@ -7,6 +7,7 @@ import (
 	"net/http"
 	"net/url"
 	"path"
+	"reflect"
 	"strconv"
 	"strings"
 	"time"
@@ -289,14 +290,16 @@ func (h *Handler) serveKeys(w http.ResponseWriter, r *http.Request, hv *headerVa
 			h.serveWatch(w, r, n, kr, hv)
 			return
 		}
+		// A HEAD is always a local read in etcd (only GET becomes QGET).
+		quorum := kr.quorum && r.Method == http.MethodGet
 		ctx := r.Context()
-		if kr.quorum {
+		if quorum {
 			var cancel context.CancelFunc
 			ctx, cancel = h.requestContext(r)
 			defer cancel()
 		}
-		ev, err = n.Get(ctx, kr.key, kr.recursive, kr.sorted, kr.quorum)
-		if kr.quorum {
+		ev, err = n.Get(ctx, kr.key, kr.recursive, kr.sorted, quorum)
+		if quorum {
 			st = n.Status()
 		}
 	default:
@@ -326,6 +329,7 @@ func (h *Handler) serveWatch(w http.ResponseWriter, r *http.Request, n *raftkv.N
 		return
 	}
 	defer wa.Remove()
+	w = underEncoder(w)
 	st := n.Status()
 	hdr := w.Header()
 	hv.set(hdr, "Content-Type", "application/json")
@@ -370,6 +374,22 @@ func (h *Handler) serveWatch(w http.ResponseWriter, r *http.Request, n *raftkv.N
 				return
 			}
 		}
+	}
+}
+
+// underEncoder returns the writer beneath Caddy's encode handler when w is
+// one (a site with `encode` before `etcd`), else w. The encoder holds the
+// headers back until the first body write and ignores flushes until then,
+// where a watch's client (and any proxy's response-header timeout) must
+// see them at once, and it would compress the stream, which etcd never
+// does. Left alone, it writes nothing more: its status was never set.
+func underEncoder(w http.ResponseWriter) http.ResponseWriter {
+	for {
+		u, ok := w.(interface{ Unwrap() http.ResponseWriter })
+		if !ok || reflect.TypeOf(w).String() != "*encode.responseWriter" {
+			return w
+		}
+		w = u.Unwrap()
 	}
 }
 

@@ -130,7 +130,12 @@ func (h *Handler) serveMembers(w http.ResponseWriter, r *http.Request) {
 		}
 		// Before AddMember: the new member's ID is made of its peer URLs
 		// and the current second, so a second POST of one URL within the
-		// same second would be refused as "ID exists" first.
+		// same second would be refused as "ID exists" first. After the
+		// strict check, which etcd makes before it proposes.
+		if err := n.MayAddMember(); err != nil {
+			h.writeMembershipError(w, err, "")
+			return
+		}
 		if h.peerURLTaken(r, n, urls) {
 			writeMessage(w, http.StatusConflict, raftkv.ErrPeerURLExists.Error())
 			return

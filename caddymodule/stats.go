@@ -3,7 +3,6 @@ package caddymodule
 import (
 	"io"
 	"net/http"
-	"strconv"
 
 	"github.com/etcaddy/etcaddy/raftkv"
 )
@@ -34,7 +33,7 @@ func (h *Handler) serveHealth(w http.ResponseWriter, r *http.Request) {
 	}
 	healthy := false
 	if n := h.node(); n != nil {
-		if serializable, _ := strconv.ParseBool(r.URL.Query().Get("serializable")); serializable {
+		if r.URL.Query().Get("serializable") == "true" { // etcd compares the string
 			healthy = n.Status().Leader != 0
 		} else {
 			ctx, cancel := h.requestContext(r)

@@ -93,10 +93,12 @@ func (n *Node) AddMember(ctx context.Context, peerURLs []string) (Member, error)
 	id := memberID(urls, n.cfg.InitialClusterToken+strconv.FormatInt(time.Now().Unix(), 10))
 	m := memberRecord{ID: id, PeerURLs: urls}
 	cc := &raftpb.ConfChange{Type: raftpb.ConfChangeAddNode.Enum(), NodeId: new(id), Context: encodeMember(m)}
-	if err := n.confConflict(cc); err != nil {
+	// etcd's order: the strict check before it proposes, the conflicts
+	// when it applies.
+	if err := n.mayAddMember(); err != nil {
 		return Member{}, err
 	}
-	if err := n.mayAddMember(); err != nil {
+	if err := n.confConflict(cc); err != nil {
 		return Member{}, err
 	}
 	if err := n.changeMembership(ctx, cc); err != nil {

@@ -34,6 +34,11 @@ const defaultHealthInterval = 5 * time.Second
 // runs on the member asked, against what it knows, as etcd's does.
 func (n *Node) SetStrictReconfigCheck(on bool) { n.loose.Store(!on) }
 
+// MayAddMember is etcd's strict check of an added voting member (see
+// SetStrictReconfigCheck), which comes before any other check of the
+// change: nil when the check is off.
+func (n *Node) MayAddMember() error { return n.mayAddMember() }
+
 // mayAddMember is etcd's mayAddMember for a voting member.
 func (n *Node) mayAddMember() error {
 	if n.loose.Load() {

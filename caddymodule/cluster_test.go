@@ -737,10 +737,12 @@ func TestClusterMembershipChanges(t *testing.T) {
 	}
 	n4ID := idm[1]
 
-	// etcd's answers around an add: the same peer URL again is a conflict.
+	// etcd's answers around an add: the same peer URL again fails the
+	// strict check first (no member reaches n4 yet), with a bare 500;
+	// once n4 runs, it is a conflict (below).
 	body := `{"peerURLs":["` + n4.PeerURL + `"]}`
-	if st, b := postJSON(t, ms[1], "POST", "/v2/members", body); st != http.StatusConflict || b != `{"message":"membership: peerURL exists"}` {
-		t.Errorf("POST the same peer URL again: %d %s", st, b)
+	if st, b := postJSON(t, ms[1], "POST", "/v2/members", body); st != http.StatusInternalServerError || b != `{"message":"Internal Server Error"}` {
+		t.Errorf("POST the same peer URL again while n4 is down: %d %s", st, b)
 	}
 	// While n4 has not started, no member reaches it: the strict check
 	// refuses another addition, as etcd does, with a bare 500.
@@ -760,6 +762,18 @@ func TestClusterMembershipChanges(t *testing.T) {
 	n4.spawn(t)
 	if err := n4.waitHealthy(30 * time.Second); err != nil {
 		t.Fatalf("n4 did not become healthy: %v", err)
+	}
+	// The strict check passes once every member was reached for 5 s.
+	var st int
+	var b string
+	if !poll(20*time.Second, func() bool {
+		st, b = postJSON(t, ms[1], "POST", "/v2/members", body)
+		if st == http.StatusCreated {
+			t.Fatalf("the same peer URL was added again: %s", b)
+		}
+		return st == http.StatusConflict
+	}) || b != `{"message":"membership: peerURL exists"}` {
+		t.Errorf("POST the same peer URL again once n4 runs: %d %s", st, b)
 	}
 	// n4 has what was written before it joined, and takes new writes.
 	if got := quorumKeys(t, n4, "/before"); len(got) != 20 {

@@ -1573,3 +1573,91 @@ func TestRetryAfterOriginalForgottenIsNotAppliedTwice(t *testing.T) {
 		})
 	}
 }
+
+// TestSnapshotReportOutlastsAFullReportQueue: the report of a failed
+// snapshot transfer comes while the leader's loop is stalled with its
+// report queue full (a slow disk, peers failing at once). Raft leaves a
+// follower's snapshot state only on that report: dropped, the follower
+// would get nothing more from this leader. It must still catch up.
+func TestSnapshotReportOutlastsAFullReportQueue(t *testing.T) {
+	var refuse atomic.Bool
+	var leaderNode atomic.Pointer[Node]
+	c := &testCluster{t: t, edit: func(cfg *Config) {
+		cfg.SnapshotCount = 8
+		cfg.ElectionTimeout = 2 * time.Second
+	}}
+	for i := range 3 {
+		m := &testMember{name: fmt.Sprintf("m%d", i), dir: t.TempDir()}
+		m.srv = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			n := m.n()
+			if n == nil {
+				http.Error(w, "no member here", http.StatusServiceUnavailable)
+				return
+			}
+			if r.URL.Path == peerSnapshotPath && refuse.CompareAndSwap(true, false) {
+				// The leader's loop stalls (a stand-in for a slow disk:
+				// 300 ms) with its report queue full while the sender
+				// hears that this snapshot was refused.
+				ln := leaderNode.Load()
+				stalled := make(chan struct{})
+				ln.ctrlc <- func() {
+					for full := false; !full; {
+						select {
+						case ln.reportc <- report{to: 0xdead, unreachable: true}:
+						default:
+							full = true
+						}
+					}
+					close(stalled)
+					time.Sleep(300 * time.Millisecond)
+				}
+				<-stalled
+				http.Error(w, "refused (test)", http.StatusServiceUnavailable)
+				return
+			}
+			n.PeerHandler().ServeHTTP(w, r)
+		}))
+		t.Cleanup(m.srv.Close)
+		m.url = m.srv.URL
+		c.members = append(c.members, m)
+	}
+	for _, m := range c.members {
+		c.start(m, "new")
+	}
+	leader := c.waitLeader(c.members...)
+	leaderNode.Store(leader.n())
+	f := c.followers(leader, c.members...)[0]
+	c.stop(f)
+	for i := range 40 {
+		put(t, leader.n(), fmt.Sprintf("/k%d", i), fmt.Sprint(i))
+	}
+	refuse.Store(true)
+	n := c.start(f, "new")
+	waitFor(t, "the follower to catch up after a refused snapshot", func() bool {
+		ev, err := n.localGet("/k39", false, false)
+		return err == nil && ev.Node.Value != nil
+	})
+	if refuse.Load() {
+		t.Fatal("no snapshot was refused: the test missed its path")
+	}
+}
+
+// TestRemovedMemberQuietsItsTransport: a removed member whose process goes
+// on (Caddy serves other sites; nobody calls Stop) stops its transport a
+// while after its loop ended: no more probes of its former peers, and its
+// peer endpoint takes nothing more.
+func TestRemovedMemberQuietsItsTransport(t *testing.T) {
+	c := newTestCluster(t, 3, nil)
+	leader := c.waitLeader(c.members...)
+	gone := c.followers(leader, c.members...)[0].n()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := leader.n().RemoveMember(ctx, gone.id); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the removed member's transport to stop", func() bool {
+		gone.tr.mu.RLock()
+		defer gone.tr.mu.RUnlock()
+		return gone.tr.stopped && len(gone.tr.peers) == 0 && gone.peerH.Load() == nil
+	})
+}

@@ -66,6 +66,7 @@ type report struct {
 // one Ready.
 func (n *Node) run() {
 	defer close(n.donec)
+	defer n.quietTransport()
 	defer n.halt()
 	defer n.failReads(ErrStopped)
 	// Watches end with the loop (a removal, a storage failure, Stop): no
@@ -140,6 +141,9 @@ func (n *Node) run() {
 		if !n.drain(ticker.C) {
 			return
 		}
+		if n.snapReported.Load() {
+			n.takeSnapshotReports()
+		}
 		if err := n.loop.flushErr; err != nil {
 			n.storageFailed(err)
 			return
@@ -165,6 +169,32 @@ func (n *Node) run() {
 // applies ride with its next append; a reader never waits for it, since a
 // read asks for the commit at once.
 const applyLinger = 2 * time.Millisecond
+
+// quietTransport stops the transport a while after the loop ended on its
+// own (the member was removed, or a failure stopped it): the last messages
+// it queued (a removed leader's hand-over, its farewells) still go, then
+// nothing more probes the peers, and the peer endpoint answers 503 instead
+// of taking messages and snapshots nobody handles. Stop does the same at
+// once when it comes first.
+func (n *Node) quietTransport() {
+	select {
+	case <-n.stopc:
+		return
+	default:
+	}
+	n.bg.Add(1)
+	go func() {
+		defer n.bg.Done()
+		t := time.NewTimer(peerRequestTimeout)
+		defer t.Stop()
+		select {
+		case <-t.C:
+			n.peerH.Store(nil)
+			n.tr.Stop()
+		case <-n.stopc:
+		}
+	}()
+}
 
 // storageFailed ends the loop's service: the store refused a write, so
 // Raft's state and the disk may disagree, and the member stops rather than
@@ -1012,11 +1042,35 @@ func (n *Node) reportUnreachable(to uint64) {
 	}
 }
 
-// reportSnapshot tells Raft how sending a snapshot to a peer ended.
+// reportSnapshot tells Raft how sending a snapshot to a peer ended. It is
+// never dropped: Raft leaves a follower's snapshot state only on it (or an
+// append answer, which a follower waiting for a snapshot never sends), and
+// without it the follower would get nothing more from this leader. It
+// never blocks either: the loop itself reports a snapshot it could not
+// queue. When reportc is full, the report waits in snapReports, which the
+// loop takes every turn (a tick at the latest).
 func (n *Node) reportSnapshot(to uint64, status raft.SnapshotStatus) {
+	r := report{to: to, snapshot: status}
 	select {
-	case n.reportc <- report{to: to, snapshot: status}:
+	case n.reportc <- r:
 	default:
+		n.snapReportsMu.Lock()
+		n.snapReports = append(n.snapReports, r)
+		n.snapReported.Store(true)
+		n.snapReportsMu.Unlock()
+	}
+}
+
+// takeSnapshotReports hands Raft the snapshot outcomes reportc had no room
+// for.
+func (n *Node) takeSnapshotReports() {
+	n.snapReportsMu.Lock()
+	rs := n.snapReports
+	n.snapReports = nil
+	n.snapReported.Store(false)
+	n.snapReportsMu.Unlock()
+	for _, r := range rs {
+		n.applyReport(r)
 	}
 }
 

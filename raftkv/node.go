@@ -146,10 +146,15 @@ type Node struct {
 	readc   chan struct{}
 	recvc   chan *raftpb.Message
 	reportc chan report
-	ctrlc   chan func()   // work run on the loop goroutine
-	selfc   chan struct{} // a peer said this member was removed
-	stopc   chan struct{} // closed by Stop
-	donec   chan struct{} // closed when the loop has returned
+	// Snapshot outcomes reportc had no room for (see reportSnapshot);
+	// the loop takes them every turn once snapReported is set.
+	snapReportsMu sync.Mutex
+	snapReports   []report
+	snapReported  atomic.Bool
+	ctrlc         chan func()   // work run on the loop goroutine
+	selfc         chan struct{} // a peer said this member was removed
+	stopc         chan struct{} // closed by Stop
+	donec         chan struct{} // closed when the loop has returned
 
 	w             waiters
 	leaderChanged broadcast // notified when the known leader changes

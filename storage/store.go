@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -43,6 +44,10 @@ func (s *Store) usable() error {
 // names no received file (its Data is empty): this store installs only
 // snapshots that ReceiveSnapshot wrote.
 var ErrSnapshotUnsupported = errors.New("storage: installing a snapshot from the leader is not supported yet")
+
+// initialMmapSize is etcd's 10 GiB where addresses are 64 bits, 1 GiB
+// where they are 32 (bbolt maps at most 2 GiB there).
+const initialMmapSize = 1<<30 + (strconv.IntSize/64)*(9<<30)
 
 // Buckets of member.db, by role.
 //
@@ -204,10 +209,12 @@ func Open(dir string) (*Store, error) {
 		// commit, which keeps commits cheap after log compaction.
 		NoFreelistSync: true,
 		FreelistType:   bolt.FreelistMapType,
-		// Map 1 GiB of address space up front, as etcd maps 10 GiB: each
-		// remap as the file grows waits for every reader and stalls every
-		// writer. Untouched pages of the mapping cost no memory.
-		InitialMmapSize: 1 << 30,
+		// Map address space up front, as etcd maps 10 GiB: each remap as
+		// the file grows waits for every reader (a snapshot streamed to a
+		// follower holds one for the whole transfer) and stalls every
+		// writer, the Raft loop's commits with them. Untouched pages of
+		// the mapping cost no memory.
+		InitialMmapSize: initialMmapSize,
 	})
 	if err != nil {
 		return nil, fmt.Errorf("storage: opening %s: %w", dir, err)

@@ -1595,9 +1595,12 @@ func TestSnapshotReportOutlastsAFullReportQueue(t *testing.T) {
 				return
 			}
 			if r.URL.Path == peerSnapshotPath && refuse.CompareAndSwap(true, false) {
-				// The leader's loop stalls (a stand-in for a slow disk:
-				// 300 ms) with its report queue full while the sender
-				// hears that this snapshot was refused.
+				// The leader's loop stalls (a stand-in for a slow disk)
+				// with its report queue full until the sender has
+				// reported that this snapshot was refused (it waits in
+				// the overflow; dropped, the stall ends at a deadline
+				// well below the election timeout, so that no new
+				// leader comes to the follower's rescue).
 				ln := leaderNode.Load()
 				stalled := make(chan struct{})
 				ln.ctrlc <- func() {
@@ -1609,7 +1612,12 @@ func TestSnapshotReportOutlastsAFullReportQueue(t *testing.T) {
 						}
 					}
 					close(stalled)
-					time.Sleep(300 * time.Millisecond)
+					deadline := time.Now().Add(300 * time.Millisecond)
+					tick := time.NewTicker(5 * time.Millisecond)
+					defer tick.Stop()
+					for !ln.snapReported.Load() && time.Now().Before(deadline) {
+						<-tick.C
+					}
 				}
 				<-stalled
 				http.Error(w, "refused (test)", http.StatusServiceUnavailable)

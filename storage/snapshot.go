@@ -74,7 +74,7 @@ func (s *Store) receivedIndex(path string) (index uint64, ok bool) {
 // Each file has a name of its own: a second snapshot received while Raft
 // has yet to take the first one's message leaves that one's file alone.
 // Installing a snapshot removes its file, and every other one Raft can no
-// longer take (at or below the applied index).
+// longer take (at or below its snapshot index).
 func (s *Store) ReceiveSnapshot(r io.Reader, index uint64) (path string, err error) {
 	if s.closed.Load() {
 		return "", ErrClosed
@@ -242,12 +242,11 @@ func (in *snapshotInstall) apply(tx *bolt.Tx) error {
 		in.behind = true
 		in.applied, in.index = live, getUint64(meta, keyIndex)
 	}
-	for _, name := range replicatedBuckets {
-		if in.behind {
-			break
-		}
-		if err := replaceBucket(tx, in.tx.Bucket(name), name); err != nil {
-			return fmt.Errorf("storage: installing snapshot %d: %w", in.meta.GetIndex(), err)
+	if !in.behind {
+		for _, name := range replicatedBuckets {
+			if err := replaceBucket(tx, in.tx.Bucket(name), name); err != nil {
+				return fmt.Errorf("storage: installing snapshot %d: %w", in.meta.GetIndex(), err)
+			}
 		}
 	}
 	if err := tx.DeleteBucket(bucketLog); err != nil {
@@ -420,19 +419,25 @@ func (h *hub) recover(events []*Event, index uint64) {
 // file behind this member's applied index leaves its state as it is (see
 // snapshotInstall.apply).
 func SnapshotApplied(path string) (uint64, error) {
+	var applied uint64
+	err := viewSnapshotMeta(path, func(b *bolt.Bucket) { applied = getUint64(b, keyApplied) })
+	return applied, err
+}
+
+// viewSnapshotMeta runs f on the meta bucket of a received snapshot file,
+// if it has one.
+func viewSnapshotMeta(path string, f func(meta *bolt.Bucket)) error {
 	db, err := openSnapshotFile(path)
 	if err != nil {
-		return 0, fmt.Errorf("storage: reading snapshot %s: %w", path, err)
+		return fmt.Errorf("storage: reading snapshot %s: %w", path, err)
 	}
 	defer db.Close()
-	var applied uint64
-	err = db.View(func(tx *bolt.Tx) error {
+	return db.View(func(tx *bolt.Tx) error {
 		if b := tx.Bucket(bucketMeta); b != nil {
-			applied = getUint64(b, keyApplied)
+			f(b)
 		}
 		return nil
 	})
-	return applied, err
 }
 
 // SnapshotMeta reads a member value, as SetMeta writes them, from a
@@ -441,19 +446,11 @@ func SnapshotApplied(path string) (uint64, error) {
 // value that describes the cluster rather than the member (raftkv's member
 // list) is read from the leader's file this way. Nil when absent.
 func SnapshotMeta(path, key string) ([]byte, error) {
-	db, err := openSnapshotFile(path)
-	if err != nil {
-		return nil, fmt.Errorf("storage: reading snapshot %s: %w", path, err)
-	}
-	defer db.Close()
 	var out []byte
-	err = db.View(func(tx *bolt.Tx) error {
-		if b := tx.Bucket(bucketMeta); b != nil {
-			if v := b.Get([]byte(metaUserPrefix + key)); v != nil {
-				out = append([]byte{}, v...)
-			}
+	err := viewSnapshotMeta(path, func(b *bolt.Bucket) {
+		if v := b.Get([]byte(metaUserPrefix + key)); v != nil {
+			out = append([]byte{}, v...)
 		}
-		return nil
 	})
 	return out, err
 }

@@ -461,6 +461,17 @@ func (h *Handler) serveAuthEnable(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	on := r.Method == http.MethodPut
+	// etcd checks its local view first, answering at once even without a
+	// quorum, then reads the root user with a quorum read, where any
+	// failure, a timeout without a quorum too, is its 409.
+	switch {
+	case on && v.enabled:
+		h.writeAuthError(w, authErrf(http.StatusConflict, "already enabled"))
+		return
+	case !on && !v.enabled:
+		h.writeAuthError(w, authErrf(http.StatusConflict, "already disabled"))
+		return
+	}
 	err := h.changeAuth(r, n, func(v *authView) (*authChange, error) {
 		switch {
 		case on && v.enabled:
@@ -479,12 +490,22 @@ func (h *Handler) serveAuthEnable(w http.ResponseWriter, r *http.Request) {
 		}
 		return &authChange{path: storage.AuthEnabledPath, value: on, prev: v.src.Values[storage.AuthEnabledPath]}, nil
 	})
+	if qe, ok := errors.AsType[*quorumReadError](err); ok && on && errors.Is(qe.err, raftkv.ErrTimeout) {
+		err = authErrf(http.StatusConflict, "No root user available, please create one")
+	}
 	if err != nil {
 		h.writeAuthError(w, err)
 		return
 	}
 	w.WriteHeader(http.StatusOK)
 }
+
+// quorumReadError is a failure of the quorum read an auth change starts
+// with, before anything is proposed.
+type quorumReadError struct{ err error }
+
+func (e *quorumReadError) Error() string { return e.err.Error() }
+func (e *quorumReadError) Unwrap() error { return e.err }
 
 // userWithRoles is etcd's answer about a user: its roles spelled out.
 type userWithRoles struct {
@@ -825,7 +846,7 @@ func (h *Handler) changeAuth(r *http.Request, n *raftkv.Node, decide func(*authV
 	for {
 		v, err := h.authView(ctx, n, true)
 		if err != nil {
-			return err
+			return &quorumReadError{err}
 		}
 		if !h.rootAccess(r, v) {
 			return &authError{status: http.StatusUnauthorized, msg: errInsufficientCredentials}

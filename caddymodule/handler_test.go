@@ -1261,4 +1261,21 @@ func TestLostQuorumAnswersAsEtcd(t *testing.T) {
 	if body != `{"message":"Internal Server Error"}` {
 		t.Fatalf("auth write without a quorum: %q", body)
 	}
+	// Turning auth on starts with a quorum read of the root user, where any
+	// failure is etcd's 409; turning it off when it is off is answered from
+	// the local view, at once.
+	r, body = s.asUser("", "PUT", "/v2/auth/enable", "")
+	s.wantStatus(r, body, http.StatusConflict)
+	if body != `{"message":"auth: No root user available, please create one"}` {
+		t.Fatalf("auth enable without a quorum: %q", body)
+	}
+	start = time.Now()
+	r, body = s.asUser("", "DELETE", "/v2/auth/enable", "")
+	s.wantStatus(r, body, http.StatusConflict)
+	if body != `{"message":"auth: already disabled"}` {
+		t.Fatalf("auth disable without a quorum: %q", body)
+	}
+	if d := time.Since(start); d > 3*time.Second {
+		t.Fatalf("auth disable took %v: it waited for a quorum", d)
+	}
 }

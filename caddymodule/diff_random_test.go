@@ -173,9 +173,10 @@ func (g *randomSteps) step(d *differ) {
 		d.saveAs("last", m, "/v2/keys"+key+query(q), nil)
 	case "WATCH":
 		// From the history, so that it answers at once: a recursive watch of the root from
-		// an index at or below the current one finds an event there (or 401 once the history
+		// an index below the current one finds an event there (or 401 once the history
 		// no longer reaches back, or 400 for a malformed index). The current index is the
-		// X-Etcd-Index of a read of the root.
+		// X-Etcd-Index of a read of the root; not the current index itself, which has no
+		// event when the last write was a refresh (both servers would wait the step out).
 		if route := d.sub.route; route != nil {
 			d.sub.route = nil // both on the first member
 			defer func() { d.sub.route = route }()
@@ -186,7 +187,7 @@ func (g *randomSteps) step(d *differ) {
 		if g.chance(0.05) {
 			q.Set("waitIndex", g.pick([]string{"-1", "abc"}))
 		} else {
-			q.Set("waitIndex", fmt.Sprintf("${now.etcd-%d}", g.rnd.IntN(8)))
+			q.Set("waitIndex", fmt.Sprintf("${now.etcd-%d}", 1+g.rnd.IntN(8)))
 		}
 		d.req("GET", "/v2/keys/"+query(q), nil)
 	}

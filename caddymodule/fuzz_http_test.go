@@ -194,6 +194,7 @@ func FuzzAuthOverHTTP(f *testing.F) {
 		{"PUT", "/v2/auth/users/x", "", "\xff\xfe"},
 		{"PATCH", "/v2/auth/roles/r", "", ""},
 		{"GET", "/v2/auth/users/a/b/c", "", ""},
+		{"HEAD", "/v2/auth/users/a/b/c", "", ""},
 		{"GET", "/v2/auth/../keys/fuzz/sentinel", "", ""},
 		{"PUT", "/v2/auth/roles/guest", root, `{"role":"guest","revoke":{"kv":{"read":["/*"],"write":["/*"]}}}`},
 	} {

@@ -464,24 +464,28 @@ func (h *Handler) serveAuthEnable(w http.ResponseWriter, r *http.Request) {
 	// etcd checks its local view first, answering at once even without a
 	// quorum, then reads the root user with a quorum read, where any
 	// failure, a timeout without a quorum too, is its 409.
-	switch {
-	case on && v.enabled:
-		h.writeAuthError(w, authErrf(http.StatusConflict, "already enabled"))
-		return
-	case !on && !v.enabled:
-		h.writeAuthError(w, authErrf(http.StatusConflict, "already disabled"))
-		return
-	}
-	err := h.changeAuth(r, n, func(v *authView) (*authChange, error) {
+	// The quorum view is checked again: the local one may lag.
+	already := func(v *authView) error {
 		switch {
 		case on && v.enabled:
-			return nil, authErrf(http.StatusConflict, "already enabled")
+			return authErrf(http.StatusConflict, "already enabled")
 		case !on && !v.enabled:
-			return nil, authErrf(http.StatusConflict, "already disabled")
+			return authErrf(http.StatusConflict, "already disabled")
+		}
+		return nil
+	}
+	if err := already(v); err != nil {
+		h.writeAuthError(w, err)
+		return
+	}
+	errNoRoot := authErrf(http.StatusConflict, "No root user available, please create one")
+	err := h.changeAuth(r, n, func(v *authView) (*authChange, error) {
+		if err := already(v); err != nil {
+			return nil, err
 		}
 		if on {
 			if _, err := v.user(rootRoleName); err != nil {
-				return nil, authErrf(http.StatusConflict, "No root user available, please create one")
+				return nil, errNoRoot
 			}
 			if _, err := v.role(guestRoleName); err != nil {
 				// etcd creates the guest role first, in a write of its own.
@@ -491,7 +495,7 @@ func (h *Handler) serveAuthEnable(w http.ResponseWriter, r *http.Request) {
 		return &authChange{path: storage.AuthEnabledPath, value: on, prev: v.src.Values[storage.AuthEnabledPath]}, nil
 	})
 	if qe, ok := errors.AsType[*quorumReadError](err); ok && on && errors.Is(qe.err, raftkv.ErrTimeout) {
-		err = authErrf(http.StatusConflict, "No root user available, please create one")
+		err = errNoRoot
 	}
 	if err != nil {
 		h.writeAuthError(w, err)

@@ -582,12 +582,12 @@ func logSize(p *proc) int64 {
 // raftLogSince returns the Raft library's lines (elections, votes, leader changes) that p
 // logged from offset on, n at most: what explains a slow election.
 func raftLogSince(p *proc, offset int64, n int) string {
-	b, err := os.ReadFile(p.LogPath)
+	lines, err := logLinesSince(p, offset)
 	if err != nil {
 		return err.Error()
 	}
 	var out []string
-	for _, line := range strings.Split(string(b[min(offset, int64(len(b))):]), "\n") {
+	for _, line := range lines {
 		if strings.Contains(line, `"raftkv.raft"`) || strings.Contains(line, `"leader changed"`) || strings.Contains(line, `"leader lost"`) {
 			if out = append(out, line); len(out) == n {
 				break
@@ -597,15 +597,24 @@ func raftLogSince(p *proc, offset int64, n int) string {
 	return strings.Join(out, "\n")
 }
 
+// logLinesSince returns the lines p logged from offset on.
+func logLinesSince(p *proc, offset int64) ([]string, error) {
+	b, err := os.ReadFile(p.LogPath)
+	if err != nil {
+		return nil, err
+	}
+	return strings.Split(string(b[min(offset, int64(len(b))):]), "\n"), nil
+}
+
 // becameLeaderAt returns the time of the last "became leader" line the Raft library of p
 // logged from offset on.
 func becameLeaderAt(p *proc, offset int64) (time.Time, bool) {
-	b, err := os.ReadFile(p.LogPath)
+	lines, err := logLinesSince(p, offset)
 	if err != nil {
 		return time.Time{}, false
 	}
 	var at time.Time
-	for _, line := range strings.Split(string(b[min(offset, int64(len(b))):]), "\n") {
+	for _, line := range lines {
 		var e struct {
 			TS     float64 `json:"ts"`
 			Logger string  `json:"logger"`

@@ -147,9 +147,7 @@ func (g *randomSteps) step(d *differ) {
 			// etcd's HEAD reads locally, quorum=true or not (only a GET becomes a
 			// quorum read), so a HEAD on a follower may be stale, as v2 allows: it goes
 			// to the first member, after a quorum GET there caught that member up.
-			route := d.sub.route
-			d.sub.route = nil
-			defer func() { d.sub.route = route }()
+			defer d.sub.firstMemberOnly()()
 			d.req("GET", "/v2/keys/?quorum=true", nil)
 		}
 		if q.Get("sorted") == "true" {
@@ -177,10 +175,7 @@ func (g *randomSteps) step(d *differ) {
 		// no longer reaches back, or 400 for a malformed index). The current index is the
 		// X-Etcd-Index of a read of the root; not the current index itself, which has no
 		// event when the last write was a refresh (both servers would wait the step out).
-		if route := d.sub.route; route != nil {
-			d.sub.route = nil // both on the first member
-			defer func() { d.sub.route = route }()
-		}
+		defer d.sub.firstMemberOnly()() // both on the first member
 		d.saveAs("now", "GET", "/v2/keys/?quorum=true", nil)
 		q.Set("wait", "true")
 		q.Set("recursive", "true")

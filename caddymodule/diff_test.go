@@ -202,6 +202,14 @@ func (d *differ) asForm(user, method, path string, form url.Values) {
 	d.run(step{method: method, path: path, form: form, auth: user})
 }
 
+// firstMemberOnly sends the requests to the first member (p) until the returned
+// function puts the route back.
+func (s *diffSide) firstMemberOnly() (restore func()) {
+	route := s.route
+	s.route = nil
+	return func() { s.route = route }
+}
+
 // send performs st on one server and returns the raw answer.
 func (s *diffSide) send(ctx context.Context, st step) (string, *http.Response, []byte, error) {
 	path, err := s.expand(st.path)

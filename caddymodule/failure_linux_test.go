@@ -99,18 +99,8 @@ func TestReloadStartsAMemberAFailureStopped(t *testing.T) {
 	if err := caddy.Load(retuned, true); err != nil {
 		t.Fatalf("reload: %v", err)
 	}
-	// A reload may reset a connection made as it swaps the listening sockets, before its
-	// request was read (README, Reloads): the look at /health tries again then, and the
-	// requests after it reuse its connection. The writers have their own client.
-	s.client.CloseIdleConnections()
-	s.waitFor("the member to be healthy again", func() bool {
-		resp, err := s.client.Do(s.request(context.Background(), "GET", "/health", "", ""))
-		if err != nil {
-			return false
-		}
-		resp.Body.Close()
-		return resp.StatusCode == http.StatusOK
-	})
+	// The writers have their own client.
+	s.getAfterReload("the member to be healthy again", "/health", func(st int, _ string) bool { return st == http.StatusOK })
 	resp, body = s.do("GET", "/v2/keys/kept", "", "")
 	s.expect(resp, body, http.StatusOK)
 	if ev := decodeEvent(t, body); ev.Node.Value == nil || *ev.Node.Value != "1" {

@@ -167,6 +167,27 @@ func (s *inproc) waitFor(what string, cond func() bool) {
 	}
 }
 
+// getAfterReload forgets the client's idle connections and asks GET path until an answer
+// comes through and ok takes it, and returns that answer's body: a reload may reset a
+// connection made as it swaps the listening sockets, before its request was read (README,
+// Reloads), and the requests after the look reuse its connection.
+func (s *inproc) getAfterReload(what, path string, ok func(status int, body string) bool) string {
+	s.t.Helper()
+	s.client.CloseIdleConnections()
+	var body string
+	s.waitFor(what, func() bool {
+		resp, err := s.client.Do(s.request(context.Background(), "GET", path, "", ""))
+		if err != nil {
+			return false
+		}
+		b, err := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		body = string(b)
+		return err == nil && ok(resp.StatusCode, body)
+	})
+	return body
+}
+
 func (s *inproc) request(ctx context.Context, method, path, ctype, body string) *http.Request {
 	s.t.Helper()
 	var rd io.Reader
@@ -807,19 +828,8 @@ func TestReloadKeepsMemberAndRefusesRename(t *testing.T) {
 		t.Fatalf("reload: %v", err)
 	}
 	// The old server closes its idle connections, and the listener swap may reset one
-	// made meanwhile (README, Reloads): the first look tries again on a transport error.
-	s.client.CloseIdleConnections()
-	var static string
-	s.waitFor("the reloaded config to answer", func() bool {
-		resp, err := s.client.Do(s.request(context.Background(), "GET", "/static", "", ""))
-		if err != nil {
-			return false
-		}
-		b, err := io.ReadAll(resp.Body)
-		resp.Body.Close()
-		static = string(b)
-		return err == nil
-	})
+	// made meanwhile: the first look tries again on a transport error.
+	static := s.getAfterReload("the reloaded config to answer", "/static", func(int, string) bool { return true })
 	if static != "reloaded" {
 		t.Fatalf("the reload did not take: %q", static)
 	}
@@ -894,18 +904,7 @@ func TestReloadRolledBackKeepsSettings(t *testing.T) {
 		}
 		// The refused config's listener on the same port closed: a
 		// connection made to it meanwhile is reset (README, Reloads).
-		s.client.CloseIdleConnections()
-		var body string
-		s.waitFor("an answer from the running config", func() bool {
-			resp, err := s.client.Do(s.request(context.Background(), "GET", "/v2/members", "", ""))
-			if err != nil {
-				return false
-			}
-			defer resp.Body.Close()
-			b, err := io.ReadAll(resp.Body)
-			body = string(b)
-			return err == nil && resp.StatusCode == http.StatusOK
-		})
+		body := s.getAfterReload("an answer from the running config", "/v2/members", func(st int, _ string) bool { return st == http.StatusOK })
 		if !strings.HasPrefix(body, `{"members":`+want) || !strings.Contains(body, `"clientURLs":["`+s.base+`"]`) {
 			t.Fatalf("try %d: after the rolled-back reload, /v2/members = %s, want the client URL %s", try, body, s.base)
 		}
@@ -1186,16 +1185,7 @@ func TestWatchUnderEncode(t *testing.T) {
 	if err := caddy.Load(b, false); err != nil {
 		t.Fatalf("reload with encode: %v", err)
 	}
-	s.client.CloseIdleConnections()
-	s.waitFor("the config with encode", func() bool {
-		resp, err := s.client.Do(s.request(context.Background(), "GET", "/static", "", ""))
-		if err != nil {
-			return false
-		}
-		b, err := io.ReadAll(resp.Body)
-		resp.Body.Close()
-		return err == nil && string(b) == "encoded"
-	})
+	s.getAfterReload("the config with encode", "/static", func(_ int, body string) bool { return body == "encoded" })
 
 	for i, q := range []string{"wait=true", "wait=true&stream=true"} {
 		key := fmt.Sprintf("/v2/keys/enc%d", i)

@@ -316,21 +316,21 @@ func (n *Node) handleReady() error {
 		// A follower never sees the conf changes below the snapshot: the
 		// member list comes from the leader's file, read before Save
 		// installs (and removes) it.
-		snapMembers, snapRemoved, err = readSnapshotMembers(string(snap.GetData()))
+		fileApplied, meta, err := storage.SnapshotMeta(string(snap.GetData()), metaMembers, metaRemoved, metaVerdicts)
+		if err != nil {
+			return err
+		}
+		snapMembers, snapRemoved, err = decodeSnapshotMembers(meta[0], meta[1])
 		if err != nil {
 			return err
 		}
 		// A file behind what this member applied leaves its state, the
 		// member list with it, as it is (storage keeps it too).
-		fileApplied, err := storage.SnapshotApplied(string(snap.GetData()))
-		if err != nil {
-			return err
-		}
 		if snapMembers != nil && fileApplied >= n.loop.applied {
 			n.replaceMembers(snapMembers, snapRemoved)
 			membersChanged = true
 		}
-		if err := n.mergeSnapshotVerdicts(string(snap.GetData())); err != nil {
+		if err := n.mergeSnapshotVerdicts(meta[2]); err != nil {
 			return err
 		}
 	}
@@ -993,18 +993,13 @@ func (n *Node) receive(m *raftpb.Message) {
 // the loop's queue.
 const snapDeliverTimeout = 5 * time.Second
 
-// readSnapshotMembers reads the member list and removed IDs from a
-// received snapshot file; nil members when the file has none.
-func readSnapshotMembers(path string) ([]memberRecord, map[uint64]bool, error) {
-	b, err := storage.SnapshotMeta(path, metaMembers)
-	if err != nil || b == nil {
-		return nil, nil, err
+// decodeSnapshotMembers decodes the member list and removed IDs a received
+// snapshot file holds; nil members when the file has none.
+func decodeSnapshotMembers(b, rb []byte) ([]memberRecord, map[uint64]bool, error) {
+	if b == nil {
+		return nil, nil, nil
 	}
 	members, err := decodeMembers(b)
-	if err != nil {
-		return nil, nil, err
-	}
-	rb, err := storage.SnapshotMeta(path, metaRemoved)
 	if err != nil {
 		return nil, nil, err
 	}
@@ -1015,14 +1010,10 @@ func readSnapshotMembers(path string) ([]memberRecord, map[uint64]bool, error) {
 	return members, removed, nil
 }
 
-// mergeSnapshotVerdicts adds the verdicts a received snapshot file holds to
-// this member's, so that as leader it still recognizes a late copy of a
-// change it never applied itself (see judgeConf).
-func (n *Node) mergeSnapshotVerdicts(path string) error {
-	b, err := storage.SnapshotMeta(path, metaVerdicts)
-	if err != nil {
-		return err
-	}
+// mergeSnapshotVerdicts adds the verdicts a received snapshot file holds
+// (b, encoded) to this member's, so that as leader it still recognizes a
+// late copy of a change it never applied itself (see judgeConf).
+func (n *Node) mergeSnapshotVerdicts(b []byte) error {
 	v, err := decodeConfVerdicts(b)
 	if err != nil {
 		return err

@@ -415,42 +415,32 @@ func (h *hub) recover(events []*Event, index uint64) {
 	}
 }
 
-// SnapshotApplied reads the applied index of a received snapshot file: a
-// file behind this member's applied index leaves its state as it is (see
-// snapshotInstall.apply).
-func SnapshotApplied(path string) (uint64, error) {
-	var applied uint64
-	err := viewSnapshotMeta(path, func(b *bolt.Bucket) { applied = getUint64(b, keyApplied) })
-	return applied, err
-}
-
-// viewSnapshotMeta runs f on the meta bucket of a received snapshot file,
-// if it has one.
-func viewSnapshotMeta(path string, f func(meta *bolt.Bucket)) error {
+// SnapshotMeta reads, from a received snapshot file (the path in a
+// MsgSnap's Data), before Save installs and removes it, its applied index
+// (a file behind this member's applied index leaves its state as it is:
+// see snapshotInstall.apply) and the member values keys name, as SetMeta
+// writes them, nil when absent. Install keeps this member's own values, so
+// a value that describes the cluster rather than the member (raftkv's
+// member list) is read from the leader's file this way.
+func SnapshotMeta(path string, keys ...string) (applied uint64, values [][]byte, err error) {
 	db, err := openSnapshotFile(path)
 	if err != nil {
-		return fmt.Errorf("storage: reading snapshot %s: %w", path, err)
+		return 0, nil, fmt.Errorf("storage: reading snapshot %s: %w", path, err)
 	}
 	defer db.Close()
-	return db.View(func(tx *bolt.Tx) error {
-		if b := tx.Bucket(bucketMeta); b != nil {
-			f(b)
+	values = make([][]byte, len(keys))
+	err = db.View(func(tx *bolt.Tx) error {
+		b := tx.Bucket(bucketMeta)
+		if b == nil {
+			return nil
+		}
+		applied = getUint64(b, keyApplied)
+		for i, key := range keys {
+			if v := b.Get([]byte(metaUserPrefix + key)); v != nil {
+				values[i] = append([]byte{}, v...)
+			}
 		}
 		return nil
 	})
-}
-
-// SnapshotMeta reads a member value, as SetMeta writes them, from a
-// received snapshot file (the path in a MsgSnap's Data), before Save
-// installs and removes it. Install keeps this member's own values, so a
-// value that describes the cluster rather than the member (raftkv's member
-// list) is read from the leader's file this way. Nil when absent.
-func SnapshotMeta(path, key string) ([]byte, error) {
-	var out []byte
-	err := viewSnapshotMeta(path, func(b *bolt.Bucket) {
-		if v := b.Get([]byte(metaUserPrefix + key)); v != nil {
-			out = append([]byte{}, v...)
-		}
-	})
-	return out, err
+	return applied, values, err
 }

@@ -70,8 +70,8 @@ func TestSnapshotInstallReplacesTheFollowersState(t *testing.T) {
 	if filepath.Dir(path) != follower.dir || !strings.HasPrefix(filepath.Base(path), "snap.tmp-6-") {
 		t.Fatalf("received at %s", path)
 	}
-	if v, err := SnapshotMeta(path, "members"); err != nil || string(v) != "leader's list" {
-		t.Fatalf("SnapshotMeta = %q, %v", v, err)
+	if applied, v, err := SnapshotMeta(path, "members", "id"); err != nil || applied != 6 || string(v[0]) != "leader's list" || v[1] != nil {
+		t.Fatalf("SnapshotMeta = %d, %q, %v", applied, v, err)
 	}
 	// Raft's snapshot is at 4; the file is at the leader's applied index 6.
 	if _, err := follower.Save(snapshotReady(path, 4, 2, 1, 2, 3)); err != nil {

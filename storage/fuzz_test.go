@@ -325,7 +325,12 @@ func (m *model) applyAuth(r *Request) mresult {
 		m.index += 4
 	}
 	cur, ok := m.auth[r.Path]
+	_, hasRoot := m.auth[authRootUser]
 	switch {
+	case r.Method == MethodAuthPut && r.Path == AuthEnabledPath && r.Val == "true" && !hasRoot:
+		return fail(EcodeTestFailed, "[no root user]")
+	case r.Method == MethodAuthDelete && r.Path == authRootUser && m.auth[AuthEnabledPath] == "true":
+		return fail(EcodeTestFailed, "[auth is on]")
 	case !ok && (r.Method == MethodAuthDelete || r.PrevExist != nil && *r.PrevExist || r.PrevValue != ""):
 		return fail(EcodeKeyNotFound, "/2"+r.Path)
 	case r.PrevValue != "" && cur != r.PrevValue:
@@ -357,8 +362,13 @@ func (m *model) applyAuth(r *Request) mresult {
 
 var fuzzNames = [...]string{"a", "b", "_h"}
 
-// fuzzAuthPaths are the auth data's paths the auth requests of decodeOps use.
-var fuzzAuthPaths = [...]string{"/users/a", "/roles/a", AuthEnabledPath}
+// fuzzAuthPaths and fuzzAuthValues are what the auth requests of decodeOps
+// write: with the root user and "true", they reach the store's own rules
+// (auth on needs a root user, which stays while it is on).
+var (
+	fuzzAuthPaths  = [...]string{"/users/a", "/roles/a", AuthEnabledPath, authRootUser}
+	fuzzAuthValues = [...]string{"x", "true", "false"}
+)
 var fuzzValues = [...]string{"", "x", "y"}
 
 // decodeOps turns fuzz bytes into requests: three bytes per request (kind,
@@ -410,17 +420,17 @@ func decodeOps(data []byte) []Request {
 		case 13:
 			r.Method, r.Dir = MethodPost, true
 		case 14:
-			r = Request{Method: MethodAuthPut, Path: fuzzAuthPaths[sel%3], Val: v}
+			r = Request{Method: MethodAuthPut, Path: fuzzAuthPaths[sel%4], Val: fuzzAuthValues[val%3]}
 			switch (val / 3) % 4 {
 			case 1:
 				r.PrevExist = boolp(false)
 			case 2:
 				r.PrevExist = boolp(true)
 			case 3:
-				r.PrevValue = fuzzValues[(val/12)%3]
+				r.PrevValue = fuzzAuthValues[(val/12)%3]
 			}
 		case 15:
-			r = Request{Method: MethodAuthDelete, Path: fuzzAuthPaths[sel%3], PrevValue: fuzzValues[(val/3)%3]}
+			r = Request{Method: MethodAuthDelete, Path: fuzzAuthPaths[sel%4], PrevValue: []string{"", "x", "false"}[(val/3)%3]}
 		}
 		reqs = append(reqs, r)
 	}
@@ -436,6 +446,9 @@ func FuzzStoreOps(f *testing.F) {
 	f.Add([]byte{0, 5, 1, 0, 14, 2, 0, 23, 1, 5, 5, 4, 6, 5, 9, 8, 2, 0, 9, 2, 0, 11, 14, 15, 0, 2, 0, 4, 8, 2, 12, 2, 1})
 	f.Add([]byte("the quick brown fox jumps over the lazy dog, twice: the quick brown fox jumps over the lazy dog"))
 	f.Add([]byte{0, 0, 1, 14, 0, 1, 14, 0, 4, 14, 0, 7, 0, 1, 2, 14, 1, 10, 15, 0, 0, 15, 0, 4, 15, 1, 0, 14, 2, 2, 14, 2, 11, 0, 0, 2})
+	// Auth on without a root user, then with one, and the root user's
+	// removal while auth is on and after.
+	f.Add([]byte{14, 2, 1, 14, 3, 0, 14, 2, 1, 15, 3, 0, 14, 2, 2, 15, 3, 0})
 	f.Fuzz(func(t *testing.T, data []byte) {
 		reqs := decodeOps(data)
 		if len(reqs) == 0 {

@@ -5,6 +5,7 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"maps"
 	"net/netip"
 	"net/url"
 	"path/filepath"
@@ -139,7 +140,7 @@ func (a *App) Provision(ctx caddy.Context) error {
 	a.logger = ctx.Logger()
 	if a.DataDir == "" && (strings.ContainsAny(a.Name, `/\`) || a.Name == "." || a.Name == "..") {
 		// The default data_dir is raftkv/<name> under Caddy's data directory.
-		return fmt.Errorf("raftkv: name %q cannot name a directory under Caddy's data directory: set data_dir", a.Name)
+		return fmt.Errorf("name %q cannot name a directory under Caddy's data directory: set data_dir", a.Name)
 	}
 	a.setDefaults()
 	if err := a.Validate(); err != nil {
@@ -147,7 +148,7 @@ func (a *App) Provision(ctx caddy.Context) error {
 	}
 	dir, err := filepath.Abs(a.DataDir)
 	if err != nil {
-		return fmt.Errorf("raftkv: data_dir %q: %w", a.DataDir, err)
+		return fmt.Errorf("data_dir %q: %w", a.DataDir, err)
 	}
 	a.DataDir = dir
 	a.warnPeerSecurity()
@@ -227,7 +228,7 @@ func movedByReload(dir, name string) error {
 	members.Range(func(key, value any) bool {
 		m := value.(*member)
 		if key.(string) != dir && m.current().Running() {
-			err = fmt.Errorf("raftkv: this process runs member %q in data_dir %s: a reload cannot move it to %s "+
+			err = fmt.Errorf("this process runs member %q in data_dir %s: a reload cannot move it to %s "+
 				"(member %q); to move its data, stop Caddy, move the directory and start Caddy again",
 				m.cfg.Name, key, dir, name)
 			return false
@@ -264,51 +265,62 @@ func (a *App) setDefaults() {
 // Validate checks the configuration as etcd checks its flags.
 func (a *App) Validate() error {
 	if a.HeartbeatInterval < 0 {
-		return fmt.Errorf("raftkv: heartbeat_interval %v is negative", time.Duration(a.HeartbeatInterval))
+		return fmt.Errorf("heartbeat_interval %v is negative", time.Duration(a.HeartbeatInterval))
 	}
 	if a.ElectionTimeout < 0 {
-		return fmt.Errorf("raftkv: election_timeout %v is negative", time.Duration(a.ElectionTimeout))
+		return fmt.Errorf("election_timeout %v is negative", time.Duration(a.ElectionTimeout))
 	}
 	hb, et := time.Duration(a.HeartbeatInterval), time.Duration(a.ElectionTimeout)
 	if hb > 0 && hb < time.Millisecond {
 		// etcd's flag counts whole milliseconds; below that, the Raft loop
 		// would tick faster than it can turn (or not at all).
-		return fmt.Errorf("raftkv: heartbeat_interval %v is under 1ms (in JSON, a number without a unit is nanoseconds: write \"100ms\")", hb)
+		return fmt.Errorf("heartbeat_interval %v is under 1ms (in JSON, a number without a unit is nanoseconds: write \"100ms\")", hb)
 	}
 	if hb > 0 && et > 0 && et < 5*hb {
-		return fmt.Errorf("raftkv: election_timeout %v should be at least 5 times heartbeat_interval %v", et, hb)
+		return fmt.Errorf("election_timeout %v should be at least 5 times heartbeat_interval %v", et, hb)
 	}
 	if et > maxElectionTimeout {
-		return fmt.Errorf("raftkv: election_timeout %v is too long, and should be at most %v", et, maxElectionTimeout)
+		return fmt.Errorf("election_timeout %v is too long, and should be at most %v", et, maxElectionTimeout)
 	}
 	switch a.InitialClusterState {
 	case "", "new", "existing":
 	default:
-		return fmt.Errorf(`raftkv: initial_cluster_state %q must be "new" or "existing"`, a.InitialClusterState)
+		return fmt.Errorf(`initial_cluster_state %q must be "new" or "existing"`, a.InitialClusterState)
 	}
-	for name, urls := range a.InitialCluster {
+	// etcd refuses a peer URL given twice, for one member or two
+	// (checkDuplicateURL): two members with the same URLs would have the
+	// same ID.
+	urlOwner := map[string]string{}
+	for _, name := range slices.Sorted(maps.Keys(a.InitialCluster)) {
 		if name == "" {
-			return errors.New("raftkv: initial_cluster has a member without a name")
+			return errors.New("initial_cluster has a member without a name")
 		}
-		if _, err := raftkv.NormalizeURLs(urls); err != nil {
-			return fmt.Errorf("raftkv: initial_cluster member %q: %v", name, err)
+		urls, err := raftkv.NormalizeURLs(a.InitialCluster[name])
+		if err != nil {
+			return fmt.Errorf("initial_cluster member %q: %v", name, err)
+		}
+		for _, u := range urls {
+			if other, ok := urlOwner[u]; ok {
+				return fmt.Errorf("initial_cluster has duplicate URL %s (members %q and %q)", u, other, name)
+			}
+			urlOwner[u] = name
 		}
 	}
 	if len(a.InitialCluster) > 0 && a.Name != "" {
 		if _, ok := a.InitialCluster[a.Name]; !ok {
-			return fmt.Errorf("raftkv: initial_cluster does not name this member %q", a.Name)
+			return fmt.Errorf("initial_cluster does not name this member %q", a.Name)
 		}
 	}
 	if len(a.AdvertiseClientURLs) > 0 {
 		if _, err := raftkv.NormalizeURLs(a.AdvertiseClientURLs); err != nil {
-			return fmt.Errorf("raftkv: advertise_client_urls: %v", err)
+			return fmt.Errorf("advertise_client_urls: %v", err)
 		}
 	}
 	// etcd's TLSInfo needs the certificate and its key together; a CA
 	// alone is fine (the member verifies its peers but shows no
 	// certificate, which a peer site with client_auth refuses).
 	if (a.PeerCertFile == "") != (a.PeerKeyFile == "") {
-		return errors.New("raftkv: peer_cert_file and peer_key_file go together: give both or neither")
+		return errors.New("peer_cert_file and peer_key_file go together: give both or neither")
 	}
 	return nil
 }
@@ -363,7 +375,7 @@ func isLoopback(host string) bool {
 // with this config's settings.
 func (a *App) Start() error {
 	if err := a.member.start(a.cfg, a.files); err != nil {
-		return fmt.Errorf("raftkv: starting member %q in %s: %w", a.Name, a.DataDir, err)
+		return fmt.Errorf("starting member %q in %s: %w", a.Name, a.DataDir, err)
 	}
 	a.started = true
 	a.member.apply(a)
@@ -594,12 +606,12 @@ func (m *member) Destruct() error { return m.current().Stop() }
 // one: its name and cluster token make its member ID.
 func (m *member) sameIdentity(cfg raftkv.Config) error {
 	if m.cfg.Name != cfg.Name {
-		return fmt.Errorf("raftkv: data_dir %s belongs to running member %q, not %q: "+
+		return fmt.Errorf("data_dir %s belongs to running member %q, not %q: "+
 			"a member cannot be renamed by a reload (stop Caddy first, or use another data_dir)",
 			cfg.DataDir, m.cfg.Name, cfg.Name)
 	}
 	if m.cfg.InitialClusterToken != cfg.InitialClusterToken {
-		return fmt.Errorf("raftkv: data_dir %s belongs to running member %q of cluster token %q, not %q: "+
+		return fmt.Errorf("data_dir %s belongs to running member %q of cluster token %q, not %q: "+
 			"the cluster token cannot change by a reload (stop Caddy first, or use another data_dir)",
 			cfg.DataDir, cfg.Name, m.cfg.InitialClusterToken, cfg.InitialClusterToken)
 	}

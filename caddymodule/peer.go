@@ -119,18 +119,18 @@ func (f peerTLSFiles) load(cfg *tls.Config) error {
 	if f.cert != "" {
 		pair, err := tls.LoadX509KeyPair(f.cert, f.key)
 		if err != nil {
-			return fmt.Errorf("raftkv: peer_cert_file %s, peer_key_file %s: %w", f.cert, f.key, err)
+			return fmt.Errorf("peer_cert_file %s, peer_key_file %s: %w", f.cert, f.key, err)
 		}
 		cfg.Certificates = []tls.Certificate{pair}
 	}
 	if f.ca != "" {
 		pem, err := os.ReadFile(f.ca)
 		if err != nil {
-			return fmt.Errorf("raftkv: peer_trusted_ca_file: %w", err)
+			return fmt.Errorf("peer_trusted_ca_file: %w", err)
 		}
 		pool := x509.NewCertPool()
 		if !pool.AppendCertsFromPEM(pem) {
-			return fmt.Errorf("raftkv: peer_trusted_ca_file %s holds no PEM certificate", f.ca)
+			return fmt.Errorf("peer_trusted_ca_file %s holds no PEM certificate", f.ca)
 		}
 		cfg.RootCAs = pool
 	}

@@ -205,7 +205,7 @@ func (a *AdminAPI) serveStatus(w http.ResponseWriter, _ *http.Request, app *App)
 	}
 	if !out.Running {
 		// What it knew of the leader when it stopped is no longer so.
-		st.Leader, out.IsLeader = 0, false
+		st.Leader, out.IsLeader, st.LeaderSince = 0, false, time.Time{}
 	}
 	if st.Leader != 0 {
 		out.Leader = idString(st.Leader)

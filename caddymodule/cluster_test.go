@@ -854,6 +854,18 @@ func TestClusterMembershipChanges(t *testing.T) {
 	if err != nil || !strings.Contains(out, "Removed member "+n3ID+" from cluster") {
 		t.Fatalf("etcdctl member remove %s: %v\n%s", n3ID, err, out)
 	}
+	// The removed member's admin API tells it stopped: no leader any more, and the
+	// store index it reached.
+	var n3st adminStatus
+	if !poll(10*time.Second, func() bool {
+		var ok bool
+		n3st, ok = adminStatusOf(ms[2].proc)
+		return ok && !n3st.Running
+	}) {
+		t.Errorf("n3's admin status after its removal: %+v", n3st)
+	} else if n3st.Leader != "" || n3st.IsLeader || n3st.LeaderSince != nil || n3st.EtcdIndex == 0 || n3st.Ready {
+		t.Errorf("n3's admin status after its removal: %+v, want no leader, no leader_since, its last etcd_index", n3st)
+	}
 	remaining := []*testMember{ms[0], ms[1], n4}
 	for _, m := range remaining {
 		var got []string

@@ -732,9 +732,9 @@ func (n *Node) Status() Status {
 	if ns := n.leaderSince.Load(); ns != 0 {
 		s.LeaderSince = time.Unix(0, ns)
 	}
-	if n.running.Load() {
-		s.EtcdIndex = n.store.Index()
-	}
+	// A stopped member's store keeps its last index (an atomic: readable
+	// after the file closed).
+	s.EtcdIndex = n.store.Index()
 	return s
 }
 

@@ -930,12 +930,30 @@ func readPeerFrame(r io.Reader, limit int) ([]byte, error) {
 	if uint64(size) > uint64(limit) {
 		return nil, fmt.Errorf("frame of %d bytes exceeds the limit of %d", size, limit)
 	}
-	b := make([]byte, size)
-	if _, err := io.ReadFull(r, b); err != nil {
-		return nil, fmt.Errorf("truncated frame: %w", err)
+	if size <= peerFrameAlloc {
+		b := make([]byte, size)
+		if _, err := io.ReadFull(r, b); err != nil {
+			return nil, fmt.Errorf("truncated frame: %w", err)
+		}
+		return b, nil
 	}
-	return b, nil
+	// A large frame's memory follows the bytes that arrive, not the length
+	// its first four bytes claim: a request cut short, or one that lies,
+	// costs what it sent.
+	var buf bytes.Buffer
+	buf.Grow(peerFrameAlloc)
+	if n, err := io.CopyN(&buf, r, int64(size)); err != nil {
+		if err == io.EOF {
+			err = io.ErrUnexpectedEOF
+		}
+		return nil, fmt.Errorf("truncated frame (%d of %d bytes): %w", n, size, err)
+	}
+	return buf.Bytes(), nil
 }
+
+// peerFrameAlloc is the largest frame readPeerFrame allocates whole before
+// its bytes arrive.
+const peerFrameAlloc = 4 << 20
 
 // checkPeerMessage accepts only what a member may send over the wire, from
 // the member the headers name, to this member.

@@ -15,6 +15,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"runtime"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -333,6 +334,7 @@ func TestPeerHandlerRefuses(t *testing.T) {
 		{"truncated length", "POST", "/raft", ok, append(good, 0, 0), 400, "truncated frame length"},
 		{"truncated frame", "POST", "/raft", ok, good[:len(good)-3], 400, "truncated frame"},
 		{"huge frame", "POST", "/raft", ok, []byte{0xff, 0xff, 0xff, 0xff}, 400, "exceeds the limit"},
+		{"large frame cut short", "POST", "/raft", ok, append([]byte{0x03, 0x00, 0x00, 0x00}, good...), 400, "truncated frame"},
 		{"forged sender", "POST", "/raft", ok, peerFrames(peerApp(1), forged), 400, "message from 7 in a request from 1"},
 		{"local message", "POST", "/raft", ok, peerFrames(hup), 400, "local message MsgHup"},
 		{"snapshot in a batch", "POST", "/raft", ok, peerFrames(snap), 400, "snapshots go to /raft/snapshot"},
@@ -403,6 +405,30 @@ func TestPeerHandlerRefuses(t *testing.T) {
 	waitFor(t, "an unreachable report", func() bool { n, _ := fb.counts(); return n > 0 })
 	if len(r.got) != 0 {
 		t.Fatal("a message from another cluster was delivered")
+	}
+}
+
+// TestPeerFrameMemoryFollowsItsBytes: a frame whose length claims 48 MiB
+// but whose request ends after a few bytes costs what arrived, not 48 MiB;
+// a large frame that does arrive whole is read as sent.
+func TestPeerFrameMemoryFollowsItsBytes(t *testing.T) {
+	claim := []byte{0x03, 0x00, 0x00, 0x00} // 48 MiB
+	var before, after runtime.MemStats
+	runtime.ReadMemStats(&before)
+	for range 4 {
+		if _, err := readPeerFrame(bytes.NewReader(append(claim, "short"...)), peerMaxFrame); err == nil || !strings.Contains(err.Error(), "truncated frame") {
+			t.Fatalf("a frame cut short: %v", err)
+		}
+	}
+	runtime.ReadMemStats(&after)
+	if got := after.TotalAlloc - before.TotalAlloc; got > 32<<20 {
+		t.Errorf("four frames cut short allocated %d bytes", got)
+	}
+
+	big := bytes.Repeat([]byte("0123456789abcdef"), (peerFrameAlloc+1000)/16)
+	frame, err := readPeerFrame(bytes.NewReader(appendPeerFrame(nil, big)), peerMaxFrame)
+	if err != nil || !bytes.Equal(frame, big) {
+		t.Fatalf("a frame of %d bytes: %d bytes read, %v", len(big), len(frame), err)
 	}
 }
 

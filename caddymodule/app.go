@@ -5,7 +5,6 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
-	"maps"
 	"net/netip"
 	"net/url"
 	"path/filepath"
@@ -183,6 +182,10 @@ func (a *App) Provision(ctx caddy.Context) error {
 			a.logger.Warn("member settings changed; they take effect when Caddy restarts (or when a member a failure stopped starts again)",
 				zap.String("data_dir", dir), zap.Strings("settings", changed))
 		}
+		if changed := m.bootstrapChanges(cfg); len(changed) > 0 {
+			a.logger.Warn("member settings changed that only a member's first start on an empty data_dir reads; this member's list of members lives in its data",
+				zap.String("data_dir", dir), zap.Strings("settings", changed))
+		}
 	}
 	a.member, a.poolKey = m, dir
 	m.hold(a)
@@ -287,23 +290,12 @@ func (a *App) Validate() error {
 	default:
 		return fmt.Errorf(`initial_cluster_state %q must be "new" or "existing"`, a.InitialClusterState)
 	}
-	// etcd refuses a peer URL given twice, for one member or two
-	// (checkDuplicateURL): two members with the same URLs would have the
-	// same ID.
-	urlOwner := map[string]string{}
-	for _, name := range slices.Sorted(maps.Keys(a.InitialCluster)) {
+	for name, urls := range a.InitialCluster {
 		if name == "" {
 			return errors.New("initial_cluster has a member without a name")
 		}
-		urls, err := raftkv.NormalizeURLs(a.InitialCluster[name])
-		if err != nil {
+		if _, err := raftkv.NormalizeURLs(urls); err != nil {
 			return fmt.Errorf("initial_cluster member %q: %v", name, err)
-		}
-		for _, u := range urls {
-			if other, ok := urlOwner[u]; ok {
-				return fmt.Errorf("initial_cluster has duplicate URL %s (members %q and %q)", u, other, name)
-			}
-			urlOwner[u] = name
 		}
 	}
 	if len(a.InitialCluster) > 0 && a.Name != "" {
@@ -632,6 +624,14 @@ func (m *member) tuningChanges(cfg raftkv.Config) []string {
 	if m.cfg.ElectionTimeout != cfg.ElectionTimeout {
 		changed = append(changed, "election_timeout")
 	}
+	return changed
+}
+
+// bootstrapChanges lists the settings cfg changes that a member reads only
+// when it first starts on an empty data directory, as etcd reads its
+// --initial-cluster flags: after that its member list lives in its data.
+func (m *member) bootstrapChanges(cfg raftkv.Config) []string {
+	var changed []string
 	if !sameCluster(m.cfg.InitialCluster, cfg.InitialCluster) {
 		changed = append(changed, "initial_cluster")
 	}

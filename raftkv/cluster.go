@@ -406,6 +406,9 @@ func (n *Node) joinMembers(st *storage.Store) error {
 	if !ok {
 		return fmt.Errorf("raftkv: couldn't find local name %q in the initial cluster configuration", n.cfg.Name)
 	}
+	if err := checkDuplicateURLs(n.cfg.InitialCluster); err != nil {
+		return err
+	}
 	myURLs, err := NormalizeURLs(mine)
 	if err != nil {
 		return fmt.Errorf("raftkv: initial cluster member %q: %w", n.cfg.Name, err)

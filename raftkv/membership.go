@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"net"
 	"net/url"
 	"slices"
@@ -138,6 +139,9 @@ func clusterID(ids []uint64) uint64 {
 // initialMembers builds the bootstrap member list from the configuration,
 // sorted by ID.
 func initialMembers(cluster map[string][]string, token string) ([]memberRecord, error) {
+	if err := checkDuplicateURLs(cluster); err != nil {
+		return nil, err
+	}
 	members := make([]memberRecord, 0, len(cluster))
 	seen := make(map[uint64]string, len(cluster))
 	for name, raw := range cluster {
@@ -154,6 +158,27 @@ func initialMembers(cluster map[string][]string, token string) ([]memberRecord, 
 	}
 	slices.SortFunc(members, func(a, b memberRecord) int { return cmpUint64(a.ID, b.ID) })
 	return members, nil
+}
+
+// checkDuplicateURLs refuses a peer URL given twice in the initial
+// cluster, for one member or two, as etcd does when a member bootstraps or
+// joins (checkDuplicateURL). Like etcd, a member that has started once
+// reads its members from its data and never looks at the list again.
+func checkDuplicateURLs(cluster map[string][]string) error {
+	owner := make(map[string]string)
+	for _, name := range slices.Sorted(maps.Keys(cluster)) {
+		urls, err := NormalizeURLs(cluster[name])
+		if err != nil {
+			return fmt.Errorf("raftkv: initial cluster member %q: %w", name, err)
+		}
+		for _, u := range urls {
+			if other, dup := owner[u]; dup {
+				return fmt.Errorf("raftkv: the initial cluster has a duplicate URL: %s (members %q and %q)", u, other, name)
+			}
+			owner[u] = name
+		}
+	}
+	return nil
 }
 
 func cmpUint64(a, b uint64) int {

@@ -75,9 +75,14 @@ func TestInitialClusterRejectsBadPeerURLs(t *testing.T) {
 			t.Errorf("peer URLs %q accepted", urls)
 		}
 	}
-	_, err := initialMembers(map[string][]string{"x": {"http://a:1"}, "y": {"http://a:1"}}, "t")
-	if err == nil || !strings.Contains(err.Error(), "same peer URLs") {
-		t.Errorf("duplicate peer URLs: %v", err)
+	for _, cluster := range []map[string][]string{
+		{"x": {"http://a:1"}, "y": {"http://a:1"}},
+		{"x": {"http://a:1"}, "y": {"http://b:1", "http://a:1"}},
+		{"x": {"http://a:1", "http://a:1"}, "y": {"http://b:1"}},
+	} {
+		if _, err := initialMembers(cluster, "t"); err == nil || !strings.Contains(err.Error(), "duplicate URL: http://a:1") {
+			t.Errorf("duplicate peer URLs in %v: %v", cluster, err)
+		}
 	}
 }
 

@@ -161,6 +161,42 @@ func TestJoinWithoutReachablePeersFails(t *testing.T) {
 	st.Close()
 }
 
+// TestDuplicatePeerURLsRefusedOnlyWhenFresh: as etcd, a member refuses an
+// initial cluster that gives a peer URL twice when it bootstraps or joins,
+// and a member that has started once never looks at the list again.
+func TestDuplicatePeerURLsRefusedOnlyWhenFresh(t *testing.T) {
+	dir := t.TempDir()
+	for _, cfg := range []Config{
+		{DataDir: dir, InitialCluster: map[string][]string{"default": {"http://127.0.0.1:2380", "http://127.0.0.1:2380"}}},
+		{DataDir: dir, InitialClusterState: "existing", InitialCluster: map[string][]string{
+			"default": {"http://127.0.0.1:1"},
+			"other":   {"http://127.0.0.1:1"},
+		}},
+	} {
+		n := NewNode(cfg)
+		if err := n.Start(); err == nil || !strings.Contains(err.Error(), "duplicate URL: http://127.0.0.1:") {
+			t.Errorf("Start with %v: %v, want a duplicate URL refused", cfg.InitialCluster, err)
+		}
+		if err := n.Stop(); err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	n := startNode(t, dir, nil)
+	if _, err := n.Do(context.Background(), storage.Request{Method: storage.MethodPut, Path: "/kept", Val: "v"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := n.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	n = startNode(t, dir, func(c *Config) {
+		c.InitialCluster = map[string][]string{"default": {"http://localhost:2380"}, "stale": {"http://localhost:2380"}}
+	})
+	if ev, err := n.Get(context.Background(), "/kept", false, false, false); err != nil || value(t, ev) != "v" {
+		t.Fatalf("after a restart with a stale initial cluster: %+v, %v", ev, err)
+	}
+}
+
 func TestConcurrentWritesAreBatched(t *testing.T) {
 	n := startNode(t, t.TempDir(), nil)
 	const clients = 64

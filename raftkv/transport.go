@@ -938,17 +938,23 @@ func readPeerFrame(r io.Reader, limit int) ([]byte, error) {
 		return b, nil
 	}
 	// A large frame's memory follows the bytes that arrive, not the length
-	// its first four bytes claim: a request cut short, or one that lies,
-	// costs what it sent.
-	var buf bytes.Buffer
-	buf.Grow(peerFrameAlloc)
-	if n, err := io.CopyN(&buf, r, int64(size)); err != nil {
-		if err == io.EOF {
-			err = io.ErrUnexpectedEOF
+	// its first four bytes claim: it doubles as they come, up to the
+	// frame's size, so a request cut short (or one that lies) costs about
+	// twice what it sent, and a whole frame ends in a buffer of its size.
+	b := make([]byte, 0, peerFrameAlloc)
+	for len(b) < int(size) {
+		if len(b) == cap(b) {
+			nb := make([]byte, len(b), min(2*len(b), int(size)))
+			copy(nb, b)
+			b = nb
 		}
-		return nil, fmt.Errorf("truncated frame (%d of %d bytes): %w", n, size, err)
+		k, err := io.ReadFull(r, b[len(b):min(cap(b), int(size))])
+		b = b[:len(b)+k]
+		if err != nil {
+			return nil, fmt.Errorf("truncated frame (%d of %d bytes): %w", len(b), size, err)
+		}
 	}
-	return buf.Bytes(), nil
+	return b, nil
 }
 
 // peerFrameAlloc is the largest frame readPeerFrame allocates whole before

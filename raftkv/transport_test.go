@@ -409,26 +409,31 @@ func TestPeerHandlerRefuses(t *testing.T) {
 }
 
 // TestPeerFrameMemoryFollowsItsBytes: a frame whose length claims 48 MiB
-// but whose request ends after a few bytes costs what arrived, not 48 MiB;
-// a large frame that does arrive whole is read as sent.
+// but whose request ends after a few bytes costs at most peerFrameAlloc,
+// not 48 MiB; a large frame that arrives whole is read as sent, into a
+// buffer of its own size.
 func TestPeerFrameMemoryFollowsItsBytes(t *testing.T) {
 	claim := []byte{0x03, 0x00, 0x00, 0x00} // 48 MiB
-	var before, after runtime.MemStats
-	runtime.ReadMemStats(&before)
-	for range 4 {
+	allocs := testing.AllocsPerRun(4, func() {
 		if _, err := readPeerFrame(bytes.NewReader(append(claim, "short"...)), peerMaxFrame); err == nil || !strings.Contains(err.Error(), "truncated frame") {
 			t.Fatalf("a frame cut short: %v", err)
 		}
-	}
+	})
+	var before, after runtime.MemStats
+	runtime.ReadMemStats(&before)
+	readPeerFrame(bytes.NewReader(append(claim, "short"...)), peerMaxFrame)
 	runtime.ReadMemStats(&after)
-	if got := after.TotalAlloc - before.TotalAlloc; got > 32<<20 {
-		t.Errorf("four frames cut short allocated %d bytes", got)
+	if got := after.TotalAlloc - before.TotalAlloc; got > peerFrameAlloc+1<<20 {
+		t.Errorf("a frame cut short allocated %d bytes in %.0f allocations", got, allocs)
 	}
 
-	big := bytes.Repeat([]byte("0123456789abcdef"), (peerFrameAlloc+1000)/16)
-	frame, err := readPeerFrame(bytes.NewReader(appendPeerFrame(nil, big)), peerMaxFrame)
-	if err != nil || !bytes.Equal(frame, big) {
-		t.Fatalf("a frame of %d bytes: %d bytes read, %v", len(big), len(frame), err)
+	for _, size := range []int{peerFrameAlloc + 1000, 2*peerFrameAlloc + 3, 8 << 20} {
+		big := bytes.Repeat([]byte{'x'}, size)
+		big[size-1] = 'y'
+		frame, err := readPeerFrame(bytes.NewReader(appendPeerFrame(nil, big)), peerMaxFrame)
+		if err != nil || !bytes.Equal(frame, big) || cap(frame) != len(frame) {
+			t.Fatalf("a frame of %d bytes: %d bytes read in a buffer of %d, %v", size, len(frame), cap(frame), err)
+		}
 	}
 }
 

@@ -367,7 +367,7 @@ var fuzzNames = [...]string{"a", "b", "_h"}
 // (auth on needs a root user, which stays while it is on).
 var (
 	fuzzAuthPaths  = [...]string{"/users/a", "/roles/a", AuthEnabledPath, authRootUser}
-	fuzzAuthValues = [...]string{"x", "true", "false"}
+	fuzzAuthValues = [...]string{"", "x", "true", "false"}
 )
 var fuzzValues = [...]string{"", "x", "y"}
 
@@ -420,17 +420,17 @@ func decodeOps(data []byte) []Request {
 		case 13:
 			r.Method, r.Dir = MethodPost, true
 		case 14:
-			r = Request{Method: MethodAuthPut, Path: fuzzAuthPaths[sel%4], Val: fuzzAuthValues[val%3]}
-			switch (val / 3) % 4 {
+			r = Request{Method: MethodAuthPut, Path: fuzzAuthPaths[sel%4], Val: fuzzAuthValues[val%4]}
+			switch (val / 4) % 4 {
 			case 1:
 				r.PrevExist = boolp(false)
 			case 2:
 				r.PrevExist = boolp(true)
 			case 3:
-				r.PrevValue = fuzzAuthValues[(val/12)%3]
+				r.PrevValue = fuzzAuthValues[1+(val/16)%3]
 			}
 		case 15:
-			r = Request{Method: MethodAuthDelete, Path: fuzzAuthPaths[sel%4], PrevValue: []string{"", "x", "false"}[(val/3)%3]}
+			r = Request{Method: MethodAuthDelete, Path: fuzzAuthPaths[sel%4], PrevValue: fuzzAuthValues[(val/4)%4]}
 		}
 		reqs = append(reqs, r)
 	}
@@ -448,7 +448,7 @@ func FuzzStoreOps(f *testing.F) {
 	f.Add([]byte{0, 0, 1, 14, 0, 1, 14, 0, 4, 14, 0, 7, 0, 1, 2, 14, 1, 10, 15, 0, 0, 15, 0, 4, 15, 1, 0, 14, 2, 2, 14, 2, 11, 0, 0, 2})
 	// Auth on without a root user, then with one, and the root user's
 	// removal while auth is on and after.
-	f.Add([]byte{14, 2, 1, 14, 3, 0, 14, 2, 1, 15, 3, 0, 14, 2, 2, 15, 3, 0})
+	f.Add([]byte{14, 2, 2, 14, 3, 1, 14, 2, 2, 15, 3, 0, 14, 2, 3, 15, 3, 0})
 	f.Fuzz(func(t *testing.T, data []byte) {
 		reqs := decodeOps(data)
 		if len(reqs) == 0 {

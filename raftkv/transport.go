@@ -1071,6 +1071,10 @@ func (h *peerHandler) serveSnapshot(w http.ResponseWriter, r *http.Request, from
 	path, err := h.snapshots.ReceiveSnapshot(hv, m.GetSnapshot().GetMetadata().GetIndex())
 	switch {
 	case errors.Is(err, storage.ErrSnapshotInvalid):
+		// A stream cut short (the leader stopped, the connection broke) or
+		// damaged: the leader sends another one later.
+		h.lg.Warn("snapshot refused", zap.String("from", idString(from)),
+			zap.Uint64("index", m.GetSnapshot().GetMetadata().GetIndex()), zap.Error(err))
 		http.Error(w, "bad snapshot: "+err.Error(), http.StatusBadRequest)
 		return
 	case errors.Is(err, storage.ErrClosed):

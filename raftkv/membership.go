@@ -142,19 +142,14 @@ func initialMembers(cluster map[string][]string, token string) ([]memberRecord, 
 	if err := checkDuplicateURLs(cluster); err != nil {
 		return nil, err
 	}
+	// No two members share a URL, so none shares an ID.
 	members := make([]memberRecord, 0, len(cluster))
-	seen := make(map[uint64]string, len(cluster))
 	for name, raw := range cluster {
 		urls, err := NormalizeURLs(raw)
 		if err != nil {
 			return nil, fmt.Errorf("raftkv: initial cluster member %q: %w", name, err)
 		}
-		id := memberID(urls, token)
-		if other, dup := seen[id]; dup {
-			return nil, fmt.Errorf("raftkv: initial cluster members %q and %q have the same peer URLs", other, name)
-		}
-		seen[id] = name
-		members = append(members, memberRecord{ID: id, Name: name, PeerURLs: urls})
+		members = append(members, memberRecord{ID: memberID(urls, token), Name: name, PeerURLs: urls})
 	}
 	slices.SortFunc(members, func(a, b memberRecord) int { return cmpUint64(a.ID, b.ID) })
 	return members, nil

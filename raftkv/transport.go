@@ -930,18 +930,12 @@ func readPeerFrame(r io.Reader, limit int) ([]byte, error) {
 	if uint64(size) > uint64(limit) {
 		return nil, fmt.Errorf("frame of %d bytes exceeds the limit of %d", size, limit)
 	}
-	if size <= peerFrameAlloc {
-		b := make([]byte, size)
-		if _, err := io.ReadFull(r, b); err != nil {
-			return nil, fmt.Errorf("truncated frame: %w", err)
-		}
-		return b, nil
-	}
-	// A large frame's memory follows the bytes that arrive, not the length
-	// its first four bytes claim: it doubles as they come, up to the
-	// frame's size, so a request cut short (or one that lies) costs about
-	// twice what it sent, and a whole frame ends in a buffer of its size.
-	b := make([]byte, 0, peerFrameAlloc)
+	// A frame's memory follows the bytes that arrive, not the length its
+	// first four bytes claim: up to peerFrameAlloc at once, then doubling
+	// as they come, up to the frame's size. A request cut short (or one
+	// that lies) costs about twice what it sent, and a whole frame ends in
+	// a buffer of its size.
+	b := make([]byte, 0, min(int(size), peerFrameAlloc))
 	for len(b) < int(size) {
 		if len(b) == cap(b) {
 			nb := make([]byte, len(b), min(2*len(b), int(size)))
@@ -957,7 +951,7 @@ func readPeerFrame(r io.Reader, limit int) ([]byte, error) {
 	return b, nil
 }
 
-// peerFrameAlloc is the largest frame readPeerFrame allocates whole before
+// peerFrameAlloc is the most readPeerFrame allocates for a frame before
 // its bytes arrive.
 const peerFrameAlloc = 4 << 20
 

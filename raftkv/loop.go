@@ -315,7 +315,7 @@ func (n *Node) handleReady() error {
 		snap = rd.Snapshot
 		// A follower never sees the conf changes below the snapshot: the
 		// member list comes from the leader's file, read before Save
-		// installs (and removes) it.
+		// installs it with this member's own values.
 		fileApplied, meta, err := storage.SnapshotMeta(string(snap.GetData()), metaMembers, metaRemoved, metaVerdicts)
 		if err != nil {
 			return err

@@ -71,12 +71,12 @@ func BenchmarkSaveSerial(b *testing.B) {
 	for i := range 3000 {
 		save(i)
 	}
-	before := s.db.Stats()
+	before := s.file().Stats()
 	b.ReportAllocs()
 	b.ResetTimer()
 	for i := 0; b.Loop(); i++ {
 		save(i)
 	}
-	after := s.db.Stats()
+	after := s.file().Stats()
 	b.ReportMetric(float64(after.TxStats.GetWrite()-before.TxStats.GetWrite())/float64(b.N), "pages/op")
 }

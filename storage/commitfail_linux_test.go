@@ -19,7 +19,7 @@ func limitFileSize(t *testing.T, s *Store) func() {
 	t.Helper()
 	signal.Ignore(syscall.SIGXFSZ)
 	var size int64
-	if err := s.db.View(func(tx *bolt.Tx) error { size = tx.Size(); return nil }); err != nil {
+	if err := s.view(func(tx *bolt.Tx) error { size = tx.Size(); return nil }); err != nil {
 		t.Fatal(err)
 	}
 	var old syscall.Rlimit

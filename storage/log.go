@@ -112,7 +112,7 @@ func (s *Store) LoadRaft() (*RaftState, error) {
 		return nil, ErrClosed
 	}
 	st := &RaftState{}
-	err := s.db.View(func(tx *bolt.Tx) error {
+	err := s.view(func(tx *bolt.Tx) error {
 		raft, meta := tx.Bucket(bucketRaft), tx.Bucket(bucketMeta)
 		hs, cs, sm := &raftpb.HardState{}, &raftpb.ConfState{}, &raftpb.SnapshotMetadata{}
 		if ok, err := getProto(meta, keyHardState, hs); err != nil {
@@ -176,7 +176,7 @@ func (s *Store) Compact(snap *raftpb.SnapshotMetadata, compactIndex uint64) erro
 	first := true
 	for {
 		more := false
-		err := s.db.Update(func(tx *bolt.Tx) error {
+		err := s.file().Update(func(tx *bolt.Tx) error {
 			if first {
 				if err := putProto(tx.Bucket(bucketRaft), keySnapshot, snap); err != nil {
 					return err

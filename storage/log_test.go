@@ -279,7 +279,7 @@ func TestOldEventsAreDeletedInBatches(t *testing.T) {
 	ts := newTestStore(t)
 	stored := func() (n int, first uint64) {
 		t.Helper()
-		err := ts.db.View(func(tx *bolt.Tx) error {
+		err := ts.view(func(tx *bolt.Tx) error {
 			c := tx.Bucket(bucketEvents).Cursor()
 			for k, _ := c.First(); k != nil; k, _ = c.Next() {
 				if n == 0 {

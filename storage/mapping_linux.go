@@ -22,14 +22,15 @@ func (s *Store) DropMappedPages() error {
 	// A read transaction holds bbolt's mmap lock: while it is open the
 	// mapping can be neither moved by a remap nor unmapped by Close, so
 	// the advice cannot land on memory that is no longer the mapping.
-	tx, err := s.db.Begin(false)
+	db := s.file()
+	tx, err := db.Begin(false)
 	if err != nil {
 		return closedErr(err)
 	}
 	defer tx.Rollback()
 	// tx.Size is the file's high-water mark, within the mapping; pages
 	// past it were never read.
-	if _, _, errno := unix.Syscall(unix.SYS_MADVISE, s.db.Info().Data, uintptr(tx.Size()), unix.MADV_DONTNEED); errno != 0 {
+	if _, _, errno := unix.Syscall(unix.SYS_MADVISE, db.Info().Data, uintptr(tx.Size()), unix.MADV_DONTNEED); errno != 0 {
 		return fmt.Errorf("storage: madvise: %w", errno)
 	}
 	return nil

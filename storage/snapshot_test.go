@@ -399,3 +399,83 @@ func TestDropReceivedSnapshots(t *testing.T) {
 		t.Errorf("%s: %v", later, err)
 	}
 }
+
+// The install renames the received file over member.db rather than copying
+// its state in (what held the Raft loop for seconds on a big snapshot). A
+// read begun on the old file, a snapshot being streamed to a peer, goes on
+// against it to the end; reads after the install see the new one.
+func TestSnapshotInstallSwapsInTheReceivedFile(t *testing.T) {
+	leader, follower := newTestStore(t), newTestStore(t)
+	leader.apply(set("/new", "1"), set("/new2", "2"))
+	follower.apply(set("/old", "x"))
+
+	pr, pw := io.Pipe()
+	streamed := make(chan error, 1)
+	go func() {
+		_, err := follower.WriteSnapshot(pw)
+		pw.CloseWithError(err)
+		streamed <- err
+	}()
+	first := make([]byte, 1)
+	if _, err := io.ReadFull(pr, first); err != nil {
+		t.Fatal(err)
+	}
+
+	path := receive(t, leader, follower)
+	received, err := os.Stat(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := follower.Save(snapshotReady(path, 2, 2, 1, 2, 3)); err != nil {
+		t.Fatal(err)
+	}
+	live, err := os.Stat(filepath.Join(follower.dir, "member.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !os.SameFile(received, live) {
+		t.Fatal("member.db is not the received file")
+	}
+	if _, err := os.Stat(path); !os.IsNotExist(err) {
+		t.Fatalf("received file still under its own name: %v", err)
+	}
+	wantJSON(t, follower.mustGet("/", true),
+		`{"action":"get","node":{"dir":true,"nodes":[`+
+			`{"key":"/new","value":"1","modifiedIndex":1,"createdIndex":1},`+
+			`{"key":"/new2","value":"2","modifiedIndex":2,"createdIndex":2}]}}`)
+
+	// The stream begun before the install is the old file, whole.
+	rest, err := io.ReadAll(pr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := <-streamed; err != nil {
+		t.Fatal(err)
+	}
+	old := filepath.Join(t.TempDir(), "old.db")
+	if err := os.WriteFile(old, append(first, rest...), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	db, err := bolt.Open(old, 0o600, &bolt.Options{ReadOnly: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	if err := db.View(func(tx *bolt.Tx) error {
+		// The follower applied one entry, the leader two.
+		if v := getUint64(tx.Bucket(bucketMeta), keyApplied); v != 1 {
+			return fmt.Errorf("the streamed copy's applied index is %d", v)
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+
+	// Writes after the install land in the new member.db, and a reopen
+	// finds them there.
+	follower.apply(set("/after", "3"))
+	follower.reopen()
+	if e := follower.mustGet("/after", false); e.Node.ModifiedIndex != 3 {
+		t.Fatalf("after reopen: %s", jsonOf(t, e))
+	}
+}

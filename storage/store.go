@@ -87,7 +87,12 @@ var (
 // Reads (Get, Watch, Index, Stats) may run from any goroutine; Save, Compact
 // and SetMeta only from the one goroutine that drives Raft.
 type Store struct {
-	db       *bolt.DB
+	// db is the open file. Installing a snapshot replaces it with the
+	// received file (see snapshotInstall): readers load it through view;
+	// Save's goroutine, the only one that replaces it, through file.
+	db       atomic.Pointer[bolt.DB]
+	dir      string
+	retired  sync.WaitGroup // closes of files a snapshot replaced, waiting for their readers
 	hub      *hub
 	counters counters
 	closed   atomic.Bool
@@ -200,34 +205,21 @@ func Open(dir string) (*Store, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("storage: %w", err)
 	}
-	db, err := openDB(filepath.Join(dir, "member.db"), &bolt.Options{
-		Timeout: lockTimeout,
-		// The file's lock is taken and its pages checked before bbolt
-		// reads them: a damaged file is an error, not a crash.
-		OpenFile: openChecked,
-		// The freelist is rebuilt at open instead of written at every
-		// commit, which keeps commits cheap after log compaction.
-		NoFreelistSync: true,
-		FreelistType:   bolt.FreelistMapType,
-		// Map address space up front, as etcd maps 10 GiB: each remap as
-		// the file grows waits for every reader (a snapshot streamed to a
-		// follower holds one for the whole transfer) and stalls every
-		// writer, the Raft loop's commits with them. Untouched pages of
-		// the mapping cost no memory.
-		InitialMmapSize: initialMmapSize,
-	})
+	opts := dbOptions()
+	// The file's lock is taken and its pages checked before bbolt reads
+	// them: a damaged file is an error, not a crash.
+	opts.OpenFile = openChecked
+	db, err := openDB(filepath.Join(dir, "member.db"), opts)
 	if err != nil {
 		return nil, fmt.Errorf("storage: opening %s: %w", dir, err)
 	}
 	removeStaleSnapshots(dir)
-	s := &Store{db: db, now: time.Now, flushc: make(chan struct{}, 1), commitc: make(chan struct{}), donec: make(chan struct{})}
+	s := &Store{dir: filepath.Clean(dir), now: time.Now, flushc: make(chan struct{}, 1), commitc: make(chan struct{}), donec: make(chan struct{})}
+	s.db.Store(db)
 	var events []*Event
 	err = db.Update(func(tx *bolt.Tx) error {
-		for _, name := range [][]byte{bucketLog, bucketRaft, bucketKeys, bucketExpiry, bucketEvents,
-			bucketRequests, bucketReqOrder, bucketMeta, bucketDedup, bucketAuth} {
-			if _, err := tx.CreateBucketIfNotExists(name); err != nil {
-				return err
-			}
+		if err := createBuckets(tx); err != nil {
+			return err
 		}
 		meta := tx.Bucket(bucketMeta)
 		s.applied.Store(getUint64(meta, keyApplied))
@@ -261,6 +253,51 @@ func Open(dir string) (*Store, error) {
 	return s, nil
 }
 
+// createBuckets creates every bucket member.db has that tx's file lacks.
+func createBuckets(tx *bolt.Tx) error {
+	for _, name := range [][]byte{bucketLog, bucketRaft, bucketKeys, bucketExpiry, bucketEvents,
+		bucketRequests, bucketReqOrder, bucketMeta, bucketDedup, bucketAuth} {
+		if _, err := tx.CreateBucketIfNotExists(name); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// dbOptions are the options member.db is opened with.
+func dbOptions() *bolt.Options {
+	return &bolt.Options{
+		Timeout: lockTimeout,
+		// The freelist is rebuilt at open instead of written at every
+		// commit, which keeps commits cheap after log compaction.
+		NoFreelistSync: true,
+		FreelistType:   bolt.FreelistMapType,
+		// Map address space up front, as etcd maps 10 GiB: each remap as
+		// the file grows waits for every reader (a snapshot streamed to a
+		// follower holds one for the whole transfer) and stalls every
+		// writer, the Raft loop's commits with them. Untouched pages of
+		// the mapping cost no memory.
+		InitialMmapSize: initialMmapSize,
+	}
+}
+
+// file is the open file, for Save's goroutine (see Store.db).
+func (s *Store) file() *bolt.DB { return s.db.Load() }
+
+// view runs fn in a read transaction of the open file. A read that began
+// on a file a snapshot install has just replaced and closed begins again
+// on the new one.
+func (s *Store) view(fn func(*bolt.Tx) error) error {
+	for {
+		db := s.db.Load()
+		err := db.View(fn)
+		if errors.Is(err, berrors.ErrDatabaseNotOpen) && s.db.Load() != db {
+			continue
+		}
+		return err
+	}
+}
+
 // openDB is bolt.Open that turns a panic on this goroutine into an error.
 // bbolt's freelist rebuild panics here on any problem its walk (on a
 // goroutine of its own) reports, and what it reads here (meta pages, a
@@ -271,6 +308,9 @@ func Open(dir string) (*Store, error) {
 func openDB(path string, opts *bolt.Options) (db *bolt.DB, err error) {
 	var file *os.File
 	openFile := opts.OpenFile
+	if openFile == nil {
+		openFile = os.OpenFile
+	}
 	opts.OpenFile = func(name string, flag int, perm os.FileMode) (*os.File, error) {
 		f, err := openFile(name, flag, perm)
 		file = f
@@ -304,7 +344,9 @@ func (s *Store) Close() error {
 		s.open.Rollback()
 		s.open = nil
 	}
-	return s.db.Close()
+	err := s.file().Close()
+	s.retired.Wait()
+	return err
 }
 
 // EndWatches ends every watcher and refuses new ones (Watch answers
@@ -362,11 +404,12 @@ type Applied struct {
 // received file's; the whole saved log is dropped, since Raft forgets its
 // log on restoring a snapshot; the snapshot metadata and its conf state are
 // saved and the log's compaction point moves to the snapshot index. This
-// member's own meta values stay. The file may be ahead of the snapshot (the
-// leader copies its current state): the store's applied index then stays
-// ahead of Raft's, and the committed entries in between are skipped when
-// Raft hands them out again. Once committed, watchers are brought up to
-// the new state (see hub.recover) and the file is removed.
+// member's own meta values stay. The transaction is the received file's,
+// which then replaces member.db (see snapshotInstall). The file may be
+// ahead of the snapshot (the leader copies its current state): the store's
+// applied index then stays ahead of Raft's, and the committed entries in
+// between are skipped when Raft hands them out again. Once committed,
+// watchers are brought up to the new state (see hub.recover).
 //
 // With rd.Defer, a Ready that has nothing Raft needs durable before its
 // next step (no entries, snapshot or conf state; the caller vouches that
@@ -408,11 +451,17 @@ func (s *Store) Save(rd Ready) ([]Applied, error) {
 		req     Request
 	)
 	tx := s.open
-	if tx == nil {
+	switch {
+	case install != nil && !install.behind:
+		// Save goes on in the received file's transaction (s.open was
+		// flushed above).
+		s.arena.reset()
+		tx = install.tx
+	case tx == nil:
 		// The previous transaction has ended: its values are in the file.
 		s.arena.reset()
 		var err error
-		if tx, err = s.db.Begin(true); err != nil {
+		if tx, err = s.file().Begin(true); err != nil {
 			return nil, closedErr(err)
 		}
 	}
@@ -429,22 +478,24 @@ func (s *Store) Save(rd Ready) ([]Applied, error) {
 			s.dedup = d
 		}
 		if install != nil {
-			if err := install.apply(tx); err != nil {
-				return err
-			}
-			d := s.dedup
-			if !install.behind {
-				// The file's applied request IDs replace ours.
-				var err error
-				if d, err = loadDedup(install.tx, install.applied); err != nil {
+			if install.behind {
+				if err := install.keepLive(tx); err != nil {
+					return err
+				}
+				// The log that held our request IDs was just dropped: they
+				// become our seed.
+				if err := s.dedup.saveSeed(tx, install.applied); err != nil {
+					return err
+				}
+			} else {
+				// The file's applied request IDs replace ours: its seed
+				// holds them all (prepareSnapshotFile).
+				d, err := loadDedup(tx, install.applied)
+				if err != nil {
 					return fmt.Errorf("storage: installing snapshot %d: %w", install.meta.GetIndex(), err)
 				}
+				s.dedup = d
 			}
-			// The log that held them was just dropped: they become our seed.
-			if err := d.saveSeed(tx, install.applied); err != nil {
-				return err
-			}
-			s.dedup = d
 		}
 		log := tx.Bucket(bucketLog)
 		log.FillPercent = appendFill
@@ -577,6 +628,13 @@ func (s *Store) commit(tx *bolt.Tx, install *snapshotInstall) error {
 		s.failed.Store(true)
 		s.abandon()
 		return closedErr(err)
+	}
+	if install != nil && !install.behind {
+		if err := s.swapIn(install); err != nil {
+			s.failed.Store(true)
+			s.abandon()
+			return err
+		}
 	}
 	p := s.pend
 	s.pend = pending{}
@@ -726,7 +784,7 @@ func (s *Store) Get(path string, recursive, sorted bool, now time.Time) (*Event,
 		e    *Event
 		verr *Error
 	)
-	err := s.db.View(func(tx *bolt.Tx) error {
+	err := s.view(func(tx *bolt.Tx) error {
 		v := view{keys: tx.Bucket(bucketKeys), index: getUint64(tx.Bucket(bucketMeta), keyIndex), now: now}
 		e, verr = v.getEvent(cleanPath(path), recursive)
 		return v.err
@@ -765,7 +823,7 @@ func (s *Store) Meta(key string) []byte {
 		return nil
 	}
 	var out []byte
-	_ = s.db.View(func(tx *bolt.Tx) error {
+	_ = s.view(func(tx *bolt.Tx) error {
 		if v := tx.Bucket(bucketMeta).Get([]byte(metaUserPrefix + key)); v != nil {
 			out = append([]byte{}, v...)
 		}
@@ -788,7 +846,7 @@ func (s *Store) SetMetas(values map[string][]byte) error {
 	if err := s.Flush(); err != nil {
 		return err
 	}
-	err := s.db.Update(func(tx *bolt.Tx) error {
+	err := s.file().Update(func(tx *bolt.Tx) error {
 		b := tx.Bucket(bucketMeta)
 		for k, v := range values {
 			if err := b.Put([]byte(metaUserPrefix+k), v); err != nil {
@@ -807,7 +865,7 @@ func (s *Store) WriteSnapshot(w io.Writer) (int64, error) {
 		return 0, ErrClosed
 	}
 	var n int64
-	err := s.db.View(func(tx *bolt.Tx) error {
+	err := s.view(func(tx *bolt.Tx) error {
 		var err error
 		n, err = tx.WriteTo(w)
 		return err

@@ -58,9 +58,10 @@ type testMember struct {
 
 // testCluster is a set of members started by the test.
 type testCluster struct {
-	t       testing.TB
-	pki     *testPKI // nil: peers over plain HTTP on loopback
-	members []*testMember
+	t             testing.TB
+	pki           *testPKI // nil: peers over plain HTTP on loopback
+	snapshotCount int      // raftkv's snapshot_count; 0: the default
+	members       []*testMember
 }
 
 // newTestMember picks the ports of a member-to-be and prepares its process; nothing runs yet.
@@ -115,6 +116,9 @@ func (c *testCluster) caddyfile(m *testMember, initial []*testMember, state stri
 	fmt.Fprintf(&b, "\traftkv {\n\t\tname %s\n\t\tdata_dir %s\n\t\tadvertise_client_urls %s\n", m.Name, m.DataDir, m.ClientURL)
 	fmt.Fprintf(&b, "\t\tinitial_cluster %s\n\t\tinitial_cluster_state %s\n", strings.Join(cluster, " "), state)
 	fmt.Fprintf(&b, "\t\telection_timeout %v\n", clusterElectionTimeout)
+	if c.snapshotCount > 0 {
+		fmt.Fprintf(&b, "\t\tsnapshot_count %d\n", c.snapshotCount)
+	}
 	if c.pki != nil {
 		cert, key := c.pki.memberFiles(m.Name)
 		fmt.Fprintf(&b, "\t\tpeer_cert_file %s\n\t\tpeer_key_file %s\n\t\tpeer_trusted_ca_file %s\n", cert, key, c.pki.caFile)
@@ -135,7 +139,13 @@ func (c *testCluster) caddyfile(m *testMember, initial []*testMember, state stri
 // quorum runs) and waits until each answers /health.
 func startCluster(t testing.TB, n int, pki *testPKI) *testCluster {
 	t.Helper()
-	c := &testCluster{t: t, pki: pki}
+	return (&testCluster{t: t, pki: pki}).start(n)
+}
+
+// start is startCluster for a cluster whose options are set.
+func (c *testCluster) start(n int) *testCluster {
+	t := c.t
+	t.Helper()
 	for i := 1; i <= n; i++ {
 		c.members = append(c.members, c.newTestMember(fmt.Sprintf("n%d", i)))
 	}
@@ -749,6 +759,85 @@ func TestClusterLeaderKilledUnderWrites(t *testing.T) {
 	t.Logf("leaders elected: %v; %d writes acknowledged, %d not (in flight at a kill, or waiting out an election)",
 		elected, len(acked), len(failures))
 	checkAckedEverywhere(t, ms, dir, acked)
+}
+
+// TestClusterMemberDownCatchesUpBySnapshot keeps a follower down while the others apply
+// many times snapshot_count writes under load, so the leader's log no longer reaches back to
+// it: it comes back by a snapshot streamed from the leader, installed while the writes go on,
+// and ends up holding every acknowledged write.
+func TestClusterMemberDownCatchesUpBySnapshot(t *testing.T) {
+	const (
+		dir           = "/snap"
+		writers       = 8
+		snapshotCount = 50 // the leader keeps as many entries behind each snapshot
+	)
+	c := (&testCluster{t: t, snapshotCount: snapshotCount}).start(3)
+	ms := c.members
+	// A few large values, so the snapshot is more than a few pages.
+	for i := range 64 {
+		if st, _, body := ms[i%3].do(t, "PUT", fmt.Sprintf("/v2/keys%s/big/%02d", dir, i), url.Values{"value": {strings.Repeat("x", 16<<10)}}); st != http.StatusCreated {
+			t.Fatalf("PUT %d to %s: %d %s", i, ms[i%3].Name, st, body)
+		}
+	}
+	leader := agreedLeader(t, ms, "", 10*time.Second)
+	var victim *testMember
+	for _, m := range ms {
+		if m.Name != leader.Name {
+			victim = m
+			break
+		}
+	}
+	var down atomic.Bool
+	load := startWriteLoad(t, dir, writers, func(w, try int) *testMember {
+		m := ms[(w+try)%len(ms)]
+		if m == victim && down.Load() {
+			m = ms[(w+try+1)%len(ms)]
+		}
+		return m
+	})
+	load.waitAcks(t, 50, "before the follower goes down")
+
+	down.Store(true)
+	victim.kill9()
+	from := load.nAcked.Load()
+	load.waitAcks(t, from+int64(10*snapshotCount), victim.Name+" down")
+	logFrom := logSize(victim.proc)
+	victim.restart(t)
+	waitCaughtUp(t, victim, etcdIndex(t, c.byName(leader.Name)), 30*time.Second)
+	down.Store(false)
+	load.waitAcks(t, load.nAcked.Load()+100, victim.Name+" back")
+	acked, failures := load.stop()
+
+	lines, err := logLinesSince(victim.proc, logFrom)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var received, installed int
+	for _, line := range lines {
+		switch {
+		case strings.Contains(line, `"snapshot received"`):
+			received++
+		case strings.Contains(line, `"snapshot installed"`):
+			installed++
+			t.Logf("%s: %s", victim.Name, line)
+		}
+	}
+	if received == 0 || installed == 0 {
+		t.Fatalf("%s caught up without a snapshot (%d received, %d installed):\n%s", victim.Name, received, installed, raftLogSince(victim.proc, logFrom, 40))
+	}
+	if now := agreedLeader(t, ms, "", 10*time.Second); now.ID != leader.ID {
+		t.Errorf("leadership moved from %s to %s while %s caught up", leader.Name, now.Name, victim.Name)
+	}
+	t.Logf("%d writes acknowledged, %d not; %s installed %d snapshots", len(acked), len(failures), victim.Name, installed)
+	checkAckedEverywhere(t, ms, dir, acked)
+	// The installed file is member.db; none is left under a received name.
+	if !poll(10*time.Second, func() bool {
+		left, _ := filepath.Glob(filepath.Join(victim.DataDir, "snap.tmp*"))
+		return len(left) == 0
+	}) {
+		left, _ := filepath.Glob(filepath.Join(victim.DataDir, "snap.tmp*"))
+		t.Errorf("received snapshot files left in %s: %v", victim.DataDir, left)
+	}
 }
 
 // TestClusterMembershipChanges adds a fourth member with etcdctl, starts it against the

@@ -378,7 +378,9 @@ func (n *Node) handleReady() error {
 		n.loop.beforeSave()
 	}
 	var applied []storage.Applied
+	var saveTook time.Duration // a snapshot's install, for its log line
 	if n.needSave(hs, rd.Entries, snap, committed, cs) {
+		start := time.Now()
 		applied, err = n.store.Save(storage.Ready{
 			HardState: hs,
 			Entries:   rd.Entries,
@@ -393,6 +395,7 @@ func (n *Node) handleReady() error {
 		if err != nil {
 			return err
 		}
+		saveTook = time.Since(start)
 		n.saves.Add(1)
 		if hs != nil {
 			n.loop.hardState = hs
@@ -418,6 +421,11 @@ func (n *Node) handleReady() error {
 		n.loop.applied = max(n.store.AppliedIndex(), n.loop.snapIndex)
 		n.loop.raftApplied = max(n.loop.raftApplied, n.loop.snapIndex)
 		n.installs.Add(1)
+		n.lg.Info("snapshot installed",
+			zap.Uint64("index", n.loop.snapIndex),
+			zap.Uint64("term", snap.GetMetadata().GetTerm()),
+			zap.Uint64("applied-index", n.loop.applied),
+			zap.Duration("took", saveTook))
 		if n.isRemoved(n.id) {
 			n.loop.removedSelf = true
 		}

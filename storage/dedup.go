@@ -21,15 +21,16 @@ var dedupKeep = 10000
 // written per commit. What makes it durable is the log itself plus a seed:
 //
 //   - the seed (bucketDedup) is the whole set as of some applied index,
-//     written by Compact before it deletes entries, and by a snapshot
-//     install, which replaces the log;
+//     written by Compact before it deletes entries, and into a received
+//     snapshot file, from the leader's seed and log, before its log is
+//     dropped (prepareSnapshotFile);
 //   - Open replays, on top of the seed, the entries the log still holds
 //     after the seed's index up to the applied index.
 //
 // Compact saves the seed at the applied index and deletes entries at or
 // below its compaction index, which raftkv keeps below the applied index,
 // so the replay finds every entry it needs. A snapshot file carries its own
-// seed and log, from which an install rebuilds the leader's set exactly.
+// seed and log, from which the leader's set is rebuilt exactly.
 type dedup struct {
 	ids   []uint64 // remembered IDs, oldest first, from ids[head] on
 	head  int      // ids[:head] are forgotten

@@ -11,3 +11,8 @@ import "os"
 func openChecked(name string, flag int, perm os.FileMode) (*os.File, error) {
 	return os.OpenFile(name, flag, perm)
 }
+
+// installByRename is false here: where a file that is open cannot be
+// renamed over or away (Windows), a snapshot's state is copied into
+// member.db instead, inside the Raft loop (see snapshotInstall).
+var installByRename = false

@@ -75,8 +75,8 @@ func (s *Store) receivedIndex(path string) (index uint64, ok bool) {
 // to read or is not such a file gives an error wrapping ErrSnapshotInvalid.
 // Each file has a name of its own: a second snapshot received while Raft
 // has yet to take the first one's message leaves that one's file alone.
-// Installing a snapshot removes its file, and every other one Raft can no
-// longer take (at or below its snapshot index).
+// Installing a snapshot makes its file member.db, and removes every other
+// one Raft can no longer take (at or below its snapshot index).
 func (s *Store) ReceiveSnapshot(r io.Reader, index uint64) (path string, err error) {
 	if s.closed.Load() {
 		return "", ErrClosed
@@ -109,7 +109,7 @@ func (s *Store) ReceiveSnapshot(r io.Reader, index uint64) (path string, err err
 	if err := checkSnapshotFile(tmp); err != nil {
 		return "", err
 	}
-	if err := prepareSnapshotFile(tmp); err != nil {
+	if err := prepareSnapshotFile(tmp, index); err != nil {
 		return "", err
 	}
 	path = filepath.Join(dir, fmt.Sprintf("%s-%d-%d", snapshotName, index, s.received.Add(1)))
@@ -186,9 +186,14 @@ func checkSnapshotFile(path string) error {
 // the file's seed (see dedup), the leader's log goes, every bucket exists,
 // and bbolt writes its freelist, so that the install opens the file
 // without walking its pages (member.db keeps none: see dbOptions).
-func prepareSnapshotFile(path string) error {
+//
+// What the install would otherwise find wrong with the file is refused
+// here, as a bad stream is: a state older than the snapshot it is sent
+// for, an event that does not decode.
+func prepareSnapshotFile(path string, index uint64) error {
 	opts := dbOptions()
 	opts.NoFreelistSync = false
+	opts.InitialMmapSize = 0 // open once, briefly, beside the live file
 	db, err := openDB(path, opts)
 	if err != nil {
 		return fmt.Errorf("storage: receiving a snapshot: %w", err)
@@ -198,6 +203,12 @@ func prepareSnapshotFile(path string) error {
 			return err
 		}
 		applied := getUint64(tx.Bucket(bucketMeta), keyApplied)
+		if applied < index {
+			return fmt.Errorf("%w: the file's applied index %d is older than snapshot %d", ErrSnapshotInvalid, applied, index)
+		}
+		if _, err := readHistory(tx.Bucket(bucketEvents)); err != nil {
+			return fmt.Errorf("%w: %w", ErrSnapshotInvalid, err)
+		}
 		d, err := loadDedup(tx, applied)
 		if err != nil {
 			return fmt.Errorf("%w: %w", ErrSnapshotInvalid, err)
@@ -231,6 +242,8 @@ func prepareSnapshotFile(path string) error {
 // is then a rename, not a copy: copying it in one transaction held the
 // Raft loop, heartbeats and all, for seconds (1.6 s for 220 MB).
 // prepareSnapshotFile did the rest when the file arrived, off the loop.
+// Where an open file cannot be renamed (installByRename), the file's state
+// is copied into the live file in Save's transaction instead.
 type snapshotInstall struct {
 	path    string
 	meta    *raftpb.SnapshotMetadata
@@ -239,6 +252,7 @@ type snapshotInstall struct {
 	// behind: the file's state is older than the live one, which stays;
 	// only the log and the snapshot's place reset, in the live file.
 	behind bool
+	copy   bool // the file's state is copied into the live file
 
 	db      *bolt.DB // the received file; nil when behind
 	tx      *bolt.Tx // Save's transaction on db
@@ -264,7 +278,11 @@ func (s *Store) openSnapshot(snap *raftpb.Snapshot) (*snapshotInstall, error) {
 	if _, err := os.Stat(path); err != nil {
 		return nil, fmt.Errorf("storage: installing snapshot %d: %w", md.GetIndex(), err)
 	}
-	db, err := openDB(path, dbOptions())
+	opts := dbOptions()
+	opts.OpenFile = func(name string, flag int, perm os.FileMode) (*os.File, error) {
+		return os.OpenFile(name, flag&^os.O_CREATE, perm) // never an empty new file
+	}
+	db, err := openDB(path, opts)
 	if err != nil {
 		return nil, fmt.Errorf("storage: installing snapshot %d: %w", md.GetIndex(), err)
 	}
@@ -279,6 +297,9 @@ func (s *Store) openSnapshot(snap *raftpb.Snapshot) (*snapshotInstall, error) {
 		return nil, fmt.Errorf("storage: installing snapshot %d: %w", md.GetIndex(), err)
 	}
 	meta := in.tx.Bucket(bucketMeta)
+	if meta == nil {
+		return nil, fmt.Errorf("storage: installing snapshot %d: the file has no meta bucket", md.GetIndex())
+	}
 	in.applied, in.index = getUint64(meta, keyApplied), getUint64(meta, keyIndex)
 	if in.applied < md.GetIndex() {
 		return nil, fmt.Errorf("storage: snapshot file at applied index %d is older than snapshot %d", in.applied, md.GetIndex())
@@ -286,6 +307,11 @@ func (s *Store) openSnapshot(snap *raftpb.Snapshot) (*snapshotInstall, error) {
 	if in.applied < s.applied.Load() {
 		in.close()
 		in.db, in.tx, in.behind = nil, nil, true
+		ok = true
+		return in, nil
+	}
+	if !installByRename {
+		in.copy = true
 		ok = true
 		return in, nil
 	}
@@ -306,24 +332,50 @@ func (s *Store) openSnapshot(snap *raftpb.Snapshot) (*snapshotInstall, error) {
 // are set, and the file's history is read for watchers.
 func (in *snapshotInstall) adopt(live *bolt.Tx) error {
 	for _, name := range [][]byte{bucketMeta, bucketRaft} {
-		if err := replaceBucket(in.tx, live.Bucket(name), name); err != nil {
+		if err := replaceBucket(in.tx, live.Bucket(name), name, true); err != nil {
 			return err
 		}
 	}
 	if err := in.resetRaft(in.tx); err != nil {
 		return err
 	}
-	return in.tx.Bucket(bucketEvents).ForEach(func(_, v []byte) error {
+	var err error
+	in.events, err = readHistory(in.tx.Bucket(bucketEvents))
+	return err
+}
+
+// copyInto is the install where the file cannot become member.db: its
+// replicated buckets are copied into tx, the live file's transaction.
+// Their values stay valid: the file's transaction ends after tx commits.
+func (in *snapshotInstall) copyInto(tx *bolt.Tx) error {
+	for _, name := range replicatedBuckets {
+		if err := replaceBucket(tx, in.tx.Bucket(name), name, false); err != nil {
+			return err
+		}
+	}
+	if err := in.resetRaft(tx); err != nil {
+		return err
+	}
+	var err error
+	in.events, err = readHistory(tx.Bucket(bucketEvents))
+	return err
+}
+
+// readHistory decodes the newest historySize events of an events bucket.
+func readHistory(b *bolt.Bucket) ([]*Event, error) {
+	var events []*Event
+	err := b.ForEach(func(_, v []byte) error {
 		e, err := unmarshalEvent(v)
 		if err != nil {
 			return err
 		}
-		in.events = append(in.events, e)
-		if len(in.events) > historySize {
-			in.events = in.events[1:]
+		events = append(events, e)
+		if len(events) > historySize {
+			events = events[1:]
 		}
 		return nil
 	})
+	return events, err
 }
 
 // resetRaft resets tx's Raft log to the snapshot: Raft discards its whole
@@ -379,10 +431,10 @@ func (in *snapshotInstall) close() {
 	in.db.Close()
 }
 
-// replaceBucket makes name in tx a copy of src, a small bucket of another
-// file. bbolt keeps a value by reference until commit: each is copied, so
-// src's transaction may end first.
-func replaceBucket(tx *bolt.Tx, src *bolt.Bucket, name []byte) error {
+// replaceBucket makes name in tx a copy of src, a bucket of another file.
+// bbolt keeps a value by reference until commit: with clone, each is
+// copied, so src's transaction may end first; without, it must not.
+func replaceBucket(tx *bolt.Tx, src *bolt.Bucket, name []byte, clone bool) error {
 	if err := tx.DeleteBucket(name); err != nil && !errors.Is(err, berrors.ErrBucketNotFound) {
 		return err
 	}
@@ -397,18 +449,26 @@ func replaceBucket(tx *bolt.Tx, src *bolt.Bucket, name []byte) error {
 		if v == nil {
 			return fmt.Errorf("unexpected nested bucket %q in %s", k, name)
 		}
-		return dst.Put(k, bytes.Clone(v))
+		if clone {
+			v = bytes.Clone(v)
+		}
+		return dst.Put(k, v)
 	})
 }
 
 // swapIn makes the installed file member.db, once Save's transaction on it
-// has committed, and the file every read goes to. The live file closes
-// once its last reader is done (a snapshot being streamed to a peer may
-// hold one for a while). A crash before the rename leaves the live file
-// as it was before this Save (and Open removes the received one); after
-// it, the new one, whole.
+// has committed, and then the file every read goes to. The live file
+// closes once its last reader is done (a snapshot being streamed to a peer
+// may hold one for a while). A crash before the rename leaves the live
+// file without this Save's Ready (and Open removes the received one);
+// after it, the new one, whole.
 func (s *Store) swapIn(in *snapshotInstall) error {
 	if err := os.Rename(in.path, filepath.Join(s.dir, "member.db")); err != nil {
+		return fmt.Errorf("storage: installing snapshot %d: %w", in.meta.GetIndex(), err)
+	}
+	// Readers see the new state only once the rename is durable: a crash
+	// must not take them back to the old file.
+	if err := syncDir(s.dir); err != nil {
 		return fmt.Errorf("storage: installing snapshot %d: %w", in.meta.GetIndex(), err)
 	}
 	old := s.db.Swap(in.db)
@@ -418,9 +478,6 @@ func (s *Store) swapIn(in *snapshotInstall) error {
 		defer s.retired.Done()
 		old.Close()
 	}()
-	if err := syncDir(s.dir); err != nil {
-		return fmt.Errorf("storage: installing snapshot %d: %w", in.meta.GetIndex(), err)
-	}
 	return nil
 }
 
@@ -532,9 +589,9 @@ func (h *hub) recover(events []*Event, index uint64) {
 }
 
 // SnapshotMeta reads, from a received snapshot file (the path in a
-// MsgSnap's Data), before Save installs and removes it, its applied index
-// (a file behind this member's applied index leaves its state as it is:
-// see snapshotInstall.apply) and the member values keys name, as SetMeta
+// MsgSnap's Data), before Save installs it, its applied index (a file
+// behind this member's applied index leaves its state as it is: see
+// snapshotInstall.keepLive) and the member values keys name, as SetMeta
 // writes them, nil when absent. Install keeps this member's own values, so
 // a value that describes the cluster rather than the member (raftkv's
 // member list) is read from the leader's file this way.

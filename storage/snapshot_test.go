@@ -389,7 +389,9 @@ func TestQueuedSnapshotAboveTheInstalledOneKeepsItsFile(t *testing.T) {
 // once its commit index passes theirs; a later one stays.
 func TestDropReceivedSnapshots(t *testing.T) {
 	a, f := newTestStore(t), newTestStore(t)
-	a.apply(set("/k", "1"))
+	for i := 1; i <= 9; i++ {
+		a.apply(set("/k", fmt.Sprint(i)))
+	}
 	old, later := receiveAt(t, a, f, 3), receiveAt(t, a, f, 9)
 	f.DropReceivedSnapshots(5)
 	if _, err := os.Stat(old); !os.IsNotExist(err) {
@@ -477,5 +479,45 @@ func TestSnapshotInstallSwapsInTheReceivedFile(t *testing.T) {
 	follower.reopen()
 	if e := follower.mustGet("/after", false); e.Node.ModifiedIndex != 3 {
 		t.Fatalf("after reopen: %s", jsonOf(t, e))
+	}
+}
+
+// A file whose state is older than the snapshot it comes for cannot be
+// installed: it is refused as it arrives, like a bad stream, rather than
+// stopping the Raft loop when Raft hands it out.
+func TestReceiveSnapshotRefusesAFileOlderThanItsIndex(t *testing.T) {
+	leader, follower := newTestStore(t), newTestStore(t)
+	leader.apply(set("/a", "1"), set("/b", "2"))
+	pr, pw := io.Pipe()
+	go func() {
+		_, err := leader.WriteSnapshot(pw)
+		pw.CloseWithError(err)
+	}()
+	_, err := follower.ReceiveSnapshot(pr, 3)
+	pr.Close()
+	if !errors.Is(err, ErrSnapshotInvalid) || !strings.Contains(err.Error(), "applied index 2 is older than snapshot 3") {
+		t.Fatalf("ReceiveSnapshot of a file at 2 for snapshot 3: %v", err)
+	}
+	if left, _ := filepath.Glob(filepath.Join(follower.dir, "snap.tmp*")); len(left) != 0 {
+		t.Fatalf("left behind: %v", left)
+	}
+}
+
+// Where an open file cannot be renamed over (installByRename is false:
+// Windows), the install copies the file's state into member.db instead;
+// the install tests run that way too.
+func TestSnapshotInstallByCopy(t *testing.T) {
+	was := installByRename
+	installByRename = false
+	t.Cleanup(func() { installByRename = was })
+	for name, test := range map[string]func(*testing.T){
+		"ReplacesTheFollowersState": TestSnapshotInstallReplacesTheFollowersState,
+		"CatchesWatchersUp":         TestSnapshotInstallCatchesWatchersUp,
+		"CarriesAuthData":           TestSnapshotInstallCarriesAuthData,
+		"BehindTheLiveStateKeepsIt": TestSnapshotBehindTheLiveStateKeepsIt,
+		"SecondKeepsTheFirstsFile":  TestSecondReceivedSnapshotKeepsTheFirstsFile,
+		"QueuedAboveKeepsItsFile":   TestQueuedSnapshotAboveTheInstalledOneKeepsItsFile,
+	} {
+		t.Run(name, test)
 	}
 }

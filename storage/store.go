@@ -65,8 +65,8 @@ var (
 	bucketMeta   = []byte("meta")   // hard state, applied index, store index, compaction point, member values
 	// bucketAuth ("auth", auth.go): the v2 auth data, path -> value
 	// Applied request IDs are no longer stored per commit (see dedup); the
-	// two empty buckets remain only because snapshot installation copies
-	// and checks them.
+	// two empty buckets remain only because a received snapshot is checked
+	// for them (checkSnapshotFile).
 	bucketRequests = []byte("requests")
 	bucketReqOrder = []byte("reqorder")
 )
@@ -84,8 +84,8 @@ var (
 )
 
 // Store is one member's bbolt file: keyspace, event history, Raft log.
-// Reads (Get, Watch, Index, Stats) may run from any goroutine; Save, Compact
-// and SetMeta only from the one goroutine that drives Raft.
+// Reads (Get, Watch, Index, Stats) may run from any goroutine; Save, Compact,
+// SetMeta and DropMappedPages only from the one goroutine that drives Raft.
 type Store struct {
 	// db is the open file. Installing a snapshot replaces it with the
 	// received file (see snapshotInstall): readers load it through view;
@@ -452,7 +452,7 @@ func (s *Store) Save(rd Ready) ([]Applied, error) {
 	)
 	tx := s.open
 	switch {
-	case install != nil && !install.behind:
+	case install != nil && !install.behind && !install.copy:
 		// Save goes on in the received file's transaction (s.open was
 		// flushed above).
 		s.arena.reset()
@@ -488,11 +488,19 @@ func (s *Store) Save(rd Ready) ([]Applied, error) {
 					return err
 				}
 			} else {
+				if install.copy {
+					if err := install.copyInto(tx); err != nil {
+						return fmt.Errorf("storage: installing snapshot %d: %w", install.meta.GetIndex(), err)
+					}
+				}
 				// The file's applied request IDs replace ours: its seed
 				// holds them all (prepareSnapshotFile).
-				d, err := loadDedup(tx, install.applied)
+				d, err := loadDedup(install.tx, install.applied)
 				if err != nil {
 					return fmt.Errorf("storage: installing snapshot %d: %w", install.meta.GetIndex(), err)
+				}
+				if err := d.saveSeed(tx, install.applied); err != nil {
+					return err
 				}
 				s.dedup = d
 			}
@@ -629,7 +637,7 @@ func (s *Store) commit(tx *bolt.Tx, install *snapshotInstall) error {
 		s.abandon()
 		return closedErr(err)
 	}
-	if install != nil && !install.behind {
+	if install != nil && !install.behind && !install.copy {
 		if err := s.swapIn(install); err != nil {
 			s.failed.Store(true)
 			s.abandon()

@@ -101,6 +101,7 @@ func TestCaddyfileAdaptErrors(t *testing.T) {
 		{"bad duration", "{\n\traftkv {\n\t\theartbeat_interval soon\n\t}\n}\n", "heartbeat_interval must be a positive duration"},
 		{"zero election timeout", "{\n\traftkv {\n\t\telection_timeout 0s\n\t}\n}\n", "election_timeout must be a positive duration"},
 		{"bad snapshot count", "{\n\traftkv {\n\t\tsnapshot_count many\n\t}\n}\n", "snapshot_count must be a positive number"},
+		{"zero catch-up entries", "{\n\traftkv {\n\t\tsnapshot_catchup_entries 0\n\t}\n}\n", "snapshot_catchup_entries must be a positive number"},
 		{"bad cluster state", "{\n\traftkv {\n\t\tinitial_cluster_state maybe\n\t}\n}\n", `initial_cluster_state must be "new" or "existing"`},
 		{"bad strict reconfig check", "{\n\traftkv {\n\t\tstrict_reconfig_check sometimes\n\t}\n}\n", `strict_reconfig_check must be true or false, not "sometimes"`},
 		{"etcd takes no argument", ":2379 {\n\tetcd /v2/* extra\n}\n", "wrong argument count"},

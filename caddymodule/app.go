@@ -64,6 +64,12 @@ type App struct {
 	// (etcd's --snapshot-count). Default: 10000.
 	SnapshotCount uint64 `json:"snapshot_count,omitempty"`
 
+	// How many entries the log keeps behind each snapshot, for followers
+	// that lag to catch up from instead of a whole snapshot (etcd's
+	// --snapshot-catchup-entries, 3.5.13 and later; etcd 3.4 always keeps
+	// 5000). Default: 5000.
+	SnapshotCatchUpEntries uint64 `json:"snapshot_catchup_entries,omitempty"`
+
 	// Time between the leader's heartbeats (etcd's --heartbeat-interval).
 	// At least 1ms. Default: 100ms.
 	HeartbeatInterval caddy.Duration `json:"heartbeat_interval,omitempty"`
@@ -251,6 +257,9 @@ func (a *App) setDefaults() {
 	if a.SnapshotCount == 0 {
 		a.SnapshotCount = defaultSnapshotCount
 	}
+	if a.SnapshotCatchUpEntries == 0 {
+		a.SnapshotCatchUpEntries = raftkv.DefaultSnapshotCatchUpEntries
+	}
 	if a.HeartbeatInterval == 0 {
 		a.HeartbeatInterval = caddy.Duration(defaultHeartbeatInterval)
 	}
@@ -421,16 +430,17 @@ func (a *App) nodeConfig() raftkv.Config {
 		}
 	}
 	return raftkv.Config{
-		Name:                a.Name,
-		DataDir:             a.DataDir,
-		SnapshotCount:       a.SnapshotCount,
-		HeartbeatInterval:   time.Duration(a.HeartbeatInterval),
-		ElectionTimeout:     time.Duration(a.ElectionTimeout),
-		InitialCluster:      cluster,
-		InitialClusterState: a.InitialClusterState,
-		InitialClusterToken: a.InitialClusterToken,
-		AdvertiseClientURLs: slices.Clone(a.AdvertiseClientURLs),
-		LooseReconfig:       !a.strictReconfigCheck(),
+		Name:                   a.Name,
+		DataDir:                a.DataDir,
+		SnapshotCount:          a.SnapshotCount,
+		SnapshotCatchUpEntries: a.SnapshotCatchUpEntries,
+		HeartbeatInterval:      time.Duration(a.HeartbeatInterval),
+		ElectionTimeout:        time.Duration(a.ElectionTimeout),
+		InitialCluster:         cluster,
+		InitialClusterState:    a.InitialClusterState,
+		InitialClusterToken:    a.InitialClusterToken,
+		AdvertiseClientURLs:    slices.Clone(a.AdvertiseClientURLs),
+		LooseReconfig:          !a.strictReconfigCheck(),
 		// The node outlives this config, so it logs through the process's
 		// default logger rather than this config's.
 		Logger: caddy.Log().Named("raftkv"),
@@ -617,6 +627,9 @@ func (m *member) tuningChanges(cfg raftkv.Config) []string {
 	var changed []string
 	if m.cfg.SnapshotCount != cfg.SnapshotCount {
 		changed = append(changed, "snapshot_count")
+	}
+	if m.cfg.SnapshotCatchUpEntries != cfg.SnapshotCatchUpEntries {
+		changed = append(changed, "snapshot_catchup_entries")
 	}
 	if m.cfg.HeartbeatInterval != cfg.HeartbeatInterval {
 		changed = append(changed, "heartbeat_interval")

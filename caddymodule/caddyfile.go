@@ -49,6 +49,7 @@ func parseGlobalOption(d *caddyfile.Dispenser, existing any) (any, error) {
 //		name                  <name>
 //		data_dir              <path>
 //		snapshot_count        <entries>
+//		snapshot_catchup_entries <entries>
 //		heartbeat_interval    <duration>
 //		election_timeout      <duration>
 //		initial_cluster       <name>=<peer_url>...
@@ -105,16 +106,20 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 					a.PeerTrustedCAFile = v
 				}
 
-			case "snapshot_count":
+			case "snapshot_count", "snapshot_catchup_entries":
 				var v string
 				if !d.Args(&v) || d.NextArg() {
 					return d.ArgErr()
 				}
 				n, err := strconv.ParseUint(v, 10, 64)
 				if err != nil || n == 0 {
-					return d.Errf("snapshot_count must be a positive number of entries, not %q", v)
+					return d.Errf("%s must be a positive number of entries, not %q", opt, v)
 				}
-				a.SnapshotCount = n
+				if opt == "snapshot_count" {
+					a.SnapshotCount = n
+				} else {
+					a.SnapshotCatchUpEntries = n
+				}
 
 			case "heartbeat_interval", "election_timeout":
 				var v string

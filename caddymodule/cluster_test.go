@@ -60,7 +60,7 @@ type testMember struct {
 type testCluster struct {
 	t             testing.TB
 	pki           *testPKI // nil: peers over plain HTTP on loopback
-	snapshotCount int      // raftkv's snapshot_count; 0: the default
+	snapshotCount int      // raftkv's snapshot_count and snapshot_catchup_entries; 0: the defaults
 	members       []*testMember
 }
 
@@ -117,7 +117,8 @@ func (c *testCluster) caddyfile(m *testMember, initial []*testMember, state stri
 	fmt.Fprintf(&b, "\t\tinitial_cluster %s\n\t\tinitial_cluster_state %s\n", strings.Join(cluster, " "), state)
 	fmt.Fprintf(&b, "\t\telection_timeout %v\n", clusterElectionTimeout)
 	if c.snapshotCount > 0 {
-		fmt.Fprintf(&b, "\t\tsnapshot_count %d\n", c.snapshotCount)
+		// The log keeps as many entries behind each snapshot.
+		fmt.Fprintf(&b, "\t\tsnapshot_count %d\n\t\tsnapshot_catchup_entries %d\n", c.snapshotCount, c.snapshotCount)
 	}
 	if c.pki != nil {
 		cert, key := c.pki.memberFiles(m.Name)

@@ -171,7 +171,7 @@ type etcaddyOpts struct {
 	// Caddyfile, when set, replaces the generated one; {client_port}, {admin_port} and
 	// {data_dir} in it are replaced by the values the harness picked.
 	Caddyfile string
-	// SnapshotCount is raftkv's snapshot_count (0: the default).
+	// SnapshotCount is raftkv's snapshot_count and snapshot_catchup_entries (0: the defaults).
 	SnapshotCount int
 	// DataDir reuses a data directory (a restart in a new process); empty: a new one.
 	DataDir string
@@ -193,7 +193,9 @@ func startEtcaddy(t testing.TB, o etcaddyOpts) *proc {
 		var raft strings.Builder
 		fmt.Fprintf(&raft, "\t\tdata_dir {data_dir}\n")
 		if o.SnapshotCount > 0 {
-			fmt.Fprintf(&raft, "\t\tsnapshot_count %d\n", o.SnapshotCount)
+			// The log keeps as many entries behind each snapshot: a
+			// compaction every snapshot_count entries.
+			fmt.Fprintf(&raft, "\t\tsnapshot_count %d\n\t\tsnapshot_catchup_entries %d\n", o.SnapshotCount, o.SnapshotCount)
 		}
 		cf = "{\n\tadmin 127.0.0.1:{admin_port}\n\traftkv {\n" + raft.String() + "\t}\n}\n\n" +
 			"http://127.0.0.1:{client_port} {\n\tetcd\n}\n"

@@ -290,7 +290,7 @@ func TestClusterReplicatesAndFailsOver(t *testing.T) {
 }
 
 func TestClusterAddMemberCatchesUpBySnapshot(t *testing.T) {
-	c := newTestCluster(t, 3, func(cfg *Config) { cfg.SnapshotCount = 8 })
+	c := newTestCluster(t, 3, func(cfg *Config) { cfg.SnapshotCount, cfg.SnapshotCatchUpEntries = 8, 8 })
 	leader := c.waitLeader(c.members...)
 	follower := c.followers(leader, c.members...)[0]
 	for i := range 40 {
@@ -431,7 +431,7 @@ func TestClusterRemoveFollowerAndLeader(t *testing.T) {
 }
 
 func TestClusterMemberDownCatchesUpBySnapshot(t *testing.T) {
-	c := newTestCluster(t, 3, func(cfg *Config) { cfg.SnapshotCount = 8 })
+	c := newTestCluster(t, 3, func(cfg *Config) { cfg.SnapshotCount, cfg.SnapshotCatchUpEntries = 8, 8 })
 	leader := c.waitLeader(c.members...)
 	down := c.followers(leader, c.members...)[0]
 	put(t, leader.n(), "/before", "0")
@@ -460,6 +460,28 @@ func TestClusterMemberDownCatchesUpBySnapshot(t *testing.T) {
 	n = c.start(down, "new")
 	waitLocal(t, n, "/after", "1")
 	put(t, n, "/again", "2")
+}
+
+// With a small snapshot_count, the log still keeps the default 5000
+// entries behind each snapshot, as etcd does: a follower down for many
+// snapshots' worth of writes, but fewer than that, catches up from the log.
+func TestClusterMemberDownCatchesUpFromTheLogBehindSnapshots(t *testing.T) {
+	c := newTestCluster(t, 3, func(cfg *Config) { cfg.SnapshotCount = 8 })
+	leader := c.waitLeader(c.members...)
+	down := c.followers(leader, c.members...)[0]
+	put(t, leader.n(), "/before", "0")
+	waitLocal(t, down.n(), "/before", "0")
+	c.stop(down)
+
+	up := c.followers(down, c.members...)
+	for i := range 40 {
+		put(t, up[i%2].n(), fmt.Sprintf("/k%d", i), fmt.Sprint(i))
+	}
+	n := c.start(down, "new")
+	waitLocal(t, n, "/k39", "39")
+	if k := n.installs.Load(); k != 0 {
+		t.Fatalf("%d snapshots installed: the leader's log did not reach back 40 entries", k)
+	}
 }
 
 func TestClusterGrowsFromOneMember(t *testing.T) {
@@ -1515,7 +1537,7 @@ func TestRetryAfterOriginalForgottenIsNotAppliedTwice(t *testing.T) {
 		snapshotCount uint64
 	}{{"log", 100000}, {"snapshot", 2000}} {
 		t.Run(tc.name, func(t *testing.T) {
-			c := newTestCluster(t, 3, func(cfg *Config) { cfg.SnapshotCount = tc.snapshotCount })
+			c := newTestCluster(t, 3, func(cfg *Config) { cfg.SnapshotCount, cfg.SnapshotCatchUpEntries = tc.snapshotCount, tc.snapshotCount })
 			leader := c.waitLeader(c.members...)
 			f := c.followers(leader, c.members...)[0]
 			f.refuseFrom.Store(idString(leader.n().Status().ID))
@@ -1583,7 +1605,7 @@ func TestSnapshotReportOutlastsAFullReportQueue(t *testing.T) {
 	var refuse atomic.Bool
 	var leaderNode atomic.Pointer[Node]
 	c := &testCluster{t: t, edit: func(cfg *Config) {
-		cfg.SnapshotCount = 8
+		cfg.SnapshotCount, cfg.SnapshotCatchUpEntries = 8, 8
 		cfg.ElectionTimeout = 2 * time.Second
 	}}
 	for i := range 3 {

@@ -31,16 +31,19 @@ var (
 
 // Config is a member's configuration. Zero values take etcd's defaults.
 type Config struct {
-	Name                string              // member name; default "default"
-	DataDir             string              // required
-	SnapshotCount       uint64              // applied entries between snapshots; default 10000
-	HeartbeatInterval   time.Duration       // default 100ms
-	ElectionTimeout     time.Duration       // default 1000ms
-	InitialCluster      map[string][]string // name -> peer URLs; default {Name: [InitialAdvertisePeerURLs...]} or {Name: ["http://localhost:2380"]}
-	InitialClusterState string              // "new" (default) or "existing"
-	InitialClusterToken string              // default "etcd-cluster"
-	AdvertiseClientURLs []string            // may be empty: the handler then answers with the URL the request came in on
-	Peer                PeerConfig          // how this member dials its peers
+	Name          string // member name; default "default"
+	DataDir       string // required
+	SnapshotCount uint64 // applied entries between snapshots; default 10000
+	// SnapshotCatchUpEntries is how many entries stay in the log behind a
+	// snapshot for lagging followers; default 5000.
+	SnapshotCatchUpEntries uint64
+	HeartbeatInterval      time.Duration       // default 100ms
+	ElectionTimeout        time.Duration       // default 1000ms
+	InitialCluster         map[string][]string // name -> peer URLs; default {Name: [InitialAdvertisePeerURLs...]} or {Name: ["http://localhost:2380"]}
+	InitialClusterState    string              // "new" (default) or "existing"
+	InitialClusterToken    string              // default "etcd-cluster"
+	AdvertiseClientURLs    []string            // may be empty: the handler then answers with the URL the request came in on
+	Peer                   PeerConfig          // how this member dials its peers
 	// LooseReconfig turns off etcd's strict reconfiguration check
 	// (--strict-reconfig-check=false); see SetStrictReconfigCheck.
 	LooseReconfig bool
@@ -62,6 +65,9 @@ func (c Config) withDefaults() (Config, error) {
 	}
 	if c.SnapshotCount == 0 {
 		c.SnapshotCount = 10000
+	}
+	if c.SnapshotCatchUpEntries == 0 {
+		c.SnapshotCatchUpEntries = DefaultSnapshotCatchUpEntries
 	}
 	if c.HeartbeatInterval <= 0 {
 		c.HeartbeatInterval = 100 * time.Millisecond

@@ -422,8 +422,8 @@ func TestRetriedProposalIsAppliedOnce(t *testing.T) {
 
 func TestSnapshotCompactionAndRestart(t *testing.T) {
 	dir := t.TempDir()
-	edit := func(c *Config) { c.SnapshotCount = 10 }
-	n := NewNode(Config{DataDir: dir, SnapshotCount: 10})
+	edit := func(c *Config) { c.SnapshotCount, c.SnapshotCatchUpEntries = 10, 10 }
+	n := NewNode(Config{DataDir: dir, SnapshotCount: 10, SnapshotCatchUpEntries: 10})
 	if err := n.Start(); err != nil {
 		t.Fatal(err)
 	}

@@ -7,10 +7,13 @@ import (
 	"go.uber.org/zap"
 )
 
-// maxCatchUpEntries is how many entries stay in the log behind a snapshot,
-// so a slightly slow follower catches up from the log instead of needing a
-// whole snapshot (etcd's DefaultSnapshotCatchUpEntries).
-const maxCatchUpEntries = 5000
+// DefaultSnapshotCatchUpEntries is how many entries stay in the log behind
+// a snapshot unless configured (etcd's DefaultSnapshotCatchUpEntries, which
+// etcd 3.4 always keeps), so a slow follower catches up from the log
+// instead of needing a whole snapshot. It must outlast a snapshot's
+// transfer: a follower that a snapshot leaves further behind than this
+// needs another, and under a steady write load may never catch up.
+const DefaultSnapshotCatchUpEntries = 5000
 
 // maybeSnapshot takes a snapshot every SnapshotCount applied entries and
 // compacts the log behind it. The snapshot's data is the keyspace itself,
@@ -32,7 +35,7 @@ func (n *Node) maybeSnapshot() error {
 		}
 		return err
 	}
-	catchUp := min(maxCatchUpEntries, n.cfg.SnapshotCount)
+	catchUp := n.cfg.SnapshotCatchUpEntries
 	var compact uint64
 	if applied > catchUp {
 		compact = applied - catchUp

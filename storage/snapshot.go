@@ -109,7 +109,8 @@ func (s *Store) ReceiveSnapshot(r io.Reader, index uint64) (path string, err err
 	if err := checkSnapshotFile(tmp); err != nil {
 		return "", err
 	}
-	if err := prepareSnapshotFile(tmp, index); err != nil {
+	history, err := prepareSnapshotFile(tmp, index)
+	if err != nil {
 		return "", err
 	}
 	path = filepath.Join(dir, fmt.Sprintf("%s-%d-%d", snapshotName, index, s.received.Add(1)))
@@ -120,6 +121,7 @@ func (s *Store) ReceiveSnapshot(r io.Reader, index uint64) (path string, err err
 	if err := syncDir(dir); err != nil {
 		return "", fmt.Errorf("storage: receiving a snapshot: %w", err)
 	}
+	s.histories.Store(path, history)
 	return path, nil
 }
 
@@ -189,14 +191,16 @@ func checkSnapshotFile(path string) error {
 //
 // What the install would otherwise find wrong with the file is refused
 // here, as a bad stream is: a state older than the snapshot it is sent
-// for, an event that does not decode.
-func prepareSnapshotFile(path string, index uint64) error {
+// for, an event that does not decode. It returns the file's history, which
+// the install hands to watchers (decoding it there held the Raft loop for
+// tens of milliseconds with large values).
+func prepareSnapshotFile(path string, index uint64) (history []*Event, err error) {
 	opts := dbOptions()
 	opts.NoFreelistSync = false
 	opts.InitialMmapSize = 0 // open once, briefly, beside the live file
 	db, err := openDB(path, opts)
 	if err != nil {
-		return fmt.Errorf("storage: receiving a snapshot: %w", err)
+		return nil, fmt.Errorf("storage: receiving a snapshot: %w", err)
 	}
 	err = db.Update(func(tx *bolt.Tx) error {
 		if err := createBuckets(tx); err != nil {
@@ -206,9 +210,11 @@ func prepareSnapshotFile(path string, index uint64) error {
 		if applied < index {
 			return fmt.Errorf("%w: the file's applied index %d is older than snapshot %d", ErrSnapshotInvalid, applied, index)
 		}
-		if _, err := readHistory(tx.Bucket(bucketEvents)); err != nil {
+		h, err := readHistory(tx.Bucket(bucketEvents))
+		if err != nil {
 			return fmt.Errorf("%w: %w", ErrSnapshotInvalid, err)
 		}
+		history = h
 		d, err := loadDedup(tx, applied)
 		if err != nil {
 			return fmt.Errorf("%w: %w", ErrSnapshotInvalid, err)
@@ -228,7 +234,10 @@ func prepareSnapshotFile(path string, index uint64) error {
 	if err != nil && !errors.Is(err, ErrSnapshotInvalid) {
 		err = fmt.Errorf("storage: receiving a snapshot: %w", err)
 	}
-	return err
+	if err != nil {
+		return nil, err
+	}
+	return history, nil
 }
 
 // snapshotInstall is a received snapshot being installed by one Save.
@@ -275,6 +284,7 @@ func (s *Store) openSnapshot(snap *raftpb.Snapshot) (*snapshotInstall, error) {
 		return nil, fmt.Errorf("storage: snapshot file %q is not one this store received", path)
 	}
 	md := snap.GetMetadata()
+	history, _ := s.histories.LoadAndDelete(path)
 	if _, err := os.Stat(path); err != nil {
 		return nil, fmt.Errorf("storage: installing snapshot %d: %w", md.GetIndex(), err)
 	}
@@ -320,7 +330,10 @@ func (s *Store) openSnapshot(snap *raftpb.Snapshot) (*snapshotInstall, error) {
 		return nil, closedErr(err)
 	}
 	defer live.Rollback()
-	if err := in.adopt(live); err != nil {
+	if h, ok := history.([]*Event); ok {
+		in.events = h
+	}
+	if err := in.adopt(live, in.events == nil); err != nil {
 		return nil, fmt.Errorf("storage: installing snapshot %d: %w", md.GetIndex(), err)
 	}
 	ok = true
@@ -329,8 +342,9 @@ func (s *Store) openSnapshot(snap *raftpb.Snapshot) (*snapshotInstall, error) {
 
 // adopt makes in.tx's file this member's: its own meta and raft buckets
 // come from the live file, the snapshot's place and the file's indexes
-// are set, and the file's history is read for watchers.
-func (in *snapshotInstall) adopt(live *bolt.Tx) error {
+// are set, and, with readEvents, the file's history is read for watchers
+// (ReceiveSnapshot has it already).
+func (in *snapshotInstall) adopt(live *bolt.Tx, readEvents bool) error {
 	for _, name := range [][]byte{bucketMeta, bucketRaft} {
 		if err := replaceBucket(in.tx, live.Bucket(name), name, true); err != nil {
 			return err
@@ -338,6 +352,9 @@ func (in *snapshotInstall) adopt(live *bolt.Tx) error {
 	}
 	if err := in.resetRaft(in.tx); err != nil {
 		return err
+	}
+	if !readEvents {
+		return nil
 	}
 	var err error
 	in.events, err = readHistory(in.tx.Bucket(bucketEvents))
@@ -512,6 +529,7 @@ func (s *Store) DropReceivedSnapshots(index uint64) {
 		p := filepath.Join(dir, e.Name())
 		if i, ok := s.receivedIndex(p); ok && i <= index {
 			os.Remove(p)
+			s.histories.Delete(p)
 		}
 	}
 }

@@ -107,6 +107,7 @@ type Store struct {
 	dedup     *dedup                    // nil after a failed Save: rebuilt from the file; Save's goroutine only
 	now       func() time.Time          // the clock for ttl fields; tests replace it
 	received  atomic.Uint64             // received snapshots, for their file names
+	histories sync.Map                  // received snapshot's path -> its history ([]*Event), for the install
 	arena     arena                     // Save's values; Save's goroutine only
 	bufs      saveBufs                  // Save's encoding buffers, kept from one Save to the next
 	open      *bolt.Tx                  // a deferred Save's transaction, not yet committed; Save's goroutine only

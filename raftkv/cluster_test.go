@@ -5,9 +5,11 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"math"
 	"net/http"
 	"net/http/httptest"
+	"os"
 	"slices"
 	"strings"
 	"sync"
@@ -1690,4 +1692,41 @@ func TestRemovedMemberQuietsItsTransport(t *testing.T) {
 		defer gone.tr.mu.RUnlock()
 		return gone.tr.stopped && len(gone.tr.peers) == 0 && gone.peerH.Load() == nil
 	})
+}
+
+// A snapshot Raft ignores (at or below its commit index: another copy of
+// one already installed) has its received file removed at once, not at the
+// member's next local snapshot.
+func TestIgnoredSnapshotFileGoesAtOnce(t *testing.T) {
+	c := newTestCluster(t, 3, nil)
+	leader := c.waitLeader(c.members...)
+	put(t, leader.n(), "/a", "1")
+	f := c.followers(leader, c.members...)[0]
+	waitLocal(t, f.n(), "/a", "1")
+	ln, fn := leader.n(), f.n()
+	index := min(fn.applied.Load(), ln.applied.Load())
+
+	pr, pw := io.Pipe()
+	go func() {
+		_, err := ln.store.WriteSnapshot(pw)
+		pw.CloseWithError(err)
+	}()
+	path, err := fn.store.ReceiveSnapshot(pr, index)
+	if err != nil {
+		t.Fatal(err)
+	}
+	term := ln.term.Load()
+	fn.receive(&raftpb.Message{
+		Type: raftpb.MsgSnap.Enum(), From: proto.Uint64(ln.id), To: proto.Uint64(fn.id), Term: proto.Uint64(term),
+		Snapshot: &raftpb.Snapshot{Data: []byte(path), Metadata: &raftpb.SnapshotMetadata{
+			Index: proto.Uint64(index), Term: proto.Uint64(term), ConfState: &raftpb.ConfState{Voters: []uint64{ln.id}}}},
+	})
+	waitFor(t, "the ignored snapshot's file removed", func() bool {
+		_, err := os.Stat(path)
+		return errors.Is(err, os.ErrNotExist)
+	})
+	if k := fn.installs.Load(); k != 0 {
+		t.Fatalf("%d snapshots installed", k)
+	}
+	put(t, fn, "/b", "2")
 }

@@ -825,6 +825,16 @@ func (n *Node) step(m *raftpb.Message) {
 			until: time.Now().Add(n.cfg.ElectionTimeout), commit: n.rn.BasicStatus().GetCommit()}
 		n.stepTimeoutNow()
 		return
+	case raftpb.MsgSnap:
+		// Raft ignores a snapshot at or below its commit index (another
+		// copy of one it installed, say): its file goes now, not at the
+		// next local snapshot. Only its own: a file Raft took may still
+		// wait for its Ready.
+		if m.GetSnapshot().GetMetadata().GetIndex() <= n.rn.BasicStatus().GetCommit() {
+			n.stepRaft(m)
+			n.store.DropReceivedSnapshot(string(m.GetSnapshot().GetData()))
+			return
+		}
 	}
 	n.stepRaft(m)
 }

@@ -534,6 +534,15 @@ func (s *Store) DropReceivedSnapshots(index uint64) {
 	}
 }
 
+// DropReceivedSnapshot removes the received snapshot file path names, one
+// Raft did not take; any other path is left alone.
+func (s *Store) DropReceivedSnapshot(path string) {
+	if _, ok := s.receivedIndex(path); ok {
+		os.Remove(path)
+		s.histories.Delete(path)
+	}
+}
+
 // removeStaleSnapshots deletes received snapshots left by an earlier run:
 // the MsgSnap that went with them was lost with the process.
 func removeStaleSnapshots(dir string) {

@@ -65,8 +65,9 @@ type App struct {
 	SnapshotCount uint64 `json:"snapshot_count,omitempty"`
 
 	// How many entries the log keeps behind each snapshot, for followers
-	// that lag to catch up from instead of a whole snapshot (etcd's
-	// --snapshot-catchup-entries, 3.5.13 and later; etcd 3.4 always keeps
+	// that lag to catch up from instead of a whole snapshot (etcd 3.6's
+	// --snapshot-catchup-entries, 3.5.13's
+	// --experimental-snapshot-catchup-entries; etcd 3.4 always keeps
 	// 5000). Default: 5000.
 	SnapshotCatchUpEntries uint64 `json:"snapshot_catchup_entries,omitempty"`
 

@@ -46,20 +46,20 @@ func parseGlobalOption(d *caddyfile.Dispenser, existing any) (any, error) {
 // UnmarshalCaddyfile sets up the app from Caddyfile tokens. Syntax:
 //
 //	raftkv {
-//		name                  <name>
-//		data_dir              <path>
-//		snapshot_count        <entries>
+//		name                     <name>
+//		data_dir                 <path>
+//		snapshot_count           <entries>
 //		snapshot_catchup_entries <entries>
-//		heartbeat_interval    <duration>
-//		election_timeout      <duration>
-//		initial_cluster       <name>=<peer_url>...
-//		initial_cluster_state new|existing
-//		initial_cluster_token <token>
-//		advertise_client_urls <url>...
-//		peer_cert_file        <cert.pem>
-//		peer_key_file         <key.pem>
-//		peer_trusted_ca_file  <ca.pem>
-//		strict_reconfig_check [true|false]
+//		heartbeat_interval       <duration>
+//		election_timeout         <duration>
+//		initial_cluster          <name>=<peer_url>...
+//		initial_cluster_state    new|existing
+//		initial_cluster_token    <token>
+//		advertise_client_urls    <url>...
+//		peer_cert_file           <cert.pem>
+//		peer_key_file            <key.pem>
+//		peer_trusted_ca_file     <ca.pem>
+//		strict_reconfig_check    [true|false]
 //	}
 //
 // initial_cluster takes etcd's --initial-cluster list, as one

@@ -827,10 +827,11 @@ func (n *Node) step(m *raftpb.Message) {
 		return
 	case raftpb.MsgSnap:
 		// Raft ignores a snapshot at or below its commit index (another
-		// copy of one it installed, say): its file goes now, not at the
-		// next local snapshot. Only its own: a file Raft took may still
-		// wait for its Ready.
-		if m.GetSnapshot().GetMetadata().GetIndex() <= n.rn.BasicStatus().GetCommit() {
+		// copy of one it installed, say) or of an older term: its file
+		// goes now, not at the next local snapshot. Only its own: a file
+		// Raft took may still wait for its Ready.
+		st := n.rn.BasicStatus()
+		if m.GetSnapshot().GetMetadata().GetIndex() <= st.GetCommit() || m.GetTerm() < st.GetTerm() {
 			n.stepRaft(m)
 			n.store.DropReceivedSnapshot(string(m.GetSnapshot().GetData()))
 			return

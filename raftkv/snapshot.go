@@ -49,9 +49,11 @@ func (n *Node) maybeSnapshot() error {
 		}
 	}
 	ls.snapIndex = applied
-	// Received snapshots Raft did not take (at or below its commit index)
-	// or never got (a message dropped on the way) would stay until the
-	// next start; this runs every snapshot_count entries.
+	// Received snapshots Raft did not take (step removes those at or
+	// below its commit index, or of an older term, when it steps them;
+	// these are the rest) or never got (a message dropped on the way)
+	// would stay until the next start; this runs every snapshot_count
+	// entries.
 	n.store.DropReceivedSnapshots(n.committed.Load())
 	n.lg.Info("snapshot taken",
 		zap.Uint64("index", snap.GetMetadata().GetIndex()),

@@ -39,7 +39,13 @@ func openChecked(name string, flag int, perm os.FileMode) (*os.File, error) {
 			if err != nil {
 				return nil, err
 			}
-			continue // renamed over while this process waited: lock the new one
+			if time.Now().After(deadline) {
+				return nil, fmt.Errorf("%w: %s", ErrLocked, name)
+			}
+			// Renamed over while this process waited: lock the new one,
+			// which must exist (no empty file in place of one moved away).
+			flag &^= os.O_CREATE
+			continue
 		}
 		if err := checkOpenFile(f); err != nil {
 			f.Close()

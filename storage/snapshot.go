@@ -29,7 +29,9 @@ import (
 // etcd's v3 backend does with its consistent index.
 
 // ErrSnapshotInvalid is returned by ReceiveSnapshot when the stream ends
-// early or is not a member.db: the sender's fault, not this member's.
+// early or is not a member.db, or the file's state is older than the
+// snapshot it is sent for, or its history does not decode: the sender's
+// fault, not this member's.
 var ErrSnapshotInvalid = errors.New("storage: invalid snapshot")
 
 // snapshotName begins the names of received snapshots: snap.tmp.* while
@@ -75,8 +77,9 @@ func (s *Store) receivedIndex(path string) (index uint64, ok bool) {
 // to read or is not such a file gives an error wrapping ErrSnapshotInvalid.
 // Each file has a name of its own: a second snapshot received while Raft
 // has yet to take the first one's message leaves that one's file alone.
-// Installing a snapshot makes its file member.db, and removes every other
-// one Raft can no longer take (at or below its snapshot index).
+// Installing a snapshot makes its file member.db (or copies its state in:
+// see snapshotInstall), and removes every other one Raft can no longer
+// take (at or below its snapshot index).
 func (s *Store) ReceiveSnapshot(r io.Reader, index uint64) (path string, err error) {
 	if s.closed.Load() {
 		return "", ErrClosed
@@ -114,14 +117,17 @@ func (s *Store) ReceiveSnapshot(r io.Reader, index uint64) (path string, err err
 		return "", err
 	}
 	path = filepath.Join(dir, fmt.Sprintf("%s-%d-%d", snapshotName, index, s.received.Add(1)))
+	s.histories.Store(path, history)
 	if err := os.Rename(tmp, path); err != nil {
+		s.histories.Delete(path)
 		return "", fmt.Errorf("storage: receiving a snapshot: %w", err)
 	}
 	// The rename must survive a crash before the install commits.
 	if err := syncDir(dir); err != nil {
+		os.Remove(path)
+		s.histories.Delete(path)
 		return "", fmt.Errorf("storage: receiving a snapshot: %w", err)
 	}
-	s.histories.Store(path, history)
 	return path, nil
 }
 
@@ -264,7 +270,7 @@ type snapshotInstall struct {
 	copy   bool // the file's state is copied into the live file
 
 	db      *bolt.DB // the received file; nil when behind
-	tx      *bolt.Tx // Save's transaction on db
+	tx      *bolt.Tx // Save's transaction on db; a read transaction when copy
 	events  []*Event // the file's history, for watchers
 	swapped bool     // db is member.db now
 }
@@ -292,6 +298,11 @@ func (s *Store) openSnapshot(snap *raftpb.Snapshot) (*snapshotInstall, error) {
 	opts.OpenFile = func(name string, flag int, perm os.FileMode) (*os.File, error) {
 		return os.OpenFile(name, flag&^os.O_CREATE, perm) // never an empty new file
 	}
+	if !installByRename {
+		// Only read: a file opened for writing is grown to its mapping
+		// (Windows), and it must be closed before it is removed.
+		opts.ReadOnly, opts.InitialMmapSize = true, 0
+	}
 	db, err := openDB(path, opts)
 	if err != nil {
 		return nil, fmt.Errorf("storage: installing snapshot %d: %w", md.GetIndex(), err)
@@ -303,7 +314,7 @@ func (s *Store) openSnapshot(snap *raftpb.Snapshot) (*snapshotInstall, error) {
 			in.close()
 		}
 	}()
-	if in.tx, err = db.Begin(true); err != nil {
+	if in.tx, err = db.Begin(installByRename); err != nil {
 		return nil, fmt.Errorf("storage: installing snapshot %d: %w", md.GetIndex(), err)
 	}
 	meta := in.tx.Bucket(bucketMeta)
@@ -320,6 +331,9 @@ func (s *Store) openSnapshot(snap *raftpb.Snapshot) (*snapshotInstall, error) {
 		ok = true
 		return in, nil
 	}
+	if h, ok := history.([]*Event); ok {
+		in.events = h
+	}
 	if !installByRename {
 		in.copy = true
 		ok = true
@@ -330,9 +344,6 @@ func (s *Store) openSnapshot(snap *raftpb.Snapshot) (*snapshotInstall, error) {
 		return nil, closedErr(err)
 	}
 	defer live.Rollback()
-	if h, ok := history.([]*Event); ok {
-		in.events = h
-	}
 	if err := in.adopt(live, in.events == nil); err != nil {
 		return nil, fmt.Errorf("storage: installing snapshot %d: %w", md.GetIndex(), err)
 	}
@@ -372,6 +383,9 @@ func (in *snapshotInstall) copyInto(tx *bolt.Tx) error {
 	}
 	if err := in.resetRaft(tx); err != nil {
 		return err
+	}
+	if in.events != nil {
+		return nil // decoded as the file arrived
 	}
 	var err error
 	in.events, err = readHistory(tx.Bucket(bucketEvents))
@@ -446,6 +460,7 @@ func (in *snapshotInstall) close() {
 		_ = in.tx.Rollback()
 	}
 	in.db.Close()
+	in.db, in.tx = nil, nil
 }
 
 // replaceBucket makes name in tx a copy of src, a bucket of another file.
@@ -478,16 +493,16 @@ func replaceBucket(tx *bolt.Tx, src *bolt.Bucket, name []byte, clone bool) error
 // closes once its last reader is done (a snapshot being streamed to a peer
 // may hold one for a while). A crash before the rename leaves the live
 // file without this Save's Ready (and Open removes the received one);
-// after it, the new one, whole.
+// after the directory's fsync, the new one, whole; in between, either.
 func (s *Store) swapIn(in *snapshotInstall) error {
 	if err := os.Rename(in.path, filepath.Join(s.dir, "member.db")); err != nil {
 		return fmt.Errorf("storage: installing snapshot %d: %w", in.meta.GetIndex(), err)
 	}
 	// Readers see the new state only once the rename is durable: a crash
-	// must not take them back to the old file.
-	if err := syncDir(s.dir); err != nil {
-		return fmt.Errorf("storage: installing snapshot %d: %w", in.meta.GetIndex(), err)
-	}
+	// must not take them back to the old file. If it cannot be made so,
+	// the store fails (no reader sees either file), holding the lock of
+	// the file that is member.db now.
+	synced := syncDir(s.dir)
 	old := s.db.Swap(in.db)
 	in.swapped = true
 	s.retired.Add(1)
@@ -495,6 +510,9 @@ func (s *Store) swapIn(in *snapshotInstall) error {
 		defer s.retired.Done()
 		old.Close()
 	}()
+	if synced != nil {
+		return fmt.Errorf("storage: installing snapshot %d: %w", in.meta.GetIndex(), synced)
+	}
 	return nil
 }
 
@@ -510,6 +528,7 @@ func (s *Store) installed(in *snapshotInstall) {
 		s.hub.recover(in.events, in.index)
 	}
 	if !in.swapped {
+		in.close() // a file that is open cannot be removed everywhere
 		os.Remove(in.path)
 	}
 	s.DropReceivedSnapshots(in.meta.GetIndex())
@@ -529,9 +548,15 @@ func (s *Store) DropReceivedSnapshots(index uint64) {
 		p := filepath.Join(dir, e.Name())
 		if i, ok := s.receivedIndex(p); ok && i <= index {
 			os.Remove(p)
-			s.histories.Delete(p)
 		}
 	}
+	// Histories of files gone another way (a message the loop never took).
+	s.histories.Range(func(k, _ any) bool {
+		if i, ok := s.receivedIndex(k.(string)); !ok || i <= index {
+			s.histories.Delete(k)
+		}
+		return true
+	})
 }
 
 // DropReceivedSnapshot removes the received snapshot file path names, one

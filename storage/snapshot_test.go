@@ -400,6 +400,12 @@ func TestDropReceivedSnapshots(t *testing.T) {
 	if _, err := os.Stat(later); err != nil {
 		t.Errorf("%s: %v", later, err)
 	}
+	// The decoded history of the file that went goes with it.
+	var kept []string
+	f.histories.Range(func(k, _ any) bool { kept = append(kept, k.(string)); return true })
+	if len(kept) != 1 || kept[0] != later {
+		t.Errorf("histories kept for %v, want only %s", kept, later)
+	}
 }
 
 // The install renames the received file over member.db rather than copying

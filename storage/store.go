@@ -406,7 +406,8 @@ type Applied struct {
 // log on restoring a snapshot; the snapshot metadata and its conf state are
 // saved and the log's compaction point moves to the snapshot index. This
 // member's own meta values stay. The transaction is the received file's,
-// which then replaces member.db (see snapshotInstall). The file may be
+// which then replaces member.db (see snapshotInstall; where open files
+// cannot be renamed, the file's state is copied in instead). The file may be
 // ahead of the snapshot (the leader copies its current state): the store's
 // applied index then stays ahead of Raft's, and the committed entries in
 // between are skipped when Raft hands them out again. Once committed,
@@ -495,13 +496,16 @@ func (s *Store) Save(rd Ready) ([]Applied, error) {
 					}
 				}
 				// The file's applied request IDs replace ours: its seed
-				// holds them all (prepareSnapshotFile).
+				// holds them all (prepareSnapshotFile), and becomes ours
+				// (in a copy, written into the live file).
 				d, err := loadDedup(install.tx, install.applied)
 				if err != nil {
 					return fmt.Errorf("storage: installing snapshot %d: %w", install.meta.GetIndex(), err)
 				}
-				if err := d.saveSeed(tx, install.applied); err != nil {
-					return err
+				if install.copy {
+					if err := d.saveSeed(tx, install.applied); err != nil {
+						return err
+					}
 				}
 				s.dedup = d
 			}

@@ -432,8 +432,10 @@ func TestClusterRemoveFollowerAndLeader(t *testing.T) {
 	put(t, n, "/d", "4")
 }
 
-func TestClusterMemberDownCatchesUpBySnapshot(t *testing.T) {
-	c := newTestCluster(t, 3, func(cfg *Config) { cfg.SnapshotCount, cfg.SnapshotCatchUpEntries = 8, 8 })
+// downThrough40Writes stops a follower of c while the others apply 40
+// writes, starts it again and waits until it has them all.
+func (c *testCluster) downThrough40Writes(t *testing.T) (*testMember, *Node) {
+	t.Helper()
 	leader := c.waitLeader(c.members...)
 	down := c.followers(leader, c.members...)[0]
 	put(t, leader.n(), "/before", "0")
@@ -446,6 +448,12 @@ func TestClusterMemberDownCatchesUpBySnapshot(t *testing.T) {
 	}
 	n := c.start(down, "new")
 	waitLocal(t, n, "/k39", "39")
+	return down, n
+}
+
+func TestClusterMemberDownCatchesUpBySnapshot(t *testing.T) {
+	c := newTestCluster(t, 3, func(cfg *Config) { cfg.SnapshotCount, cfg.SnapshotCatchUpEntries = 8, 8 })
+	down, n := c.downThrough40Writes(t)
 	// The counter moves just after the install's data is visible.
 	waitFor(t, "a snapshot installed", func() bool { return n.installs.Load() > 0 })
 	c.waitLeader(c.members...)
@@ -469,18 +477,7 @@ func TestClusterMemberDownCatchesUpBySnapshot(t *testing.T) {
 // snapshots' worth of writes, but fewer than that, catches up from the log.
 func TestClusterMemberDownCatchesUpFromTheLogBehindSnapshots(t *testing.T) {
 	c := newTestCluster(t, 3, func(cfg *Config) { cfg.SnapshotCount = 8 })
-	leader := c.waitLeader(c.members...)
-	down := c.followers(leader, c.members...)[0]
-	put(t, leader.n(), "/before", "0")
-	waitLocal(t, down.n(), "/before", "0")
-	c.stop(down)
-
-	up := c.followers(down, c.members...)
-	for i := range 40 {
-		put(t, up[i%2].n(), fmt.Sprintf("/k%d", i), fmt.Sprint(i))
-	}
-	n := c.start(down, "new")
-	waitLocal(t, n, "/k39", "39")
+	_, n := c.downThrough40Writes(t)
 	if k := n.installs.Load(); k != 0 {
 		t.Fatalf("%d snapshots installed: the leader's log did not reach back 40 entries", k)
 	}

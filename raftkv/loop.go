@@ -378,9 +378,11 @@ func (n *Node) handleReady() error {
 		n.loop.beforeSave()
 	}
 	var applied []storage.Applied
-	var saveTook time.Duration // a snapshot's install, for its log line
+	var installStart time.Time // for the install's log line
+	if snap != nil {
+		installStart = time.Now()
+	}
 	if n.needSave(hs, rd.Entries, snap, committed, cs) {
-		start := time.Now()
 		applied, err = n.store.Save(storage.Ready{
 			HardState: hs,
 			Entries:   rd.Entries,
@@ -395,7 +397,6 @@ func (n *Node) handleReady() error {
 		if err != nil {
 			return err
 		}
-		saveTook = time.Since(start)
 		n.saves.Add(1)
 		if hs != nil {
 			n.loop.hardState = hs
@@ -425,7 +426,7 @@ func (n *Node) handleReady() error {
 			zap.Uint64("index", n.loop.snapIndex),
 			zap.Uint64("term", snap.GetMetadata().GetTerm()),
 			zap.Uint64("applied-index", n.loop.applied),
-			zap.Duration("took", saveTook))
+			zap.Duration("took", time.Since(installStart)))
 		if n.isRemoved(n.id) {
 			n.loop.removedSelf = true
 		}

@@ -327,12 +327,16 @@ func (s *Store) openSnapshot(snap *raftpb.Snapshot) (*snapshotInstall, error) {
 	}
 	if in.applied < s.applied.Load() {
 		in.close()
-		in.db, in.tx, in.behind = nil, nil, true
+		in.behind = true
 		ok = true
 		return in, nil
 	}
-	if h, ok := history.([]*Event); ok {
+	// The history was decoded as the file arrived (ReceiveSnapshot); it
+	// is read here only if its stash is gone.
+	if h, stashed := history.([]*Event); stashed {
 		in.events = h
+	} else if in.events, err = readHistory(in.tx.Bucket(bucketEvents)); err != nil {
+		return nil, fmt.Errorf("storage: installing snapshot %d: %w", md.GetIndex(), err)
 	}
 	if !installByRename {
 		in.copy = true
@@ -344,7 +348,7 @@ func (s *Store) openSnapshot(snap *raftpb.Snapshot) (*snapshotInstall, error) {
 		return nil, closedErr(err)
 	}
 	defer live.Rollback()
-	if err := in.adopt(live, in.events == nil); err != nil {
+	if err := in.adopt(live); err != nil {
 		return nil, fmt.Errorf("storage: installing snapshot %d: %w", md.GetIndex(), err)
 	}
 	ok = true
@@ -352,24 +356,15 @@ func (s *Store) openSnapshot(snap *raftpb.Snapshot) (*snapshotInstall, error) {
 }
 
 // adopt makes in.tx's file this member's: its own meta and raft buckets
-// come from the live file, the snapshot's place and the file's indexes
-// are set, and, with readEvents, the file's history is read for watchers
-// (ReceiveSnapshot has it already).
-func (in *snapshotInstall) adopt(live *bolt.Tx, readEvents bool) error {
+// come from the live file, and the snapshot's place and the file's indexes
+// are set.
+func (in *snapshotInstall) adopt(live *bolt.Tx) error {
 	for _, name := range [][]byte{bucketMeta, bucketRaft} {
 		if err := replaceBucket(in.tx, live.Bucket(name), name, true); err != nil {
 			return err
 		}
 	}
-	if err := in.resetRaft(in.tx); err != nil {
-		return err
-	}
-	if !readEvents {
-		return nil
-	}
-	var err error
-	in.events, err = readHistory(in.tx.Bucket(bucketEvents))
-	return err
+	return in.resetRaft(in.tx)
 }
 
 // copyInto is the install where the file cannot become member.db: its
@@ -381,15 +376,7 @@ func (in *snapshotInstall) copyInto(tx *bolt.Tx) error {
 			return err
 		}
 	}
-	if err := in.resetRaft(tx); err != nil {
-		return err
-	}
-	if in.events != nil {
-		return nil // decoded as the file arrived
-	}
-	var err error
-	in.events, err = readHistory(tx.Bucket(bucketEvents))
-	return err
+	return in.resetRaft(tx)
 }
 
 // readHistory decodes the newest historySize events of an events bucket.

@@ -1,6 +1,7 @@
 package caddymodule
 
 import (
+	"context"
 	"crypto/tls"
 	"crypto/x509"
 	"fmt"
@@ -23,7 +24,7 @@ func init() {
 }
 
 // peerPath is where members send each other Raft messages and snapshots
-// (raftkv's peer protocol: /raft, /raft/snapshot).
+// (raftkv's peer protocol: /raft, /raft/stream, /raft/snapshot).
 const peerPath = "/raft"
 
 // PeerHandler serves the member's peer endpoint: the Raft messages and
@@ -38,6 +39,11 @@ const peerPath = "/raft"
 // itself refuses messages from another cluster or from an unknown member.
 type PeerHandler struct {
 	member *member
+	// ctx ends when this handler's config is unloaded (a reload): the
+	// peer streams it serves end then, and their senders open new ones,
+	// served by the new config. Left open, they would keep the old
+	// server running for as long as the member does.
+	ctx context.Context
 }
 
 // CaddyModule returns the Caddy module information.
@@ -55,6 +61,12 @@ func (h *PeerHandler) Provision(ctx caddy.Context) error {
 		return err
 	}
 	h.member = v.(*App).member
+	h.ctx = ctx
+	if srv, ok := ctx.Value(caddyhttp.ServerCtxKey).(*caddyhttp.Server); ok {
+		// When Caddy exits, the streams end as watches do: a peer site
+		// need not share a server with an etcd handler.
+		srv.RegisterOnShutdown(endWatchesIfExiting)
+	}
 	return nil
 }
 
@@ -68,11 +80,16 @@ func (h *PeerHandler) ServeHTTP(w http.ResponseWriter, r *http.Request, next cad
 	// raftkv reports them unreachable and Raft resends.
 	n := h.member.running()
 	if n == nil {
+		// At once, whatever the body: a peer's stream does not end.
+		_ = http.NewResponseController(w).EnableFullDuplex()
 		w.Header().Set("Retry-After", "1")
 		http.Error(w, "raftkv member not running", http.StatusServiceUnavailable)
 		return nil
 	}
-	n.PeerHandler().ServeHTTP(w, r)
+	ctx, cancel := context.WithCancel(r.Context())
+	defer cancel()
+	defer context.AfterFunc(h.ctx, cancel)()
+	n.PeerHandler().ServeHTTP(w, r.WithContext(ctx))
 	return nil
 }
 

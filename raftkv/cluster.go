@@ -63,6 +63,8 @@ type peerEntry struct{ n *Node }
 func (e peerEntry) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	h := e.n.peerH.Load()
 	if h == nil {
+		// At once, whatever the body: a peer's stream does not end.
+		_ = http.NewResponseController(w).EnableFullDuplex()
 		http.Error(w, "member not running", http.StatusServiceUnavailable)
 		return
 	}

@@ -42,6 +42,73 @@ type testMember struct {
 
 func (m *testMember) n() *Node { return m.node.Load() }
 
+// refuses reports whether m's peer endpoint refuses member from (hex ID).
+func (m *testMember) refuses(from string) bool {
+	cut, _ := m.refuseFrom.Load().(string)
+	return cut != "" && cut == from
+}
+
+// testStreamBody is a peer stream's body on the simulated network: it fails
+// once the link from its sender is cut, and what the sender wrote comes
+// out oneWay after it arrived (the sleep is the network's delay, not a
+// wait for a condition), however much follows it.
+type testStreamBody struct {
+	io.ReadCloser
+	m      *testMember
+	from   string
+	oneWay time.Duration
+	chunks chan testChunk
+	buf    []byte
+	err    error
+}
+
+type testChunk struct {
+	data []byte
+	at   time.Time
+	err  error
+}
+
+func newTestStreamBody(body io.ReadCloser, m *testMember, from string, oneWay time.Duration) *testStreamBody {
+	b := &testStreamBody{ReadCloser: body, m: m, from: from, oneWay: oneWay}
+	if oneWay > 0 {
+		b.chunks = make(chan testChunk, 4096)
+		go func() {
+			for {
+				p := make([]byte, 32<<10)
+				n, err := body.Read(p)
+				b.chunks <- testChunk{data: p[:n], at: time.Now(), err: err}
+				if err != nil {
+					return
+				}
+			}
+		}()
+	}
+	return b
+}
+
+func (b *testStreamBody) Read(p []byte) (int, error) {
+	if b.m.refuses(b.from) {
+		return 0, errors.New("cut off (test)")
+	}
+	if b.chunks == nil {
+		return b.ReadCloser.Read(p)
+	}
+	for len(b.buf) == 0 && b.err == nil {
+		c := <-b.chunks
+		time.Sleep(time.Until(c.at.Add(b.oneWay)))
+		b.buf, b.err = c.data, c.err
+	}
+	if b.m.refuses(b.from) {
+		return 0, errors.New("cut off (test)")
+	}
+	if len(b.buf) == 0 {
+		return 0, b.err
+	}
+	n := copy(p, b.buf)
+	b.buf = b.buf[n:]
+	return n, nil
+}
+
 // testCluster is a set of members that share an initial cluster.
 type testCluster struct {
 	t       *testing.T
@@ -60,16 +127,24 @@ func newTestMember(t *testing.T, name string) *testMember {
 func newSlowTestMember(t *testing.T, name string, oneWay time.Duration) *testMember {
 	m := &testMember{name: name, dir: t.TempDir()}
 	m.srv = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		// Answers go out before a stream's body is read (see
+		// peerHandler.ServeHTTP).
+		_ = http.NewResponseController(w).EnableFullDuplex()
 		n := m.n()
 		if n == nil {
 			http.Error(w, "no member here", http.StatusServiceUnavailable)
 			return
 		}
-		if from, _ := m.refuseFrom.Load().(string); from != "" && r.Header.Get(headerPeerFrom) == from {
+		from := r.Header.Get(headerPeerFrom)
+		if m.refuses(from) {
 			http.Error(w, "cut off (test)", http.StatusServiceUnavailable)
 			return
 		}
-		if oneWay > 0 && r.Method == http.MethodPost {
+		if r.URL.Path == peerStreamPath {
+			// A stream is cut when its sender is, and each read of it
+			// arrives oneWay late.
+			r.Body = newTestStreamBody(r.Body, m, from, oneWay)
+		} else if oneWay > 0 && r.Method == http.MethodPost {
 			time.Sleep(oneWay)
 			defer time.Sleep(oneWay)
 		}
@@ -1610,6 +1685,7 @@ func TestSnapshotReportOutlastsAFullReportQueue(t *testing.T) {
 	for i := range 3 {
 		m := &testMember{name: fmt.Sprintf("m%d", i), dir: t.TempDir()}
 		m.srv = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			_ = http.NewResponseController(w).EnableFullDuplex()
 			n := m.n()
 			if n == nil {
 				http.Error(w, "no member here", http.StatusServiceUnavailable)

@@ -266,6 +266,7 @@ func (n *Node) Start() error {
 	ph := newPeerHandler(n.id, n.clusterID, n.tr.peerStatus, n.receive, st, n.lg.Named("peer"))
 	ph.members = n.memberSnapshot
 	ph.recvAppends = &n.recvRate
+	ph.ended, ph.halted = n.endc, n.haltc
 	n.peerH.Store(ph)
 	n.bgCtx, n.bgStop = context.WithCancel(context.Background())
 	n.started = true

@@ -1,7 +1,6 @@
 package raftkv
 
 import (
-	"bytes"
 	"context"
 	"crypto/sha256"
 	"crypto/tls"
@@ -29,9 +28,14 @@ import (
 	"google.golang.org/protobuf/proto"
 )
 
-// The peer protocol. A member POSTs batches of Raft messages to
-// <peerURL>/raft, each message a frame: a 4-byte big-endian length, then
-// the proto-encoded raftpb.Message. A snapshot goes to <peerURL>/raft/snapshot
+// The peer protocol. A member streams Raft messages to each peer in the
+// body of one long POST to <peerURL>/raft/stream, each message a frame: a
+// 4-byte big-endian length, then the proto-encoded raftpb.Message. The
+// receiver answers 200 at once and reads frames for as long as the sender
+// writes them, as etcd's rafthttp streams do: a message costs a write on
+// an open connection, not a request. A batch of frames POSTed to
+// <peerURL>/raft is delivered whole and answered 204; members use it, with
+// no frame, to probe a peer (reachability, its round trip). A snapshot goes to <peerURL>/raft/snapshot
 // as one streamed body: the MsgSnap's frame (its metadata, no data), then
 // the leader's member.db as WriteSnapshot writes it, its SHA-256 in a
 // trailer. Every request carries the cluster ID and both member IDs
@@ -43,6 +47,7 @@ import (
 // and client_auth.
 const (
 	peerRaftPath        = "/raft"
+	peerStreamPath      = "/raft/stream"
 	peerSnapshotPath    = "/raft/snapshot"
 	peerMembersPath     = "/raft/members"
 	headerPeerClusterID = "X-Etcaddy-Cluster-Id"
@@ -59,7 +64,8 @@ const (
 	// as etcd does when its sending buffer is full: Raft retransmits.
 	peerQueueMessages = 4096
 	peerQueueBytes    = 64 << 20
-	// peerBatchBytes is how much one POST carries (at least one message).
+	// peerBatchBytes is how much one write to a peer's stream carries (at
+	// least one message).
 	peerBatchBytes = 4 << 20
 	// peerMaxFrame is the largest message a member accepts: well above
 	// MaxSizePerMsg (1 MiB), which a single large entry may exceed.
@@ -68,8 +74,9 @@ const (
 	peerMaxBody = 2 * peerMaxFrame
 	// peerMaxSnapFrame bounds a snapshot's metadata frame.
 	peerMaxSnapFrame = 4 << 20
-	// peerRequestTimeout ends a batch POST that hangs, so that a stalled
-	// peer fills its own queue instead of holding messages forever.
+	// peerRequestTimeout ends a probe that hangs, and a stream whose write
+	// does not go through for this long, so that a stalled peer fills its
+	// own queue instead of holding messages forever.
 	peerRequestTimeout = 5 * time.Second
 	peerDialTimeout    = time.Second
 )
@@ -99,10 +106,10 @@ type transportConfig struct {
 	// SnapshotStall is how long a snapshot transfer may go without
 	// progress (zero: defaultSnapshotStall); see sendSnapshot.
 	SnapshotStall time.Duration
-	// ProbeIdle is how long a peer may go without a message before an
-	// empty batch probes it (zero: never), so that every member knows
-	// which peers it reaches (activeSince), followers too: they send to
-	// the leader only.
+	// ProbeIdle is how often an empty batch probes each peer (zero:
+	// never), so that every member knows which peers it reaches
+	// (activeSince), followers too: they send to the leader only. The
+	// probes' round trips are the latency of /v2/stats/leader.
 	ProbeIdle time.Duration
 	// SentAppends, if set, samples each MsgApp sent, with its encoded size
 	// (the send rates of /v2/stats/self).
@@ -232,24 +239,28 @@ type peer struct {
 	// answered POST after a failed one (zero while it fails, or before it
 	// ever answered). etcd's rafthttp ActiveSince.
 	activeSince time.Time
+	// stream is the open stream to the peer, opened and ended by run; a
+	// failed probe cuts it.
+	stream atomic.Pointer[peerStream]
 }
 
 // followerCounters are the numbers behind a follower's /v2/stats/leader
-// entry: batch POSTs that succeeded or failed, and the round-trip time of
-// the successful ones in milliseconds.
+// entry: message batches that went out on the peer's stream or did not,
+// and the round-trip times of the probes it answered, in milliseconds.
 type followerCounters struct {
 	success, fail          uint64
+	samples                uint64
 	current, min, max, sum float64
 	sumSquares             float64
 }
 
-func (c *followerCounters) succeed(d time.Duration) {
+func (c *followerCounters) sample(d time.Duration) {
 	ms := float64(d) / float64(time.Millisecond)
-	c.success++
+	c.samples++
 	c.current = ms
 	c.sum += ms
 	c.sumSquares += ms * ms
-	if c.success == 1 || ms < c.min {
+	if c.samples == 1 || ms < c.min {
 		c.min = ms
 	}
 	c.max = max(c.max, ms)
@@ -258,8 +269,8 @@ func (c *followerCounters) succeed(d time.Duration) {
 func (c *followerCounters) stats() FollowerStats {
 	var s FollowerStats
 	s.Counts.Success, s.Counts.Fail = c.success, c.fail
-	if c.success > 0 {
-		n := float64(c.success)
+	if c.samples > 0 {
+		n := float64(c.samples)
 		avg := c.sum / n
 		s.Latency.Current, s.Latency.Average = c.current, avg
 		s.Latency.StandardDeviation = math.Sqrt(max(0, c.sumSquares/n-avg*avg))
@@ -326,9 +337,10 @@ func (t *peerTransport) AddPeer(id uint64, urls []string) error {
 	p := &peer{id: id, t: t, ctx: ctx, cancel: cancel, urls: clean, retiring: make(chan struct{}),
 		queue: make(chan []byte, peerQueueMessages), snapc: make(chan []byte, 1)}
 	t.peers[id] = p
-	t.wg.Add(2)
+	t.wg.Add(3)
 	go p.run()
 	go p.runSnapshots()
+	go p.runProbes()
 	return nil
 }
 
@@ -514,13 +526,9 @@ func (p *peer) currentURL() string {
 	return p.urls[p.pick%len(p.urls)]
 }
 
-// failed moves on to the peer's next URL and logs once per outage. A failed
-// probe is not counted in the peer's statistics: no message was lost.
-func (p *peer) failed(u string, err error, probe bool) {
+// failed moves on to the peer's next URL and logs once per outage.
+func (p *peer) failed(u string, err error) {
 	p.mu.Lock()
-	if !probe {
-		p.stats.fail++
-	}
 	switch {
 	case u == p.kept:
 		p.kept = "" // the member moved to its new URLs
@@ -536,13 +544,9 @@ func (p *peer) failed(u string, err error, probe bool) {
 	}
 }
 
-// succeeded records an answered POST; rtt is zero for a probe, which the
-// peer's statistics leave out.
-func (p *peer) succeeded(rtt time.Duration) {
+// reached records that the peer answered: a probe, or a stream it took.
+func (p *peer) reached() {
 	p.mu.Lock()
-	if rtt > 0 {
-		p.stats.succeed(rtt)
-	}
 	was := p.failing
 	p.failing = false
 	if p.activeSince.IsZero() {
@@ -554,34 +558,47 @@ func (p *peer) succeeded(rtt time.Duration) {
 	}
 }
 
-// run sends the queue in batches: whatever accumulated while the previous
-// POST was in flight goes in the next one, up to peerBatchBytes. A peer
-// with nothing to send for ProbeIdle gets an empty batch.
+// lost handles a request to the peer that failed: nothing when this member
+// stops, when the peer was removed, or when the peer says this member was
+// (checkGone); otherwise the peer is marked unreachable, and so is it for
+// Raft when messages were lost (not for a probe).
+func (p *peer) lost(u string, err error, messages bool) {
+	if p.ctx.Err() != nil {
+		return // stopping: nobody to tell
+	}
+	select {
+	case <-p.retiring:
+		return // removed: a last word that did not get through
+	default:
+	}
+	if p.t.checkGone(err) {
+		return // the peer is up: no outage
+	}
+	p.failed(u, err)
+	if messages {
+		p.t.cfg.ReportUnreachable(p.id)
+	}
+}
+
+// run writes the queue to the peer's stream in batches: whatever
+// accumulated while the previous write was under way goes in the next
+// one, up to peerBatchBytes.
 func (p *peer) run() {
 	defer p.t.wg.Done()
-	var probe <-chan time.Time
-	var probeTimer *time.Timer
-	if d := p.t.cfg.ProbeIdle; d > 0 {
-		probeTimer = time.NewTimer(0) // the first probe at once
-		defer probeTimer.Stop()
-		probe = probeTimer.C
-	}
 	for {
 		var first []byte
 		select {
-		case <-probe:
-			p.post(nil)
-			probeTimer.Reset(p.t.cfg.ProbeIdle)
-			continue
 		case first = <-p.queue:
 		case <-p.retiring:
 			select {
 			case first = <-p.queue:
 			default:
-				p.cancel() // all sent: the snapshot sender ends too
+				p.endStream() // all sent, and delivered if the peer is up
+				p.cancel()    // the snapshot sender and the probes end too
 				return
 			}
 		case <-p.ctx.Done():
+			p.endStream()
 			return
 		}
 		body := appendPeerFrame(nil, first)
@@ -596,9 +613,183 @@ func (p *peer) run() {
 				break batch
 			}
 		}
-		p.post(body)
-		if probeTimer != nil {
-			probeTimer.Reset(p.t.cfg.ProbeIdle)
+		p.write(body)
+	}
+}
+
+// write sends a batch on the peer's stream, opening one when there is none
+// or the last one ended (the peer restarted, or its site was reloaded). A
+// batch that does not go through is lost: the peer is reported
+// unreachable, and Raft resends what matters.
+func (p *peer) write(body []byte) {
+	s := p.stream.Load()
+	if s != nil && s.ended() {
+		s.end()
+		s = nil
+	}
+	if s == nil {
+		s = p.openStream()
+		p.stream.Store(s)
+	}
+	err := s.write(body)
+	p.mu.Lock()
+	if err == nil {
+		p.stats.success++
+	} else {
+		p.stats.fail++
+	}
+	p.mu.Unlock()
+	if err != nil {
+		p.stream.Store(nil)
+		s.end()
+		switch {
+		case errors.Is(err, errStreamEnded):
+			// The peer ended it as the write began: reported already.
+		case s.reported.CompareAndSwap(false, true):
+			p.lost(s.url, err, true)
+		}
+	}
+}
+
+// endStream closes the stream after what was written to it, and waits
+// until the peer has read it (or the peer's context ends).
+func (p *peer) endStream() {
+	if s := p.stream.Swap(nil); s != nil {
+		s.end()
+		<-s.done
+	}
+}
+
+// peerStream is one open stream to a peer: the body of a POST that stays
+// open while run writes batches of frames to it.
+type peerStream struct {
+	url    string
+	pw     *io.PipeWriter
+	cancel context.CancelFunc
+	stall  *time.Timer   // cuts a write that does not go through
+	done   chan struct{} // closed when the request has ended
+	// reported is set by whoever reports the stream's failure first: the
+	// write that failed, or the request's end.
+	reported atomic.Bool
+}
+
+// errStreamEnded is how a stream the peer ended (a restart, a reload of
+// its site) shows to the next write, which opens another.
+var errStreamEnded = errors.New("the peer ended the stream")
+
+// errStreamStalled cuts a stream whose write took peerRequestTimeout.
+var errStreamStalled = errors.New("the peer took no message for " + peerRequestTimeout.String())
+
+// openStream starts a POST whose body is the stream; its answer is read on
+// a goroutine of its own, which ends the stream with the request's error.
+func (p *peer) openStream() *peerStream {
+	u := p.url()
+	ctx, cancel := context.WithCancel(p.ctx)
+	pr, pw := io.Pipe()
+	s := &peerStream{url: u, pw: pw, cancel: cancel, done: make(chan struct{})}
+	s.stall = time.AfterFunc(peerRequestTimeout, func() {
+		pw.CloseWithError(errStreamStalled)
+		cancel()
+	})
+	s.stall.Stop()
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, u+peerStreamPath, pr)
+	if err != nil {
+		pr.CloseWithError(err)
+		close(s.done)
+		cancel()
+		return s
+	}
+	p.t.setHeaders(req.Header, p.id)
+	p.t.wg.Add(1)
+	go func() {
+		defer p.t.wg.Done()
+		defer close(s.done)
+		defer cancel()
+		err := p.runStream(req)
+		pr.CloseWithError(err)
+		// Messages in flight may be lost, whoever ended the stream.
+		// Refused or broken, the peer is unreachable; ended by the peer
+		// (a restart, a reload), it is up: Raft resends all the same.
+		if errors.Is(err, errStreamEnded) {
+			if p.ctx.Err() == nil {
+				p.t.cfg.ReportUnreachable(p.id)
+			}
+		} else if s.reported.CompareAndSwap(false, true) {
+			p.lost(u, err, true)
+		}
+	}()
+	return s
+}
+
+// runStream sends the stream's request and reads its answer: 200, sent at
+// once when the peer takes the stream, then nothing until the peer ends
+// it. Any other answer is the peer's refusal, which the next write reports
+// (checkGone, lost).
+func (p *peer) runStream(req *http.Request) error {
+	resp, err := p.t.client.Do(req)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		msg, _ := io.ReadAll(io.LimitReader(resp.Body, 512))
+		return &peerStatusError{status: resp.Status, code: resp.StatusCode, msg: strings.TrimSpace(string(msg))}
+	}
+	p.reached()
+	if _, err := io.Copy(io.Discard, resp.Body); err != nil {
+		return err
+	}
+	return errStreamEnded
+}
+
+// write writes one batch; it fails when the stream has ended, or after
+// peerRequestTimeout when the peer takes nothing (its connection full).
+func (s *peerStream) write(b []byte) error {
+	s.stall.Reset(peerRequestTimeout)
+	_, err := s.pw.Write(b)
+	if !s.stall.Stop() && err == nil {
+		err = errStreamStalled
+	}
+	return err
+}
+
+func (s *peerStream) ended() bool {
+	select {
+	case <-s.done:
+		return true
+	default:
+		return false
+	}
+}
+
+// end closes the stream's body: the peer reads what is left, and the
+// request ends.
+func (s *peerStream) end() {
+	s.stall.Stop()
+	s.pw.Close()
+}
+
+// runProbes probes the peer every ProbeIdle with an empty batch, beside
+// the stream: its answer tells that the peer is up (activeSince) and how
+// long a round trip to it takes (/v2/stats/leader), and a 410 that this
+// member was removed.
+func (p *peer) runProbes() {
+	defer p.t.wg.Done()
+	d := p.t.cfg.ProbeIdle
+	if d <= 0 {
+		return
+	}
+	t := time.NewTimer(0) // the first probe at once
+	defer t.Stop()
+	for {
+		select {
+		case <-t.C:
+			p.probe()
+			t.Reset(d)
+		case <-p.retiring:
+			return
+		case <-p.ctx.Done():
+			return
 		}
 	}
 }
@@ -615,43 +806,33 @@ func (t *peerTransport) setHeaders(h http.Header, to uint64) {
 	h.Set(headerPeerTo, idString(to))
 }
 
-// post sends one batch. A failure reports the peer unreachable; the batch
-// is dropped, and Raft resends what matters. An empty body is a probe: it
-// only tells whether the peer answers, and Raft hears nothing of it.
-func (p *peer) post(body []byte) {
-	probe := len(body) == 0
+// probe POSTs an empty batch and records the answer.
+func (p *peer) probe() {
 	u := p.url()
 	ctx, cancel := context.WithTimeout(p.ctx, peerRequestTimeout)
 	defer cancel()
 	start := time.Now()
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, u+peerRaftPath, bytes.NewReader(body))
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, u+peerRaftPath, http.NoBody)
 	if err == nil {
 		p.t.setHeaders(req.Header, p.id)
 		err = p.t.do(req)
 	}
 	if err != nil {
-		if p.ctx.Err() != nil {
-			return // stopping: nobody to tell
+		// A peer that does not answer its probe does not take its
+		// stream either, whatever the writes to it say (something
+		// else answers there, or the connection is dead): cut it, so
+		// that the next batch opens another and a failure shows.
+		if s := p.stream.Load(); s != nil && !p.t.checkGoneErr(err) {
+			s.cancel()
 		}
-		select {
-		case <-p.retiring:
-			return // removed: a last word that did not get through
-		default:
-		}
-		if p.t.checkGone(err) {
-			return // the peer is up: no outage
-		}
-		p.failed(u, err, probe)
-		if !probe {
-			p.t.cfg.ReportUnreachable(p.id)
-		}
+		p.lost(u, err, false)
 		return
 	}
 	rtt := time.Since(start)
-	if probe {
-		rtt = 0
-	}
-	p.succeeded(rtt)
+	p.mu.Lock()
+	p.stats.sample(rtt)
+	p.mu.Unlock()
+	p.reached()
 }
 
 // peerStatusError is a peer's answer other than 204.
@@ -663,12 +844,17 @@ type peerStatusError struct {
 
 func (e *peerStatusError) Error() string { return e.status + ": " + e.msg }
 
+// checkGoneErr reports whether err is a peer's 410.
+func (t *peerTransport) checkGoneErr(err error) bool {
+	se, ok := errors.AsType[*peerStatusError](err)
+	return ok && se.code == http.StatusGone
+}
+
 // checkGone tells the member it was removed when a peer answers 410, as
 // etcd's rafthttp does ("the member has been permanently removed from the
 // cluster"), and reports whether it did.
 func (t *peerTransport) checkGone(err error) bool {
-	se, ok := errors.AsType[*peerStatusError](err)
-	if !ok || se.code != http.StatusGone {
+	if !t.checkGoneErr(err) {
 		return false
 	}
 	if t.cfg.Removed != nil {
@@ -776,7 +962,10 @@ func (p *peer) sendSnapshot(frame []byte) {
 		}
 		if p.ctx.Err() == nil {
 			p.t.lg.Warn("sending a snapshot failed", zap.String("to", idString(p.id)), zap.String("url", u), zap.Error(err))
-			p.failed(u, err, false)
+			p.mu.Lock()
+			p.stats.fail++
+			p.mu.Unlock()
+			p.failed(u, err)
 			p.t.cfg.ReportUnreachable(p.id)
 			p.t.checkGone(err)
 		}
@@ -828,6 +1017,9 @@ type peerHandler struct {
 	// recvAppends, if set, samples each MsgApp received, with its encoded
 	// size (the receive rates of /v2/stats/self).
 	recvAppends *rateQueue
+	// ended and halted, once closed, end the streams being read: the
+	// member's requests end (Caddy exits) or it stops. Nil: never.
+	ended, halted <-chan struct{}
 }
 
 func newPeerHandler(id, clusterID uint64, status func(uint64) peerState, deliver func(*raftpb.Message), snapshots snapshotReceiver, lg *zap.Logger) *peerHandler {
@@ -843,9 +1035,15 @@ func (h *peerHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		h.serveMembers(w, r)
 		return
 	}
-	if r.URL.Path != peerRaftPath && r.URL.Path != peerSnapshotPath {
+	if r.URL.Path != peerRaftPath && r.URL.Path != peerStreamPath && r.URL.Path != peerSnapshotPath {
 		http.NotFound(w, r)
 		return
+	}
+	if r.URL.Path == peerStreamPath {
+		// An answer goes out at once, before the body is read: a
+		// refusal too (HTTP/1 would otherwise read the body first, and a
+		// stream's does not end).
+		_ = http.NewResponseController(w).EnableFullDuplex()
 	}
 	if r.Method != http.MethodPost {
 		w.Header().Set("Allow", http.MethodPost)
@@ -856,11 +1054,74 @@ func (h *peerHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if !ok {
 		return
 	}
-	if r.URL.Path == peerSnapshotPath {
+	switch r.URL.Path {
+	case peerSnapshotPath:
 		h.serveSnapshot(w, r, from)
+	case peerStreamPath:
+		h.serveStream(w, r, from)
+	default:
+		h.serveBatch(w, r, from, removed)
+	}
+}
+
+// serveStream takes a member's stream: 200 at once, then every frame as it
+// comes, delivered in order, until the sender ends the stream, it breaks,
+// or this member stops (the request's context ends, or ended or halted is
+// closed): a read deadline in the past then ends the wait for the next
+// frame. A bad frame ends the stream; the frames before it were delivered.
+// A member removed while its stream is open is heard no more, but for a
+// MsgTimeoutNow (see serveBatch); its probes hear 410.
+func (h *peerHandler) serveStream(w http.ResponseWriter, r *http.Request, from uint64) {
+	rc := http.NewResponseController(w) // full duplex (ServeHTTP)
+	w.WriteHeader(http.StatusOK)
+	if err := rc.Flush(); err != nil {
 		return
 	}
-	h.serveBatch(w, r, from, removed)
+	// The goroutine that cuts the read ends before the handler returns:
+	// the writer must not be used after that.
+	stop, cut := make(chan struct{}), make(chan struct{})
+	defer func() {
+		close(stop)
+		<-cut
+	}()
+	go func() {
+		defer close(cut)
+		select {
+		case <-stop:
+			return
+		case <-r.Context().Done():
+		case <-h.ended:
+		case <-h.halted:
+		}
+		_ = rc.SetReadDeadline(time.Now())
+	}()
+	for {
+		frame, err := readPeerFrame(r.Body, peerMaxFrame)
+		if err != nil {
+			if err != io.EOF {
+				h.lg.Debug("peer stream ended", zap.String("from", idString(from)), zap.Error(err))
+			}
+			return
+		}
+		m := &raftpb.Message{}
+		if err = proto.Unmarshal(frame, m); err == nil {
+			err = h.checkPeerMessage(m, from)
+			if err == nil && m.GetType() == raftpb.MsgSnap {
+				err = errors.New("snapshots go to " + peerSnapshotPath)
+			}
+		}
+		if err != nil {
+			h.lg.Warn("bad message in a peer stream", zap.String("from", idString(from)), zap.Error(err))
+			return
+		}
+		if h.status(from) == peerRemoved && m.GetType() != raftpb.MsgTimeoutNow {
+			continue
+		}
+		if m.GetType() == raftpb.MsgApp && h.recvAppends != nil {
+			h.recvAppends.add(time.Now(), len(frame))
+		}
+		h.deliver(m)
+	}
 }
 
 // serveMembers answers the member list with the cluster ID in a header.

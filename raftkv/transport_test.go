@@ -191,7 +191,8 @@ func TestPeerBatchesArriveInOrder(t *testing.T) {
 			const total = 1000
 			tr.Send([]*raftpb.Message{peerApp(0)})
 			<-r.entered
-			// Everything sent while the first POST is held goes in the next.
+			// Everything sent while the peer does not read yet goes on the
+			// same stream, in order.
 			for i := uint64(1); i < total; i += 100 {
 				var msgs []*raftpb.Message
 				for j := i; j < min(i+100, total); j++ {
@@ -206,8 +207,8 @@ func TestPeerBatchesArriveInOrder(t *testing.T) {
 					t.Fatalf("message %d: %v", i, m)
 				}
 			}
-			if n := r.requests.Load(); n != 2 {
-				t.Errorf("%d messages took %d requests, want 2", total, n)
+			if n := r.requests.Load(); n != 1 {
+				t.Errorf("%d messages took %d requests, want one stream", total, n)
 			}
 			want := int64(1)
 			if mode != peerPlainHTTP1 {
@@ -223,6 +224,13 @@ func TestPeerBatchesArriveInOrder(t *testing.T) {
 	}
 }
 
+// peerBigApp is a MsgApp of about size bytes.
+func peerBigApp(index uint64, size int) *raftpb.Message {
+	m := peerApp(index)
+	m.Entries[0].Data = bytes.Repeat([]byte{'x'}, size)
+	return m
+}
+
 func TestPeerSendNeverBlocksOnAStalledPeer(t *testing.T) {
 	peerNoLeaks(t)
 	r := newPeerTestReceiver(t, peerPlainHTTP1, nil, nil)
@@ -234,18 +242,57 @@ func TestPeerSendNeverBlocksOnAStalledPeer(t *testing.T) {
 	}
 	tr.Send([]*raftpb.Message{peerApp(0)})
 	<-r.entered
-	// The peer takes nothing more: the queue fills, and the rest is dropped
-	// and reported at once, without Send waiting.
+	// The peer reads nothing: its connection fills, then the queue
+	// (peerQueueBytes), and the rest is dropped and reported at once,
+	// without Send waiting.
+	const n, size = 40, 2 << 20
 	var msgs []*raftpb.Message
-	for i := range uint64(peerQueueMessages + 100) {
-		msgs = append(msgs, peerApp(i+1))
+	for i := range uint64(n) {
+		msgs = append(msgs, peerBigApp(i+1, size))
 	}
 	tr.Send(msgs)
-	if n, _ := fb.counts(); n != 100 {
-		t.Fatalf("%d unreachable reports for 100 dropped messages", n)
+	dropped, _ := fb.counts()
+	if dropped == 0 || dropped > n-peerQueueBytes/size {
+		t.Fatalf("%d unreachable reports for %d messages of %d bytes", dropped, n, size)
 	}
 	close(r.gate)
-	waitFor(t, "the queue to drain", func() bool { return len(r.got) == peerQueueMessages+1 })
+	waitFor(t, "the queue to drain", func() bool { return len(r.got) == 1+n-dropped })
+	if u, _ := fb.counts(); u != dropped {
+		t.Fatalf("%d more unreachable reports once the peer read", u-dropped)
+	}
+}
+
+// TestPeerStalledStreamIsCut: a peer that takes nothing for
+// peerRequestTimeout has its stream cut and is reported unreachable; the
+// next messages go on a new stream.
+func TestPeerStalledStreamIsCut(t *testing.T) {
+	peerNoLeaks(t)
+	r := newPeerTestReceiver(t, peerPlainHTTP1, nil, nil)
+	r.hold()
+	fb := &peerFeedback{}
+	tr := newPeerTestTransport(t, transportConfig{}, fb)
+	if err := tr.AddPeer(peerTestFollower, []string{r.srv.URL}); err != nil {
+		t.Fatal(err)
+	}
+	tr.Send([]*raftpb.Message{peerApp(0)})
+	<-r.entered
+	for i := range uint64(12) {
+		tr.Send([]*raftpb.Message{peerBigApp(i+1, 2<<20)})
+	}
+	waitFor(t, "the stalled stream reported", func() bool { n, _ := fb.counts(); return n > 0 })
+	close(r.gate)
+	tr.Send([]*raftpb.Message{peerApp(100)})
+	waitFor(t, "a message on a new stream", func() bool {
+		for len(r.got) > 0 {
+			if m := <-r.got; m.GetIndex() == 100 {
+				return true
+			}
+		}
+		return false
+	})
+	if n := r.requests.Load(); n < 2 {
+		t.Fatalf("%d requests, want a second stream", n)
+	}
 }
 
 func TestPeerDeadPeerIsReportedUnreachable(t *testing.T) {
@@ -391,6 +438,43 @@ func TestPeerHandlerRefuses(t *testing.T) {
 	}
 	if m := <-r.got; m.GetType() != raftpb.MsgTimeoutNow {
 		t.Fatalf("removed member's batch delivered %v", m.GetType())
+	}
+	r.srv.Client().CloseIdleConnections()
+
+	// Streams: 200, then every frame up to a bad one, which ends it; a
+	// removed member's stream is refused; refusals come before the body.
+	stream := func(h http.Header, body []byte) (int, string) {
+		t.Helper()
+		// A new connection each: a stream ended early leaves its
+		// connection to be closed.
+		r.srv.Client().CloseIdleConnections()
+		req, err := http.NewRequest("POST", r.srv.URL+"/raft/stream", bytes.NewReader(body))
+		if err != nil {
+			t.Fatal(err)
+		}
+		req.Header = h
+		resp, err := r.srv.Client().Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		return resp.StatusCode, string(b)
+	}
+	if code, _ := stream(ok, peerFrames(peerApp(1), peerApp(2), forged, peerApp(3))); code != 200 || len(r.got) != 2 {
+		t.Fatalf("stream with a forged message: %d, %d messages delivered, want 200 and the two before it", code, len(r.got))
+	}
+	for len(r.got) > 0 {
+		<-r.got
+	}
+	// (Refused streams send no body here: a refusal cuts the connection,
+	// and a body still in flight would make the kernel answer it with a
+	// reset that can overtake the refusal.)
+	if code, msg := stream(headers("c1", "3", "2"), nil); code != 410 || !strings.Contains(msg, "was removed") || len(r.got) != 0 {
+		t.Fatalf("removed member's stream: %d %q, %d messages delivered", code, msg, len(r.got))
+	}
+	if code, msg := stream(headers("c2", "1", "2"), nil); code != 412 || len(r.got) != 0 {
+		t.Fatalf("stream from another cluster: %d %q, %d messages delivered", code, msg, len(r.got))
 	}
 	r.srv.Client().CloseIdleConnections()
 
@@ -707,6 +791,9 @@ func TestPeerUpdateKeepsTheURLItAnswersOn(t *testing.T) {
 
 	// The member restarts on its new URL: the old one fails once, and the
 	// peer moves on.
+	// (httptest's Close waits for open requests: the stream is one.)
+	old.srv.Listener.Close()
+	old.srv.CloseClientConnections()
 	old.srv.Close()
 	index := uint64(2)
 	waitFor(t, "a message at the new URL", func() bool {

@@ -222,6 +222,7 @@ func (h exitHandover) Handle(context.Context, caddy.Event) error {
 	endWatchesIfExiting()
 	if n := h.m.running(); n != nil {
 		n.HandOver()
+		n.EndPeerStreams()
 	}
 	return nil
 }

@@ -63,9 +63,10 @@ func (h *PeerHandler) Provision(ctx caddy.Context) error {
 	h.member = v.(*App).member
 	h.ctx = ctx
 	if srv, ok := ctx.Value(caddyhttp.ServerCtxKey).(*caddyhttp.Server); ok {
-		// When Caddy exits, the streams end as watches do: a peer site
-		// need not share a server with an etcd handler.
-		srv.RegisterOnShutdown(endWatchesIfExiting)
+		// When Caddy exits, the streams end once its servers stop (the
+		// leader has handed over by then: Caddy's "stopping" event comes
+		// first, see exitHandover), or Caddy would wait for them.
+		srv.RegisterOnShutdown(endPeerStreamsIfExiting)
 	}
 	return nil
 }
@@ -91,6 +92,17 @@ func (h *PeerHandler) ServeHTTP(w http.ResponseWriter, r *http.Request, next cad
 	defer context.AfterFunc(h.ctx, cancel)()
 	n.PeerHandler().ServeHTTP(w, r.WithContext(ctx))
 	return nil
+}
+
+func endPeerStreamsIfExiting() {
+	if caddy.Exiting() {
+		members.Range(func(_, value any) bool {
+			if n := value.(*member).current(); n != nil {
+				n.EndPeerStreams()
+			}
+			return true
+		})
+	}
 }
 
 // parsePeerDirective sets up the peer handler. Syntax:

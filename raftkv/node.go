@@ -138,6 +138,10 @@ type Node struct {
 	// endc is closed by EndRequests: waiting requests end at once.
 	endc    chan struct{}
 	endOnce sync.Once
+	// peerEnd is closed by EndPeerStreams: the peer streams this member
+	// reads end.
+	peerEnd     chan struct{}
+	peerEndOnce sync.Once
 	// readyc is closed once the member has caught up with its cluster
 	// after it started (becomeReady); haltc once it never will: Stop, or
 	// the end of its loop (a failure, its removal).
@@ -196,7 +200,7 @@ type Node struct {
 
 // NewNode returns a node that has not started: no file is opened.
 func NewNode(cfg Config) *Node {
-	n := &Node{cfg: cfg, endc: make(chan struct{}), readyc: make(chan struct{}), haltc: make(chan struct{})}
+	n := &Node{cfg: cfg, endc: make(chan struct{}), peerEnd: make(chan struct{}), readyc: make(chan struct{}), haltc: make(chan struct{})}
 	n.loose.Store(cfg.LooseReconfig)
 	urls := slices.Clone(cfg.AdvertiseClientURLs)
 	n.advertise.Store(&urls)
@@ -266,7 +270,7 @@ func (n *Node) Start() error {
 	ph := newPeerHandler(n.id, n.clusterID, n.tr.peerStatus, n.receive, st, n.lg.Named("peer"))
 	ph.members = n.memberSnapshot
 	ph.recvAppends = &n.recvRate
-	ph.ended, ph.halted = n.endc, n.haltc
+	ph.ended, ph.halted = n.peerEnd, n.haltc
 	n.peerH.Store(ph)
 	n.bgCtx, n.bgStop = context.WithCancel(context.Background())
 	n.started = true
@@ -372,6 +376,12 @@ func (n *Node) SetAdvertiseClientURLs(urls []string) {
 // quorum would keep them for their whole timeout. etcd's exit ends them
 // alike, as "server stopped": what such a write became is not known.
 func (n *Node) EndRequests() { n.endOnce.Do(func() { close(n.endc) }) }
+
+// EndPeerStreams ends the streams of messages other members send this one
+// (they open new ones, which end at once): the process exits, and its
+// peer site must let go of them before Caddy can stop it. Call it after
+// HandOver, which needs to hear the other members.
+func (n *Node) EndPeerStreams() { n.peerEndOnce.Do(func() { close(n.peerEnd) }) }
 
 // Stop stops the loop (transferring leadership first when there are other
 // members), waits for it and closes the store. Waiting requests get

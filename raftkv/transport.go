@@ -1018,7 +1018,7 @@ type peerHandler struct {
 	// size (the receive rates of /v2/stats/self).
 	recvAppends *rateQueue
 	// ended and halted, once closed, end the streams being read: the
-	// member's requests end (Caddy exits) or it stops. Nil: never.
+	// process exits (EndPeerStreams) or the member stops. Nil: never.
 	ended, halted <-chan struct{}
 }
 

@@ -642,10 +642,13 @@ func (p *peer) write(body []byte) {
 	if err != nil {
 		p.stream.Store(nil)
 		s.end()
-		switch {
-		case errors.Is(err, errStreamEnded):
-			// The peer ended it as the write began: reported already.
-		case s.reported.CompareAndSwap(false, true):
+		s.cancel()
+		<-s.done // at once: canceled
+		// A stream the peer ended (a reload of its site) fails the write
+		// that raced with its end, with whatever error the HTTP client
+		// gives (its connection closed): reported already, and the peer
+		// is up.
+		if !errors.Is(s.err, errStreamEnded) && s.reported.CompareAndSwap(false, true) {
 			p.lost(s.url, err, true)
 		}
 	}
@@ -668,6 +671,7 @@ type peerStream struct {
 	cancel context.CancelFunc
 	stall  *time.Timer   // cuts a write that does not go through
 	done   chan struct{} // closed when the request has ended
+	err    error         // how the request ended, once done is closed
 	// reported is set by whoever reports the stream's failure first: the
 	// write that failed, or the request's end.
 	reported atomic.Bool
@@ -706,6 +710,7 @@ func (p *peer) openStream() *peerStream {
 		defer close(s.done)
 		defer cancel()
 		err := p.runStream(req)
+		s.err = err
 		pr.CloseWithError(err)
 		// Messages in flight may be lost, whoever ended the stream.
 		// Refused or broken, the peer is unreachable; ended by the peer

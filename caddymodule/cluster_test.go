@@ -1597,6 +1597,96 @@ func TestClusterMemberWithoutQuorumExitsAtOnce(t *testing.T) {
 	}
 }
 
+// TestClusterPeerSiteReloadsUnderWriteLoad: the leader and a follower reload their configs
+// ten times each (each time a changed site beside the others, so Caddy serves every site from
+// new servers) while four clients write through the third member, whose writes go to the
+// leader and back over the reloaded peer sites. (Its client site is not reloaded: a reload
+// can reset a client connection in the kernel, see reloadClassify, which is not what this
+// test is about.) The message streams the old peer sites held end, and their senders open new
+// ones on the new servers: no write fails, every acknowledged write is on every member, the
+// leader stays, and the old servers go away (the goroutine count does not grow with the
+// reloads, as it would if each old server kept its streams).
+func TestClusterPeerSiteReloadsUnderWriteLoad(t *testing.T) {
+	c := startCluster(t, 3, nil)
+	l := agreedLeader(t, c.members, "", 10*time.Second)
+	leader := c.byName(l.Name)
+	var reloaded []*testMember
+	var writeTo *testMember
+	for _, m := range c.members {
+		if m != leader && writeTo == nil {
+			writeTo = m
+		} else {
+			reloaded = append(reloaded, m)
+		}
+	}
+	base := make([]int, len(reloaded))
+	for i, m := range reloaded {
+		base[i] = watchleakGoroutines(t, testClient, m.AdminURL)
+	}
+	load := startWriteLoad(t, "/peerreload", 4, func(w, try int) *testMember { return writeTo })
+	load.waitAcks(t, 50, "before the reloads")
+	extraPort := freePort(t)
+	for r := range 10 {
+		for _, m := range reloaded {
+			cf := reloadCaddyfileText(t, m.proc) + fmt.Sprintf("\nhttp://127.0.0.1:%d {\n\tbind 127.0.0.1\n\trespond \"reload %d\"\n}\n", extraPort, r)
+			if status, body, err := reloadLoad(testClient, m.AdminURL, cf); err != nil || status != http.StatusOK {
+				t.Fatalf("%s: reload %d: %d %s %v", m.Name, r, status, body, err)
+			}
+		}
+	}
+	load.waitAcks(t, load.nAcked.Load()+50, "after the reloads")
+	acked, failures := load.stop()
+	if len(failures) > 0 {
+		t.Fatalf("%d writes failed during the reloads: %v", len(failures), failures)
+	}
+	checkAckedEverywhere(t, c.members, "/peerreload", acked)
+	if now := agreedLeader(t, c.members, "", 10*time.Second); now.ID != l.ID {
+		t.Errorf("leadership moved from %s to %s during the reloads", l.Name, now.Name)
+	}
+	for i, m := range reloaded {
+		var n int
+		if !poll(10*time.Second, func() bool {
+			n = watchleakGoroutines(t, testClient, m.AdminURL)
+			return n <= base[i]+10
+		}) {
+			t.Errorf("%s: %d goroutines after 10 reloads, %d before", m.Name, n, base[i])
+		}
+	}
+	t.Logf("%d writes acknowledged through %s through 20 reloads of %s and %s", len(acked), writeTo.Name, reloaded[0].Name, reloaded[1].Name)
+
+	// A reload that has the peer site refuse a member (a stand-in for a changed client_auth)
+	// cuts that member off: its open stream ends with the old config (and a failed probe would
+	// cut it too), and the new config refuses the next one.
+	cut := reloaded[1]
+	if cut == leader {
+		cut = reloaded[0]
+	}
+	var self struct {
+		ID string `json:"id"`
+	}
+	if st, _, body := writeTo.do(t, "GET", "/v2/stats/self", nil); st != http.StatusOK || json.Unmarshal(body, &self) != nil || self.ID == "" {
+		t.Fatalf("%s: /v2/stats/self: %d %s", writeTo.Name, st, body)
+	}
+	var cutID struct {
+		ID string `json:"id"`
+	}
+	if st, _, body := cut.do(t, "GET", "/v2/stats/self", nil); st != http.StatusOK || json.Unmarshal(body, &cutID) != nil || cutID.ID == "" {
+		t.Fatalf("%s: /v2/stats/self: %d %s", cut.Name, st, body)
+	}
+	from := logSize(writeTo.proc)
+	cf := strings.Replace(reloadCaddyfileText(t, cut.proc), "\traftkv_peer\n",
+		"\t@cut header X-Etcaddy-From "+self.ID+"\n\troute {\n\t\trespond @cut \"cut off (test)\" 403\n\t\traftkv_peer\n\t}\n", 1)
+	if status, body, err := reloadLoad(testClient, cut.AdminURL, cf); err != nil || status != http.StatusOK {
+		t.Fatalf("%s: reload cutting %s off: %d %s %v", cut.Name, writeTo.Name, status, body, err)
+	}
+	if !poll(10*time.Second, func() bool {
+		b, err := os.ReadFile(writeTo.LogPath)
+		return err == nil && strings.Contains(string(b[min(from, int64(len(b))):]), `"peer unreachable","peer":"`+cutID.ID+`"`)
+	}) {
+		t.Errorf("%s still reaches %s after a reload of %s's peer site that refuses it", writeTo.Name, cut.Name, cut.Name)
+	}
+}
+
 // TestClusterLeaderHandsOverOnExit: a leader told to exit (SIGTERM) under a write load hands
 // leadership over before its peer site stops answering: Caddy stops its apps in no set order,
 // and its servers first, so the hand-over runs on Caddy's "stopping" event, before any app

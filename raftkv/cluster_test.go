@@ -812,6 +812,32 @@ func waitSameApplied(t *testing.T, nodes ...*Node) {
 	})
 }
 
+// TestClusterStoppedLeaderHandsOver: a leader's Stop transfers leadership before
+// the loop ends, which needs the others' answers: the streams into the member
+// stay open until its loop has ended.
+func TestClusterStoppedLeaderHandsOver(t *testing.T) {
+	logs := make(map[string]*observer.ObservedLogs)
+	var logsMu sync.Mutex
+	c := startLedByFirst(t, func(cfg *Config) {
+		core, observed := observer.New(zap.InfoLevel)
+		logsMu.Lock()
+		logs[cfg.Name] = observed
+		logsMu.Unlock()
+		cfg.Logger = zap.New(zapcore.NewTee(cfg.Logger.Core(), core)).Named(cfg.Name)
+	})
+	leader := c.members[0]
+	put(t, leader.n(), "/before", "1")
+	c.stop(leader)
+	logsMu.Lock()
+	failed := logs[leader.name].FilterMessageSnippet("transfer on stop failed").Len()
+	started := logs[leader.name].FilterMessageSnippet("transferring leadership").Len()
+	logsMu.Unlock()
+	if started == 0 || failed > 0 {
+		t.Fatalf("leader's Stop: %d transfers started, %d failed", started, failed)
+	}
+	c.waitLeader(c.members[1:]...)
+}
+
 // TestClusterRemovedLeaderHandsOver removes the leader through a follower.
 // The leader steps down when it applies its removal; rather than leave the
 // others to wait out an election timeout, it asks the most caught-up of

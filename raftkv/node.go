@@ -270,7 +270,9 @@ func (n *Node) Start() error {
 	ph := newPeerHandler(n.id, n.clusterID, n.tr.peerStatus, n.receive, st, n.lg.Named("peer"))
 	ph.members = n.memberSnapshot
 	ph.recvAppends = &n.recvRate
-	ph.ended, ph.halted = n.peerEnd, n.haltc
+	// Streams end with the loop, not when Stop begins: Stop hands
+	// leadership over first, and needs to hear the other members.
+	ph.ended, ph.halted = n.peerEnd, n.donec
 	n.peerH.Store(ph)
 	n.bgCtx, n.bgStop = context.WithCancel(context.Background())
 	n.started = true

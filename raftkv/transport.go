@@ -684,21 +684,34 @@ var errStreamEnded = errors.New("the peer ended the stream")
 // errStreamStalled cuts a stream whose write took peerRequestTimeout.
 var errStreamStalled = errors.New("the peer took no message for " + peerRequestTimeout.String())
 
+// errStreamUnanswered cuts a stream the peer did not answer within
+// peerRequestTimeout.
+var errStreamUnanswered = errors.New("the peer did not answer the stream within " + peerRequestTimeout.String())
+
 // openStream starts a POST whose body is the stream; its answer is read on
 // a goroutine of its own, which ends the stream with the request's error.
 func (p *peer) openStream() *peerStream {
 	u := p.url()
-	ctx, cancel := context.WithCancel(p.ctx)
+	ctx, cancelCause := context.WithCancelCause(p.ctx)
 	pr, pw := io.Pipe()
+	// stop ends the request, and the body's reader: an HTTP/1 client
+	// waiting for the next bytes of the body would not notice the
+	// request's end until they came.
+	stop := func(cause error) {
+		cancelCause(cause)
+		pr.CloseWithError(cause)
+	}
+	cancel := func() { stop(context.Canceled) }
 	s := &peerStream{url: u, pw: pw, cancel: cancel, done: make(chan struct{})}
 	s.stall = time.AfterFunc(peerRequestTimeout, func() {
 		pw.CloseWithError(errStreamStalled)
-		cancel()
+		stop(errStreamStalled)
 	})
 	s.stall.Stop()
 	req, err := http.NewRequestWithContext(ctx, http.MethodPost, u+peerStreamPath, pr)
 	if err != nil {
 		pr.CloseWithError(err)
+		s.err = err
 		close(s.done)
 		cancel()
 		return s
@@ -709,15 +722,28 @@ func (p *peer) openStream() *peerStream {
 		defer p.t.wg.Done()
 		defer close(s.done)
 		defer cancel()
-		err := p.runStream(req)
+		// The peer's answer must come within peerRequestTimeout: a
+		// handler that answers without reading the body (not the peer
+		// endpoint: another route, a member that does not stream) would
+		// have net/http read up to 256 KiB of it first, swallowing the
+		// messages meanwhile.
+		answer := time.AfterFunc(peerRequestTimeout, func() { stop(errStreamUnanswered) })
+		err := p.runStream(req, answer)
+		if ctx.Err() != nil && !errors.Is(context.Cause(ctx), context.Canceled) {
+			err = context.Cause(ctx) // stalled, or unanswered
+		}
 		s.err = err
 		pr.CloseWithError(err)
 		// Messages in flight may be lost, whoever ended the stream.
 		// Refused or broken, the peer is unreachable; ended by the peer
 		// (a restart, a reload), it is up: Raft resends all the same.
 		if errors.Is(err, errStreamEnded) {
-			if p.ctx.Err() == nil {
-				p.t.cfg.ReportUnreachable(p.id)
+			select {
+			case <-p.retiring:
+			default:
+				if p.ctx.Err() == nil {
+					p.t.cfg.ReportUnreachable(p.id)
+				}
 			}
 		} else if s.reported.CompareAndSwap(false, true) {
 			p.lost(u, err, true)
@@ -730,8 +756,9 @@ func (p *peer) openStream() *peerStream {
 // once when the peer takes the stream, then nothing until the peer ends
 // it. Any other answer is the peer's refusal, which the next write reports
 // (checkGone, lost).
-func (p *peer) runStream(req *http.Request) error {
+func (p *peer) runStream(req *http.Request, answer *time.Timer) error {
 	resp, err := p.t.client.Do(req)
+	answer.Stop()
 	if err != nil {
 		return err
 	}
@@ -1023,7 +1050,8 @@ type peerHandler struct {
 	// size (the receive rates of /v2/stats/self).
 	recvAppends *rateQueue
 	// ended and halted, once closed, end the streams being read: the
-	// process exits (EndPeerStreams) or the member stops. Nil: never.
+	// process exits (EndPeerStreams) or the member's loop has ended. Nil:
+	// never.
 	ended, halted <-chan struct{}
 }
 
@@ -1078,10 +1106,19 @@ func (h *peerHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 // MsgTimeoutNow (see serveBatch); its probes hear 410.
 func (h *peerHandler) serveStream(w http.ResponseWriter, r *http.Request, from uint64) {
 	rc := http.NewResponseController(w) // full duplex (ServeHTTP)
+	if r.ProtoMajor == 1 {
+		// What is left of the body when the stream ends here is not a
+		// request: the connection goes.
+		w.Header().Set("Connection", "close")
+	}
 	w.WriteHeader(http.StatusOK)
 	if err := rc.Flush(); err != nil {
 		return
 	}
+	// A stream lasts: the site's read and write timeouts (Caddy's
+	// `timeouts`) are for requests, and would cut it.
+	_ = rc.SetReadDeadline(time.Time{})
+	_ = rc.SetWriteDeadline(time.Time{})
 	// The goroutine that cuts the read ends before the handler returns:
 	// the writer must not be used after that.
 	stop, cut := make(chan struct{}), make(chan struct{})

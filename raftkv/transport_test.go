@@ -245,7 +245,7 @@ func TestPeerSendNeverBlocksOnAStalledPeer(t *testing.T) {
 	// The peer reads nothing: its connection fills, then the queue
 	// (peerQueueBytes), and the rest is dropped and reported at once,
 	// without Send waiting.
-	const n, size = 40, 2 << 20
+	const n, size = 64, 2 << 20 // twice the queue: more than any connection buffers
 	var msgs []*raftpb.Message
 	for i := range uint64(n) {
 		msgs = append(msgs, peerBigApp(i+1, size))
@@ -276,7 +276,7 @@ func TestPeerStalledStreamIsCut(t *testing.T) {
 	}
 	tr.Send([]*raftpb.Message{peerApp(0)})
 	<-r.entered
-	for i := range uint64(12) {
+	for i := range uint64(24) {
 		tr.Send([]*raftpb.Message{peerBigApp(i+1, 2<<20)})
 	}
 	waitFor(t, "the stalled stream reported", func() bool { n, _ := fb.counts(); return n > 0 })
@@ -293,6 +293,32 @@ func TestPeerStalledStreamIsCut(t *testing.T) {
 	if n := r.requests.Load(); n < 2 {
 		t.Fatalf("%d requests, want a second stream", n)
 	}
+}
+
+// TestPeerUnansweredStreamIsCut: something other than the peer endpoint
+// answers the stream (a route of the peer's site, a member that does not
+// stream) without reading its body, while probes get through: net/http
+// reads the body before that answer goes out, swallowing the messages. The
+// stream is cut when no answer comes within peerRequestTimeout, and the peer
+// reported unreachable.
+func TestPeerUnansweredStreamIsCut(t *testing.T) {
+	peerNoLeaks(t)
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == peerStreamPath {
+			http.NotFound(w, r)
+			return
+		}
+		_, _ = io.Copy(io.Discard, r.Body)
+		w.WriteHeader(http.StatusNoContent)
+	}))
+	t.Cleanup(srv.Close)
+	fb := &peerFeedback{}
+	tr := newPeerTestTransport(t, transportConfig{ProbeIdle: 100 * time.Millisecond}, fb)
+	if err := tr.AddPeer(peerTestFollower, []string{srv.URL}); err != nil {
+		t.Fatal(err)
+	}
+	tr.Send([]*raftpb.Message{peerApp(0)})
+	waitFor(t, "an unreachable report", func() bool { n, _ := fb.counts(); return n > 0 })
 }
 
 func TestPeerDeadPeerIsReportedUnreachable(t *testing.T) {

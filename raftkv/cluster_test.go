@@ -812,26 +812,38 @@ func waitSameApplied(t *testing.T, nodes ...*Node) {
 	})
 }
 
+// observedLogs returns a config edit that records each member's log lines
+// (Info and up) beside its usual logger, and a count of a member's lines
+// whose message contains a snippet.
+func observedLogs() (observe func(*Config), count func(name, snippet string) int) {
+	logs := make(map[string]*observer.ObservedLogs)
+	var mu sync.Mutex
+	observe = func(cfg *Config) {
+		core, observed := observer.New(zap.InfoLevel)
+		mu.Lock()
+		logs[cfg.Name] = observed
+		mu.Unlock()
+		cfg.Logger = zap.New(zapcore.NewTee(cfg.Logger.Core(), core)).Named(cfg.Name)
+	}
+	count = func(name, snippet string) int {
+		mu.Lock()
+		defer mu.Unlock()
+		return logs[name].FilterMessageSnippet(snippet).Len()
+	}
+	return observe, count
+}
+
 // TestClusterStoppedLeaderHandsOver: a leader's Stop transfers leadership before
 // the loop ends, which needs the others' answers: the streams into the member
 // stay open until its loop has ended.
 func TestClusterStoppedLeaderHandsOver(t *testing.T) {
-	logs := make(map[string]*observer.ObservedLogs)
-	var logsMu sync.Mutex
-	c := startLedByFirst(t, func(cfg *Config) {
-		core, observed := observer.New(zap.InfoLevel)
-		logsMu.Lock()
-		logs[cfg.Name] = observed
-		logsMu.Unlock()
-		cfg.Logger = zap.New(zapcore.NewTee(cfg.Logger.Core(), core)).Named(cfg.Name)
-	})
+	observe, count := observedLogs()
+	c := startLedByFirst(t, observe)
 	leader := c.members[0]
 	put(t, leader.n(), "/before", "1")
 	c.stop(leader)
-	logsMu.Lock()
-	failed := logs[leader.name].FilterMessageSnippet("transfer on stop failed").Len()
-	started := logs[leader.name].FilterMessageSnippet("transferring leadership").Len()
-	logsMu.Unlock()
+	failed := count(leader.name, "transfer on stop failed")
+	started := count(leader.name, "transferring leadership")
 	if started == 0 || failed > 0 {
 		t.Fatalf("leader's Stop: %d transfers started, %d failed", started, failed)
 	}
@@ -845,15 +857,10 @@ func TestClusterStoppedLeaderHandsOver(t *testing.T) {
 // applying the removal. The followers' logs show the election came from
 // the hand-over: Raft logs the MsgTimeoutNow it acts on.
 func TestClusterRemovedLeaderHandsOver(t *testing.T) {
-	logs := make(map[string]*observer.ObservedLogs)
-	var logsMu sync.Mutex
+	observe, count := observedLogs()
 	c := startLedByFirst(t, func(cfg *Config) {
 		cfg.ElectionTimeout = 2 * time.Second
-		core, observed := observer.New(zap.InfoLevel)
-		logsMu.Lock()
-		logs[cfg.Name] = observed
-		logsMu.Unlock()
-		cfg.Logger = zap.New(zapcore.NewTee(cfg.Logger.Core(), core)).Named(cfg.Name)
+		observe(cfg)
 	})
 	leader := c.members[0]
 	followers := c.members[1:]
@@ -861,11 +868,7 @@ func TestClusterRemovedLeaderHandsOver(t *testing.T) {
 
 	// An election its own timeout starts begins with a pre-vote; one a
 	// MsgTimeoutNow starts does not. Counted from the removal on.
-	preVotes := func(name string) int {
-		logsMu.Lock()
-		defer logsMu.Unlock()
-		return logs[name].FilterMessageSnippet("became pre-candidate").Len()
-	}
+	preVotes := func(name string) int { return count(name, "became pre-candidate") }
 	preVotedBefore := map[string]int{}
 	for _, m := range followers {
 		preVotedBefore[m.name] = preVotes(m.name)
@@ -877,10 +880,8 @@ func TestClusterRemovedLeaderHandsOver(t *testing.T) {
 	}
 	now := c.waitLeader(followers...)
 	preVoted := preVotes(now.name) - preVotedBefore[now.name]
-	logsMu.Lock()
-	took := logs[now.name].FilterMessageSnippet("received MsgTimeoutNow").Len()
-	handed := logs[leader.name].FilterMessage("handing leadership over after this member's removal").Len()
-	logsMu.Unlock()
+	took := count(now.name, "received MsgTimeoutNow")
+	handed := count(leader.name, "handing leadership over after this member's removal")
 	if took == 0 || preVoted != 0 || handed != 1 {
 		t.Errorf("%s was elected without the removed leader's hand-over (MsgTimeoutNow received: %d; pre-votes: %d; hand-overs sent: %d)",
 			now.name, took, preVoted, handed)

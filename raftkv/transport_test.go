@@ -231,8 +231,10 @@ func peerBigApp(index uint64, size int) *raftpb.Message {
 	return m
 }
 
-func TestPeerSendNeverBlocksOnAStalledPeer(t *testing.T) {
-	peerNoLeaks(t)
+// stalledPeer is a transport sending to a peer that has taken one message's
+// stream and reads nothing until r.gate is closed.
+func stalledPeer(t *testing.T) (*peerTestReceiver, *peerFeedback, *peerTransport) {
+	t.Helper()
 	r := newPeerTestReceiver(t, peerPlainHTTP1, nil, nil)
 	r.hold()
 	fb := &peerFeedback{}
@@ -242,6 +244,12 @@ func TestPeerSendNeverBlocksOnAStalledPeer(t *testing.T) {
 	}
 	tr.Send([]*raftpb.Message{peerApp(0)})
 	<-r.entered
+	return r, fb, tr
+}
+
+func TestPeerSendNeverBlocksOnAStalledPeer(t *testing.T) {
+	peerNoLeaks(t)
+	r, fb, tr := stalledPeer(t)
 	// The peer reads nothing: its connection fills, then the queue
 	// (peerQueueBytes), and the rest is dropped and reported at once,
 	// without Send waiting.
@@ -267,15 +275,7 @@ func TestPeerSendNeverBlocksOnAStalledPeer(t *testing.T) {
 // next messages go on a new stream.
 func TestPeerStalledStreamIsCut(t *testing.T) {
 	peerNoLeaks(t)
-	r := newPeerTestReceiver(t, peerPlainHTTP1, nil, nil)
-	r.hold()
-	fb := &peerFeedback{}
-	tr := newPeerTestTransport(t, transportConfig{}, fb)
-	if err := tr.AddPeer(peerTestFollower, []string{r.srv.URL}); err != nil {
-		t.Fatal(err)
-	}
-	tr.Send([]*raftpb.Message{peerApp(0)})
-	<-r.entered
+	r, fb, tr := stalledPeer(t)
 	for i := range uint64(24) {
 		tr.Send([]*raftpb.Message{peerBigApp(i+1, 2<<20)})
 	}

@@ -834,8 +834,9 @@ func observedLogs() (observe func(*Config), count func(name, snippet string) int
 }
 
 // TestClusterStoppedLeaderHandsOver: a leader's Stop transfers leadership before
-// the loop ends, which needs the others' answers: the streams into the member
-// stay open until its loop has ended.
+// its loop ends, which needs the others' answers (the streams into the member
+// stay open until then). On this harness it passed also when they were cut as
+// Stop began: the answers raced with the cut and mostly got through.
 func TestClusterStoppedLeaderHandsOver(t *testing.T) {
 	observe, count := observedLogs()
 	c := startLedByFirst(t, observe)

@@ -640,17 +640,10 @@ func (p *peer) write(body []byte) {
 	}
 	p.mu.Unlock()
 	if err != nil {
+		// The stream's end reports it (openStream), with its cause.
 		p.stream.Store(nil)
 		s.end()
 		s.cancel()
-		<-s.done // at once: canceled
-		// A stream the peer ended (a reload of its site) fails the write
-		// that raced with its end, with whatever error the HTTP client
-		// gives (its connection closed): reported already, and the peer
-		// is up.
-		if !errors.Is(s.err, errStreamEnded) && s.reported.CompareAndSwap(false, true) {
-			p.lost(s.url, err, true)
-		}
 	}
 }
 
@@ -671,10 +664,6 @@ type peerStream struct {
 	cancel context.CancelFunc
 	stall  *time.Timer   // cuts a write that does not go through
 	done   chan struct{} // closed when the request has ended
-	err    error         // how the request ended, once done is closed
-	// reported is set by whoever reports the stream's failure first: the
-	// write that failed, or the request's end.
-	reported atomic.Bool
 }
 
 // errStreamEnded is how a stream the peer ended (a restart, a reload of
@@ -689,7 +678,10 @@ var errStreamStalled = errors.New("the peer took no message for " + peerRequestT
 var errStreamUnanswered = errors.New("the peer did not answer the stream within " + peerRequestTimeout.String())
 
 // openStream starts a POST whose body is the stream; its answer is read on
-// a goroutine of its own, which ends the stream with the request's error.
+// a goroutine of its own, which ends the stream with the request's error
+// and reports it: the one place a stream's failure is reported, whichever
+// side saw it first (a write fails only once the stream has ended or is
+// being cut).
 func (p *peer) openStream() *peerStream {
 	u := p.url()
 	ctx, cancelCause := context.WithCancelCause(p.ctx)
@@ -711,9 +703,9 @@ func (p *peer) openStream() *peerStream {
 	req, err := http.NewRequestWithContext(ctx, http.MethodPost, u+peerStreamPath, pr)
 	if err != nil {
 		pr.CloseWithError(err)
-		s.err = err
 		close(s.done)
 		cancel()
+		p.lost(u, err, true)
 		return s
 	}
 	p.t.setHeaders(req.Header, p.id)
@@ -732,7 +724,6 @@ func (p *peer) openStream() *peerStream {
 		if ctx.Err() != nil && !errors.Is(context.Cause(ctx), context.Canceled) {
 			err = context.Cause(ctx) // stalled, or unanswered
 		}
-		s.err = err
 		pr.CloseWithError(err)
 		// Messages in flight may be lost, whoever ended the stream.
 		// Refused or broken, the peer is unreachable; ended by the peer
@@ -745,7 +736,7 @@ func (p *peer) openStream() *peerStream {
 					p.t.cfg.ReportUnreachable(p.id)
 				}
 			}
-		} else if s.reported.CompareAndSwap(false, true) {
+		} else {
 			p.lost(u, err, true)
 		}
 	}()
@@ -754,8 +745,7 @@ func (p *peer) openStream() *peerStream {
 
 // runStream sends the stream's request and reads its answer: 200, sent at
 // once when the peer takes the stream, then nothing until the peer ends
-// it. Any other answer is the peer's refusal, which the next write reports
-// (checkGone, lost).
+// it. Any other answer is the peer's refusal (checkGone, lost).
 func (p *peer) runStream(req *http.Request, answer *time.Timer) error {
 	resp, err := p.t.client.Do(req)
 	answer.Stop()
@@ -1145,22 +1135,13 @@ func (h *peerHandler) serveStream(w http.ResponseWriter, r *http.Request, from u
 			}
 			return
 		}
-		m := &raftpb.Message{}
-		if err = proto.Unmarshal(frame, m); err == nil {
-			err = h.checkPeerMessage(m, from)
-			if err == nil && m.GetType() == raftpb.MsgSnap {
-				err = errors.New("snapshots go to " + peerSnapshotPath)
-			}
-		}
+		m, err := h.decodeMessage(frame, from)
 		if err != nil {
 			h.lg.Warn("bad message in a peer stream", zap.String("from", idString(from)), zap.Error(err))
 			return
 		}
 		if h.status(from) == peerRemoved && m.GetType() != raftpb.MsgTimeoutNow {
 			continue
-		}
-		if m.GetType() == raftpb.MsgApp && h.recvAppends != nil {
-			h.recvAppends.add(time.Now(), len(frame))
 		}
 		h.deliver(m)
 	}
@@ -1258,6 +1239,28 @@ func readPeerFrame(r io.Reader, limit int) ([]byte, error) {
 // its bytes arrive.
 const peerFrameAlloc = 4 << 20
 
+// decodeMessage decodes one frame of a batch or a stream from member from,
+// refusing what does not belong there (checkPeerMessage; a snapshot, which
+// has a path of its own), and samples the MsgApps received.
+func (h *peerHandler) decodeMessage(frame []byte, from uint64) (*raftpb.Message, error) {
+	m := &raftpb.Message{}
+	if err := proto.Unmarshal(frame, m); err != nil {
+		return nil, err
+	}
+	if err := h.checkPeerMessage(m, from); err != nil {
+		return nil, err
+	}
+	switch m.GetType() {
+	case raftpb.MsgSnap:
+		return nil, errors.New("snapshots go to " + peerSnapshotPath)
+	case raftpb.MsgApp:
+		if h.recvAppends != nil {
+			h.recvAppends.add(time.Now(), len(frame))
+		}
+	}
+	return m, nil
+}
+
 // checkPeerMessage accepts only what a member may send over the wire, from
 // the member the headers name, to this member.
 func (h *peerHandler) checkPeerMessage(m *raftpb.Message, from uint64) error {
@@ -1299,21 +1302,10 @@ func (h *peerHandler) serveBatch(w http.ResponseWriter, r *http.Request, from ui
 			fail("bad message batch: "+err.Error(), status)
 			return
 		}
-		m := &raftpb.Message{}
-		if err := proto.Unmarshal(frame, m); err != nil {
+		m, err := h.decodeMessage(frame, from)
+		if err != nil {
 			fail("bad message batch: "+err.Error(), http.StatusBadRequest)
 			return
-		}
-		if err := h.checkPeerMessage(m, from); err != nil {
-			fail("bad message batch: "+err.Error(), http.StatusBadRequest)
-			return
-		}
-		if m.GetType() == raftpb.MsgSnap {
-			fail("bad message batch: snapshots go to "+peerSnapshotPath, http.StatusBadRequest)
-			return
-		}
-		if m.GetType() == raftpb.MsgApp && h.recvAppends != nil {
-			h.recvAppends.add(time.Now(), len(frame))
 		}
 		msgs = append(msgs, m)
 	}

@@ -1831,3 +1831,50 @@ func TestIgnoredSnapshotFileGoesAtOnce(t *testing.T) {
 	}
 	put(t, fn, "/b", "2")
 }
+
+// A snapshot Raft refuses for another reason than its index (here: its conf
+// state leaves this member out) has its file removed at the next Ready.
+func TestSnapshotRaftRefusesGoesAtTheNextReady(t *testing.T) {
+	c := newTestCluster(t, 3, nil)
+	leader := c.waitLeader(c.members...)
+	put(t, leader.n(), "/a", "1")
+	fs := c.followers(leader, c.members...)
+	f, other := fs[0], fs[1]
+	waitLocal(t, f.n(), "/a", "1")
+	ln, fn := leader.n(), f.n()
+
+	// f stops hearing the leader; the leader's file gets ahead of f's commit.
+	f.refuseFrom.Store(idString(ln.id))
+	defer f.refuseFrom.Store("")
+	for i := range 3 {
+		put(t, ln, "/b", fmt.Sprint(i))
+	}
+	index := ln.store.AppliedIndex()
+	if commit := fn.rn.BasicStatus().GetCommit(); commit >= index {
+		t.Fatalf("follower commit %d, leader's file applied %d: the cut did not hold", commit, index)
+	}
+	pr, pw := io.Pipe()
+	go func() {
+		_, err := ln.store.WriteSnapshot(pw)
+		pw.CloseWithError(err)
+	}()
+	path, err := fn.store.ReceiveSnapshot(pr, index)
+	if err != nil {
+		t.Fatal(err)
+	}
+	term := ln.term.Load()
+	fn.receive(&raftpb.Message{
+		Type: raftpb.MsgSnap.Enum(), From: proto.Uint64(ln.id), To: proto.Uint64(fn.id), Term: proto.Uint64(term),
+		Snapshot: &raftpb.Snapshot{Data: []byte(path), Metadata: &raftpb.SnapshotMetadata{
+			Index: proto.Uint64(index), Term: proto.Uint64(term), ConfState: &raftpb.ConfState{Voters: []uint64{ln.id, other.n().id}}}},
+	})
+	waitFor(t, "the refused snapshot's file removed", func() bool {
+		_, err := os.Stat(path)
+		return errors.Is(err, os.ErrNotExist)
+	})
+	if k := fn.installs.Load(); k != 0 {
+		t.Fatalf("%d snapshots installed", k)
+	}
+	f.refuseFrom.Store("")
+	waitLocal(t, fn, "/b", "2")
+}

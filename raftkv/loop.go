@@ -31,6 +31,7 @@ type loopState struct {
 	hardState          *raftpb.HardState // the last hard state saved
 	scratch            []*raftpb.Entry   // commitOnAppend's committed entries
 	snapIndex          uint64            // index of the last snapshot
+	steppedSnaps       []string          // files of snapshots stepped since the last Ready (dropUntakenSnapshots)
 	droppedAt          uint64            // applied index of the last drop of mapped pages (memory.go)
 	confState          *raftpb.ConfState // the latest applied conf state
 	lead               uint64            // the leader as of the last SoftState
@@ -159,6 +160,8 @@ func (n *Node) run() {
 			}
 			n.releaseConf()
 			n.stepTimeoutNow()
+		} else if len(n.loop.steppedSnaps) > 0 {
+			n.dropUntakenSnapshots("")
 		}
 	}
 }
@@ -285,6 +288,9 @@ func (n *Node) drain(tick <-chan time.Time) bool {
 // handleReady handles one Ready, in the order Raft requires.
 func (n *Node) handleReady() error {
 	rd := n.rn.Ready()
+	if len(n.loop.steppedSnaps) > 0 {
+		n.dropUntakenSnapshots(string(rd.Snapshot.GetData()))
+	}
 	if rd.SoftState != nil {
 		n.softStateChanged(rd.SoftState)
 	}
@@ -830,15 +836,36 @@ func (n *Node) step(m *raftpb.Message) {
 		// Raft ignores a snapshot at or below its commit index (another
 		// copy of one it installed, say) or of an older term: its file
 		// goes now, not at the next local snapshot. Only its own: a file
-		// Raft took may still wait for its Ready.
+		// Raft took may still wait for its Ready. What else Raft ignores
+		// goes at the next Ready (dropUntakenSnapshots).
+		path := string(m.GetSnapshot().GetData())
 		st := n.rn.BasicStatus()
+		n.stepRaft(m)
 		if m.GetSnapshot().GetMetadata().GetIndex() <= st.GetCommit() || m.GetTerm() < st.GetTerm() {
-			n.stepRaft(m)
-			n.store.DropReceivedSnapshot(string(m.GetSnapshot().GetData()))
-			return
+			n.store.DropReceivedSnapshot(path)
+		} else {
+			n.loop.steppedSnaps = append(n.loop.steppedSnaps, path)
 		}
+		return
 	}
 	n.stepRaft(m)
+}
+
+// dropUntakenSnapshots removes the files of the snapshots stepped since the
+// last Ready that Raft did not take; taken names the file of the one the
+// Ready holds ("" for none). Raft also ignores a snapshot whose last entry
+// its log holds (it only moves its commit index), one whose conf state
+// leaves this member out, and one that a later snapshot replaced before
+// its Ready: their files would otherwise stay until the next local
+// snapshot.
+func (n *Node) dropUntakenSnapshots(taken string) {
+	for _, p := range n.loop.steppedSnaps {
+		if p != taken {
+			n.store.DropReceivedSnapshot(p)
+		}
+	}
+	clear(n.loop.steppedSnaps)
+	n.loop.steppedSnaps = n.loop.steppedSnaps[:0]
 }
 
 func (n *Node) stepRaft(m *raftpb.Message) {
@@ -1004,8 +1031,10 @@ func (n *Node) receive(m *raftpb.Message) {
 	select {
 	case n.recvc <- m:
 	case <-n.stopc:
+		n.store.DropReceivedSnapshot(string(m.GetSnapshot().GetData()))
 	case <-t.C:
 		n.lg.Warn("received snapshot dropped: the loop is not taking messages", zap.String("from", idString(m.GetFrom())))
+		n.store.DropReceivedSnapshot(string(m.GetSnapshot().GetData()))
 	}
 }
 

@@ -51,13 +51,16 @@ func (m *testMember) refuses(from string) bool {
 // testStreamBody is a peer stream's body on the simulated network: it fails
 // once the link from its sender is cut, and what the sender wrote comes
 // out oneWay after it arrived (the sleep is the network's delay, not a
-// wait for a condition), however much follows it.
+// wait for a condition), however much follows it, up to 4096 reads of
+// it in flight (then the sender's writes wait, as on a full connection).
+// Its handler calls stop when it returns.
 type testStreamBody struct {
 	io.ReadCloser
 	m      *testMember
 	from   string
 	oneWay time.Duration
 	chunks chan testChunk
+	done   chan struct{} // closed by stop: the handler returned
 	buf    []byte
 	err    error
 }
@@ -69,14 +72,18 @@ type testChunk struct {
 }
 
 func newTestStreamBody(body io.ReadCloser, m *testMember, from string, oneWay time.Duration) *testStreamBody {
-	b := &testStreamBody{ReadCloser: body, m: m, from: from, oneWay: oneWay}
+	b := &testStreamBody{ReadCloser: body, m: m, from: from, oneWay: oneWay, done: make(chan struct{})}
 	if oneWay > 0 {
 		b.chunks = make(chan testChunk, 4096)
 		go func() {
 			for {
 				p := make([]byte, 32<<10)
 				n, err := body.Read(p)
-				b.chunks <- testChunk{data: p[:n], at: time.Now(), err: err}
+				select {
+				case b.chunks <- testChunk{data: p[:n], at: time.Now(), err: err}:
+				case <-b.done:
+					return
+				}
 				if err != nil {
 					return
 				}
@@ -85,6 +92,9 @@ func newTestStreamBody(body io.ReadCloser, m *testMember, from string, oneWay ti
 	}
 	return b
 }
+
+// stop ends the reads of the delay line: nobody takes them any more.
+func (b *testStreamBody) stop() { close(b.done) }
 
 func (b *testStreamBody) Read(p []byte) (int, error) {
 	if b.m.refuses(b.from) {
@@ -143,7 +153,9 @@ func newSlowTestMember(t *testing.T, name string, oneWay time.Duration) *testMem
 		if r.URL.Path == peerStreamPath {
 			// A stream is cut when its sender is, and each read of it
 			// arrives oneWay late.
-			r.Body = newTestStreamBody(r.Body, m, from, oneWay)
+			b := newTestStreamBody(r.Body, m, from, oneWay)
+			defer b.stop()
+			r.Body = b
 		} else if oneWay > 0 && r.Method == http.MethodPost {
 			time.Sleep(oneWay)
 			defer time.Sleep(oneWay)

@@ -3,6 +3,9 @@ package caddymodule
 import (
 	"bytes"
 	"encoding/json"
+	"errors"
+	"fmt"
+	"strings"
 	"testing"
 	"time"
 
@@ -57,6 +60,10 @@ func checkEvent(t *testing.T, ev *storage.Event) {
 	if (err != nil) != (wantErr != nil) {
 		t.Fatalf("error %v, encoding/json's %v", err, wantErr)
 	}
+	// checkTimes finds the error before anything is encoded.
+	if err := errors.Join(checkTimes(ev.Node), checkTimes(ev.PrevNode)); (err != nil) != (wantErr != nil) {
+		t.Fatalf("checkTimes: %v, encoding/json: %v", err, wantErr)
+	}
 	if err != nil {
 		if string(got) != "prefix" {
 			t.Fatalf("failed encoding left %q", got)
@@ -66,6 +73,56 @@ func checkEvent(t *testing.T, ev *storage.Event) {
 	if !bytes.Equal(got[len("prefix"):], want) {
 		t.Fatalf("encoded\n%s\nencoding/json\n%s", got[len("prefix"):], want)
 	}
+	// In pieces, the same bytes.
+	if spilled, last := encodeSpilling(t, ev); !bytes.Equal(append(spilled, last...), want) {
+		t.Fatalf("in pieces\n%s\nencoding/json\n%s", append(spilled, last...), want)
+	}
+}
+
+// encodeSpilling encodes ev with appendEventSpilling: the pieces it spilled,
+// and what it returned. No piece is empty or under spillAt.
+func encodeSpilling(t *testing.T, ev *storage.Event) (spilled, last []byte) {
+	t.Helper()
+	last, _ = appendEventSpilling(nil, ev, func(b []byte) []byte {
+		if len(b) < spillAt {
+			t.Fatalf("spilled %d bytes, under spillAt", len(b))
+		}
+		spilled = append(spilled, b...)
+		return b[:0]
+	})
+	return spilled, last
+}
+
+// A listing larger than spillAt goes out in pieces whose bytes together are
+// encoding/json's.
+func TestEncodeLargeListingInPieces(t *testing.T) {
+	exp := time.Date(2026, 3, 4, 5, 6, 7, 891000000, time.UTC)
+	var dirs []*storage.Node
+	for d := range 20 {
+		dir := &storage.Node{Key: fmt.Sprintf("/big/d%d", d), Dir: true, ModifiedIndex: uint64(d + 1), CreatedIndex: 1}
+		for i := range 100 {
+			v := trickyStrings[(d+i)%len(trickyStrings)] + strings.Repeat("v", i*3)
+			n := &storage.Node{Key: fmt.Sprintf("%s/k%d", dir.Key, i), Value: &v, ModifiedIndex: uint64(i + 2), CreatedIndex: 2}
+			if i%7 == 0 {
+				n.Expiration, n.TTL = &exp, 60
+			}
+			dir.Nodes = append(dir.Nodes, n)
+		}
+		dirs = append(dirs, dir)
+	}
+	ev := &storage.Event{Action: storage.ActionGet, Node: &storage.Node{Key: "/big", Dir: true, Nodes: dirs, ModifiedIndex: 1, CreatedIndex: 1}}
+	want, err := jsonEncode(ev)
+	if err != nil {
+		t.Fatal(err)
+	}
+	spilled, last := encodeSpilling(t, ev)
+	if len(spilled) < 3*spillAt {
+		t.Fatalf("%d bytes spilled of %d", len(spilled), len(want))
+	}
+	if got := append(spilled, last...); !bytes.Equal(got, want) {
+		t.Fatalf("in pieces: %d bytes, encoding/json: %d", len(got), len(want))
+	}
+	checkEvent(t, ev)
 }
 
 func TestEncodeEventMatchesEncodingJSON(t *testing.T) {

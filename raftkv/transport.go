@@ -74,11 +74,16 @@ const (
 	peerMaxBody = 2 * peerMaxFrame
 	// peerMaxSnapFrame bounds a snapshot's metadata frame.
 	peerMaxSnapFrame = 4 << 20
-	// peerRequestTimeout ends a probe that hangs, and a stream whose write
-	// does not go through for this long, so that a stalled peer fills its
-	// own queue instead of holding messages forever.
+	// peerRequestTimeout ends a probe that hangs, and a stream that takes
+	// no streamPiece for this long (StreamStall), so that a stalled peer
+	// fills its own queue instead of holding messages forever.
 	peerRequestTimeout = 5 * time.Second
-	peerDialTimeout    = time.Second
+	// streamPiece is how much of a batch must go through within
+	// StreamStall: a slow link that makes progress is not a stalled one,
+	// however large the batch (etcd's deadline is per write to the
+	// connection, too).
+	streamPiece     = 256 << 10
+	peerDialTimeout = time.Second
 )
 
 // transportConfig configures a peerTransport.
@@ -106,6 +111,9 @@ type transportConfig struct {
 	// SnapshotStall is how long a snapshot transfer may go without
 	// progress (zero: defaultSnapshotStall); see sendSnapshot.
 	SnapshotStall time.Duration
+	// StreamStall is how long a stream may take no streamPiece of a batch
+	// before it is cut (zero: peerRequestTimeout).
+	StreamStall time.Duration
 	// ProbeIdle is how often an empty batch probes each peer (zero:
 	// never), so that every member knows which peers it reaches
 	// (activeSince), followers too: they send to the leader only. The
@@ -158,6 +166,13 @@ func newPeerTransport(cfg transportConfig) *peerTransport {
 		peers:   make(map[uint64]*peer),
 		removed: make(map[uint64]bool),
 	}
+}
+
+func (t *peerTransport) streamStall() time.Duration {
+	if t.cfg.StreamStall > 0 {
+		return t.cfg.StreamStall
+	}
+	return peerRequestTimeout
 }
 
 func (t *peerTransport) snapshotStall() time.Duration {
@@ -663,6 +678,7 @@ type peerStream struct {
 	pw     *io.PipeWriter
 	cancel context.CancelFunc
 	stall  *time.Timer   // cuts a write that does not go through
+	stallD time.Duration // the transport's streamStall
 	done   chan struct{} // closed when the request has ended
 }
 
@@ -670,8 +686,8 @@ type peerStream struct {
 // its site) shows to the next write, which opens another.
 var errStreamEnded = errors.New("the peer ended the stream")
 
-// errStreamStalled cuts a stream whose write took peerRequestTimeout.
-var errStreamStalled = errors.New("the peer took no message for " + peerRequestTimeout.String())
+// errStreamStalled cuts a stream that took no streamPiece for StreamStall.
+var errStreamStalled = errors.New("the peer stopped taking messages")
 
 // errStreamUnanswered cuts a stream the peer did not answer within
 // peerRequestTimeout.
@@ -694,8 +710,8 @@ func (p *peer) openStream() *peerStream {
 		pr.CloseWithError(cause)
 	}
 	cancel := func() { stop(context.Canceled) }
-	s := &peerStream{url: u, pw: pw, cancel: cancel, done: make(chan struct{})}
-	s.stall = time.AfterFunc(peerRequestTimeout, func() {
+	s := &peerStream{url: u, pw: pw, cancel: cancel, done: make(chan struct{}), stallD: p.t.streamStall()}
+	s.stall = time.AfterFunc(s.stallD, func() {
 		pw.CloseWithError(errStreamStalled)
 		stop(errStreamStalled)
 	})
@@ -764,15 +780,22 @@ func (p *peer) runStream(req *http.Request, answer *time.Timer) error {
 	return errStreamEnded
 }
 
-// write writes one batch; it fails when the stream has ended, or after
-// peerRequestTimeout when the peer takes nothing (its connection full).
+// write writes one batch; it fails when the stream has ended, or when the
+// peer takes no streamPiece of it for StreamStall (its connection full).
 func (s *peerStream) write(b []byte) error {
-	s.stall.Reset(peerRequestTimeout)
-	_, err := s.pw.Write(b)
-	if !s.stall.Stop() && err == nil {
-		err = errStreamStalled
+	for len(b) > 0 {
+		n := min(len(b), streamPiece)
+		s.stall.Reset(s.stallD)
+		_, err := s.pw.Write(b[:n])
+		if !s.stall.Stop() {
+			err = errStreamStalled // the stall closed the pipe
+		}
+		if err != nil {
+			return err
+		}
+		b = b[n:]
 	}
-	return err
+	return nil
 }
 
 func (s *peerStream) ended() bool {

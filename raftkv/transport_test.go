@@ -9,6 +9,7 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	"errors"
 	"fmt"
 	"io"
 	"math/big"
@@ -267,6 +268,56 @@ func TestPeerSendNeverBlocksOnAStalledPeer(t *testing.T) {
 	waitFor(t, "the queue to drain", func() bool { return len(r.got) == 1+n-dropped })
 	if u, _ := fb.counts(); u != dropped {
 		t.Fatalf("%d more unreachable reports once the peer read", u-dropped)
+	}
+}
+
+// TestPeerSlowLinkIsNotAStall: a batch that takes longer than StreamStall
+// to go through a link that goes on taking pieces of it is not cut; one
+// that takes nothing for StreamStall is. (In-process: the kernel's socket
+// buffers would decide when the writer sees progress.)
+func TestPeerSlowLinkIsNotAStall(t *testing.T) {
+	for _, slow := range []bool{true, false} {
+		pr, pw := io.Pipe()
+		s := &peerStream{pw: pw, stallD: time.Second, done: make(chan struct{})}
+		s.stall = time.AfterFunc(s.stallD, func() { pw.CloseWithError(errStreamStalled) })
+		s.stall.Stop()
+		var read atomic.Int64
+		stop, stopped := make(chan struct{}), make(chan struct{})
+		go func() {
+			defer close(stopped)
+			// 64 KiB every 25 ms (the sleep is the link's bandwidth): a
+			// streamPiece every 100 ms; none at all once stalled.
+			p := make([]byte, 64<<10)
+			for {
+				select {
+				case <-stop:
+					return
+				case <-time.After(25 * time.Millisecond):
+				}
+				if !slow && read.Load() >= 1<<20 {
+					continue
+				}
+				n, err := pr.Read(p)
+				read.Add(int64(n))
+				if err != nil {
+					return
+				}
+			}
+		}()
+		start := time.Now()
+		err := s.write(make([]byte, 4<<20))
+		took := time.Since(start)
+		close(stop)
+		pr.CloseWithError(io.EOF)
+		<-stopped
+		switch {
+		case slow && err != nil:
+			t.Fatalf("a link taking 64 KiB each 25 ms: %v after %v, %d bytes read", err, took, read.Load())
+		case slow && took < 1500*time.Millisecond:
+			t.Fatalf("4 MiB took %v: the link was not slower than StreamStall", took)
+		case !slow && !errors.Is(err, errStreamStalled):
+			t.Fatalf("a link that stopped after 1 MiB: %v after %v", err, took)
+		}
 	}
 }
 

@@ -16,10 +16,11 @@ import (
 // escaping below is encoding/json's, HTML escaping included.
 
 // bufPool holds response buffers. A buffer that grew past maxPooledBuf (a
-// large listing) is dropped rather than kept alive for small answers.
+// large value) is dropped rather than kept alive for small answers; one that
+// spilled a listing (spillAt) is kept.
 var bufPool = sync.Pool{New: func() any { b := make([]byte, 0, 512); return &b }}
 
-const maxPooledBuf = 64 << 10
+const maxPooledBuf = 128 << 10
 
 func getBuf() *[]byte { return bufPool.Get().(*[]byte) }
 

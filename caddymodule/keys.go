@@ -430,7 +430,7 @@ func writeKeyEvent(w http.ResponseWriter, hv *headerValues, ev *storage.Event, s
 		// A listing, possibly large, goes out in pieces (see spillAt).
 		// An expiration time.Time cannot marshal: json.Encoder wrote
 		// nothing after the headers, and neither does this.
-		if checkTimes(out.Node) != nil {
+		if checkTimes(out.Node) != nil || checkTimes(out.PrevNode) != nil {
 			w.WriteHeader(status)
 			return
 		}

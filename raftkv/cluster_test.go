@@ -1862,7 +1862,9 @@ func TestSnapshotRaftRefusesGoesAtTheNextReady(t *testing.T) {
 		put(t, ln, "/b", fmt.Sprint(i))
 	}
 	index := ln.store.AppliedIndex()
-	if commit := fn.rn.BasicStatus().GetCommit(); commit >= index {
+	commitc := make(chan uint64)
+	fn.ctrlc <- func() { commitc <- fn.rn.BasicStatus().GetCommit() }
+	if commit := <-commitc; commit >= index {
 		t.Fatalf("follower commit %d, leader's file applied %d: the cut did not hold", commit, index)
 	}
 	pr, pw := io.Pipe()
@@ -1889,4 +1891,35 @@ func TestSnapshotRaftRefusesGoesAtTheNextReady(t *testing.T) {
 	}
 	f.refuseFrom.Store("")
 	waitLocal(t, fn, "/b", "2")
+}
+
+// A snapshot that arrives after the loop ended has its file removed at once:
+// nothing would ever take it.
+func TestSnapshotAfterTheLoopEndedGoesAtOnce(t *testing.T) {
+	c := newTestCluster(t, 3, nil)
+	leader := c.waitLeader(c.members...)
+	put(t, leader.n(), "/a", "1")
+	f := c.followers(leader, c.members...)[0]
+	waitLocal(t, f.n(), "/a", "1")
+	ln, fn := leader.n(), f.n()
+	index := ln.store.AppliedIndex()
+	pr, pw := io.Pipe()
+	go func() {
+		_, err := ln.store.WriteSnapshot(pw)
+		pw.CloseWithError(err)
+	}()
+	path, err := fn.store.ReceiveSnapshot(pr, index)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.stop(f)
+	term := ln.term.Load()
+	fn.receive(&raftpb.Message{
+		Type: raftpb.MsgSnap.Enum(), From: proto.Uint64(ln.id), To: proto.Uint64(fn.id), Term: proto.Uint64(term + 1),
+		Snapshot: &raftpb.Snapshot{Data: []byte(path), Metadata: &raftpb.SnapshotMetadata{
+			Index: proto.Uint64(index + 100), Term: proto.Uint64(term + 1), ConfState: &raftpb.ConfState{Voters: []uint64{ln.id, fn.id}}}},
+	})
+	if _, err := os.Stat(path); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("the file of a snapshot received after the loop ended: %v", err)
+	}
 }

@@ -67,6 +67,7 @@ type report struct {
 // one Ready.
 func (n *Node) run() {
 	defer close(n.donec)
+	defer n.dropPendingSnapshots()
 	defer n.quietTransport()
 	defer n.halt()
 	defer n.failReads(ErrStopped)
@@ -851,6 +852,31 @@ func (n *Node) step(m *raftpb.Message) {
 	n.stepRaft(m)
 }
 
+// dropPendingSnapshots removes, as the loop ends, the files of snapshots it
+// stepped whose Ready never came and of those still queued for it.
+func (n *Node) dropPendingSnapshots() {
+	n.dropUntakenSnapshots("")
+	for {
+		select {
+		case m := <-n.recvc:
+			if m.GetType() == raftpb.MsgSnap {
+				n.store.DropReceivedSnapshot(string(m.GetSnapshot().GetData()))
+			}
+		default:
+			return
+		}
+	}
+}
+
+func (n *Node) loopEnded() bool {
+	select {
+	case <-n.donec:
+		return true
+	default:
+		return false
+	}
+}
+
 // dropUntakenSnapshots removes the files of the snapshots stepped since the
 // last Ready that Raft did not take; taken names the file of the one the
 // Ready holds ("" for none). Raft also ignores a snapshot whose last entry
@@ -1018,6 +1044,10 @@ func (n *Node) currentSnapshot(m *raftpb.Message) *raftpb.Message {
 // its file is already received, and dropping it would cost a whole new
 // transfer.
 func (n *Node) receive(m *raftpb.Message) {
+	if m.GetType() == raftpb.MsgSnap && n.loopEnded() {
+		n.store.DropReceivedSnapshot(string(m.GetSnapshot().GetData()))
+		return
+	}
 	select {
 	case n.recvc <- m:
 		return

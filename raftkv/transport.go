@@ -712,8 +712,9 @@ func (p *peer) openStream() *peerStream {
 	cancel := func() { stop(context.Canceled) }
 	s := &peerStream{url: u, pw: pw, cancel: cancel, done: make(chan struct{}), stallD: p.t.streamStall()}
 	s.stall = time.AfterFunc(s.stallD, func() {
-		pw.CloseWithError(errStreamStalled)
-		stop(errStreamStalled)
+		err := fmt.Errorf("%w for %v", errStreamStalled, s.stallD)
+		pw.CloseWithError(err)
+		stop(err)
 	})
 	s.stall.Stop()
 	req, err := http.NewRequestWithContext(ctx, http.MethodPost, u+peerStreamPath, pr)

@@ -1807,18 +1807,22 @@ func TestRemovedMemberQuietsItsTransport(t *testing.T) {
 	})
 }
 
-// A snapshot Raft ignores (at or below its commit index: another copy of
-// one already installed) has its received file removed at once, not at the
-// member's next local snapshot.
-func TestIgnoredSnapshotFileGoesAtOnce(t *testing.T) {
-	c := newTestCluster(t, 3, nil)
-	leader := c.waitLeader(c.members...)
+// clusterWithFollowers starts three members, writes /a through the leader
+// and waits until the first follower has it.
+func clusterWithFollowers(t *testing.T) (c *testCluster, leader *testMember, followers []*testMember) {
+	t.Helper()
+	c = newTestCluster(t, 3, nil)
+	leader = c.waitLeader(c.members...)
 	put(t, leader.n(), "/a", "1")
-	f := c.followers(leader, c.members...)[0]
-	waitLocal(t, f.n(), "/a", "1")
-	ln, fn := leader.n(), f.n()
-	index := min(fn.applied.Load(), ln.applied.Load())
+	followers = c.followers(leader, c.members...)
+	waitLocal(t, followers[0].n(), "/a", "1")
+	return c, leader, followers
+}
 
+// receivedSnapshot streams ln's member.db into fn's store as a snapshot
+// received for index, and returns its file.
+func receivedSnapshot(t *testing.T, ln, fn *Node, index uint64) string {
+	t.Helper()
 	pr, pw := io.Pipe()
 	go func() {
 		_, err := ln.store.WriteSnapshot(pw)
@@ -1828,16 +1832,40 @@ func TestIgnoredSnapshotFileGoesAtOnce(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	term := ln.term.Load()
-	fn.receive(&raftpb.Message{
+	return path
+}
+
+// snapMessage is a MsgSnap from ln to fn of the received file path.
+func snapMessage(ln, fn *Node, path string, index, term uint64, voters ...uint64) *raftpb.Message {
+	return &raftpb.Message{
 		Type: raftpb.MsgSnap.Enum(), From: proto.Uint64(ln.id), To: proto.Uint64(fn.id), Term: proto.Uint64(term),
 		Snapshot: &raftpb.Snapshot{Data: []byte(path), Metadata: &raftpb.SnapshotMetadata{
-			Index: proto.Uint64(index), Term: proto.Uint64(term), ConfState: &raftpb.ConfState{Voters: []uint64{ln.id}}}},
-	})
-	waitFor(t, "the ignored snapshot's file removed", func() bool {
+			Index: proto.Uint64(index), Term: proto.Uint64(term), ConfState: &raftpb.ConfState{Voters: voters}}},
+	}
+}
+
+// waitGone waits until the file at path is removed; what names it.
+func waitGone(t *testing.T, what, path string) {
+	t.Helper()
+	waitFor(t, what+" removed", func() bool {
 		_, err := os.Stat(path)
 		return errors.Is(err, os.ErrNotExist)
 	})
+}
+
+// A snapshot Raft ignores (at or below its commit index: another copy of
+// one already installed) has its received file removed at once, not at the
+// member's next local snapshot.
+func TestIgnoredSnapshotFileGoesAtOnce(t *testing.T) {
+	_, leader, fs := clusterWithFollowers(t)
+	f := fs[0]
+	ln, fn := leader.n(), f.n()
+	index := min(fn.applied.Load(), ln.applied.Load())
+
+	path := receivedSnapshot(t, ln, fn, index)
+	term := ln.term.Load()
+	fn.receive(snapMessage(ln, fn, path, index, term, ln.id))
+	waitGone(t, "the ignored snapshot's file", path)
 	if k := fn.installs.Load(); k != 0 {
 		t.Fatalf("%d snapshots installed", k)
 	}
@@ -1847,12 +1875,8 @@ func TestIgnoredSnapshotFileGoesAtOnce(t *testing.T) {
 // A snapshot Raft refuses for another reason than its index (here: its conf
 // state leaves this member out) has its file removed at the next Ready.
 func TestSnapshotRaftRefusesGoesAtTheNextReady(t *testing.T) {
-	c := newTestCluster(t, 3, nil)
-	leader := c.waitLeader(c.members...)
-	put(t, leader.n(), "/a", "1")
-	fs := c.followers(leader, c.members...)
+	_, leader, fs := clusterWithFollowers(t)
 	f, other := fs[0], fs[1]
-	waitLocal(t, f.n(), "/a", "1")
 	ln, fn := leader.n(), f.n()
 
 	// f stops hearing the leader; the leader's file gets ahead of f's commit.
@@ -1867,25 +1891,10 @@ func TestSnapshotRaftRefusesGoesAtTheNextReady(t *testing.T) {
 	if commit := <-commitc; commit >= index {
 		t.Fatalf("follower commit %d, leader's file applied %d: the cut did not hold", commit, index)
 	}
-	pr, pw := io.Pipe()
-	go func() {
-		_, err := ln.store.WriteSnapshot(pw)
-		pw.CloseWithError(err)
-	}()
-	path, err := fn.store.ReceiveSnapshot(pr, index)
-	if err != nil {
-		t.Fatal(err)
-	}
+	path := receivedSnapshot(t, ln, fn, index)
 	term := ln.term.Load()
-	fn.receive(&raftpb.Message{
-		Type: raftpb.MsgSnap.Enum(), From: proto.Uint64(ln.id), To: proto.Uint64(fn.id), Term: proto.Uint64(term),
-		Snapshot: &raftpb.Snapshot{Data: []byte(path), Metadata: &raftpb.SnapshotMetadata{
-			Index: proto.Uint64(index), Term: proto.Uint64(term), ConfState: &raftpb.ConfState{Voters: []uint64{ln.id, other.n().id}}}},
-	})
-	waitFor(t, "the refused snapshot's file removed", func() bool {
-		_, err := os.Stat(path)
-		return errors.Is(err, os.ErrNotExist)
-	})
+	fn.receive(snapMessage(ln, fn, path, index, term, ln.id, other.n().id))
+	waitGone(t, "the refused snapshot's file", path)
 	if k := fn.installs.Load(); k != 0 {
 		t.Fatalf("%d snapshots installed", k)
 	}
@@ -1896,29 +1905,14 @@ func TestSnapshotRaftRefusesGoesAtTheNextReady(t *testing.T) {
 // A snapshot that arrives after the loop ended has its file removed at once:
 // nothing would ever take it.
 func TestSnapshotAfterTheLoopEndedGoesAtOnce(t *testing.T) {
-	c := newTestCluster(t, 3, nil)
-	leader := c.waitLeader(c.members...)
-	put(t, leader.n(), "/a", "1")
-	f := c.followers(leader, c.members...)[0]
-	waitLocal(t, f.n(), "/a", "1")
+	c, leader, fs := clusterWithFollowers(t)
+	f := fs[0]
 	ln, fn := leader.n(), f.n()
 	index := ln.store.AppliedIndex()
-	pr, pw := io.Pipe()
-	go func() {
-		_, err := ln.store.WriteSnapshot(pw)
-		pw.CloseWithError(err)
-	}()
-	path, err := fn.store.ReceiveSnapshot(pr, index)
-	if err != nil {
-		t.Fatal(err)
-	}
+	path := receivedSnapshot(t, ln, fn, index)
 	c.stop(f)
 	term := ln.term.Load()
-	fn.receive(&raftpb.Message{
-		Type: raftpb.MsgSnap.Enum(), From: proto.Uint64(ln.id), To: proto.Uint64(fn.id), Term: proto.Uint64(term + 1),
-		Snapshot: &raftpb.Snapshot{Data: []byte(path), Metadata: &raftpb.SnapshotMetadata{
-			Index: proto.Uint64(index + 100), Term: proto.Uint64(term + 1), ConfState: &raftpb.ConfState{Voters: []uint64{ln.id, fn.id}}}},
-	})
+	fn.receive(snapMessage(ln, fn, path, index+100, term+1, ln.id, fn.id))
 	if _, err := os.Stat(path); !errors.Is(err, os.ErrNotExist) {
 		t.Fatalf("the file of a snapshot received after the loop ended: %v", err)
 	}

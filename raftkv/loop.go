@@ -868,15 +868,6 @@ func (n *Node) dropPendingSnapshots() {
 	}
 }
 
-func (n *Node) loopEnded() bool {
-	select {
-	case <-n.donec:
-		return true
-	default:
-		return false
-	}
-}
-
 // dropUntakenSnapshots removes the files of the snapshots stepped since the
 // last Ready that Raft did not take; taken names the file of the one the
 // Ready holds ("" for none). Raft also ignores a snapshot whose last entry
@@ -1044,7 +1035,7 @@ func (n *Node) currentSnapshot(m *raftpb.Message) *raftpb.Message {
 // its file is already received, and dropping it would cost a whole new
 // transfer.
 func (n *Node) receive(m *raftpb.Message) {
-	if m.GetType() == raftpb.MsgSnap && n.loopEnded() {
+	if m.GetType() == raftpb.MsgSnap && isClosed(n.donec) {
 		n.store.DropReceivedSnapshot(string(m.GetSnapshot().GetData()))
 		return
 	}

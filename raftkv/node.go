@@ -338,14 +338,7 @@ func (n *Node) WaitReady(ctx context.Context) error {
 }
 
 // Ready reports whether the member is ready to serve clients.
-func (n *Node) Ready() bool {
-	select {
-	case <-n.readyc:
-		return true
-	default:
-		return false
-	}
-}
+func (n *Node) Ready() bool { return isClosed(n.readyc) }
 
 // halt closes haltc: the member will never be ready (again).
 func (n *Node) halt() { n.haltOnce.Do(func() { close(n.haltc) }) }
@@ -456,8 +449,13 @@ func (n *Node) Failed() bool {
 	if !n.started || n.stopped || n.gone.Load() {
 		return false
 	}
+	return isClosed(n.donec)
+}
+
+// isClosed reports whether ch, a channel that is only ever closed, is.
+func isClosed(ch <-chan struct{}) bool {
 	select {
-	case <-n.donec:
+	case <-ch:
 		return true
 	default:
 		return false

@@ -799,14 +799,7 @@ func (s *peerStream) write(b []byte) error {
 	return nil
 }
 
-func (s *peerStream) ended() bool {
-	select {
-	case <-s.done:
-		return true
-	default:
-		return false
-	}
-}
+func (s *peerStream) ended() bool { return isClosed(s.done) }
 
 // end closes the stream's body: the peer reads what is left, and the
 // request ends.

@@ -1661,27 +1661,25 @@ func TestClusterPeerSiteReloadsUnderWriteLoad(t *testing.T) {
 	if cut == leader {
 		cut = reloaded[0]
 	}
-	var self struct {
-		ID string `json:"id"`
+	memberID := func(m *testMember) string {
+		var self struct {
+			ID string `json:"id"`
+		}
+		if st, _, body := m.do(t, "GET", "/v2/stats/self", nil); st != http.StatusOK || json.Unmarshal(body, &self) != nil || self.ID == "" {
+			t.Fatalf("%s: /v2/stats/self: %d %s", m.Name, st, body)
+		}
+		return self.ID
 	}
-	if st, _, body := writeTo.do(t, "GET", "/v2/stats/self", nil); st != http.StatusOK || json.Unmarshal(body, &self) != nil || self.ID == "" {
-		t.Fatalf("%s: /v2/stats/self: %d %s", writeTo.Name, st, body)
-	}
-	var cutID struct {
-		ID string `json:"id"`
-	}
-	if st, _, body := cut.do(t, "GET", "/v2/stats/self", nil); st != http.StatusOK || json.Unmarshal(body, &cutID) != nil || cutID.ID == "" {
-		t.Fatalf("%s: /v2/stats/self: %d %s", cut.Name, st, body)
-	}
+	writerID, cutID := memberID(writeTo), memberID(cut)
 	from := logSize(writeTo.proc)
 	cf := strings.Replace(reloadCaddyfileText(t, cut.proc), "\traftkv_peer\n",
-		"\t@cut header X-Etcaddy-From "+self.ID+"\n\troute {\n\t\trespond @cut \"cut off (test)\" 403\n\t\traftkv_peer\n\t}\n", 1)
+		"\t@cut header X-Etcaddy-From "+writerID+"\n\troute {\n\t\trespond @cut \"cut off (test)\" 403\n\t\traftkv_peer\n\t}\n", 1)
 	if status, body, err := reloadLoad(testClient, cut.AdminURL, cf); err != nil || status != http.StatusOK {
 		t.Fatalf("%s: reload cutting %s off: %d %s %v", cut.Name, writeTo.Name, status, body, err)
 	}
 	if !poll(10*time.Second, func() bool {
 		b, err := os.ReadFile(writeTo.LogPath)
-		return err == nil && strings.Contains(string(b[min(from, int64(len(b))):]), `"peer unreachable","peer":"`+cutID.ID+`"`)
+		return err == nil && strings.Contains(string(b[min(from, int64(len(b))):]), `"peer unreachable","peer":"`+cutID+`"`)
 	}) {
 		t.Errorf("%s still reaches %s after a reload of %s's peer site that refuses it", writeTo.Name, cut.Name, cut.Name)
 	}

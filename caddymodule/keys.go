@@ -424,42 +424,32 @@ func writeKeyEvent(w http.ResponseWriter, hv *headerValues, ev *storage.Event, s
 			out = &storage.Event{Action: ev.Action}
 		}
 	}
-	bp := getBuf()
-	defer putBuf(bp)
-	if out.Node != nil && len(out.Node.Nodes) > 0 {
-		// A listing, possibly large, goes out in pieces (see spillAt).
-		// An expiration time.Time cannot marshal: json.Encoder wrote
-		// nothing after the headers, and neither does this.
-		if checkTimes(out.Node) != nil || checkTimes(out.PrevNode) != nil {
-			w.WriteHeader(status)
-			return
-		}
-		started := false
-		b, _ := appendEventSpilling(*bp, out, func(b []byte) []byte {
-			if !started {
-				w.WriteHeader(status)
-				started = true
-			}
-			if _, err := w.Write(b); err != nil {
-				// The client went away: nothing more to encode.
-				panic(http.ErrAbortHandler)
-			}
-			return b[:0]
-		})
-		*bp = b
-		if started {
-			_, _ = w.Write(b)
-			return
-		}
-		writeBody(w, status, b)
-		return
-	}
-	b, err := appendEvent(*bp, out)
-	if err != nil {
+	// An expiration time.Time cannot marshal: json.Encoder wrote nothing
+	// after the headers, and neither does this. It is looked for first: a
+	// large listing goes out in pieces as it is encoded (see spillAt).
+	if checkTimes(out.Node) != nil || checkTimes(out.PrevNode) != nil {
 		w.WriteHeader(status)
 		return
 	}
+	bp := getBuf()
+	defer putBuf(bp)
+	started := false
+	b, _ := appendEventSpilling(*bp, out, func(b []byte) []byte {
+		if !started {
+			w.WriteHeader(status)
+			started = true
+		}
+		if _, err := w.Write(b); err != nil {
+			// The client went away: nothing more to encode.
+			panic(http.ErrAbortHandler)
+		}
+		return b[:0]
+	})
 	*bp = b
+	if started {
+		_, _ = w.Write(b)
+		return
+	}
 	// A HEAD response's body is dropped by net/http, which still
 	// announces its length, as for etcd.
 	writeBody(w, status, b)

@@ -839,13 +839,12 @@ func (n *Node) step(m *raftpb.Message) {
 		// goes now, not at the next local snapshot. Only its own: a file
 		// Raft took may still wait for its Ready. What else Raft ignores
 		// goes at the next Ready (dropUntakenSnapshots).
-		path := string(m.GetSnapshot().GetData())
 		st := n.rn.BasicStatus()
 		n.stepRaft(m)
 		if m.GetSnapshot().GetMetadata().GetIndex() <= st.GetCommit() || m.GetTerm() < st.GetTerm() {
-			n.store.DropReceivedSnapshot(path)
+			n.dropSnapshotFile(m)
 		} else {
-			n.loop.steppedSnaps = append(n.loop.steppedSnaps, path)
+			n.loop.steppedSnaps = append(n.loop.steppedSnaps, string(m.GetSnapshot().GetData()))
 		}
 		return
 	}
@@ -860,12 +859,17 @@ func (n *Node) dropPendingSnapshots() {
 		select {
 		case m := <-n.recvc:
 			if m.GetType() == raftpb.MsgSnap {
-				n.store.DropReceivedSnapshot(string(m.GetSnapshot().GetData()))
+				n.dropSnapshotFile(m)
 			}
 		default:
 			return
 		}
 	}
+}
+
+// dropSnapshotFile removes the received file of MsgSnap m.
+func (n *Node) dropSnapshotFile(m *raftpb.Message) {
+	n.store.DropReceivedSnapshot(string(m.GetSnapshot().GetData()))
 }
 
 // dropUntakenSnapshots removes the files of the snapshots stepped since the
@@ -1035,28 +1039,27 @@ func (n *Node) currentSnapshot(m *raftpb.Message) *raftpb.Message {
 // its file is already received, and dropping it would cost a whole new
 // transfer.
 func (n *Node) receive(m *raftpb.Message) {
-	if m.GetType() == raftpb.MsgSnap && isClosed(n.donec) {
-		n.store.DropReceivedSnapshot(string(m.GetSnapshot().GetData()))
-		return
-	}
-	select {
-	case n.recvc <- m:
-		return
-	default:
-	}
 	if m.GetType() != raftpb.MsgSnap {
+		select {
+		case n.recvc <- m:
+		default:
+		}
 		return
 	}
-	t := time.NewTimer(snapDeliverTimeout)
-	defer t.Stop()
-	select {
-	case n.recvc <- m:
-	case <-n.stopc:
-		n.store.DropReceivedSnapshot(string(m.GetSnapshot().GetData()))
-	case <-t.C:
-		n.lg.Warn("received snapshot dropped: the loop is not taking messages", zap.String("from", idString(m.GetFrom())))
-		n.store.DropReceivedSnapshot(string(m.GetSnapshot().GetData()))
+	// A snapshot the loop will not take has its file removed.
+	if !isClosed(n.donec) {
+		t := time.NewTimer(snapDeliverTimeout)
+		defer t.Stop()
+		select {
+		case n.recvc <- m:
+			return
+		case <-n.stopc:
+		case <-n.donec:
+		case <-t.C:
+			n.lg.Warn("received snapshot dropped: the loop is not taking messages", zap.String("from", idString(m.GetFrom())))
+		}
 	}
+	n.dropSnapshotFile(m)
 }
 
 // snapDeliverTimeout bounds how long a received snapshot waits for room in

@@ -711,12 +711,7 @@ func (p *peer) openStream() *peerStream {
 	}
 	cancel := func() { stop(context.Canceled) }
 	s := &peerStream{url: u, pw: pw, cancel: cancel, done: make(chan struct{}), stallD: p.t.streamStall()}
-	s.stall = time.AfterFunc(s.stallD, func() {
-		err := fmt.Errorf("%w for %v", errStreamStalled, s.stallD)
-		pw.CloseWithError(err)
-		stop(err)
-	})
-	s.stall.Stop()
+	s.armStall(stop)
 	req, err := http.NewRequestWithContext(ctx, http.MethodPost, u+peerStreamPath, pr)
 	if err != nil {
 		pr.CloseWithError(err)
@@ -779,6 +774,17 @@ func (p *peer) runStream(req *http.Request, answer *time.Timer) error {
 		return err
 	}
 	return errStreamEnded
+}
+
+// armStall sets up the stall timer, stopped: when a write lets it fire, it
+// closes the stream's body and calls cut with the cause.
+func (s *peerStream) armStall(cut func(error)) {
+	s.stall = time.AfterFunc(s.stallD, func() {
+		err := fmt.Errorf("%w for %v", errStreamStalled, s.stallD)
+		s.pw.CloseWithError(err)
+		cut(err)
+	})
+	s.stall.Stop()
 }
 
 // write writes one batch; it fails when the stream has ended, or when the

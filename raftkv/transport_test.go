@@ -279,8 +279,7 @@ func TestPeerSlowLinkIsNotAStall(t *testing.T) {
 	for _, slow := range []bool{true, false} {
 		pr, pw := io.Pipe()
 		s := &peerStream{pw: pw, stallD: time.Second, done: make(chan struct{})}
-		s.stall = time.AfterFunc(s.stallD, func() { pw.CloseWithError(errStreamStalled) })
-		s.stall.Stop()
+		s.armStall(func(error) {})
 		var read atomic.Int64
 		stop, stopped := make(chan struct{}), make(chan struct{})
 		go func() {

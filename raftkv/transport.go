@@ -29,11 +29,12 @@ import (
 )
 
 // The peer protocol. A member streams Raft messages to each peer in the
-// body of one long POST to <peerURL>/raft/stream, each message a frame: a
-// 4-byte big-endian length, then the proto-encoded raftpb.Message. The
-// receiver answers 200 at once and reads frames for as long as the sender
-// writes them, as etcd's rafthttp streams do: a message costs a write on
-// an open connection, not a request. A batch of frames POSTed to
+// body of long POSTs to <peerURL>/raft/stream, two at a time: one for
+// appends, one for every other message (see lane). Each message is a
+// frame: a 4-byte big-endian length, then the proto-encoded
+// raftpb.Message. The receiver answers 200 at once and reads frames for as
+// long as the sender writes them, as etcd's rafthttp streams do: a message
+// costs a write on an open connection, not a request. A batch of frames POSTed to
 // <peerURL>/raft is delivered whole and answered 204; members use it, with
 // no frame, to probe a peer (reachability, its round trip). A snapshot goes to <peerURL>/raft/snapshot
 // as one streamed body: the MsgSnap's frame (its metadata, no data), then
@@ -59,11 +60,14 @@ const (
 
 // Limits of the peer transport.
 const (
-	// peerQueueMessages and peerQueueBytes bound what waits for one peer.
-	// Beyond them messages are dropped and the peer reported unreachable,
-	// as etcd does when its sending buffer is full: Raft retransmits.
+	// peerQueueMessages and peerQueueBytes bound what waits for one peer
+	// on its appends' lane, peerQueueMessages and peerMsgQueueBytes on
+	// its other messages' lane (see lane). Beyond them messages are
+	// dropped and the peer reported unreachable, as etcd does when its
+	// sending buffer is full: Raft retransmits.
 	peerQueueMessages = 4096
 	peerQueueBytes    = 64 << 20
+	peerMsgQueueBytes = 16 << 20
 	// peerBatchBytes is how much one write to a peer's stream carries (at
 	// least one message).
 	peerBatchBytes = 4 << 20
@@ -231,12 +235,12 @@ type peer struct {
 	ctx    context.Context // ended by Stop, and once a removed peer's queue is sent
 	cancel context.CancelFunc
 	// retiring is closed by RemovePeer: the peer takes no more messages,
-	// and its sender ends once it has sent what was queued (a removed
+	// and its senders end once they have sent what was queued (a removed
 	// member's farewell) or after peerRequestTimeout.
 	retiring chan struct{}
-	queue    chan []byte // encoded messages
-	queued   atomic.Int64
-	snapc    chan []byte // encoded MsgSnap (metadata only)
+	lanes    [2]*lane     // laneMessages, laneAppends
+	retired  atomic.Int32 // lanes that sent all a retiring peer's messages
+	snapc    chan []byte  // encoded MsgSnap (metadata only)
 
 	mu   sync.Mutex
 	urls []string
@@ -254,9 +258,40 @@ type peer struct {
 	// answered POST after a failed one (zero while it fails, or before it
 	// ever answered). etcd's rafthttp ActiveSince.
 	activeSince time.Time
+}
+
+// The lanes of a peer.
+const (
+	laneMessages = iota
+	laneAppends
+)
+
+// lane is one of a peer's two streams, with its queue and sender. A
+// leader's appends (MsgApp, in batches of up to peerBatchBytes) go on one,
+// every other message on the other: on a slow link, heartbeats, votes and
+// read index rounds do not wait behind a batch of entries, which could
+// take longer than an election timeout (etcd's rafthttp has a stream of
+// its own for appends, msgappv2, beside its message stream). Raft needs
+// no order between the two: a heartbeat's commit index is capped by what
+// the follower acknowledged, and a leader transfer's MsgTimeoutNow waits
+// until the target acknowledged the whole log. Snapshots have their own
+// requests (runSnapshots).
+type lane struct {
+	p        *peer
+	queue    chan []byte // encoded messages
+	queued   atomic.Int64
+	maxBytes int64
 	// stream is the open stream to the peer, opened and ended by run; a
 	// failed probe cuts it.
 	stream atomic.Pointer[peerStream]
+}
+
+// lane returns the lane messages of type mt go on.
+func (p *peer) lane(mt raftpb.MessageType) *lane {
+	if mt == raftpb.MsgApp {
+		return p.lanes[laneAppends]
+	}
+	return p.lanes[laneMessages]
 }
 
 // followerCounters are the numbers behind a follower's /v2/stats/leader
@@ -350,10 +385,15 @@ func (t *peerTransport) AddPeer(id uint64, urls []string) error {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	p := &peer{id: id, t: t, ctx: ctx, cancel: cancel, urls: clean, retiring: make(chan struct{}),
-		queue: make(chan []byte, peerQueueMessages), snapc: make(chan []byte, 1)}
+		snapc: make(chan []byte, 1)}
+	for i, limit := range [...]int64{laneMessages: peerMsgQueueBytes, laneAppends: peerQueueBytes} {
+		p.lanes[i] = &lane{p: p, queue: make(chan []byte, peerQueueMessages), maxBytes: limit}
+	}
 	t.peers[id] = p
-	t.wg.Add(3)
-	go p.run()
+	t.wg.Add(4)
+	for _, l := range p.lanes {
+		go l.run()
+	}
 	go p.runSnapshots()
 	go p.runProbes()
 	return nil
@@ -385,7 +425,7 @@ func (t *peerTransport) RemovePeer(id uint64, last *raftpb.Message) {
 	if p := t.peers[id]; p != nil {
 		if last != nil {
 			if data, err := proto.Marshal(last); err == nil {
-				p.enqueue(data)
+				p.lane(last.GetType()).enqueue(data)
 			}
 		}
 		close(p.retiring)
@@ -474,20 +514,20 @@ func (t *peerTransport) Send(msgs []*raftpb.Message) {
 			}
 			t.cfg.SentAppends.add(now, len(data))
 		}
-		if !p.enqueue(data) {
+		if !p.lane(m.GetType()).enqueue(data) {
 			t.cfg.ReportUnreachable(p.id)
 		}
 	}
 }
 
-func (p *peer) enqueue(data []byte) bool {
+func (l *lane) enqueue(data []byte) bool {
 	n := int64(len(data))
-	if p.queued.Load()+n > peerQueueBytes {
+	if l.queued.Load()+n > l.maxBytes {
 		return false
 	}
 	select {
-	case p.queue <- data:
-		p.queued.Add(n)
+	case l.queue <- data:
+		l.queued.Add(n)
 		return true
 	default:
 		return false
@@ -595,56 +635,60 @@ func (p *peer) lost(u string, err error, messages bool) {
 	}
 }
 
-// run writes the queue to the peer's stream in batches: whatever
+// run writes the lane's queue to its stream in batches: whatever
 // accumulated while the previous write was under way goes in the next
 // one, up to peerBatchBytes.
-func (p *peer) run() {
+func (l *lane) run() {
+	p := l.p
 	defer p.t.wg.Done()
 	for {
 		var first []byte
 		select {
-		case first = <-p.queue:
+		case first = <-l.queue:
 		case <-p.retiring:
 			select {
-			case first = <-p.queue:
+			case first = <-l.queue:
 			default:
-				p.endStream() // all sent, and delivered if the peer is up
-				p.cancel()    // the snapshot sender and the probes end too
+				l.endStream() // all sent, and delivered if the peer is up
+				if p.retired.Add(1) == int32(len(p.lanes)) {
+					p.cancel() // the snapshot sender and the probes end too
+				}
 				return
 			}
 		case <-p.ctx.Done():
-			p.endStream()
+			l.endStream()
 			return
 		}
 		body := appendPeerFrame(nil, first)
-		p.queued.Add(-int64(len(first)))
+		l.queued.Add(-int64(len(first)))
 	batch:
 		for len(body) < peerBatchBytes {
 			select {
-			case data := <-p.queue:
+			case data := <-l.queue:
 				body = appendPeerFrame(body, data)
-				p.queued.Add(-int64(len(data)))
+				l.queued.Add(-int64(len(data)))
 			default:
 				break batch
 			}
 		}
-		p.write(body)
+		l.write(body)
 	}
 }
 
-// write sends a batch on the peer's stream, opening one when there is none
+// write sends a batch on the lane's stream, opening one when there is none
 // or the last one ended (the peer restarted, or its site was reloaded). A
 // batch that does not go through is lost: the peer is reported
 // unreachable, and Raft resends what matters.
-func (p *peer) write(body []byte) {
-	s := p.stream.Load()
+func (l *lane) write(body []byte) {
+	p := l.p
+	s := l.stream.Load()
 	if s != nil && s.ended() {
 		s.end()
 		s = nil
 	}
 	if s == nil {
 		s = p.openStream()
-		p.stream.Store(s)
+		l.stream.Store(s)
 	}
 	err := s.write(body)
 	p.mu.Lock()
@@ -656,16 +700,16 @@ func (p *peer) write(body []byte) {
 	p.mu.Unlock()
 	if err != nil {
 		// The stream's end reports it (openStream), with its cause.
-		p.stream.Store(nil)
+		l.stream.Store(nil)
 		s.end()
 		s.cancel()
 	}
 }
 
-// endStream closes the stream after what was written to it, and waits
-// until the peer has read it (or the peer's context ends).
-func (p *peer) endStream() {
-	if s := p.stream.Swap(nil); s != nil {
+// endStream closes the lane's stream after what was written to it, and
+// waits until the peer has read it (or the peer's context ends).
+func (l *lane) endStream() {
+	if s := l.stream.Swap(nil); s != nil {
 		s.end()
 		<-s.done
 	}
@@ -865,10 +909,14 @@ func (p *peer) probe() {
 	if err != nil {
 		// A peer that does not answer its probe does not take its
 		// stream either, whatever the writes to it say (something
-		// else answers there, or the connection is dead): cut it, so
-		// that the next batch opens another and a failure shows.
-		if s := p.stream.Load(); s != nil && !p.t.checkGoneErr(err) {
-			s.cancel()
+		// else answers there, or the connection is dead): cut them,
+		// so that the next batch opens another and a failure shows.
+		if !p.t.checkGoneErr(err) {
+			for _, l := range p.lanes {
+				if s := l.stream.Load(); s != nil {
+					s.cancel()
+				}
+			}
 		}
 		p.lost(u, err, false)
 		return

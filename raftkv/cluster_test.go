@@ -38,6 +38,10 @@ type testMember struct {
 	// refuseFrom, when not "", is the hex ID of a member whose messages
 	// this one's peer endpoint refuses (a link cut one way).
 	refuseFrom atomic.Value
+	// bandwidth, when not 0, is how many bytes a second each stream to
+	// m's peer endpoint carries (a slow link; a slow member only, see
+	// newSlowTestMember).
+	bandwidth atomic.Int64
 }
 
 func (m *testMember) n() *Node { return m.node.Load() }
@@ -52,8 +56,9 @@ func (m *testMember) refuses(from string) bool {
 // once the link from its sender is cut, and what the sender wrote comes
 // out oneWay after it arrived (the sleep is the network's delay, not a
 // wait for a condition), however much follows it, up to 4096 reads of
-// it in flight (then the sender's writes wait, as on a full connection).
-// Its handler calls stop when it returns.
+// it in flight (then the sender's writes wait, as on a full connection),
+// at most m.bandwidth bytes a second when that is set (the sleep is the
+// link's bandwidth). Its handler calls stop when it returns.
 type testStreamBody struct {
 	io.ReadCloser
 	m      *testMember
@@ -79,6 +84,9 @@ func newTestStreamBody(body io.ReadCloser, m *testMember, from string, oneWay ti
 			for {
 				p := make([]byte, 32<<10)
 				n, err := body.Read(p)
+				if bw := m.bandwidth.Load(); bw > 0 {
+					time.Sleep(time.Duration(n) * time.Second / time.Duration(bw))
+				}
 				select {
 				case b.chunks <- testChunk{data: p[:n], at: time.Now(), err: err}:
 				case <-b.done:
@@ -376,6 +384,59 @@ func TestClusterReplicatesAndFailsOver(t *testing.T) {
 	n := c.start(leader, "new")
 	waitLocal(t, n, "/after-"+followers[1].name, "2")
 	c.waitLeader(all...)
+}
+
+// TestClusterSlowLinkKeepsItsLeader: a follower behind a slow link gets
+// 4 MiB of entries, which take it about 20 election timeouts to receive.
+// Heartbeats go on a stream of their own: it keeps its leader all along,
+// where heartbeats waiting behind the entries would have it start a
+// pre-vote with no leader meanwhile (PreVote keeps the others' term; the
+// follower still answers no writes or quorum reads until it hears again).
+func TestClusterSlowLinkKeepsItsLeader(t *testing.T) {
+	c := newSlowTestCluster(t, 3, time.Millisecond, nil)
+	leader := c.waitLeader(c.members...)
+	slow := c.followers(leader, c.members...)[0]
+	lead := leader.n().Status().ID
+	slow.bandwidth.Store(1 << 20) // per stream: 4 s for the entries
+	val := strings.Repeat("x", 512<<10)
+	var wg sync.WaitGroup
+	errs := make(chan error, 8)
+	for i := range 8 {
+		wg.Go(func() {
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			defer cancel()
+			_, err := leader.n().Do(ctx, storage.Request{Method: storage.MethodPut, Path: fmt.Sprint("/big/", i), Val: val})
+			errs <- err
+		})
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		if err != nil {
+			t.Fatalf("PUT: %v", err)
+		}
+	}
+	// The other follower made the writes commit; the slow one receives
+	// them now.
+	var lost uint64
+	waitFor(t, "the entries on the slow follower", func() bool {
+		if l := slow.n().Status().Leader; l != lead && lost == 0 {
+			lost = l + 1<<63 // not 0 even when l is
+		}
+		for i := range 8 {
+			ev, err := slow.n().Get(context.Background(), fmt.Sprint("/big/", i), false, false, false)
+			if err != nil || ev.Node.Value == nil || len(*ev.Node.Value) != len(val) {
+				return false
+			}
+		}
+		return true
+	})
+	if lost != 0 {
+		t.Fatalf("the slow follower lost its leader %x while the entries came (it saw %x)", lead, lost-1<<63)
+	}
+	if l := slow.n().Status().Leader; l != lead {
+		t.Fatalf("leader %x, want %x", l, lead)
+	}
 }
 
 func TestClusterAddMemberCatchesUpBySnapshot(t *testing.T) {

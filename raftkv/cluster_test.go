@@ -143,8 +143,14 @@ func newTestMember(t *testing.T, name string) *testMember {
 // oneWay more (a network round trip of 2*oneWay; the sleeps are the
 // simulated network, not waits for a condition).
 func newSlowTestMember(t *testing.T, name string, oneWay time.Duration) *testMember {
+	return newSimTestMember(t, name, oneWay, false)
+}
+
+// newSimTestMember is newSlowTestMember whose peer endpoint also speaks
+// h2c when h2c is set.
+func newSimTestMember(t *testing.T, name string, oneWay time.Duration, h2c bool) *testMember {
 	m := &testMember{name: name, dir: t.TempDir()}
-	m.srv = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	m.srv = httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		// Answers go out before a stream's body is read (see
 		// peerHandler.ServeHTTP).
 		_ = http.NewResponseController(w).EnableFullDuplex()
@@ -170,6 +176,12 @@ func newSlowTestMember(t *testing.T, name string, oneWay time.Duration) *testMem
 		}
 		n.PeerHandler().ServeHTTP(w, r)
 	}))
+	if h2c {
+		m.srv.Config.Protocols = new(http.Protocols)
+		m.srv.Config.Protocols.SetHTTP1(true)
+		m.srv.Config.Protocols.SetUnencryptedHTTP2(true)
+	}
+	m.srv.Start()
 	t.Cleanup(m.srv.Close)
 	m.url = m.srv.URL
 	return m
@@ -183,9 +195,20 @@ func newTestCluster(t *testing.T, size int, edit func(*Config)) *testCluster {
 // newSlowTestCluster is newTestCluster with every member oneWay away (see
 // newSlowTestMember).
 func newSlowTestCluster(t *testing.T, size int, oneWay time.Duration, edit func(*Config)) *testCluster {
-	c := &testCluster{t: t, edit: edit}
+	return newSimTestCluster(t, size, oneWay, false, edit)
+}
+
+// newSimTestCluster is newSlowTestCluster whose members speak h2c to each
+// other when h2c is set.
+func newSimTestCluster(t *testing.T, size int, oneWay time.Duration, h2c bool, edit func(*Config)) *testCluster {
+	c := &testCluster{t: t, edit: func(cfg *Config) {
+		cfg.Peer.H2C = h2c
+		if edit != nil {
+			edit(cfg)
+		}
+	}}
 	for i := range size {
-		c.members = append(c.members, newSlowTestMember(t, fmt.Sprintf("m%d", i), oneWay))
+		c.members = append(c.members, newSimTestMember(t, fmt.Sprintf("m%d", i), oneWay, h2c))
 	}
 	for _, m := range c.members {
 		c.start(m, "new")
@@ -388,12 +411,21 @@ func TestClusterReplicatesAndFailsOver(t *testing.T) {
 
 // TestClusterSlowLinkKeepsItsLeader: a follower behind a slow link gets
 // 4 MiB of entries, which take it about 20 election timeouts to receive.
-// Heartbeats go on a stream of their own: it keeps its leader all along,
-// where heartbeats waiting behind the entries would have it start a
-// pre-vote with no leader meanwhile (PreVote keeps the others' term; the
-// follower still answers no writes or quorum reads until it hears again).
+// Heartbeats go on a stream and a connection of their own: it keeps its
+// leader all along, where heartbeats waiting behind the entries would have
+// it start a pre-vote with no leader meanwhile (PreVote keeps the others'
+// term; the follower still answers no writes or quorum reads until it
+// hears again). The simulated link slows each stream's reads, not a
+// connection's: it cannot show what two streams on one connection would
+// share (its socket buffers), only that both protocols keep the lanes.
 func TestClusterSlowLinkKeepsItsLeader(t *testing.T) {
-	c := newSlowTestCluster(t, 3, time.Millisecond, nil)
+	for name, h2c := range map[string]bool{"http/1.1": false, "h2c": true} {
+		t.Run(name, func(t *testing.T) { testSlowLinkKeepsItsLeader(t, h2c) })
+	}
+}
+
+func testSlowLinkKeepsItsLeader(t *testing.T, h2c bool) {
+	c := newSimTestCluster(t, 3, time.Millisecond, h2c, nil)
 	leader := c.waitLeader(c.members...)
 	slow := c.followers(leader, c.members...)[0]
 	lead := leader.n().Status().ID

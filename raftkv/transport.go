@@ -140,7 +140,10 @@ type peerTransport struct {
 	cfg    transportConfig
 	lg     *zap.Logger
 	client *http.Client
-	wg     sync.WaitGroup
+	// appClient carries the appends' streams: a connection of their own
+	// (see lane).
+	appClient *http.Client
+	wg        sync.WaitGroup
 
 	mu      sync.RWMutex
 	peers   map[uint64]*peer
@@ -164,11 +167,12 @@ func newPeerTransport(cfg transportConfig) *peerTransport {
 		cfg.Logger = zap.NewNop()
 	}
 	return &peerTransport{
-		cfg:     cfg,
-		lg:      cfg.Logger,
-		client:  newPeerClient(cfg.TLS, cfg.H2C),
-		peers:   make(map[uint64]*peer),
-		removed: make(map[uint64]bool),
+		cfg:       cfg,
+		lg:        cfg.Logger,
+		client:    newPeerClient(cfg.TLS, cfg.H2C),
+		appClient: newPeerClient(cfg.TLS, cfg.H2C),
+		peers:     make(map[uint64]*peer),
+		removed:   make(map[uint64]bool),
 	}
 }
 
@@ -268,16 +272,21 @@ const (
 
 // lane is one of a peer's two streams, with its queue and sender. A
 // leader's appends (MsgApp, in batches of up to peerBatchBytes) go on one,
-// every other message on the other: on a slow link, heartbeats, votes and
-// read index rounds do not wait behind a batch of entries, which could
-// take longer than an election timeout (etcd's rafthttp has a stream of
-// its own for appends, msgappv2, beside its message stream). Raft needs
-// no order between the two: a heartbeat's commit index is capped by what
-// the follower acknowledged, and a leader transfer's MsgTimeoutNow waits
-// until the target acknowledged the whole log. Snapshots have their own
+// every other message on the other, each stream on a connection of its
+// own: on a slow link, heartbeats, votes and read index rounds do not wait
+// behind a batch of entries, which could take longer than an election
+// timeout (etcd's rafthttp has a stream of its own for appends, msgappv2,
+// beside its message stream; two HTTP/2 streams on one connection would
+// share its flow control window and socket buffers). Raft needs no order
+// between the two: a heartbeat's commit index is capped by what the
+// follower acknowledged, and Raft's leader transfer sends MsgTimeoutNow
+// once the target acknowledged the whole log. A removed leader's
+// MsgTimeoutNow (handOver) must come after the entries that carry its
+// removal's commit: it goes with the appends. Snapshots have their own
 // requests (runSnapshots).
 type lane struct {
 	p        *peer
+	client   *http.Client
 	queue    chan []byte // encoded messages
 	queued   atomic.Int64
 	maxBytes int64
@@ -288,7 +297,7 @@ type lane struct {
 
 // lane returns the lane messages of type mt go on.
 func (p *peer) lane(mt raftpb.MessageType) *lane {
-	if mt == raftpb.MsgApp {
+	if mt == raftpb.MsgApp || mt == raftpb.MsgTimeoutNow {
 		return p.lanes[laneAppends]
 	}
 	return p.lanes[laneMessages]
@@ -386,9 +395,8 @@ func (t *peerTransport) AddPeer(id uint64, urls []string) error {
 	ctx, cancel := context.WithCancel(context.Background())
 	p := &peer{id: id, t: t, ctx: ctx, cancel: cancel, urls: clean, retiring: make(chan struct{}),
 		snapc: make(chan []byte, 1)}
-	for i, limit := range [...]int64{laneMessages: peerMsgQueueBytes, laneAppends: peerQueueBytes} {
-		p.lanes[i] = &lane{p: p, queue: make(chan []byte, peerQueueMessages), maxBytes: limit}
-	}
+	p.lanes[laneMessages] = &lane{p: p, client: t.client, queue: make(chan []byte, peerQueueMessages), maxBytes: peerMsgQueueBytes}
+	p.lanes[laneAppends] = &lane{p: p, client: t.appClient, queue: make(chan []byte, peerQueueMessages), maxBytes: peerQueueBytes}
 	t.peers[id] = p
 	t.wg.Add(4)
 	for _, l := range p.lanes {
@@ -480,6 +488,7 @@ func (t *peerTransport) Stop() {
 	t.mu.Unlock()
 	t.wg.Wait()
 	t.client.CloseIdleConnections()
+	t.appClient.CloseIdleConnections()
 }
 
 // Send queues messages for their peers and returns at once. It runs on the
@@ -687,7 +696,7 @@ func (l *lane) write(body []byte) {
 		s = nil
 	}
 	if s == nil {
-		s = p.openStream()
+		s = p.openStream(l.client)
 		l.stream.Store(s)
 	}
 	err := s.write(body)
@@ -742,7 +751,7 @@ var errStreamUnanswered = errors.New("the peer did not answer the stream within 
 // and reports it: the one place a stream's failure is reported, whichever
 // side saw it first (a write fails only once the stream has ended or is
 // being cut).
-func (p *peer) openStream() *peerStream {
+func (p *peer) openStream(client *http.Client) *peerStream {
 	u := p.url()
 	ctx, cancelCause := context.WithCancelCause(p.ctx)
 	pr, pw := io.Pipe()
@@ -776,7 +785,7 @@ func (p *peer) openStream() *peerStream {
 		// have net/http read up to 256 KiB of it first, swallowing the
 		// messages meanwhile.
 		answer := time.AfterFunc(peerRequestTimeout, func() { stop(errStreamUnanswered) })
-		err := p.runStream(req, answer)
+		err := p.runStream(client, req, answer)
 		if ctx.Err() != nil && !errors.Is(context.Cause(ctx), context.Canceled) {
 			err = context.Cause(ctx) // stalled, or unanswered
 		}
@@ -802,8 +811,8 @@ func (p *peer) openStream() *peerStream {
 // runStream sends the stream's request and reads its answer: 200, sent at
 // once when the peer takes the stream, then nothing until the peer ends
 // it. Any other answer is the peer's refusal (checkGone, lost).
-func (p *peer) runStream(req *http.Request, answer *time.Timer) error {
-	resp, err := p.t.client.Do(req)
+func (p *peer) runStream(client *http.Client, req *http.Request, answer *time.Timer) error {
+	resp, err := client.Do(req)
 	answer.Stop()
 	if err != nil {
 		return err

@@ -858,11 +858,16 @@ func TestPeerRemovedGetsItsLastMessage(t *testing.T) {
 	if want := []raftpb.MessageType{raftpb.MsgApp, raftpb.MsgHeartbeat}; !slices.Equal(got, want) {
 		t.Fatalf("got %v, want %v", got, want)
 	}
-	waitFor(t, "the removed peer's sender to end", func() bool {
+	waitFor(t, "the removed peer's senders to end", func() bool {
 		tr.mu.RLock()
 		defer tr.mu.RUnlock()
 		return len(tr.retired) == 1 && tr.retired[0].ctx.Err() != nil
 	})
+	// Ended by its lanes once both had sent all, not by RemovePeer's
+	// timer (peerRequestTimeout).
+	if p := tr.retired[0]; p.retired.Load() != int32(len(p.lanes)) {
+		t.Fatalf("%d of %d lanes sent all before the peer's end", p.retired.Load(), len(p.lanes))
+	}
 }
 
 // TestPeerUpdateKeepsTheURLItAnswersOn changes a peer's URLs while it

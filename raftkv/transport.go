@@ -290,6 +290,14 @@ type lane struct {
 	queue    chan []byte // encoded messages
 	queued   atomic.Int64
 	maxBytes int64
+	// taken counts the messages run took from the queue; mu guards the
+	// rest, which enqueue keeps: how many it put in, and the last MsgApp
+	// with entries among them and its number (see enqueue).
+	taken    atomic.Uint64
+	mu       sync.Mutex
+	enqueued uint64
+	lastApp  appKey
+	lastAt   uint64
 	// stream is the open stream to the peer, opened and ended by run; a
 	// failed probe cuts it.
 	stream atomic.Pointer[peerStream]
@@ -433,7 +441,7 @@ func (t *peerTransport) RemovePeer(id uint64, last *raftpb.Message) {
 	if p := t.peers[id]; p != nil {
 		if last != nil {
 			if data, err := proto.Marshal(last); err == nil {
-				p.lane(last.GetType()).enqueue(data)
+				p.lane(last.GetType()).enqueue(last, data)
 			}
 		}
 		close(p.retiring)
@@ -523,13 +531,39 @@ func (t *peerTransport) Send(msgs []*raftpb.Message) {
 			}
 			t.cfg.SentAppends.add(now, len(data))
 		}
-		if !p.lane(m.GetType()).enqueue(data) {
+		if !p.lane(m.GetType()).enqueue(m, data) {
 			t.cfg.ReportUnreachable(p.id)
 		}
 	}
 }
 
-func (l *lane) enqueue(data []byte) bool {
+// appKey names the entries a MsgApp carries: a leader never changes the
+// entries of its log in its term, so two MsgApps with the same key carry
+// the same entries after the same one.
+type appKey struct{ term, index, logTerm, first, last uint64 }
+
+// enqueue queues m, encoded as data, and reports whether it was taken. A
+// MsgApp carrying the same entries as one still waiting in the queue is
+// taken without being queued again: a leader probing a follower (Raft's
+// probe state, after an election or a lost message) sends its probe again
+// after every heartbeat answer until the probe's own answer comes, and on
+// a slow link, where heartbeats overtake the probe on their own lane, that
+// is one copy of up to 1 MiB of entries a heartbeat interval, each of
+// which would take the link as long as the first. The copy left out
+// differs at most in its commit index, which heartbeats and the next
+// append carry too.
+func (l *lane) enqueue(m *raftpb.Message, data []byte) bool {
+	var key appKey
+	isApp := m.GetType() == raftpb.MsgApp && len(m.GetEntries()) > 0
+	if isApp {
+		ents := m.GetEntries()
+		key = appKey{m.GetTerm(), m.GetIndex(), m.GetLogTerm(), ents[0].GetIndex(), ents[len(ents)-1].GetIndex()}
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if isApp && key == l.lastApp && l.taken.Load() < l.lastAt {
+		return true
+	}
 	n := int64(len(data))
 	if l.queued.Load()+n > l.maxBytes {
 		return false
@@ -537,6 +571,10 @@ func (l *lane) enqueue(data []byte) bool {
 	select {
 	case l.queue <- data:
 		l.queued.Add(n)
+		l.enqueued++
+		if isApp {
+			l.lastApp, l.lastAt = key, l.enqueued
+		}
 		return true
 	default:
 		return false
@@ -670,12 +708,14 @@ func (l *lane) run() {
 		}
 		body := appendPeerFrame(nil, first)
 		l.queued.Add(-int64(len(first)))
+		l.taken.Add(1)
 	batch:
 		for len(body) < peerBatchBytes {
 			select {
 			case data := <-l.queue:
 				body = appendPeerFrame(body, data)
 				l.queued.Add(-int64(len(data)))
+				l.taken.Add(1)
 			default:
 				break batch
 			}

@@ -302,6 +302,44 @@ func TestPeerMessagesPassStalledAppends(t *testing.T) {
 	}
 }
 
+// TestPeerQueuedProbeIsNotQueuedAgain: a MsgApp carrying the entries of
+// one still waiting in the appends' queue (a probe sent again after a
+// heartbeat answer) is not queued again; once the first went out, a copy
+// is, and other appends always are.
+func TestPeerQueuedProbeIsNotQueuedAgain(t *testing.T) {
+	peerNoLeaks(t)
+	r, fb, tr := stalledPeer(t)
+	// More than the connection holds: what follows waits in the queue.
+	const big = 24
+	for i := range uint64(big) {
+		tr.Send([]*raftpb.Message{peerBigApp(i+1, 2<<20)})
+	}
+	probe := peerApp(100)
+	tr.Send([]*raftpb.Message{probe})
+	tr.Send([]*raftpb.Message{probe})
+	tr.Send([]*raftpb.Message{peerApp(101)})
+	r.release()
+	var got []uint64
+	for len(got) == 0 || got[len(got)-1] != 101 {
+		got = append(got, r.next(t, "the appends").GetIndex())
+	}
+	want := []uint64{0}
+	for i := range uint64(big) {
+		want = append(want, i+1)
+	}
+	want = append(want, 100, 101)
+	if !slices.Equal(got, want) {
+		t.Fatalf("got appends %v, want %v", got, want)
+	}
+	tr.Send([]*raftpb.Message{probe})
+	if m := r.next(t, "the probe sent again"); m.GetIndex() != 100 {
+		t.Fatalf("got append %d, want 100", m.GetIndex())
+	}
+	if n, _ := fb.counts(); n != 0 {
+		t.Fatalf("%d unreachable reports", n)
+	}
+}
+
 // TestPeerSlowLinkIsNotAStall: a batch that takes longer than StreamStall
 // to go through a link that goes on taking pieces of it is not cut; one
 // that takes nothing for StreamStall is. (In-process: the kernel's socket

@@ -292,7 +292,7 @@ type lane struct {
 	maxBytes int64
 	// taken counts the messages run took from the queue; mu guards the
 	// rest, which enqueue keeps: how many it put in, and the last MsgApp
-	// with entries among them and its number (see enqueue).
+	// with entries among them and its number (see twinQueued).
 	taken    atomic.Uint64
 	mu       sync.Mutex
 	enqueued uint64
@@ -441,7 +441,8 @@ func (t *peerTransport) RemovePeer(id uint64, last *raftpb.Message) {
 	if p := t.peers[id]; p != nil {
 		if last != nil {
 			if data, err := proto.Marshal(last); err == nil {
-				p.lane(last.GetType()).enqueue(last, data)
+				key, isApp := appKeyOf(last)
+				p.lane(last.GetType()).enqueue(data, key, isApp)
 			}
 		}
 		close(p.retiring)
@@ -520,9 +521,18 @@ func (t *peerTransport) Send(msgs []*raftpb.Message) {
 			p.queueSnapshot(m)
 			continue
 		}
+		l := p.lane(m.GetType())
+		key, isApp := appKeyOf(m)
+		if isApp && l.twinQueued(key) {
+			continue
+		}
 		data, err := proto.Marshal(m)
 		if err != nil {
 			t.lg.Error("encoding a Raft message", zap.Error(err), zap.Stringer("type", m.GetType()))
+			continue
+		}
+		if !l.enqueue(data, key, isApp) {
+			t.cfg.ReportUnreachable(p.id)
 			continue
 		}
 		if m.GetType() == raftpb.MsgApp && t.cfg.SentAppends != nil {
@@ -530,9 +540,6 @@ func (t *peerTransport) Send(msgs []*raftpb.Message) {
 				now = time.Now()
 			}
 			t.cfg.SentAppends.add(now, len(data))
-		}
-		if !p.lane(m.GetType()).enqueue(m, data) {
-			t.cfg.ReportUnreachable(p.id)
 		}
 	}
 }
@@ -542,28 +549,36 @@ func (t *peerTransport) Send(msgs []*raftpb.Message) {
 // the same entries after the same one.
 type appKey struct{ term, index, logTerm, first, last uint64 }
 
-// enqueue queues m, encoded as data, and reports whether it was taken. A
-// MsgApp carrying the same entries as one still waiting in the queue is
-// taken without being queued again: a leader probing a follower (Raft's
-// probe state, after an election or a lost message) sends its probe again
-// after every heartbeat answer until the probe's own answer comes, and on
-// a slow link, where heartbeats overtake the probe on their own lane, that
+// appKeyOf is m's appKey, and whether m is a MsgApp with entries.
+func appKeyOf(m *raftpb.Message) (appKey, bool) {
+	ents := m.GetEntries()
+	if m.GetType() != raftpb.MsgApp || len(ents) == 0 {
+		return appKey{}, false
+	}
+	return appKey{m.GetTerm(), m.GetIndex(), m.GetLogTerm(), ents[0].GetIndex(), ents[len(ents)-1].GetIndex()}, true
+}
+
+// twinQueued reports whether a MsgApp with key waits in the queue already,
+// which Send then leaves out: a leader probing a follower (Raft's probe
+// state, after an election or a lost message) sends its probe again after
+// every heartbeat answer until the probe's own answer comes, and on a
+// slow link, where heartbeats overtake the probe on their own lane, that
 // is one copy of up to 1 MiB of entries a heartbeat interval, each of
 // which would take the link as long as the first. The copy left out
 // differs at most in its commit index, which heartbeats and the next
-// append carry too.
-func (l *lane) enqueue(m *raftpb.Message, data []byte) bool {
-	var key appKey
-	isApp := m.GetType() == raftpb.MsgApp && len(m.GetEntries()) > 0
-	if isApp {
-		ents := m.GetEntries()
-		key = appKey{m.GetTerm(), m.GetIndex(), m.GetLogTerm(), ents[0].GetIndex(), ents[len(ents)-1].GetIndex()}
-	}
+// append carry too; Raft takes it for sent, and the twin's answer settles
+// what it expects of it.
+func (l *lane) twinQueued(key appKey) bool {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	if isApp && key == l.lastApp && l.taken.Load() < l.lastAt {
-		return true
-	}
+	return key == l.lastApp && l.taken.Load() < l.lastAt
+}
+
+// enqueue queues data, a message with the given appKey when isApp, and
+// reports whether it was taken.
+func (l *lane) enqueue(data []byte, key appKey, isApp bool) bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
 	n := int64(len(data))
 	if l.queued.Load()+n > l.maxBytes {
 		return false

@@ -312,7 +312,7 @@ func (p *peer) lane(mt raftpb.MessageType) *lane {
 }
 
 // followerCounters are the numbers behind a follower's /v2/stats/leader
-// entry: message batches that went out on the peer's stream or did not,
+// entry: message batches that went out on the peer's streams or did not,
 // and the round-trip times of the probes it answered, in milliseconds.
 type followerCounters struct {
 	success, fail          uint64
@@ -923,7 +923,7 @@ func (s *peerStream) end() {
 }
 
 // runProbes probes the peer every ProbeIdle with an empty batch, beside
-// the stream: its answer tells that the peer is up (activeSince) and how
+// the streams: its answer tells that the peer is up (activeSince) and how
 // long a round trip to it takes (/v2/stats/leader), and a 410 that this
 // member was removed.
 func (p *peer) runProbes() {

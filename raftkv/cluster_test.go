@@ -56,9 +56,10 @@ func (m *testMember) refuses(from string) bool {
 // once the link from its sender is cut, and what the sender wrote comes
 // out oneWay after it arrived (the sleep is the network's delay, not a
 // wait for a condition), however much follows it, up to 4096 reads of
-// it in flight (then the sender's writes wait, as on a full connection),
-// at most m.bandwidth bytes a second when that is set (the sleep is the
-// link's bandwidth). Its handler calls stop when it returns.
+// it in flight (then the sender's writes wait, as on a full connection);
+// when m.bandwidth is set, a read arrives once the link has carried what
+// came before it and itself at that many bytes a second. Its handler
+// calls stop when it returns.
 type testStreamBody struct {
 	io.ReadCloser
 	m      *testMember
@@ -81,14 +82,20 @@ func newTestStreamBody(body io.ReadCloser, m *testMember, from string, oneWay ti
 	if oneWay > 0 {
 		b.chunks = make(chan testChunk, 4096)
 		go func() {
+			var free time.Time // when the link has carried what came so far
 			for {
 				p := make([]byte, 32<<10)
 				n, err := body.Read(p)
+				at := time.Now()
 				if bw := m.bandwidth.Load(); bw > 0 {
-					time.Sleep(time.Duration(n) * time.Second / time.Duration(bw))
+					if free.After(at) {
+						at = free
+					}
+					at = at.Add(time.Duration(n) * time.Second / time.Duration(bw))
+					free = at
 				}
 				select {
-				case b.chunks <- testChunk{data: p[:n], at: time.Now(), err: err}:
+				case b.chunks <- testChunk{data: p[:n], at: at, err: err}:
 				case <-b.done:
 					return
 				}
@@ -450,10 +457,10 @@ func testSlowLinkKeepsItsLeader(t *testing.T, h2c bool) {
 	}
 	// The other follower made the writes commit; the slow one receives
 	// them now.
-	var lost uint64
+	lost, saw := false, uint64(0)
 	waitFor(t, "the entries on the slow follower", func() bool {
-		if l := slow.n().Status().Leader; l != lead && lost == 0 {
-			lost = l + 1<<63 // not 0 even when l is
+		if l := slow.n().Status().Leader; l != lead && !lost {
+			lost, saw = true, l
 		}
 		for i := range 8 {
 			ev, err := slow.n().Get(context.Background(), fmt.Sprint("/big/", i), false, false, false)
@@ -463,8 +470,8 @@ func testSlowLinkKeepsItsLeader(t *testing.T, h2c bool) {
 		}
 		return true
 	})
-	if lost != 0 {
-		t.Fatalf("the slow follower lost its leader %x while the entries came (it saw %x)", lead, lost-1<<63)
+	if lost {
+		t.Fatalf("the slow follower lost its leader %x while the entries came (it saw %x)", lead, saw)
 	}
 	if l := slow.n().Status().Leader; l != lead {
 		t.Fatalf("leader %x, want %x", l, lead)

@@ -241,10 +241,10 @@ type peer struct {
 	// retiring is closed by RemovePeer: the peer takes no more messages,
 	// and its senders end once they have sent what was queued (a removed
 	// member's farewell) or after peerRequestTimeout.
-	retiring chan struct{}
-	lanes    [2]*lane     // laneMessages, laneAppends
-	retired  atomic.Int32 // lanes that sent all a retiring peer's messages
-	snapc    chan []byte  // encoded MsgSnap (metadata only)
+	retiring  chan struct{}
+	lanes     [2]*lane     // laneMessages, laneAppends
+	lanesDone atomic.Int32 // lanes that sent all a retiring peer's messages
+	snapc     chan []byte  // encoded MsgSnap (metadata only)
 
 	mu   sync.Mutex
 	urls []string
@@ -712,7 +712,7 @@ func (l *lane) run() {
 			case first = <-l.queue:
 			default:
 				l.endStream() // all sent, and delivered if the peer is up
-				if p.retired.Add(1) == int32(len(p.lanes)) {
+				if p.lanesDone.Add(1) == int32(len(p.lanes)) {
 					p.cancel() // the snapshot sender and the probes end too
 				}
 				return

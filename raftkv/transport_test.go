@@ -233,6 +233,12 @@ func TestPeerBatchesArriveInOrder(t *testing.T) {
 	}
 }
 
+// peerHeartbeat is the leader's heartbeat with commit index commit.
+func peerHeartbeat(commit uint64) *raftpb.Message {
+	return &raftpb.Message{Type: raftpb.MsgHeartbeat.Enum(), From: new(uint64(peerTestLeader)), To: new(uint64(peerTestFollower)),
+		Term: new(uint64(1)), Commit: new(commit)}
+}
+
 // peerBigApp is a MsgApp of about size bytes.
 func peerBigApp(index uint64, size int) *raftpb.Message {
 	m := peerApp(index)
@@ -285,9 +291,7 @@ func TestPeerSendNeverBlocksOnAStalledPeer(t *testing.T) {
 func TestPeerMessagesPassStalledAppends(t *testing.T) {
 	peerNoLeaks(t)
 	r, fb, tr := stalledPeer(t)
-	hb := &raftpb.Message{Type: raftpb.MsgHeartbeat.Enum(), From: new(uint64(peerTestLeader)), To: new(uint64(peerTestFollower)),
-		Term: new(uint64(1)), Commit: new(uint64(0))}
-	tr.Send([]*raftpb.Message{peerBigApp(1, 2<<20), hb})
+	tr.Send([]*raftpb.Message{peerBigApp(1, 2<<20), peerHeartbeat(0)})
 	if m := r.next(t, "the heartbeat"); m.GetType() != raftpb.MsgHeartbeat {
 		t.Fatalf("got %v %d, want the heartbeat", m.GetType(), m.GetIndex())
 	}
@@ -893,8 +897,7 @@ func TestPeerRemovedGetsItsLastMessage(t *testing.T) {
 	if err := tr.AddPeer(peerTestFollower, []string{r.srv.URL}); err != nil {
 		t.Fatal(err)
 	}
-	last := &raftpb.Message{Type: raftpb.MsgHeartbeat.Enum(), From: new(uint64(peerTestLeader)), To: new(uint64(peerTestFollower)),
-		Term: new(uint64(1)), Commit: new(uint64(7))}
+	last := peerHeartbeat(7)
 	tr.Send([]*raftpb.Message{peerApp(1)})
 	tr.RemovePeer(peerTestFollower, last)
 	if st := tr.peerStatus(peerTestFollower); st != peerRemoved {
@@ -913,8 +916,8 @@ func TestPeerRemovedGetsItsLastMessage(t *testing.T) {
 	})
 	// Ended by its lanes once both had sent all, not by RemovePeer's
 	// timer (peerRequestTimeout).
-	if p := tr.retired[0]; p.retired.Load() != int32(len(p.lanes)) {
-		t.Fatalf("%d of %d lanes sent all before the peer's end", p.retired.Load(), len(p.lanes))
+	if p := tr.retired[0]; p.lanesDone.Load() != int32(len(p.lanes)) {
+		t.Fatalf("%d of %d lanes sent all before the peer's end", p.lanesDone.Load(), len(p.lanes))
 	}
 }
 

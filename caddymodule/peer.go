@@ -13,6 +13,8 @@ import (
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+
+	"github.com/etcaddy/etcaddy/raftkv"
 )
 
 func init() {
@@ -82,7 +84,7 @@ func (h *PeerHandler) ServeHTTP(w http.ResponseWriter, r *http.Request, next cad
 	n := h.member.running()
 	if n == nil {
 		// At once, whatever the body: a peer's stream does not end.
-		_ = http.NewResponseController(w).EnableFullDuplex()
+		raftkv.AnswerBeforeBody(w, r)
 		w.Header().Set("Retry-After", "1")
 		http.Error(w, "raftkv member not running", http.StatusServiceUnavailable)
 		return nil

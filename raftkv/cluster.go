@@ -64,7 +64,7 @@ func (e peerEntry) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	h := e.n.peerH.Load()
 	if h == nil {
 		// At once, whatever the body: a peer's stream does not end.
-		_ = http.NewResponseController(w).EnableFullDuplex()
+		AnswerBeforeBody(w, r)
 		http.Error(w, "member not running", http.StatusServiceUnavailable)
 		return
 	}

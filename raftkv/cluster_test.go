@@ -163,11 +163,13 @@ func newSimTestMember(t *testing.T, name string, oneWay time.Duration, h2c bool)
 		_ = http.NewResponseController(w).EnableFullDuplex()
 		n := m.n()
 		if n == nil {
+			AnswerBeforeBody(w, r) // refused: the body is not read
 			http.Error(w, "no member here", http.StatusServiceUnavailable)
 			return
 		}
 		from := r.Header.Get(headerPeerFrom)
 		if m.refuses(from) {
+			AnswerBeforeBody(w, r) // refused: the body is not read
 			http.Error(w, "cut off (test)", http.StatusServiceUnavailable)
 			return
 		}
@@ -1828,6 +1830,7 @@ func TestSnapshotReportOutlastsAFullReportQueue(t *testing.T) {
 			_ = http.NewResponseController(w).EnableFullDuplex()
 			n := m.n()
 			if n == nil {
+				AnswerBeforeBody(w, r) // refused: the body is not read
 				http.Error(w, "no member here", http.StatusServiceUnavailable)
 				return
 			}
@@ -1857,6 +1860,7 @@ func TestSnapshotReportOutlastsAFullReportQueue(t *testing.T) {
 					}
 				}
 				<-stalled
+				AnswerBeforeBody(w, r) // refused: the body is not read
 				http.Error(w, "refused (test)", http.StatusServiceUnavailable)
 				return
 			}

@@ -1188,6 +1188,19 @@ func newPeerHandler(id, clusterID uint64, status func(uint64) peerState, deliver
 		snapshots: snapshots, lg: lg, snapBusy: make(chan struct{}, 1)}
 }
 
+// AnswerBeforeBody lets a handler answer a peer's request before it has
+// read the body, which for a stream does not end (full duplex). An HTTP/1
+// connection closes after the answer: what is left of the body is no
+// request, and Go's server, reading on for the next one while the body's
+// own read is pending, panics and resets the connection (golang/go#68560),
+// which a peer that sends its next request on it sees fail.
+func AnswerBeforeBody(w http.ResponseWriter, r *http.Request) {
+	_ = http.NewResponseController(w).EnableFullDuplex()
+	if r.ProtoMajor == 1 {
+		w.Header().Set("Connection", "close")
+	}
+}
+
 func (h *peerHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if r.URL.Path == peerMembersPath && h.members != nil {
 		h.serveMembers(w, r)
@@ -1201,7 +1214,7 @@ func (h *peerHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		// An answer goes out at once, before the body is read: a
 		// refusal too (HTTP/1 would otherwise read the body first, and a
 		// stream's does not end).
-		_ = http.NewResponseController(w).EnableFullDuplex()
+		AnswerBeforeBody(w, r)
 	}
 	if r.Method != http.MethodPost {
 		w.Header().Set("Allow", http.MethodPost)
@@ -1230,12 +1243,7 @@ func (h *peerHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 // A member removed while its stream is open is heard no more, but for a
 // MsgTimeoutNow (see serveBatch); its probes hear 410.
 func (h *peerHandler) serveStream(w http.ResponseWriter, r *http.Request, from uint64) {
-	rc := http.NewResponseController(w) // full duplex (ServeHTTP)
-	if r.ProtoMajor == 1 {
-		// What is left of the body when the stream ends here is not a
-		// request: the connection goes.
-		w.Header().Set("Connection", "close")
-	}
+	rc := http.NewResponseController(w) // full duplex, closing (ServeHTTP)
 	w.WriteHeader(http.StatusOK)
 	if err := rc.Flush(); err != nil {
 		return

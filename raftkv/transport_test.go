@@ -12,6 +12,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log"
 	"math/big"
 	"net"
 	"net/http"
@@ -970,4 +971,70 @@ func TestPeerUpdateKeepsTheURLItAnswersOn(t *testing.T) {
 			return false
 		}
 	})
+}
+
+// syncBuffer is a bytes.Buffer for a server's error log.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+// TestPeerRefusalBeforeTheBodyClosesTheConnection: a refusal that answers
+// before reading the body (a member not running; a stream from another
+// cluster) closes an HTTP/1 connection. Kept open, Go's server read on from
+// it for the next request while the unread body's read was pending: it
+// panicked and reset the connection (golang/go#68560), so that the peer's
+// next request on it could fail.
+func TestPeerRefusalBeforeTheBodyClosesTheConnection(t *testing.T) {
+	stopped := NewNode(Config{DataDir: t.TempDir()}) // never started
+	running := newPeerHandler(peerTestFollower, peerTestCluster, func(uint64) peerState { return peerKnown },
+		func(*raftpb.Message) {}, nil, nil)
+	for _, tc := range []struct {
+		name    string
+		h       http.Handler
+		cluster string
+		status  int
+	}{
+		{"member not running", stopped.PeerHandler(), "c1", http.StatusServiceUnavailable},
+		{"stream from another cluster", running, "c2", http.StatusPreconditionFailed},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var errs syncBuffer
+			srv := httptest.NewUnstartedServer(tc.h)
+			srv.Config.ErrorLog = log.New(&errs, "", 0)
+			srv.Start()
+			for i := range 5 {
+				req, err := http.NewRequest(http.MethodPost, srv.URL+peerStreamPath, bytes.NewReader(peerFrames(peerHeartbeat(1))))
+				if err != nil {
+					t.Fatal(err)
+				}
+				req.Header = http.Header{headerPeerClusterID: {tc.cluster}, headerPeerFrom: {"1"}, headerPeerTo: {"2"}}
+				resp, err := srv.Client().Do(req)
+				if err != nil {
+					t.Fatalf("request %d: %v", i, err)
+				}
+				io.Copy(io.Discard, resp.Body)
+				resp.Body.Close()
+				if resp.StatusCode != tc.status || !resp.Close {
+					t.Fatalf("request %d: %d, Connection: close %v; want %d and the connection closed", i, resp.StatusCode, resp.Close, tc.status)
+				}
+			}
+			srv.Close()
+			if strings.Contains(errs.String(), "panic") {
+				t.Fatalf("the server panicked:\n%s", errs.String())
+			}
+		})
+	}
 }

@@ -104,6 +104,7 @@ func TestCaddyfileAdaptErrors(t *testing.T) {
 		{"zero catch-up entries", "{\n\traftkv {\n\t\tsnapshot_catchup_entries 0\n\t}\n}\n", "snapshot_catchup_entries must be a positive number"},
 		{"bad cluster state", "{\n\traftkv {\n\t\tinitial_cluster_state maybe\n\t}\n}\n", `initial_cluster_state must be "new" or "existing"`},
 		{"bad strict reconfig check", "{\n\traftkv {\n\t\tstrict_reconfig_check sometimes\n\t}\n}\n", `strict_reconfig_check must be true or false, not "sometimes"`},
+		{"bad force_new_cluster", "{\n\traftkv {\n\t\tforce_new_cluster yes please\n\t}\n}\n", `force_new_cluster must be true or false, not "yes"`},
 		{"etcd takes no argument", ":2379 {\n\tetcd /v2/* extra\n}\n", "wrong argument count"},
 		{"raftkv_peer takes no argument", ":2380 {\n\traftkv_peer /raft extra\n}\n", "wrong argument count"},
 		{"raftkv_peer has no options", ":2380 {\n\traftkv_peer {\n\t\tinsecure\n\t}\n}\n", `unrecognized raftkv_peer option "insecure"`},

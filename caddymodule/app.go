@@ -122,6 +122,16 @@ type App struct {
 	// others are. A reload changes it on the running member. Default: true.
 	StrictReconfigCheck *bool `json:"strict_reconfig_check,omitempty"`
 
+	// Whether the member, when it starts on its data, makes itself the only
+	// member of its cluster (etcd's --force-new-cluster): the way back for
+	// a cluster that lost a majority of its members for good. It keeps its
+	// data, member and cluster IDs and index; the others are removed for
+	// good (one that comes back is refused, and stops), and its entries not
+	// yet committed are dropped. Remove it once the member runs: every
+	// start with it removes the members added since. No effect on an empty
+	// data directory. Default: false.
+	ForceNewCluster bool `json:"force_new_cluster,omitempty"`
+
 	member  *member
 	poolKey string        // set while this instance holds a reference in members
 	cfg     raftkv.Config // this config's node settings, for a member that starts anew
@@ -442,6 +452,7 @@ func (a *App) nodeConfig() raftkv.Config {
 		InitialClusterState:    a.InitialClusterState,
 		InitialClusterToken:    a.InitialClusterToken,
 		AdvertiseClientURLs:    slices.Clone(a.AdvertiseClientURLs),
+		ForceNewCluster:        a.ForceNewCluster,
 		LooseReconfig:          !a.strictReconfigCheck(),
 		// The node outlives this config, so it logs through the process's
 		// default logger rather than this config's.
@@ -638,6 +649,9 @@ func (m *member) tuningChanges(cfg raftkv.Config) []string {
 	}
 	if m.cfg.ElectionTimeout != cfg.ElectionTimeout {
 		changed = append(changed, "election_timeout")
+	}
+	if m.cfg.ForceNewCluster != cfg.ForceNewCluster {
+		changed = append(changed, "force_new_cluster")
 	}
 	return changed
 }

@@ -60,6 +60,7 @@ func parseGlobalOption(d *caddyfile.Dispenser, existing any) (any, error) {
 //		peer_key_file            <key.pem>
 //		peer_trusted_ca_file     <ca.pem>
 //		strict_reconfig_check    [true|false]
+//		force_new_cluster        [true|false]
 //	}
 //
 // initial_cluster takes etcd's --initial-cluster list, as one
@@ -160,19 +161,23 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 					return d.Err("initial_cluster needs <name>=<peer_url> pairs, not empty ones")
 				}
 
-			case "strict_reconfig_check":
+			case "strict_reconfig_check", "force_new_cluster":
 				on := true
 				if d.NextArg() {
 					v, err := strconv.ParseBool(d.Val())
 					if err != nil {
-						return d.Errf("strict_reconfig_check must be true or false, not %q", d.Val())
+						return d.Errf("%s must be true or false, not %q", opt, d.Val())
 					}
 					on = v
 				}
 				if d.NextArg() {
 					return d.ArgErr()
 				}
-				a.StrictReconfigCheck = &on
+				if opt == "strict_reconfig_check" {
+					a.StrictReconfigCheck = &on
+				} else {
+					a.ForceNewCluster = on
+				}
 
 			case "advertise_client_urls":
 				args := d.RemainingArgs()

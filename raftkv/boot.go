@@ -23,6 +23,10 @@ func (n *Node) boot(st *storage.Store) error {
 	var peers []raft.Peer
 	var voters int
 	var raftApplied uint64
+	forced := false
+	if fresh && n.cfg.ForceNewCluster {
+		n.lg.Warn("force_new_cluster is set, but the data directory is empty: it has no effect")
+	}
 	switch {
 	case fresh && n.cfg.InitialClusterState == "existing":
 		// Joining: no peers to bootstrap with. The leader sends the log or
@@ -40,6 +44,11 @@ func (n *Node) boot(st *storage.Store) error {
 	default:
 		if err := n.restoreMembers(st); err != nil {
 			return err
+		}
+		if n.cfg.ForceNewCluster {
+			if forced, err = n.forceNewCluster(st, rs); err != nil {
+				return err
+			}
 		}
 		cs := rs.ConfState
 		if cs == nil && rs.Snapshot != nil {
@@ -124,10 +133,13 @@ func (n *Node) boot(st *storage.Store) error {
 	// refuses to campaign with unapplied conf changes), so the loop
 	// campaigns after its first Ready; a restarted one campaigns now (if a
 	// conf change is still unapplied, Raft's election timer does it later).
-	if voters == 1 {
-		if fresh {
-			n.loop.campaignAfterReady = !n.loop.noFastCampaign
-		} else if err := rn.Campaign(); err != nil {
+	// A forced member is the only voter once it applied the removals its
+	// first Ready holds: it campaigns then too.
+	switch {
+	case voters == 1 && fresh, forced:
+		n.loop.campaignAfterReady = !n.loop.noFastCampaign
+	case voters == 1:
+		if err := rn.Campaign(); err != nil {
 			return err
 		}
 	}

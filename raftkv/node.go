@@ -44,6 +44,11 @@ type Config struct {
 	InitialClusterToken    string              // default "etcd-cluster"
 	AdvertiseClientURLs    []string            // may be empty: the handler then answers with the URL the request came in on
 	Peer                   PeerConfig          // how this member dials its peers
+	// ForceNewCluster makes a member that restarts on its data the only
+	// member of its cluster (etcd's --force-new-cluster), to recover a
+	// cluster that lost a majority for good; see forceNewCluster. It has
+	// no effect on an empty data directory.
+	ForceNewCluster bool
 	// LooseReconfig turns off etcd's strict reconfiguration check
 	// (--strict-reconfig-check=false); see SetStrictReconfigCheck.
 	LooseReconfig bool

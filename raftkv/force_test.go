@@ -1,0 +1,149 @@
+package raftkv
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/etcaddy/etcaddy/storage"
+)
+
+// TestForceNewClusterRecoversALostMajority loses two of three members for
+// good and brings the third back with ForceNewCluster: it leads a cluster
+// of its own, with every committed write and none of the write its log
+// held uncommitted; a removed member that comes back is refused and stops;
+// later starts, with or without the setting, keep the cluster as it is.
+func TestForceNewClusterRecoversALostMajority(t *testing.T) {
+	force := false
+	c := startLedByFirst(t, func(cfg *Config) {
+		if cfg.Name == "m0" {
+			// It goes on leading without its quorum (CheckQuorum would
+			// make it step down after an election timeout): the write
+			// below enters its log and is never committed.
+			cfg.ElectionTimeout = time.Hour
+			cfg.ForceNewCluster = force
+		}
+	})
+	m0, m1, m2 := c.members[0], c.members[1], c.members[2]
+	for i := range 10 {
+		put(t, m0.n(), fmt.Sprintf("/k/%d", i), fmt.Sprint(i))
+	}
+	waitSameApplied(t, m0.n(), m1.n(), m2.n())
+	committed := m0.n().Status().RaftIndex
+	// A backup of another member, restored at the end.
+	backup := filepath.Join(t.TempDir(), "backup.db")
+	f, err := os.Create(backup)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := m1.n().Backup(context.Background(), f); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Close(); err != nil {
+		t.Fatal(err)
+	}
+	c.stop(m1)
+	c.stop(m2)
+	ctx, cancel := context.WithTimeout(context.Background(), 500*time.Millisecond)
+	_, err = m0.n().Do(ctx, storage.Request{Method: storage.MethodPut, Path: "/lost", Val: "x"})
+	cancel()
+	if err == nil {
+		t.Fatal("a write committed with two of three members down")
+	}
+	c.stop(m0)
+	st, err := storage.Open(m0.dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rs, err := st.LoadRaft()
+	st.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	last := rs.Entries[len(rs.Entries)-1].GetIndex()
+	if rs.HardState.GetCommit() != committed || last <= committed {
+		t.Fatalf("m0's log: commit %d, last index %d; want commit %d and an uncommitted entry after it", rs.HardState.GetCommit(), last, committed)
+	}
+
+	force = true
+	n := c.start(m0, "new")
+	waitFor(t, "m0 leading a cluster of its own", func() bool {
+		st := n.Status()
+		return st.Leader == n.id && len(n.Members()) == 1 && n.Members()[0].ID == n.id
+	})
+	for i := range 10 {
+		ev, err := quorumGet(t, n, fmt.Sprintf("/k/%d", i))
+		if err != nil || value(t, ev) != fmt.Sprint(i) {
+			t.Fatalf("/k/%d after the forced start: %+v, %v", i, ev, err)
+		}
+	}
+	var se *storage.Error
+	if _, err := quorumGet(t, n, "/lost"); !errors.As(err, &se) || se.ErrorCode != storage.EcodeKeyNotFound {
+		t.Fatalf("the uncommitted write after the forced start: %v, want key not found", err)
+	}
+	if !n.isRemoved(m1.n().id) || !n.isRemoved(m2.n().id) {
+		t.Error("the other members are not recorded as removed")
+	}
+	before := put(t, n, "/after", "1").Node.ModifiedIndex
+
+	// A removed member that comes back hears it was removed, and stops.
+	force = false
+	back := c.start(m1, "new")
+	waitFor(t, "the removed member to stop", func() bool { return !back.Running() })
+	if _, err := quorumGet(t, n, "/after"); err != nil {
+		t.Fatalf("the forced member after a removed one came back: %v", err)
+	}
+
+	// Later starts keep the cluster of one: without the setting, and with
+	// it left on (nothing to do).
+	for _, f := range []bool{false, true} {
+		c.stop(m0)
+		force = f
+		n = c.start(m0, "new")
+		waitFor(t, "m0 leading again", func() bool { return n.Status().Leader == n.id })
+		if got := n.Members(); len(got) != 1 {
+			t.Fatalf("members after a restart (force_new_cluster %v): %+v", f, got)
+		}
+		if ev, err := quorumGet(t, n, "/after"); err != nil || value(t, ev) != "1" {
+			t.Fatalf("/after after a restart: %+v, %v", ev, err)
+		}
+		if ev := put(t, n, fmt.Sprintf("/again/%v", f), "2"); ev.Node.ModifiedIndex <= before {
+			t.Fatalf("the store index went back: %d after %d", ev.Node.ModifiedIndex, before)
+		}
+	}
+
+	// The backup, as member.db of an empty data directory, starts a
+	// cluster of its own too, with what the backup held (the old cluster
+	// gone: m0 would refuse the member it removed).
+	c.stop(m0)
+	restored := newTestMember(t, "m1")
+	b, err := os.ReadFile(backup)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(restored.dir, "member.db"), b, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	force = false
+	c.edit = func(cfg *Config) { cfg.ForceNewCluster = true }
+	n = c.start(restored, "new")
+	waitFor(t, "the restored member leading a cluster of its own", func() bool {
+		return n.Status().Leader == n.id && len(n.Members()) == 1
+	})
+	if n.id != m1.n().id {
+		t.Errorf("the restored member has ID %s, the backup was of %s", idString(n.id), idString(m1.n().id))
+	}
+	for i := range 10 {
+		if ev, err := quorumGet(t, n, fmt.Sprintf("/k/%d", i)); err != nil || value(t, ev) != fmt.Sprint(i) {
+			t.Fatalf("/k/%d on the restored member: %+v, %v", i, ev, err)
+		}
+	}
+	if _, err := quorumGet(t, n, "/after"); !errors.As(err, &se) || se.ErrorCode != storage.EcodeKeyNotFound {
+		t.Fatalf("a write after the backup, on the restored member: %v, want key not found", err)
+	}
+	put(t, n, "/restored", "3")
+}

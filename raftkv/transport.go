@@ -1201,7 +1201,26 @@ func AnswerBeforeBody(w http.ResponseWriter, r *http.Request) {
 	}
 }
 
+// closeOnError closes an HTTP/1 connection after an error answer, which may
+// leave the body unread: with full duplex on (a stream's refusal, or the
+// site's enable_full_duplex) Go's server would otherwise read on for the
+// next request while the body's read is pending (see AnswerBeforeBody).
+type closeOnError struct{ http.ResponseWriter }
+
+func (c closeOnError) WriteHeader(code int) {
+	if code >= http.StatusBadRequest {
+		c.Header().Set("Connection", "close")
+	}
+	c.ResponseWriter.WriteHeader(code)
+}
+
+// Unwrap gives http.ResponseController the connection's writer.
+func (c closeOnError) Unwrap() http.ResponseWriter { return c.ResponseWriter }
+
 func (h *peerHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if r.ProtoMajor == 1 {
+		w = closeOnError{w}
+	}
 	if r.URL.Path == peerMembersPath && h.members != nil {
 		h.serveMembers(w, r)
 		return

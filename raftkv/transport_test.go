@@ -993,7 +993,8 @@ func (s *syncBuffer) String() string {
 
 // TestPeerRefusalBeforeTheBodyClosesTheConnection: a refusal that answers
 // before reading the body (a member not running; a stream from another
-// cluster) closes an HTTP/1 connection. Kept open, Go's server read on from
+// cluster; any refusal on a site with full duplex on) closes an HTTP/1
+// connection. Kept open, Go's server read on from
 // it for the next request while the unread body's read was pending: it
 // panicked and reset the connection (golang/go#68560), so that the peer's
 // next request on it could fail.
@@ -1001,14 +1002,21 @@ func TestPeerRefusalBeforeTheBodyClosesTheConnection(t *testing.T) {
 	stopped := NewNode(Config{DataDir: t.TempDir()}) // never started
 	running := newPeerHandler(peerTestFollower, peerTestCluster, func(uint64) peerState { return peerKnown },
 		func(*raftpb.Message) {}, nil, nil)
+	// A site with Caddy's enable_full_duplex: every request full duplex.
+	fullDuplex := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		_ = http.NewResponseController(w).EnableFullDuplex()
+		running.ServeHTTP(w, r)
+	})
 	for _, tc := range []struct {
 		name    string
 		h       http.Handler
+		path    string
 		cluster string
 		status  int
 	}{
-		{"member not running", stopped.PeerHandler(), "c1", http.StatusServiceUnavailable},
-		{"stream from another cluster", running, "c2", http.StatusPreconditionFailed},
+		{"member not running", stopped.PeerHandler(), peerStreamPath, "c1", http.StatusServiceUnavailable},
+		{"stream from another cluster", running, peerStreamPath, "c2", http.StatusPreconditionFailed},
+		{"full duplex batch from another cluster", fullDuplex, peerRaftPath, "c2", http.StatusPreconditionFailed},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			var errs syncBuffer
@@ -1016,7 +1024,7 @@ func TestPeerRefusalBeforeTheBodyClosesTheConnection(t *testing.T) {
 			srv.Config.ErrorLog = log.New(&errs, "", 0)
 			srv.Start()
 			for i := range 5 {
-				req, err := http.NewRequest(http.MethodPost, srv.URL+peerStreamPath, bytes.NewReader(peerFrames(peerHeartbeat(1))))
+				req, err := http.NewRequest(http.MethodPost, srv.URL+tc.path, bytes.NewReader(peerFrames(peerHeartbeat(1))))
 				if err != nil {
 					t.Fatal(err)
 				}

@@ -117,6 +117,9 @@ func TestClusterForceNewClusterAfterLosingAMajority(t *testing.T) {
 	}) {
 		t.Fatalf("%s, removed by the forced start, came back and runs: %+v", back.Name, bst)
 	}
+	if !poll(10*time.Second, func() bool { return strings.Contains(back.logTail(400), "permanently removed") }) {
+		t.Errorf("%s stopped, but its log does not say it was removed:\n%s", back.Name, back.logTail(40))
+	}
 	checkAcked(t, survivor, "/force", acked)
 }
 

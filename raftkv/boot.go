@@ -23,7 +23,7 @@ func (n *Node) boot(st *storage.Store) error {
 	var peers []raft.Peer
 	var voters int
 	var raftApplied uint64
-	forced := false
+	var aloneAt uint64 // forced: the index once applied this member is alone
 	if fresh && n.cfg.ForceNewCluster {
 		n.lg.Warn("force_new_cluster is set, but the data directory is empty: it has no effect")
 	}
@@ -45,8 +45,15 @@ func (n *Node) boot(st *storage.Store) error {
 		if err := n.restoreMembers(st); err != nil {
 			return err
 		}
+		// After a snapshot install the store may have applied past the
+		// commit index saved with it (the leader's file was ahead); Raft
+		// refuses an applied index above its commit, and re-delivers the
+		// entries in between, which the store skips (their conf changes
+		// apply).
+		raftApplied = min(st.AppliedIndex(), rs.HardState.GetCommit())
+		raftApplied = max(raftApplied, rs.Snapshot.GetIndex())
 		if n.cfg.ForceNewCluster {
-			if forced, err = n.forceNewCluster(st, rs); err != nil {
+			if aloneAt, err = n.forceNewCluster(st, rs, raftApplied); err != nil {
 				return err
 			}
 		}
@@ -82,12 +89,6 @@ func (n *Node) boot(st *storage.Store) error {
 		n.committed.Store(rs.HardState.GetCommit())
 		n.commitSeen.Store(rs.HardState.GetCommit())
 		n.term.Store(rs.HardState.GetTerm())
-		// After a snapshot install the store may have applied past the
-		// commit index saved with it (the leader's file was ahead); Raft
-		// refuses an applied index above its commit, and re-delivers the
-		// entries in between, which the store skips.
-		raftApplied = min(st.AppliedIndex(), rs.HardState.GetCommit())
-		raftApplied = max(raftApplied, rs.Snapshot.GetIndex())
 	}
 
 	// A new ID generation on every boot keeps request IDs unique across
@@ -131,16 +132,22 @@ func (n *Node) boot(st *storage.Store) error {
 	// A single voter need not wait out an election timeout: it is its own
 	// quorum. A fresh one must first apply its bootstrap conf change (Raft
 	// refuses to campaign with unapplied conf changes), so the loop
-	// campaigns after its first Ready; a restarted one campaigns now (if a
-	// conf change is still unapplied, Raft's election timer does it later).
-	// A forced member is the only voter once it applied the removals its
-	// first Ready holds: it campaigns then too.
+	// campaigns once it has; a restarted one campaigns now (if a conf
+	// change is still unapplied, Raft's election timer does it later). A
+	// forced member is the only voter once it has applied the removals,
+	// which may take several Readies: it campaigns then.
 	switch {
-	case voters == 1 && fresh, forced:
-		n.loop.campaignAfterReady = !n.loop.noFastCampaign
+	case voters == 1 && fresh:
+		if !n.loop.noFastCampaign {
+			n.loop.campaignAt = uint64(len(peers))
+		}
 	case voters == 1:
 		if err := rn.Campaign(); err != nil {
 			return err
+		}
+	case aloneAt > 0:
+		if !n.loop.noFastCampaign {
+			n.loop.campaignAt = aloneAt
 		}
 	}
 	return nil

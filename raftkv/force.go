@@ -15,28 +15,48 @@ import (
 // forceNewCluster makes this member the only member of its cluster before
 // it starts, as etcd's --force-new-cluster does: the way back for a cluster
 // that lost a majority of its members for good. Entries past the commit
-// index are dropped: no member left can commit them, and their proposers
-// never heard they succeeded. Conf changes that remove every other member
-// are appended after the commit index, at the hard state's term, and
-// committed at once: applied at start like any other, they leave this
+// index this member knows are dropped: no member left can commit them (a
+// write the lost majority committed after this member last heard of it is
+// lost with them, as with etcd). Conf changes that remove every other
+// member are appended after the commit index, at the hard state's term,
+// and committed at once: applied at start like any other, they leave this
 // member its cluster's only voter, with the cluster's data, member and
-// cluster IDs and index. The others are removed for good: a member that
-// comes back is refused, and stops. It reports whether it changed
-// anything; rs is updated to what it saved.
-func (n *Node) forceNewCluster(st *storage.Store, rs *storage.RaftState) (bool, error) {
+// cluster IDs and index. The others are removed for good, and at once:
+// one that comes back, even before the removals are applied, is refused
+// and stops. rs is updated to what it saved.
+//
+// raftApplied is the index up to which Raft's view (the saved conf state)
+// is applied. It returns the index once applied the member is alone.
+func (n *Node) forceNewCluster(st *storage.Store, rs *storage.RaftState, raftApplied uint64) (uint64, error) {
 	hs := rs.HardState
 	if hs == nil {
-		return false, errors.New("raftkv: force_new_cluster: the data directory holds no Raft hard state")
+		return 0, errors.New("raftkv: force_new_cluster: the data directory holds no Raft hard state")
 	}
 	cs := rs.ConfState
 	if cs == nil && rs.Snapshot != nil {
 		cs = rs.Snapshot.GetConfState()
 	}
 	if len(cs.GetVotersOutgoing()) > 0 {
-		return false, errors.New("raftkv: force_new_cluster: the member's cluster is in a joint configuration")
+		return 0, errors.New("raftkv: force_new_cluster: the member's cluster is in a joint configuration")
 	}
-	// The members as of the commit index: the saved conf state is the one
-	// as of the applied index; committed conf changes after it count too.
+	// What the store applied is committed too: after the install of a
+	// snapshot whose file was ahead of it, the store's applied index can be
+	// ahead of the saved commit index (Raft then hands out the entries in
+	// between again, for their conf changes). The removals go after both.
+	commit := hs.GetCommit()
+	if applied := st.AppliedIndex(); applied > commit {
+		last := rs.Snapshot.GetIndex()
+		if k := len(rs.Entries); k > 0 {
+			last = rs.Entries[k-1].GetIndex()
+		}
+		if last < applied {
+			return 0, fmt.Errorf("raftkv: force_new_cluster: the member's log ends at %d, before the index %d it applied from a snapshot; "+
+				"force another member, or one restored from a backup (GET /raftkv/snapshot)", last, applied)
+		}
+		commit = applied
+	}
+	// The members as of that index: the saved conf state's, with the conf
+	// changes Raft has still to hand out.
 	voter := make(map[uint64]bool)
 	for _, id := range cs.GetVoters() {
 		voter[id] = true
@@ -44,28 +64,13 @@ func (n *Node) forceNewCluster(st *storage.Store, rs *storage.RaftState) (bool, 
 	for _, id := range slices.Concat(cs.GetLearners(), cs.GetLearnersNext()) {
 		voter[id] = false
 	}
-	// What the store applied is committed too: after the install of a
-	// snapshot whose file was ahead of it, the store's applied index can be
-	// ahead of the saved commit index. The removals go after both.
-	commit, applied := hs.GetCommit(), st.AppliedIndex()
-	if applied > commit {
-		last := rs.Snapshot.GetIndex()
-		if k := len(rs.Entries); k > 0 {
-			last = rs.Entries[k-1].GetIndex()
-		}
-		if last < applied {
-			return false, fmt.Errorf("raftkv: force_new_cluster: the member's log ends at %d, before the index %d it applied from a snapshot; "+
-				"force another member, or one restored from a backup (GET /raftkv/snapshot)", last, applied)
-		}
-		commit = applied
-	}
 	keep := len(rs.Entries)
 	for i, e := range rs.Entries {
 		if e.GetIndex() > commit {
 			keep = i
 			break
 		}
-		if e.GetIndex() <= applied {
+		if e.GetIndex() <= raftApplied {
 			continue
 		}
 		var changes []*raftpb.ConfChangeSingle
@@ -73,13 +78,13 @@ func (n *Node) forceNewCluster(st *storage.Store, rs *storage.RaftState) (bool, 
 		case raftpb.EntryConfChange:
 			cc := &raftpb.ConfChange{}
 			if err := proto.Unmarshal(e.GetData(), cc); err != nil {
-				return false, fmt.Errorf("raftkv: damaged conf change at index %d: %w", e.GetIndex(), err)
+				return 0, fmt.Errorf("raftkv: damaged conf change at index %d: %w", e.GetIndex(), err)
 			}
 			changes = cc.AsV2().GetChanges()
 		case raftpb.EntryConfChangeV2:
 			cc := &raftpb.ConfChangeV2{}
 			if err := proto.Unmarshal(e.GetData(), cc); err != nil {
-				return false, fmt.Errorf("raftkv: damaged conf change at index %d: %w", e.GetIndex(), err)
+				return 0, fmt.Errorf("raftkv: damaged conf change at index %d: %w", e.GetIndex(), err)
 			}
 			changes = cc.GetChanges()
 		}
@@ -99,20 +104,20 @@ func (n *Node) forceNewCluster(st *storage.Store, rs *storage.RaftState) (bool, 
 		}
 	}
 	if !voter[n.id] {
-		return false, fmt.Errorf("raftkv: force_new_cluster: member %s is not a voting member of its cluster (was it removed?)", idString(n.id))
+		return 0, fmt.Errorf("raftkv: force_new_cluster: member %s is not a voting member of its cluster (was it removed?)", idString(n.id))
 	}
 	delete(voter, n.id)
 	others := slices.Sorted(maps.Keys(voter))
 	if len(others) == 0 {
 		n.lg.Warn("force_new_cluster is set, but this member is already the only member of its cluster: nothing to do; remove the setting")
-		return false, nil
+		return commit, nil
 	}
 	dropped := len(rs.Entries) - keep
 	ents := make([]*raftpb.Entry, 0, len(others))
 	for i, id := range others {
 		data, err := proto.Marshal(&raftpb.ConfChange{Type: raftpb.ConfChangeRemoveNode.Enum(), NodeId: new(id)})
 		if err != nil {
-			return false, err
+			return 0, err
 		}
 		ents = append(ents, &raftpb.Entry{
 			Type:  raftpb.EntryConfChange.Enum(),
@@ -125,10 +130,20 @@ func (n *Node) forceNewCluster(st *storage.Store, rs *storage.RaftState) (bool, 
 	forced.Commit = new(ents[len(ents)-1].GetIndex())
 	// One commit: the uncommitted tail goes as the removals replace it.
 	if _, err := st.Save(storage.Ready{HardState: forced, Entries: ents}); err != nil {
-		return false, err
+		return 0, err
 	}
 	rs.HardState = forced
 	rs.Entries = append(rs.Entries[:keep:keep], ents...)
+	// Refused from now on, not only once the removals are applied: a
+	// removed member heard before that could still lead this one's log.
+	n.membersMu.Lock()
+	if n.removed == nil {
+		n.removed = make(map[uint64]bool)
+	}
+	for _, id := range others {
+		n.removed[id] = true
+	}
+	n.membersMu.Unlock()
 	ids := make([]string, len(others))
 	for i, id := range others {
 		ids[i] = idString(id)
@@ -137,5 +152,5 @@ func (n *Node) forceNewCluster(st *storage.Store, rs *storage.RaftState) (bool, 
 		"Remove force_new_cluster from the config now: every start with it removes the members added since",
 		zap.String("member-id", idString(n.id)), zap.Strings("removed", ids),
 		zap.Uint64("commit-index", commit), zap.Int("uncommitted-entries-dropped", dropped))
-	return true, nil
+	return forced.GetCommit(), nil
 }

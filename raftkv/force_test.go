@@ -69,7 +69,21 @@ func TestForceNewClusterRecoversALostMajority(t *testing.T) {
 		t.Fatalf("m0's log: commit %d, last index %d; want commit %d and an uncommitted entry after it", rs.HardState.GetCommit(), last, committed)
 	}
 
+	// A crash after the forced start saved its removals, before it applied
+	// any: the next start (the setting still on) finds them committed, and
+	// still campaigns once it has applied them (its election timeout is an
+	// hour: only that campaign makes it lead).
 	force = true
+	crashed := NewNode(c.config(m0, "new"))
+	crashed.loop.beforeSave = func() { panic("a crash before the first Save (test)") }
+	m0.node.Store(crashed)
+	if err := crashed.Start(); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the forced start to crash", crashed.Failed)
+	if err := crashed.Stop(); err != nil {
+		t.Fatal(err)
+	}
 	n := c.start(m0, "new")
 	waitFor(t, "m0 leading a cluster of its own", func() bool {
 		st := n.Status()
@@ -94,6 +108,9 @@ func TestForceNewClusterRecoversALostMajority(t *testing.T) {
 	force = false
 	back := c.start(m1, "new")
 	waitFor(t, "the removed member to stop", func() bool { return !back.Running() })
+	if back.Failed() || !back.gone.Load() {
+		t.Fatal("the member that came back stopped, but not as a removed member")
+	}
 	if _, err := quorumGet(t, n, "/after"); err != nil {
 		t.Fatalf("the forced member after a removed one came back: %v", err)
 	}

@@ -26,33 +26,33 @@ const maxDrain = 4096
 
 // loopState is owned by the loop goroutine (and by boot, before it starts).
 type loopState struct {
-	applied            uint64            // last index applied to the store
-	raftApplied        uint64            // last index Raft handed out as committed
-	hardState          *raftpb.HardState // the last hard state saved
-	scratch            []*raftpb.Entry   // commitOnAppend's committed entries
-	snapIndex          uint64            // index of the last snapshot
-	steppedSnaps       []string          // files of snapshots stepped since the last Ready (dropUntakenSnapshots)
-	droppedAt          uint64            // applied index of the last drop of mapped pages (memory.go)
-	confState          *raftpb.ConfState // the latest applied conf state
-	lead               uint64            // the leader as of the last SoftState
-	campaignAfterReady bool
-	ticks              int
-	batch              []proposal // proposals taken since the last flush
-	beforeSave         func()     // tests only: runs before each Save
-	flushErr           error      // the first failure of flushStore: the loop stops
-	noFastCampaign     bool       // tests only: a fresh single voter waits for its election timeout
-	read               readLoop
-	reap               reaper
-	confApplied        []result                   // conf changes applied in this Ready, for their proposers
-	verdicts           confVerdicts               // what became of the last conf changes applied (see judgeConf)
-	confPending        uint64                     // leader: the index Raft checks conf changes against (see confBusy)
-	confHeld           []heldConf                 // leader: conf changes waiting for the pending one to apply
-	termStart          uint64                     // leader: index of the first entry of its term (0: not known)
-	removedSelf        bool                       // this member's removal was applied
-	handoff            uint64                     // leader just removed: the member to hand leadership to (handOver)
-	farewells          map[uint64]*raftpb.Message // leader: last heartbeats to members it just removed (applyToRaft), sent by syncPeers
-	timeoutNow         *waitingTimeoutNow         // a MsgTimeoutNow waiting for committed entries to apply
-	stopAt             time.Time                  // non-zero: the loop ends then (removed member)
+	applied        uint64            // last index applied to the store
+	raftApplied    uint64            // last index Raft handed out as committed
+	hardState      *raftpb.HardState // the last hard state saved
+	scratch        []*raftpb.Entry   // commitOnAppend's committed entries
+	snapIndex      uint64            // index of the last snapshot
+	steppedSnaps   []string          // files of snapshots stepped since the last Ready (dropUntakenSnapshots)
+	droppedAt      uint64            // applied index of the last drop of mapped pages (memory.go)
+	confState      *raftpb.ConfState // the latest applied conf state
+	lead           uint64            // the leader as of the last SoftState
+	campaignAt     uint64            // campaign once Raft has handed out this index (0: no)
+	ticks          int
+	batch          []proposal // proposals taken since the last flush
+	beforeSave     func()     // tests only: runs before each Save
+	flushErr       error      // the first failure of flushStore: the loop stops
+	noFastCampaign bool       // tests only: a fresh single voter waits for its election timeout
+	read           readLoop
+	reap           reaper
+	confApplied    []result                   // conf changes applied in this Ready, for their proposers
+	verdicts       confVerdicts               // what became of the last conf changes applied (see judgeConf)
+	confPending    uint64                     // leader: the index Raft checks conf changes against (see confBusy)
+	confHeld       []heldConf                 // leader: conf changes waiting for the pending one to apply
+	termStart      uint64                     // leader: index of the first entry of its term (0: not known)
+	removedSelf    bool                       // this member's removal was applied
+	handoff        uint64                     // leader just removed: the member to hand leadership to (handOver)
+	farewells      map[uint64]*raftpb.Message // leader: last heartbeats to members it just removed (applyToRaft), sent by syncPeers
+	timeoutNow     *waitingTimeoutNow         // a MsgTimeoutNow waiting for committed entries to apply
+	stopAt         time.Time                  // non-zero: the loop ends then (removed member)
 }
 
 // report is a transport's feedback about a peer.
@@ -483,10 +483,11 @@ func (n *Node) handleReady() error {
 	// commit of what was just saved).
 	n.rn.Advance(rd)
 
-	if n.loop.campaignAfterReady {
-		// The bootstrap conf change is applied: a single voter elects itself
+	if at := n.loop.campaignAt; at > 0 && n.loop.raftApplied >= at {
+		// The conf changes that leave a single voter are applied (a fresh
+		// member's bootstrap, a forced member's removals): it elects itself
 		// now instead of after an election timeout.
-		n.loop.campaignAfterReady = false
+		n.loop.campaignAt = 0
 		if err := n.rn.Campaign(); err != nil {
 			n.lg.Warn("campaign failed", zap.Error(err))
 		}

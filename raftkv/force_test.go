@@ -10,6 +10,8 @@ import (
 	"time"
 
 	"github.com/etcaddy/etcaddy/storage"
+	"go.etcd.io/raft/v3/raftpb"
+	"google.golang.org/protobuf/proto"
 )
 
 // TestForceNewClusterRecoversALostMajority loses two of three members for
@@ -163,4 +165,71 @@ func TestForceNewClusterRecoversALostMajority(t *testing.T) {
 		t.Fatalf("a write after the backup, on the restored member: %v, want key not found", err)
 	}
 	put(t, n, "/restored", "3")
+}
+
+// TestForceNewClusterAfterTheStoreAppliedAhead forces a member whose store
+// applied past its saved commit index, as after the install of a snapshot
+// whose file was ahead (its saved conf state is then the one as of the
+// commit index): a member added in between is a member too, and is removed
+// with the others.
+func TestForceNewClusterAfterTheStoreAppliedAhead(t *testing.T) {
+	force := false
+	c := startLedByFirst(t, func(cfg *Config) {
+		if cfg.Name == "m0" {
+			cfg.ElectionTimeout = time.Hour // it leads only if it campaigns alone
+			cfg.ForceNewCluster = force
+		}
+	})
+	m0 := c.members[0]
+	put(t, m0.n(), "/before", "1")
+	waitSameApplied(t, m0.n(), c.members[1].n(), c.members[2].n())
+	commit := m0.n().Status().RaftIndex
+	csc := make(chan *raftpb.ConfState, 1)
+	m0.n().ctrlc <- func() { csc <- proto.Clone(m0.n().loop.confState).(*raftpb.ConfState) }
+	cs := <-csc
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	added, err := m0.n().AddMember(ctx, []string{"http://127.0.0.1:1"}) // never started
+	if err != nil {
+		t.Fatal(err)
+	}
+	put(t, m0.n(), "/after", "2")
+	for _, m := range c.members {
+		c.stop(m)
+	}
+	st, err := storage.Open(m0.dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rs, err := st.LoadRaft()
+	if err != nil {
+		st.Close()
+		t.Fatal(err)
+	}
+	hs := proto.Clone(rs.HardState).(*raftpb.HardState)
+	hs.Commit = new(commit)
+	_, err = st.Save(storage.Ready{HardState: hs, ConfState: cs})
+	applied := st.AppliedIndex()
+	st.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if applied <= commit {
+		t.Fatalf("the store applied %d, not past the commit index %d", applied, commit)
+	}
+
+	force = true
+	n := c.start(m0, "new")
+	waitFor(t, "m0 leading a cluster of its own", func() bool {
+		return n.Status().Leader == n.id && len(n.Members()) == 1
+	})
+	if !n.isRemoved(added.ID) {
+		t.Error("the member added after the saved commit index is not removed")
+	}
+	for key, want := range map[string]string{"/before": "1", "/after": "2"} {
+		if ev, err := quorumGet(t, n, key); err != nil || value(t, ev) != want {
+			t.Fatalf("%s after the forced start: %+v, %v", key, ev, err)
+		}
+	}
+	put(t, n, "/forced", "3")
 }

@@ -206,6 +206,13 @@ func (a *App) Provision(ctx caddy.Context) error {
 	}
 	a.member, a.poolKey = m, dir
 	m.hold(a)
+	if reg := ctx.GetMetricsRegistry(); reg != nil {
+		// This config's registry, which the admin endpoint's /metrics
+		// serves while the config runs.
+		if err := reg.Register(memberMetrics{m}); err != nil {
+			a.logger.Warn("cannot export the member's metrics", zap.Error(err))
+		}
+	}
 	// Caddy stops its apps in no set order, and its HTTP servers, the
 	// peer site among them, stop answering first when the http app goes
 	// first: a leader that waits for its own Stop to hand over can no

@@ -594,6 +594,9 @@ func (n *Node) softStateChanged(ss *raft.SoftState) {
 		n.loop.lead = ss.Lead
 		n.leader.Store(ss.Lead)
 		n.leaderSince.Store(time.Now().UnixNano())
+		if ss.Lead != 0 {
+			n.leaderNews.Add(1)
+		}
 		if ss.Lead == 0 {
 			n.lg.Info("leader lost", zap.String("member-id", idString(n.id)), zap.String("previous-leader", idString(prev)))
 		} else {

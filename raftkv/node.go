@@ -193,6 +193,7 @@ type Node struct {
 	committed   atomic.Uint64
 	applied     atomic.Uint64
 	leaderSince atomic.Int64  // unix nanoseconds
+	leaderNews  atomic.Uint64 // leaders seen (Metrics.LeaderChanges)
 	saves       atomic.Uint64 // store.Save calls
 	drops       atomic.Uint64 // proposal attempts Raft refused
 	readRounds  atomic.Uint64 // ReadIndex requests made

@@ -59,6 +59,39 @@ func (n *Node) SelfStats() SelfStats {
 	return s
 }
 
+// Metrics is the member's state for monitoring, what etcd exports as
+// etcd_server_has_leader, etcd_server_leader_changes_seen_total and the
+// like (caddymodule names them so).
+type Metrics struct {
+	ID            uint64 // 0 before the member knows its identity
+	HasLeader     bool
+	IsLeader      bool
+	LeaderChanges uint64 // leaders this member has seen since it started, as etcd counts them: a new one after none counts too
+	Committed     uint64 // the committed Raft index
+	Applied       uint64 // the applied Raft index
+	Watchers      uint64 // watches open on this member
+}
+
+// Metrics returns the member's Metrics.
+func (n *Node) Metrics() Metrics {
+	if !n.booted.Load() {
+		return Metrics{}
+	}
+	lead := n.leader.Load()
+	m := Metrics{
+		ID:            n.id,
+		HasLeader:     lead != 0,
+		IsLeader:      lead != 0 && lead == n.id,
+		LeaderChanges: n.leaderNews.Load(),
+		Committed:     n.committed.Load(),
+		Applied:       n.applied.Load(),
+	}
+	if n.running.Load() {
+		m.Watchers = n.store.Stats().Watchers
+	}
+	return m
+}
+
 // StoreStats returns /v2/stats/store counters (including live watchers).
 func (n *Node) StoreStats() storage.Stats {
 	if !n.running.Load() {

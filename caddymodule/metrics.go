@@ -29,11 +29,15 @@ var (
 		"The total number of consensus proposals applied.", nil, nil)
 	metricWatchers = prometheus.NewDesc("etcd_debugging_store_watchers",
 		"Count of currently active watchers.", nil, nil)
+	metricPending = prometheus.NewDesc("etcd_server_proposals_pending",
+		"The current number of pending proposals to commit.", nil, nil)
+	metricFailed = prometheus.NewDesc("etcd_server_proposals_failed_total",
+		"The total number of failed proposals seen.", nil, nil)
 )
 
 func (memberMetrics) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{metricHasLeader, metricIsLeader, metricLeaderChanges, metricID,
-		metricCommitted, metricApplied, metricWatchers} {
+		metricCommitted, metricApplied, metricWatchers, metricPending, metricFailed} {
 		ch <- d
 	}
 }
@@ -59,6 +63,8 @@ func (mm memberMetrics) Collect(ch chan<- prometheus.Metric) {
 	gauge(metricCommitted, float64(s.Committed))
 	gauge(metricApplied, float64(s.Applied))
 	gauge(metricWatchers, float64(s.Watchers))
+	gauge(metricPending, float64(s.ProposalsPending))
+	ch <- prometheus.MustNewConstMetric(metricFailed, prometheus.CounterValue, float64(s.ProposalsFailed))
 }
 
 func b2f(b bool) float64 {

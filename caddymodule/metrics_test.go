@@ -72,10 +72,14 @@ func TestMetricsUnderEtcdsNames(t *testing.T) {
 			"etcd_server_is_leader":                           isLeader,
 			`etcd_server_id{server_id="` + ids[m.Name] + `"}`: 1,
 			"etcd_debugging_store_watchers":                   0,
+			"etcd_server_proposals_pending":                   0,
 		} {
 			if v, ok := got[name]; !ok || v != want {
 				t.Errorf("%s: %s = %v (present %v), want %v", m.Name, name, v, ok, want)
 			}
+		}
+		if _, ok := got["etcd_server_proposals_failed_total"]; !ok {
+			t.Errorf("%s: no etcd_server_proposals_failed_total: %v", m.Name, got)
 		}
 		if got["etcd_server_leader_changes_seen_total"] < 1 {
 			t.Errorf("%s: no leader seen: %v", m.Name, got)

@@ -56,6 +56,10 @@ func TestForceNewClusterRecoversALostMajority(t *testing.T) {
 	if err == nil {
 		t.Fatal("a write committed with two of three members down")
 	}
+	// etcd's etcd_server_proposals_failed_total and _pending count it.
+	if mt := m0.n().Metrics(); mt.ProposalsFailed == 0 || mt.ProposalsPending != 0 {
+		t.Errorf("metrics after a proposal that timed out: %d failed, %d pending", mt.ProposalsFailed, mt.ProposalsPending)
+	}
 	c.stop(m0)
 	st, err := storage.Open(m0.dir)
 	if err != nil {

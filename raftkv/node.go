@@ -194,14 +194,18 @@ type Node struct {
 	applied     atomic.Uint64
 	leaderSince atomic.Int64  // unix nanoseconds
 	leaderNews  atomic.Uint64 // leaders seen (Metrics.LeaderChanges)
-	saves       atomic.Uint64 // store.Save calls
-	drops       atomic.Uint64 // proposal attempts Raft refused
-	readRounds  atomic.Uint64 // ReadIndex requests made
-	installs    atomic.Uint64 // snapshots received and installed
-	sendAppends atomic.Uint64
-	recvAppends atomic.Uint64
-	sendRate    rateQueue // of the appends the transport sends
-	recvRate    rateQueue // and the peer handler receives
+	// Proposals (writes, membership changes) waiting for their outcome, and
+	// those that ended with an error (a timeout, the member stopping).
+	proposalsPending atomic.Int64
+	proposalsFailed  atomic.Uint64
+	saves            atomic.Uint64 // store.Save calls
+	drops            atomic.Uint64 // proposal attempts Raft refused
+	readRounds       atomic.Uint64 // ReadIndex requests made
+	installs         atomic.Uint64 // snapshots received and installed
+	sendAppends      atomic.Uint64
+	recvAppends      atomic.Uint64
+	sendRate         rateQueue // of the appends the transport sends
+	recvRate         rateQueue // and the peer handler receives
 }
 
 // NewNode returns a node that has not started: no file is opened.
@@ -496,12 +500,20 @@ func (n *Node) Do(ctx context.Context, r storage.Request) (*storage.Event, error
 // submit proposes p (data, or a conf change) and waits for the first
 // application of id, proposing again each time an attempt was dropped or
 // went unanswered, until ctx ends. p.c receives the outcome.
-func (n *Node) submit(ctx context.Context, id uint64, p proposal) (result, error) {
+func (n *Node) submit(ctx context.Context, id uint64, p proposal) (_ result, err error) {
 	select {
 	case <-n.endc:
 		return result{}, ErrStopped
 	default:
 	}
+	// etcd's etcd_server_proposals_pending and _failed_total (Metrics).
+	n.proposalsPending.Add(1)
+	defer func() {
+		n.proposalsPending.Add(-1)
+		if err != nil {
+			n.proposalsFailed.Add(1)
+		}
+	}()
 	n.w.register(id, p.c)
 	defer n.w.cancel(id)
 	var installs uint64 // snapshots installed when the first attempt that may be in a log went

@@ -70,6 +70,11 @@ type Metrics struct {
 	Committed     uint64 // the committed Raft index
 	Applied       uint64 // the applied Raft index
 	Watchers      uint64 // watches open on this member
+	// Proposals made on this member (writes, membership changes) waiting
+	// for their outcome, and those that failed (timed out, or the member
+	// stopped), as etcd counts them.
+	ProposalsPending int64
+	ProposalsFailed  uint64
 }
 
 // Metrics returns the member's Metrics.
@@ -79,12 +84,14 @@ func (n *Node) Metrics() Metrics {
 	}
 	lead := n.leader.Load()
 	m := Metrics{
-		ID:            n.id,
-		HasLeader:     lead != 0,
-		IsLeader:      lead != 0 && lead == n.id,
-		LeaderChanges: n.leaderNews.Load(),
-		Committed:     n.committed.Load(),
-		Applied:       n.applied.Load(),
+		ID:               n.id,
+		HasLeader:        lead != 0,
+		IsLeader:         lead != 0 && lead == n.id,
+		LeaderChanges:    n.leaderNews.Load(),
+		Committed:        n.committed.Load(),
+		Applied:          n.applied.Load(),
+		ProposalsPending: n.proposalsPending.Load(),
+		ProposalsFailed:  n.proposalsFailed.Load(),
 	}
 	if n.running.Load() {
 		m.Watchers = n.store.Stats().Watchers

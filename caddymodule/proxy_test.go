@@ -14,9 +14,9 @@ import (
 // proxy (--proxy on) stood, a local endpoint that forwards to the members
 // and moves on when one is down, with the options the README gives
 // (Cluster, "A local endpoint in front of the cluster", for plain-HTTP
-// members): writes and reads,
-// a long-poll watch and a stream watch (flush_interval -1) through it,
-// etcdctl with --no-sync, and the first member killed.
+// members): writes and reads, a long-poll watch and a stream watch
+// (flush_interval -1) through it, etcdctl with --no-sync, and the first
+// member killed.
 func TestProxyInFrontOfACluster(t *testing.T) {
 	c := startCluster(t, 3, nil)
 	ms := c.members

@@ -83,7 +83,7 @@ func (n *Node) Metrics() Metrics {
 		return Metrics{}
 	}
 	lead := n.leader.Load()
-	m := Metrics{
+	return Metrics{
 		ID:               n.id,
 		HasLeader:        lead != 0,
 		IsLeader:         lead != 0 && lead == n.id,
@@ -92,11 +92,8 @@ func (n *Node) Metrics() Metrics {
 		Applied:          n.applied.Load(),
 		ProposalsPending: n.proposalsPending.Load(),
 		ProposalsFailed:  n.proposalsFailed.Load(),
+		Watchers:         n.StoreStats().Watchers,
 	}
-	if n.running.Load() {
-		m.Watchers = n.store.Stats().Watchers
-	}
-	return m
 }
 
 // StoreStats returns /v2/stats/store counters (including live watchers).

@@ -114,6 +114,10 @@ func TestCaddyfileAdaptErrors(t *testing.T) {
 		{"empty name", "{\n\traftkv {\n\t\tname \"\"\n\t}\n}\n", "name needs a value"},
 		{"empty initial_cluster", "{\n\traftkv {\n\t\tinitial_cluster \"\" ,\n\t}\n}\n", "initial_cluster needs <name>=<peer_url> pairs"},
 		{"empty advertise_client_urls", "{\n\traftkv {\n\t\tadvertise_client_urls \"\"\n\t}\n}\n", "advertise_client_urls needs URLs"},
+		{"missing initial_advertise_peer_urls", "{\n\traftkv {\n\t\tinitial_advertise_peer_urls\n\t}\n}\n", "wrong argument count"},
+		{"empty initial_advertise_peer_urls", "{\n\traftkv {\n\t\tinitial_advertise_peer_urls ,\n\t}\n}\n", "initial_advertise_peer_urls needs URLs"},
+		{"missing discovery", "{\n\traftkv {\n\t\tdiscovery\n\t}\n}\n", "wrong argument count"},
+		{"two discovery URLs", "{\n\traftkv {\n\t\tdiscovery http://a:2379/v2/keys/d/1 http://b:2379/v2/keys/d/1\n\t}\n}\n", "wrong argument count"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -151,6 +155,16 @@ func TestAppValidateAsEtcdFlags(t *testing.T) {
 		{"peer key without its cert", App{PeerKeyFile: "n1-key.pem", PeerTrustedCAFile: "ca.pem"}, "peer_cert_file and peer_key_file go together"},
 		{"peer CA alone", App{PeerTrustedCAFile: "ca.pem"}, ""},
 		{"peer TLS complete", App{PeerCertFile: "n1.pem", PeerKeyFile: "n1-key.pem", PeerTrustedCAFile: "ca.pem"}, ""},
+		{"advertised peer URLs alone", App{Name: "n1", InitialAdvertisePeerURLs: []string{"http://a:2380"}}, ""},
+		{"advertised peer URLs as in the cluster", App{Name: "n1", InitialAdvertisePeerURLs: []string{"http://b:2380", "http://a:2380"}, InitialCluster: map[string][]string{"n1": {"http://a:2380", "http://b:2380"}}}, ""},
+		{"advertised peer URLs not in the cluster", App{Name: "n1", InitialAdvertisePeerURLs: []string{"http://a:2380"}, InitialCluster: map[string][]string{"n1": {"http://b:2380"}}}, "differ from this member's initial_cluster entry n1=http://b:2380"},
+		{"bad advertised peer URL", App{InitialAdvertisePeerURLs: []string{"http://a"}}, "initial_advertise_peer_urls"},
+		{"discovery", App{Name: "n1", Discovery: "http://d:2379/v2/keys/discovery/abc", InitialAdvertisePeerURLs: []string{"http://a:2380"}}, ""},
+		{"discovery and initial_cluster", App{Name: "n1", Discovery: "http://d:2379/v2/keys/discovery/abc", InitialCluster: map[string][]string{"n1": {"http://a:2380"}}}, "multiple discovery or bootstrap options"},
+		{"discovery joining", App{Discovery: "http://d:2379/v2/keys/discovery/abc", InitialClusterState: "existing"}, "discovery bootstraps a new cluster"},
+		{"discovery without a path", App{Discovery: "http://d:2379"}, "has no path"},
+		{"discovery by ftp", App{Discovery: "ftp://d:2379/x"}, "http or https"},
+		{"discovery with a query", App{Discovery: "http://d:2379/v2/keys/x?recursive=true"}, "no query"},
 	}
 	for _, tt := range tests {
 		err := tt.app.Validate()

@@ -82,8 +82,27 @@ type App struct {
 
 	// The members of the cluster to bootstrap, by name, with their peer
 	// URLs (etcd's --initial-cluster). It must name this member. Used only
-	// when the data directory is new. Default: this member alone.
+	// when the data directory is new. Default: this member alone, with
+	// initial_advertise_peer_urls. Not with discovery.
 	InitialCluster map[string][]string `json:"initial_cluster,omitempty"`
+
+	// This member's peer URLs, as the other members reach it (etcd's
+	// --initial-advertise-peer-urls): with initial_cluster they must be
+	// this member's entry there; with discovery they are what the member
+	// registers. Used only when the data directory is new. Default: this
+	// member's entry in initial_cluster, else http://localhost:2380.
+	InitialAdvertisePeerURLs []string `json:"initial_advertise_peer_urls,omitempty"`
+
+	// The URL of a discovery service that bootstraps a new cluster instead
+	// of initial_cluster (etcd's --discovery): an etcd v2 keys API
+	// directory, such as http://host:2379/v2/keys/discovery/<token> on any
+	// etcd or etcaddy, whose _config/size key holds the number of members.
+	// Each member registers there with initial_advertise_peer_urls and
+	// waits until that many have; the first that many are the cluster.
+	// The member starts once discovery ends (Caddy does not wait for it).
+	// The URL is also the cluster token. Used only when the data directory
+	// is new, with initial_cluster_state new.
+	Discovery string `json:"discovery,omitempty"`
 
 	// "new" to bootstrap a new cluster, "existing" to join one that runs
 	// (etcd's --initial-cluster-state). Default: "new".
@@ -336,6 +355,9 @@ func (a *App) Validate() error {
 			return fmt.Errorf("advertise_client_urls: %v", err)
 		}
 	}
+	if err := a.validateBootstrap(); err != nil {
+		return err
+	}
 	// etcd's TLSInfo needs the certificate and its key together; a CA
 	// alone is fine (the member verifies its peers but shows no
 	// certificate, which a peer site with client_auth refuses).
@@ -345,11 +367,49 @@ func (a *App) Validate() error {
 	return nil
 }
 
+// validateBootstrap checks discovery and initial_advertise_peer_urls
+// against the rest, as etcd checks its bootstrap flags.
+func (a *App) validateBootstrap() error {
+	if len(a.InitialAdvertisePeerURLs) > 0 {
+		mine, err := raftkv.NormalizeURLs(a.InitialAdvertisePeerURLs)
+		if err != nil {
+			return fmt.Errorf("initial_advertise_peer_urls: %v", err)
+		}
+		if entry, ok := a.InitialCluster[a.Name]; ok {
+			// Validate has checked the entry's URLs.
+			entry, _ = raftkv.NormalizeURLs(entry)
+			if !slices.Equal(mine, entry) {
+				return fmt.Errorf("initial_advertise_peer_urls %s differ from this member's initial_cluster entry %s=%s",
+					strings.Join(mine, ","), a.Name, strings.Join(entry, ","))
+			}
+		}
+	}
+	if a.Discovery == "" {
+		return nil
+	}
+	if err := raftkv.CheckDiscoveryURL(a.Discovery); err != nil {
+		return err
+	}
+	if len(a.InitialCluster) > 0 {
+		// etcd's ErrConflictBootstrapFlags.
+		return errors.New(`multiple discovery or bootstrap options are set: choose one of "initial_cluster" or "discovery" (with discovery, initial_advertise_peer_urls gives this member's peer URLs)`)
+	}
+	if a.InitialClusterState == "existing" {
+		return errors.New("discovery bootstraps a new cluster; to join a running one, start with initial_cluster (the members to ask) and initial_cluster_state existing")
+	}
+	return nil
+}
+
 // warnPeerSecurity tells the operator about peer traffic that travels
 // unprotected or that the peer TLS options will not protect.
 func (a *App) warnPeerSecurity() {
 	httpsPeers := false
-	for name, urls := range a.InitialCluster {
+	peers := a.InitialCluster
+	if len(peers) == 0 && len(a.InitialAdvertisePeerURLs) > 0 {
+		// With discovery, the others' URLs come later; this member's now.
+		peers = map[string][]string{a.Name: a.InitialAdvertisePeerURLs}
+	}
+	for name, urls := range peers {
 		for _, raw := range urls {
 			u, err := url.Parse(raw)
 			if err != nil {
@@ -442,11 +502,16 @@ func (a *App) requestTimeout() time.Duration {
 
 func (a *App) nodeConfig() raftkv.Config {
 	var cluster map[string][]string
-	if len(a.InitialCluster) > 0 {
+	switch {
+	case len(a.InitialCluster) > 0:
 		cluster = make(map[string][]string, len(a.InitialCluster))
 		for name, urls := range a.InitialCluster {
 			cluster[name] = slices.Clone(urls)
 		}
+	case len(a.InitialAdvertisePeerURLs) > 0:
+		// etcd's default --initial-cluster: this member, with its
+		// advertised peer URLs (the one discovery registers).
+		cluster = map[string][]string{a.Name: slices.Clone(a.InitialAdvertisePeerURLs)}
 	}
 	return raftkv.Config{
 		Name:                   a.Name,
@@ -460,6 +525,7 @@ func (a *App) nodeConfig() raftkv.Config {
 		InitialClusterToken:    a.InitialClusterToken,
 		AdvertiseClientURLs:    slices.Clone(a.AdvertiseClientURLs),
 		ForceNewCluster:        a.ForceNewCluster,
+		Discovery:              a.Discovery,
 		LooseReconfig:          !a.strictReconfigCheck(),
 		// The node outlives this config, so it logs through the process's
 		// default logger rather than this config's.
@@ -673,6 +739,9 @@ func (m *member) bootstrapChanges(cfg raftkv.Config) []string {
 	}
 	if m.cfg.InitialClusterState != cfg.InitialClusterState {
 		changed = append(changed, "initial_cluster_state")
+	}
+	if m.cfg.Discovery != cfg.Discovery {
+		changed = append(changed, "discovery")
 	}
 	return changed
 }

@@ -55,6 +55,8 @@ func parseGlobalOption(d *caddyfile.Dispenser, existing any) (any, error) {
 //		initial_cluster          <name>=<peer_url>...
 //		initial_cluster_state    new|existing
 //		initial_cluster_token    <token>
+//		initial_advertise_peer_urls <peer_url>...
+//		discovery                <url>
 //		advertise_client_urls    <url>...
 //		peer_cert_file           <cert.pem>
 //		peer_key_file            <key.pem>
@@ -76,7 +78,7 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		for d.NextBlock(0) {
 			switch opt := d.Val(); opt {
 			case "name", "data_dir", "initial_cluster_state", "initial_cluster_token",
-				"peer_cert_file", "peer_key_file", "peer_trusted_ca_file":
+				"peer_cert_file", "peer_key_file", "peer_trusted_ca_file", "discovery":
 				var v string
 				if !d.Args(&v) {
 					return d.ArgErr()
@@ -105,6 +107,8 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 					a.PeerKeyFile = v
 				case "peer_trusted_ca_file":
 					a.PeerTrustedCAFile = v
+				case "discovery":
+					a.Discovery = v
 				}
 
 			case "snapshot_count", "snapshot_catchup_entries":
@@ -179,20 +183,24 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 					a.ForceNewCluster = on
 				}
 
-			case "advertise_client_urls":
+			case "advertise_client_urls", "initial_advertise_peer_urls":
 				args := d.RemainingArgs()
 				if len(args) == 0 {
 					return d.ArgErr()
 				}
+				list := &a.AdvertiseClientURLs
+				if opt == "initial_advertise_peer_urls" {
+					list = &a.InitialAdvertisePeerURLs
+				}
 				for _, arg := range args {
 					for u := range strings.SplitSeq(arg, ",") {
 						if u != "" {
-							a.AdvertiseClientURLs = append(a.AdvertiseClientURLs, u)
+							*list = append(*list, u)
 						}
 					}
 				}
-				if len(a.AdvertiseClientURLs) == 0 {
-					return d.Err("advertise_client_urls needs URLs, not empty ones")
+				if len(*list) == 0 {
+					return d.Errf("%s needs URLs, not empty ones", opt)
 				}
 
 			default:

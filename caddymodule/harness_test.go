@@ -237,18 +237,18 @@ func startEtcaddy(t testing.TB, o etcaddyOpts) *proc {
 // a new data directory. It returns once /health answers 200.
 func startEtcd(t testing.TB) *proc {
 	t.Helper()
+	p := etcdAt(t, fmt.Sprintf("http://127.0.0.1:%d", freePort(t)))
+	p.launch(t)
+	return p
+}
+
+// etcdAt prepares a single-member etcd 3.4 with the v2 API serving clientURL, a free peer
+// port and a new data directory; launch or spawn starts it.
+func etcdAt(t testing.TB, clientURL string) *proc {
 	dir := t.TempDir()
-	clientURL := fmt.Sprintf("http://127.0.0.1:%d", freePort(t))
 	peerURL := fmt.Sprintf("http://127.0.0.1:%d", freePort(t))
 	dataDir := filepath.Join(dir, "data")
-	var env []string
-	for _, kv := range os.Environ() {
-		// An ETCD_* variable in the caller's environment would configure the reference.
-		if !strings.HasPrefix(kv, "ETCD_") {
-			env = append(env, kv)
-		}
-	}
-	p := &proc{
+	return &proc{
 		Name:      "etcd",
 		ClientURL: clientURL,
 		DataDir:   dataDir,
@@ -267,10 +267,20 @@ func startEtcd(t testing.TB) *proc {
 			"--logger", "zap",
 			"--log-outputs", "stderr",
 		},
-		env: env,
+		env: etcdEnv(),
 	}
-	p.launch(t)
-	return p
+}
+
+// etcdEnv is the environment of a reference etcd: ours, without ETCD_* variables, which
+// would configure it.
+func etcdEnv() []string {
+	var env []string
+	for _, kv := range os.Environ() {
+		if !strings.HasPrefix(kv, "ETCD_") {
+			env = append(env, kv)
+		}
+	}
+	return env
 }
 
 // launch starts the process for the first time, registers its stop and log dump with the

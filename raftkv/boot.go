@@ -11,15 +11,13 @@ import (
 	"go.etcd.io/raft/v3/raftpb"
 )
 
-// boot restores (or bootstraps) the member from st and builds its Raft
-// node. Nothing runs yet: Start launches the loop afterwards.
-func (n *Node) boot(st *storage.Store) error {
-	rs, err := st.LoadRaft()
-	if err != nil {
-		return err
-	}
+// boot restores (or bootstraps) the member from st, whose Raft state is
+// rs, and builds its Raft node. Nothing runs yet: Start launches the loop
+// afterwards.
+func (n *Node) boot(st *storage.Store, rs *storage.RaftState) error {
+	var err error
 	ms := raft.NewMemoryStorage()
-	fresh := rs.HardState == nil && rs.Snapshot == nil && len(rs.Entries) == 0
+	fresh := freshRaft(rs)
 	var peers []raft.Peer
 	var voters int
 	var raftApplied uint64
@@ -151,6 +149,12 @@ func (n *Node) boot(st *storage.Store) error {
 		}
 	}
 	return nil
+}
+
+// freshRaft reports whether a member has no Raft state yet: it bootstraps
+// or joins a cluster.
+func freshRaft(rs *storage.RaftState) bool {
+	return rs.HardState == nil && rs.Snapshot == nil && len(rs.Entries) == 0
 }
 
 // bootstrapMembers computes the initial cluster, persists it and returns

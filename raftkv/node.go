@@ -49,6 +49,13 @@ type Config struct {
 	// cluster that lost a majority for good; see forceNewCluster. It has
 	// no effect on an empty data directory.
 	ForceNewCluster bool
+	// Discovery is the URL of a discovery service (etcd's --discovery):
+	// a member that starts on an empty data directory with
+	// InitialClusterState "new" registers there and learns its initial
+	// cluster from it, in the background (see Start); InitialCluster then
+	// holds only this member, with its peer URLs, and the discovery URL
+	// is the cluster token, as with etcd.
+	Discovery string
 	// LooseReconfig turns off etcd's strict reconfiguration check
 	// (--strict-reconfig-check=false); see SetStrictReconfigCheck.
 	LooseReconfig bool
@@ -98,6 +105,15 @@ func (c Config) withDefaults() (Config, error) {
 	if c.InitialClusterToken == "" {
 		c.InitialClusterToken = "etcd-cluster"
 	}
+	if c.Discovery != "" {
+		if err := CheckDiscoveryURL(c.Discovery); err != nil {
+			return c, fmt.Errorf("raftkv: %w", err)
+		}
+		if _, ok := c.InitialCluster[c.Name]; !ok || len(c.InitialCluster) != 1 {
+			return c, errors.New("raftkv: with a discovery URL, the initial cluster holds only this member, with its peer URLs")
+		}
+		c.InitialClusterToken = c.Discovery
+	}
 	if c.Logger == nil {
 		c.Logger = zap.NewNop()
 	}
@@ -116,7 +132,8 @@ type Node struct {
 	lifeMu  sync.Mutex // serializes Start and Stop
 	started bool
 	stopped bool
-	booted  atomic.Bool // identity and configuration are set (never reset)
+	disc    *discoveryRun // set when Start went to a discovery service first
+	booted  atomic.Bool   // identity and configuration are set (never reset)
 	running atomic.Bool
 	gone    atomic.Bool // the cluster removed this member
 
@@ -228,13 +245,19 @@ func NewNode(cfg Config) *Node {
 // used data directory restarts the member it holds and ignores the initial
 // cluster, as etcd does. Peers are reached with cfg.Peer; this member's
 // peer endpoint is PeerHandler, served by the caller.
+//
+// With cfg.Discovery, a fresh member of a new cluster learns its initial
+// cluster from the discovery service, which takes until every member has
+// registered: Start returns once the store is open, and the member starts
+// when discovery ends (requests wait for it as for any member not ready
+// yet). If discovery fails, the error is logged and Failed reports true.
 func (n *Node) Start() error {
 	n.lifeMu.Lock()
 	defer n.lifeMu.Unlock()
 	if n.stopped {
 		return ErrStopped // a Node is not restartable: make a new one
 	}
-	if n.started {
+	if n.started || n.disc != nil {
 		return nil
 	}
 	cfg, err := n.cfg.withDefaults()
@@ -246,7 +269,23 @@ func (n *Node) Start() error {
 	if err != nil {
 		return err
 	}
-	if err := n.boot(st); err != nil {
+	rs, err := st.LoadRaft()
+	if err != nil {
+		st.Close()
+		return err
+	}
+	if cfg.Discovery != "" && cfg.InitialClusterState == "new" && freshRaft(rs) {
+		n.startDiscovery(st, rs)
+		return nil
+	}
+	return n.startOn(st, rs)
+}
+
+// startOn boots the member from st, whose Raft state is rs, and starts it;
+// on an error it closes st. The caller holds lifeMu.
+func (n *Node) startOn(st *storage.Store, rs *storage.RaftState) error {
+	cfg := n.cfg
+	if err := n.boot(st, rs); err != nil {
 		st.Close()
 		return err
 	}
@@ -393,6 +432,16 @@ func (n *Node) EndPeerStreams() { n.peerEndOnce.Do(func() { close(n.peerEnd) }) 
 // ErrStopped. Safe to call more than once.
 func (n *Node) Stop() error {
 	n.lifeMu.Lock()
+	if d := n.disc; d != nil && !n.started {
+		// Discovering (or failed to): end it, and wait for it to close
+		// the store, without the lock it takes to start the member.
+		n.stopped = true
+		n.halt()
+		d.cancel()
+		n.lifeMu.Unlock()
+		<-d.done
+		return nil
+	}
 	defer n.lifeMu.Unlock()
 	if n.stopped || !n.started {
 		n.stopped = true
@@ -456,6 +505,9 @@ func (n *Node) Running() bool { return n.running.Load() }
 func (n *Node) Failed() bool {
 	n.lifeMu.Lock()
 	defer n.lifeMu.Unlock()
+	if d := n.disc; d != nil && !n.started {
+		return d.failed && !n.stopped
+	}
 	if !n.started || n.stopped || n.gone.Load() {
 		return false
 	}

@@ -131,6 +131,20 @@ func TestDiscoveryBootstrapsACluster(t *testing.T) {
 	if !strings.Contains(ms[0].logTail(200), "discovery: waiting for more members") {
 		t.Fatalf("n1's log does not say it waits:\n%s", ms[0].logTail(40))
 	}
+	// A reload while n1 discovers keeps its discovery going.
+	admin := &http.Client{Timeout: 10 * time.Second}
+	withRoute := discoveryCaddyfile(ms[0], durl) + "\n" + ms[0].ClientURL + "/hello {\n\trespond hi\n}\n"
+	if st, body, err := reloadLoad(admin, ms[0].AdminURL, withRoute); err != nil || st != http.StatusOK {
+		t.Fatalf("reload of n1 while it discovers: %d %s %v", st, body, err)
+	}
+	// n2 crashes after it registered, before it had any Raft state: its
+	// restart finds its own registration and waits on (etcd's would stop
+	// on a duplicate ID).
+	ms[1].kill9()
+	ms[1].startProcess(t)
+	if !poll(20*time.Second, func() bool { return strings.Contains(ms[1].logTail(100), "this member registered before") }) {
+		t.Fatalf("n2's restart did not take its registration back:\n%s", ms[1].logTail(40))
+	}
 
 	// The third: all three start, as one cluster.
 	ms[2].spawn(t)
@@ -191,8 +205,32 @@ func TestDiscoveryBootstrapsACluster(t *testing.T) {
 	if got := discoveryEntries(t, service, dir); len(got) != 3 {
 		t.Fatalf("n4 registered in a full cluster: %v", got)
 	}
-	if !n4.signal(syscall.SIGTERM, 10*time.Second) {
-		t.Fatal("n4 did not exit within 10 s of SIGTERM")
+	// The operator's fix, a token of its own, and a reload: it starts.
+	const dir2 = "/discovery/n4-alone"
+	setDiscoverySize(t, service, dir2, 1)
+	if st, body, err := reloadLoad(admin, n4.AdminURL, discoveryCaddyfile(n4, service.ClientURL+"/v2/keys"+dir2)); err != nil || st != http.StatusOK {
+		t.Fatalf("reload of n4 with a new token: %d %s %v", st, body, err)
+	}
+	if err := n4.waitHealthy(30 * time.Second); err != nil {
+		t.Fatalf("n4 after its reload: %v", err)
+	}
+	if got := listMembers(t, n4); len(got) != 1 || got[0].Name != "n4" {
+		t.Fatalf("n4's cluster: %+v", got)
+	}
+
+	// A member that waits for others exits on SIGTERM at once.
+	const dir3 = "/discovery/never-full"
+	setDiscoverySize(t, service, dir3, 2)
+	n5 := c.newTestMember("n5")
+	if err := os.WriteFile(n5.Caddyfile, []byte(discoveryCaddyfile(n5, service.ClientURL+"/v2/keys"+dir3)), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	n5.spawn(t)
+	if !poll(20*time.Second, func() bool { return strings.Contains(n5.logTail(100), "discovery: waiting for more members") }) {
+		t.Fatalf("n5 never waited:\n%s", n5.logTail(40))
+	}
+	if !n5.signal(syscall.SIGTERM, 10*time.Second) {
+		t.Fatal("n5 did not exit within 10 s of SIGTERM while it waited for other members")
 	}
 
 	// A restart reads the member from its data: the service may be gone.

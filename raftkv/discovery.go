@@ -57,6 +57,11 @@ func CheckDiscoveryURL(raw string) error {
 // the watch (etcd's client.DefaultRequestTimeout).
 const discoveryRequestTimeout = 5 * time.Second
 
+// discoveryWatchTimeout bounds one watch for registrations; then the
+// cluster is read again and a new watch starts (etcd's waits on one watch
+// for good).
+const discoveryWatchTimeout = time.Minute
+
 // discoveryBackoff is how long discovery waits before its retry-th retry
 // after the service could not be reached, or answered 5xx: etcd's 2^n
 // seconds, at most 256 s (n counts every retry of the start). Tests
@@ -172,7 +177,8 @@ func (d *discoverer) join(ctx context.Context) (map[string][]string, error) {
 }
 
 // errDiscoveryRecheck asks join to read the cluster again: the watch
-// lost its place (the service's event history no longer reaches back).
+// lost its place (the service's event history no longer reaches back), or
+// it waited discoveryWatchTimeout.
 var errDiscoveryRecheck = errors.New("discovery: watch fell behind")
 
 // checkCluster reads the expected size and the registrations so far, in
@@ -278,7 +284,15 @@ func (d *discoverer) waitNodes(ctx context.Context, nodes []*discoveryNode, size
 	for uint64(len(all)) < size {
 		d.lg.Info("discovery: waiting for more members", zap.Int("found", len(all)), zap.Uint64("needed", size-uint64(len(all))))
 		q := url.Values{"wait": {"true"}, "recursive": {"true"}, "waitIndex": {strconv.FormatUint(index+1, 10)}}
-		a, err := d.do(ctx, http.MethodGet, d.cluster, q, nil, 0)
+		wctx, cancel := context.WithTimeout(ctx, discoveryWatchTimeout)
+		a, err := d.do(wctx, http.MethodGet, d.cluster, q, nil, 0)
+		expired := wctx.Err() != nil && ctx.Err() == nil
+		cancel()
+		if expired {
+			// A watch that heard nothing for so long may hang on a
+			// connection the network dropped silently: read again.
+			return nil, errDiscoveryRecheck
+		}
 		if err != nil {
 			if errors.Is(err, errDiscoveryUnreachable) {
 				d.lg.Warn("discovery: error while waiting for members", zap.Error(err))

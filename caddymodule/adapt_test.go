@@ -159,6 +159,7 @@ func TestAppValidateAsEtcdFlags(t *testing.T) {
 		{"advertised peer URLs as in the cluster", App{Name: "n1", InitialAdvertisePeerURLs: []string{"http://b:2380", "http://a:2380"}, InitialCluster: map[string][]string{"n1": {"http://a:2380", "http://b:2380"}}}, ""},
 		{"advertised peer URLs not in the cluster", App{Name: "n1", InitialAdvertisePeerURLs: []string{"http://a:2380"}, InitialCluster: map[string][]string{"n1": {"http://b:2380"}}}, "differ from this member's initial_cluster entry n1=http://b:2380"},
 		{"bad advertised peer URL", App{InitialAdvertisePeerURLs: []string{"http://a"}}, "initial_advertise_peer_urls"},
+		{"advertised peer URL twice", App{InitialAdvertisePeerURLs: []string{"http://a:2380", "http://a:2380"}, Discovery: "http://d:2379/v2/keys/discovery/abc"}, "initial_advertise_peer_urls has a duplicate URL"},
 		{"discovery", App{Name: "n1", Discovery: "http://d:2379/v2/keys/discovery/abc", InitialAdvertisePeerURLs: []string{"http://a:2380"}}, ""},
 		{"discovery and initial_cluster", App{Name: "n1", Discovery: "http://d:2379/v2/keys/discovery/abc", InitialCluster: map[string][]string{"n1": {"http://a:2380"}}}, "multiple discovery or bootstrap options"},
 		{"discovery joining", App{Discovery: "http://d:2379/v2/keys/discovery/abc", InitialClusterState: "existing"}, "discovery bootstraps a new cluster"},

@@ -214,11 +214,14 @@ func (a *App) Provision(ctx caddy.Context) error {
 		if m.peerFiles != files {
 			changed = append(changed, "peer TLS files")
 		}
-		if len(changed) > 0 {
+		discovering := m.current().Discovering()
+		if len(changed) > 0 && !discovering {
 			a.logger.Warn("member settings changed; they take effect when Caddy restarts (or when a member a failure stopped starts again)",
 				zap.String("data_dir", dir), zap.Strings("settings", changed))
 		}
-		if changed := m.bootstrapChanges(cfg); len(changed) > 0 {
+		// A member still discovering has not started: Start begins again
+		// with the new settings (member.start).
+		if changed := m.bootstrapChanges(cfg); len(changed) > 0 && !discovering {
 			a.logger.Warn("member settings changed that only a member's first start on an empty data_dir reads; this member's list of members lives in its data",
 				zap.String("data_dir", dir), zap.Strings("settings", changed))
 		}
@@ -374,6 +377,11 @@ func (a *App) validateBootstrap() error {
 		mine, err := raftkv.NormalizeURLs(a.InitialAdvertisePeerURLs)
 		if err != nil {
 			return fmt.Errorf("initial_advertise_peer_urls: %v", err)
+		}
+		if dup := slices.Compact(slices.Clone(mine)); len(dup) != len(mine) {
+			// etcd's checkDuplicateURL: a member registered so would make
+			// every member's discovery fail.
+			return fmt.Errorf("initial_advertise_peer_urls has a duplicate URL: %s", strings.Join(mine, ","))
 		}
 		if entry, ok := a.InitialCluster[a.Name]; ok {
 			// Validate has checked the entry's URLs.
@@ -651,9 +659,16 @@ func (m *member) start(cfg raftkv.Config, files peerTLSFiles) error {
 	m.startMu.Lock()
 	defer m.startMu.Unlock()
 	n := m.current()
-	if failed := n.Failed(); failed || n.Stopped() {
-		if failed {
+	// A member that waits for its discovery service has not started: a
+	// config that changes how it starts (another token, its peer URLs,
+	// timings) starts it again with those.
+	rediscover := n.Discovering() && m.startChanges(cfg, files)
+	if failed := n.Failed(); failed || n.Stopped() || rediscover {
+		switch {
+		case failed:
 			m.cfg.Logger.Warn("the member was stopped by a failure; starting it again", zap.String("data_dir", m.cfg.DataDir))
+		case rediscover:
+			m.cfg.Logger.Info("the member's settings changed while it waited for its discovery service; discovering again with them", zap.String("data_dir", m.cfg.DataDir))
 		}
 		if err := n.Stop(); err != nil {
 			m.cfg.Logger.Warn("closing the stopped member's storage", zap.Error(err))
@@ -673,6 +688,12 @@ func (m *member) start(cfg raftkv.Config, files peerTLSFiles) error {
 		_ = n.Stop() // it never ran: nothing to close
 	}
 	return err
+}
+
+// startChanges reports whether cfg and files start the member otherwise
+// than the settings it was started with.
+func (m *member) startChanges(cfg raftkv.Config, files peerTLSFiles) bool {
+	return len(m.tuningChanges(cfg)) > 0 || len(m.bootstrapChanges(cfg)) > 0 || m.peerFiles != files
 }
 
 // loadPeerFiles loads the peer TLS files into the member's client TLS

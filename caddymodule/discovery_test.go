@@ -218,9 +218,11 @@ func TestDiscoveryBootstrapsACluster(t *testing.T) {
 		t.Fatalf("n4's cluster: %+v", got)
 	}
 
-	// A member that waits for others exits on SIGTERM at once.
-	const dir3 = "/discovery/never-full"
+	// A member that waits for others, reloaded with another token,
+	// discovers again with it.
+	const dir3, dir4 = "/discovery/never-full", "/discovery/n5-alone"
 	setDiscoverySize(t, service, dir3, 2)
+	setDiscoverySize(t, service, dir4, 1)
 	n5 := c.newTestMember("n5")
 	if err := os.WriteFile(n5.Caddyfile, []byte(discoveryCaddyfile(n5, service.ClientURL+"/v2/keys"+dir3)), 0o644); err != nil {
 		t.Fatal(err)
@@ -229,8 +231,42 @@ func TestDiscoveryBootstrapsACluster(t *testing.T) {
 	if !poll(20*time.Second, func() bool { return strings.Contains(n5.logTail(100), "discovery: waiting for more members") }) {
 		t.Fatalf("n5 never waited:\n%s", n5.logTail(40))
 	}
-	if !n5.signal(syscall.SIGTERM, 10*time.Second) {
-		t.Fatal("n5 did not exit within 10 s of SIGTERM while it waited for other members")
+	if st, body, err := reloadLoad(admin, n5.AdminURL, discoveryCaddyfile(n5, service.ClientURL+"/v2/keys"+dir4)); err != nil || st != http.StatusOK {
+		t.Fatalf("reload of n5 with a new token: %d %s %v", st, body, err)
+	}
+	if err := n5.waitHealthy(30 * time.Second); err != nil {
+		t.Fatalf("n5 after its reload: %v", err)
+	}
+	if got := discoveryEntries(t, service, dir4); len(got) != 1 {
+		t.Fatalf("n5's registrations under its new token: %v", got)
+	}
+
+	// A copy of n1's config on another data directory (no peer site: the
+	// port is n1's) is another member with n1's ID: refused, as by etcd.
+	twin := c.newTestMember("n1")
+	twin.PeerURL = ms[0].PeerURL
+	const dir5 = "/discovery/twins"
+	setDiscoverySize(t, service, dir5, 2)
+	first := c.newTestMember("n1")
+	first.PeerURL = ms[0].PeerURL
+	for _, m := range []*testMember{first, twin} {
+		cf := discoveryCaddyfile(m, service.ClientURL+"/v2/keys"+dir5)
+		cf = cf[:strings.LastIndex(cf, m.PeerURL+" {")]
+		if err := os.WriteFile(m.Caddyfile, []byte(cf), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	first.spawn(t)
+	if !poll(20*time.Second, func() bool { return strings.Contains(first.logTail(100), "discovery: waiting for more members") }) {
+		t.Fatalf("the first of the twins never waited:\n%s", first.logTail(40))
+	}
+	twin.spawn(t)
+	if !poll(20*time.Second, func() bool { return strings.Contains(twin.logTail(100), "discovery: found duplicate id") }) {
+		t.Fatalf("the second twin was not refused as a duplicate ID:\n%s", twin.logTail(40))
+	}
+	// A member that waits for others exits on SIGTERM at once.
+	if !first.signal(syscall.SIGTERM, 10*time.Second) {
+		t.Fatal("a member waiting for others did not exit within 10 s of SIGTERM")
 	}
 
 	// A restart reads the member from its data: the service may be gone.

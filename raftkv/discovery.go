@@ -88,6 +88,10 @@ type discoverer struct {
 	self    string // this member's key name: its ID in hex
 	config  string // what it registers: "name=peerURL,…", sorted
 	retries int
+	// registered is called just before this member registers; mine
+	// reports whether this data directory registered before.
+	registered func() error
+	mine       bool
 }
 
 // discoveryNode is a node of the service's JSON answers.
@@ -115,6 +119,10 @@ func (a *discoveryAnswer) Error() string {
 	return fmt.Sprintf("%d: %s (%s)", a.ErrorCode, a.Message, a.Cause)
 }
 
+// errDiscoveryEmptyAnswer is a 200 without a body: a watch the service
+// ended (anything else that answers so is no keys API).
+var errDiscoveryEmptyAnswer = fmt.Errorf("%w: an empty answer", ErrDiscoveryBadEndpoint)
+
 // errDiscoveryUnreachable marks what etcd's discovery retries after a
 // backoff: the service could not be reached, or answered 5xx.
 var errDiscoveryUnreachable = errors.New("discovery service unreachable")
@@ -134,6 +142,9 @@ func newDiscoverer(durl, name string, peerURLs []string, id uint64, lg *zap.Logg
 	}
 	slices.Sort(pairs)
 	tr := http.DefaultTransport.(*http.Transport).Clone()
+	// etcd's discovery client goes through a proxy only when
+	// --discovery-proxy names one, never one from the environment.
+	tr.Proxy = nil
 	return &discoverer{
 		lg:      lg,
 		client:  &http.Client{Transport: tr},
@@ -211,6 +222,14 @@ func (d *discoverer) checkCluster(ctx context.Context) ([]*discoveryNode, uint64
 	if a.ErrorCode != 0 || a.Node == nil {
 		return nil, 0, 0, fmt.Errorf("discovery: reading %s: %w", d.cluster, a)
 	}
+	if a.index == 0 {
+		// No X-Etcd-Index (a proxy may drop it): the directory's own
+		// indexes are a lower bound, which the watch then catches up from.
+		a.index = a.Node.ModifiedIndex
+		for _, n := range a.Node.Nodes {
+			a.index = max(a.index, n.ModifiedIndex)
+		}
+	}
 	d.dirKey = a.Node.Key
 	var nodes []*discoveryNode
 	for _, n := range a.Node.Nodes {
@@ -232,12 +251,16 @@ func (d *discoverer) checkCluster(ctx context.Context) ([]*discoveryNode, uint64
 
 // createSelf registers this member: its ID as the key, "name=peerURL,…"
 // as the value, created only if absent. A key already there with the same
-// value is this member's own, from a start that stopped before its first
-// Raft state was saved: etcd refuses it as a duplicate ID (its TODO says
-// it should not); the member ID comes from the peer URLs and the discovery
-// URL, so the same value is the same member.
+// value, when this data directory registered before, is this member's own,
+// from a start that stopped before its first Raft state was saved: etcd
+// refuses it as a duplicate ID (its TODO says it should not). Another
+// member with the same name and peer URLs (a copy of the config, the
+// defaults) has its own data directory: a duplicate ID, as with etcd.
 func (d *discoverer) createSelf(ctx context.Context) error {
 	key := path.Join(d.cluster, d.self)
+	if err := d.registered(); err != nil {
+		return err
+	}
 	form := url.Values{"value": {d.config}}
 	a, err := d.retry(ctx, "registering", func() (*discoveryAnswer, error) {
 		return d.do(ctx, http.MethodPut, key, url.Values{"prevExist": {"false"}}, form, discoveryRequestTimeout)
@@ -257,7 +280,7 @@ func (d *discoverer) createSelf(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	if a.ErrorCode != 0 || a.Node == nil || a.Node.Value != d.config {
+	if !d.mine || a.ErrorCode != 0 || a.Node == nil || a.Node.Value != d.config {
 		return ErrDiscoveryDuplicateID
 	}
 	d.lg.Info("discovery: this member registered before, with the same peer URLs", zap.String("key", key))
@@ -293,6 +316,11 @@ func (d *discoverer) waitNodes(ctx context.Context, nodes []*discoveryNode, size
 			// connection the network dropped silently: read again.
 			return nil, errDiscoveryRecheck
 		}
+		if errors.Is(err, errDiscoveryEmptyAnswer) {
+			// etcd ends a watch with an empty 200 when it drops the
+			// watcher; some proxies do on an idle timeout.
+			return nil, d.pause(ctx)
+		}
 		if err != nil {
 			if errors.Is(err, errDiscoveryUnreachable) {
 				d.lg.Warn("discovery: error while waiting for members", zap.Error(err))
@@ -304,7 +332,7 @@ func (d *discoverer) waitNodes(ctx context.Context, nodes []*discoveryNode, size
 		}
 		switch {
 		case a.ErrorCode == 401: // the event index was cleared
-			return nil, errDiscoveryRecheck
+			return nil, d.pause(ctx)
 		case a.ErrorCode != 0 || a.Node == nil:
 			return nil, fmt.Errorf("discovery: watching %s: %w", d.cluster, a)
 		}
@@ -365,6 +393,24 @@ func (d *discoverer) retry(ctx context.Context, step string, req func() (*discov
 	}
 }
 
+// discoveryRecheckPause is how long discovery waits before it reads the
+// cluster again after a watch that lost its place, so that a service that
+// keeps answering so cannot make it spin.
+var discoveryRecheckPause = time.Second
+
+// pause waits discoveryRecheckPause and asks for a recheck, or returns
+// ctx's error.
+func (d *discoverer) pause(ctx context.Context) error {
+	t := time.NewTimer(discoveryRecheckPause)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return errDiscoveryRecheck
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
 // backoff waits before the next try, or until ctx ends.
 func (d *discoverer) backoff(ctx context.Context, step string) error {
 	d.retries++
@@ -419,6 +465,9 @@ func (d *discoverer) do(ctx context.Context, method, key string, query, form url
 		}
 		return nil, fmt.Errorf("%w: %v", errDiscoveryUnreachable, err)
 	}
+	if resp.StatusCode == http.StatusOK && len(strings.TrimSpace(string(raw))) == 0 {
+		return nil, errDiscoveryEmptyAnswer
+	}
 	if resp.StatusCode >= 500 {
 		return nil, fmt.Errorf("%w: %s %s answered %s", errDiscoveryUnreachable, method, u.Redacted(), resp.Status)
 	}
@@ -432,7 +481,7 @@ func (d *discoverer) do(ctx context.Context, method, key string, query, form url
 
 // discoverCluster runs discovery for the member n configures and returns
 // its initial cluster.
-func (n *Node) discoverCluster(ctx context.Context) (map[string][]string, error) {
+func (n *Node) discoverCluster(ctx context.Context, st *storage.Store) (map[string][]string, error) {
 	mine, err := NormalizeURLs(n.cfg.InitialCluster[n.cfg.Name])
 	if err != nil {
 		return nil, fmt.Errorf("raftkv: the member's peer URLs: %w", err)
@@ -441,6 +490,8 @@ func (n *Node) discoverCluster(ctx context.Context) (map[string][]string, error)
 	if err != nil {
 		return nil, err
 	}
+	d.mine = string(st.Meta(metaDiscovery)) == n.cfg.Discovery
+	d.registered = func() error { return st.SetMeta(metaDiscovery, []byte(n.cfg.Discovery)) }
 	n.lg.Info("discovery: joining", zap.String("discovery-url", n.cfg.Discovery), zap.String("member-id", d.self), zap.String("registration", d.config))
 	cluster, err := d.join(ctx)
 	if err != nil {
@@ -448,6 +499,14 @@ func (n *Node) discoverCluster(ctx context.Context) (map[string][]string, error)
 	}
 	n.lg.Info("discovery: the initial cluster", zap.Strings("members", slices.Sorted(maps.Keys(cluster))))
 	return cluster, nil
+}
+
+// Discovering reports whether the member waits for its discovery service
+// (started, not failed, not stopped).
+func (n *Node) Discovering() bool {
+	n.lifeMu.Lock()
+	defer n.lifeMu.Unlock()
+	return n.disc != nil && !n.started && !n.stopped && !n.disc.failed
 }
 
 // discoveryRun is a discovery in progress, or one that failed.
@@ -470,7 +529,7 @@ func (n *Node) startDiscovery(st *storage.Store, rs *storage.RaftState) {
 	go func() {
 		defer close(d.done)
 		defer cancel()
-		cluster, err := n.discoverCluster(ctx)
+		cluster, err := n.discoverCluster(ctx, st)
 		n.lifeMu.Lock()
 		defer n.lifeMu.Unlock()
 		if n.stopped {

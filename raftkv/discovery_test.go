@@ -109,8 +109,8 @@ func TestDiscoveryDoesNotHoldStartAndStopEndsIt(t *testing.T) {
 	if err := n.Start(); err != nil {
 		t.Fatal(err)
 	}
-	if n.Running() || n.Failed() {
-		t.Fatalf("discovering: running %v, failed %v; want neither", n.Running(), n.Failed())
+	if n.Running() || n.Failed() || !n.Discovering() {
+		t.Fatalf("discovering: running %v, failed %v, discovering %v", n.Running(), n.Failed(), n.Discovering())
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
 	defer cancel()
@@ -128,6 +128,9 @@ func TestDiscoveryDoesNotHoldStartAndStopEndsIt(t *testing.T) {
 	}
 	if err := n.WaitReady(context.Background()); !errors.Is(err, ErrStopped) {
 		t.Fatalf("WaitReady after Stop: %v, want ErrStopped", err)
+	}
+	if n.Discovering() {
+		t.Fatal("still discovering after Stop")
 	}
 	// The store is closed: another node opens it.
 	cfg.Discovery = ""
@@ -157,8 +160,8 @@ func TestDiscoveryFailureStopsTheMember(t *testing.T) {
 		t.Fatalf("WaitReady: %v, want ErrStopped once discovery failed", err)
 	}
 	waitFor(t, "Failed", n.Failed)
-	if n.Running() {
-		t.Fatal("running after a failed discovery")
+	if n.Running() || n.Discovering() {
+		t.Fatal("running or discovering after a failed discovery")
 	}
 	if err := n.Stop(); err != nil {
 		t.Fatal(err)
@@ -191,7 +194,7 @@ func TestDiscoveryIgnoredOnARestart(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer m.Stop()
-	if !m.Running() {
+	if !m.Running() || m.Discovering() {
 		t.Fatal("a restarted member with a discovery URL does not run at once")
 	}
 }

@@ -29,6 +29,10 @@ const (
 	metaIDGen     = "raftkv/id_generation"
 	metaRemoved   = "raftkv/removed_members"
 	metaVerdicts  = "raftkv/conf_verdicts"
+	// metaDiscovery holds the discovery URL this data directory's member
+	// registered with (before it registers): its registration found at a
+	// later start is its own, not another member's.
+	metaDiscovery = "raftkv/discovery_registered"
 )
 
 // memberRecord is how a member is persisted and carried in the Context of

@@ -112,6 +112,10 @@ func (c Config) withDefaults() (Config, error) {
 		if _, ok := c.InitialCluster[c.Name]; !ok || len(c.InitialCluster) != 1 {
 			return c, errors.New("raftkv: with a discovery URL, the initial cluster holds only this member, with its peer URLs")
 		}
+		// As etcd, before it registers anything the others would trip on.
+		if err := checkDuplicateURLs(c.InitialCluster); err != nil {
+			return c, err
+		}
 		c.InitialClusterToken = c.Discovery
 	}
 	if c.Logger == nil {

@@ -3,10 +3,13 @@ package raftkv
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"path"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -196,5 +199,77 @@ func TestDiscoveryIgnoredOnARestart(t *testing.T) {
 	defer m.Stop()
 	if !m.Running() || m.Discovering() {
 		t.Fatal("a restarted member with a discovery URL does not run at once")
+	}
+}
+
+// TestDiscoveryWatchLostAndEndedReadsAgain: a watch answered 401 (the
+// service's history no longer reaches its index) or ended with an empty
+// 200 reads the directory again, after a pause, and goes on. The service
+// here is a stand-in: a real etcd answers so only when a watch falls 1000
+// events behind, or when it drops a watcher, which no test can time; it
+// answers the few requests discovery makes as etcd 3.4 does.
+func TestDiscoveryWatchLostAndEndedReadsAgain(t *testing.T) {
+	defer func(p time.Duration) { discoveryRecheckPause = p }(discoveryRecheckPause)
+	discoveryRecheckPause = 10 * time.Millisecond
+	const dir = "/v2/keys/discovery/t"
+	var (
+		mu       sync.Mutex
+		self     string // the registration's value, once made
+		watches  int
+		requests int
+	)
+	svc := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		defer mu.Unlock()
+		requests++
+		w.Header().Set("Content-Type", "application/json")
+		w.Header().Set("X-Etcd-Index", "7")
+		switch {
+		case r.URL.Path == dir+"/_config/size":
+			fmt.Fprint(w, `{"action":"get","node":{"key":"/discovery/t/_config/size","value":"2","modifiedIndex":5,"createdIndex":5}}`)
+		case r.Method == http.MethodPut:
+			r.ParseForm()
+			self = r.PostForm.Get("value")
+			w.WriteHeader(http.StatusCreated)
+			fmt.Fprintf(w, `{"action":"create","node":{"key":"/discovery/t/%s","value":%q,"modifiedIndex":6,"createdIndex":6}}`, path.Base(r.URL.Path), self)
+		case r.URL.Query().Get("wait") == "true":
+			watches++
+			switch watches {
+			case 1:
+				w.WriteHeader(http.StatusBadRequest)
+				fmt.Fprint(w, `{"errorCode":401,"message":"The event in requested index is outdated and cleared","cause":"the requested history has been cleared [1008/8]","index":2007}`)
+			case 2: // an ended watch
+			default:
+				fmt.Fprint(w, `{"action":"create","node":{"key":"/discovery/t/b0b","value":"n2=http://127.0.0.2:2380","modifiedIndex":9,"createdIndex":9}}`)
+			}
+		default: // the directory
+			nodes := `{"key":"/discovery/t/_config","dir":true,"modifiedIndex":5,"createdIndex":5}`
+			if self != "" {
+				nodes += fmt.Sprintf(`,{"key":"/discovery/t/self","value":%q,"modifiedIndex":6,"createdIndex":6}`, self)
+			}
+			fmt.Fprintf(w, `{"action":"get","node":{"key":"/discovery/t","dir":true,"nodes":[%s],"modifiedIndex":5,"createdIndex":5}}`, nodes)
+		}
+	}))
+	defer svc.Close()
+	d, err := newDiscoverer(svc.URL+dir, "n1", []string{"http://127.0.0.1:2380"}, 1, zaptest.NewLogger(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	d.self = "self"
+	d.registered = func() error { return nil }
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	cluster, err := d.join(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := map[string][]string{"n1": {"http://127.0.0.1:2380"}, "n2": {"http://127.0.0.2:2380"}}
+	if !equalClusters(cluster, want) {
+		t.Fatalf("cluster %v, want %v", cluster, want)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if watches != 3 || requests > 12 {
+		t.Fatalf("%d watches, %d requests in all; want 3 watches and a handful of reads", watches, requests)
 	}
 }

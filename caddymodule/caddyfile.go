@@ -213,9 +213,12 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 
 // parseEtcdDirective sets up the etcd handler. Syntax:
 //
-//	etcd [<matcher>]
+//	etcd [<matcher>] {
+//		cors <origin>...
+//	}
 //
-// It takes no arguments; a block is reserved for options to come.
+// cors lists the origins browsers may call the API from (etcd's --cors),
+// as separate arguments or comma-separated; "*" (the default) allows all.
 func parseEtcdDirective(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
 	handler := new(Handler)
 	err := handler.UnmarshalCaddyfile(h.Dispenser)
@@ -229,8 +232,30 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		if d.NextArg() {
 			return d.ArgErr()
 		}
-		if d.NextBlock(0) {
-			return d.Errf("unrecognized etcd option %q", d.Val())
+		for d.NextBlock(0) {
+			switch opt := d.Val(); opt {
+			case "cors":
+				args := d.RemainingArgs()
+				if len(args) == 0 {
+					return d.ArgErr()
+				}
+				for _, arg := range args {
+					for o := range strings.SplitSeq(arg, ",") {
+						if o == "" {
+							continue
+						}
+						if err := checkOrigin(o); err != nil {
+							return d.Errf("cors: %v", err)
+						}
+						h.CORS = append(h.CORS, o)
+					}
+				}
+				if len(h.CORS) == 0 {
+					return d.Err("cors needs origins, not empty ones")
+				}
+			default:
+				return d.Errf("unrecognized etcd option %q", opt)
+			}
 		}
 	}
 	return nil

@@ -3,6 +3,7 @@ package caddymodule
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"net/http"
 	"net/url"
 	"path"
@@ -32,6 +33,14 @@ func init() {
 // If the config has no raftkv app, one with the defaults is created: the
 // handler alone gives a working single-member cluster.
 type Handler struct {
+	// The origins a browser may call the API from (etcd's --cors): the
+	// CORS headers name the request's Origin when it is one of them,
+	// exactly as the browser sends it (https://app.example.com), and are
+	// left out otherwise. "*" allows every origin. Default: "*", as etcd.
+	CORS []string `json:"cors,omitempty"`
+
+	corsAny    bool                // CORS is empty or holds "*"
+	corsOrigin map[string]struct{} // the origins CORS lists
 	member     *member
 	timeout    time.Duration
 	advertise  []string
@@ -74,6 +83,14 @@ func (Handler) CaddyModule() caddy.ModuleInfo {
 // Provision gets the member from the raftkv app.
 func (h *Handler) Provision(ctx caddy.Context) error {
 	h.logger = ctx.Logger()
+	h.corsAny = len(h.CORS) == 0
+	h.corsOrigin = make(map[string]struct{}, len(h.CORS))
+	for _, o := range h.CORS {
+		if o == "*" {
+			h.corsAny = true
+		}
+		h.corsOrigin[o] = struct{}{}
+	}
 	h.clusterIDs = new(clusterIDCache)
 	v, err := ctx.App("raftkv")
 	if err != nil {
@@ -198,9 +215,9 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		return next.ServeHTTP(w, r)
 	}
 
-	// etcd 3.4's default --cors='*' wraps the whole client handler: every
-	// response carries these headers, and any OPTIONS request is answered
-	// before routing, with them alone.
+	// etcd 3.4's --cors (default '*') wraps the whole client handler: every
+	// response carries these headers (for an allowed origin), and any
+	// OPTIONS request is answered before routing, with them alone.
 	//
 	// The header keys below are canonical already, so they are assigned
 	// without Header.Set's canonicalization, and every value of the
@@ -213,9 +230,16 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	hdr := w.Header()
 	// etcd sends no Server header; Caddy set one before routing.
 	delete(hdr, "Server")
-	hv.set(hdr, "Access-Control-Allow-Origin", "*")
-	hv.set(hdr, "Access-Control-Allow-Methods", "POST, GET, OPTIONS, PUT, DELETE")
-	hv.set(hdr, "Access-Control-Allow-Headers", "accept, content-type, authorization")
+	if origin, ok := h.corsOriginFor(r); ok {
+		hv.set(hdr, "Access-Control-Allow-Origin", origin)
+		hv.set(hdr, "Access-Control-Allow-Methods", "POST, GET, OPTIONS, PUT, DELETE")
+		hv.set(hdr, "Access-Control-Allow-Headers", "accept, content-type, authorization")
+	}
+	if !h.corsAny {
+		// The answer depends on Origin: caches must keep it apart (etcd
+		// sends no Vary).
+		hdr.Add("Vary", "Origin")
+	}
 	if r.Method == http.MethodOptions {
 		w.WriteHeader(http.StatusOK)
 		return nil
@@ -394,8 +418,51 @@ func idString(id uint64) string { return strconv.FormatUint(id, 16) }
 // is etcd's ErrStopped.
 const errNotRunning = "etcdserver: server stopped"
 
+// Validate checks the CORS origins: "*", or scheme://host[:port] as a
+// browser sends it in Origin.
+func (h *Handler) Validate() error {
+	for _, o := range h.CORS {
+		if err := checkOrigin(o); err != nil {
+			return fmt.Errorf("cors: %v", err)
+		}
+	}
+	return nil
+}
+
+// checkOrigin accepts "*" and an origin as browsers serialize it.
+func checkOrigin(o string) error {
+	if o == "*" {
+		return nil
+	}
+	u, err := url.Parse(o)
+	switch {
+	case err != nil:
+		return err
+	case u.Scheme == "" || u.Host == "" || u.User != nil || u.RawQuery != "" || u.Fragment != "" || u.Opaque != "":
+		return fmt.Errorf("%q is not an origin (scheme://host[:port], or *)", o)
+	case u.Path != "":
+		return fmt.Errorf("%q has a path: an origin is scheme://host[:port], as a browser sends it", o)
+	case o != strings.ToLower(o):
+		return fmt.Errorf("%q: browsers send origins in lowercase", o)
+	}
+	return nil
+}
+
+// corsOriginFor returns the Access-Control-Allow-Origin value r gets, as
+// etcd's access controller gives it: "*" when every origin is allowed,
+// r's Origin when it is listed, none otherwise.
+func (h *Handler) corsOriginFor(r *http.Request) (string, bool) {
+	if h.corsAny {
+		return "*", true
+	}
+	origin := r.Header.Get("Origin")
+	_, ok := h.corsOrigin[origin]
+	return origin, ok && origin != ""
+}
+
 // Interface guards.
 var (
+	_ caddy.Validator             = (*Handler)(nil)
 	_ caddy.Provisioner           = (*Handler)(nil)
 	_ caddyhttp.MiddlewareHandler = (*Handler)(nil)
 )

@@ -347,31 +347,12 @@ func TestDiscoveryRegistersAsEtcdDoes(t *testing.T) {
 // discoveringEtcd prepares a real etcd 3.4 member that bootstraps through
 // durl with the given name and peer URL; launch or spawn starts it.
 func discoveringEtcd(t *testing.T, name, peerURL, durl string) *proc {
-	dir := t.TempDir()
-	clientURL := fmt.Sprintf("http://127.0.0.1:%d", freePort(t))
-	dataDir := filepath.Join(dir, "data")
-	return &proc{
-		Name:      "etcd " + name,
-		ClientURL: clientURL,
-		DataDir:   dataDir,
-		LogPath:   filepath.Join(dir, "etcd.log"),
-		t:         t,
-		path:      etcdBin,
-		args: []string{
-			"--name", name,
-			"--enable-v2",
-			"--data-dir", dataDir,
-			"--listen-client-urls", clientURL,
-			"--advertise-client-urls", clientURL,
-			"--listen-peer-urls", peerURL,
-			"--initial-advertise-peer-urls", peerURL,
-			"--discovery", durl,
-			"--discovery-fallback", "exit",
-			"--logger", "zap",
-			"--log-outputs", "stderr",
-		},
-		env: etcdEnv(),
-	}
+	return etcdProc(t, "etcd "+name, fmt.Sprintf("http://127.0.0.1:%d", freePort(t)),
+		"--name", name,
+		"--listen-peer-urls", peerURL,
+		"--initial-advertise-peer-urls", peerURL,
+		"--discovery", durl,
+		"--discovery-fallback", "exit")
 }
 
 // tryDoTimeout is tryDo with a deadline of timeout.

@@ -245,28 +245,34 @@ func startEtcd(t testing.TB) *proc {
 // etcdAt prepares a single-member etcd 3.4 with the v2 API serving clientURL, a free peer
 // port and a new data directory; launch or spawn starts it.
 func etcdAt(t testing.TB, clientURL string) *proc {
-	dir := t.TempDir()
 	peerURL := fmt.Sprintf("http://127.0.0.1:%d", freePort(t))
+	return etcdProc(t, "etcd", clientURL,
+		"--name", "default",
+		"--listen-peer-urls", peerURL,
+		"--initial-advertise-peer-urls", peerURL,
+		"--initial-cluster", "default="+peerURL)
+}
+
+// etcdProc prepares an etcd 3.4 with the v2 API serving clientURL, a new data directory,
+// and the member's flags in args.
+func etcdProc(t testing.TB, name, clientURL string, args ...string) *proc {
+	dir := t.TempDir()
 	dataDir := filepath.Join(dir, "data")
 	return &proc{
-		Name:      "etcd",
+		Name:      name,
 		ClientURL: clientURL,
 		DataDir:   dataDir,
 		LogPath:   filepath.Join(dir, "etcd.log"),
 		t:         t,
 		path:      etcdBin,
-		args: []string{
-			"--name", "default",
+		args: append([]string{
 			"--enable-v2",
 			"--data-dir", dataDir,
 			"--listen-client-urls", clientURL,
 			"--advertise-client-urls", clientURL,
-			"--listen-peer-urls", peerURL,
-			"--initial-advertise-peer-urls", peerURL,
-			"--initial-cluster", "default=" + peerURL,
 			"--logger", "zap",
 			"--log-outputs", "stderr",
-		},
+		}, args...),
 		env: etcdEnv(),
 	}
 }

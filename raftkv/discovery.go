@@ -401,14 +401,10 @@ var discoveryRecheckPause = time.Second
 // pause waits discoveryRecheckPause and asks for a recheck, or returns
 // ctx's error.
 func (d *discoverer) pause(ctx context.Context) error {
-	t := time.NewTimer(discoveryRecheckPause)
-	defer t.Stop()
-	select {
-	case <-t.C:
-		return errDiscoveryRecheck
-	case <-ctx.Done():
-		return ctx.Err()
+	if err := sleepCtx(ctx, discoveryRecheckPause); err != nil {
+		return err
 	}
+	return errDiscoveryRecheck
 }
 
 // backoff waits before the next try, or until ctx ends.
@@ -416,7 +412,12 @@ func (d *discoverer) backoff(ctx context.Context, step string) error {
 	d.retries++
 	wait := discoveryBackoff(d.retries)
 	d.lg.Info("discovery: retrying", zap.String("url", d.base.String()), zap.String("reason", step), zap.Duration("backoff", wait))
-	t := time.NewTimer(wait)
+	return sleepCtx(ctx, wait)
+}
+
+// sleepCtx waits for d, or returns ctx's error when it ends first.
+func sleepCtx(ctx context.Context, d time.Duration) error {
+	t := time.NewTimer(d)
 	defer t.Stop()
 	select {
 	case <-t.C:

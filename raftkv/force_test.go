@@ -6,11 +6,14 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
 	"github.com/etcaddy/etcaddy/storage"
 	"go.etcd.io/raft/v3/raftpb"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zaptest"
 	"google.golang.org/protobuf/proto"
 )
 
@@ -221,6 +224,7 @@ func TestForceNewClusterAfterTheStoreAppliedAhead(t *testing.T) {
 	if applied <= commit {
 		t.Fatalf("the store applied %d, not past the commit index %d", applied, commit)
 	}
+	refuseForcedStartWithShortLog(t, m0.dir, commit, applied)
 
 	force = true
 	n := c.start(m0, "new")
@@ -236,4 +240,64 @@ func TestForceNewClusterAfterTheStoreAppliedAhead(t *testing.T) {
 		}
 	}
 	put(t, n, "/forced", "3")
+}
+
+// refuseForcedStartWithShortLog copies the member.db of dir, whose store
+// applied up to applied past the saved commit index commit, cuts the
+// copy's log right after commit (as a crash after installing a snapshot
+// whose file was ahead of the log leaves it), and checks that a forced
+// start on it is refused, naming a way out, and saves nothing.
+func refuseForcedStartWithShortLog(t *testing.T, dir string, commit, applied uint64) {
+	t.Helper()
+	data, err := os.ReadFile(filepath.Join(dir, "member.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	short := t.TempDir()
+	if err := os.WriteFile(filepath.Join(short, "member.db"), data, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	st, err := storage.Open(short)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rs, err := st.LoadRaft()
+	if err != nil {
+		st.Close()
+		t.Fatal(err)
+	}
+	// One entry after the commit index replaces the log's tail.
+	_, err = st.Save(storage.Ready{Entries: []*raftpb.Entry{{
+		Term: new(rs.HardState.GetTerm()), Index: new(commit + 1), Type: raftpb.EntryNormal.Enum(),
+	}}})
+	st.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := NewNode(Config{
+		Name:            "m0",
+		DataDir:         short,
+		ForceNewCluster: true,
+		Logger:          zaptest.NewLogger(t, zaptest.Level(zap.WarnLevel)),
+	})
+	err = n.Start()
+	n.Stop()
+	want := fmt.Sprintf("the member's log ends at %d, before the index %d it applied", commit+1, applied)
+	if err == nil || !strings.Contains(err.Error(), want) || !strings.Contains(err.Error(), "GET /raftkv/snapshot") {
+		t.Fatalf("a forced start on a log that ends before the applied index: %v, want an error containing %q", err, want)
+	}
+	// Nothing saved: the log still ends where it did, with the same commit.
+	st, err = storage.Open(short)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	rs, err = st.LoadRaft()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if k := len(rs.Entries); k == 0 || rs.Entries[k-1].GetIndex() != commit+1 || rs.HardState.GetCommit() != commit {
+		t.Errorf("after the refused forced start: commit %d, %d entries, want commit %d and the log ending at %d",
+			rs.HardState.GetCommit(), len(rs.Entries), commit, commit+1)
+	}
 }

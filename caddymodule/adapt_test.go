@@ -169,6 +169,9 @@ func TestAppValidateAsEtcdFlags(t *testing.T) {
 		{"discovery joining", App{Discovery: "http://d:2379/v2/keys/discovery/abc", InitialClusterState: "existing"}, "discovery bootstraps a new cluster"},
 		{"discovery without a path", App{Discovery: "http://d:2379"}, "has no path"},
 		{"discovery by ftp", App{Discovery: "ftp://d:2379/x"}, "http or https"},
+		{"discovery through a proxy", App{Discovery: "http://d:2379/v2/keys/discovery/abc", DiscoveryProxy: "proxy.internal:3128"}, ""},
+		{"discovery proxy alone", App{DiscoveryProxy: "proxy.internal:3128"}, "discovery_proxy goes with discovery"},
+		{"bad discovery proxy", App{Discovery: "http://d:2379/v2/keys/discovery/abc", DiscoveryProxy: "ftp://proxy:21"}, "invalid discovery proxy address"},
 		{"discovery with a query", App{Discovery: "http://d:2379/v2/keys/x?recursive=true"}, "no query"},
 	}
 	for _, tt := range tests {

@@ -104,6 +104,12 @@ type App struct {
 	// is new, with initial_cluster_state new.
 	Discovery string `json:"discovery,omitempty"`
 
+	// An HTTP proxy to reach the discovery service through (etcd's
+	// --discovery-proxy): http://host:port, or host:port. Without it the
+	// member reaches the service directly, whatever HTTP_PROXY says, as
+	// etcd does.
+	DiscoveryProxy string `json:"discovery_proxy,omitempty"`
+
 	// "new" to bootstrap a new cluster, "existing" to join one that runs
 	// (etcd's --initial-cluster-state). Default: "new".
 	InitialClusterState string `json:"initial_cluster_state,omitempty"`
@@ -393,7 +399,13 @@ func (a *App) validateBootstrap() error {
 		}
 	}
 	if a.Discovery == "" {
+		if a.DiscoveryProxy != "" {
+			return errors.New("discovery_proxy goes with discovery")
+		}
 		return nil
+	}
+	if _, err := raftkv.ParseDiscoveryProxy(a.DiscoveryProxy); err != nil {
+		return err
 	}
 	if err := raftkv.CheckDiscoveryURL(a.Discovery); err != nil {
 		return err
@@ -534,6 +546,7 @@ func (a *App) nodeConfig() raftkv.Config {
 		AdvertiseClientURLs:    slices.Clone(a.AdvertiseClientURLs),
 		ForceNewCluster:        a.ForceNewCluster,
 		Discovery:              a.Discovery,
+		DiscoveryProxy:         a.DiscoveryProxy,
 		LooseReconfig:          !a.strictReconfigCheck(),
 		// The node outlives this config, so it logs through the process's
 		// default logger rather than this config's.
@@ -763,6 +776,9 @@ func (m *member) bootstrapChanges(cfg raftkv.Config) []string {
 	}
 	if m.cfg.Discovery != cfg.Discovery {
 		changed = append(changed, "discovery")
+	}
+	if m.cfg.DiscoveryProxy != cfg.DiscoveryProxy {
+		changed = append(changed, "discovery_proxy")
 	}
 	return changed
 }

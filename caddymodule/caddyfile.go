@@ -57,6 +57,7 @@ func parseGlobalOption(d *caddyfile.Dispenser, existing any) (any, error) {
 //		initial_cluster_token    <token>
 //		initial_advertise_peer_urls <peer_url>...
 //		discovery                <url>
+//		discovery_proxy          <proxy_url>
 //		advertise_client_urls    <url>...
 //		peer_cert_file           <cert.pem>
 //		peer_key_file            <key.pem>
@@ -78,7 +79,7 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		for d.NextBlock(0) {
 			switch opt := d.Val(); opt {
 			case "name", "data_dir", "initial_cluster_state", "initial_cluster_token",
-				"peer_cert_file", "peer_key_file", "peer_trusted_ca_file", "discovery":
+				"peer_cert_file", "peer_key_file", "peer_trusted_ca_file", "discovery", "discovery_proxy":
 				var v string
 				if !d.Args(&v) {
 					return d.ArgErr()
@@ -109,6 +110,8 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 					a.PeerTrustedCAFile = v
 				case "discovery":
 					a.Discovery = v
+				case "discovery_proxy":
+					a.DiscoveryProxy = v
 				}
 
 			case "snapshot_count", "snapshot_catchup_entries":

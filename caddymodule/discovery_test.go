@@ -6,11 +6,14 @@ import (
 	"fmt"
 	"maps"
 	"net/http"
+	"net/http/httptest"
+	"net/http/httputil"
 	"net/url"
 	"os"
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -407,4 +410,46 @@ func (c *testCluster) byNameIn(ms []*testMember, name string) *testMember {
 	}
 	c.t.Fatalf("no member %q", name)
 	return nil
+}
+
+// TestDiscoveryThroughAProxy: with discovery_proxy (etcd's
+// --discovery-proxy) every request to the discovery service goes through
+// the proxy; here a forward HTTP proxy in the test process (Go's
+// ReverseProxy passing on the absolute-form requests it is sent), which
+// records what it forwards.
+func TestDiscoveryThroughAProxy(t *testing.T) {
+	service := startEtcd(t)
+	const dir = "/discovery/proxied"
+	setDiscoverySize(t, service, dir, 1)
+	var (
+		mu   sync.Mutex
+		seen []string
+	)
+	proxy := httptest.NewServer(&httputil.ReverseProxy{
+		Rewrite: func(pr *httputil.ProxyRequest) {
+			mu.Lock()
+			seen = append(seen, pr.In.Method+" "+pr.In.URL.Path)
+			mu.Unlock()
+			pr.Out.URL = pr.In.URL // absolute: where the member asked to go
+		},
+		FlushInterval: -1,
+	})
+	defer proxy.Close()
+
+	c := &testCluster{t: t}
+	m := c.newTestMember("n1")
+	cf := strings.Replace(discoveryCaddyfile(m, service.ClientURL+"/v2/keys"+dir), "\t\tdiscovery ",
+		"\t\tdiscovery_proxy "+strings.TrimPrefix(proxy.URL, "http://")+"\n\t\tdiscovery ", 1)
+	if err := os.WriteFile(m.Caddyfile, []byte(cf), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	m.spawn(t)
+	if err := m.waitHealthy(30 * time.Second); err != nil {
+		t.Fatal(err)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if !slices.ContainsFunc(seen, func(s string) bool { return strings.HasPrefix(s, "PUT /v2/keys"+dir+"/") }) {
+		t.Fatalf("the proxy did not carry the registration; it saw %q", seen)
+	}
 }

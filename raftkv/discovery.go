@@ -53,6 +53,29 @@ func CheckDiscoveryURL(raw string) error {
 	return nil
 }
 
+// ParseDiscoveryProxy reads a discovery proxy as etcd's --discovery-proxy
+// does: a URL, or host:port for http://host:port. Empty: no proxy.
+func ParseDiscoveryProxy(raw string) (*url.URL, error) {
+	if raw == "" {
+		return nil, nil
+	}
+	u, err := url.Parse(raw)
+	if (err != nil || !strings.HasPrefix(u.Scheme, "http")) && !strings.Contains(raw, "://") {
+		// etcd tries again with http:// in front (host:port parses as a
+		// scheme and an opaque part).
+		if u2, err2 := url.Parse("http://" + raw); err2 == nil {
+			u, err = u2, nil
+		}
+	}
+	if err != nil {
+		return nil, fmt.Errorf("invalid discovery proxy address %q: %v", raw, err)
+	}
+	if u.Host == "" || u.Scheme != "http" && u.Scheme != "https" {
+		return nil, fmt.Errorf("invalid discovery proxy address %q: want http://host:port or host:port", raw)
+	}
+	return u, nil
+}
+
 // discoveryRequestTimeout bounds each request to the discovery service but
 // the watch (etcd's client.DefaultRequestTimeout).
 const discoveryRequestTimeout = 5 * time.Second
@@ -129,8 +152,12 @@ var errDiscoveryUnreachable = errors.New("discovery service unreachable")
 
 // newDiscoverer prepares the discovery of the member name, whose peer URLs
 // are peerURLs (sorted, normalized) and whose ID is id.
-func newDiscoverer(durl, name string, peerURLs []string, id uint64, lg *zap.Logger) (*discoverer, error) {
+func newDiscoverer(durl, proxy, name string, peerURLs []string, id uint64, lg *zap.Logger) (*discoverer, error) {
 	if err := CheckDiscoveryURL(durl); err != nil {
+		return nil, err
+	}
+	proxyURL, err := ParseDiscoveryProxy(proxy)
+	if err != nil {
 		return nil, err
 	}
 	u, _ := url.Parse(durl)
@@ -145,6 +172,10 @@ func newDiscoverer(durl, name string, peerURLs []string, id uint64, lg *zap.Logg
 	// etcd's discovery client goes through a proxy only when
 	// --discovery-proxy names one, never one from the environment.
 	tr.Proxy = nil
+	if proxyURL != nil {
+		tr.Proxy = http.ProxyURL(proxyURL)
+		lg.Info("discovery: through a proxy", zap.String("proxy-url", proxyURL.Redacted()))
+	}
 	return &discoverer{
 		lg:      lg,
 		client:  &http.Client{Transport: tr},
@@ -487,7 +518,7 @@ func (n *Node) discoverCluster(ctx context.Context, st *storage.Store) (map[stri
 	if err != nil {
 		return nil, fmt.Errorf("raftkv: the member's peer URLs: %w", err)
 	}
-	d, err := newDiscoverer(n.cfg.Discovery, n.cfg.Name, mine, memberID(mine, n.cfg.InitialClusterToken), n.lg)
+	d, err := newDiscoverer(n.cfg.Discovery, n.cfg.DiscoveryProxy, n.cfg.Name, mine, memberID(mine, n.cfg.InitialClusterToken), n.lg)
 	if err != nil {
 		return nil, err
 	}

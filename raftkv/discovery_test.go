@@ -70,6 +70,30 @@ func equalClusters(a, b map[string][]string) bool {
 	return true
 }
 
+func TestParseDiscoveryProxy(t *testing.T) {
+	for raw, want := range map[string]string{
+		"":                       "",
+		"proxy.internal:3128":    "http://proxy.internal:3128",
+		"http://10.0.0.1:3128":   "http://10.0.0.1:3128",
+		"https://proxy:443":      "https://proxy:443",
+		"http://u:p@proxy:3128/": "http://u:p@proxy:3128/",
+	} {
+		u, err := ParseDiscoveryProxy(raw)
+		got := ""
+		if u != nil {
+			got = u.String()
+		}
+		if err != nil || got != want {
+			t.Errorf("%q: %q, %v; want %q", raw, got, err, want)
+		}
+	}
+	for _, bad := range []string{"ftp://proxy:21", "http://", "%zz"} {
+		if u, err := ParseDiscoveryProxy(bad); err == nil {
+			t.Errorf("%q accepted as %v", bad, u)
+		}
+	}
+}
+
 func TestCheckDiscoveryURL(t *testing.T) {
 	for _, ok := range []string{"http://10.0.0.1:2379/v2/keys/discovery/abc", "https://discovery.etcd.io/3e86b59982e49066c5d813af1c2e2579cbf573de"} {
 		if err := CheckDiscoveryURL(ok); err != nil {
@@ -251,7 +275,7 @@ func TestDiscoveryWatchLostAndEndedReadsAgain(t *testing.T) {
 		}
 	}))
 	defer svc.Close()
-	d, err := newDiscoverer(svc.URL+dir, "n1", []string{"http://127.0.0.1:2380"}, 1, zaptest.NewLogger(t))
+	d, err := newDiscoverer(svc.URL+dir, "", "n1", []string{"http://127.0.0.1:2380"}, 1, zaptest.NewLogger(t))
 	if err != nil {
 		t.Fatal(err)
 	}

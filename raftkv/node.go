@@ -56,6 +56,9 @@ type Config struct {
 	// holds only this member, with its peer URLs, and the discovery URL
 	// is the cluster token, as with etcd.
 	Discovery string
+	// DiscoveryProxy is an HTTP proxy to reach the discovery service
+	// through (etcd's --discovery-proxy); see ParseDiscoveryProxy.
+	DiscoveryProxy string
 	// LooseReconfig turns off etcd's strict reconfiguration check
 	// (--strict-reconfig-check=false); see SetStrictReconfigCheck.
 	LooseReconfig bool
@@ -117,6 +120,9 @@ func (c Config) withDefaults() (Config, error) {
 			return c, err
 		}
 		c.InitialClusterToken = c.Discovery
+		if _, err := ParseDiscoveryProxy(c.DiscoveryProxy); err != nil {
+			return c, fmt.Errorf("raftkv: %w", err)
+		}
 	}
 	if c.Logger == nil {
 		c.Logger = zap.NewNop()

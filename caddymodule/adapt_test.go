@@ -114,6 +114,8 @@ func TestCaddyfileAdaptErrors(t *testing.T) {
 		{"cors without origins", ":2379 {\n\tetcd {\n\t\tcors\n\t}\n}\n", "wrong argument count"},
 		{"cors origin with a path", ":2379 {\n\tetcd {\n\t\tcors https://app.example.com/\n\t}\n}\n", "has a path"},
 		{"cors origin without a scheme", ":2379 {\n\tetcd {\n\t\tcors app.example.com\n\t}\n}\n", "is not an origin"},
+		{"cors origin with an empty port", ":2379 {\n\tetcd {\n\t\tcors https://app.example.com:\n\t}\n}\n", "empty port"},
+		{"cors origin with a query", ":2379 {\n\tetcd {\n\t\tcors https://app.example.com?\n\t}\n}\n", "has a path"},
 		{"cors origin in capitals", ":2379 {\n\tetcd {\n\t\tcors https://App.example.com\n\t}\n}\n", "lowercase"},
 		{"empty name", "{\n\traftkv {\n\t\tname \"\"\n\t}\n}\n", "name needs a value"},
 		{"empty initial_cluster", "{\n\traftkv {\n\t\tinitial_cluster \"\" ,\n\t}\n}\n", "initial_cluster needs <name>=<peer_url> pairs"},

@@ -90,6 +90,12 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 			h.corsAny = true
 		}
 		h.corsOrigin[o] = struct{}{}
+		if u, err := url.Parse(o); err == nil && (u.Scheme == "http" && u.Port() == "80" || u.Scheme == "https" && u.Port() == "443") {
+			// etcd 3.4's --cors takes only host:port, so it is written so
+			// there; browsers leave a default port out of Origin.
+			h.logger.Warn("a cors origin with its scheme's default port never matches what a browser sends; leave the port out",
+				zap.String("origin", o))
+		}
 	}
 	h.clusterIDs = new(clusterIDCache)
 	v, err := ctx.App("raftkv")
@@ -440,8 +446,10 @@ func checkOrigin(o string) error {
 		return err
 	case u.Scheme == "" || u.Host == "" || u.User != nil || u.RawQuery != "" || u.Fragment != "" || u.Opaque != "":
 		return fmt.Errorf("%q is not an origin (scheme://host[:port], or *)", o)
-	case u.Path != "":
+	case u.Path != "" || u.ForceQuery || strings.HasSuffix(o, "#"):
 		return fmt.Errorf("%q has a path: an origin is scheme://host[:port], as a browser sends it", o)
+	case strings.HasSuffix(u.Host, ":"):
+		return fmt.Errorf("%q has an empty port", o)
 	case o != strings.ToLower(o):
 		return fmt.Errorf("%q: browsers send origins in lowercase", o)
 	}

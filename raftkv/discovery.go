@@ -60,9 +60,9 @@ func ParseDiscoveryProxy(raw string) (*url.URL, error) {
 		return nil, nil
 	}
 	u, err := url.Parse(raw)
-	if (err != nil || !strings.HasPrefix(u.Scheme, "http")) && !strings.Contains(raw, "://") {
-		// etcd tries again with http:// in front (host:port parses as a
-		// scheme and an opaque part).
+	if !strings.Contains(raw, "://") && (err != nil || u.Host == "" || u.Scheme != "http" && u.Scheme != "https") {
+		// host:port: etcd tries again with http:// in front (it parses
+		// as a scheme and an opaque part; http-proxy:3128 too).
 		if u2, err2 := url.Parse("http://" + raw); err2 == nil {
 			u, err = u2, nil
 		}

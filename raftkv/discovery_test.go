@@ -74,6 +74,8 @@ func TestParseDiscoveryProxy(t *testing.T) {
 	for raw, want := range map[string]string{
 		"":                       "",
 		"proxy.internal:3128":    "http://proxy.internal:3128",
+		"http-proxy:3128":        "http://http-proxy:3128",
+		"httpproxy.corp:8080":    "http://httpproxy.corp:8080",
 		"http://10.0.0.1:3128":   "http://10.0.0.1:3128",
 		"https://proxy:443":      "https://proxy:443",
 		"http://u:p@proxy:3128/": "http://u:p@proxy:3128/",

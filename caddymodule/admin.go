@@ -183,9 +183,13 @@ func (a *AdminAPI) serveStatus(w http.ResponseWriter, _ *http.Request, app *App)
 	n := app.member.current()
 	st := n.Status()
 	if st.ID == 0 {
+		why := "the raftkv member has not started yet"
+		if n.Discovering() {
+			why += ": it waits for its discovery service (" + app.Discovery + ")"
+		}
 		return caddy.APIError{
 			HTTPStatus: http.StatusServiceUnavailable,
-			Err:        errors.New("the raftkv member has not started yet"),
+			Err:        errors.New(why),
 		}
 	}
 	out := adminStatus{

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"io"
 	"maps"
 	"net/http"
 	"net/http/httptest"
@@ -133,6 +134,16 @@ func TestDiscoveryBootstrapsACluster(t *testing.T) {
 	}
 	if !strings.Contains(ms[0].logTail(200), "discovery: waiting for more members") {
 		t.Fatalf("n1's log does not say it waits:\n%s", ms[0].logTail(40))
+	}
+	// The admin API says why the member is not there yet.
+	if resp, err := http.Get(ms[0].AdminURL + "/raftkv/status"); err != nil {
+		t.Fatal(err)
+	} else {
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusServiceUnavailable || !strings.Contains(string(body), "waits for its discovery service") {
+			t.Fatalf("GET /raftkv/status while discovering: %d %s", resp.StatusCode, body)
+		}
 	}
 	// A reload while n1 discovers keeps its discovery going.
 	admin := &http.Client{Timeout: 10 * time.Second}

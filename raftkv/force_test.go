@@ -204,15 +204,7 @@ func TestForceNewClusterAfterTheStoreAppliedAhead(t *testing.T) {
 	for _, m := range c.members {
 		c.stop(m)
 	}
-	st, err := storage.Open(m0.dir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	rs, err := st.LoadRaft()
-	if err != nil {
-		st.Close()
-		t.Fatal(err)
-	}
+	st, rs := openRaft(t, m0.dir)
 	hs := proto.Clone(rs.HardState).(*raftpb.HardState)
 	hs.Commit = new(commit)
 	_, err = st.Save(storage.Ready{HardState: hs, ConfState: cs})
@@ -257,15 +249,7 @@ func refuseForcedStartWithShortLog(t *testing.T, dir string, commit, applied uin
 	if err := os.WriteFile(filepath.Join(short, "member.db"), data, 0o600); err != nil {
 		t.Fatal(err)
 	}
-	st, err := storage.Open(short)
-	if err != nil {
-		t.Fatal(err)
-	}
-	rs, err := st.LoadRaft()
-	if err != nil {
-		st.Close()
-		t.Fatal(err)
-	}
+	st, rs := openRaft(t, short)
 	// One entry after the commit index replaces the log's tail.
 	_, err = st.Save(storage.Ready{Entries: []*raftpb.Entry{{
 		Term: new(rs.HardState.GetTerm()), Index: new(commit + 1), Type: raftpb.EntryNormal.Enum(),
@@ -287,17 +271,26 @@ func refuseForcedStartWithShortLog(t *testing.T, dir string, commit, applied uin
 		t.Fatalf("a forced start on a log that ends before the applied index: %v, want an error containing %q", err, want)
 	}
 	// Nothing saved: the log still ends where it did, with the same commit.
-	st, err = storage.Open(short)
-	if err != nil {
-		t.Fatal(err)
-	}
+	st, rs = openRaft(t, short)
 	defer st.Close()
-	rs, err = st.LoadRaft()
-	if err != nil {
-		t.Fatal(err)
-	}
 	if k := len(rs.Entries); k == 0 || rs.Entries[k-1].GetIndex() != commit+1 || rs.HardState.GetCommit() != commit {
 		t.Errorf("after the refused forced start: commit %d, %d entries, want commit %d and the log ending at %d",
 			rs.HardState.GetCommit(), len(rs.Entries), commit, commit+1)
 	}
+}
+
+// openRaft opens the store in dir and loads its Raft state; the caller
+// closes the store.
+func openRaft(t *testing.T, dir string) (*storage.Store, *storage.RaftState) {
+	t.Helper()
+	st, err := storage.Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rs, err := st.LoadRaft()
+	if err != nil {
+		st.Close()
+		t.Fatal(err)
+	}
+	return st, rs
 }

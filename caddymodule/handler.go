@@ -7,6 +7,7 @@ import (
 	"net/http"
 	"net/url"
 	"path"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -83,12 +84,9 @@ func (Handler) CaddyModule() caddy.ModuleInfo {
 // Provision gets the member from the raftkv app.
 func (h *Handler) Provision(ctx caddy.Context) error {
 	h.logger = ctx.Logger()
-	h.corsAny = len(h.CORS) == 0
+	h.corsAny = len(h.CORS) == 0 || slices.Contains(h.CORS, "*")
 	h.corsOrigin = make(map[string]struct{}, len(h.CORS))
 	for _, o := range h.CORS {
-		if o == "*" {
-			h.corsAny = true
-		}
 		h.corsOrigin[o] = struct{}{}
 		if u, err := url.Parse(o); err == nil && (u.Scheme == "http" && u.Port() == "80" || u.Scheme == "https" && u.Port() == "443") {
 			// etcd 3.4's --cors takes only host:port, so it is written so
@@ -464,8 +462,8 @@ func (h *Handler) corsOriginFor(r *http.Request) (string, bool) {
 		return "*", true
 	}
 	origin := r.Header.Get("Origin")
-	_, ok := h.corsOrigin[origin]
-	return origin, ok && origin != ""
+	_, ok := h.corsOrigin[origin] // Validate refused "": a request without Origin gets none
+	return origin, ok
 }
 
 // Interface guards.

@@ -293,7 +293,9 @@ func (d *discoverer) createSelf(ctx context.Context) error {
 		return err
 	}
 	form := url.Values{"value": {d.config}}
+	attempts := 0
 	a, err := d.retry(ctx, "registering", func() (*discoveryAnswer, error) {
+		attempts++
 		return d.do(ctx, http.MethodPut, key, url.Values{"prevExist": {"false"}}, form, discoveryRequestTimeout)
 	})
 	if err != nil {
@@ -311,7 +313,10 @@ func (d *discoverer) createSelf(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	if !d.mine || a.ErrorCode != 0 || a.Node == nil || a.Node.Value != d.config {
+	// Ours when this data directory registered at an earlier start, or
+	// when an attempt of this one may have landed unanswered (a timeout).
+	mine := d.mine || attempts > 1
+	if !mine || a.ErrorCode != 0 || a.Node == nil || a.Node.Value != d.config {
 		return ErrDiscoveryDuplicateID
 	}
 	d.lg.Info("discovery: this member registered before, with the same peer URLs", zap.String("key", key))
@@ -484,18 +489,12 @@ func (d *discoverer) do(ctx context.Context, method, key string, query, form url
 	}
 	resp, err := d.client.Do(req)
 	if err != nil {
-		if parent := context.Cause(ctx); parent != nil && !errors.Is(parent, context.DeadlineExceeded) {
-			return nil, parent // the member is stopping
-		}
-		return nil, fmt.Errorf("%w: %v", errDiscoveryUnreachable, err)
+		return nil, unreachable(ctx, err)
 	}
 	defer resp.Body.Close()
 	raw, err := io.ReadAll(io.LimitReader(resp.Body, 16<<20))
 	if err != nil {
-		if parent := context.Cause(ctx); parent != nil && !errors.Is(parent, context.DeadlineExceeded) {
-			return nil, parent
-		}
-		return nil, fmt.Errorf("%w: %v", errDiscoveryUnreachable, err)
+		return nil, unreachable(ctx, err)
 	}
 	if resp.StatusCode == http.StatusOK && len(strings.TrimSpace(string(raw))) == 0 {
 		return nil, errDiscoveryEmptyAnswer
@@ -509,6 +508,16 @@ func (d *discoverer) do(ctx context.Context, method, key string, query, form url
 	}
 	a.index, _ = strconv.ParseUint(resp.Header.Get("X-Etcd-Index"), 10, 64)
 	return a, nil
+}
+
+// unreachable is the error of a request that got no whole answer: the
+// cause of ctx's end when the member is stopping, else
+// errDiscoveryUnreachable (a timeout among them), which is retried.
+func unreachable(ctx context.Context, err error) error {
+	if cause := context.Cause(ctx); cause != nil && !errors.Is(cause, context.DeadlineExceeded) {
+		return cause
+	}
+	return fmt.Errorf("%w: %v", errDiscoveryUnreachable, err)
 }
 
 // discoverCluster runs discovery for the member n configures and returns

@@ -124,6 +124,8 @@ func TestCaddyfileAdaptErrors(t *testing.T) {
 		{"empty initial_advertise_peer_urls", "{\n\traftkv {\n\t\tinitial_advertise_peer_urls ,\n\t}\n}\n", "initial_advertise_peer_urls needs URLs"},
 		{"missing discovery", "{\n\traftkv {\n\t\tdiscovery\n\t}\n}\n", "wrong argument count"},
 		{"two discovery URLs", "{\n\traftkv {\n\t\tdiscovery http://a:2379/v2/keys/d/1 http://b:2379/v2/keys/d/1\n\t}\n}\n", "wrong argument count"},
+		{"missing discovery_srv", "{\n\traftkv {\n\t\tdiscovery_srv\n\t}\n}\n", "wrong argument count"},
+		{"two discovery_srv domains", "{\n\traftkv {\n\t\tdiscovery_srv a.example b.example\n\t}\n}\n", "wrong argument count"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -175,6 +177,13 @@ func TestAppValidateAsEtcdFlags(t *testing.T) {
 		{"discovery proxy alone", App{DiscoveryProxy: "proxy.internal:3128"}, "discovery_proxy goes with discovery"},
 		{"bad discovery proxy", App{Discovery: "http://d:2379/v2/keys/discovery/abc", DiscoveryProxy: "ftp://proxy:21"}, "invalid discovery proxy address"},
 		{"discovery with a query", App{Discovery: "http://d:2379/v2/keys/x?recursive=true"}, "no query"},
+		{"discovery_srv", App{Name: "n1", DiscoverySRV: "example.com", DiscoverySRVName: "blue", InitialAdvertisePeerURLs: []string{"https://n1.example.com:2380"}}, ""},
+		{"discovery_srv joining", App{Name: "n1", DiscoverySRV: "example.com", InitialClusterState: "existing"}, ""},
+		{"discovery_srv and initial_cluster", App{Name: "n1", DiscoverySRV: "example.com", InitialCluster: map[string][]string{"n1": {"http://a:2380"}}}, "multiple discovery or bootstrap options"},
+		{"discovery_srv and discovery", App{DiscoverySRV: "example.com", Discovery: "http://d:2379/v2/keys/discovery/abc"}, "multiple discovery or bootstrap options"},
+		{"discovery_srv as a URL", App{DiscoverySRV: "https://example.com"}, "is not a DNS name"},
+		{"discovery_srv_name alone", App{DiscoverySRVName: "blue"}, "discovery_srv_name goes with discovery_srv"},
+		{"discovery_srv_name with a dot", App{DiscoverySRV: "example.com", DiscoverySRVName: "blue.green"}, "letters, digits or dashes"},
 	}
 	for _, tt := range tests {
 		err := tt.app.Validate()

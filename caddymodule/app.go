@@ -83,13 +83,13 @@ type App struct {
 	// The members of the cluster to bootstrap, by name, with their peer
 	// URLs (etcd's --initial-cluster). It must name this member. Used only
 	// when the data directory is new. Default: this member alone, with
-	// initial_advertise_peer_urls. Not with discovery.
+	// initial_advertise_peer_urls. Not with discovery or discovery_srv.
 	InitialCluster map[string][]string `json:"initial_cluster,omitempty"`
 
 	// This member's peer URLs, as the other members reach it (etcd's
 	// --initial-advertise-peer-urls): with initial_cluster they must be
 	// this member's entry there; with discovery they are what the member
-	// registers. Used only when the data directory is new. Default: this
+	// registers, with discovery_srv what finds it among the records. Used only when the data directory is new. Default: this
 	// member's entry in initial_cluster, else http://localhost:2380.
 	InitialAdvertisePeerURLs []string `json:"initial_advertise_peer_urls,omitempty"`
 
@@ -109,6 +109,24 @@ type App struct {
 	// member reaches the service directly, whatever HTTP_PROXY says, as
 	// etcd does.
 	DiscoveryProxy string `json:"discovery_proxy,omitempty"`
+
+	// A DNS domain whose SRV records list the members of a new cluster
+	// (etcd's --discovery-srv), instead of initial_cluster:
+	// _etcd-server-ssl._tcp.<domain> for https peer URLs and
+	// _etcd-server._tcp.<domain> for http ones, each record a member's
+	// peer host and port. This member is the record whose host and port
+	// resolve to those of its initial_advertise_peer_urls. With
+	// initial_cluster_state existing the records name the members to ask
+	// for the member list. The member starts once the records are read
+	// (Caddy does not wait for it). Used only when the data directory is
+	// new.
+	DiscoverySRV string `json:"discovery_srv,omitempty"`
+
+	// A suffix for the SRV services' names (etcd's --discovery-srv-name):
+	// with "blue", _etcd-server-ssl-blue._tcp.<domain> and
+	// _etcd-server-blue._tcp.<domain>, so that one domain can list
+	// several clusters.
+	DiscoverySRVName string `json:"discovery_srv_name,omitempty"`
 
 	// "new" to bootstrap a new cluster, "existing" to join one that runs
 	// (etcd's --initial-cluster-state). Default: "new".
@@ -398,6 +416,23 @@ func (a *App) validateBootstrap() error {
 			}
 		}
 	}
+	if a.DiscoverySRVName != "" {
+		if a.DiscoverySRV == "" {
+			return errors.New("discovery_srv_name goes with discovery_srv")
+		}
+		if err := raftkv.CheckSRVName(a.DiscoverySRVName); err != nil {
+			return fmt.Errorf("discovery_srv_name: %v", err)
+		}
+	}
+	if a.DiscoverySRV != "" {
+		if err := raftkv.CheckSRVDomain(a.DiscoverySRV); err != nil {
+			return fmt.Errorf("discovery_srv: %v", err)
+		}
+		if a.Discovery != "" || len(a.InitialCluster) > 0 {
+			// etcd's ErrConflictBootstrapFlags.
+			return errors.New(`multiple discovery or bootstrap options are set: choose one of "initial_cluster", "discovery" or "discovery_srv" (with discovery_srv, initial_advertise_peer_urls gives this member's peer URLs)`)
+		}
+	}
 	if a.Discovery == "" {
 		if a.DiscoveryProxy != "" {
 			return errors.New("discovery_proxy goes with discovery")
@@ -547,6 +582,8 @@ func (a *App) nodeConfig() raftkv.Config {
 		ForceNewCluster:        a.ForceNewCluster,
 		Discovery:              a.Discovery,
 		DiscoveryProxy:         a.DiscoveryProxy,
+		DiscoverySRV:           a.DiscoverySRV,
+		DiscoverySRVName:       a.DiscoverySRVName,
 		LooseReconfig:          !a.strictReconfigCheck(),
 		// The node outlives this config, so it logs through the process's
 		// default logger rather than this config's.
@@ -779,6 +816,12 @@ func (m *member) bootstrapChanges(cfg raftkv.Config) []string {
 	}
 	if m.cfg.DiscoveryProxy != cfg.DiscoveryProxy {
 		changed = append(changed, "discovery_proxy")
+	}
+	if m.cfg.DiscoverySRV != cfg.DiscoverySRV {
+		changed = append(changed, "discovery_srv")
+	}
+	if m.cfg.DiscoverySRVName != cfg.DiscoverySRVName {
+		changed = append(changed, "discovery_srv_name")
 	}
 	return changed
 }

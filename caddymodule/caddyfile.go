@@ -58,6 +58,8 @@ func parseGlobalOption(d *caddyfile.Dispenser, existing any) (any, error) {
 //		initial_advertise_peer_urls <peer_url>...
 //		discovery                <url>
 //		discovery_proxy          <proxy_url>
+//		discovery_srv            <domain>
+//		discovery_srv_name       <name>
 //		advertise_client_urls    <url>...
 //		peer_cert_file           <cert.pem>
 //		peer_key_file            <key.pem>
@@ -79,7 +81,8 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		for d.NextBlock(0) {
 			switch opt := d.Val(); opt {
 			case "name", "data_dir", "initial_cluster_state", "initial_cluster_token",
-				"peer_cert_file", "peer_key_file", "peer_trusted_ca_file", "discovery", "discovery_proxy":
+				"peer_cert_file", "peer_key_file", "peer_trusted_ca_file", "discovery", "discovery_proxy",
+				"discovery_srv", "discovery_srv_name":
 				var v string
 				if !d.Args(&v) {
 					return d.ArgErr()
@@ -112,6 +115,10 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 					a.Discovery = v
 				case "discovery_proxy":
 					a.DiscoveryProxy = v
+				case "discovery_srv":
+					a.DiscoverySRV = v
+				case "discovery_srv_name":
+					a.DiscoverySRVName = v
 				}
 
 			case "snapshot_count", "snapshot_catchup_entries":

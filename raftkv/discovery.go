@@ -523,6 +523,10 @@ func unreachable(ctx context.Context, err error) error {
 // discoverCluster runs discovery for the member n configures and returns
 // its initial cluster.
 func (n *Node) discoverCluster(ctx context.Context, st *storage.Store) (map[string][]string, error) {
+	if n.cfg.DiscoverySRV != "" {
+		n.lg.Info("DNS SRV discovery: looking the cluster up", zap.String("discovery-srv", n.cfg.DiscoverySRV), zap.String("discovery-srv-name", n.cfg.DiscoverySRVName))
+		return n.srvCluster(ctx)
+	}
 	mine, err := NormalizeURLs(n.cfg.InitialCluster[n.cfg.Name])
 	if err != nil {
 		return nil, fmt.Errorf("raftkv: the member's peer URLs: %w", err)
@@ -581,6 +585,9 @@ func (n *Node) startDiscovery(st *storage.Store, rs *storage.RaftState) {
 		}
 		if err == nil {
 			n.cfg.InitialCluster = cluster
+			if n.cfg.DiscoverySRV != "" {
+				n.cfg.Peer.TLS = srvPeerTLS(n.cfg.Peer.TLS, n.cfg.DiscoverySRV, cluster)
+			}
 			err = n.startOn(st, rs)
 		} else {
 			st.Close()
@@ -588,8 +595,13 @@ func (n *Node) startDiscovery(st *storage.Store, rs *storage.RaftState) {
 		if err != nil {
 			d.failed = true
 			n.halt()
-			n.lg.Error("discovery failed; the member does not start (fix the cause, or bootstrap with a new discovery token, and `caddy reload --force` starts it again)",
-				zap.String("discovery-url", n.cfg.Discovery), zap.Error(err))
+			if n.cfg.DiscoverySRV != "" {
+				n.lg.Error("DNS SRV discovery failed; the member does not start (fix the records or the cause, and `caddy reload --force` starts it again)",
+					zap.String("discovery-srv", n.cfg.DiscoverySRV), zap.Error(err))
+			} else {
+				n.lg.Error("discovery failed; the member does not start (fix the cause, or bootstrap with a new discovery token, and `caddy reload --force` starts it again)",
+					zap.String("discovery-url", n.cfg.Discovery), zap.Error(err))
+			}
 		}
 	}()
 }

@@ -59,6 +59,17 @@ type Config struct {
 	// DiscoveryProxy is an HTTP proxy to reach the discovery service
 	// through (etcd's --discovery-proxy); see ParseDiscoveryProxy.
 	DiscoveryProxy string
+	// DiscoverySRV is a DNS domain whose SRV records list the peer URLs
+	// of a new cluster's members (etcd's --discovery-srv): a member that
+	// starts on an empty data directory learns its initial cluster from
+	// them, in the background (see Start and srvCluster); InitialCluster
+	// then holds only this member, with its peer URLs. With
+	// InitialClusterState "existing" the records name the members to ask
+	// for the member list.
+	DiscoverySRV string
+	// DiscoverySRVName is the suffix of the SRV services' names (etcd's
+	// --discovery-srv-name): _etcd-server-ssl-<name>._tcp.<domain>.
+	DiscoverySRVName string
 	// LooseReconfig turns off etcd's strict reconfiguration check
 	// (--strict-reconfig-check=false); see SetStrictReconfigCheck.
 	LooseReconfig bool
@@ -68,6 +79,9 @@ type Config struct {
 	// the strict reconfiguration check (default: etcd's 5 s); tests
 	// shorten it.
 	healthInterval time.Duration
+	// resolver answers DNS SRV discovery's lookups (default: the
+	// system's); tests give it their own DNS server.
+	resolver srvResolver
 }
 
 // withDefaults fills etcd's defaults in and checks what has none.
@@ -121,6 +135,28 @@ func (c Config) withDefaults() (Config, error) {
 		}
 		c.InitialClusterToken = c.Discovery
 		if _, err := ParseDiscoveryProxy(c.DiscoveryProxy); err != nil {
+			return c, fmt.Errorf("raftkv: %w", err)
+		}
+	}
+	if c.DiscoverySRV != "" {
+		if c.Discovery != "" {
+			return c, errors.New("raftkv: multiple discovery options are set: a discovery URL and a DNS SRV domain")
+		}
+		if err := CheckSRVDomain(c.DiscoverySRV); err != nil {
+			return c, fmt.Errorf("raftkv: %w", err)
+		}
+		if _, ok := c.InitialCluster[c.Name]; !ok || len(c.InitialCluster) != 1 {
+			return c, errors.New("raftkv: with DNS SRV discovery, the initial cluster holds only this member, with its peer URLs")
+		}
+		if err := checkDuplicateURLs(c.InitialCluster); err != nil {
+			return c, err
+		}
+	}
+	if c.DiscoverySRVName != "" {
+		if c.DiscoverySRV == "" {
+			return c, errors.New("raftkv: a DNS SRV service name goes with a DNS SRV domain")
+		}
+		if err := CheckSRVName(c.DiscoverySRVName); err != nil {
 			return c, fmt.Errorf("raftkv: %w", err)
 		}
 	}
@@ -261,6 +297,8 @@ func NewNode(cfg Config) *Node {
 // registered: Start returns once the store is open, and the member starts
 // when discovery ends (requests wait for it as for any member not ready
 // yet). If discovery fails, the error is logged and Failed reports true.
+// With cfg.DiscoverySRV, a fresh member reads its initial cluster from DNS
+// SRV records the same way, in the background.
 func (n *Node) Start() error {
 	n.lifeMu.Lock()
 	defer n.lifeMu.Unlock()
@@ -284,7 +322,7 @@ func (n *Node) Start() error {
 		st.Close()
 		return err
 	}
-	if cfg.Discovery != "" && cfg.InitialClusterState == "new" && freshRaft(rs) {
+	if freshRaft(rs) && (cfg.Discovery != "" && cfg.InitialClusterState == "new" || cfg.DiscoverySRV != "") {
 		n.startDiscovery(st, rs)
 		return nil
 	}

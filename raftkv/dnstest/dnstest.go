@@ -31,12 +31,24 @@ type Server struct {
 	a       map[string][]net.IP
 	fail    map[string]int
 	queries map[string]int
+
+	udp, tcp *dns.Server
 }
 
 // Start serves on addr (host:port; port 0 picks a free one for each of UDP
 // and TCP) until t ends.
 func Start(t testing.TB, addr string) *Server {
 	t.Helper()
+	s, err := Listen(addr)
+	if err != nil {
+		t.Fatalf("dnstest: %v", err)
+	}
+	t.Cleanup(s.Close)
+	return s
+}
+
+// Listen serves on addr until Close.
+func Listen(addr string) (*Server, error) {
 	s := &Server{
 		srv:     make(map[string][]SRV),
 		a:       make(map[string][]net.IP),
@@ -45,29 +57,31 @@ func Start(t testing.TB, addr string) *Server {
 	}
 	pc, err := net.ListenPacket("udp", addr)
 	if err != nil {
-		t.Fatalf("dnstest: %v", err)
+		return nil, err
 	}
 	l, err := net.Listen("tcp", addr)
 	if err != nil {
 		pc.Close()
-		t.Fatalf("dnstest: %v", err)
+		return nil, err
 	}
 	s.UDPAddr, s.TCPAddr = pc.LocalAddr().String(), l.Addr().String()
 	h := dns.HandlerFunc(s.answer)
-	udp := &dns.Server{PacketConn: pc, Handler: h}
-	tcp := &dns.Server{Listener: l, Handler: h}
+	s.udp = &dns.Server{PacketConn: pc, Handler: h}
+	s.tcp = &dns.Server{Listener: l, Handler: h}
 	up := make(chan struct{}, 2)
-	udp.NotifyStartedFunc = func() { up <- struct{}{} }
-	tcp.NotifyStartedFunc = func() { up <- struct{}{} }
-	go func() { _ = udp.ActivateAndServe() }()
-	go func() { _ = tcp.ActivateAndServe() }()
+	s.udp.NotifyStartedFunc = func() { up <- struct{}{} }
+	s.tcp.NotifyStartedFunc = func() { up <- struct{}{} }
+	go func() { _ = s.udp.ActivateAndServe() }()
+	go func() { _ = s.tcp.ActivateAndServe() }()
 	<-up
 	<-up
-	t.Cleanup(func() {
-		_ = udp.Shutdown()
-		_ = tcp.Shutdown()
-	})
-	return s
+	return s, nil
+}
+
+// Close stops the server.
+func (s *Server) Close() {
+	_ = s.udp.Shutdown()
+	_ = s.tcp.Shutdown()
 }
 
 func key(name string) string { return strings.ToLower(dns.Fqdn(name)) }

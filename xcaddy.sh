@@ -8,7 +8,9 @@
 #   ./xcaddy.sh bench                   build, then run etcaddy and a real etcd side by side
 #
 # Needs Go 1.26; `test` also installs Debian's etcd-server and etcd-client (the reference
-# server and etcdctl) and python3-etcd (a v2 client) with apt-get. Never reads standard input.
+# server and etcdctl) and python3-etcd (a v2 client) with apt-get, and runs as root (the DNS
+# SRV tests give processes a resolv.conf of their own with unshare and a DNS server on port 53
+# of a loopback address). Never reads standard input.
 set -euo pipefail
 
 readonly CADDY_VERSION=v2.11.9
@@ -115,6 +117,9 @@ install_test_tools() {
 	# python-etcd, the Python v2 client, for Debian's own Python 3 (a python3 earlier on PATH
 	# may be another installation that cannot see Debian's packages).
 	/usr/bin/python3 -c 'import etcd' 2>/dev/null || pkgs+=(python3-etcd)
+	# unshare and mount give the DNS SRV tests' processes a resolv.conf of their own.
+	command -v unshare >/dev/null || pkgs+=(util-linux)
+	command -v mount >/dev/null || pkgs+=(mount)
 	if ((${#pkgs[@]})); then
 		echo "xcaddy.sh: installing ${pkgs[*]}"
 		apt_install "${pkgs[@]}"
@@ -125,7 +130,7 @@ install_test_tools() {
 		go install "honnef.co/go/tools/cmd/staticcheck@$STATICCHECK_VERSION"
 	fi
 	local tool missing=()
-	for tool in etcd etcdctl xcaddy staticcheck; do
+	for tool in etcd etcdctl xcaddy staticcheck unshare mount; do
 		command -v "$tool" >/dev/null || missing+=("$tool")
 	done
 	/usr/bin/python3 -c 'import etcd' 2>/dev/null || missing+=(python3-etcd)

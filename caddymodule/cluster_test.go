@@ -1263,7 +1263,7 @@ const srvDomain = "etcaddy.test"
 
 // newTestPKI makes a CA and a certificate for each member name, valid for server and client
 // authentication on localhost and 127.0.0.1, as the README's openssl commands make them
-// (and on *.srvDomain, the DNS SRV tests' peer hosts).
+// (and on srvDomain and *.srvDomain, the DNS SRV tests' domain and peer hosts).
 func newTestPKI(t *testing.T, members ...string) *testPKI {
 	t.Helper()
 	dir := t.TempDir()
@@ -1303,7 +1303,7 @@ func newTestPKI(t *testing.T, members ...string) *testPKI {
 			NotAfter:     time.Now().Add(24 * time.Hour),
 			KeyUsage:     x509.KeyUsageDigitalSignature,
 			ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
-			DNSNames:     []string{"localhost", "*." + srvDomain},
+			DNSNames:     []string{"localhost", "*." + srvDomain, srvDomain},
 			IPAddresses:  []net.IP{net.IPv4(127, 0, 0, 1)},
 		}
 		mder, err := x509.CreateCertificate(rand.Reader, mt, ca, &mkey.PublicKey, key)

@@ -70,9 +70,14 @@ func (d *srvDNS) inNamespace(p *proc) {
 
 // srvCaddyfile is m's configuration when it bootstraps from the SRV records
 // of srvDomain with peers over mutual TLS, as an operator writes it for
-// etcd's --discovery-srv.
-func srvCaddyfile(m *testMember, pki *testPKI, token string) string {
+// etcd's --discovery-srv; without trustCA it trusts the system's roots
+// for its peers (no peer_trusted_ca_file).
+func srvCaddyfile(m *testMember, pki *testPKI, token string, trustCA bool) string {
 	cert, key := pki.memberFiles(m.Name)
+	caLine := "peer_trusted_ca_file " + pki.caFile
+	if !trustCA {
+		caLine = "# the system's roots"
+	}
 	return fmt.Sprintf(`{
 	admin %s
 	auto_https disable_redirects
@@ -87,7 +92,7 @@ func srvCaddyfile(m *testMember, pki *testPKI, token string) string {
 		election_timeout %v
 		peer_cert_file %s
 		peer_key_file %s
-		peer_trusted_ca_file %s
+		%s
 	}
 }
 
@@ -106,7 +111,7 @@ func srvCaddyfile(m *testMember, pki *testPKI, token string) string {
 	raftkv_peer
 }
 `, strings.TrimPrefix(m.AdminURL, "http://"), m.Name, m.DataDir, m.ClientURL, m.PeerURL, token, srvDomain,
-		clusterElectionTimeout, cert, key, pki.caFile, m.ClientURL, m.PeerURL, cert, key, pki.caFile)
+		clusterElectionTimeout, cert, key, caLine, m.ClientURL, m.PeerURL, cert, key, pki.caFile)
 }
 
 // srvEtcd prepares a real etcd 3.4 member that bootstraps from the SRV
@@ -209,7 +214,7 @@ func TestDiscoverySRVBootstrapsAsEtcdDoes(t *testing.T) {
 	}
 
 	for _, m := range c.members {
-		if err := os.WriteFile(m.Caddyfile, []byte(srvCaddyfile(m, pki, token)), 0o644); err != nil {
+		if err := os.WriteFile(m.Caddyfile, []byte(srvCaddyfile(m, pki, token, true)), 0o644); err != nil {
 			t.Fatal(err)
 		}
 		d.inNamespace(m.proc)
@@ -296,5 +301,52 @@ func TestDiscoverySRVHTTPRecords(t *testing.T) {
 	ms := listMembers(t, m)
 	if len(ms) != 1 || ms[0].Name != "solo" || !slices.Equal(ms[0].PeerURLs, []string{peerURL}) {
 		t.Errorf("members %+v, want solo at %s", ms, peerURL)
+	}
+}
+
+// TestDiscoverySRVWithTheSystemRoots: members that trust the system's roots
+// for their peers (no peer_trusted_ca_file; here the test CA is the
+// system's, through SSL_CERT_FILE) check the certificates of the https
+// peers the records name against the domain, as etcd does, and still send
+// each peer its own host as the TLS server name, which the Caddy peer
+// sites (client_auth) insist on: the cluster forms.
+func TestDiscoverySRVWithTheSystemRoots(t *testing.T) {
+	d := startSRVDNS(t)
+	pki := newTestPKI(t, "n1", "n2", "n3")
+	c := &testCluster{t: t, pki: pki}
+	var recs []dnstest.SRV
+	for i := 1; i <= 3; i++ {
+		m := c.newTestMember(fmt.Sprintf("n%d", i))
+		port, err := strconv.Atoi(m.PeerURL[strings.LastIndex(m.PeerURL, ":")+1:])
+		if err != nil {
+			t.Fatal(err)
+		}
+		host := m.Name + "." + srvDomain
+		m.PeerURL = fmt.Sprintf("https://%s:%d", host, port)
+		m.env = append(m.env, "SSL_CERT_FILE="+pki.caFile)
+		d.SetA(host, "127.0.0.1")
+		recs = append(recs, dnstest.SRV{Target: host, Port: uint16(port)})
+		c.members = append(c.members, m)
+		if err := os.WriteFile(m.Caddyfile, []byte(srvCaddyfile(m, pki, "system-roots", false)), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		d.inNamespace(m.proc)
+	}
+	d.SetSRV("_etcd-server-ssl._tcp."+srvDomain, recs...)
+	for _, m := range c.members {
+		m.spawn(t)
+	}
+	for _, m := range c.members {
+		if err := m.waitHealthy(30 * time.Second); err != nil {
+			t.Fatalf("%s: %v", m.Name, err)
+		}
+	}
+	if st, _, body := c.members[1].do(t, "PUT", "/v2/keys/roots", url.Values{"value": {"system"}}); st != http.StatusCreated {
+		t.Fatalf("PUT: %d %s", st, body)
+	}
+	for _, m := range c.members {
+		if st, _, body := m.do(t, "GET", "/v2/keys/roots?quorum=true", nil); st != http.StatusOK || !strings.Contains(string(body), `"value":"system"`) {
+			t.Errorf("%s: %d %s", m.Name, st, body)
+		}
 	}
 }

@@ -1,6 +1,7 @@
 package raftkv
 
 import (
+	"context"
 	"fmt"
 	"net/http"
 	"slices"
@@ -222,7 +223,7 @@ func (n *Node) checkNotBootstrapped() error {
 	known := make(chan bool, len(ask))
 	for _, u := range ask {
 		go func() {
-			members, cid, err := fetchMembers(client, u, bootstrapCheckTimeout)
+			members, cid, err := fetchMembers(context.Background(), client, u, bootstrapCheckTimeout)
 			ok := err == nil && cid == n.clusterID && slices.ContainsFunc(members, func(m memberRecord) bool {
 				return m.ID == n.id && len(m.ClientURLs) > 0
 			})

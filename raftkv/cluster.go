@@ -423,7 +423,7 @@ func (n *Node) joinMembers(st *storage.Store) error {
 	defer client.CloseIdleConnections()
 	var lastErr error
 	for _, u := range ask {
-		members, cid, err := fetchMembers(client, u, 5*time.Second)
+		members, cid, err := fetchMembers(context.Background(), client, u, 5*time.Second)
 		if err != nil {
 			lastErr = err
 			continue
@@ -435,8 +435,23 @@ func (n *Node) joinMembers(st *storage.Store) error {
 			}
 		}
 		if self == nil {
+			// The same endpoints spelled otherwise (an address for a name,
+			// as DNS SRV records may give them): etcd compares resolved.
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			for i := range members {
+				if self == nil && sameURLsResolved(ctx, n.resolver(), members[i].PeerURLs, myURLs) {
+					self = &members[i]
+				}
+			}
+			cancel()
+		}
+		if self == nil {
 			// This peer may not have applied the addition yet: ask the next.
-			lastErr = fmt.Errorf("raftkv: the cluster at %s has no member with peer URLs %v: add it first (member add)", u, myURLs)
+			var listed []string
+			for _, m := range members {
+				listed = append(listed, m.PeerURLs...)
+			}
+			lastErr = fmt.Errorf("raftkv: the cluster at %s has no member with peer URLs %v (it has %v): add it first (member add)", u, myURLs, listed)
 			continue
 		}
 		n.id, n.clusterID = self.ID, cid
@@ -465,9 +480,10 @@ func (n *Node) otherInitialPeerURLs() []string {
 	return urls
 }
 
-// fetchMembers reads a peer's GET /raft/members, waiting at most timeout.
-func fetchMembers(client *http.Client, peerURL string, timeout time.Duration) ([]memberRecord, uint64, error) {
-	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+// fetchMembers reads a peer's GET /raft/members, waiting at most timeout,
+// or until ctx ends.
+func fetchMembers(ctx context.Context, client *http.Client, peerURL string, timeout time.Duration) ([]memberRecord, uint64, error) {
+	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, peerURL+peerMembersPath, nil)
 	if err != nil {

@@ -3,6 +3,7 @@ package raftkv
 import (
 	"context"
 	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"net"
@@ -41,8 +42,9 @@ func CheckSRVDomain(domain string) error {
 // --discovery-srv-name): it goes after "etcd-server-" in the service's
 // name, so it is one DNS label's worth of letters, digits and dashes.
 func CheckSRVName(name string) error {
-	if name == "" || len(name) > 50 {
-		return fmt.Errorf("DNS SRV service name %q: want 1 to 50 letters, digits or dashes", name)
+	// "_etcd-server-ssl-" and the name make one DNS label: 63 bytes.
+	if name == "" || len(name) > 46 {
+		return fmt.Errorf("DNS SRV service name %q: want 1 to 46 letters, digits or dashes", name)
 	}
 	for _, c := range name {
 		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '-') {
@@ -79,20 +81,23 @@ type srvResolver interface {
 // come from the URLs and the cluster token, so every member that reads
 // the same records bootstraps the same cluster.
 //
-// A DNS failure that may pass (a timeout, a server that fails) is tried
-// again after a backoff, until ctx ends; an answer that no such records
-// exist, or records that leave this member out, fail it (as they make
-// etcd exit). etcd 3.4 reads only the https service (its http records are
-// ignored, and a missing https one fails the start); both count here, as
-// etcd's documentation describes them.
+// Records that are not there (yet: DNS takes a while to spread), that
+// leave this member out, or a DNS server that fails, are looked up again
+// after a backoff (2, 4, … up to 256 s) until ctx ends, with a warning
+// each time: etcd exits then, and its supervisor starts it again; Caddy's
+// process goes on, so the member waits here instead. etcd 3.4 reads only
+// the https service (its http records are ignored, and a missing https
+// one fails the start); both count here, as etcd's documentation
+// describes them.
 func (n *Node) srvCluster(ctx context.Context) (map[string][]string, error) {
-	r := n.cfg.resolver
-	if r == nil {
-		r = net.DefaultResolver
-	}
+	r := n.resolver()
 	for retry := 1; ; retry++ {
-		cluster, err := srvLookupCluster(ctx, r, n.cfg)
+		cluster, both, err := srvLookupCluster(ctx, r, n.cfg)
 		if err == nil {
+			if both {
+				n.lg.Warn("DNS SRV discovery: both the https and the http service have records; etcd 3.4 reads only the https ones, so etcd members would bootstrap another cluster from them",
+					zap.String("discovery-srv", n.cfg.DiscoverySRV))
+			}
 			for name, urls := range cluster {
 				for _, u := range urls {
 					n.lg.Info("got bootstrap from DNS for etcd-server", zap.String("node", name+"="+u))
@@ -100,12 +105,11 @@ func (n *Node) srvCluster(ctx context.Context) (map[string][]string, error) {
 			}
 			return cluster, nil
 		}
-		var dnsErr *net.DNSError
-		if !errors.As(err, &dnsErr) || !(dnsErr.IsTemporary || dnsErr.IsTimeout) || ctx.Err() != nil {
-			return nil, err
+		if ctx.Err() != nil {
+			return nil, ctx.Err()
 		}
 		wait := discoveryBackoff(retry)
-		n.lg.Warn("DNS SRV discovery: the DNS lookup failed; retrying",
+		n.lg.Warn("DNS SRV discovery: no cluster from the records yet; looking them up again",
 			zap.String("discovery-srv", n.cfg.DiscoverySRV), zap.Duration("backoff", wait), zap.Error(err))
 		if err := sleepCtx(ctx, wait); err != nil {
 			return nil, err
@@ -113,26 +117,34 @@ func (n *Node) srvCluster(ctx context.Context) (map[string][]string, error) {
 	}
 }
 
-// srvLookupCluster is one try of srvCluster. An error that a retry may
-// cure is a *net.DNSError that says so.
-func srvLookupCluster(ctx context.Context, r srvResolver, cfg Config) (map[string][]string, error) {
+// resolver is the member's DNS resolver: the system's, or a test's.
+func (n *Node) resolver() srvResolver {
+	if n.cfg.resolver != nil {
+		return n.cfg.resolver
+	}
+	return net.DefaultResolver
+}
+
+// srvLookupCluster is one try of srvCluster; both reports that both
+// services had records.
+func srvLookupCluster(ctx context.Context, r srvResolver, cfg Config) (cluster map[string][]string, both bool, err error) {
 	mine := make(map[string]string) // ip:port of this member's peer URLs -> scheme
 	for _, raw := range cfg.InitialCluster[cfg.Name] {
 		u, err := url.Parse(raw)
 		if err != nil {
-			return nil, fmt.Errorf("raftkv: the member's peer URL %q: %w", raw, err)
+			return nil, false, fmt.Errorf("raftkv: the member's peer URL %q: %w", raw, err)
 		}
 		addrs, err := resolveHostPort(ctx, r, u.Host)
 		if err != nil {
-			return nil, err
+			return nil, false, err
 		}
 		for _, a := range addrs {
 			mine[a] = u.Scheme
 		}
 	}
 
-	cluster := make(map[string][]string)
-	temp := 0
+	cluster = make(map[string][]string)
+	temp, services := 0, 0
 	var failures []string
 	for _, svc := range cfg.srvServices() {
 		service, scheme := svc[0], svc[1]
@@ -140,10 +152,13 @@ func srvLookupCluster(ctx context.Context, r srvResolver, cfg Config) (map[strin
 		if err != nil {
 			var dnsErr *net.DNSError
 			if errors.As(err, &dnsErr) && (dnsErr.IsTemporary || dnsErr.IsTimeout) {
-				return nil, err // a cluster read from half the records would be another cluster
+				return nil, false, err // a cluster read from half the records would be another cluster
 			}
 			failures = append(failures, fmt.Sprintf("error querying DNS SRV records for _%s %v", service, err))
 			continue
+		}
+		if len(records) > 0 {
+			services++
 		}
 		for _, rec := range records {
 			target := strings.TrimSuffix(rec.Target, ".")
@@ -152,7 +167,7 @@ func srvLookupCluster(ctx context.Context, r srvResolver, cfg Config) (map[strin
 			if err != nil {
 				var dnsErr *net.DNSError
 				if errors.As(err, &dnsErr) && (dnsErr.IsTemporary || dnsErr.IsTimeout) {
-					return nil, err
+					return nil, false, err
 				}
 				failures = append(failures, fmt.Sprintf("_%s: %v", service, err))
 				continue
@@ -182,19 +197,19 @@ func srvLookupCluster(ctx context.Context, r srvResolver, cfg Config) (map[strin
 		}
 	}
 	if len(cluster) == 0 {
-		return nil, fmt.Errorf("DNS SRV discovery of %s: %s", cfg.DiscoverySRV, strings.Join(failures, "; "))
+		return nil, false, fmt.Errorf("DNS SRV discovery of %s: %s", cfg.DiscoverySRV, strings.Join(failures, "; "))
 	}
 	if _, ok := cluster[cfg.Name]; !ok {
 		msg := fmt.Sprintf("cannot find local etcd member %q in SRV records", cfg.Name)
 		if len(failures) > 0 {
 			msg += " (" + strings.Join(failures, "; ") + ")"
 		}
-		return nil, errors.New(msg)
+		return nil, false, errors.New(msg)
 	}
 	if err := checkDuplicateURLs(cluster); err != nil {
-		return nil, err
+		return nil, false, err
 	}
-	return cluster, nil
+	return cluster, services == 2, nil
 }
 
 // resolveHostPort resolves host:port to the ip:port strings of every
@@ -223,9 +238,11 @@ func resolveHostPort(ctx context.Context, r srvResolver, hostPort string) ([]str
 // system's roots) it checks their certificates against the SRV domain
 // rather than each peer's host, as etcd sets its peer TLS ServerName to
 // --discovery-srv then: DNS told where the peers are, so a record an
-// attacker could forge must not also choose the name the certificate
-// is checked for. As with etcd, only the start that read the records does
-// so; later starts check each peer's host.
+// attacker could forge must not also choose the name the certificate is
+// checked for. Unlike etcd's, the TLS server name sent (SNI) stays the
+// peer's host: a Caddy peer site with client_auth refuses a request whose
+// SNI differs from its Host (421). As with etcd, only the start that read
+// the records does so; later starts check each peer's host.
 func srvPeerTLS(peer *tls.Config, domain string, cluster map[string][]string) *tls.Config {
 	if peer != nil && peer.RootCAs != nil {
 		return peer
@@ -245,6 +262,57 @@ func srvPeerTLS(peer *tls.Config, domain string, cluster map[string][]string) *t
 	} else {
 		c = &tls.Config{MinVersion: tls.VersionTLS12}
 	}
-	c.ServerName = strings.TrimSuffix(domain, ".")
+	domain = strings.TrimSuffix(domain, ".")
+	// The usual check, with the domain for the host: Go skips its own
+	// (which would use the host) and runs this one instead.
+	c.InsecureSkipVerify = true
+	c.VerifyConnection = func(cs tls.ConnectionState) error {
+		if len(cs.PeerCertificates) == 0 {
+			return errors.New("the peer presented no certificate")
+		}
+		inter := x509.NewCertPool()
+		for _, cert := range cs.PeerCertificates[1:] {
+			inter.AddCert(cert)
+		}
+		_, err := cs.PeerCertificates[0].Verify(x509.VerifyOptions{DNSName: domain, Intermediates: inter})
+		if err != nil {
+			return fmt.Errorf("the peer's certificate, checked for the DNS SRV domain %s: %w", domain, err)
+		}
+		return nil
+	}
 	return c
+}
+
+// sameURLsResolved reports whether a and b name the same peer endpoints
+// once their hosts are resolved, as etcd's netutil.URLStringsEqual
+// compares a joining member's URLs with the cluster's: a member added as
+// https://10.0.0.4:2380 is the one whose DNS SRV record says
+// n4.example.com:2380 when that name resolves to 10.0.0.4.
+func sameURLsResolved(ctx context.Context, r srvResolver, a, b []string) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	ka, oka := resolvedURLKeys(ctx, r, a)
+	kb, okb := resolvedURLKeys(ctx, r, b)
+	return oka && okb && slices.Equal(ka, kb)
+}
+
+// resolvedURLKeys turns each URL into its scheme and the sorted
+// addresses:ports its host resolves to, sorted.
+func resolvedURLKeys(ctx context.Context, r srvResolver, urls []string) ([]string, bool) {
+	keys := make([]string, 0, len(urls))
+	for _, raw := range urls {
+		u, err := url.Parse(raw)
+		if err != nil {
+			return nil, false
+		}
+		addrs, err := resolveHostPort(ctx, r, u.Host)
+		if err != nil || len(addrs) == 0 {
+			return nil, false
+		}
+		slices.Sort(addrs)
+		keys = append(keys, u.Scheme+"://"+strings.Join(addrs, ","))
+	}
+	slices.Sort(keys)
+	return keys, true
 }

@@ -4,9 +4,11 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
-	"errors"
 	"fmt"
+	"net/http"
+	"net/http/httptest"
 	"net/url"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -114,7 +116,7 @@ func TestSRVRecordsMakeTheCluster(t *testing.T) {
 		}
 		cfg := srvConfig(t, dns, "n", tt.mine...)
 		cfg.DiscoverySRVName = tt.srvName
-		got, err := srvLookupCluster(context.Background(), cfg.resolver, cfg)
+		got, _, err := srvLookupCluster(context.Background(), cfg.resolver, cfg)
 		if tt.wantErr != "" {
 			if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
 				t.Errorf("%s: error %v, want one saying %q", tt.name, err, tt.wantErr)
@@ -221,38 +223,34 @@ func TestSRVDiscoveryRetriesAFailingServer(t *testing.T) {
 	}
 }
 
-// TestSRVDiscoveryFailureStopsTheMember: records that leave the member out
-// fail it (Failed), as they make etcd exit; a restart on data never looks
-// the records up.
-func TestSRVDiscoveryFailureStopsTheMember(t *testing.T) {
+// TestSRVDiscoveryWaitsForItsRecords: records that leave the member out
+// (not published yet, or wrong) are looked up again after a backoff, the
+// member waiting meanwhile (etcd exits, and its supervisor starts it
+// again); once they are right it starts. A restart on data never looks the
+// records up.
+func TestSRVDiscoveryWaitsForItsRecords(t *testing.T) {
+	defer func(b func(int) time.Duration) { discoveryBackoff = b }(discoveryBackoff)
+	discoveryBackoff = func(int) time.Duration { return 20 * time.Millisecond }
 	dns := dnstest.Start(t, "127.0.0.1:0")
+	ssl := "_etcd-server-ssl._tcp." + srvDomain
 	dns.SetA("a."+srvDomain, "127.0.0.1")
-	dns.SetSRV("_etcd-server-ssl._tcp."+srvDomain, dnstest.SRV{Target: "a." + srvDomain, Port: 2380})
+	dns.SetSRV(ssl, rec("a", 2380))
 	cfg := srvConfig(t, dns, "n1", "https://a.etcaddy.test:2399")
 	n := NewNode(cfg)
 	if err := n.Start(); err != nil {
 		t.Fatal(err)
 	}
-	if err := n.WaitReady(context.Background()); !errors.Is(err, ErrStopped) {
-		t.Fatalf("WaitReady: %v, want ErrStopped once discovery failed", err)
+	waitFor(t, "several lookups", func() bool { return dns.Queries(ssl) >= 3 })
+	if n.Failed() || !n.Discovering() || n.Running() {
+		t.Fatalf("waiting for its records: failed %v, discovering %v, running %v", n.Failed(), n.Discovering(), n.Running())
 	}
-	waitFor(t, "Failed", n.Failed)
+	dns.SetSRV(ssl, rec("a", 2399))
+	waitFor(t, "the member running once its record is there", n.Ready)
 	if err := n.Stop(); err != nil {
 		t.Fatal(err)
 	}
 
-	// A member with data: the records are not read (the server is asked
-	// nothing more).
-	cfg.DiscoverySRV = ""
-	cfg.InitialCluster = map[string][]string{"n1": {"https://a.etcaddy.test:2399"}}
-	m := NewNode(cfg)
-	if err := m.Start(); err != nil {
-		t.Fatal(err)
-	}
-	waitFor(t, "ready", m.Ready)
-	m.Stop()
-	before := dns.Queries("_etcd-server-ssl._tcp." + srvDomain)
-	cfg.DiscoverySRV = srvDomain
+	before := dns.Queries(ssl)
 	r := NewNode(cfg)
 	if err := r.Start(); err != nil {
 		t.Fatal(err)
@@ -261,8 +259,54 @@ func TestSRVDiscoveryFailureStopsTheMember(t *testing.T) {
 	if !r.Running() || r.Discovering() {
 		t.Fatal("a restarted member with a DNS SRV domain does not run at once")
 	}
-	if q := dns.Queries("_etcd-server-ssl._tcp." + srvDomain); q != before {
+	if q := dns.Queries(ssl); q != before {
 		t.Errorf("a restart looked the records up (%d queries, %d before)", q, before)
+	}
+}
+
+// TestSRVJoinsAMemberAddedByAddress: a member added to a running cluster
+// by one spelling of its peer URL (an address) joins with the records'
+// spelling (a name for that address), as etcd compares them resolved.
+func TestSRVJoinsAMemberAddedByAddress(t *testing.T) {
+	c := newTestCluster(t, 3, nil)
+	leader := c.waitLeader(c.members...)
+	dns := dnstest.Start(t, "127.0.0.1:0")
+	joiner := newTestMember(t, "m3")
+	ju, err := url.Parse(joiner.url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	added, err := leader.n().AddMember(ctx, []string{joiner.url}) // http://127.0.0.1:<port>
+	if err != nil {
+		t.Fatal(err)
+	}
+	var recs []dnstest.SRV
+	for _, m := range append(slices.Clone(c.members), joiner) {
+		u, err := url.Parse(m.url)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var port uint16
+		fmt.Sscan(u.Port(), &port)
+		recs = append(recs, dnstest.SRV{Target: "localhost", Port: port})
+	}
+	dns.SetSRV("_etcd-server._tcp."+srvDomain, recs...)
+	prev := c.edit
+	c.edit = func(cfg *Config) {
+		if prev != nil {
+			prev(cfg)
+		}
+		cfg.InitialCluster = map[string][]string{cfg.Name: {"http://localhost:" + ju.Port()}}
+		cfg.DiscoverySRV = srvDomain
+		cfg.resolver = dns.Resolver()
+	}
+	c.members = append(c.members, joiner)
+	n := c.start(joiner, "existing")
+	waitFor(t, "the joiner running", n.Ready)
+	if n.Status().ID != added.ID {
+		t.Fatalf("joined as %s, want the added %s", idString(n.Status().ID), idString(added.ID))
 	}
 }
 
@@ -299,24 +343,39 @@ func TestSRVConfigChecks(t *testing.T) {
 
 // TestSRVPeerTLSChecksTheDomain: https peers learned from DNS, dialed with
 // the system's roots, have their certificates checked against the domain
-// (etcd's ServerName); with a cluster CA of its own, or http peers, the
-// member's TLS is left as it is.
+// (etcd's ServerName), while the server name sent stays each peer's host
+// (Caddy refuses a mismatch with 421); with a cluster CA of its own, or
+// http peers, the member's TLS is left as it is.
 func TestSRVPeerTLSChecksTheDomain(t *testing.T) {
 	https := map[string][]string{"n1": {"https://a.example.com:2380"}, "0": {"https://b.example.com:2380"}}
 	plain := map[string][]string{"n1": {"http://a.example.com:2380"}}
 	cert := tls.Certificate{Certificate: [][]byte{{1}}}
-	if c := srvPeerTLS(nil, "example.com.", https); c == nil || c.ServerName != "example.com" {
-		t.Errorf("no TLS config, https peers: %+v, want ServerName example.com", c)
+	for _, in := range []*tls.Config{nil, {Certificates: []tls.Certificate{cert}}} {
+		c := srvPeerTLS(in, "example.com.", https)
+		if c == nil || c.ServerName != "" || !c.InsecureSkipVerify || c.VerifyConnection == nil {
+			t.Fatalf("system roots, https peers: %+v, want the domain checked by VerifyConnection, no ServerName", c)
+		}
+		if in != nil && (len(c.Certificates) != 1 || in.VerifyConnection != nil) {
+			t.Error("the client certificate lost, or the original config changed")
+		}
+		if err := c.VerifyConnection(tls.ConnectionState{}); err == nil {
+			t.Error("no certificate accepted")
+		}
 	}
-	own := &tls.Config{Certificates: []tls.Certificate{cert}}
-	c := srvPeerTLS(own, "example.com", https)
-	if c.ServerName != "example.com" || len(c.Certificates) != 1 || own.ServerName != "" {
-		t.Errorf("client certificate, system roots: ServerName %q, certificates %d; the original's ServerName %q", c.ServerName, len(c.Certificates), own.ServerName)
+	// httptest's certificate names example.com, but no system root
+	// trusts it: refused, the error naming the domain it was checked for.
+	srv := httptest.NewTLSServer(http.NotFoundHandler())
+	defer srv.Close()
+	c := srvPeerTLS(nil, "example.com", https)
+	err := c.VerifyConnection(tls.ConnectionState{PeerCertificates: []*x509.Certificate{srv.Certificate()}})
+	if err == nil || !strings.Contains(err.Error(), "DNS SRV domain example.com") {
+		t.Errorf("an untrusted certificate: %v", err)
 	}
 	ca := &tls.Config{RootCAs: x509.NewCertPool()}
-	if c := srvPeerTLS(ca, "example.com", https); c != ca || c.ServerName != "" {
+	if c := srvPeerTLS(ca, "example.com", https); c != ca || c.VerifyConnection != nil {
 		t.Error("a cluster CA: the TLS config changed")
 	}
+	own := &tls.Config{Certificates: []tls.Certificate{cert}}
 	if c := srvPeerTLS(own, "example.com", plain); c != own {
 		t.Error("http peers: the TLS config changed")
 	}

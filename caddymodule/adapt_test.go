@@ -124,6 +124,7 @@ func TestCaddyfileAdaptErrors(t *testing.T) {
 		{"empty initial_advertise_peer_urls", "{\n\traftkv {\n\t\tinitial_advertise_peer_urls ,\n\t}\n}\n", "initial_advertise_peer_urls needs URLs"},
 		{"missing discovery", "{\n\traftkv {\n\t\tdiscovery\n\t}\n}\n", "wrong argument count"},
 		{"two discovery URLs", "{\n\traftkv {\n\t\tdiscovery http://a:2379/v2/keys/d/1 http://b:2379/v2/keys/d/1\n\t}\n}\n", "wrong argument count"},
+		{"bad discovery_fallback", "{\n\traftkv {\n\t\tdiscovery_fallback stay\n\t}\n}\n", `discovery_fallback must be "proxy" or "exit"`},
 		{"missing discovery_srv", "{\n\traftkv {\n\t\tdiscovery_srv\n\t}\n}\n", "wrong argument count"},
 		{"two discovery_srv domains", "{\n\traftkv {\n\t\tdiscovery_srv a.example b.example\n\t}\n}\n", "wrong argument count"},
 	}
@@ -177,6 +178,9 @@ func TestAppValidateAsEtcdFlags(t *testing.T) {
 		{"discovery proxy alone", App{DiscoveryProxy: "proxy.internal:3128"}, "discovery_proxy goes with discovery"},
 		{"bad discovery proxy", App{Discovery: "http://d:2379/v2/keys/discovery/abc", DiscoveryProxy: "ftp://proxy:21"}, "invalid discovery proxy address"},
 		{"discovery with a query", App{Discovery: "http://d:2379/v2/keys/x?recursive=true"}, "no query"},
+		{"discovery_fallback exit", App{Name: "n1", Discovery: "http://d:2379/v2/keys/discovery/abc", DiscoveryFallback: "exit"}, ""},
+		{"discovery_fallback alone", App{DiscoveryFallback: "proxy"}, "discovery_fallback goes with discovery"},
+		{"discovery_fallback unknown", App{Discovery: "http://d:2379/v2/keys/discovery/abc", DiscoveryFallback: "wait"}, `discovery_fallback must be "proxy" or "exit"`},
 		{"discovery_srv", App{Name: "n1", DiscoverySRV: "example.com", DiscoverySRVName: "blue", InitialAdvertisePeerURLs: []string{"https://n1.example.com:2380"}}, ""},
 		{"discovery_srv joining", App{Name: "n1", DiscoverySRV: "example.com", InitialClusterState: "existing"}, ""},
 		{"discovery_srv and initial_cluster", App{Name: "n1", DiscoverySRV: "example.com", InitialCluster: map[string][]string{"n1": {"http://a:2380"}}}, "multiple discovery or bootstrap options"},

@@ -8,6 +8,7 @@ import (
 	"io"
 	"net/http"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
@@ -186,6 +187,9 @@ func (a *AdminAPI) serveStatus(w http.ResponseWriter, _ *http.Request, app *App)
 		why := "the raftkv member has not started yet"
 		if n.Discovering() {
 			why += ": it waits for its discovery service (" + app.Discovery + ")"
+		}
+		if px := n.Proxy(); px != nil {
+			why = "the raftkv member runs as a proxy of its cluster (its discovery found the cluster full): it forwards client requests to the members at " + strings.Join(px.PeerURLs(), ",")
 		}
 		return caddy.APIError{
 			HTTPStatus: http.StatusServiceUnavailable,

@@ -110,6 +110,13 @@ type App struct {
 	// etcd does.
 	DiscoveryProxy string `json:"discovery_proxy,omitempty"`
 
+	// What a member does when the discovery service says the cluster is
+	// full without it (etcd's --discovery-fallback): "proxy" runs it as a
+	// proxy of that cluster, its etcd handler forwarding every request to
+	// the members' client URLs, for good (its data directory remembers);
+	// "exit" leaves it stopped. Default: "proxy", as etcd.
+	DiscoveryFallback string `json:"discovery_fallback,omitempty"`
+
 	// A DNS domain whose SRV records list the members of a new cluster
 	// (etcd's --discovery-srv), instead of initial_cluster:
 	// _etcd-server-ssl._tcp.<domain> for https peer URLs and
@@ -433,9 +440,17 @@ func (a *App) validateBootstrap() error {
 			return errors.New(`multiple discovery or bootstrap options are set: choose one of "initial_cluster", "discovery" or "discovery_srv" (with discovery_srv, initial_advertise_peer_urls gives this member's peer URLs)`)
 		}
 	}
+	switch a.DiscoveryFallback {
+	case "", "proxy", "exit":
+	default:
+		return fmt.Errorf(`discovery_fallback must be "proxy" or "exit", not %q`, a.DiscoveryFallback)
+	}
 	if a.Discovery == "" {
 		if a.DiscoveryProxy != "" {
 			return errors.New("discovery_proxy goes with discovery")
+		}
+		if a.DiscoveryFallback != "" {
+			return errors.New("discovery_fallback goes with discovery")
 		}
 		return nil
 	}
@@ -582,6 +597,7 @@ func (a *App) nodeConfig() raftkv.Config {
 		ForceNewCluster:        a.ForceNewCluster,
 		Discovery:              a.Discovery,
 		DiscoveryProxy:         a.DiscoveryProxy,
+		DiscoveryFallback:      a.DiscoveryFallback,
 		DiscoverySRV:           a.DiscoverySRV,
 		DiscoverySRVName:       a.DiscoverySRVName,
 		LooseReconfig:          !a.strictReconfigCheck(),
@@ -816,6 +832,9 @@ func (m *member) bootstrapChanges(cfg raftkv.Config) []string {
 	}
 	if m.cfg.DiscoveryProxy != cfg.DiscoveryProxy {
 		changed = append(changed, "discovery_proxy")
+	}
+	if m.cfg.DiscoveryFallback != cfg.DiscoveryFallback {
+		changed = append(changed, "discovery_fallback")
 	}
 	if m.cfg.DiscoverySRV != cfg.DiscoverySRV {
 		changed = append(changed, "discovery_srv")

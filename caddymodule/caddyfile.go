@@ -58,6 +58,7 @@ func parseGlobalOption(d *caddyfile.Dispenser, existing any) (any, error) {
 //		initial_advertise_peer_urls <peer_url>...
 //		discovery                <url>
 //		discovery_proxy          <proxy_url>
+//		discovery_fallback       proxy|exit
 //		discovery_srv            <domain>
 //		discovery_srv_name       <name>
 //		advertise_client_urls    <url>...
@@ -82,7 +83,7 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			switch opt := d.Val(); opt {
 			case "name", "data_dir", "initial_cluster_state", "initial_cluster_token",
 				"peer_cert_file", "peer_key_file", "peer_trusted_ca_file", "discovery", "discovery_proxy",
-				"discovery_srv", "discovery_srv_name":
+				"discovery_fallback", "discovery_srv", "discovery_srv_name":
 				var v string
 				if !d.Args(&v) {
 					return d.ArgErr()
@@ -115,6 +116,11 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 					a.Discovery = v
 				case "discovery_proxy":
 					a.DiscoveryProxy = v
+				case "discovery_fallback":
+					if v != "proxy" && v != "exit" {
+						return d.Errf(`discovery_fallback must be "proxy" or "exit", not %q`, v)
+					}
+					a.DiscoveryFallback = v
 				case "discovery_srv":
 					a.DiscoverySRV = v
 				case "discovery_srv_name":

@@ -21,8 +21,9 @@ import (
 )
 
 // discoveryCaddyfile is m's configuration when it bootstraps through the
-// discovery URL durl, as an operator writes it for etcd's --discovery.
-func discoveryCaddyfile(m *testMember, durl string) string {
+// discovery URL durl, as an operator writes it for etcd's --discovery;
+// extra are more raftkv options, one per line.
+func discoveryCaddyfile(m *testMember, durl string, extra ...string) string {
 	return fmt.Sprintf(`{
 	admin %s
 	raftkv {
@@ -31,7 +32,7 @@ func discoveryCaddyfile(m *testMember, durl string) string {
 		advertise_client_urls %s
 		initial_advertise_peer_urls %s
 		discovery %s
-		election_timeout %v
+		election_timeout %v%s
 	}
 }
 
@@ -42,7 +43,8 @@ func discoveryCaddyfile(m *testMember, durl string) string {
 %s {
 	raftkv_peer
 }
-`, strings.TrimPrefix(m.AdminURL, "http://"), m.Name, m.DataDir, m.ClientURL, m.PeerURL, durl, clusterElectionTimeout, m.ClientURL, m.PeerURL)
+`, strings.TrimPrefix(m.AdminURL, "http://"), m.Name, m.DataDir, m.ClientURL, m.PeerURL, durl, clusterElectionTimeout,
+		strings.Join(append([]string{""}, extra...), "\n\t\t"), m.ClientURL, m.PeerURL)
 }
 
 // discoveryEntries lists the registrations in a discovery directory:
@@ -87,7 +89,7 @@ func setDiscoverySize(t *testing.T, service *proc, dir string, size int) {
 // discovery service, a real etcd 3.4, as etcd's --discovery does: Caddy
 // starts at once on each, the members wait (their API holds requests)
 // until the third has registered, then form one cluster whose IDs are the
-// registered keys. A fourth member finds the cluster full and does not
+// registered keys. A fourth member (discovery_fallback exit) finds the cluster full and does not
 // start, while its Caddy runs on and exits on SIGTERM. A restarted member
 // needs the service no more.
 func TestDiscoveryBootstrapsACluster(t *testing.T) {
@@ -100,7 +102,13 @@ func TestDiscoveryBootstrapsACluster(t *testing.T) {
 	var ms []*testMember
 	for i := 1; i <= 4; i++ {
 		m := c.newTestMember(fmt.Sprintf("n%d", i))
-		if err := os.WriteFile(m.Caddyfile, []byte(discoveryCaddyfile(m, durl)), 0o644); err != nil {
+		var extra []string
+		if i == 4 {
+			// The member of a full cluster stops (etcd's default makes it a
+			// proxy: TestDiscoveryFallbackProxy).
+			extra = append(extra, "discovery_fallback exit")
+		}
+		if err := os.WriteFile(m.Caddyfile, []byte(discoveryCaddyfile(m, durl, extra...)), 0o644); err != nil {
 			t.Fatal(err)
 		}
 		ms = append(ms, m)

@@ -270,6 +270,12 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 			_ = n.WaitReady(r.Context())
 		}
 	}
+	if n := h.member.current(); n != nil {
+		if px := n.Proxy(); px != nil {
+			h.serveProxied(w, r, px)
+			return nil
+		}
+	}
 	switch ep {
 	case epKeys:
 		h.serveKeys(w, r, hv)

@@ -195,6 +195,13 @@ func (d *discoverer) join(ctx context.Context) (map[string][]string, error) {
 	registered := false
 	for {
 		nodes, size, index, err := d.checkCluster(ctx)
+		if errors.Is(err, ErrDiscoveryFullCluster) {
+			// The first size registrations: the cluster a proxy of it
+			// forwards to (etcd's GetCluster).
+			if cluster, cerr := nodesToCluster(nodes, size); cerr == nil {
+				return nil, &discoveryFull{cluster: cluster}
+			}
+		}
 		if err != nil {
 			return nil, err
 		}
@@ -217,6 +224,12 @@ func (d *discoverer) join(ctx context.Context) (map[string][]string, error) {
 		return nodesToCluster(all, size)
 	}
 }
+
+// discoveryFull is ErrDiscoveryFullCluster with the cluster that is full.
+type discoveryFull struct{ cluster map[string][]string }
+
+func (e *discoveryFull) Error() string { return ErrDiscoveryFullCluster.Error() }
+func (e *discoveryFull) Unwrap() error { return ErrDiscoveryFullCluster }
 
 // errDiscoveryRecheck asks join to read the cluster again: the watch
 // lost its place (the service's event history no longer reaches back), or
@@ -551,7 +564,7 @@ func (n *Node) discoverCluster(ctx context.Context, st *storage.Store) (map[stri
 func (n *Node) Discovering() bool {
 	n.lifeMu.Lock()
 	defer n.lifeMu.Unlock()
-	return n.disc != nil && !n.started && !n.stopped && !n.disc.failed
+	return n.disc != nil && !n.started && !n.stopped && !n.disc.failed && n.proxy.Load() == nil
 }
 
 // discoveryRun is a discovery in progress, or one that failed.
@@ -582,6 +595,20 @@ func (n *Node) startDiscovery(st *storage.Store, rs *storage.RaftState) {
 				n.lg.Warn("closing the store after discovery was stopped", zap.Error(err))
 			}
 			return
+		}
+		var full *discoveryFull
+		if errors.As(err, &full) && n.cfg.DiscoveryFallback == "proxy" {
+			// etcd's default fallback: the member of a full cluster runs
+			// as its proxy. startProxy takes st over.
+			n.lg.Info("discovery cluster full, falling back to proxy", zap.String("discovery-url", n.cfg.Discovery))
+			var peers []string
+			for _, urls := range full.cluster {
+				peers = append(peers, urls...)
+			}
+			slices.Sort(peers)
+			if err = n.startProxy(st, peers); err == nil {
+				return
+			}
 		}
 		if err == nil {
 			n.cfg.InitialCluster = cluster

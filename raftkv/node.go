@@ -59,6 +59,11 @@ type Config struct {
 	// DiscoveryProxy is an HTTP proxy to reach the discovery service
 	// through (etcd's --discovery-proxy); see ParseDiscoveryProxy.
 	DiscoveryProxy string
+	// DiscoveryFallback is what a member does when the discovery service
+	// says the cluster is full without it (etcd's --discovery-fallback):
+	// "proxy" (the default, as etcd's) runs it as a proxy of that cluster
+	// (see Proxy), "exit" fails its start.
+	DiscoveryFallback string
 	// DiscoverySRV is a DNS domain whose SRV records list the peer URLs
 	// of a new cluster's members (etcd's --discovery-srv): a member that
 	// starts on an empty data directory learns its initial cluster from
@@ -138,6 +143,13 @@ func (c Config) withDefaults() (Config, error) {
 			return c, fmt.Errorf("raftkv: %w", err)
 		}
 	}
+	switch c.DiscoveryFallback {
+	case "":
+		c.DiscoveryFallback = "proxy"
+	case "proxy", "exit":
+	default:
+		return c, fmt.Errorf("raftkv: discovery fallback %q is neither \"proxy\" nor \"exit\"", c.DiscoveryFallback)
+	}
 	if c.DiscoverySRV != "" {
 		if c.Discovery != "" {
 			return c, errors.New("raftkv: multiple discovery options are set: a discovery URL and a DNS SRV domain")
@@ -216,9 +228,13 @@ type Node struct {
 	readyc   chan struct{}
 	haltc    chan struct{}
 	haltOnce sync.Once
-	bg       sync.WaitGroup  // background goroutines (publish, becomeReady)
-	bgCtx    context.Context // ended by Stop
-	bgStop   context.CancelFunc
+	// proxy is set when the member runs as a proxy of its cluster (see
+	// Proxy); it never runs Raft then.
+	proxy atomic.Pointer[Proxy]
+
+	bg     sync.WaitGroup  // background goroutines (publish, becomeReady)
+	bgCtx  context.Context // ended by Stop
+	bgStop context.CancelFunc
 
 	propc   chan proposal
 	readc   chan struct{}
@@ -321,6 +337,18 @@ func (n *Node) Start() error {
 	if err != nil {
 		st.Close()
 		return err
+	}
+	if freshRaft(rs) {
+		// A member that became a proxy stays one, whatever the config
+		// says, as etcd's data directory with a proxy in it does.
+		peers, err := proxyPeerURLs(st)
+		if err != nil {
+			st.Close()
+			return err
+		}
+		if peers != nil {
+			return n.startProxy(st, peers)
+		}
 	}
 	if freshRaft(rs) && (cfg.Discovery != "" && cfg.InitialClusterState == "new" || cfg.DiscoverySRV != "") {
 		n.startDiscovery(st, rs)

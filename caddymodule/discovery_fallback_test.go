@@ -1,0 +1,180 @@
+package caddymodule
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"net/http"
+	"net/url"
+	"os"
+	"regexp"
+	"strings"
+	"testing"
+	"time"
+)
+
+// fallbackAnswer is what a proxy answered, with what legitimately differs
+// between etcd and etcaddy normalized: indexes, times, the member's URL.
+type fallbackAnswer struct {
+	status int
+	ctype  string
+	body   string
+}
+
+// fallbackScript sends the same requests to a member of a one-member
+// cluster (member) and to the proxy its discovery fell back to (proxy),
+// then kills the member and asks the proxy again.
+func fallbackScript(t *testing.T, member, proxy *proc) []fallbackAnswer {
+	t.Helper()
+	var out []fallbackAnswer
+	ask := func(method, path string, form url.Values) {
+		st, h, body := proxy.do(t, method, path, form)
+		b := strings.ReplaceAll(string(body), member.ClientURL, "<member>")
+		b = indexFields.ReplaceAllString(b, `"$1":N`)
+		out = append(out, fallbackAnswer{st, h.Get("Content-Type"), b})
+		if strings.HasPrefix(path, "/v2/keys") && st < 500 {
+			if got, want := h.Get("X-Etcd-Cluster-Id"), memberClusterID(t, member); got != want {
+				t.Errorf("%s %s through the proxy: X-Etcd-Cluster-Id %q, the member's %q", method, path, got, want)
+			}
+		}
+	}
+	ask("PUT", "/v2/keys/fb", url.Values{"value": {"1"}})
+	ask("GET", "/v2/keys/fb", nil)
+	ask("GET", "/v2/keys/missing", nil)
+	ask("POST", "/v2/keys/fb", url.Values{"value": {"x"}, "prevExist": {"maybe"}})
+	ask("GET", "/v2/config/local/proxy", nil)
+	ask("GET", "/version", nil)
+	ask("GET", "/health", nil)
+	member.kill9()
+	ask("GET", "/v2/keys/fb", nil)
+	ask("GET", "/v2/keys/fb", nil)
+	ask("GET", "/health", nil)
+	return out
+}
+
+var indexFields = regexp.MustCompile(`"(modifiedIndex|createdIndex|index)":\d+`)
+
+func memberClusterID(t *testing.T, member *proc) string {
+	t.Helper()
+	_, h, _ := member.do(t, "GET", "/v2/keys/", nil)
+	return h.Get("X-Etcd-Cluster-Id")
+}
+
+// TestDiscoveryFallbackProxy: a member whose discovery finds the cluster
+// full runs as a proxy of that cluster, as etcd's default
+// --discovery-fallback proxy makes an etcd member: the same requests to an
+// etcd 3.4 proxy and to an etcaddy one get the same answers (the key
+// operations, the proxy's own /v2/config/local/proxy, and once the member
+// is gone 502 then 503 with etcd's messages). Then etcaddy's proxy: a
+// watch through it gets its headers at once and its event; etcdctl
+// (--no-sync) works through it; restarted, it is a proxy again, and it
+// finds the member again once that runs.
+func TestDiscoveryFallbackProxy(t *testing.T) {
+	service := startEtcaddy(t, etcaddyOpts{})
+
+	// The reference.
+	const edir = "/discovery/etcd-full"
+	setDiscoverySize(t, service, edir, 1)
+	edurl := service.ClientURL + "/v2/keys" + edir
+	e1 := discoveringEtcd(t, "e1", fmt.Sprintf("http://127.0.0.1:%d", freePort(t)), edurl)
+	e1.launch(t)
+	epeer := fmt.Sprintf("http://127.0.0.1:%d", freePort(t))
+	e2 := etcdProc(t, "etcd proxy", fmt.Sprintf("http://127.0.0.1:%d", freePort(t)),
+		"--name", "e2",
+		"--listen-peer-urls", epeer,
+		"--initial-advertise-peer-urls", epeer,
+		"--discovery", edurl)
+	e2.launch(t)
+	if !strings.Contains(e2.logTail(100), "falling back to proxy") {
+		t.Fatalf("etcd did not fall back to a proxy:\n%s", e2.logTail(30))
+	}
+	want := fallbackScript(t, e1, e2)
+
+	// etcaddy.
+	const dir = "/discovery/etcaddy-full"
+	setDiscoverySize(t, service, dir, 1)
+	durl := service.ClientURL + "/v2/keys" + dir
+	c := &testCluster{t: t}
+	n1, n2 := c.newTestMember("n1"), c.newTestMember("n2")
+	for _, m := range []*testMember{n1, n2} {
+		if err := os.WriteFile(m.Caddyfile, []byte(discoveryCaddyfile(m, durl)), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	n1.launch(t)
+	n2.launch(t)
+	if !strings.Contains(n2.logTail(100), "discovery cluster full, falling back to proxy") {
+		t.Fatalf("n2 did not fall back to a proxy:\n%s", n2.logTail(30))
+	}
+	if reg := discoveryEntries(t, service, dir); len(reg) != 1 {
+		t.Fatalf("registrations %v: the proxy registered", reg)
+	}
+	// Through the proxy, a watch's headers come at once, and its event.
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, "GET", n2.ClientURL+"/v2/keys/watched?wait=true", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatalf("a watch through the proxy: %v", err)
+	}
+	if st, _, body := n1.do(t, "PUT", "/v2/keys/watched", url.Values{"value": {"seen"}}); st != http.StatusCreated {
+		t.Fatalf("PUT on the member: %d %s", st, body)
+	}
+	line, err := bufio.NewReader(resp.Body).ReadString('\n')
+	resp.Body.Close()
+	if !strings.Contains(line, `"value":"seen"`) {
+		t.Fatalf("the watch through the proxy got %q (%v)", line, err)
+	}
+	if out, err := etcdctl(t, []string{n2.ClientURL}, "--no-sync", "get", "/watched"); err != nil || strings.TrimSpace(out) != "seen" {
+		t.Fatalf("etcdctl get through the proxy: %v: %s", err, out)
+	}
+	if st, _, body := n2.do(t, "DELETE", "/v2/keys/watched", nil); st != http.StatusOK {
+		t.Fatalf("DELETE through the proxy: %d %s", st, body)
+	}
+	got := fallbackScript(t, n1.proc, n2.proc)
+	for i := range max(len(want), len(got)) {
+		if i >= len(want) || i >= len(got) || want[i] != got[i] {
+			var w, g fallbackAnswer
+			if i < len(want) {
+				w = want[i]
+			}
+			if i < len(got) {
+				g = got[i]
+			}
+			t.Errorf("answer %d: etcd's proxy %d %q %s; etcaddy's %d %q %s", i, w.status, w.ctype, w.body, g.status, g.ctype, g.body)
+		}
+	}
+
+	// It finds the member again once that runs; restarted, it is a proxy
+	// again.
+	n1.restart(t)
+	if !poll(20*time.Second, func() bool {
+		st, _, body, err := n2.tryDo(context.Background(), "GET", "/v2/keys/fb", nil)
+		return err == nil && st == http.StatusOK && strings.Contains(string(body), `"value":"1"`)
+	}) {
+		t.Fatalf("the proxy never reached the restarted member:\n%s", n2.logTail(30))
+	}
+	n2.stop()
+	logFrom := logSize(n2.proc)
+	n2.restart(t)
+	if st, _, body := n2.do(t, "GET", "/v2/keys/fb", nil); st != http.StatusOK || !strings.Contains(string(body), `"value":"1"`) {
+		t.Fatalf("the restarted proxy: %d %s", st, body)
+	}
+	if reg := discoveryEntries(t, service, dir); len(reg) != 1 {
+		t.Fatalf("registrations %v after the proxy's restart", reg)
+	}
+	if lines, err := logLinesSince(n2.proc, logFrom); err != nil || !strings.Contains(strings.Join(lines, "\n"), "proxy: this member forwards client requests") {
+		t.Fatalf("n2's log does not say it is a proxy after its restart:\n%s", n2.logTail(30))
+	}
+	resp, err = http.Get(n2.AdminURL + "/raftkv/status")
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusServiceUnavailable {
+		t.Errorf("the proxy's /raftkv/status: %d, want 503", resp.StatusCode)
+	}
+}

@@ -1,0 +1,303 @@
+package raftkv
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"net/http"
+	"net/url"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/etcaddy/etcaddy/storage"
+	"go.uber.org/zap"
+)
+
+// metaProxy marks a data directory whose member runs as a proxy: the JSON
+// {"PeerURLs": [...]} of the cluster it forwards to (etcd's
+// <data-dir>/proxy/cluster file, which makes every later start a proxy).
+const metaProxy = "raftkv/proxy"
+
+// etcd's proxy timings (--proxy-refresh-interval, --proxy-failure-wait):
+// the cluster's client URLs are read again every proxyRefreshInterval, or
+// every second while none is available; an endpoint that failed is left
+// out for proxyFailureWait. Tests shorten them.
+var (
+	proxyRefreshInterval = 30 * time.Second
+	proxyEmptyRefresh    = time.Second
+	proxyFailureWait     = 5 * time.Second
+)
+
+// Proxy is a member that runs as a v2 proxy of its cluster, as etcd runs a
+// member whose discovery found the cluster full (--discovery-fallback
+// proxy, etcd's default): it takes no part in Raft and keeps no keys; the
+// etcd handler forwards every client request to one of the cluster's
+// client URLs (Endpoints), which it reads from the members' peer endpoints
+// and reads again every proxyRefreshInterval. The cluster's peer URLs are
+// kept in the data directory, so the member starts as a proxy again.
+type Proxy struct {
+	lg         *zap.Logger
+	st         *storage.Store
+	peerClient *http.Client
+	transport  *http.Transport
+
+	firstc chan struct{} // closed once the first refresh is done
+
+	mu        sync.Mutex
+	peerURLs  []string
+	endpoints []*proxyEndpoint
+}
+
+// WaitEndpoints waits until the proxy has read the cluster once (at its
+// start), or ctx ends, as etcd's proxy reads it before it serves.
+func (p *Proxy) WaitEndpoints(ctx context.Context) {
+	select {
+	case <-p.firstc:
+	case <-ctx.Done():
+	}
+}
+
+type proxyEndpoint struct {
+	url       *url.URL
+	downUntil time.Time
+}
+
+// proxyCluster is what metaProxy holds (etcd's cluster file's JSON).
+type proxyCluster struct {
+	PeerURLs []string
+}
+
+// Proxy returns the member's proxy when it runs as one, else nil.
+func (n *Node) Proxy() *Proxy { return n.proxy.Load() }
+
+// Endpoints lists the client URLs a request may go to now, in the order to
+// try them (shuffled at each refresh, as etcd's, so that proxies spread
+// their clients); an endpoint that failed within proxyFailureWait is left
+// out.
+func (p *Proxy) Endpoints() []*url.URL {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	now := time.Now()
+	var out []*url.URL
+	for _, e := range p.endpoints {
+		if now.After(e.downUntil) {
+			u := *e.url
+			out = append(out, &u)
+		}
+	}
+	return out
+}
+
+// Failed leaves u out of Endpoints for proxyFailureWait: a request could
+// not reach it.
+func (p *Proxy) Failed(u *url.URL) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for _, e := range p.endpoints {
+		if e.url.String() == u.String() {
+			e.downUntil = time.Now().Add(proxyFailureWait)
+			p.lg.Info("proxy: marked endpoint unavailable", zap.String("endpoint", u.String()))
+		}
+	}
+}
+
+// PeerURLs are the cluster's peer URLs as the proxy last read them.
+func (p *Proxy) PeerURLs() []string {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return slices.Clone(p.peerURLs)
+}
+
+// Transport reaches the members' client URLs: directly (no proxy from the
+// environment), with the member's peer TLS client certificate, trusting
+// the system's roots and the cluster CA of peer_trusted_ca_file.
+func (p *Proxy) Transport() http.RoundTripper { return p.transport }
+
+// newProxy builds the proxy of the cluster at peerURLs, dialing peers with
+// peerTLS.
+func newProxy(st *storage.Store, peerURLs []string, peerTLS *tls.Config, h2c bool, lg *zap.Logger) *Proxy {
+	var clientTLS *tls.Config
+	if peerTLS != nil {
+		clientTLS = peerTLS.Clone()
+		if cluster := peerTLS.RootCAs; cluster != nil {
+			// Client sites may have certificates from a public CA (Caddy's
+			// automatic HTTPS) or from the cluster's: either will do.
+			clientTLS.InsecureSkipVerify = true
+			clientTLS.VerifyConnection = verifyEither(cluster)
+		}
+	}
+	return &Proxy{
+		lg:         lg,
+		st:         st,
+		peerClient: newPeerClient(peerTLS, h2c),
+		transport: &http.Transport{
+			Proxy:               nil,
+			DialContext:         peerDialer().DialContext,
+			TLSClientConfig:     clientTLS,
+			TLSHandshakeTimeout: 5 * time.Second,
+			ForceAttemptHTTP2:   true,
+			MaxIdleConnsPerHost: 64,
+			IdleConnTimeout:     90 * time.Second,
+		},
+		peerURLs: slices.Clone(peerURLs),
+		firstc:   make(chan struct{}),
+	}
+}
+
+// verifyEither checks a server's chain against the system's roots, and
+// failing that against cluster.
+func verifyEither(cluster *x509.CertPool) func(tls.ConnectionState) error {
+	return func(cs tls.ConnectionState) error {
+		if len(cs.PeerCertificates) == 0 {
+			return errors.New("the server presented no certificate")
+		}
+		inter := x509.NewCertPool()
+		for _, c := range cs.PeerCertificates[1:] {
+			inter.AddCert(c)
+		}
+		opts := x509.VerifyOptions{DNSName: cs.ServerName, Intermediates: inter}
+		_, err := cs.PeerCertificates[0].Verify(opts) // nil Roots: the system's
+		if err == nil {
+			return nil
+		}
+		opts.Roots = cluster
+		if _, err2 := cs.PeerCertificates[0].Verify(opts); err2 != nil {
+			return fmt.Errorf("the server's certificate: %w (against the cluster CA: %v)", err, err2)
+		}
+		return nil
+	}
+}
+
+// refresh reads the cluster from the first peer that answers: its client
+// URLs become the endpoints (all available, shuffled), its peer URLs the
+// ones asked next time (saved when they changed). When no peer answers
+// there are no endpoints, as with etcd.
+func (p *Proxy) refresh(ctx context.Context) {
+	var members []memberRecord
+	var lastErr error
+	for _, u := range p.PeerURLs() {
+		ms, _, err := fetchMembers(ctx, p.peerClient, u, 5*time.Second)
+		if err == nil {
+			members = ms
+			break
+		}
+		lastErr = err
+	}
+	if members == nil {
+		if ctx.Err() == nil {
+			p.lg.Warn("proxy: cannot read the cluster's members", zap.Strings("peer-urls", p.PeerURLs()), zap.Error(lastErr))
+		}
+		p.mu.Lock()
+		p.endpoints = nil
+		p.mu.Unlock()
+		return
+	}
+	var clientURLs, peerURLs []string
+	for _, m := range members {
+		clientURLs = append(clientURLs, m.ClientURLs...)
+		peerURLs = append(peerURLs, m.PeerURLs...)
+	}
+	slices.Sort(clientURLs)
+	slices.Sort(peerURLs)
+	clientURLs, peerURLs = slices.Compact(clientURLs), slices.Compact(peerURLs)
+	var eps []*proxyEndpoint
+	for _, raw := range clientURLs {
+		u, err := url.Parse(raw)
+		if err != nil || u.Host == "" {
+			p.lg.Warn("proxy: a member's client URL is not a URL", zap.String("url", raw))
+			continue
+		}
+		eps = append(eps, &proxyEndpoint{url: u})
+	}
+	rand.Shuffle(len(eps), func(i, j int) { eps[i], eps[j] = eps[j], eps[i] })
+	p.mu.Lock()
+	changed := !slices.Equal(p.peerURLs, peerURLs)
+	p.peerURLs = peerURLs
+	p.endpoints = eps
+	p.mu.Unlock()
+	if changed {
+		p.lg.Info("proxy: the cluster's peer URLs changed", zap.Strings("peer-urls", peerURLs))
+		if err := saveProxyCluster(p.st, peerURLs); err != nil {
+			p.lg.Warn("proxy: saving the cluster's peer URLs", zap.Error(err))
+		}
+	}
+	if len(eps) == 0 {
+		p.lg.Warn("proxy: the cluster's members publish no client URLs (advertise_client_urls)")
+	}
+}
+
+// run refreshes the endpoints until ctx ends: at once, then every
+// proxyRefreshInterval, or every proxyEmptyRefresh while none is
+// available.
+func (p *Proxy) run(ctx context.Context) {
+	defer p.transport.CloseIdleConnections()
+	defer p.peerClient.CloseIdleConnections()
+	p.refresh(ctx)
+	p.lg.Info("proxy: endpoints found", zap.Stringers("endpoints", p.Endpoints()))
+	close(p.firstc)
+	for {
+		wait := proxyRefreshInterval
+		if len(p.Endpoints()) == 0 {
+			wait = proxyEmptyRefresh
+		}
+		if err := sleepCtx(ctx, wait); err != nil {
+			return
+		}
+		p.refresh(ctx)
+	}
+}
+
+func saveProxyCluster(st *storage.Store, peerURLs []string) error {
+	b, err := json.Marshal(proxyCluster{PeerURLs: peerURLs})
+	if err != nil {
+		return err
+	}
+	return st.SetMeta(metaProxy, b)
+}
+
+// proxyPeerURLs reads a data directory's proxy mark: the cluster's peer
+// URLs, or nil when its member is no proxy.
+func proxyPeerURLs(st *storage.Store) ([]string, error) {
+	b := st.Meta(metaProxy)
+	if b == nil {
+		return nil, nil
+	}
+	var c proxyCluster
+	if err := json.Unmarshal(b, &c); err != nil || len(c.PeerURLs) == 0 {
+		return nil, fmt.Errorf("raftkv: the data directory's proxy record %q is damaged", b)
+	}
+	return c.PeerURLs, nil
+}
+
+// startProxy runs the member as a proxy of the cluster at peerURLs on st
+// (whose Raft state is empty) until Stop, which ends it as it ends a
+// discovery (n.disc): the store stays open (the data directory is the
+// proxy's) and closes when the proxy ends. The member never becomes
+// ready. The caller holds lifeMu, and hands st over.
+func (n *Node) startProxy(st *storage.Store, peerURLs []string) error {
+	if err := saveProxyCluster(st, peerURLs); err != nil {
+		return err
+	}
+	p := newProxy(st, peerURLs, n.cfg.Peer.TLS, n.cfg.Peer.H2C, n.lg.Named("proxy"))
+	ctx, cancel := context.WithCancel(context.Background())
+	d := &discoveryRun{cancel: cancel, done: make(chan struct{})}
+	n.disc = d
+	n.proxy.Store(p)
+	n.halt()
+	n.lg.Info("proxy: this member forwards client requests to its cluster (v2 API only)", zap.Strings("peer-urls", peerURLs))
+	go func() {
+		defer close(d.done)
+		defer func() {
+			if err := st.Close(); err != nil {
+				n.lg.Warn("closing the proxy's store", zap.Error(err))
+			}
+		}()
+		p.run(ctx)
+	}()
+	return nil
+}

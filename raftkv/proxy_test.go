@@ -1,0 +1,85 @@
+package raftkv
+
+import (
+	"context"
+	"errors"
+	"slices"
+	"testing"
+	"time"
+
+	"github.com/etcaddy/etcaddy/storage"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zaptest"
+)
+
+// TestProxyRunsFromItsDataDirectory: a data directory marked as a proxy's
+// (its discovery found the cluster full) starts a proxy, whatever the
+// config says: never ready, no Raft, its endpoints the client URLs the
+// cluster's members publish; an endpoint that failed is left out for
+// proxyFailureWait; Stop closes the store.
+func TestProxyRunsFromItsDataDirectory(t *testing.T) {
+	defer func(w time.Duration) { proxyFailureWait = w }(proxyFailureWait)
+	proxyFailureWait = 100 * time.Millisecond
+	c := newTestCluster(t, 2, nil)
+	leader := c.waitLeader(c.members...)
+	waitFor(t, "both members' client URLs published", func() bool {
+		n := 0
+		for _, m := range leader.n().Members() {
+			n += len(m.ClientURLs)
+		}
+		return n == 2
+	})
+
+	dir := t.TempDir()
+	st, err := storage.Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := saveProxyCluster(st, []string{c.members[1].url, c.members[0].url}); err != nil {
+		t.Fatal(err)
+	}
+	st.Close()
+	n := NewNode(Config{Name: "px", DataDir: dir, Logger: zaptest.NewLogger(t, zaptest.Level(zap.InfoLevel))})
+	if err := n.Start(); err != nil {
+		t.Fatal(err)
+	}
+	px := n.Proxy()
+	if px == nil || n.Running() || n.Discovering() || n.Failed() {
+		t.Fatalf("proxy %v, running %v, discovering %v, failed %v", px, n.Running(), n.Discovering(), n.Failed())
+	}
+	if err := n.WaitReady(context.Background()); !errors.Is(err, ErrStopped) {
+		t.Fatalf("WaitReady on a proxy: %v, want ErrStopped (it never will be)", err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	px.WaitEndpoints(ctx)
+	endpoints := func() []string {
+		var out []string
+		for _, u := range px.Endpoints() {
+			out = append(out, u.String())
+		}
+		slices.Sort(out)
+		return out
+	}
+	want := []string{"http://m0.example:2379", "http://m1.example:2379"}
+	if got := endpoints(); !slices.Equal(got, want) {
+		t.Fatalf("endpoints %v, want %v", got, want)
+	}
+	px.Failed(px.Endpoints()[0])
+	if got := px.Endpoints(); len(got) != 1 {
+		t.Fatalf("after a failure: endpoints %v, want one left", got)
+	}
+	waitFor(t, "the failed endpoint back", func() bool { return len(px.Endpoints()) == 2 })
+	if err := n.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	st, err = storage.Open(dir)
+	if err != nil {
+		t.Fatalf("the store after Stop: %v", err)
+	}
+	peers, err := proxyPeerURLs(st)
+	st.Close()
+	if err != nil || !slices.Equal(peers, []string{c.members[0].url, c.members[1].url}) {
+		t.Fatalf("the saved peer URLs %v (%v), want the cluster's, sorted", peers, err)
+	}
+}

@@ -81,7 +81,8 @@ type App struct {
 	ElectionTimeout caddy.Duration `json:"election_timeout,omitempty"`
 
 	// The members of the cluster to bootstrap, by name, with their peer
-	// URLs (etcd's --initial-cluster). It must name this member. Used only
+	// URLs (etcd's --initial-cluster). It must name this member (a proxy's
+	// lists the members it forwards to). Used only
 	// when the data directory is new. Default: this member alone, with
 	// initial_advertise_peer_urls. Not with discovery or discovery_srv.
 	InitialCluster map[string][]string `json:"initial_cluster,omitempty"`
@@ -116,6 +117,15 @@ type App struct {
 	// the members' client URLs, for good (its data directory remembers);
 	// "exit" leaves it stopped. Default: "proxy", as etcd.
 	DiscoveryFallback string `json:"discovery_fallback,omitempty"`
+
+	// Run a member that starts on an empty data directory as a proxy of
+	// its cluster instead (etcd's --proxy): "on" makes its etcd handler
+	// forward every API request to the client URLs of the members of
+	// initial_cluster (or of the cluster discovery or discovery_srv
+	// finds), "readonly" only the GETs (others get 501), "off" runs a
+	// member. The data directory keeps what the first start made of it.
+	// Default: "off".
+	Proxy string `json:"proxy,omitempty"`
 
 	// A DNS domain whose SRV records list the members of a new cluster
 	// (etcd's --discovery-srv), instead of initial_cluster:
@@ -379,7 +389,8 @@ func (a *App) Validate() error {
 			return fmt.Errorf("initial_cluster member %q: %v", name, err)
 		}
 	}
-	if len(a.InitialCluster) > 0 && a.Name != "" {
+	if len(a.InitialCluster) > 0 && a.Name != "" && (a.Proxy == "" || a.Proxy == "off") {
+		// A proxy's initial_cluster lists the members it forwards to.
 		if _, ok := a.InitialCluster[a.Name]; !ok {
 			return fmt.Errorf("initial_cluster does not name this member %q", a.Name)
 		}
@@ -439,6 +450,11 @@ func (a *App) validateBootstrap() error {
 			// etcd's ErrConflictBootstrapFlags.
 			return errors.New(`multiple discovery or bootstrap options are set: choose one of "initial_cluster", "discovery" or "discovery_srv" (with discovery_srv, initial_advertise_peer_urls gives this member's peer URLs)`)
 		}
+	}
+	switch a.Proxy {
+	case "", "off", "on", "readonly":
+	default:
+		return fmt.Errorf(`proxy must be "off", "on" or "readonly", not %q`, a.Proxy)
 	}
 	switch a.DiscoveryFallback {
 	case "", "proxy", "exit":
@@ -598,6 +614,7 @@ func (a *App) nodeConfig() raftkv.Config {
 		Discovery:              a.Discovery,
 		DiscoveryProxy:         a.DiscoveryProxy,
 		DiscoveryFallback:      a.DiscoveryFallback,
+		Proxy:                  a.Proxy,
 		DiscoverySRV:           a.DiscoverySRV,
 		DiscoverySRVName:       a.DiscoverySRVName,
 		LooseReconfig:          !a.strictReconfigCheck(),
@@ -832,6 +849,9 @@ func (m *member) bootstrapChanges(cfg raftkv.Config) []string {
 	}
 	if m.cfg.DiscoveryProxy != cfg.DiscoveryProxy {
 		changed = append(changed, "discovery_proxy")
+	}
+	if m.cfg.Proxy != cfg.Proxy {
+		changed = append(changed, "proxy")
 	}
 	if m.cfg.DiscoveryFallback != cfg.DiscoveryFallback {
 		changed = append(changed, "discovery_fallback")

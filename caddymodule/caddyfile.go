@@ -59,6 +59,7 @@ func parseGlobalOption(d *caddyfile.Dispenser, existing any) (any, error) {
 //		discovery                <url>
 //		discovery_proxy          <proxy_url>
 //		discovery_fallback       proxy|exit
+//		proxy                    off|on|readonly
 //		discovery_srv            <domain>
 //		discovery_srv_name       <name>
 //		advertise_client_urls    <url>...
@@ -83,7 +84,7 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			switch opt := d.Val(); opt {
 			case "name", "data_dir", "initial_cluster_state", "initial_cluster_token",
 				"peer_cert_file", "peer_key_file", "peer_trusted_ca_file", "discovery", "discovery_proxy",
-				"discovery_fallback", "discovery_srv", "discovery_srv_name":
+				"discovery_fallback", "discovery_srv", "discovery_srv_name", "proxy":
 				var v string
 				if !d.Args(&v) {
 					return d.ArgErr()
@@ -121,6 +122,11 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 						return d.Errf(`discovery_fallback must be "proxy" or "exit", not %q`, v)
 					}
 					a.DiscoveryFallback = v
+				case "proxy":
+					if v != "off" && v != "on" && v != "readonly" {
+						return d.Errf(`proxy must be "off", "on" or "readonly", not %q`, v)
+					}
+					a.Proxy = v
 				case "discovery_srv":
 					a.DiscoverySRV = v
 				case "discovery_srv_name":

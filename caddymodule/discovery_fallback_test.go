@@ -8,6 +8,7 @@ import (
 	"net/url"
 	"os"
 	"regexp"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -176,5 +177,99 @@ func TestDiscoveryFallbackProxy(t *testing.T) {
 	resp.Body.Close()
 	if resp.StatusCode != http.StatusServiceUnavailable {
 		t.Errorf("the proxy's /raftkv/status: %d, want 503", resp.StatusCode)
+	}
+}
+
+// proxyCaddyfile is the configuration of an etcaddy proxy (raftkv's proxy
+// option: on or readonly) of the cluster whose member m is.
+func proxyCaddyfile(p *testMember, mode string, m *testMember) string {
+	return fmt.Sprintf("{\n\tadmin %s\n\traftkv {\n\t\tname %s\n\t\tdata_dir %s\n\t\tproxy %s\n\t\tinitial_cluster %s=%s\n\t}\n}\n\n%s {\n\tetcd\n}\n",
+		strings.TrimPrefix(p.AdminURL, "http://"), p.Name, p.DataDir, mode, m.Name, m.PeerURL, p.ClientURL)
+}
+
+// proxyModeScript sends the same requests to a proxy (etcd's --proxy, or
+// raftkv's proxy option) of a one-member cluster.
+func proxyModeScript(t *testing.T, member, on, readonly *proc) []fallbackAnswer {
+	t.Helper()
+	var out []fallbackAnswer
+	ask := func(p *proc, method, path string, form url.Values) {
+		st, h, body := p.do(t, method, path, form)
+		b := strings.ReplaceAll(string(body), member.ClientURL, "<member>")
+		b = indexFields.ReplaceAllString(b, `"$1":N`)
+		out = append(out, fallbackAnswer{st, h.Get("Content-Type") + " cors=" + h.Get("Access-Control-Allow-Origin"), b})
+	}
+	ask(on, "PUT", "/v2/keys/p", url.Values{"value": {"on"}})
+	ask(on, "GET", "/v2/keys/p", nil)
+	ask(on, "GET", "/v2/config/local/proxy", nil)
+	ask(readonly, "GET", "/v2/keys/p", nil)
+	ask(readonly, "PUT", "/v2/keys/p", url.Values{"value": {"readonly"}})
+	ask(readonly, "DELETE", "/v2/keys/p", nil)
+	ask(readonly, "OPTIONS", "/v2/keys/p", nil)
+	ask(readonly, "GET", "/v2/config/local/proxy", nil)
+	ask(member, "GET", "/v2/keys/p", nil)
+	return out
+}
+
+// TestProxyOption: raftkv's proxy option answers as etcd 3.4's --proxy on
+// and --proxy readonly do (readonly: every request but a GET gets a bare
+// 501, OPTIONS too); a proxy's data directory keeps it a proxy when the
+// option goes.
+func TestProxyOption(t *testing.T) {
+	// The reference: an etcd member and two etcd proxies of it.
+	e := startEtcd(t)
+	epeer := e.args[slices.Index(e.args, "--initial-advertise-peer-urls")+1]
+	var eproxies []*proc
+	for _, mode := range []string{"on", "readonly"} {
+		p := etcdProc(t, "etcd proxy "+mode, fmt.Sprintf("http://127.0.0.1:%d", freePort(t)),
+			"--proxy", mode, "--initial-cluster", "default="+epeer)
+		p.spawn(t)
+		if !poll(20*time.Second, func() bool {
+			st, _, body, err := p.tryDo(context.Background(), "GET", "/v2/config/local/proxy", nil)
+			return err == nil && st == http.StatusOK && strings.Contains(string(body), e.ClientURL)
+		}) {
+			t.Fatalf("etcd's %s proxy never found its member:\n%s", mode, p.logTail(20))
+		}
+		eproxies = append(eproxies, p)
+	}
+	want := proxyModeScript(t, e, eproxies[0], eproxies[1])
+
+	c := &testCluster{t: t}
+	m := c.newTestMember("m1")
+	c.writeCaddyfile(m, []*testMember{m}, "new")
+	m.launch(t)
+	var proxies []*testMember
+	for _, mode := range []string{"on", "readonly"} {
+		p := c.newTestMember("p-" + mode)
+		if err := os.WriteFile(p.Caddyfile, []byte(proxyCaddyfile(p, mode, m)), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		p.launch(t)
+		proxies = append(proxies, p)
+	}
+	got := proxyModeScript(t, m.proc, proxies[0].proc, proxies[1].proc)
+	for i := range max(len(want), len(got)) {
+		if i >= len(want) || i >= len(got) || want[i] != got[i] {
+			var w, g fallbackAnswer
+			if i < len(want) {
+				w = want[i]
+			}
+			if i < len(got) {
+				g = got[i]
+			}
+			t.Errorf("answer %d: etcd %d %q %s; etcaddy %d %q %s", i, w.status, w.ctype, w.body, g.status, g.ctype, g.body)
+		}
+	}
+
+	// Without the option, the data directory keeps it a proxy.
+	p := proxies[0]
+	p.stop()
+	cf := fmt.Sprintf("{\n\tadmin %s\n\traftkv {\n\t\tname %s\n\t\tdata_dir %s\n\t}\n}\n\n%s {\n\tetcd\n}\n",
+		strings.TrimPrefix(p.AdminURL, "http://"), p.Name, p.DataDir, p.ClientURL)
+	if err := os.WriteFile(p.Caddyfile, []byte(cf), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	p.restart(t)
+	if st, _, body := p.do(t, "GET", "/v2/config/local/proxy", nil); st != http.StatusOK || !strings.Contains(string(body), m.ClientURL) {
+		t.Fatalf("restarted without the option: /v2/config/local/proxy %d %s", st, body)
 	}
 }

@@ -219,6 +219,16 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		return next.ServeHTTP(w, r)
 	}
 
+	// etcd's --proxy readonly wraps its CORS handler: every request but a
+	// GET gets a bare 501, OPTIONS too.
+	if n := h.member.current(); n != nil && r.Method != http.MethodGet {
+		if px := n.Proxy(); px != nil && px.ReadOnly() {
+			delete(w.Header(), "Server")
+			w.WriteHeader(http.StatusNotImplemented)
+			return nil
+		}
+	}
+
 	// etcd 3.4's --cors (default '*') wraps the whole client handler: every
 	// response carries these headers (for an allowed origin), and any
 	// OPTIONS request is answered before routing, with them alone.

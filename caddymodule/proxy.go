@@ -32,6 +32,11 @@ var hopHeaders = []string{
 // flushed as it arrives (a watch's events too). No endpoint: 503 "zero
 // endpoints currently available"; none answering: 502.
 func (h *Handler) serveProxied(w http.ResponseWriter, r *http.Request, px *raftkv.Proxy) {
+	if px.ReadOnly() && r.Method != http.MethodGet {
+		// Became a proxy while this request waited for the member.
+		w.WriteHeader(http.StatusNotImplemented)
+		return
+	}
 	if r.URL.Path == proxyConfigPath {
 		if !allowMethod(w, r, http.MethodGet) {
 			return

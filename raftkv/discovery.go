@@ -225,6 +225,30 @@ func (d *discoverer) join(ctx context.Context) (map[string][]string, error) {
 	}
 }
 
+// readCluster reads the cluster the directory bootstraps, without registering
+// (etcd's GetCluster, for a proxy): once size members have registered, the
+// first size of them.
+func (d *discoverer) readCluster(ctx context.Context) (map[string][]string, error) {
+	defer d.client.CloseIdleConnections()
+	for {
+		nodes, size, index, err := d.checkCluster(ctx)
+		if errors.Is(err, ErrDiscoveryFullCluster) {
+			return nodesToCluster(nodes, size)
+		}
+		if err != nil {
+			return nil, err
+		}
+		all, err := d.waitNodes(ctx, nodes, size, index)
+		if errors.Is(err, errDiscoveryUnreachable) || errors.Is(err, errDiscoveryRecheck) {
+			continue
+		}
+		if err != nil {
+			return nil, err
+		}
+		return nodesToCluster(all, size)
+	}
+}
+
 // discoveryFull is ErrDiscoveryFullCluster with the cluster that is full.
 type discoveryFull struct{ cluster map[string][]string }
 
@@ -548,6 +572,10 @@ func (n *Node) discoverCluster(ctx context.Context, st *storage.Store) (map[stri
 	if err != nil {
 		return nil, err
 	}
+	if n.cfg.proxying() {
+		n.lg.Info("discovery: reading the cluster to proxy", zap.String("discovery-url", n.cfg.Discovery))
+		return d.readCluster(ctx)
+	}
 	d.mine = string(st.Meta(metaDiscovery)) == n.cfg.Discovery
 	d.registered = func() error { return st.SetMeta(metaDiscovery, []byte(n.cfg.Discovery)) }
 	n.lg.Info("discovery: joining", zap.String("discovery-url", n.cfg.Discovery), zap.String("member-id", d.self), zap.String("registration", d.config))
@@ -601,12 +629,12 @@ func (n *Node) startDiscovery(st *storage.Store, rs *storage.RaftState) {
 			// etcd's default fallback: the member of a full cluster runs
 			// as its proxy. startProxy takes st over.
 			n.lg.Info("discovery cluster full, falling back to proxy", zap.String("discovery-url", n.cfg.Discovery))
-			var peers []string
-			for _, urls := range full.cluster {
-				peers = append(peers, urls...)
+			if err = n.startProxy(st, clusterPeerURLs(full.cluster)); err == nil {
+				return
 			}
-			slices.Sort(peers)
-			if err = n.startProxy(st, peers); err == nil {
+		}
+		if err == nil && n.cfg.proxying() {
+			if err = n.startProxy(st, clusterPeerURLs(cluster)); err == nil {
 				return
 			}
 		}

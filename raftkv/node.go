@@ -64,6 +64,13 @@ type Config struct {
 	// "proxy" (the default, as etcd's) runs it as a proxy of that cluster
 	// (see Proxy), "exit" fails its start.
 	DiscoveryFallback string
+	// Proxy makes a member that starts on an empty data directory a proxy
+	// of its cluster (etcd's --proxy): "on" forwards every client request
+	// to the cluster of InitialCluster (or of Discovery, or DiscoverySRV),
+	// "readonly" only the GETs; "off" (the default) runs a member. A data
+	// directory keeps what its first start made of it: a member's stays a
+	// member's, a proxy's a proxy's.
+	Proxy string
 	// DiscoverySRV is a DNS domain whose SRV records list the peer URLs
 	// of a new cluster's members (etcd's --discovery-srv): a member that
 	// starts on an empty data directory learns its initial cluster from
@@ -88,6 +95,10 @@ type Config struct {
 	// system's); tests give it their own DNS server.
 	resolver srvResolver
 }
+
+// proxying reports whether a fresh member is to be a proxy (Proxy on or
+// readonly).
+func (c Config) proxying() bool { return c.Proxy == "on" || c.Proxy == "readonly" }
 
 // withDefaults fills etcd's defaults in and checks what has none.
 func (c Config) withDefaults() (Config, error) {
@@ -142,6 +153,13 @@ func (c Config) withDefaults() (Config, error) {
 		if _, err := ParseDiscoveryProxy(c.DiscoveryProxy); err != nil {
 			return c, fmt.Errorf("raftkv: %w", err)
 		}
+	}
+	switch c.Proxy {
+	case "":
+		c.Proxy = "off"
+	case "off", "on", "readonly":
+	default:
+		return c, fmt.Errorf("raftkv: proxy %q is none of \"off\", \"on\" and \"readonly\"", c.Proxy)
 	}
 	switch c.DiscoveryFallback {
 	case "":
@@ -349,8 +367,13 @@ func (n *Node) Start() error {
 		if peers != nil {
 			return n.startProxy(st, peers)
 		}
+		if cfg.proxying() && cfg.Discovery == "" && cfg.DiscoverySRV == "" {
+			return n.startProxy(st, clusterPeerURLs(cfg.InitialCluster))
+		}
+	} else if cfg.proxying() {
+		n.lg.Warn("proxy is set, but the data directory holds a member's data: it starts as that member", zap.String("data_dir", cfg.DataDir))
 	}
-	if freshRaft(rs) && (cfg.Discovery != "" && cfg.InitialClusterState == "new" || cfg.DiscoverySRV != "") {
+	if freshRaft(rs) && (cfg.Discovery != "" && (cfg.InitialClusterState == "new" || cfg.proxying()) || cfg.DiscoverySRV != "") {
 		n.startDiscovery(st, rs)
 		return nil
 	}

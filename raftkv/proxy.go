@@ -46,7 +46,8 @@ type Proxy struct {
 	peerClient *http.Client
 	transport  *http.Transport
 
-	firstc chan struct{} // closed once the first refresh is done
+	firstc   chan struct{} // closed once the first refresh is done
+	readOnly bool
 
 	mu        sync.Mutex
 	peerURLs  []string
@@ -274,6 +275,20 @@ func proxyPeerURLs(st *storage.Store) ([]string, error) {
 	return c.PeerURLs, nil
 }
 
+// clusterPeerURLs lists every peer URL of cluster, sorted.
+func clusterPeerURLs(cluster map[string][]string) []string {
+	var peers []string
+	for _, urls := range cluster {
+		peers = append(peers, urls...)
+	}
+	slices.Sort(peers)
+	return slices.Compact(peers)
+}
+
+// ReadOnly reports whether the proxy forwards GET requests only (etcd's
+// --proxy readonly); it answers every other 501.
+func (p *Proxy) ReadOnly() bool { return p.readOnly }
+
 // startProxy runs the member as a proxy of the cluster at peerURLs on st
 // (whose Raft state is empty) until Stop, which ends it as it ends a
 // discovery (n.disc): the store stays open (the data directory is the
@@ -284,6 +299,7 @@ func (n *Node) startProxy(st *storage.Store, peerURLs []string) error {
 		return err
 	}
 	p := newProxy(st, peerURLs, n.cfg.Peer.TLS, n.cfg.Peer.H2C, n.lg.Named("proxy"))
+	p.readOnly = n.cfg.Proxy == "readonly"
 	ctx, cancel := context.WithCancel(context.Background())
 	d := &discoveryRun{cancel: cancel, done: make(chan struct{})}
 	n.disc = d

@@ -199,7 +199,7 @@ func srvLookupCluster(ctx context.Context, r srvResolver, cfg Config) (cluster m
 	if len(cluster) == 0 {
 		return nil, false, fmt.Errorf("DNS SRV discovery of %s: %s", cfg.DiscoverySRV, strings.Join(failures, "; "))
 	}
-	if _, ok := cluster[cfg.Name]; !ok {
+	if _, ok := cluster[cfg.Name]; !ok && !cfg.proxying() {
 		msg := fmt.Sprintf("cannot find local etcd member %q in SRV records", cfg.Name)
 		if len(failures) > 0 {
 			msg += " (" + strings.Join(failures, "; ") + ")"

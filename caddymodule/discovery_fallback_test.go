@@ -170,6 +170,20 @@ func TestDiscoveryFallbackProxy(t *testing.T) {
 	if lines, err := logLinesSince(n2.proc, logFrom); err != nil || !strings.Contains(strings.Join(lines, "\n"), "proxy: this member forwards client requests") {
 		t.Fatalf("n2's log does not say it is a proxy after its restart:\n%s", n2.logTail(30))
 	}
+	// A proxy by option reads the cluster from the service without
+	// registering.
+	n3 := c.newTestMember("n3")
+	if err := os.WriteFile(n3.Caddyfile, []byte(discoveryCaddyfile(n3, durl, "proxy on")), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	n3.launch(t)
+	if st, _, body := n3.do(t, "GET", "/v2/keys/fb", nil); st != http.StatusOK || !strings.Contains(string(body), `"value":"1"`) {
+		t.Fatalf("a proxy by option, through discovery: %d %s", st, body)
+	}
+	if reg := discoveryEntries(t, service, dir); len(reg) != 1 {
+		t.Fatalf("registrations %v: the proxy by option registered", reg)
+	}
+
 	resp, err = http.Get(n2.AdminURL + "/raftkv/status")
 	if err != nil {
 		t.Fatal(err)

@@ -109,6 +109,17 @@ func TestSRVRecordsMakeTheCluster(t *testing.T) {
 			mine:    []string{"https://a.etcaddy.test:2380"},
 			wantErr: "error querying DNS SRV records for _etcd-server-ssl-blue"},
 	}
+	tests = append(tests, struct {
+		name    string
+		records map[string][]dnstest.SRV
+		srvName string
+		mine    []string
+		want    map[string][]string
+		wantErr string
+	}{name: "a proxy (proxy on) needs no record of its own",
+		records: map[string][]dnstest.SRV{ssl: {rec("a", 2380)}},
+		mine:    []string{"https://b.etcaddy.test:2381"},
+		want:    map[string][]string{"0": {"https://a.etcaddy.test:2380"}}})
 	for _, tt := range tests {
 		reset()
 		for n, recs := range tt.records {
@@ -116,6 +127,9 @@ func TestSRVRecordsMakeTheCluster(t *testing.T) {
 		}
 		cfg := srvConfig(t, dns, "n", tt.mine...)
 		cfg.DiscoverySRVName = tt.srvName
+		if strings.HasPrefix(tt.name, "a proxy") {
+			cfg.Proxy = "on"
+		}
 		got, _, err := srvLookupCluster(context.Background(), cfg.resolver, cfg)
 		if tt.wantErr != "" {
 			if err == nil || !strings.Contains(err.Error(), tt.wantErr) {

@@ -263,7 +263,11 @@ func (a *App) Provision(ctx caddy.Context) error {
 		// A member still discovering has not started: Start begins again
 		// with the new settings (member.start).
 		if changed := m.bootstrapChanges(cfg); len(changed) > 0 && !discovering {
-			a.logger.Warn("member settings changed that only a member's first start on an empty data_dir reads; this member's list of members lives in its data",
+			why := "this member's list of members lives in its data"
+			if n := m.current(); n != nil && n.Proxy() != nil {
+				why = "this member runs as a proxy of its cluster, and its data directory keeps it one"
+			}
+			a.logger.Warn("member settings changed that only a member's first start on an empty data_dir reads; "+why,
 				zap.String("data_dir", dir), zap.Strings("settings", changed))
 		}
 	}

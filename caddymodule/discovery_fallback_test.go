@@ -10,6 +10,7 @@ import (
 	"regexp"
 	"slices"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -226,8 +227,9 @@ func proxyModeScript(t *testing.T, member, on, readonly *proc) []fallbackAnswer 
 
 // TestProxyOption: raftkv's proxy option answers as etcd 3.4's --proxy on
 // and --proxy readonly do (readonly: every request but a GET gets a bare
-// 501, OPTIONS too); a proxy's data directory keeps it a proxy when the
-// option goes.
+// 501, OPTIONS too); it fronts an etcd cluster too; a watch through it
+// does not hold Caddy's exit; a proxy's data directory keeps it a proxy
+// when the option goes.
 func TestProxyOption(t *testing.T) {
 	// The reference: an etcd member and two etcd proxies of it.
 	e := startEtcd(t)
@@ -246,8 +248,24 @@ func TestProxyOption(t *testing.T) {
 		eproxies = append(eproxies, p)
 	}
 	want := proxyModeScript(t, e, eproxies[0], eproxies[1])
+	for _, ep := range eproxies {
+		ep.stop()
+	}
 
 	c := &testCluster{t: t}
+	// An etcaddy proxy in front of the etcd member: it reads etcd's own
+	// member list (GET /members on its peer URL).
+	pe := c.newTestMember("p-etcd")
+	if err := os.WriteFile(pe.Caddyfile, []byte(proxyCaddyfile(pe, "on", &testMember{Name: "default", PeerURL: epeer})), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	pe.launch(t)
+	st, h, body := pe.do(t, "GET", "/v2/keys/p", nil)
+	if _, eh, _ := e.do(t, "GET", "/v2/keys/p", nil); st != http.StatusOK || h.Get("X-Etcd-Cluster-Id") != eh.Get("X-Etcd-Cluster-Id") {
+		t.Fatalf("etcaddy's proxy of an etcd member: %d %s, cluster %q (etcd's %q)", st, body, h.Get("X-Etcd-Cluster-Id"), eh.Get("X-Etcd-Cluster-Id"))
+	}
+	pe.stop()
+
 	m := c.newTestMember("m1")
 	c.writeCaddyfile(m, []*testMember{m}, "new")
 	m.launch(t)
@@ -272,6 +290,24 @@ func TestProxyOption(t *testing.T) {
 			}
 			t.Errorf("answer %d: etcd %d %q %s; etcaddy %d %q %s", i, w.status, w.ctype, w.body, g.status, g.ctype, g.body)
 		}
+	}
+
+	// A watch through a proxy does not hold Caddy's exit (its grace
+	// period is unlimited by default): it ends, as the member's own do.
+	ro := proxies[1]
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, "GET", ro.ClientURL+"/v2/keys/p?wait=true&stream=true", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatalf("a stream watch through the proxy: %v", err)
+	}
+	defer resp.Body.Close()
+	if !ro.signal(syscall.SIGTERM, 10*time.Second) {
+		t.Fatal("the proxy did not exit within 10 s of SIGTERM while a watch through it was open")
 	}
 
 	// Without the option, the data directory keeps it a proxy.

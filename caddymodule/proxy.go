@@ -2,6 +2,7 @@ package caddymodule
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -68,7 +69,7 @@ func (h *Handler) serveProxied(w http.ResponseWriter, r *http.Request, px *raftk
 			writeMessage(w, http.StatusRequestEntityTooLarge, causeBodyTooLarge)
 			return
 		case err != nil:
-			writeMessage(w, http.StatusBadRequest, "httpproxy: failed to read request body: "+err.Error())
+			writeMessage(w, http.StatusInternalServerError, "httpproxy: failed to read request body: "+err.Error())
 			return
 		}
 	}
@@ -78,8 +79,20 @@ func (h *Handler) serveProxied(w http.ResponseWriter, r *http.Request, px *raftk
 		writeMessage(w, http.StatusServiceUnavailable, "httpproxy: zero endpoints currently available")
 		return
 	}
+	// The forwarded request ends with its client, and when Caddy exits (a
+	// watch would hold Caddy's shutdown, whose grace period is unlimited by
+	// default, as the member's own watches end then too).
+	ctx, cancel := context.WithCancel(r.Context())
+	defer cancel()
+	go func() {
+		select {
+		case <-processExit:
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
 	for _, ep := range eps {
-		out := r.Clone(r.Context())
+		out := r.Clone(ctx)
 		out.RequestURI = ""
 		out.URL.Scheme, out.URL.Host = ep.Scheme, ep.Host
 		// The member's site matches its own host, not this one's.
@@ -98,7 +111,7 @@ func (h *Handler) serveProxied(w http.ResponseWriter, r *http.Request, px *raftk
 			out.Header.Set("X-Forwarded-For", ip)
 		}
 		resp, err := px.Transport().RoundTrip(out)
-		if r.Context().Err() != nil {
+		if ctx.Err() != nil {
 			if err == nil {
 				resp.Body.Close()
 			}

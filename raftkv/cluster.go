@@ -483,9 +483,20 @@ func (n *Node) otherInitialPeerURLs() []string {
 // fetchMembers reads a peer's GET /raft/members, waiting at most timeout,
 // or until ctx ends.
 func fetchMembers(ctx context.Context, client *http.Client, peerURL string, timeout time.Duration) ([]memberRecord, uint64, error) {
+	return fetchMembersAt(ctx, client, peerURL+peerMembersPath, headerPeerClusterID, timeout)
+}
+
+// etcdMembersPath is an etcd member's peer endpoint that lists the
+// cluster's members (the same JSON as GET /raft/members), which an etcd
+// proxy reads.
+const etcdMembersPath = "/members"
+
+// fetchMembersAt reads a member list from u, the cluster ID from the
+// header clusterHeader.
+func fetchMembersAt(ctx context.Context, client *http.Client, u, clusterHeader string, timeout time.Duration) ([]memberRecord, uint64, error) {
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, peerURL+peerMembersPath, nil)
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u, nil)
 	if err != nil {
 		return nil, 0, err
 	}
@@ -501,9 +512,9 @@ func fetchMembers(ctx context.Context, client *http.Client, peerURL string, time
 	if resp.StatusCode != http.StatusOK {
 		return nil, 0, fmt.Errorf("%s: %s", resp.Status, body)
 	}
-	cid, err := strconv.ParseUint(resp.Header.Get(headerPeerClusterID), 16, 64)
+	cid, err := strconv.ParseUint(resp.Header.Get(clusterHeader), 16, 64)
 	if err != nil {
-		return nil, 0, fmt.Errorf("%s: no cluster ID in the answer", peerURL)
+		return nil, 0, fmt.Errorf("%s: no cluster ID in the answer", u)
 	}
 	members, err := decodeMembers(body)
 	if err != nil {

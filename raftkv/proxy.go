@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"net"
 	"net/http"
 	"net/url"
 	"slices"
@@ -35,10 +36,11 @@ var (
 
 // Proxy is a member that runs as a v2 proxy of its cluster, as etcd runs a
 // member whose discovery found the cluster full (--discovery-fallback
-// proxy, etcd's default): it takes no part in Raft and keeps no keys; the
-// etcd handler forwards every client request to one of the cluster's
-// client URLs (Endpoints), which it reads from the members' peer endpoints
-// and reads again every proxyRefreshInterval. The cluster's peer URLs are
+// proxy, etcd's default), or one started with --proxy: it takes no part in
+// Raft and keeps no keys; the etcd handler forwards every client request
+// to one of the cluster's client URLs (Endpoints), which it reads from the
+// members' peer endpoints (an etcaddy's /raft/members, or an etcd's
+// /members) and reads again every proxyRefreshInterval. The cluster's peer URLs are
 // kept in the data directory, so the member starts as a proxy again.
 type Proxy struct {
 	lg         *zap.Logger
@@ -122,37 +124,65 @@ func (p *Proxy) Transport() http.RoundTripper { return p.transport }
 // newProxy builds the proxy of the cluster at peerURLs, dialing peers with
 // peerTLS.
 func newProxy(st *storage.Store, peerURLs []string, peerTLS *tls.Config, h2c bool, lg *zap.Logger) *Proxy {
-	var clientTLS *tls.Config
+	dialer := peerDialer()
+	tr := &http.Transport{
+		Proxy:               nil,
+		DialContext:         dialer.DialContext,
+		TLSHandshakeTimeout: 5 * time.Second,
+		ForceAttemptHTTP2:   true,
+		MaxIdleConnsPerHost: 64,
+		IdleConnTimeout:     90 * time.Second,
+		// A member that vanished without a FIN is noticed instead of
+		// holding every watch on its connection.
+		HTTP2: &http.HTTP2Config{SendPingTimeout: 10 * time.Second, PingTimeout: 5 * time.Second},
+	}
 	if peerTLS != nil {
-		clientTLS = peerTLS.Clone()
+		tr.TLSClientConfig = peerTLS.Clone()
 		if cluster := peerTLS.RootCAs; cluster != nil {
 			// Client sites may have certificates from a public CA (Caddy's
-			// automatic HTTPS) or from the cluster's: either will do.
-			clientTLS.InsecureSkipVerify = true
-			clientTLS.VerifyConnection = verifyEither(cluster)
+			// automatic HTTPS) or from the cluster's: either will do, for
+			// the host dialed (an address too, for which no server name is
+			// sent, so the check must know it).
+			tr.DialTLSContext = func(ctx context.Context, network, addr string) (net.Conn, error) {
+				host, _, err := net.SplitHostPort(addr)
+				if err != nil {
+					return nil, err
+				}
+				raw, err := dialer.DialContext(ctx, network, addr)
+				if err != nil {
+					return nil, err
+				}
+				cfg := peerTLS.Clone()
+				if net.ParseIP(host) == nil {
+					cfg.ServerName = host
+				}
+				cfg.NextProtos = []string{"h2", "http/1.1"}
+				cfg.InsecureSkipVerify = true
+				cfg.VerifyConnection = verifyEither(cluster, host)
+				conn := tls.Client(raw, cfg)
+				hctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+				defer cancel()
+				if err := conn.HandshakeContext(hctx); err != nil {
+					raw.Close()
+					return nil, err
+				}
+				return conn, nil
+			}
 		}
 	}
 	return &Proxy{
 		lg:         lg,
 		st:         st,
 		peerClient: newPeerClient(peerTLS, h2c),
-		transport: &http.Transport{
-			Proxy:               nil,
-			DialContext:         peerDialer().DialContext,
-			TLSClientConfig:     clientTLS,
-			TLSHandshakeTimeout: 5 * time.Second,
-			ForceAttemptHTTP2:   true,
-			MaxIdleConnsPerHost: 64,
-			IdleConnTimeout:     90 * time.Second,
-		},
-		peerURLs: slices.Clone(peerURLs),
-		firstc:   make(chan struct{}),
+		transport:  tr,
+		peerURLs:   slices.Clone(peerURLs),
+		firstc:     make(chan struct{}),
 	}
 }
 
-// verifyEither checks a server's chain against the system's roots, and
-// failing that against cluster.
-func verifyEither(cluster *x509.CertPool) func(tls.ConnectionState) error {
+// verifyEither checks a server's chain for host against the system's
+// roots, and failing that against cluster.
+func verifyEither(cluster *x509.CertPool, host string) func(tls.ConnectionState) error {
 	return func(cs tls.ConnectionState) error {
 		if len(cs.PeerCertificates) == 0 {
 			return errors.New("the server presented no certificate")
@@ -161,7 +191,7 @@ func verifyEither(cluster *x509.CertPool) func(tls.ConnectionState) error {
 		for _, c := range cs.PeerCertificates[1:] {
 			inter.AddCert(c)
 		}
-		opts := x509.VerifyOptions{DNSName: cs.ServerName, Intermediates: inter}
+		opts := x509.VerifyOptions{DNSName: host, Intermediates: inter}
 		_, err := cs.PeerCertificates[0].Verify(opts) // nil Roots: the system's
 		if err == nil {
 			return nil
@@ -183,6 +213,13 @@ func (p *Proxy) refresh(ctx context.Context) {
 	var lastErr error
 	for _, u := range p.PeerURLs() {
 		ms, _, err := fetchMembers(ctx, p.peerClient, u, 5*time.Second)
+		if err != nil && ctx.Err() == nil {
+			// An etcd cluster's member: its own list, as etcd's proxy
+			// reads it.
+			if ems, _, eerr := fetchMembersAt(ctx, p.peerClient, u+etcdMembersPath, "X-Etcd-Cluster-Id", 5*time.Second); eerr == nil {
+				ms, err = ems, nil
+			}
+		}
 		if err == nil {
 			members = ms
 			break

@@ -2,7 +2,16 @@ package raftkv
 
 import (
 	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
 	"errors"
+	"math/big"
+	"net/http"
+	"net/http/httptest"
 	"slices"
 	"testing"
 	"time"
@@ -79,7 +88,58 @@ func TestProxyRunsFromItsDataDirectory(t *testing.T) {
 	}
 	peers, err := proxyPeerURLs(st)
 	st.Close()
-	if err != nil || !slices.Equal(peers, []string{c.members[0].url, c.members[1].url}) {
+	wantPeers := []string{c.members[0].url, c.members[1].url}
+	slices.Sort(wantPeers)
+	if err != nil || !slices.Equal(peers, wantPeers) {
 		t.Fatalf("the saved peer URLs %v (%v), want the cluster's, sorted", peers, err)
+	}
+}
+
+// TestProxyTransportChecksTheHostDialed: with a cluster CA, the proxy
+// checks a client URL's certificate for the host it dialed, an address
+// too (for which TLS sends no server name): a certificate of the CA for
+// another name is refused.
+func TestProxyTransportChecksTheHostDialed(t *testing.T) {
+	ca := newPeerTestCA(t)
+	other := func() tls.Certificate {
+		key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+		if err != nil {
+			t.Fatal(err)
+		}
+		tmpl := &x509.Certificate{SerialNumber: big.NewInt(7), Subject: pkix.Name{CommonName: "evil.example"},
+			NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
+			KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+			DNSNames: []string{"evil.example"}}
+		der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.cert, &key.PublicKey, ca.key)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}
+	}()
+	p := newProxy(nil, nil, &tls.Config{RootCAs: ca.pool}, false, zap.NewNop())
+	defer p.transport.CloseIdleConnections()
+	for _, tc := range []struct {
+		name string
+		cert tls.Certificate
+		ok   bool
+	}{
+		{"for 127.0.0.1", ca.issue(t, "m1", x509.ExtKeyUsageServerAuth), true},
+		{"for another name", other, false},
+	} {
+		srv := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {}))
+		srv.TLS = &tls.Config{Certificates: []tls.Certificate{tc.cert}}
+		srv.StartTLS()
+		req, err := http.NewRequest(http.MethodGet, srv.URL+"/version", nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp, err := p.Transport().RoundTrip(req)
+		if err == nil {
+			resp.Body.Close()
+		}
+		if (err == nil) != tc.ok {
+			t.Errorf("%s at %s: error %v, want success %v", tc.name, srv.URL, err, tc.ok)
+		}
+		srv.Close()
 	}
 }

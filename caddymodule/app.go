@@ -127,6 +127,16 @@ type App struct {
 	// Default: "off".
 	Proxy string `json:"proxy,omitempty"`
 
+	// A proxy's timings (etcd's --proxy-refresh-interval,
+	// --proxy-failure-wait, --proxy-dial-timeout): how often it reads
+	// the members' client URLs again (default 30s; while none answers,
+	// every second), how long a member it could not reach is left out
+	// (default 5s), how long it dials one (default 1s). They apply to a
+	// member that runs as a proxy, by proxy or by discovery_fallback.
+	ProxyRefreshInterval caddy.Duration `json:"proxy_refresh_interval,omitempty"`
+	ProxyFailureWait     caddy.Duration `json:"proxy_failure_wait,omitempty"`
+	ProxyDialTimeout     caddy.Duration `json:"proxy_dial_timeout,omitempty"`
+
 	// A DNS domain whose SRV records list the members of a new cluster
 	// (etcd's --discovery-srv), instead of initial_cluster:
 	// _etcd-server-ssl._tcp.<domain> for https peer URLs and
@@ -455,6 +465,14 @@ func (a *App) validateBootstrap() error {
 			return errors.New(`multiple discovery or bootstrap options are set: choose one of "initial_cluster", "discovery" or "discovery_srv" (with discovery_srv, initial_advertise_peer_urls gives this member's peer URLs)`)
 		}
 	}
+	for _, d := range []struct {
+		name string
+		v    caddy.Duration
+	}{{"proxy_refresh_interval", a.ProxyRefreshInterval}, {"proxy_failure_wait", a.ProxyFailureWait}, {"proxy_dial_timeout", a.ProxyDialTimeout}} {
+		if d.v < 0 || d.v > 0 && time.Duration(d.v) < time.Millisecond {
+			return fmt.Errorf("%s must be at least 1ms, not %v", d.name, time.Duration(d.v))
+		}
+	}
 	switch a.Proxy {
 	case "", "off", "on", "readonly":
 	default:
@@ -619,6 +637,9 @@ func (a *App) nodeConfig() raftkv.Config {
 		DiscoveryProxy:         a.DiscoveryProxy,
 		DiscoveryFallback:      a.DiscoveryFallback,
 		Proxy:                  a.Proxy,
+		ProxyRefreshInterval:   time.Duration(a.ProxyRefreshInterval),
+		ProxyFailureWait:       time.Duration(a.ProxyFailureWait),
+		ProxyDialTimeout:       time.Duration(a.ProxyDialTimeout),
 		DiscoverySRV:           a.DiscoverySRV,
 		DiscoverySRVName:       a.DiscoverySRVName,
 		LooseReconfig:          !a.strictReconfigCheck(),
@@ -833,6 +854,15 @@ func (m *member) tuningChanges(cfg raftkv.Config) []string {
 	}
 	if m.cfg.ForceNewCluster != cfg.ForceNewCluster {
 		changed = append(changed, "force_new_cluster")
+	}
+	if m.cfg.ProxyRefreshInterval != cfg.ProxyRefreshInterval {
+		changed = append(changed, "proxy_refresh_interval")
+	}
+	if m.cfg.ProxyFailureWait != cfg.ProxyFailureWait {
+		changed = append(changed, "proxy_failure_wait")
+	}
+	if m.cfg.ProxyDialTimeout != cfg.ProxyDialTimeout {
+		changed = append(changed, "proxy_dial_timeout")
 	}
 	return changed
 }

@@ -60,6 +60,9 @@ func parseGlobalOption(d *caddyfile.Dispenser, existing any) (any, error) {
 //		discovery_proxy          <proxy_url>
 //		discovery_fallback       proxy|exit
 //		proxy                    off|on|readonly
+//		proxy_refresh_interval   <duration>
+//		proxy_failure_wait       <duration>
+//		proxy_dial_timeout       <duration>
 //		discovery_srv            <domain>
 //		discovery_srv_name       <name>
 //		advertise_client_urls    <url>...
@@ -148,7 +151,8 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 					a.SnapshotCatchUpEntries = n
 				}
 
-			case "heartbeat_interval", "election_timeout":
+			case "heartbeat_interval", "election_timeout",
+				"proxy_refresh_interval", "proxy_failure_wait", "proxy_dial_timeout":
 				var v string
 				if !d.Args(&v) || d.NextArg() {
 					return d.ArgErr()
@@ -157,10 +161,17 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				if err != nil || dur <= 0 {
 					return d.Errf("%s must be a positive duration, not %q", opt, v)
 				}
-				if opt == "heartbeat_interval" {
+				switch opt {
+				case "heartbeat_interval":
 					a.HeartbeatInterval = caddy.Duration(dur)
-				} else {
+				case "election_timeout":
 					a.ElectionTimeout = caddy.Duration(dur)
+				case "proxy_refresh_interval":
+					a.ProxyRefreshInterval = caddy.Duration(dur)
+				case "proxy_failure_wait":
+					a.ProxyFailureWait = caddy.Duration(dur)
+				case "proxy_dial_timeout":
+					a.ProxyDialTimeout = caddy.Duration(dur)
 				}
 
 			case "initial_cluster":

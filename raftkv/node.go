@@ -71,6 +71,13 @@ type Config struct {
 	// directory keeps what its first start made of it: a member's stays a
 	// member's, a proxy's a proxy's.
 	Proxy string
+	// A proxy's timings (etcd's --proxy-refresh-interval,
+	// --proxy-failure-wait, --proxy-dial-timeout): how often it reads the
+	// members' client URLs again, how long an endpoint that failed is left
+	// out, how long it dials one. Defaults: 30 s, 5 s, 1 s.
+	ProxyRefreshInterval time.Duration
+	ProxyFailureWait     time.Duration
+	ProxyDialTimeout     time.Duration
 	// DiscoverySRV is a DNS domain whose SRV records list the peer URLs
 	// of a new cluster's members (etcd's --discovery-srv): a member that
 	// starts on an empty data directory learns its initial cluster from
@@ -160,6 +167,15 @@ func (c Config) withDefaults() (Config, error) {
 	case "off", "on", "readonly":
 	default:
 		return c, fmt.Errorf("raftkv: proxy %q is none of \"off\", \"on\" and \"readonly\"", c.Proxy)
+	}
+	if c.ProxyRefreshInterval <= 0 {
+		c.ProxyRefreshInterval = DefaultProxyRefreshInterval
+	}
+	if c.ProxyFailureWait <= 0 {
+		c.ProxyFailureWait = DefaultProxyFailureWait
+	}
+	if c.ProxyDialTimeout <= 0 {
+		c.ProxyDialTimeout = DefaultProxyDialTimeout
 	}
 	switch c.DiscoveryFallback {
 	case "":

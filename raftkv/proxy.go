@@ -24,14 +24,16 @@ import (
 // <data-dir>/proxy/cluster file, which makes every later start a proxy).
 const metaProxy = "raftkv/proxy"
 
-// etcd's proxy timings (--proxy-refresh-interval, --proxy-failure-wait):
-// the cluster's client URLs are read again every proxyRefreshInterval, or
-// every second while none is available; an endpoint that failed is left
-// out for proxyFailureWait. Tests shorten them.
-var (
-	proxyRefreshInterval = 30 * time.Second
-	proxyEmptyRefresh    = time.Second
-	proxyFailureWait     = 5 * time.Second
+// etcd's proxy timings' defaults (--proxy-refresh-interval,
+// --proxy-failure-wait, --proxy-dial-timeout): the cluster's client URLs
+// are read again every refresh interval, or every second while none is
+// available (when the interval is the default or longer, as etcd's); an
+// endpoint that failed is left out for the failure wait.
+const (
+	DefaultProxyRefreshInterval = 30 * time.Second
+	DefaultProxyFailureWait     = 5 * time.Second
+	DefaultProxyDialTimeout     = time.Second
+	proxyEmptyRefresh           = time.Second
 )
 
 // Proxy is a member that runs as a v2 proxy of its cluster, as etcd runs a
@@ -40,7 +42,7 @@ var (
 // Raft and keeps no keys; the etcd handler forwards every client request
 // to one of the cluster's client URLs (Endpoints), which it reads from the
 // members' peer endpoints (an etcaddy's /raft/members, or an etcd's
-// /members) and reads again every proxyRefreshInterval. The cluster's peer URLs are
+// /members) and reads again every refresh interval. The cluster's peer URLs are
 // kept in the data directory, so the member starts as a proxy again.
 type Proxy struct {
 	lg         *zap.Logger
@@ -48,8 +50,10 @@ type Proxy struct {
 	peerClient *http.Client
 	transport  *http.Transport
 
-	firstc   chan struct{} // closed once the first refresh is done
-	readOnly bool
+	firstc       chan struct{} // closed once the first refresh is done
+	readOnly     bool
+	refreshEvery time.Duration
+	failWait     time.Duration
 
 	mu        sync.Mutex
 	peerURLs  []string
@@ -80,7 +84,7 @@ func (n *Node) Proxy() *Proxy { return n.proxy.Load() }
 
 // Endpoints lists the client URLs a request may go to now, in the order to
 // try them (shuffled at each refresh, as etcd's, so that proxies spread
-// their clients); an endpoint that failed within proxyFailureWait is left
+// their clients); an endpoint that failed within the failure wait is left
 // out.
 func (p *Proxy) Endpoints() []*url.URL {
 	p.mu.Lock()
@@ -96,14 +100,14 @@ func (p *Proxy) Endpoints() []*url.URL {
 	return out
 }
 
-// Failed leaves u out of Endpoints for proxyFailureWait: a request could
+// Failed leaves u out of Endpoints for the failure wait: a request could
 // not reach it.
 func (p *Proxy) Failed(u *url.URL) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	for _, e := range p.endpoints {
 		if e.url.String() == u.String() {
-			e.downUntil = time.Now().Add(proxyFailureWait)
+			e.downUntil = time.Now().Add(p.failWait)
 			p.lg.Info("proxy: marked endpoint unavailable", zap.String("endpoint", u.String()))
 		}
 	}
@@ -122,9 +126,10 @@ func (p *Proxy) PeerURLs() []string {
 func (p *Proxy) Transport() http.RoundTripper { return p.transport }
 
 // newProxy builds the proxy of the cluster at peerURLs, dialing peers with
-// peerTLS.
-func newProxy(st *storage.Store, peerURLs []string, peerTLS *tls.Config, h2c bool, lg *zap.Logger) *Proxy {
+// peerTLS and the members' client URLs within dialTimeout.
+func newProxy(st *storage.Store, peerURLs []string, peerTLS *tls.Config, h2c bool, dialTimeout time.Duration, lg *zap.Logger) *Proxy {
 	dialer := peerDialer()
+	dialer.Timeout = dialTimeout
 	tr := &http.Transport{
 		Proxy:               nil,
 		DialContext:         dialer.DialContext,
@@ -171,12 +176,14 @@ func newProxy(st *storage.Store, peerURLs []string, peerTLS *tls.Config, h2c boo
 		}
 	}
 	return &Proxy{
-		lg:         lg,
-		st:         st,
-		peerClient: newPeerClient(peerTLS, h2c),
-		transport:  tr,
-		peerURLs:   slices.Clone(peerURLs),
-		firstc:     make(chan struct{}),
+		lg:           lg,
+		st:           st,
+		peerClient:   newPeerClient(peerTLS, h2c),
+		transport:    tr,
+		peerURLs:     slices.Clone(peerURLs),
+		firstc:       make(chan struct{}),
+		refreshEvery: DefaultProxyRefreshInterval,
+		failWait:     DefaultProxyFailureWait,
 	}
 }
 
@@ -269,9 +276,9 @@ func (p *Proxy) refresh(ctx context.Context) {
 	}
 }
 
-// run refreshes the endpoints until ctx ends: at once, then every
-// proxyRefreshInterval, or every proxyEmptyRefresh while none is
-// available.
+// run refreshes the endpoints until ctx ends: at once, then every refresh
+// interval, or every proxyEmptyRefresh while none is available (when the
+// interval is not shorter than etcd's default, as etcd's director does).
 func (p *Proxy) run(ctx context.Context) {
 	defer p.transport.CloseIdleConnections()
 	defer p.peerClient.CloseIdleConnections()
@@ -279,8 +286,8 @@ func (p *Proxy) run(ctx context.Context) {
 	p.lg.Info("proxy: endpoints found", zap.Stringers("endpoints", p.Endpoints()))
 	close(p.firstc)
 	for {
-		wait := proxyRefreshInterval
-		if len(p.Endpoints()) == 0 {
+		wait := p.refreshEvery
+		if len(p.Endpoints()) == 0 && wait >= DefaultProxyRefreshInterval {
 			wait = proxyEmptyRefresh
 		}
 		if err := sleepCtx(ctx, wait); err != nil {
@@ -335,8 +342,9 @@ func (n *Node) startProxy(st *storage.Store, peerURLs []string) error {
 	if err := saveProxyCluster(st, peerURLs); err != nil {
 		return err
 	}
-	p := newProxy(st, peerURLs, n.cfg.Peer.TLS, n.cfg.Peer.H2C, n.lg.Named("proxy"))
+	p := newProxy(st, peerURLs, n.cfg.Peer.TLS, n.cfg.Peer.H2C, n.cfg.ProxyDialTimeout, n.lg.Named("proxy"))
 	p.readOnly = n.cfg.Proxy == "readonly"
+	p.refreshEvery, p.failWait = n.cfg.ProxyRefreshInterval, n.cfg.ProxyFailureWait
 	ctx, cancel := context.WithCancel(context.Background())
 	d := &discoveryRun{cancel: cancel, done: make(chan struct{})}
 	n.disc = d

@@ -25,10 +25,8 @@ import (
 // (its discovery found the cluster full) starts a proxy, whatever the
 // config says: never ready, no Raft, its endpoints the client URLs the
 // cluster's members publish; an endpoint that failed is left out for
-// proxyFailureWait; Stop closes the store.
+// the failure wait; Stop closes the store.
 func TestProxyRunsFromItsDataDirectory(t *testing.T) {
-	defer func(w time.Duration) { proxyFailureWait = w }(proxyFailureWait)
-	proxyFailureWait = 100 * time.Millisecond
 	c := newTestCluster(t, 2, nil)
 	leader := c.waitLeader(c.members...)
 	waitFor(t, "both members' client URLs published", func() bool {
@@ -48,7 +46,7 @@ func TestProxyRunsFromItsDataDirectory(t *testing.T) {
 		t.Fatal(err)
 	}
 	st.Close()
-	n := NewNode(Config{Name: "px", DataDir: dir, Logger: zaptest.NewLogger(t, zaptest.Level(zap.InfoLevel))})
+	n := NewNode(Config{Name: "px", DataDir: dir, ProxyFailureWait: 100 * time.Millisecond, Logger: zaptest.NewLogger(t, zaptest.Level(zap.InfoLevel))})
 	if err := n.Start(); err != nil {
 		t.Fatal(err)
 	}
@@ -74,10 +72,18 @@ func TestProxyRunsFromItsDataDirectory(t *testing.T) {
 	if got := endpoints(); !slices.Equal(got, want) {
 		t.Fatalf("endpoints %v, want %v", got, want)
 	}
+	failedAt := time.Now()
 	px.Failed(px.Endpoints()[0])
 	if got := px.Endpoints(); len(got) != 1 {
 		t.Fatalf("after a failure: endpoints %v, want one left", got)
 	}
+	px.mu.Lock()
+	for _, e := range px.endpoints {
+		if !e.downUntil.IsZero() && e.downUntil.After(failedAt.Add(time.Second)) {
+			t.Errorf("the endpoint is out until %v after its failure: the configured failure wait is 100ms", e.downUntil.Sub(failedAt))
+		}
+	}
+	px.mu.Unlock()
 	waitFor(t, "the failed endpoint back", func() bool { return len(px.Endpoints()) == 2 })
 	if err := n.Stop(); err != nil {
 		t.Fatal(err)
@@ -116,7 +122,7 @@ func TestProxyTransportChecksTheHostDialed(t *testing.T) {
 		}
 		return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}
 	}()
-	p := newProxy(nil, nil, &tls.Config{RootCAs: ca.pool}, false, zap.NewNop())
+	p := newProxy(nil, nil, &tls.Config{RootCAs: ca.pool}, false, time.Second, zap.NewNop())
 	defer p.transport.CloseIdleConnections()
 	for _, tc := range []struct {
 		name string

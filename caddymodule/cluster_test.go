@@ -61,6 +61,7 @@ type testCluster struct {
 	t             testing.TB
 	pki           *testPKI // nil: peers over plain HTTP on loopback
 	snapshotCount int      // raftkv's snapshot_count and snapshot_catchup_entries; 0: the defaults
+	allowedCN     []string // the peer sites' raftkv_peer allowed_cn (with pki)
 	members       []*testMember
 }
 
@@ -128,8 +129,12 @@ func (c *testCluster) caddyfile(m *testMember, initial []*testMember, state stri
 	fmt.Fprintf(&b, "%s {\n\tetcd\n}\n\n", m.ClientURL)
 	if c.pki != nil {
 		cert, key := c.pki.memberFiles(m.Name)
-		fmt.Fprintf(&b, "%s {\n\tbind 127.0.0.1\n\ttls %s %s {\n\t\tclient_auth {\n\t\t\tmode require_and_verify\n\t\t\ttrust_pool file %s\n\t\t}\n\t}\n\traftkv_peer\n}\n",
-			m.PeerURL, cert, key, c.pki.caFile)
+		peer := "raftkv_peer"
+		if len(c.allowedCN) > 0 {
+			peer += " {\n\t\tallowed_cn " + strings.Join(c.allowedCN, " ") + "\n\t}"
+		}
+		fmt.Fprintf(&b, "%s {\n\tbind 127.0.0.1\n\ttls %s %s {\n\t\tclient_auth {\n\t\t\tmode require_and_verify\n\t\t\ttrust_pool file %s\n\t\t}\n\t}\n\t%s\n}\n",
+			m.PeerURL, cert, key, c.pki.caFile, peer)
 	} else {
 		fmt.Fprintf(&b, "%s {\n\traftkv_peer\n}\n", m.PeerURL)
 	}
@@ -1217,6 +1222,39 @@ func TestClusterPeersOverMutualTLS(t *testing.T) {
 			t.Errorf("%s: got through: %d", tc.name, resp.StatusCode)
 		}
 		client.CloseIdleConnections()
+	}
+}
+
+// TestPeerAllowedCN: raftkv_peer's allowed_cn (etcd's
+// --peer-cert-allowed-cn) lets the members in, and refuses a client
+// certificate of the same CA with another common name with 403.
+func TestPeerAllowedCN(t *testing.T) {
+	pki := newTestPKI(t, "n1", "n2", "n3", "rogue")
+	c := (&testCluster{t: t, pki: pki, allowedCN: []string{"n1", "n2", "n3"}}).start(3)
+	if st, _, body := c.members[0].do(t, "PUT", "/v2/keys/cn", url.Values{"value": {"ok"}}); st != http.StatusCreated {
+		t.Fatalf("PUT: %d %s", st, body)
+	}
+	for _, tc := range []struct {
+		cert string
+		want int
+	}{{"rogue", http.StatusForbidden}, {"n2", http.StatusBadRequest}} {
+		client := &http.Client{
+			Timeout: 10 * time.Second,
+			Transport: &http.Transport{TLSClientConfig: &tls.Config{
+				RootCAs:      pki.pool,
+				Certificates: []tls.Certificate{pki.pair(t, tc.cert)},
+				MinVersion:   tls.VersionTLS12,
+			}},
+		}
+		resp, err := client.Post(c.members[0].PeerURL+"/raft", "application/octet-stream", strings.NewReader(""))
+		if err != nil {
+			t.Fatalf("%s: %v", tc.cert, err)
+		}
+		resp.Body.Close()
+		client.CloseIdleConnections()
+		if (resp.StatusCode == http.StatusForbidden) != (tc.want == http.StatusForbidden) {
+			t.Errorf("a peer request with the certificate of %q: %d, want 403 %v", tc.cert, resp.StatusCode, tc.want == http.StatusForbidden)
+		}
 	}
 }
 

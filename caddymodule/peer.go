@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net/http"
 	"os"
+	"slices"
 	"strings"
 
 	"github.com/caddyserver/caddy/v2"
@@ -40,6 +41,13 @@ const peerPath = "/raft"
 // peer_trusted_ca_file are the client side of the same exchange. raftkv
 // itself refuses messages from another cluster or from an unknown member.
 type PeerHandler struct {
+	// The common names a peer's client certificate may have (etcd's
+	// --peer-cert-allowed-cn): a peer whose verified certificate names
+	// none of them gets 403, as does one without a certificate. Empty:
+	// any certificate the site's client_auth accepts. It needs the site's
+	// client_auth to verify the certificates.
+	AllowedCN []string `json:"allowed_cn,omitempty"`
+
 	member *member
 	// ctx ends when this handler's config is unloaded (a reload): the
 	// peer streams it serves end then, and their senders open new ones,
@@ -89,11 +97,25 @@ func (h *PeerHandler) ServeHTTP(w http.ResponseWriter, r *http.Request, next cad
 		http.Error(w, "raftkv member not running", http.StatusServiceUnavailable)
 		return nil
 	}
+	if len(h.AllowedCN) > 0 && !h.allowedPeer(r) {
+		raftkv.AnswerBeforeBody(w, r)
+		http.Error(w, "raftkv: the peer's certificate names no allowed common name", http.StatusForbidden)
+		return nil
+	}
 	ctx, cancel := context.WithCancel(r.Context())
 	defer cancel()
 	defer context.AfterFunc(h.ctx, cancel)()
 	n.PeerHandler().ServeHTTP(w, r.WithContext(ctx))
 	return nil
+}
+
+// allowedPeer reports whether r came with a verified client certificate
+// whose common name AllowedCN lists.
+func (h *PeerHandler) allowedPeer(r *http.Request) bool {
+	if r.TLS == nil || len(r.TLS.VerifiedChains) == 0 || len(r.TLS.VerifiedChains[0]) == 0 {
+		return false
+	}
+	return slices.Contains(h.AllowedCN, r.TLS.VerifiedChains[0][0].Subject.CommonName)
 }
 
 func endPeerStreamsIfExiting() {
@@ -109,10 +131,11 @@ func endPeerStreamsIfExiting() {
 
 // parsePeerDirective sets up the peer handler. Syntax:
 //
-//	raftkv_peer [<matcher>]
+//	raftkv_peer [<matcher>] {
+//		allowed_cn <common_name>...
+//	}
 //
-// It takes no arguments and no options: TLS and client_auth belong to the
-// site it is in.
+// It takes no arguments: TLS and client_auth belong to the site it is in.
 func parsePeerDirective(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
 	handler := new(PeerHandler)
 	err := handler.UnmarshalCaddyfile(h.Dispenser)
@@ -126,8 +149,17 @@ func (h *PeerHandler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		if d.NextArg() {
 			return d.ArgErr()
 		}
-		if d.NextBlock(0) {
-			return d.Errf("unrecognized raftkv_peer option %q", d.Val())
+		for d.NextBlock(0) {
+			switch d.Val() {
+			case "allowed_cn":
+				args := d.RemainingArgs()
+				if len(args) == 0 {
+					return d.ArgErr()
+				}
+				h.AllowedCN = append(h.AllowedCN, args...)
+			default:
+				return d.Errf("unrecognized raftkv_peer option %q", d.Val())
+			}
 		}
 	}
 	return nil

@@ -131,3 +131,18 @@ func TestMetricsUnderEtcdsNames(t *testing.T) {
 		}
 	}
 }
+
+// TestMetricsOnTheClientSite: Caddy's metrics handler in the client site
+// serves the etcd metrics on the client URL's /metrics, where etcd serves
+// them, so a scrape configured for etcd finds them there.
+func TestMetricsOnTheClientSite(t *testing.T) {
+	p := startEtcaddy(t, etcaddyOpts{Caddyfile: "{\n\tadmin 127.0.0.1:{admin_port}\n\traftkv {\n\t\tdata_dir {data_dir}\n\t}\n}\n\n" +
+		"http://127.0.0.1:{client_port} {\n\tmetrics /metrics\n\tetcd\n}\n"})
+	st, h, body := p.do(t, "GET", "/metrics", nil)
+	if st != http.StatusOK || !strings.Contains(string(body), "\netcd_server_has_leader 1\n") || !strings.Contains(string(body), "\netcd_server_is_leader 1\n") {
+		t.Fatalf("GET /metrics on the client site: %d %s\n%.600s", st, h.Get("Content-Type"), body)
+	}
+	if st, _, body := p.do(t, "GET", "/v2/keys/", nil); st != http.StatusOK {
+		t.Fatalf("the API beside it: %d %s", st, body)
+	}
+}

@@ -12,10 +12,13 @@ import (
 	"math/big"
 	"net/http"
 	"net/http/httptest"
+	"net/url"
 	"slices"
+	"strconv"
 	"testing"
 	"time"
 
+	"github.com/etcaddy/etcaddy/raftkv/dnstest"
 	"github.com/etcaddy/etcaddy/storage"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest"
@@ -147,5 +150,51 @@ func TestProxyTransportChecksTheHostDialed(t *testing.T) {
 			t.Errorf("%s at %s: error %v, want success %v", tc.name, srv.URL, err, tc.ok)
 		}
 		srv.Close()
+	}
+}
+
+// TestProxyFromSRVRecords: a member with proxy on and a DNS SRV domain reads
+// its cluster from the records (it needs no record of its own) and runs as
+// its proxy.
+func TestProxyFromSRVRecords(t *testing.T) {
+	c := newTestCluster(t, 2, nil)
+	leader := c.waitLeader(c.members...)
+	waitFor(t, "both members' client URLs published", func() bool {
+		n := 0
+		for _, m := range leader.n().Members() {
+			n += len(m.ClientURLs)
+		}
+		return n == 2
+	})
+	dns := dnstest.Start(t, "127.0.0.1:0")
+	var recs []dnstest.SRV
+	for _, m := range c.members {
+		u, err := url.Parse(m.url)
+		if err != nil {
+			t.Fatal(err)
+		}
+		port, err := strconv.Atoi(u.Port())
+		if err != nil {
+			t.Fatal(err)
+		}
+		recs = append(recs, dnstest.SRV{Target: "localhost", Port: uint16(port)})
+	}
+	dns.SetSRV("_etcd-server._tcp."+srvDomain, recs...)
+	cfg := srvConfig(t, dns, "px", "http://127.0.0.1:9")
+	cfg.Proxy = "on"
+	n := NewNode(cfg)
+	if err := n.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer n.Stop()
+	waitFor(t, "the proxy", func() bool { return n.Proxy() != nil })
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	n.Proxy().WaitEndpoints(ctx)
+	if got := n.Proxy().Endpoints(); len(got) != 2 {
+		t.Fatalf("endpoints %v, want the two members' client URLs", got)
+	}
+	if q := dns.Queries("_etcd-server._tcp." + srvDomain); q == 0 {
+		t.Fatal("the records were not read")
 	}
 }

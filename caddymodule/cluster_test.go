@@ -39,6 +39,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	client "go.etcd.io/etcd/client/v2"
 
@@ -1819,5 +1821,77 @@ func TestClusterRestartedMemberReadsNoOlderThanItAcknowledged(t *testing.T) {
 		if status, _, body := m.do(t, "GET", key, nil); status != http.StatusOK {
 			t.Fatalf("round %d: GET %s on %s with its peers back: %d %s", round, key, m.Name, status, body)
 		}
+	}
+}
+
+// TestPeerCertificateChecks: raftkv_peer's allowed_hostname (etcd's
+// --peer-cert-allowed-hostname) and crl_file (etcd's --peer-crl-file)
+// refuse a peer's verified client certificate that is not valid for the
+// host name, or that the CRL revokes; allowed_cn and allowed_hostname
+// together are refused, as by etcd.
+func TestPeerCertificateChecks(t *testing.T) {
+	pki := newTestPKI(t, "n1", "rogue")
+	leaf := func(name string) *x509.Certificate {
+		pair := pki.pair(t, name)
+		c, err := x509.ParseCertificate(pair.Certificate[0])
+		if err != nil {
+			t.Fatal(err)
+		}
+		return c
+	}
+	n1, rogue := leaf("n1"), leaf("rogue")
+	crl, err := x509.CreateRevocationList(rand.Reader, &x509.RevocationList{
+		Number:                    big.NewInt(1),
+		ThisUpdate:                time.Now().Add(-time.Minute),
+		NextUpdate:                time.Now().Add(time.Hour),
+		RevokedCertificateEntries: []x509.RevocationListEntry{{SerialNumber: rogue.SerialNumber, RevocationTime: time.Now()}},
+	}, pki.ca, pki.caKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	crlFile := filepath.Join(t.TempDir(), "peers.crl")
+	writePEM(t, crlFile, "X509 CRL", crl)
+	revoked, err := readCRL(crlFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	req := func(c *x509.Certificate) *http.Request {
+		r := httptest.NewRequest("POST", "https://localhost/raft", nil)
+		r.TLS = &tls.ConnectionState{PeerCertificates: []*x509.Certificate{c}, VerifiedChains: [][]*x509.Certificate{{c, pki.ca}}}
+		return r
+	}
+	for _, tc := range []struct {
+		name string
+		h    PeerHandler
+		cert *x509.Certificate
+		want string
+	}{
+		{"hostname matches", PeerHandler{AllowedHostname: "localhost"}, n1, ""},
+		{"hostname does not", PeerHandler{AllowedHostname: "etcd9.example.net"}, n1, "not valid for the allowed host name"},
+		{"not revoked", PeerHandler{revoked: revoked}, n1, ""},
+		{"revoked", PeerHandler{revoked: revoked}, rogue, "revoked"},
+		{"no certificate", PeerHandler{AllowedHostname: "localhost"}, nil, "no verified client certificate"},
+		{"no checks", PeerHandler{}, nil, ""},
+	} {
+		r := req(tc.cert)
+		if tc.cert == nil {
+			r.TLS = nil
+		}
+		if got := tc.h.refusePeer(r); tc.want == "" && got != "" || tc.want != "" && !strings.Contains(got, tc.want) {
+			t.Errorf("%s: %q, want %q", tc.name, got, tc.want)
+		}
+	}
+	var parsed PeerHandler
+	d := caddyfile.NewTestDispenser("raftkv_peer {\n\tallowed_hostname etcd1.cluster.internal\n\tcrl_file /etc/etcaddy/peers.crl\n}")
+	if err := parsed.UnmarshalCaddyfile(d); err != nil || parsed.AllowedHostname != "etcd1.cluster.internal" || parsed.CRLFile != "/etc/etcaddy/peers.crl" {
+		t.Errorf("the Caddyfile options: %+v, %v", parsed, err)
+	}
+	both := PeerHandler{AllowedCN: []string{"n1"}, AllowedHostname: "localhost"}
+	if err := both.Provision(caddy.Context{}); err == nil || !strings.Contains(err.Error(), "mutually exclusive") {
+		t.Errorf("allowed_cn with allowed_hostname: %v", err)
+	}
+	bad := PeerHandler{CRLFile: filepath.Join(t.TempDir(), "missing.crl")}
+	if err := bad.Provision(caddy.Context{}); err == nil || !strings.Contains(err.Error(), "crl_file") {
+		t.Errorf("a missing CRL file: %v", err)
 	}
 }

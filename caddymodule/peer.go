@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/pem"
 	"fmt"
 	"net/http"
 	"os"
@@ -48,6 +49,18 @@ type PeerHandler struct {
 	// client_auth to verify the certificates.
 	AllowedCN []string `json:"allowed_cn,omitempty"`
 
+	// A host name a peer's client certificate must be valid for (etcd's
+	// --peer-cert-allowed-hostname): a peer whose verified certificate is
+	// not gets 403. Not with allowed_cn, as etcd.
+	AllowedHostname string `json:"allowed_hostname,omitempty"`
+
+	// A certificate revocation list, PEM or DER (etcd's --peer-crl-file):
+	// a peer whose client certificate it revokes gets 403. Read when the
+	// config loads; a reload reads it again.
+	CRLFile string `json:"crl_file,omitempty"`
+
+	revoked map[string]bool // serial numbers the CRL revokes
+
 	member *member
 	// ctx ends when this handler's config is unloaded (a reload): the
 	// peer streams it serves end then, and their senders open new ones,
@@ -64,8 +77,18 @@ func (PeerHandler) CaddyModule() caddy.ModuleInfo {
 	}
 }
 
-// Provision gets the member from the raftkv app.
+// Provision gets the member from the raftkv app, and reads the CRL.
 func (h *PeerHandler) Provision(ctx caddy.Context) error {
+	if len(h.AllowedCN) > 0 && h.AllowedHostname != "" {
+		return fmt.Errorf("raftkv_peer: allowed_cn and allowed_hostname are mutually exclusive (cn=%q, hostname=%q), as in etcd", h.AllowedCN, h.AllowedHostname)
+	}
+	if h.CRLFile != "" {
+		revoked, err := readCRL(h.CRLFile)
+		if err != nil {
+			return fmt.Errorf("raftkv_peer: crl_file: %w", err)
+		}
+		h.revoked = revoked
+	}
 	v, err := ctx.App("raftkv")
 	if err != nil {
 		return err
@@ -97,9 +120,9 @@ func (h *PeerHandler) ServeHTTP(w http.ResponseWriter, r *http.Request, next cad
 		http.Error(w, "raftkv member not running", http.StatusServiceUnavailable)
 		return nil
 	}
-	if len(h.AllowedCN) > 0 && !h.allowedPeer(r) {
+	if why := h.refusePeer(r); why != "" {
 		raftkv.AnswerBeforeBody(w, r)
-		http.Error(w, "raftkv: the peer's certificate names no allowed common name", http.StatusForbidden)
+		http.Error(w, "raftkv: "+why, http.StatusForbidden)
 		return nil
 	}
 	ctx, cancel := context.WithCancel(r.Context())
@@ -109,13 +132,49 @@ func (h *PeerHandler) ServeHTTP(w http.ResponseWriter, r *http.Request, next cad
 	return nil
 }
 
-// allowedPeer reports whether r came with a verified client certificate
-// whose common name AllowedCN lists.
-func (h *PeerHandler) allowedPeer(r *http.Request) bool {
-	if r.TLS == nil || len(r.TLS.VerifiedChains) == 0 || len(r.TLS.VerifiedChains[0]) == 0 {
-		return false
+// refusePeer says why r's client certificate may not reach the member
+// (allowed_cn, allowed_hostname, crl_file), or "".
+func (h *PeerHandler) refusePeer(r *http.Request) string {
+	if len(h.AllowedCN) == 0 && h.AllowedHostname == "" && h.revoked == nil {
+		return ""
 	}
-	return slices.Contains(h.AllowedCN, r.TLS.VerifiedChains[0][0].Subject.CommonName)
+	if r.TLS == nil || len(r.TLS.VerifiedChains) == 0 || len(r.TLS.VerifiedChains[0]) == 0 {
+		return "the peer presented no verified client certificate"
+	}
+	leaf := r.TLS.VerifiedChains[0][0]
+	if len(h.AllowedCN) > 0 && !slices.Contains(h.AllowedCN, leaf.Subject.CommonName) {
+		return "the peer's certificate names no allowed common name"
+	}
+	if h.AllowedHostname != "" && leaf.VerifyHostname(h.AllowedHostname) != nil {
+		return "the peer's certificate is not valid for the allowed host name"
+	}
+	for _, c := range r.TLS.PeerCertificates {
+		if h.revoked[c.SerialNumber.String()] {
+			return "the peer's certificate is revoked"
+		}
+	}
+	return ""
+}
+
+// readCRL reads a certificate revocation list (PEM or DER) and returns
+// the serial numbers it revokes.
+func readCRL(path string) (map[string]bool, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	if block, _ := pem.Decode(b); block != nil {
+		b = block.Bytes
+	}
+	crl, err := x509.ParseRevocationList(b)
+	if err != nil {
+		return nil, err
+	}
+	revoked := make(map[string]bool, len(crl.RevokedCertificateEntries))
+	for _, e := range crl.RevokedCertificateEntries {
+		revoked[e.SerialNumber.String()] = true
+	}
+	return revoked, nil
 }
 
 func endPeerStreamsIfExiting() {
@@ -133,6 +192,8 @@ func endPeerStreamsIfExiting() {
 //
 //	raftkv_peer [<matcher>] {
 //		allowed_cn <common_name>...
+//		allowed_hostname <host>
+//		crl_file <crl.pem>
 //	}
 //
 // It takes no arguments: TLS and client_auth belong to the site it is in.
@@ -150,13 +211,23 @@ func (h *PeerHandler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			return d.ArgErr()
 		}
 		for d.NextBlock(0) {
-			switch d.Val() {
+			switch opt := d.Val(); opt {
 			case "allowed_cn":
 				args := d.RemainingArgs()
 				if len(args) == 0 {
 					return d.ArgErr()
 				}
 				h.AllowedCN = append(h.AllowedCN, args...)
+			case "allowed_hostname", "crl_file":
+				var v string
+				if !d.Args(&v) || d.NextArg() {
+					return d.ArgErr()
+				}
+				if opt == "allowed_hostname" {
+					h.AllowedHostname = v
+				} else {
+					h.CRLFile = v
+				}
 			default:
 				return d.Errf("unrecognized raftkv_peer option %q", d.Val())
 			}

@@ -130,9 +130,11 @@ type App struct {
 	// A proxy's timings (etcd's --proxy-refresh-interval,
 	// --proxy-failure-wait, --proxy-dial-timeout): how often it reads
 	// the members' client URLs again (default 30s; while none answers,
-	// every second), how long a member it could not reach is left out
-	// (default 5s), how long it dials one (default 1s). They apply to a
-	// member that runs as a proxy, by proxy or by discovery_fallback.
+	// every second, when the interval is 30s or more), how long a member
+	// it could not reach is left out (default 5s), how long it dials a
+	// member's client URL (default 1s; the member list is read from the
+	// peer URLs with the peer transport's own 1s). They apply to a member
+	// that runs as a proxy, by proxy or by discovery_fallback.
 	ProxyRefreshInterval caddy.Duration `json:"proxy_refresh_interval,omitempty"`
 	ProxyFailureWait     caddy.Duration `json:"proxy_failure_wait,omitempty"`
 	ProxyDialTimeout     caddy.Duration `json:"proxy_dial_timeout,omitempty"`
@@ -855,14 +857,18 @@ func (m *member) tuningChanges(cfg raftkv.Config) []string {
 	if m.cfg.ForceNewCluster != cfg.ForceNewCluster {
 		changed = append(changed, "force_new_cluster")
 	}
-	if m.cfg.ProxyRefreshInterval != cfg.ProxyRefreshInterval {
-		changed = append(changed, "proxy_refresh_interval")
-	}
-	if m.cfg.ProxyFailureWait != cfg.ProxyFailureWait {
-		changed = append(changed, "proxy_failure_wait")
-	}
-	if m.cfg.ProxyDialTimeout != cfg.ProxyDialTimeout {
-		changed = append(changed, "proxy_dial_timeout")
+	if n := m.current(); n != nil && (n.Proxy() != nil || n.Discovering()) {
+		// A proxy's timings (or a proxy's to be); a member that runs Raft
+		// has no use for them.
+		if m.cfg.ProxyRefreshInterval != cfg.ProxyRefreshInterval {
+			changed = append(changed, "proxy_refresh_interval")
+		}
+		if m.cfg.ProxyFailureWait != cfg.ProxyFailureWait {
+			changed = append(changed, "proxy_failure_wait")
+		}
+		if m.cfg.ProxyDialTimeout != cfg.ProxyDialTimeout {
+			changed = append(changed, "proxy_dial_timeout")
+		}
 	}
 	return changed
 }

@@ -42,6 +42,7 @@ import (
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"github.com/caddyserver/caddy/v2/modules/caddytls"
 	client "go.etcd.io/etcd/client/v2"
 
 	"github.com/etcaddy/etcaddy/raftkv"
@@ -1871,11 +1872,16 @@ func TestPeerCertificateChecks(t *testing.T) {
 		{"not revoked", PeerHandler{revoked: revoked}, n1, ""},
 		{"revoked", PeerHandler{revoked: revoked}, rogue, "revoked"},
 		{"no certificate", PeerHandler{AllowedHostname: "localhost"}, nil, "no verified client certificate"},
+		{"no certificate, a CRL", PeerHandler{revoked: revoked}, nil, ""},
+		{"revoked, unverified", PeerHandler{revoked: revoked}, rogue, "revoked"},
+		{"unverified, a host name", PeerHandler{AllowedHostname: "localhost"}, n1, "no verified client certificate"},
 		{"no checks", PeerHandler{}, nil, ""},
 	} {
 		r := req(tc.cert)
 		if tc.cert == nil {
 			r.TLS = nil
+		} else if strings.Contains(tc.name, "unverified") {
+			r.TLS.VerifiedChains = nil
 		}
 		if got := tc.h.refusePeer(r); tc.want == "" && got != "" || tc.want != "" && !strings.Contains(got, tc.want) {
 			t.Errorf("%s: %q, want %q", tc.name, got, tc.want)
@@ -1889,6 +1895,27 @@ func TestPeerCertificateChecks(t *testing.T) {
 	both := PeerHandler{AllowedCN: []string{"n1"}, AllowedHostname: "localhost"}
 	if err := both.Provision(caddy.Context{}); err == nil || !strings.Contains(err.Error(), "mutually exclusive") {
 		t.Errorf("allowed_cn with allowed_hostname: %v", err)
+	}
+	empty := PeerHandler{AllowedCN: []string{"n1", ""}}
+	if err := empty.Provision(caddy.Context{}); err == nil || !strings.Contains(err.Error(), "empty name") {
+		t.Errorf("an empty allowed_cn: %v", err)
+	}
+	for _, tc := range []struct {
+		name string
+		ca   *caddytls.ClientAuthentication
+		want bool
+	}{
+		{"no client_auth", nil, false},
+		{"mode require", &caddytls.ClientAuthentication{Mode: "require"}, false},
+		{"mode request with a CA", &caddytls.ClientAuthentication{Mode: "request", CARaw: []byte(`{"provider":"file"}`)}, false},
+		{"require_and_verify", &caddytls.ClientAuthentication{Mode: "require_and_verify", CARaw: []byte(`{"provider":"file"}`)}, true},
+		{"verify_if_given", &caddytls.ClientAuthentication{Mode: "verify_if_given"}, true},
+		{"the default mode with a CA", &caddytls.ClientAuthentication{CARaw: []byte(`{"provider":"inline"}`)}, true},
+	} {
+		srv := &caddyhttp.Server{TLSConnPolicies: caddytls.ConnectionPolicies{{ClientAuthentication: tc.ca}}}
+		if got := verifiesClients(srv); got != tc.want {
+			t.Errorf("verifiesClients, %s: %v, want %v", tc.name, got, tc.want)
+		}
 	}
 	bad := PeerHandler{CRLFile: filepath.Join(t.TempDir(), "missing.crl")}
 	if err := bad.Provision(caddy.Context{}); err == nil || !strings.Contains(err.Error(), "crl_file") {

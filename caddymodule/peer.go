@@ -5,6 +5,7 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/pem"
+	"errors"
 	"fmt"
 	"net/http"
 	"os"
@@ -51,12 +52,15 @@ type PeerHandler struct {
 
 	// A host name a peer's client certificate must be valid for (etcd's
 	// --peer-cert-allowed-hostname): a peer whose verified certificate is
-	// not gets 403. Not with allowed_cn, as etcd.
+	// not gets 403. Not with allowed_cn, as etcd. It needs the site's
+	// client_auth to verify the certificates.
 	AllowedHostname string `json:"allowed_hostname,omitempty"`
 
-	// A certificate revocation list, PEM or DER (etcd's --peer-crl-file):
-	// a peer whose client certificate it revokes gets 403. Read when the
-	// config loads; a reload reads it again.
+	// A certificate revocation list, PEM (one or more CRL blocks) or DER
+	// (etcd's --peer-crl-file): a peer whose client certificate's serial
+	// number it revokes gets 403, verified or not, as with etcd. Read when
+	// the config loads; a reload reads it again (etcd reads it at every
+	// connection).
 	CRLFile string `json:"crl_file,omitempty"`
 
 	revoked map[string]bool // serial numbers the CRL revokes
@@ -82,6 +86,9 @@ func (h *PeerHandler) Provision(ctx caddy.Context) error {
 	if len(h.AllowedCN) > 0 && h.AllowedHostname != "" {
 		return fmt.Errorf("raftkv_peer: allowed_cn and allowed_hostname are mutually exclusive (cn=%q, hostname=%q), as in etcd", h.AllowedCN, h.AllowedHostname)
 	}
+	if slices.Contains(h.AllowedCN, "") {
+		return errors.New("raftkv_peer: allowed_cn has an empty name, which would let in any certificate without one")
+	}
 	if h.CRLFile != "" {
 		revoked, err := readCRL(h.CRLFile)
 		if err != nil {
@@ -95,7 +102,11 @@ func (h *PeerHandler) Provision(ctx caddy.Context) error {
 	}
 	h.member = v.(*App).member
 	h.ctx = ctx
-	if srv, ok := ctx.Value(caddyhttp.ServerCtxKey).(*caddyhttp.Server); ok {
+	srv, _ := ctx.Value(caddyhttp.ServerCtxKey).(*caddyhttp.Server)
+	if (len(h.AllowedCN) > 0 || h.AllowedHostname != "") && !verifiesClients(srv) {
+		ctx.Logger().Warn("raftkv_peer: allowed_cn and allowed_hostname check verified client certificates, and no TLS connection policy of this site verifies them (client_auth with a trust pool, in mode require_and_verify or verify_if_given): every peer will get 403")
+	}
+	if srv != nil {
 		// When Caddy exits, the streams end once its servers stop (the
 		// leader has handed over by then: Caddy's "stopping" event comes
 		// first, see exitHandover), or Caddy would wait for them.
@@ -133,9 +144,18 @@ func (h *PeerHandler) ServeHTTP(w http.ResponseWriter, r *http.Request, next cad
 }
 
 // refusePeer says why r's client certificate may not reach the member
-// (allowed_cn, allowed_hostname, crl_file), or "".
+// (allowed_cn, allowed_hostname, crl_file), or "". The CRL is checked, as
+// etcd checks it, against any certificate presented; the names only
+// against a verified one.
 func (h *PeerHandler) refusePeer(r *http.Request) string {
-	if len(h.AllowedCN) == 0 && h.AllowedHostname == "" && h.revoked == nil {
+	if r.TLS != nil {
+		for _, c := range r.TLS.PeerCertificates {
+			if h.revoked[c.SerialNumber.String()] {
+				return "the peer's certificate is revoked"
+			}
+		}
+	}
+	if len(h.AllowedCN) == 0 && h.AllowedHostname == "" {
 		return ""
 	}
 	if r.TLS == nil || len(r.TLS.VerifiedChains) == 0 || len(r.TLS.VerifiedChains[0]) == 0 {
@@ -148,12 +168,34 @@ func (h *PeerHandler) refusePeer(r *http.Request) string {
 	if h.AllowedHostname != "" && leaf.VerifyHostname(h.AllowedHostname) != nil {
 		return "the peer's certificate is not valid for the allowed host name"
 	}
-	for _, c := range r.TLS.PeerCertificates {
-		if h.revoked[c.SerialNumber.String()] {
-			return "the peer's certificate is revoked"
+	return ""
+}
+
+// verifiesClients reports whether a TLS connection policy of srv verifies
+// client certificates against a CA (Caddy's client_auth with a trust pool
+// or CA certificates, in mode require_and_verify, verify_if_given, or the
+// default with a CA).
+func verifiesClients(srv *caddyhttp.Server) bool {
+	if srv == nil {
+		return false
+	}
+	for _, cp := range srv.TLSConnPolicies {
+		ca := cp.ClientAuthentication
+		if ca == nil {
+			continue
+		}
+		//lint:ignore SA1019 configs may still use the older fields, which Caddy honours
+		hasCA := len(ca.CARaw) > 0 || len(ca.TrustedCACerts) > 0 || len(ca.TrustedCACertPEMFiles) > 0
+		switch ca.Mode {
+		case "require_and_verify", "verify_if_given":
+			return true
+		case "":
+			if hasCA {
+				return true
+			}
 		}
 	}
-	return ""
+	return false
 }
 
 // readCRL reads a certificate revocation list (PEM or DER) and returns
@@ -163,16 +205,28 @@ func readCRL(path string) (map[string]bool, error) {
 	if err != nil {
 		return nil, err
 	}
-	if block, _ := pem.Decode(b); block != nil {
-		b = block.Bytes
+	ders := [][]byte{b}
+	if block, rest := pem.Decode(b); block != nil {
+		// PEM: every CRL block in the file (a CA's and an intermediate's).
+		ders = nil
+		for ; block != nil; block, rest = pem.Decode(rest) {
+			if block.Type == "X509 CRL" {
+				ders = append(ders, block.Bytes)
+			}
+		}
+		if len(ders) == 0 {
+			return nil, errors.New("no X509 CRL block in the PEM file")
+		}
 	}
-	crl, err := x509.ParseRevocationList(b)
-	if err != nil {
-		return nil, err
-	}
-	revoked := make(map[string]bool, len(crl.RevokedCertificateEntries))
-	for _, e := range crl.RevokedCertificateEntries {
-		revoked[e.SerialNumber.String()] = true
+	revoked := make(map[string]bool)
+	for _, der := range ders {
+		crl, err := x509.ParseRevocationList(der)
+		if err != nil {
+			return nil, err
+		}
+		for _, e := range crl.RevokedCertificateEntries {
+			revoked[e.SerialNumber.String()] = true
+		}
 	}
 	return revoked, nil
 }

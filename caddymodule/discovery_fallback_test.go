@@ -54,6 +54,24 @@ func fallbackScript(t *testing.T, member, proxy *proc) []fallbackAnswer {
 	return out
 }
 
+// compareAnswers reports each answer of etcd's proxy (want) and etcaddy's
+// (got) that differ.
+func compareAnswers(t *testing.T, want, got []fallbackAnswer) {
+	t.Helper()
+	for i := range max(len(want), len(got)) {
+		var w, g fallbackAnswer
+		if i < len(want) {
+			w = want[i]
+		}
+		if i < len(got) {
+			g = got[i]
+		}
+		if i >= len(want) || i >= len(got) || w != g {
+			t.Errorf("answer %d: etcd's proxy %d %q %s; etcaddy's %d %q %s", i, w.status, w.ctype, w.body, g.status, g.ctype, g.body)
+		}
+	}
+}
+
 var indexFields = regexp.MustCompile(`"(modifiedIndex|createdIndex|index)":\d+`)
 
 func memberClusterID(t *testing.T, member *proc) string {
@@ -136,19 +154,7 @@ func TestDiscoveryFallbackProxy(t *testing.T) {
 	if st, _, body := n2.do(t, "DELETE", "/v2/keys/watched", nil); st != http.StatusOK {
 		t.Fatalf("DELETE through the proxy: %d %s", st, body)
 	}
-	got := fallbackScript(t, n1.proc, n2.proc)
-	for i := range max(len(want), len(got)) {
-		if i >= len(want) || i >= len(got) || want[i] != got[i] {
-			var w, g fallbackAnswer
-			if i < len(want) {
-				w = want[i]
-			}
-			if i < len(got) {
-				g = got[i]
-			}
-			t.Errorf("answer %d: etcd's proxy %d %q %s; etcaddy's %d %q %s", i, w.status, w.ctype, w.body, g.status, g.ctype, g.body)
-		}
-	}
+	compareAnswers(t, want, fallbackScript(t, n1.proc, n2.proc))
 
 	// It finds the member again once that runs; restarted, it is a proxy
 	// again.
@@ -278,19 +284,7 @@ func TestProxyOption(t *testing.T) {
 		p.launch(t)
 		proxies = append(proxies, p)
 	}
-	got := proxyModeScript(t, m.proc, proxies[0].proc, proxies[1].proc)
-	for i := range max(len(want), len(got)) {
-		if i >= len(want) || i >= len(got) || want[i] != got[i] {
-			var w, g fallbackAnswer
-			if i < len(want) {
-				w = want[i]
-			}
-			if i < len(got) {
-				g = got[i]
-			}
-			t.Errorf("answer %d: etcd %d %q %s; etcaddy %d %q %s", i, w.status, w.ctype, w.body, g.status, g.ctype, g.body)
-		}
-	}
+	compareAnswers(t, want, proxyModeScript(t, m.proc, proxies[0].proc, proxies[1].proc))
 
 	// A watch through a proxy does not hold Caddy's exit (its grace
 	// period is unlimited by default): it ends, as the member's own do.

@@ -134,6 +134,29 @@ func srvEtcd(t *testing.T, d *srvDNS, pki *testPKI, name, peerURL, token string)
 	return p
 }
 
+// srvCluster prepares three members n1..n3 whose https peer URLs are
+// n<i>.srvDomain on ports of their own, and serves their
+// _etcd-server-ssl records and addresses; nothing runs yet.
+func srvCluster(t *testing.T, d *srvDNS, pki *testPKI) *testCluster {
+	t.Helper()
+	c := &testCluster{t: t, pki: pki}
+	var recs []dnstest.SRV
+	for i := 1; i <= 3; i++ {
+		m := c.newTestMember(fmt.Sprintf("n%d", i))
+		port, err := strconv.Atoi(m.PeerURL[strings.LastIndex(m.PeerURL, ":")+1:])
+		if err != nil {
+			t.Fatal(err)
+		}
+		host := m.Name + "." + srvDomain
+		m.PeerURL = fmt.Sprintf("https://%s:%d", host, port)
+		d.SetA(host, "127.0.0.1")
+		recs = append(recs, dnstest.SRV{Target: host, Port: uint16(port)})
+		c.members = append(c.members, m)
+	}
+	d.SetSRV("_etcd-server-ssl._tcp."+srvDomain, recs...)
+	return c
+}
+
 // clusterIDAndMembers reads a member's cluster ID (X-Etcd-Cluster-Id) and
 // its member list, by name.
 func clusterIDAndMembers(t *testing.T, p *proc) (string, map[string]memberInfo) {
@@ -179,22 +202,8 @@ func clusterIDAndMembers(t *testing.T, p *proc) (string, map[string]memberInfo) 
 func TestDiscoverySRVBootstrapsAsEtcdDoes(t *testing.T) {
 	d := startSRVDNS(t)
 	pki := newTestPKI(t, "n1", "n2", "n3")
-	c := &testCluster{t: t, pki: pki}
+	c := srvCluster(t, d, pki)
 	const token = "srv-cluster"
-	var recs []dnstest.SRV
-	for i := 1; i <= 3; i++ {
-		m := c.newTestMember(fmt.Sprintf("n%d", i))
-		port, err := strconv.Atoi(m.PeerURL[strings.LastIndex(m.PeerURL, ":")+1:])
-		if err != nil {
-			t.Fatal(err)
-		}
-		host := m.Name + "." + srvDomain
-		m.PeerURL = fmt.Sprintf("https://%s:%d", host, port)
-		d.SetA(host, "127.0.0.1")
-		recs = append(recs, dnstest.SRV{Target: host, Port: uint16(port)})
-		c.members = append(c.members, m)
-	}
-	d.SetSRV("_etcd-server-ssl._tcp."+srvDomain, recs...)
 
 	// The reference.
 	var etcds []*proc
@@ -313,26 +322,14 @@ func TestDiscoverySRVHTTPRecords(t *testing.T) {
 func TestDiscoverySRVWithTheSystemRoots(t *testing.T) {
 	d := startSRVDNS(t)
 	pki := newTestPKI(t, "n1", "n2", "n3")
-	c := &testCluster{t: t, pki: pki}
-	var recs []dnstest.SRV
-	for i := 1; i <= 3; i++ {
-		m := c.newTestMember(fmt.Sprintf("n%d", i))
-		port, err := strconv.Atoi(m.PeerURL[strings.LastIndex(m.PeerURL, ":")+1:])
-		if err != nil {
-			t.Fatal(err)
-		}
-		host := m.Name + "." + srvDomain
-		m.PeerURL = fmt.Sprintf("https://%s:%d", host, port)
+	c := srvCluster(t, d, pki)
+	for _, m := range c.members {
 		m.env = append(m.env, "SSL_CERT_FILE="+pki.caFile)
-		d.SetA(host, "127.0.0.1")
-		recs = append(recs, dnstest.SRV{Target: host, Port: uint16(port)})
-		c.members = append(c.members, m)
 		if err := os.WriteFile(m.Caddyfile, []byte(srvCaddyfile(m, pki, "system-roots", false)), 0o644); err != nil {
 			t.Fatal(err)
 		}
 		d.inNamespace(m.proc)
 	}
-	d.SetSRV("_etcd-server-ssl._tcp."+srvDomain, recs...)
 	for _, m := range c.members {
 		m.spawn(t)
 	}

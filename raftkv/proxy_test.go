@@ -24,12 +24,9 @@ import (
 	"go.uber.org/zap/zaptest"
 )
 
-// TestProxyRunsFromItsDataDirectory: a data directory marked as a proxy's
-// (its discovery found the cluster full) starts a proxy, whatever the
-// config says: never ready, no Raft, its endpoints the client URLs the
-// cluster's members publish; an endpoint that failed is left out for
-// the failure wait; Stop closes the store.
-func TestProxyRunsFromItsDataDirectory(t *testing.T) {
+// proxiedCluster is a two-member cluster whose members have published
+// their client URLs, which a proxy of it forwards to.
+func proxiedCluster(t *testing.T) *testCluster {
 	c := newTestCluster(t, 2, nil)
 	leader := c.waitLeader(c.members...)
 	waitFor(t, "both members' client URLs published", func() bool {
@@ -39,6 +36,16 @@ func TestProxyRunsFromItsDataDirectory(t *testing.T) {
 		}
 		return n == 2
 	})
+	return c
+}
+
+// TestProxyRunsFromItsDataDirectory: a data directory marked as a proxy's
+// (its discovery found the cluster full) starts a proxy, whatever the
+// config says: never ready, no Raft, its endpoints the client URLs the
+// cluster's members publish; an endpoint that failed is left out for
+// the failure wait; Stop closes the store.
+func TestProxyRunsFromItsDataDirectory(t *testing.T) {
+	c := proxiedCluster(t)
 
 	dir := t.TempDir()
 	st, err := storage.Open(dir)
@@ -157,15 +164,7 @@ func TestProxyTransportChecksTheHostDialed(t *testing.T) {
 // its cluster from the records (it needs no record of its own) and runs as
 // its proxy.
 func TestProxyFromSRVRecords(t *testing.T) {
-	c := newTestCluster(t, 2, nil)
-	leader := c.waitLeader(c.members...)
-	waitFor(t, "both members' client URLs published", func() bool {
-		n := 0
-		for _, m := range leader.n().Members() {
-			n += len(m.ClientURLs)
-		}
-		return n == 2
-	})
+	c := proxiedCluster(t)
 	dns := dnstest.Start(t, "127.0.0.1:0")
 	var recs []dnstest.SRV
 	for _, m := range c.members {

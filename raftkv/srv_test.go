@@ -55,14 +55,15 @@ func TestSRVRecordsMakeTheCluster(t *testing.T) {
 			dns.SetSRV(n)
 		}
 	}
-	tests := []struct {
+	type srvCase struct {
 		name    string
 		records map[string][]dnstest.SRV
 		srvName string
 		mine    []string
 		want    map[string][]string
 		wantErr string
-	}{
+	}
+	tests := []srvCase{
 		{name: "https records",
 			records: map[string][]dnstest.SRV{ssl: {rec("a", 2380), rec("b", 2381), rec("c", 2382)}},
 			mine:    []string{"https://b.etcaddy.test:2381"},
@@ -109,14 +110,7 @@ func TestSRVRecordsMakeTheCluster(t *testing.T) {
 			mine:    []string{"https://a.etcaddy.test:2380"},
 			wantErr: "error querying DNS SRV records for _etcd-server-ssl-blue"},
 	}
-	tests = append(tests, struct {
-		name    string
-		records map[string][]dnstest.SRV
-		srvName string
-		mine    []string
-		want    map[string][]string
-		wantErr string
-	}{name: "a proxy (proxy on) needs no record of its own",
+	tests = append(tests, srvCase{name: "a proxy (proxy on) needs no record of its own",
 		records: map[string][]dnstest.SRV{ssl: {rec("a", 2380)}},
 		mine:    []string{"https://b.etcaddy.test:2381"},
 		want:    map[string][]string{"0": {"https://a.etcaddy.test:2380"}}})

@@ -42,8 +42,9 @@ const (
 // Raft and keeps no keys; the etcd handler forwards every client request
 // to one of the cluster's client URLs (Endpoints), which it reads from the
 // members' peer endpoints (an etcaddy's /raft/members, or an etcd's
-// /members) and reads again every refresh interval. The cluster's peer URLs are
-// kept in the data directory, so the member starts as a proxy again.
+// /members) and reads again every refresh interval. The cluster's peer
+// URLs are kept in the data directory, so the member starts as a proxy
+// again.
 type Proxy struct {
 	lg         *zap.Logger
 	st         *storage.Store
@@ -51,6 +52,7 @@ type Proxy struct {
 	transport  *http.Transport
 
 	firstc       chan struct{} // closed once the first refresh is done
+	warned       bool          // a refresh found no endpoint and said so (run's goroutine only)
 	readOnly     bool
 	refreshEvery time.Duration
 	failWait     time.Duration
@@ -235,7 +237,7 @@ func (p *Proxy) refresh(ctx context.Context) {
 	}
 	if members == nil {
 		if ctx.Err() == nil {
-			p.lg.Warn("proxy: cannot read the cluster's members", zap.Strings("peer-urls", p.PeerURLs()), zap.Error(lastErr))
+			p.warnOnce("proxy: cannot read the cluster's members (said once until it can)", zap.Strings("peer-urls", p.PeerURLs()), zap.Error(lastErr))
 		}
 		p.mu.Lock()
 		p.endpoints = nil
@@ -272,7 +274,21 @@ func (p *Proxy) refresh(ctx context.Context) {
 		}
 	}
 	if len(eps) == 0 {
-		p.lg.Warn("proxy: the cluster's members publish no client URLs (advertise_client_urls)")
+		p.warnOnce("proxy: the cluster's members publish no client URLs (advertise_client_urls; said once until they do)")
+		return
+	}
+	if p.warned {
+		p.lg.Info("proxy: endpoints found", zap.Stringers("endpoints", p.Endpoints()))
+		p.warned = false
+	}
+}
+
+// warnOnce logs a refresh that found no endpoint, once until one finds
+// some: a refresh runs every second then.
+func (p *Proxy) warnOnce(msg string, fields ...zap.Field) {
+	if !p.warned {
+		p.lg.Warn(msg, fields...)
+		p.warned = true
 	}
 }
 

@@ -248,10 +248,14 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 //
 //	etcd [<matcher>] {
 //		cors <origin>...
+//		client_cert_allowed_hostname <host>
+//		client_crl_file <crl.pem>
 //	}
 //
 // cors lists the origins browsers may call the API from (etcd's --cors),
 // as separate arguments or comma-separated; "*" (the default) allows all.
+// client_cert_allowed_hostname and client_crl_file are etcd's flags of the
+// same names for the client certificates the site's client_auth takes.
 func parseEtcdDirective(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
 	handler := new(Handler)
 	err := handler.UnmarshalCaddyfile(h.Dispenser)
@@ -285,6 +289,16 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				}
 				if len(h.CORS) == 0 {
 					return d.Err("cors needs origins, not empty ones")
+				}
+			case "client_cert_allowed_hostname", "client_crl_file":
+				var v string
+				if !d.Args(&v) || d.NextArg() {
+					return d.ArgErr()
+				}
+				if opt == "client_crl_file" {
+					h.ClientCRLFile = v
+				} else {
+					h.ClientCertAllowedHostname = v
 				}
 			default:
 				return d.Errf("unrecognized etcd option %q", opt)

@@ -1376,6 +1376,38 @@ func (p *testPKI) pair(t *testing.T, name string) tls.Certificate {
 	return pair
 }
 
+// leaf is member name's certificate.
+func (p *testPKI) leaf(t *testing.T, name string) *x509.Certificate {
+	t.Helper()
+	c, err := x509.ParseCertificate(p.pair(t, name).Certificate[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
+// crl writes a certificate revocation list of the CA revoking certs, and
+// returns its file.
+func (p *testPKI) crl(t *testing.T, certs ...*x509.Certificate) string {
+	t.Helper()
+	var entries []x509.RevocationListEntry
+	for _, c := range certs {
+		entries = append(entries, x509.RevocationListEntry{SerialNumber: c.SerialNumber, RevocationTime: time.Now()})
+	}
+	der, err := x509.CreateRevocationList(rand.Reader, &x509.RevocationList{
+		Number:                    big.NewInt(1),
+		ThisUpdate:                time.Now().Add(-time.Minute),
+		NextUpdate:                time.Now().Add(time.Hour),
+		RevokedCertificateEntries: entries,
+	}, p.ca, p.caKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	path := filepath.Join(t.TempDir(), "revoked.crl")
+	writePEM(t, path, "X509 CRL", der)
+	return path
+}
+
 func writePEM(t *testing.T, path, typ string, der []byte) {
 	t.Helper()
 	if err := os.WriteFile(path, pem.EncodeToMemory(&pem.Block{Type: typ, Bytes: der}), 0o600); err != nil {
@@ -1832,26 +1864,9 @@ func TestClusterRestartedMemberReadsNoOlderThanItAcknowledged(t *testing.T) {
 // together are refused, as by etcd.
 func TestPeerCertificateChecks(t *testing.T) {
 	pki := newTestPKI(t, "n1", "rogue")
-	leaf := func(name string) *x509.Certificate {
-		pair := pki.pair(t, name)
-		c, err := x509.ParseCertificate(pair.Certificate[0])
-		if err != nil {
-			t.Fatal(err)
-		}
-		return c
-	}
+	leaf := func(name string) *x509.Certificate { return pki.leaf(t, name) }
 	n1, rogue := leaf("n1"), leaf("rogue")
-	crl, err := x509.CreateRevocationList(rand.Reader, &x509.RevocationList{
-		Number:                    big.NewInt(1),
-		ThisUpdate:                time.Now().Add(-time.Minute),
-		NextUpdate:                time.Now().Add(time.Hour),
-		RevokedCertificateEntries: []x509.RevocationListEntry{{SerialNumber: rogue.SerialNumber, RevocationTime: time.Now()}},
-	}, pki.ca, pki.caKey)
-	if err != nil {
-		t.Fatal(err)
-	}
-	crlFile := filepath.Join(t.TempDir(), "peers.crl")
-	writePEM(t, crlFile, "X509 CRL", crl)
+	crlFile := pki.crl(t, rogue)
 	revoked, err := readCRL(crlFile)
 	if err != nil {
 		t.Fatal(err)
@@ -1920,5 +1935,42 @@ func TestPeerCertificateChecks(t *testing.T) {
 	bad := PeerHandler{CRLFile: filepath.Join(t.TempDir(), "missing.crl")}
 	if err := bad.Provision(caddy.Context{}); err == nil || !strings.Contains(err.Error(), "crl_file") {
 		t.Errorf("a missing CRL file: %v", err)
+	}
+}
+
+// TestClientCertChecks: the etcd handler's client_cert_allowed_hostname and
+// client_crl_file (etcd's --client-cert-allowed-hostname, --client-crl-file)
+// on an HTTPS client site whose client_auth verifies certificates when
+// given: a valid certificate gets through, a revoked one and a request
+// without one get 403.
+func TestClientCertChecks(t *testing.T) {
+	pki := newTestPKI(t, "n1", "rogue")
+	crlFile := pki.crl(t, pki.leaf(t, "rogue"))
+	port := freePort(t)
+	cert, key := pki.memberFiles("n1")
+	cf := fmt.Sprintf("{\n\tadmin 127.0.0.1:{admin_port}\n\tauto_https disable_redirects\n\tskip_install_trust\n\traftkv {\n\t\tdata_dir {data_dir}\n\t}\n}\n\n"+
+		"http://127.0.0.1:{client_port} {\n\tetcd\n}\n\n"+
+		"https://localhost:%d {\n\tbind 127.0.0.1\n\ttls %s %s {\n\t\tclient_auth {\n\t\t\tmode verify_if_given\n\t\t\ttrust_pool file %s\n\t\t}\n\t}\n"+
+		"\tetcd {\n\t\tclient_cert_allowed_hostname localhost\n\t\tclient_crl_file %s\n\t}\n}\n", port, cert, key, pki.caFile, crlFile)
+	startEtcaddy(t, etcaddyOpts{Caddyfile: cf})
+	for _, tc := range []struct {
+		cert string
+		want int
+	}{{"n1", http.StatusOK}, {"rogue", http.StatusForbidden}, {"", http.StatusForbidden}} {
+		tlsCfg := &tls.Config{RootCAs: pki.pool, MinVersion: tls.VersionTLS12}
+		if tc.cert != "" {
+			tlsCfg.Certificates = []tls.Certificate{pki.pair(t, tc.cert)}
+		}
+		client := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{TLSClientConfig: tlsCfg}}
+		resp, err := client.Get(fmt.Sprintf("https://localhost:%d/v2/keys/", port))
+		if err != nil {
+			t.Fatalf("certificate %q: %v", tc.cert, err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		client.CloseIdleConnections()
+		if resp.StatusCode != tc.want {
+			t.Errorf("certificate %q: %d %s, want %d", tc.cert, resp.StatusCode, body, tc.want)
+		}
 	}
 }

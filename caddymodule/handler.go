@@ -40,6 +40,18 @@ type Handler struct {
 	// left out otherwise. "*" allows every origin. Default: "*", as etcd.
 	CORS []string `json:"cors,omitempty"`
 
+	// A host name a client's certificate must be valid for (etcd's
+	// --client-cert-allowed-hostname): a request without a verified
+	// client certificate valid for it gets 403. It needs the site's
+	// client_auth to verify the certificates.
+	ClientCertAllowedHostname string `json:"client_cert_allowed_hostname,omitempty"`
+
+	// A certificate revocation list, PEM (one or more CRL blocks) or DER
+	// (etcd's --client-crl-file): a request with a client certificate it
+	// revokes gets 403. Read when the config loads.
+	ClientCRLFile string `json:"client_crl_file,omitempty"`
+
+	revoked    map[string]bool     // serial numbers ClientCRLFile revokes
 	corsAny    bool                // CORS is empty or holds "*"
 	corsOrigin map[string]struct{} // the origins CORS lists
 	member     *member
@@ -96,6 +108,19 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		}
 	}
 	h.clusterIDs = new(clusterIDCache)
+	if h.ClientCRLFile != "" {
+		revoked, err := readCRL(h.ClientCRLFile)
+		if err != nil {
+			return fmt.Errorf("etcd: client_crl_file: %w", err)
+		}
+		h.revoked = revoked
+	}
+	if h.ClientCertAllowedHostname != "" {
+		srv, _ := ctx.Value(caddyhttp.ServerCtxKey).(*caddyhttp.Server)
+		if !verifiesClients(srv) {
+			h.logger.Warn("client_cert_allowed_hostname checks verified client certificates, and no TLS connection policy of this site verifies them (client_auth with a trust pool, in mode require_and_verify or verify_if_given): every request will get 403")
+		}
+	}
 	v, err := ctx.App("raftkv")
 	if err != nil {
 		return err
@@ -257,6 +282,15 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	if r.Method == http.MethodOptions {
 		w.WriteHeader(http.StatusOK)
 		return nil
+	}
+
+	// etcd's --client-crl-file and --client-cert-allowed-hostname end the
+	// TLS handshake; here the request gets 403.
+	if h.revoked != nil || h.ClientCertAllowedHostname != "" {
+		if why := refuseCert(r, nil, h.ClientCertAllowedHostname, h.revoked); why != "" {
+			writeMessage(w, http.StatusForbidden, "etcd: "+why)
+			return nil
+		}
 	}
 
 	// etcd's ServeMux redirects an unclean path (//, /./, /../, and what

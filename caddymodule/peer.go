@@ -144,29 +144,35 @@ func (h *PeerHandler) ServeHTTP(w http.ResponseWriter, r *http.Request, next cad
 }
 
 // refusePeer says why r's client certificate may not reach the member
-// (allowed_cn, allowed_hostname, crl_file), or "". The CRL is checked, as
-// etcd checks it, against any certificate presented; the names only
-// against a verified one.
+// (allowed_cn, allowed_hostname, crl_file), or "".
 func (h *PeerHandler) refusePeer(r *http.Request) string {
+	return refuseCert(r, h.AllowedCN, h.AllowedHostname, h.revoked)
+}
+
+// refuseCert says why r's client certificate is refused, or "": revoked
+// (checked, as etcd checks its CRL, against any certificate presented), or
+// with allowedCN or allowedHost set, no verified certificate with one of
+// those common names or valid for that host name.
+func refuseCert(r *http.Request, allowedCN []string, allowedHost string, revoked map[string]bool) string {
 	if r.TLS != nil {
 		for _, c := range r.TLS.PeerCertificates {
-			if h.revoked[c.SerialNumber.String()] {
-				return "the peer's certificate is revoked"
+			if revoked[c.SerialNumber.String()] {
+				return "the client certificate is revoked"
 			}
 		}
 	}
-	if len(h.AllowedCN) == 0 && h.AllowedHostname == "" {
+	if len(allowedCN) == 0 && allowedHost == "" {
 		return ""
 	}
 	if r.TLS == nil || len(r.TLS.VerifiedChains) == 0 || len(r.TLS.VerifiedChains[0]) == 0 {
-		return "the peer presented no verified client certificate"
+		return "no verified client certificate"
 	}
 	leaf := r.TLS.VerifiedChains[0][0]
-	if len(h.AllowedCN) > 0 && !slices.Contains(h.AllowedCN, leaf.Subject.CommonName) {
-		return "the peer's certificate names no allowed common name"
+	if len(allowedCN) > 0 && !slices.Contains(allowedCN, leaf.Subject.CommonName) {
+		return "the client certificate names no allowed common name"
 	}
-	if h.AllowedHostname != "" && leaf.VerifyHostname(h.AllowedHostname) != nil {
-		return "the peer's certificate is not valid for the allowed host name"
+	if allowedHost != "" && leaf.VerifyHostname(allowedHost) != nil {
+		return "the client certificate is not valid for the allowed host name"
 	}
 	return ""
 }

@@ -108,19 +108,12 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		}
 	}
 	h.clusterIDs = new(clusterIDCache)
-	if h.ClientCRLFile != "" {
-		revoked, err := readCRL(h.ClientCRLFile)
-		if err != nil {
-			return fmt.Errorf("etcd: client_crl_file: %w", err)
-		}
-		h.revoked = revoked
+	revoked, err := provisionCertChecks(ctx, "etcd: client_crl_file", h.ClientCRLFile,
+		"etcd: client_cert_allowed_hostname", h.ClientCertAllowedHostname != "")
+	if err != nil {
+		return err
 	}
-	if h.ClientCertAllowedHostname != "" {
-		srv, _ := ctx.Value(caddyhttp.ServerCtxKey).(*caddyhttp.Server)
-		if !verifiesClients(srv) {
-			h.logger.Warn("client_cert_allowed_hostname checks verified client certificates, and no TLS connection policy of this site verifies them (client_auth with a trust pool, in mode require_and_verify or verify_if_given): every request will get 403")
-		}
-	}
+	h.revoked = revoked
 	v, err := ctx.App("raftkv")
 	if err != nil {
 		return err
@@ -135,23 +128,23 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	return nil
 }
 
-// processExit is closed once Caddy exits (caddy.Exiting) and a server
-// with an etcd handler, or the raftkv app, begins to stop: open watches
-// end then, as etcd's do when it stops, and so do requests waiting for Raft
-// (Node.EndRequests). Caddy waits for every response before it exits (its
+// processExit ends once Caddy exits (caddy.Exiting) and a server with an
+// etcd handler, or the raftkv app, begins to stop: open watches end then,
+// as etcd's do when it stops, and so do requests waiting for Raft
+// (Node.EndRequests) and requests a proxy forwards. Caddy waits for every response before it exits (its
 // grace period is unlimited by default), so a watch would otherwise hold
 // the process until its client goes away, and a write to a member without
 // a quorum until its timeout. A server stopped by a config reload leaves
 // them be: the member goes on, and they end with their event.
 var (
-	processExit     = make(chan struct{})
-	processExitOnce sync.Once
+	processExit, endProcess = context.WithCancel(context.Background())
+	processExitOnce         sync.Once
 )
 
 func endWatchesIfExiting() {
 	if caddy.Exiting() {
 		processExitOnce.Do(func() {
-			close(processExit)
+			endProcess()
 			members.Range(func(_, value any) bool {
 				value.(*member).current().EndRequests()
 				return true

@@ -345,7 +345,7 @@ func (h *Handler) serveWatch(w http.ResponseWriter, r *http.Request, n *raftkv.N
 		select {
 		case <-r.Context().Done():
 			return
-		case <-processExit:
+		case <-processExit.Done():
 			abortWatch()
 		case ev, ok := <-wa.EventChan:
 			if !ok {

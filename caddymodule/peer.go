@@ -89,24 +89,19 @@ func (h *PeerHandler) Provision(ctx caddy.Context) error {
 	if slices.Contains(h.AllowedCN, "") {
 		return errors.New("raftkv_peer: allowed_cn has an empty name, which would let in any certificate without one")
 	}
-	if h.CRLFile != "" {
-		revoked, err := readCRL(h.CRLFile)
-		if err != nil {
-			return fmt.Errorf("raftkv_peer: crl_file: %w", err)
-		}
-		h.revoked = revoked
+	revoked, err := provisionCertChecks(ctx, "raftkv_peer: crl_file", h.CRLFile,
+		"raftkv_peer: allowed_cn and allowed_hostname", len(h.AllowedCN) > 0 || h.AllowedHostname != "")
+	if err != nil {
+		return err
 	}
+	h.revoked = revoked
 	v, err := ctx.App("raftkv")
 	if err != nil {
 		return err
 	}
 	h.member = v.(*App).member
 	h.ctx = ctx
-	srv, _ := ctx.Value(caddyhttp.ServerCtxKey).(*caddyhttp.Server)
-	if (len(h.AllowedCN) > 0 || h.AllowedHostname != "") && !verifiesClients(srv) {
-		ctx.Logger().Warn("raftkv_peer: allowed_cn and allowed_hostname check verified client certificates, and no TLS connection policy of this site verifies them (client_auth with a trust pool, in mode require_and_verify or verify_if_given): every peer will get 403")
-	}
-	if srv != nil {
+	if srv, ok := ctx.Value(caddyhttp.ServerCtxKey).(*caddyhttp.Server); ok {
 		// When Caddy exits, the streams end once its servers stop (the
 		// leader has handed over by then: Caddy's "stopping" event comes
 		// first, see exitHandover), or Caddy would wait for them.
@@ -175,6 +170,27 @@ func refuseCert(r *http.Request, allowedCN []string, allowedHost string, revoked
 		return "the client certificate is not valid for the allowed host name"
 	}
 	return ""
+}
+
+// provisionCertChecks reads crlFile, when one is given (crlOpt names it in
+// errors), and returns the serial numbers it revokes; when checksNames, it
+// warns if no TLS connection policy of the site verifies client
+// certificates, which the name checks (namesOpt) need.
+func provisionCertChecks(ctx caddy.Context, crlOpt, crlFile, namesOpt string, checksNames bool) (map[string]bool, error) {
+	var revoked map[string]bool
+	if crlFile != "" {
+		var err error
+		if revoked, err = readCRL(crlFile); err != nil {
+			return nil, fmt.Errorf("%s: %w", crlOpt, err)
+		}
+	}
+	if checksNames {
+		if srv, _ := ctx.Value(caddyhttp.ServerCtxKey).(*caddyhttp.Server); !verifiesClients(srv) {
+			ctx.Logger().Warn(namesOpt + " check verified client certificates, and no TLS connection policy of this site verifies them " +
+				"(client_auth with a trust pool, in mode require_and_verify or verify_if_given): every request will get 403")
+		}
+	}
+	return revoked, nil
 }
 
 // verifiesClients reports whether a TLS connection policy of srv verifies

@@ -84,13 +84,7 @@ func (h *Handler) serveProxied(w http.ResponseWriter, r *http.Request, px *raftk
 	// default, as the member's own watches end then too).
 	ctx, cancel := context.WithCancel(r.Context())
 	defer cancel()
-	go func() {
-		select {
-		case <-processExit:
-			cancel()
-		case <-ctx.Done():
-		}
-	}()
+	defer context.AfterFunc(processExit, cancel)()
 	for _, ep := range eps {
 		out := r.Clone(ctx)
 		out.RequestURI = ""

@@ -191,21 +191,37 @@ func newDiscoverer(durl, proxy, name string, peerURLs []string, id uint64, lg *z
 // no retry would change (a full cluster, no size key…) or when ctx ends;
 // an unreachable service is tried again after a backoff, as etcd does.
 func (d *discoverer) join(ctx context.Context) (map[string][]string, error) {
+	return d.find(ctx, true)
+}
+
+// readCluster reads the cluster the directory bootstraps, without
+// registering (etcd's GetCluster, for a proxy): once size members have
+// registered, the first size of them.
+func (d *discoverer) readCluster(ctx context.Context) (map[string][]string, error) {
+	return d.find(ctx, false)
+}
+
+// find is join, or readCluster when register is false. A cluster full
+// without this member is the cluster for a reader, and for a member that
+// registers a *discoveryFull (the cluster a proxy of it forwards to).
+func (d *discoverer) find(ctx context.Context, register bool) (map[string][]string, error) {
 	defer d.client.CloseIdleConnections()
 	registered := false
 	for {
 		nodes, size, index, err := d.checkCluster(ctx)
 		if errors.Is(err, ErrDiscoveryFullCluster) {
-			// The first size registrations: the cluster a proxy of it
-			// forwards to (etcd's GetCluster).
-			if cluster, cerr := nodesToCluster(nodes, size); cerr == nil {
+			cluster, cerr := nodesToCluster(nodes, size)
+			if !register {
+				return cluster, cerr
+			}
+			if cerr == nil {
 				return nil, &discoveryFull{cluster: cluster}
 			}
 		}
 		if err != nil {
 			return nil, err
 		}
-		if !registered {
+		if register && !registered {
 			// etcd checks first, so that a member of a full cluster does
 			// not register; then checks again, since others register too.
 			if err := d.createSelf(ctx); err != nil {
@@ -213,30 +229,6 @@ func (d *discoverer) join(ctx context.Context) (map[string][]string, error) {
 			}
 			registered = true
 			continue
-		}
-		all, err := d.waitNodes(ctx, nodes, size, index)
-		if errors.Is(err, errDiscoveryUnreachable) || errors.Is(err, errDiscoveryRecheck) {
-			continue
-		}
-		if err != nil {
-			return nil, err
-		}
-		return nodesToCluster(all, size)
-	}
-}
-
-// readCluster reads the cluster the directory bootstraps, without registering
-// (etcd's GetCluster, for a proxy): once size members have registered, the
-// first size of them.
-func (d *discoverer) readCluster(ctx context.Context) (map[string][]string, error) {
-	defer d.client.CloseIdleConnections()
-	for {
-		nodes, size, index, err := d.checkCluster(ctx)
-		if errors.Is(err, ErrDiscoveryFullCluster) {
-			return nodesToCluster(nodes, size)
-		}
-		if err != nil {
-			return nil, err
 		}
 		all, err := d.waitNodes(ctx, nodes, size, index)
 		if errors.Is(err, errDiscoveryUnreachable) || errors.Is(err, errDiscoveryRecheck) {

@@ -145,16 +145,21 @@ func (c Config) withDefaults() (Config, error) {
 	if c.InitialClusterToken == "" {
 		c.InitialClusterToken = "etcd-cluster"
 	}
-	if c.Discovery != "" {
-		if err := CheckDiscoveryURL(c.Discovery); err != nil {
-			return c, fmt.Errorf("raftkv: %w", err)
-		}
+	if c.Discovery != "" && c.DiscoverySRV != "" {
+		return c, errors.New("raftkv: multiple discovery options are set: a discovery URL and a DNS SRV domain")
+	}
+	if c.Discovery != "" || c.DiscoverySRV != "" {
 		if _, ok := c.InitialCluster[c.Name]; !ok || len(c.InitialCluster) != 1 {
-			return c, errors.New("raftkv: with a discovery URL, the initial cluster holds only this member, with its peer URLs")
+			return c, errors.New("raftkv: with discovery (a discovery URL or DNS SRV records), the initial cluster holds only this member, with its peer URLs")
 		}
 		// As etcd, before it registers anything the others would trip on.
 		if err := checkDuplicateURLs(c.InitialCluster); err != nil {
 			return c, err
+		}
+	}
+	if c.Discovery != "" {
+		if err := CheckDiscoveryURL(c.Discovery); err != nil {
+			return c, fmt.Errorf("raftkv: %w", err)
 		}
 		c.InitialClusterToken = c.Discovery
 		if _, err := ParseDiscoveryProxy(c.DiscoveryProxy); err != nil {
@@ -185,17 +190,8 @@ func (c Config) withDefaults() (Config, error) {
 		return c, fmt.Errorf("raftkv: discovery fallback %q is neither \"proxy\" nor \"exit\"", c.DiscoveryFallback)
 	}
 	if c.DiscoverySRV != "" {
-		if c.Discovery != "" {
-			return c, errors.New("raftkv: multiple discovery options are set: a discovery URL and a DNS SRV domain")
-		}
 		if err := CheckSRVDomain(c.DiscoverySRV); err != nil {
 			return c, fmt.Errorf("raftkv: %w", err)
-		}
-		if _, ok := c.InitialCluster[c.Name]; !ok || len(c.InitialCluster) != 1 {
-			return c, errors.New("raftkv: with DNS SRV discovery, the initial cluster holds only this member, with its peer URLs")
-		}
-		if err := checkDuplicateURLs(c.InitialCluster); err != nil {
-			return c, err
 		}
 	}
 	if c.DiscoverySRVName != "" {
@@ -372,26 +368,26 @@ func (n *Node) Start() error {
 		st.Close()
 		return err
 	}
-	if freshRaft(rs) {
-		// A member that became a proxy stays one, whatever the config
-		// says, as etcd's data directory with a proxy in it does.
-		peers, err := proxyPeerURLs(st)
-		if err != nil {
-			st.Close()
-			return err
+	if !freshRaft(rs) {
+		if cfg.proxying() {
+			n.lg.Warn("proxy is set, but the data directory holds a member's data: it starts as that member", zap.String("data_dir", cfg.DataDir))
 		}
-		if peers != nil {
-			return n.startProxy(st, peers)
-		}
-		if cfg.proxying() && cfg.Discovery == "" && cfg.DiscoverySRV == "" {
-			return n.startProxy(st, clusterPeerURLs(cfg.InitialCluster))
-		}
-	} else if cfg.proxying() {
-		n.lg.Warn("proxy is set, but the data directory holds a member's data: it starts as that member", zap.String("data_dir", cfg.DataDir))
+		return n.startOn(st, rs)
 	}
-	if freshRaft(rs) && (cfg.Discovery != "" && (cfg.InitialClusterState == "new" || cfg.proxying()) || cfg.DiscoverySRV != "") {
+	// A member that became a proxy stays one, whatever the config says,
+	// as etcd's data directory with a proxy in it does.
+	peers, err := proxyPeerURLs(st)
+	switch {
+	case err != nil:
+		st.Close()
+		return err
+	case peers != nil:
+		return n.startProxy(st, peers)
+	case cfg.Discovery != "" && (cfg.InitialClusterState == "new" || cfg.proxying()) || cfg.DiscoverySRV != "":
 		n.startDiscovery(st, rs)
 		return nil
+	case cfg.proxying():
+		return n.startProxy(st, clusterPeerURLs(cfg.InitialCluster))
 	}
 	return n.startOn(st, rs)
 }

@@ -193,24 +193,33 @@ func newProxy(st *storage.Store, peerURLs []string, peerTLS *tls.Config, h2c boo
 // roots, and failing that against cluster.
 func verifyEither(cluster *x509.CertPool, host string) func(tls.ConnectionState) error {
 	return func(cs tls.ConnectionState) error {
-		if len(cs.PeerCertificates) == 0 {
-			return errors.New("the server presented no certificate")
-		}
-		inter := x509.NewCertPool()
-		for _, c := range cs.PeerCertificates[1:] {
-			inter.AddCert(c)
-		}
-		opts := x509.VerifyOptions{DNSName: host, Intermediates: inter}
-		_, err := cs.PeerCertificates[0].Verify(opts) // nil Roots: the system's
-		if err == nil {
-			return nil
-		}
-		opts.Roots = cluster
-		if _, err2 := cs.PeerCertificates[0].Verify(opts); err2 != nil {
-			return fmt.Errorf("the server's certificate: %w (against the cluster CA: %v)", err, err2)
+		if err := verifyServer(cs, host, nil, cluster); err != nil {
+			return fmt.Errorf("the server's certificate, against the system's roots and the cluster CA: %w", err)
 		}
 		return nil
 	}
+}
+
+// verifyServer checks the chain cs presents for name against each of
+// roots in turn (nil: the system's), as Go's own check does for the host
+// it dialed; the first that takes it will do.
+func verifyServer(cs tls.ConnectionState, name string, roots ...*x509.CertPool) error {
+	if len(cs.PeerCertificates) == 0 {
+		return errors.New("the server presented no certificate")
+	}
+	inter := x509.NewCertPool()
+	for _, c := range cs.PeerCertificates[1:] {
+		inter.AddCert(c)
+	}
+	var errs []error
+	for _, pool := range roots {
+		_, err := cs.PeerCertificates[0].Verify(x509.VerifyOptions{DNSName: name, Roots: pool, Intermediates: inter})
+		if err == nil {
+			return nil
+		}
+		errs = append(errs, err)
+	}
+	return errors.Join(errs...)
 }
 
 // refresh reads the cluster from the first peer that answers: its client

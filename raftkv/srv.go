@@ -3,7 +3,6 @@ package raftkv
 import (
 	"context"
 	"crypto/tls"
-	"crypto/x509"
 	"errors"
 	"fmt"
 	"net"
@@ -150,8 +149,7 @@ func srvLookupCluster(ctx context.Context, r srvResolver, cfg Config) (cluster m
 		service, scheme := svc[0], svc[1]
 		_, records, err := r.LookupSRV(ctx, service, "tcp", cfg.DiscoverySRV)
 		if err != nil {
-			var dnsErr *net.DNSError
-			if errors.As(err, &dnsErr) && (dnsErr.IsTemporary || dnsErr.IsTimeout) {
+			if dnsMayPass(err) {
 				return nil, false, err // a cluster read from half the records would be another cluster
 			}
 			failures = append(failures, fmt.Sprintf("error querying DNS SRV records for _%s %v", service, err))
@@ -165,8 +163,7 @@ func srvLookupCluster(ctx context.Context, r srvResolver, cfg Config) (cluster m
 			hostPort := net.JoinHostPort(target, strconv.Itoa(int(rec.Port)))
 			addrs, err := resolveHostPort(ctx, r, hostPort)
 			if err != nil {
-				var dnsErr *net.DNSError
-				if errors.As(err, &dnsErr) && (dnsErr.IsTemporary || dnsErr.IsTimeout) {
+				if dnsMayPass(err) {
 					return nil, false, err
 				}
 				failures = append(failures, fmt.Sprintf("_%s: %v", service, err))
@@ -210,6 +207,13 @@ func srvLookupCluster(ctx context.Context, r srvResolver, cfg Config) (cluster m
 		return nil, false, err
 	}
 	return cluster, services == 2, nil
+}
+
+// dnsMayPass reports whether a DNS lookup failed in a way that may pass
+// (a timeout, a server that failed) rather than with an answer.
+func dnsMayPass(err error) bool {
+	var dnsErr *net.DNSError
+	return errors.As(err, &dnsErr) && (dnsErr.IsTemporary || dnsErr.IsTimeout)
 }
 
 // resolveHostPort resolves host:port to the ip:port strings of every
@@ -267,15 +271,7 @@ func srvPeerTLS(peer *tls.Config, domain string, cluster map[string][]string) *t
 	// (which would use the host) and runs this one instead.
 	c.InsecureSkipVerify = true
 	c.VerifyConnection = func(cs tls.ConnectionState) error {
-		if len(cs.PeerCertificates) == 0 {
-			return errors.New("the peer presented no certificate")
-		}
-		inter := x509.NewCertPool()
-		for _, cert := range cs.PeerCertificates[1:] {
-			inter.AddCert(cert)
-		}
-		_, err := cs.PeerCertificates[0].Verify(x509.VerifyOptions{DNSName: domain, Intermediates: inter})
-		if err != nil {
+		if err := verifyServer(cs, domain, nil); err != nil {
 			return fmt.Errorf("the peer's certificate, checked for the DNS SRV domain %s: %w", domain, err)
 		}
 		return nil

@@ -10,7 +10,8 @@
 # Needs Go 1.26; `test` also installs Debian's etcd-server and etcd-client (the reference
 # server and etcdctl) and python3-etcd (a v2 client) with apt-get, and runs as root (the DNS
 # SRV tests give processes a resolv.conf of their own with unshare and a DNS server on port 53
-# of a loopback address). Never reads standard input.
+# of a loopback address; the power-loss test mounts a FUSE file system on /dev/fuse). Never
+# reads standard input.
 set -euo pipefail
 
 readonly CADDY_VERSION=v2.11.9
@@ -34,7 +35,7 @@ gobin=$(go env GOBIN)
 export PATH="$gobin:$PATH"
 
 usage() {
-	sed -n '2,11p' "$repo/xcaddy.sh" | sed 's/^# \{0,1\}//' >&2
+	sed -n '2,8p' "$repo/xcaddy.sh" | sed 's/^# \{0,1\}//' >&2
 	exit 2
 }
 
@@ -135,6 +136,8 @@ install_test_tools() {
 	done
 	/usr/bin/python3 -c 'import etcd' 2>/dev/null || missing+=(python3-etcd)
 	((${#missing[@]} == 0)) || die "still missing after install: ${missing[*]}"
+	# The power-loss test mounts a FUSE file system (as root, with the mount syscall).
+	[[ -c /dev/fuse ]] || die "/dev/fuse is missing: the power-loss test needs the kernel's FUSE"
 }
 
 run_tests() {

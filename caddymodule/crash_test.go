@@ -194,6 +194,12 @@ func crashVerifyAcked(t testing.TB, c *http.Client, baseURL, dir string, acked m
 // its key.
 func crashRound(t *testing.T, p *proc, c *http.Client, round int, delay time.Duration) map[string]crashAck {
 	t.Helper()
+	return crashRoundThen(t, p, c, round, delay, func() {})
+}
+
+// crashRoundThen is crashRound calling beforeKill just before the kill.
+func crashRoundThen(t *testing.T, p *proc, c *http.Client, round int, delay time.Duration, beforeKill func()) map[string]crashAck {
+	t.Helper()
 	baseURL := p.ClientURL
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
@@ -258,6 +264,7 @@ func crashRound(t *testing.T, p *proc, c *http.Client, round int, delay time.Dur
 	timer := time.NewTimer(delay)
 	<-timer.C
 	killed.Store(true)
+	beforeKill()
 	p.kill9()
 	cancel()
 	wg.Wait()

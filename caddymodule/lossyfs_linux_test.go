@@ -1,0 +1,403 @@
+package caddymodule
+
+import (
+	"context"
+	"io/fs"
+	"math/rand/v2"
+	"os"
+	"path/filepath"
+	"slices"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	gofs "github.com/hanwen/go-fuse/v2/fs"
+	"github.com/hanwen/go-fuse/v2/fuse"
+)
+
+// lossyFS is a FUSE file system over a real directory that can lose power: it
+// passes every operation through to the directory (so a process on the mount
+// reads, maps, locks and writes real files), and it remembers each file's writes
+// and size changes since that file's last fsync or fdatasync. powerCut puts
+// every such file back the way a disk may hold it after power fails: its
+// synced contents, with any subset of the later writes, each cut into 4 KiB
+// pieces that persist or not independently of the others and of their order.
+// It is no stand-in for a part of etcaddy: it is the disk under it, the one
+// part a test cannot unplug here (no device-mapper in this kernel). What it
+// does not model: creating, renaming and removing files take effect at once
+// and survive (their directory's fsync is not awaited), and the kernel's page
+// cache above the mount is not what is lost (the process is killed first).
+type lossyFS struct {
+	backing, mnt string
+	server       *fuse.Server
+
+	mu    sync.Mutex
+	files map[uint64]*lossyFile // by the backing file's inode number
+	off   bool                  // the power is off: nothing more reaches the disk
+}
+
+// lossyFile is what one file went through since its last sync.
+type lossyFile struct {
+	ops   []lossyOp
+	undos []lossyOp // before each op, what it replaced: the synced contents come back by undoing them in reverse
+}
+
+// lossyOp is a write (data at off) or a size change (size, data nil). As an
+// undo it is the bytes a write replaced and the size before it.
+type lossyOp struct {
+	off  int64
+	data []byte
+	size int64 // the size the file had (undo) or gets (a size change); -1: unchanged
+}
+
+// mountLossyFS mounts a lossyFS of backing at mnt until the test ends.
+func mountLossyFS(t testing.TB, backing, mnt string) *lossyFS {
+	t.Helper()
+	l := &lossyFS{backing: backing, mnt: mnt, files: make(map[uint64]*lossyFile)}
+	l.mount(t)
+	t.Cleanup(l.unmount)
+	return l
+}
+
+func (l *lossyFS) mount(t testing.TB) {
+	t.Helper()
+	root := &lossyNode{LoopbackNode: &gofs.LoopbackNode{RootData: &gofs.LoopbackRoot{Path: l.backing}}, l: l}
+	zero := time.Duration(0)
+	server, err := gofs.Mount(l.mnt, root, &gofs.Options{
+		// No attribute cache: a size the file system reports is the backing file's.
+		AttrTimeout: &zero, EntryTimeout: &zero,
+		MountOptions: fuse.MountOptions{
+			FsName: "lossyfs", Name: "lossyfs",
+			// The test runs as root (as CI does): the mount syscall itself, no fusermount.
+			DirectMount: true, DirectMountStrict: true,
+		},
+	})
+	if err != nil {
+		t.Fatalf("mounting the lossy file system at %s (needs root and /dev/fuse): %v", l.mnt, err)
+	}
+	l.server = server
+}
+
+func (l *lossyFS) unmount() {
+	if l.server == nil {
+		return
+	}
+	// Unmount fails while the kernel still has a file of the mount open (a
+	// killed process's files close asynchronously): try for a while.
+	deadline := time.Now().Add(30 * time.Second)
+	for l.server.Unmount() != nil && time.Now().Before(deadline) {
+		time.Sleep(20 * time.Millisecond) // poll: no event tells when the kernel let go
+	}
+	l.server = nil
+}
+
+// powerOff cuts the power: from now on every write and sync of the mount
+// fails (EIO) and changes nothing, and a sync under way when it came does not
+// complete. Kill the process on the mount right after, then call powerCut.
+func (l *lossyFS) powerOff() {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.off = true
+}
+
+// powerCut is what the power failure left: the process on the mount must be
+// dead, and powerOff called before its death. It unmounts, puts every file
+// with unsynced changes back to what the disk may hold, and mounts again. rng
+// decides which pieces made it, but when there were any, one at least is lost.
+// It returns how many pieces of writes were lost and how many survived.
+func (l *lossyFS) powerCut(t testing.TB, rng *rand.Rand) (lost, kept int) {
+	t.Helper()
+	l.unmount()
+	if l.server != nil {
+		t.Fatalf("the lossy file system at %s stays busy after its process died", l.mnt)
+	}
+	paths := make(map[uint64]string)
+	err := filepath.WalkDir(l.backing, func(p string, d fs.DirEntry, err error) error {
+		if err != nil || d.IsDir() {
+			return err
+		}
+		var st syscall.Stat_t
+		if err := syscall.Lstat(p, &st); err != nil {
+			return err
+		}
+		paths[st.Ino] = p
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	// The pieces, file by file in the order they were made, and which persist.
+	type piece struct {
+		ino uint64
+		op  lossyOp
+	}
+	var pieces []piece
+	for ino, lf := range l.files {
+		if _, ok := paths[ino]; !ok {
+			continue // removed since
+		}
+		for _, op := range lf.ops {
+			if op.data == nil {
+				pieces = append(pieces, piece{ino, op})
+				continue
+			}
+			for start := op.off; start < op.off+int64(len(op.data)); {
+				end := min((start/4096+1)*4096, op.off+int64(len(op.data)))
+				pieces = append(pieces, piece{ino, lossyOp{off: start, data: op.data[start-op.off : end-op.off], size: -1}})
+				start = end
+			}
+		}
+	}
+	persists := make([]bool, len(pieces))
+	for i := range persists {
+		persists[i] = rng.IntN(2) == 0
+	}
+	if len(pieces) > 0 && !slices.Contains(persists, false) {
+		persists[rng.IntN(len(pieces))] = false
+	}
+	for ino, lf := range l.files {
+		p, ok := paths[ino]
+		if !ok || len(lf.ops) == 0 {
+			continue
+		}
+		f, err := os.OpenFile(p, os.O_RDWR, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for i := len(lf.undos) - 1; i >= 0; i-- {
+			lossyApply(t, f, lf.undos[i])
+		}
+		for i, pc := range pieces {
+			if pc.ino != ino {
+				continue
+			}
+			if !persists[i] {
+				lost++
+				continue
+			}
+			kept++
+			lossyApply(t, f, pc.op)
+		}
+		if err := f.Close(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	l.files = make(map[uint64]*lossyFile)
+	l.off = false
+	l.mount(t)
+	return lost, kept
+}
+
+// lossyApply does op to f: a write, then a size change when op has one.
+func lossyApply(t testing.TB, f *os.File, op lossyOp) {
+	t.Helper()
+	if len(op.data) > 0 {
+		if _, err := f.WriteAt(op.data, op.off); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if op.size >= 0 {
+		if err := f.Truncate(op.size); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+// record notes that fd (a backing file) is about to get op, with what op
+// replaces as its undo.
+func (l *lossyFS) record(fd int, op lossyOp) syscall.Errno {
+	var st syscall.Stat_t
+	if err := syscall.Fstat(fd, &st); err != nil {
+		return gofs.ToErrno(err)
+	}
+	undo := lossyOp{off: op.off, size: -1}
+	end := op.off + int64(len(op.data))
+	if op.data == nil { // a size change: the bytes a shrink cuts off
+		undo.off, end = op.size, st.Size
+	}
+	if end > st.Size {
+		undo.size = st.Size // the write or growth extends the file
+		end = st.Size
+	}
+	if op.data == nil && op.size != st.Size {
+		undo.size = st.Size
+	}
+	if end > undo.off {
+		undo.data = make([]byte, end-undo.off)
+		if _, err := syscall.Pread(fd, undo.data, undo.off); err != nil {
+			return gofs.ToErrno(err)
+		}
+	}
+	if op.data != nil {
+		op.data = append([]byte(nil), op.data...)
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.off {
+		return syscall.EIO
+	}
+	lf := l.files[st.Ino]
+	if lf == nil {
+		lf = &lossyFile{}
+		l.files[st.Ino] = lf
+	}
+	lf.ops = append(lf.ops, op)
+	lf.undos = append(lf.undos, undo)
+	return 0
+}
+
+// synced notes that everything fd's file holds is on the disk, unless the
+// power went off first.
+func (l *lossyFS) synced(fd int) syscall.Errno {
+	var st syscall.Stat_t
+	if err := syscall.Fstat(fd, &st); err != nil {
+		return gofs.ToErrno(err)
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.off {
+		return syscall.EIO
+	}
+	delete(l.files, st.Ino)
+	return 0
+}
+
+// lossyNode is the loopback node, with its files opened as lossyHandles.
+type lossyNode struct {
+	*gofs.LoopbackNode
+	l *lossyFS
+}
+
+var (
+	_ gofs.NodeWrapChilder = (*lossyNode)(nil)
+	_ gofs.NodeOpener      = (*lossyNode)(nil)
+	_ gofs.NodeCreater     = (*lossyNode)(nil)
+	_ gofs.NodeSetattrer   = (*lossyNode)(nil)
+)
+
+func (n *lossyNode) WrapChild(ctx context.Context, ops gofs.InodeEmbedder) gofs.InodeEmbedder {
+	return &lossyNode{LoopbackNode: ops.(*gofs.LoopbackNode), l: n.l}
+}
+
+func (n *lossyNode) Open(ctx context.Context, flags uint32) (gofs.FileHandle, uint32, syscall.Errno) {
+	fh, fl, errno := n.LoopbackNode.Open(ctx, flags)
+	if errno != 0 {
+		return nil, 0, errno
+	}
+	return &lossyHandle{f: fh.(*gofs.LoopbackFile), l: n.l}, fl, 0
+}
+
+func (n *lossyNode) Create(ctx context.Context, name string, flags, mode uint32, out *fuse.EntryOut) (*gofs.Inode, gofs.FileHandle, uint32, syscall.Errno) {
+	in, fh, fl, errno := n.LoopbackNode.Create(ctx, name, flags, mode, out)
+	if errno != 0 {
+		return nil, nil, 0, errno
+	}
+	return in, &lossyHandle{f: fh.(*gofs.LoopbackFile), l: n.l}, fl, 0
+}
+
+// Setattr records a size change made by path (truncate(2)); one made through
+// an open file (ftruncate(2)) comes to the lossyHandle.
+func (n *lossyNode) Setattr(ctx context.Context, fh gofs.FileHandle, in *fuse.SetAttrIn, out *fuse.AttrOut) syscall.Errno {
+	if size, ok := in.GetSize(); ok && fh == nil {
+		fd, err := syscall.Open(filepath.Join(n.RootData.Path, n.Path(nil)), syscall.O_RDONLY, 0)
+		if err != nil {
+			return gofs.ToErrno(err)
+		}
+		errno := n.l.record(fd, lossyOp{off: int64(size), size: int64(size)})
+		syscall.Close(fd)
+		if errno != 0 {
+			return errno
+		}
+	}
+	return n.LoopbackNode.Setattr(ctx, fh, in, out)
+}
+
+// lossyHandle is an open file of a lossyFS: the loopback file, with its writes,
+// size changes and syncs recorded. It offers the kernel no passthrough, so
+// every write comes through Write.
+type lossyHandle struct {
+	f *gofs.LoopbackFile
+	l *lossyFS
+}
+
+var (
+	_ gofs.FileReader    = (*lossyHandle)(nil)
+	_ gofs.FileWriter    = (*lossyHandle)(nil)
+	_ gofs.FileFsyncer   = (*lossyHandle)(nil)
+	_ gofs.FileSetattrer = (*lossyHandle)(nil)
+	_ gofs.FileGetattrer = (*lossyHandle)(nil)
+	_ gofs.FileFlusher   = (*lossyHandle)(nil)
+	_ gofs.FileReleaser  = (*lossyHandle)(nil)
+	_ gofs.FileLseeker   = (*lossyHandle)(nil)
+)
+
+// fd is the backing file's descriptor (the loopback file hands it out as
+// its passthrough descriptor; passthrough itself stays off).
+func (h *lossyHandle) fd() (int, syscall.Errno) {
+	fd, ok := h.f.PassthroughFd()
+	if !ok {
+		return -1, syscall.EBADF
+	}
+	return fd, 0
+}
+
+func (h *lossyHandle) Read(ctx context.Context, buf []byte, off int64) (fuse.ReadResult, syscall.Errno) {
+	return h.f.Read(ctx, buf, off)
+}
+
+func (h *lossyHandle) Write(ctx context.Context, data []byte, off int64) (uint32, syscall.Errno) {
+	fd, errno := h.fd()
+	if errno != 0 {
+		return 0, errno
+	}
+	if errno := h.l.record(fd, lossyOp{off: off, data: data, size: -1}); errno != 0 {
+		return 0, errno
+	}
+	return h.f.Write(ctx, data, off)
+}
+
+// lossySyncTime is how long a sync takes, as a disk's cache flush takes a
+// while: a power cut (the kill) that lands meanwhile finds the sync not done,
+// so most cuts of a member under load find a commit's writes unsynced.
+const lossySyncTime = 2 * time.Millisecond
+
+// Fsync is fsync(2) and fdatasync(2) alike: after lossySyncTime, the file's
+// data is on the disk. The backing file is not synced: the test's own disk
+// never loses power.
+func (h *lossyHandle) Fsync(ctx context.Context, flags uint32) syscall.Errno {
+	fd, errno := h.fd()
+	if errno != 0 {
+		return errno
+	}
+	// The device's work, not a wait for a condition.
+	time.Sleep(lossySyncTime)
+	return h.l.synced(fd)
+}
+
+func (h *lossyHandle) Setattr(ctx context.Context, in *fuse.SetAttrIn, out *fuse.AttrOut) syscall.Errno {
+	if size, ok := in.GetSize(); ok {
+		fd, errno := h.fd()
+		if errno != 0 {
+			return errno
+		}
+		if errno := h.l.record(fd, lossyOp{off: int64(size), size: int64(size)}); errno != 0 {
+			return errno
+		}
+	}
+	return h.f.Setattr(ctx, in, out)
+}
+
+func (h *lossyHandle) Getattr(ctx context.Context, out *fuse.AttrOut) syscall.Errno {
+	return h.f.Getattr(ctx, out)
+}
+
+func (h *lossyHandle) Flush(ctx context.Context) syscall.Errno { return h.f.Flush(ctx) }
+
+func (h *lossyHandle) Release(ctx context.Context) syscall.Errno { return h.f.Release(ctx) }
+
+func (h *lossyHandle) Lseek(ctx context.Context, off uint64, whence uint32) (uint64, syscall.Errno) {
+	return h.f.Lseek(ctx, off, whence)
+}

@@ -65,7 +65,10 @@ type testCluster struct {
 	pki           *testPKI // nil: peers over plain HTTP on loopback
 	snapshotCount int      // raftkv's snapshot_count and snapshot_catchup_entries; 0: the defaults
 	allowedCN     []string // the peer sites' raftkv_peer allowed_cn (with pki)
-	members       []*testMember
+	// dataDir, when set, names the data directory of the member of that name (called once
+	// per member); nil: a directory of the member's own in the test's temp dir.
+	dataDir func(name string) string
+	members []*testMember
 }
 
 // newTestMember picks the ports of a member-to-be and prepares its process; nothing runs yet.
@@ -100,6 +103,9 @@ func (c *testCluster) newTestMember(name string) *testMember {
 				"XDG_DATA_HOME="+filepath.Join(home, "data"),
 			),
 		},
+	}
+	if c.dataDir != nil {
+		m.DataDir = c.dataDir(name)
 	}
 	return m
 }

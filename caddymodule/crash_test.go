@@ -194,13 +194,13 @@ func crashVerifyAcked(t testing.TB, c *http.Client, baseURL, dir string, acked m
 // its key.
 func crashRound(t *testing.T, p *proc, c *http.Client, round int, delay time.Duration) map[string]crashAck {
 	t.Helper()
-	return crashRoundThen(t, p, c, round, delay, func() {})
+	return crashRoundOn(t, []string{p.ClientURL}, c, round, delay, p.kill9)
 }
 
-// crashRoundThen is crashRound calling beforeKill just before the kill.
-func crashRoundThen(t *testing.T, p *proc, c *http.Client, round int, delay time.Duration, beforeKill func()) map[string]crashAck {
+// crashRoundOn is crashRound for writers spread over the client URLs urls (writer w writes
+// to urls[w%len(urls)]), ended by kill, which must leave none of them running.
+func crashRoundOn(t *testing.T, urls []string, c *http.Client, round int, delay time.Duration, kill func()) map[string]crashAck {
 	t.Helper()
-	baseURL := p.ClientURL
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 
@@ -227,7 +227,7 @@ func crashRoundThen(t *testing.T, p *proc, c *http.Client, round int, delay time
 			for seq := 0; ctx.Err() == nil; seq++ {
 				key := fmt.Sprintf("/crash/r%d/w%02d-%07d", round, w, seq)
 				value := fmt.Sprintf("r%d/w%d/%d", round, w, seq)
-				_, node, err := crashPut(ctx, c, baseURL, key, value)
+				_, node, err := crashPut(ctx, c, urls[w%len(urls)], key, value)
 				if err != nil {
 					// After the kill every error is expected: the request
 					// was in flight or the process is gone. Before it, an
@@ -264,8 +264,7 @@ func crashRoundThen(t *testing.T, p *proc, c *http.Client, round int, delay time
 	timer := time.NewTimer(delay)
 	<-timer.C
 	killed.Store(true)
-	beforeKill()
-	p.kill9()
+	kill()
 	cancel()
 	wg.Wait()
 	c.CloseIdleConnections()

@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"sync"
 	"syscall"
 	"testing"
@@ -25,16 +26,31 @@ import (
 // pieces that persist or not independently of the others and of their order.
 // It is no stand-in for a part of etcaddy: it is the disk under it, the one
 // part a test cannot unplug here (no device-mapper in this kernel). What it
-// does not model: creating, renaming and removing files take effect at once
-// and survive (their directory's fsync is not awaited), and the kernel's page
-// cache above the mount is not what is lost (the process is killed first).
+// A directory's changes (files created, renamed, removed) are kept the same way
+// until the directory's fsync, and a power cut keeps a random prefix of them, in
+// order, as a journaling file system replays its journal. What it does not
+// model: directories made (mkdir) and renames between directories survive at
+// once, and the kernel's page cache above the mount is not what is lost (the
+// process is killed first).
 type lossyFS struct {
 	backing, mnt string
 	server       *fuse.Server
 
+	stash   string // hard links to the files a pending rename or unlink replaced
+	stashed int
+
 	mu    sync.Mutex
-	files map[uint64]*lossyFile // by the backing file's inode number
-	off   bool                  // the power is off: nothing more reaches the disk
+	files map[uint64]*lossyFile   // by the backing file's inode number
+	dirs  map[string][]lossyDirOp // by the backing directory's path: changes since its last fsync
+	off   bool                    // the power is off: nothing more reaches the disk
+}
+
+// lossyDirOp is a change to a directory, with what undoes it: a file created
+// at to (from empty), renamed from from to to, or removed from from. stash,
+// when set, is a hard link to the file the change took away (the one removed,
+// or the one a rename replaced).
+type lossyDirOp struct {
+	from, to, stash string
 }
 
 // lossyFile is what one file went through since its last sync.
@@ -54,7 +70,8 @@ type lossyOp struct {
 // mountLossyFS mounts a lossyFS of backing at mnt until the test ends.
 func mountLossyFS(t testing.TB, backing, mnt string) *lossyFS {
 	t.Helper()
-	l := &lossyFS{backing: backing, mnt: mnt, files: make(map[uint64]*lossyFile)}
+	l := &lossyFS{backing: backing, mnt: mnt, stash: t.TempDir(),
+		files: make(map[uint64]*lossyFile), dirs: make(map[string][]lossyDirOp)}
 	l.mount(t)
 	t.Cleanup(l.unmount)
 	return l
@@ -112,6 +129,17 @@ func (l *lossyFS) powerCut(t testing.TB, rng *rand.Rand) (lost, kept int) {
 	if l.server != nil {
 		t.Fatalf("the lossy file system at %s stays busy after its process died", l.mnt)
 	}
+	// The directories first: the files' contents are put back by inode
+	// wherever their names end up.
+	l.mu.Lock()
+	for _, ops := range l.dirs {
+		keep := rng.IntN(len(ops) + 1)
+		for i := len(ops) - 1; i >= keep; i-- {
+			lossyUndoDirOp(t, ops[i])
+		}
+	}
+	l.dirs = make(map[string][]lossyDirOp)
+	l.mu.Unlock()
 	paths := make(map[uint64]string)
 	err := filepath.WalkDir(l.backing, func(p string, d fs.DirEntry, err error) error {
 		if err != nil || d.IsDir() {
@@ -189,6 +217,58 @@ func (l *lossyFS) powerCut(t testing.TB, rng *rand.Rand) (lost, kept int) {
 	l.off = false
 	l.mount(t)
 	return lost, kept
+}
+
+// lossyUndoDirOp puts a directory back as it was before op.
+func lossyUndoDirOp(t testing.TB, op lossyDirOp) {
+	t.Helper()
+	var err error
+	switch {
+	case op.from == "": // created
+		err = os.Remove(op.to)
+	case op.to == "": // removed
+		err = os.Link(op.stash, op.from)
+	default: // renamed
+		if err = os.Rename(op.to, op.from); err == nil && op.stash != "" {
+			err = os.Link(op.stash, op.to)
+		}
+	}
+	if err != nil && !os.IsNotExist(err) {
+		t.Fatalf("putting the directory back before %+v: %v", op, err)
+	}
+}
+
+// recordDir notes op in the directory dir (backing paths). keep, when set, is a
+// file op takes away: it gets a hard link in the stash first.
+func (l *lossyFS) recordDir(dir string, op lossyDirOp, keep string) syscall.Errno {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.off {
+		return syscall.EIO
+	}
+	if keep != "" {
+		l.stashed++
+		stash := filepath.Join(l.stash, strconv.Itoa(l.stashed))
+		if err := os.Link(keep, stash); err == nil {
+			op.stash = stash
+		} else if !os.IsNotExist(err) {
+			return gofs.ToErrno(err)
+		}
+	}
+	l.dirs[dir] = append(l.dirs[dir], op)
+	return 0
+}
+
+// syncedDir notes that the directory dir's changes are on the disk, unless the
+// power went off first.
+func (l *lossyFS) syncedDir(dir string) syscall.Errno {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.off {
+		return syscall.EIO
+	}
+	delete(l.dirs, dir)
+	return 0
 }
 
 // lossyApply does op to f: a write, then a size change when op has one.
@@ -276,6 +356,10 @@ var (
 	_ gofs.NodeOpener      = (*lossyNode)(nil)
 	_ gofs.NodeCreater     = (*lossyNode)(nil)
 	_ gofs.NodeSetattrer   = (*lossyNode)(nil)
+	_ gofs.NodeUnlinker    = (*lossyNode)(nil)
+	_ gofs.NodeRenamer     = (*lossyNode)(nil)
+
+	_ gofs.NodeOpendirHandler = (*lossyNode)(nil)
 )
 
 func (n *lossyNode) WrapChild(ctx context.Context, ops gofs.InodeEmbedder) gofs.InodeEmbedder {
@@ -290,12 +374,85 @@ func (n *lossyNode) Open(ctx context.Context, flags uint32) (gofs.FileHandle, ui
 	return &lossyHandle{f: fh.(*gofs.LoopbackFile), l: n.l}, fl, 0
 }
 
+// dir is the node's path in the backing directory.
+func (n *lossyNode) dir() string { return filepath.Join(n.RootData.Path, n.Path(nil)) }
+
 func (n *lossyNode) Create(ctx context.Context, name string, flags, mode uint32, out *fuse.EntryOut) (*gofs.Inode, gofs.FileHandle, uint32, syscall.Errno) {
+	p := filepath.Join(n.dir(), name)
+	_, err := os.Lstat(p)
 	in, fh, fl, errno := n.LoopbackNode.Create(ctx, name, flags, mode, out)
 	if errno != 0 {
 		return nil, nil, 0, errno
 	}
+	if os.IsNotExist(err) { // made now: gone again if the directory is not synced
+		if errno := n.l.recordDir(n.dir(), lossyDirOp{to: p}, ""); errno != 0 {
+			return nil, nil, 0, errno
+		}
+	}
 	return in, &lossyHandle{f: fh.(*gofs.LoopbackFile), l: n.l}, fl, 0
+}
+
+func (n *lossyNode) Unlink(ctx context.Context, name string) syscall.Errno {
+	p := filepath.Join(n.dir(), name)
+	if errno := n.l.recordDir(n.dir(), lossyDirOp{from: p}, p); errno != 0 {
+		return errno
+	}
+	return n.LoopbackNode.Unlink(ctx, name)
+}
+
+// Rename records a rename within one directory (the only kind etcaddy makes);
+// one between directories survives at once.
+func (n *lossyNode) Rename(ctx context.Context, name string, newParent gofs.InodeEmbedder, newName string, flags uint32) syscall.Errno {
+	if np, ok := newParent.(*lossyNode); ok && np.dir() == n.dir() && flags == 0 {
+		from, to := filepath.Join(n.dir(), name), filepath.Join(n.dir(), newName)
+		if errno := n.l.recordDir(n.dir(), lossyDirOp{from: from, to: to}, to); errno != 0 {
+			return errno
+		}
+	}
+	return n.LoopbackNode.Rename(ctx, name, newParent, newName, flags)
+}
+
+// OpendirHandle hands out the loopback's directory stream with its fsync
+// recorded instead of done.
+func (n *lossyNode) OpendirHandle(ctx context.Context, flags uint32) (gofs.FileHandle, uint32, syscall.Errno) {
+	fh, fl, errno := n.LoopbackNode.OpendirHandle(ctx, flags)
+	if errno != 0 {
+		return nil, 0, errno
+	}
+	return &lossyDirHandle{ds: fh, dir: n.dir(), l: n.l}, fl, 0
+}
+
+// lossyDirHandle is an open directory of a lossyFS.
+type lossyDirHandle struct {
+	ds  gofs.FileHandle // the loopback's directory stream
+	dir string
+	l   *lossyFS
+}
+
+var (
+	_ gofs.FileReaddirenter = (*lossyDirHandle)(nil)
+	_ gofs.FileSeekdirer    = (*lossyDirHandle)(nil)
+	_ gofs.FileReleasedirer = (*lossyDirHandle)(nil)
+	_ gofs.FileFsyncdirer   = (*lossyDirHandle)(nil)
+)
+
+func (h *lossyDirHandle) Readdirent(ctx context.Context) (*fuse.DirEntry, syscall.Errno) {
+	return h.ds.(gofs.FileReaddirenter).Readdirent(ctx)
+}
+
+func (h *lossyDirHandle) Seekdir(ctx context.Context, off uint64) syscall.Errno {
+	return h.ds.(gofs.FileSeekdirer).Seekdir(ctx, off)
+}
+
+func (h *lossyDirHandle) Releasedir(ctx context.Context, flags uint32) {
+	h.ds.(gofs.FileReleasedirer).Releasedir(ctx, flags)
+}
+
+// Fsyncdir makes the directory's changes durable, after lossySyncTime as a
+// file's sync.
+func (h *lossyDirHandle) Fsyncdir(ctx context.Context, flags uint32) syscall.Errno {
+	time.Sleep(lossySyncTime) // the device's work, not a wait for a condition
+	return h.l.syncedDir(h.dir)
 }
 
 // Setattr records a size change made by path (truncate(2)); one made through

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"slices"
@@ -203,16 +204,34 @@ func (a *arena) copy(b []byte) []byte {
 // hanging, and checks the file's pages before bbolt reads them: a damaged
 // file is ErrDamaged, never a crash.
 func Open(dir string) (*Store, error) {
+	_, err := os.Stat(dir)
+	newDir := errors.Is(err, fs.ErrNotExist)
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("storage: %w", err)
 	}
+	path := filepath.Join(dir, "member.db")
+	_, err = os.Stat(path)
+	newFile := errors.Is(err, fs.ErrNotExist)
 	opts := dbOptions()
 	// The file's lock is taken and its pages checked before bbolt reads
 	// them: a damaged file is an error, not a crash.
 	opts.OpenFile = openChecked
-	db, err := openDB(filepath.Join(dir, "member.db"), opts)
+	db, err := openDB(path, opts)
 	if err != nil {
 		return nil, fmt.Errorf("storage: opening %s: %w", dir, err)
+	}
+	// bbolt syncs what it writes in the file, not the name it made: until
+	// the directory is synced, a power failure may take member.db away
+	// whole, with every write acknowledged since. So before anything is.
+	if newFile {
+		err = syncDir(dir)
+		if err == nil && newDir {
+			err = syncDir(filepath.Dir(filepath.Clean(dir)))
+		}
+		if err != nil {
+			db.Close()
+			return nil, fmt.Errorf("storage: opening %s: %w", dir, err)
+		}
 	}
 	removeStaleSnapshots(dir)
 	s := &Store{dir: filepath.Clean(dir), now: time.Now, flushc: make(chan struct{}, 1), commitc: make(chan struct{}), donec: make(chan struct{})}

@@ -2,7 +2,9 @@ package caddymodule
 
 import (
 	"context"
+	"fmt"
 	"io/fs"
+	"maps"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
@@ -19,7 +21,7 @@ import (
 
 // lossyFS is a FUSE file system over a real directory that can lose power: it
 // passes every operation through to the directory (so a process on the mount
-// reads, maps, locks and writes real files), and it remembers each file's writes
+// reads, maps and writes real files; locks stay the kernel's own), and it remembers each file's writes
 // and size changes since that file's last fsync or fdatasync. powerCut puts
 // every such file back the way a disk may hold it after power fails: its
 // synced contents, with any subset of the later writes, each cut into 4 KiB
@@ -73,7 +75,11 @@ func mountLossyFS(t testing.TB, backing, mnt string) *lossyFS {
 	l := &lossyFS{backing: backing, mnt: mnt, stash: t.TempDir(),
 		files: make(map[uint64]*lossyFile), dirs: make(map[string][]lossyDirOp)}
 	l.mount(t)
-	t.Cleanup(l.unmount)
+	t.Cleanup(func() {
+		if err := l.unmount(); err != nil {
+			t.Errorf("the lossy file system: %v", err)
+		}
+	})
 	return l
 }
 
@@ -96,17 +102,29 @@ func (l *lossyFS) mount(t testing.TB) {
 	l.server = server
 }
 
-func (l *lossyFS) unmount() {
+// unmount unmounts the file system. It fails while the kernel still has a
+// file of the mount open (a killed process's files close asynchronously):
+// it tries for a while, then detaches the mount (it goes once unused) and
+// returns the error.
+func (l *lossyFS) unmount() error {
 	if l.server == nil {
-		return
+		return nil
 	}
-	// Unmount fails while the kernel still has a file of the mount open (a
-	// killed process's files close asynchronously): try for a while.
 	deadline := time.Now().Add(30 * time.Second)
-	for l.server.Unmount() != nil && time.Now().Before(deadline) {
+	err := l.server.Unmount()
+	for err != nil && time.Now().Before(deadline) {
 		time.Sleep(20 * time.Millisecond) // poll: no event tells when the kernel let go
+		err = l.server.Unmount()
+	}
+	if err != nil {
+		if derr := syscall.Unmount(l.mnt, syscall.MNT_DETACH); derr != nil {
+			return fmt.Errorf("unmounting %s: %v; detaching it: %v", l.mnt, err, derr)
+		}
+		l.server = nil
+		return fmt.Errorf("unmounting %s: %v (detached)", l.mnt, err)
 	}
 	l.server = nil
+	return nil
 }
 
 // powerOff cuts the power: from now on every write and sync of the mount
@@ -125,14 +143,15 @@ func (l *lossyFS) powerOff() {
 // It returns how many pieces of writes were lost and how many survived.
 func (l *lossyFS) powerCut(t testing.TB, rng *rand.Rand) (lost, kept int) {
 	t.Helper()
-	l.unmount()
-	if l.server != nil {
-		t.Fatalf("the lossy file system at %s stays busy after its process died", l.mnt)
+	if err := l.unmount(); err != nil {
+		t.Fatalf("the lossy file system stays busy after its process died: %v", err)
 	}
 	// The directories first: the files' contents are put back by inode
 	// wherever their names end up.
 	l.mu.Lock()
-	for _, ops := range l.dirs {
+	// In a fixed order, so that the seed a test logs replays the cut.
+	for _, dir := range slices.Sorted(maps.Keys(l.dirs)) {
+		ops := l.dirs[dir]
 		keep := rng.IntN(len(ops) + 1)
 		for i := len(ops) - 1; i >= keep; i-- {
 			lossyUndoDirOp(t, ops[i])
@@ -163,7 +182,9 @@ func (l *lossyFS) powerCut(t testing.TB, rng *rand.Rand) (lost, kept int) {
 		op  lossyOp
 	}
 	var pieces []piece
-	for ino, lf := range l.files {
+	inos := slices.Sorted(maps.Keys(l.files))
+	for _, ino := range inos {
+		lf := l.files[ino]
 		if _, ok := paths[ino]; !ok {
 			continue // removed since
 		}
@@ -183,10 +204,21 @@ func (l *lossyFS) powerCut(t testing.TB, rng *rand.Rand) (lost, kept int) {
 	for i := range persists {
 		persists[i] = rng.IntN(2) == 0
 	}
-	if len(pieces) > 0 && !slices.Contains(persists, false) {
-		persists[rng.IntN(len(pieces))] = false
+	// One piece of data at least is lost when any was unsynced (a size
+	// change alone may change nothing).
+	var data []int
+	lostData := false
+	for i, pc := range pieces {
+		if pc.op.data != nil {
+			data = append(data, i)
+			lostData = lostData || !persists[i]
+		}
 	}
-	for ino, lf := range l.files {
+	if len(data) > 0 && !lostData {
+		persists[data[rng.IntN(len(data))]] = false
+	}
+	for _, ino := range inos {
+		lf := l.files[ino]
 		p, ok := paths[ino]
 		if !ok || len(lf.ops) == 0 {
 			continue
@@ -202,12 +234,15 @@ func (l *lossyFS) powerCut(t testing.TB, rng *rand.Rand) (lost, kept int) {
 			if pc.ino != ino {
 				continue
 			}
-			if !persists[i] {
+			switch {
+			case !persists[i] && pc.op.data != nil:
 				lost++
-				continue
+			case persists[i]:
+				if pc.op.data != nil {
+					kept++
+				}
+				lossyApply(t, f, pc.op)
 			}
-			kept++
-			lossyApply(t, f, pc.op)
 		}
 		if err := f.Close(); err != nil {
 			t.Fatal(err)
@@ -238,12 +273,14 @@ func lossyUndoDirOp(t testing.TB, op lossyDirOp) {
 	}
 }
 
-// recordDir notes op in the directory dir (backing paths). keep, when set, is a
-// file op takes away: it gets a hard link in the stash first.
-func (l *lossyFS) recordDir(dir string, op lossyDirOp, keep string) syscall.Errno {
+// changeDir makes a change to the directory dir (backing paths) by do, and
+// records it as op once done. keep, when set, is a file the change takes
+// away: it gets a hard link in the stash first. With the power off, nothing
+// is done (EIO).
+func (l *lossyFS) changeDir(dir string, op lossyDirOp, keep string, do func() syscall.Errno) syscall.Errno {
 	l.mu.Lock()
-	defer l.mu.Unlock()
 	if l.off {
+		l.mu.Unlock()
 		return syscall.EIO
 	}
 	if keep != "" {
@@ -252,10 +289,23 @@ func (l *lossyFS) recordDir(dir string, op lossyDirOp, keep string) syscall.Errn
 		if err := os.Link(keep, stash); err == nil {
 			op.stash = stash
 		} else if !os.IsNotExist(err) {
+			l.mu.Unlock()
 			return gofs.ToErrno(err)
 		}
 	}
-	l.dirs[dir] = append(l.dirs[dir], op)
+	l.mu.Unlock()
+	if errno := do(); errno != 0 {
+		if op.stash != "" {
+			os.Remove(op.stash)
+		}
+		return errno
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	// A change the power cut overtook persisted: it is left out.
+	if !l.off && op != (lossyDirOp{}) {
+		l.dirs[dir] = append(l.dirs[dir], op)
+	}
 	return 0
 }
 
@@ -266,6 +316,11 @@ func (l *lossyFS) syncedDir(dir string) syscall.Errno {
 	defer l.mu.Unlock()
 	if l.off {
 		return syscall.EIO
+	}
+	for _, op := range l.dirs[dir] {
+		if op.stash != "" {
+			os.Remove(op.stash)
+		}
 	}
 	delete(l.dirs, dir)
 	return 0
@@ -358,6 +413,10 @@ var (
 	_ gofs.NodeSetattrer   = (*lossyNode)(nil)
 	_ gofs.NodeUnlinker    = (*lossyNode)(nil)
 	_ gofs.NodeRenamer     = (*lossyNode)(nil)
+	_ gofs.NodeTmpfiler    = (*lossyNode)(nil)
+	_ gofs.NodeLinker      = (*lossyNode)(nil)
+	_ gofs.NodeMknoder     = (*lossyNode)(nil)
+	_ gofs.NodeSymlinker   = (*lossyNode)(nil)
 
 	_ gofs.NodeOpendirHandler = (*lossyNode)(nil)
 )
@@ -380,36 +439,60 @@ func (n *lossyNode) dir() string { return filepath.Join(n.RootData.Path, n.Path(
 func (n *lossyNode) Create(ctx context.Context, name string, flags, mode uint32, out *fuse.EntryOut) (*gofs.Inode, gofs.FileHandle, uint32, syscall.Errno) {
 	p := filepath.Join(n.dir(), name)
 	_, err := os.Lstat(p)
-	in, fh, fl, errno := n.LoopbackNode.Create(ctx, name, flags, mode, out)
+	op := lossyDirOp{to: p} // a file made now is gone again if the directory is not synced
+	if !os.IsNotExist(err) {
+		op = lossyDirOp{} // an open of one that is there: no change
+	}
+	var (
+		in *gofs.Inode
+		fh gofs.FileHandle
+		fl uint32
+	)
+	errno := n.l.changeDir(n.dir(), op, "", func() (errno syscall.Errno) {
+		in, fh, fl, errno = n.LoopbackNode.Create(ctx, name, flags, mode, out)
+		return errno
+	})
 	if errno != 0 {
 		return nil, nil, 0, errno
-	}
-	if os.IsNotExist(err) { // made now: gone again if the directory is not synced
-		if errno := n.l.recordDir(n.dir(), lossyDirOp{to: p}, ""); errno != 0 {
-			return nil, nil, 0, errno
-		}
 	}
 	return in, &lossyHandle{f: fh.(*gofs.LoopbackFile), l: n.l}, fl, 0
 }
 
 func (n *lossyNode) Unlink(ctx context.Context, name string) syscall.Errno {
 	p := filepath.Join(n.dir(), name)
-	if errno := n.l.recordDir(n.dir(), lossyDirOp{from: p}, p); errno != 0 {
-		return errno
-	}
-	return n.LoopbackNode.Unlink(ctx, name)
+	return n.l.changeDir(n.dir(), lossyDirOp{from: p}, p, func() syscall.Errno {
+		return n.LoopbackNode.Unlink(ctx, name)
+	})
 }
 
 // Rename records a rename within one directory (the only kind etcaddy makes);
 // one between directories survives at once.
 func (n *lossyNode) Rename(ctx context.Context, name string, newParent gofs.InodeEmbedder, newName string, flags uint32) syscall.Errno {
+	do := func() syscall.Errno { return n.LoopbackNode.Rename(ctx, name, newParent, newName, flags) }
 	if np, ok := newParent.(*lossyNode); ok && np.dir() == n.dir() && flags == 0 {
 		from, to := filepath.Join(n.dir(), name), filepath.Join(n.dir(), newName)
-		if errno := n.l.recordDir(n.dir(), lossyDirOp{from: from, to: to}, to); errno != 0 {
-			return errno
-		}
+		return n.l.changeDir(n.dir(), lossyDirOp{from: from, to: to}, to, do)
 	}
-	return n.LoopbackNode.Rename(ctx, name, newParent, newName, flags)
+	return do()
+}
+
+// The ways to make a file that the model does not follow are refused:
+// etcaddy uses none of them.
+
+func (n *lossyNode) Tmpfile(ctx context.Context, flags, mode uint32, out *fuse.EntryOut) (*gofs.Inode, gofs.FileHandle, uint32, syscall.Errno) {
+	return nil, nil, 0, syscall.ENOTSUP
+}
+
+func (n *lossyNode) Link(ctx context.Context, target gofs.InodeEmbedder, name string, out *fuse.EntryOut) (*gofs.Inode, syscall.Errno) {
+	return nil, syscall.ENOTSUP
+}
+
+func (n *lossyNode) Mknod(ctx context.Context, name string, mode, dev uint32, out *fuse.EntryOut) (*gofs.Inode, syscall.Errno) {
+	return nil, syscall.ENOTSUP
+}
+
+func (n *lossyNode) Symlink(ctx context.Context, target, name string, out *fuse.EntryOut) (*gofs.Inode, syscall.Errno) {
+	return nil, syscall.ENOTSUP
 }
 
 // OpendirHandle hands out the loopback's directory stream with its fsync

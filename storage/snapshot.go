@@ -146,15 +146,6 @@ func (r *readErrReader) Read(p []byte) (int, error) {
 	return n, err
 }
 
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	return d.Sync()
-}
-
 func openSnapshotFile(path string) (*bolt.DB, error) {
 	return bolt.Open(path, 0o600, &bolt.Options{ReadOnly: true, Timeout: time.Second})
 }

@@ -204,31 +204,25 @@ func (a *arena) copy(b []byte) []byte {
 // hanging, and checks the file's pages before bbolt reads them: a damaged
 // file is ErrDamaged, never a crash.
 func Open(dir string) (*Store, error) {
-	_, err := os.Stat(dir)
-	newDir := errors.Is(err, fs.ErrNotExist)
-	if err := os.MkdirAll(dir, 0o700); err != nil {
+	made, err := mkdirAll(dir)
+	if err != nil {
 		return nil, fmt.Errorf("storage: %w", err)
 	}
-	path := filepath.Join(dir, "member.db")
-	_, err = os.Stat(path)
-	newFile := errors.Is(err, fs.ErrNotExist)
 	opts := dbOptions()
 	// The file's lock is taken and its pages checked before bbolt reads
 	// them: a damaged file is an error, not a crash.
 	opts.OpenFile = openChecked
-	db, err := openDB(path, opts)
+	db, err := openDB(filepath.Join(dir, "member.db"), opts)
 	if err != nil {
 		return nil, fmt.Errorf("storage: opening %s: %w", dir, err)
 	}
 	// bbolt syncs what it writes in the file, not the name it made: until
 	// the directory is synced, a power failure may take member.db away
-	// whole, with every write acknowledged since. So before anything is.
-	if newFile {
-		err = syncDir(dir)
-		if err == nil && newDir {
-			err = syncDir(filepath.Dir(filepath.Clean(dir)))
-		}
-		if err != nil {
+	// whole, with every write acknowledged since. So before anything is,
+	// at every start (a crash may have come between the file's making and
+	// its directory's sync), and each directory made here in its parent.
+	for _, d := range append(made, dir) {
+		if err := syncDir(d); err != nil {
 			db.Close()
 			return nil, fmt.Errorf("storage: opening %s: %w", dir, err)
 		}
@@ -271,6 +265,26 @@ func Open(dir string) (*Store, error) {
 	s.hub = newHub(s.index.Load(), events)
 	s.acked.Store(s.applied.Load())
 	return s, nil
+}
+
+// mkdirAll is os.MkdirAll(dir, 0o700) that returns the parents of the
+// directories it made, whose entries only a sync of each parent makes
+// durable.
+func mkdirAll(dir string) ([]string, error) {
+	dir = filepath.Clean(dir)
+	var made []string
+	for d := dir; ; {
+		if _, err := os.Stat(d); err == nil || !errors.Is(err, fs.ErrNotExist) {
+			break
+		}
+		parent := filepath.Dir(d)
+		made = append(made, parent)
+		if parent == d {
+			break
+		}
+		d = parent
+	}
+	return made, os.MkdirAll(dir, 0o700)
 }
 
 // createBuckets creates every bucket member.db has that tx's file lacks.

@@ -275,6 +275,29 @@ func crashRoundOn(t *testing.T, urls []string, c *http.Client, round int, delay 
 	return acks
 }
 
+// crashRestartAndCheck restarts p after a crash, checks every acknowledged write (see
+// crashVerifyAcked), and writes once more, which must get a higher index than any before;
+// that write joins acked. It returns the highest acknowledged index, and ends the test
+// when anything failed.
+func crashRestartAndCheck(t *testing.T, p *proc, c *http.Client, round int, acked map[string]crashAck, highest uint64) uint64 {
+	t.Helper()
+	p.restart(t)
+	etcdIndex := crashVerifyAcked(t, c, p.ClientURL, "/crash", acked, highest)
+	key := fmt.Sprintf("/crash/after/r%d", round)
+	_, node, err := crashPut(context.Background(), c, p.ClientURL, key, "after")
+	if err != nil {
+		t.Fatalf("round %d: write after restart: %v", round, err)
+	}
+	if node.ModifiedIndex <= etcdIndex || node.ModifiedIndex <= highest {
+		t.Errorf("round %d: write after restart got index %d; store index was %d, highest acknowledged %d", round, node.ModifiedIndex, etcdIndex, highest)
+	}
+	acked[key] = crashAck{Value: "after", Index: node.ModifiedIndex}
+	if t.Failed() {
+		t.FailNow()
+	}
+	return max(highest, node.ModifiedIndex)
+}
+
 // TestKill9DuringWritesLosesNoAcknowledgedWrite kills the process with
 // SIGKILL while 16 clients write, restarts it on the same data directory and
 // checks that every write it acknowledged is there with its modifiedIndex,
@@ -309,22 +332,7 @@ func TestKill9DuringWritesLosesNoAcknowledgedWrite(t *testing.T) {
 				}
 				t.Logf("round %d: killed after %v of writing, %d writes acknowledged, highest index %d", round, delay.Round(time.Millisecond), len(roundAcks), highest)
 
-				p.restart(t)
-
-				etcdIndex := crashVerifyAcked(t, c, p.ClientURL, "/crash", acked, highest)
-				key := fmt.Sprintf("/crash/after/r%d", round)
-				_, node, err := crashPut(context.Background(), c, p.ClientURL, key, "after")
-				if err != nil {
-					t.Fatalf("round %d: write after restart: %v", round, err)
-				}
-				if node.ModifiedIndex <= etcdIndex || node.ModifiedIndex <= highest {
-					t.Errorf("round %d: write after restart got index %d; store index was %d, highest acknowledged %d", round, node.ModifiedIndex, etcdIndex, highest)
-				}
-				acked[key] = crashAck{Value: "after", Index: node.ModifiedIndex}
-				highest = max(highest, node.ModifiedIndex)
-				if t.Failed() {
-					t.FailNow()
-				}
+				highest = crashRestartAndCheck(t, p, c, round, acked, highest)
 			}
 			if tc.snapshotCount > 0 {
 				// The variant is only worth its time if the log was compacted:

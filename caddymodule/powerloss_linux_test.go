@@ -60,22 +60,7 @@ func TestPowerLossLosesNoAcknowledgedWrite(t *testing.T) {
 				t.Logf("round %d: power cut after %v of writing, %d writes acknowledged, highest index %d; of the unsynced writes, %d pieces of 4 KiB lost, %d kept",
 					round, delay.Round(time.Millisecond), len(roundAcks), highest, lost, kept)
 
-				p.restart(t)
-
-				etcdIndex := crashVerifyAcked(t, c, p.ClientURL, "/crash", acked, highest)
-				key := fmt.Sprintf("/crash/after/r%d", round)
-				_, node, err := crashPut(context.Background(), c, p.ClientURL, key, "after")
-				if err != nil {
-					t.Fatalf("round %d: write after restart: %v", round, err)
-				}
-				if node.ModifiedIndex <= etcdIndex || node.ModifiedIndex <= highest {
-					t.Errorf("round %d: write after restart got index %d; store index was %d, highest acknowledged %d", round, node.ModifiedIndex, etcdIndex, highest)
-				}
-				acked[key] = crashAck{Value: "after", Index: node.ModifiedIndex}
-				highest = max(highest, node.ModifiedIndex)
-				if t.Failed() {
-					t.FailNow()
-				}
+				highest = crashRestartAndCheck(t, p, c, round, acked, highest)
 			}
 			// Sixteen writers keep a commit in flight nearly all the time: a
 			// run in which no cut found unsynced pages tested nothing.
@@ -137,22 +122,29 @@ func TestClusterPowerLossLosesNoAcknowledgedWrite(t *testing.T) {
 		t.Logf("round %d: power cut after %v of writing, %d writes acknowledged; pieces of 4 KiB of the unsynced writes: %s",
 			round, delay.Round(time.Millisecond), len(roundAcks), strings.Join(cut, "; "))
 
-		// None can be healthy before a quorum runs: all start at once.
-		for _, m := range c.members {
-			m.startProcess(t)
-		}
-		for _, m := range c.members {
-			if err := m.waitHealthy(30 * time.Second); err != nil {
-				t.Fatalf("round %d: %s did not become healthy after the power cut: %v", round, m.Name, err)
-			}
-		}
-		checkAckedEverywhere(t, c.members, "/crash", acked)
-		if t.Failed() {
-			t.FailNow()
-		}
+		powerRestartCluster(t, c, round, acked)
 	}
 	if lostPieces == 0 {
 		t.Errorf("none of %d power cuts came while a write was unsynced: the test did not cut power mid-commit", rounds)
+	}
+}
+
+// powerRestartCluster starts every member of c again after a power cut, all at once (none
+// can be healthy before a quorum runs), and checks every acknowledged write on each (see
+// checkAckedEverywhere); it ends the test when anything failed.
+func powerRestartCluster(t *testing.T, c *testCluster, round int, acked map[string]crashAck) {
+	t.Helper()
+	for _, m := range c.members {
+		m.startProcess(t)
+	}
+	for _, m := range c.members {
+		if err := m.waitHealthy(30 * time.Second); err != nil {
+			t.Fatalf("round %d: %s did not become healthy after the power cut: %v", round, m.Name, err)
+		}
+	}
+	checkAckedEverywhere(t, c.members, "/crash", acked)
+	if t.Failed() {
+		t.FailNow()
 	}
 }
 
@@ -233,18 +225,7 @@ func TestClusterPowerLossAfterSnapshotCatchUp(t *testing.T) {
 		for _, m := range c.members {
 			disks[m.Name].powerCut(t, rng)
 		}
-		for _, m := range c.members {
-			m.startProcess(t)
-		}
-		for _, m := range c.members {
-			if err := m.waitHealthy(30 * time.Second); err != nil {
-				t.Fatalf("round %d: %s did not become healthy after the power cut: %v", round, m.Name, err)
-			}
-		}
-		checkAckedEverywhere(t, c.members, "/crash", acked)
-		if t.Failed() {
-			t.FailNow()
-		}
+		powerRestartCluster(t, c, round, acked)
 		t.Logf("round %d: %s caught up by snapshot, %s down, then the power cut; %d acknowledged writes on every member",
 			round, victim.Name, other.Name, len(acked))
 	}

@@ -110,13 +110,8 @@ func (l *lossyFS) unmount() error {
 	if l.server == nil {
 		return nil
 	}
-	deadline := time.Now().Add(30 * time.Second)
-	err := l.server.Unmount()
-	for err != nil && time.Now().Before(deadline) {
-		time.Sleep(20 * time.Millisecond) // poll: no event tells when the kernel let go
-		err = l.server.Unmount()
-	}
-	if err != nil {
+	var err error
+	if !poll(30*time.Second, func() bool { err = l.server.Unmount(); return err == nil }) {
 		if derr := syscall.Unmount(l.mnt, syscall.MNT_DETACH); derr != nil {
 			return fmt.Errorf("unmounting %s: %v; detaching it: %v", l.mnt, err, derr)
 		}
@@ -309,20 +304,21 @@ func (l *lossyFS) changeDir(dir string, op lossyDirOp, keep string, do func() sy
 	return 0
 }
 
-// syncedDir notes that the directory dir's changes are on the disk, unless the
-// power went off first.
-func (l *lossyFS) syncedDir(dir string) syscall.Errno {
+// lossySyncTime is how long a sync takes, as a disk's cache flush takes a
+// while: a power cut (the kill) that lands meanwhile finds the sync not done,
+// so most cuts of a member under load find a commit's writes unsynced.
+const lossySyncTime = 2 * time.Millisecond
+
+// sync is a sync(2) of a file or directory: after lossySyncTime, done notes
+// what it made durable, unless the power went off first (EIO).
+func (l *lossyFS) sync(done func()) syscall.Errno {
+	time.Sleep(lossySyncTime) // the device's work, not a wait for a condition
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if l.off {
 		return syscall.EIO
 	}
-	for _, op := range l.dirs[dir] {
-		if op.stash != "" {
-			os.Remove(op.stash)
-		}
-	}
-	delete(l.dirs, dir)
+	done()
 	return 0
 }
 
@@ -381,22 +377,6 @@ func (l *lossyFS) record(fd int, op lossyOp) syscall.Errno {
 	}
 	lf.ops = append(lf.ops, op)
 	lf.undos = append(lf.undos, undo)
-	return 0
-}
-
-// synced notes that everything fd's file holds is on the disk, unless the
-// power went off first.
-func (l *lossyFS) synced(fd int) syscall.Errno {
-	var st syscall.Stat_t
-	if err := syscall.Fstat(fd, &st); err != nil {
-		return gofs.ToErrno(err)
-	}
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	if l.off {
-		return syscall.EIO
-	}
-	delete(l.files, st.Ino)
 	return 0
 }
 
@@ -531,11 +511,17 @@ func (h *lossyDirHandle) Releasedir(ctx context.Context, flags uint32) {
 	h.ds.(gofs.FileReleasedirer).Releasedir(ctx, flags)
 }
 
-// Fsyncdir makes the directory's changes durable, after lossySyncTime as a
-// file's sync.
+// Fsyncdir makes the directory's changes durable (and drops the links the
+// stash kept for undoing them).
 func (h *lossyDirHandle) Fsyncdir(ctx context.Context, flags uint32) syscall.Errno {
-	time.Sleep(lossySyncTime) // the device's work, not a wait for a condition
-	return h.l.syncedDir(h.dir)
+	return h.l.sync(func() {
+		for _, op := range h.l.dirs[h.dir] {
+			if op.stash != "" {
+				os.Remove(op.stash)
+			}
+		}
+		delete(h.l.dirs, h.dir)
+	})
 }
 
 // Setattr records a size change made by path (truncate(2)); one made through
@@ -599,22 +585,18 @@ func (h *lossyHandle) Write(ctx context.Context, data []byte, off int64) (uint32
 	return h.f.Write(ctx, data, off)
 }
 
-// lossySyncTime is how long a sync takes, as a disk's cache flush takes a
-// while: a power cut (the kill) that lands meanwhile finds the sync not done,
-// so most cuts of a member under load find a commit's writes unsynced.
-const lossySyncTime = 2 * time.Millisecond
-
-// Fsync is fsync(2) and fdatasync(2) alike: after lossySyncTime, the file's
-// data is on the disk. The backing file is not synced: the test's own disk
-// never loses power.
+// Fsync is fsync(2) and fdatasync(2) alike: the file's data is on the disk.
+// The backing file is not synced: the test's own disk never loses power.
 func (h *lossyHandle) Fsync(ctx context.Context, flags uint32) syscall.Errno {
 	fd, errno := h.fd()
 	if errno != 0 {
 		return errno
 	}
-	// The device's work, not a wait for a condition.
-	time.Sleep(lossySyncTime)
-	return h.l.synced(fd)
+	var st syscall.Stat_t
+	if err := syscall.Fstat(fd, &st); err != nil {
+		return gofs.ToErrno(err)
+	}
+	return h.l.sync(func() { delete(h.l.files, st.Ino) })
 }
 
 func (h *lossyHandle) Setattr(ctx context.Context, in *fuse.SetAttrIn, out *fuse.AttrOut) syscall.Errno {

@@ -204,7 +204,7 @@ func (a *arena) copy(b []byte) []byte {
 // hanging, and checks the file's pages before bbolt reads them: a damaged
 // file is ErrDamaged, never a crash.
 func Open(dir string) (*Store, error) {
-	made, err := mkdirAll(dir)
+	parents, err := mkdirAll(dir)
 	if err != nil {
 		return nil, fmt.Errorf("storage: %w", err)
 	}
@@ -221,7 +221,7 @@ func Open(dir string) (*Store, error) {
 	// whole, with every write acknowledged since. So before anything is,
 	// at every start (a crash may have come between the file's making and
 	// its directory's sync), and each directory made here in its parent.
-	for _, d := range append(made, dir) {
+	for _, d := range append(parents, dir) {
 		if err := syncDir(d); err != nil {
 			db.Close()
 			return nil, fmt.Errorf("storage: opening %s: %w", dir, err)
@@ -272,19 +272,19 @@ func Open(dir string) (*Store, error) {
 // durable.
 func mkdirAll(dir string) ([]string, error) {
 	dir = filepath.Clean(dir)
-	var made []string
+	var parents []string
 	for d := dir; ; {
 		if _, err := os.Stat(d); err == nil || !errors.Is(err, fs.ErrNotExist) {
 			break
 		}
 		parent := filepath.Dir(d)
-		made = append(made, parent)
+		parents = append(parents, parent)
 		if parent == d {
 			break
 		}
 		d = parent
 	}
-	return made, os.MkdirAll(dir, 0o700)
+	return parents, os.MkdirAll(dir, 0o700)
 }
 
 // createBuckets creates every bucket member.db has that tx's file lacks.

@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"syscall"
 	"testing"
@@ -27,7 +28,7 @@ import (
 // synced contents, with any subset of the later writes, each cut into 4 KiB
 // pieces that persist or not independently of the others and of their order.
 // It is no stand-in for a part of etcaddy: it is the disk under it, the one
-// part a test cannot unplug here (no device-mapper in this kernel). What it
+// part a test cannot unplug here (no device-mapper in this kernel).
 // A directory's changes (files created, renamed, removed) are kept the same way
 // until the directory's fsync, and a power cut keeps a random prefix of them, in
 // order, as a journaling file system replays its journal. What it does not
@@ -72,6 +73,7 @@ type lossyOp struct {
 // mountLossyFS mounts a lossyFS of backing at mnt until the test ends.
 func mountLossyFS(t testing.TB, backing, mnt string) *lossyFS {
 	t.Helper()
+	lossySweep.Do(func() { detachDeadLossyMounts(t) })
 	l := &lossyFS{backing: backing, mnt: mnt, stash: t.TempDir(),
 		files: make(map[uint64]*lossyFile), dirs: make(map[string][]lossyDirOp)}
 	l.mount(t)
@@ -100,6 +102,55 @@ func (l *lossyFS) mount(t testing.TB) {
 		t.Fatalf("mounting the lossy file system at %s (needs root and /dev/fuse): %v", l.mnt, err)
 	}
 	l.server = server
+}
+
+var lossySweep sync.Once
+
+// detachDeadLossyMounts detaches the lossy file systems a test process that
+// was killed left mounted (its cleanup never ran): their server is gone, so
+// every access to them fails with ENOTCONN. Those of a test process that
+// still runs answer, and are left alone.
+func detachDeadLossyMounts(t testing.TB) {
+	info, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		t.Logf("looking for dead lossy file systems: %v", err)
+		return
+	}
+	for _, line := range strings.Split(string(info), "\n") {
+		// mount ID, parent ID, major:minor, root, mount point, options,
+		// optional fields up to "-", then the file system type.
+		fields := strings.Fields(line)
+		sep := slices.Index(fields, "-")
+		if len(fields) < 5 || sep < 0 || sep+1 >= len(fields) || fields[sep+1] != "fuse.lossyfs" {
+			continue
+		}
+		mnt := unescapeMountinfo(fields[4])
+		var st syscall.Stat_t
+		if err := syscall.Stat(mnt, &st); err != syscall.ENOTCONN {
+			continue
+		}
+		if err := syscall.Unmount(mnt, syscall.MNT_DETACH); err != nil {
+			t.Logf("detaching the dead lossy file system at %s: %v", mnt, err)
+			continue
+		}
+		t.Logf("detached the dead lossy file system at %s (left by a test process that was killed)", mnt)
+	}
+}
+
+// unescapeMountinfo undoes mountinfo's octal escapes (\040 for a space).
+func unescapeMountinfo(s string) string {
+	var b strings.Builder
+	for i := 0; i < len(s); i++ {
+		if s[i] == '\\' && i+3 < len(s) {
+			if n, err := strconv.ParseUint(s[i+1:i+4], 8, 8); err == nil {
+				b.WriteByte(byte(n))
+				i += 3
+				continue
+			}
+		}
+		b.WriteByte(s[i])
+	}
+	return b.String()
 }
 
 // unmount unmounts the file system. It fails while the kernel still has a

@@ -22,19 +22,20 @@ import (
 
 // lossyFS is a FUSE file system over a real directory that can lose power: it
 // passes every operation through to the directory (so a process on the mount
-// reads, maps and writes real files; locks stay the kernel's own), and it remembers each file's writes
-// and size changes since that file's last fsync or fdatasync. powerCut puts
-// every such file back the way a disk may hold it after power fails: its
-// synced contents, with any subset of the later writes, each cut into 4 KiB
-// pieces that persist or not independently of the others and of their order.
-// It is no stand-in for a part of etcaddy: it is the disk under it, the one
-// part a test cannot unplug here (no device-mapper in this kernel).
-// A directory's changes (files created, renamed, removed) are kept the same way
-// until the directory's fsync, and a power cut keeps a random prefix of them, in
-// order, as a journaling file system replays its journal. What it does not
-// model: directories made (mkdir) and renames between directories survive at
-// once, and the kernel's page cache above the mount is not what is lost (the
-// process is killed first).
+// reads, maps and writes real files; locks stay the kernel's own), and it
+// remembers each file's writes and size changes since that file's last fsync
+// or fdatasync. powerCut puts every such file back the way a disk may hold it
+// after power fails: its synced contents, with any subset of the later
+// writes, each cut into 4 KiB pieces that persist or not independently of
+// the others and of their order. It is no stand-in for a part of etcaddy: it
+// is the disk under it, the one part a test cannot unplug here (no
+// device-mapper in this kernel). A directory's changes (files created,
+// renamed, removed, directories made) are kept the same way until the
+// directory's fsync, and a power cut keeps a random prefix of them, in order,
+// as a journaling file system replays its journal. What it does not model:
+// renames between directories and directories removed survive at once, and
+// the kernel's page cache above the mount is not what is lost (the process
+// is killed first).
 type lossyFS struct {
 	backing, mnt string
 	server       *fuse.Server
@@ -49,11 +50,12 @@ type lossyFS struct {
 }
 
 // lossyDirOp is a change to a directory, with what undoes it: a file created
-// at to (from empty), renamed from from to to, or removed from from. stash,
-// when set, is a hard link to the file the change took away (the one removed,
-// or the one a rename replaced).
+// at to (from empty), a directory made at to (mkdir), renamed from from to
+// to, or removed from from. stash, when set, is a hard link to the file the
+// change took away (the one removed, or the one a rename replaced).
 type lossyDirOp struct {
 	from, to, stash string
+	mkdir           bool
 }
 
 // lossyFile is what one file went through since its last sync.
@@ -305,6 +307,8 @@ func lossyUndoDirOp(t testing.TB, op lossyDirOp) {
 	t.Helper()
 	var err error
 	switch {
+	case op.mkdir: // made, with everything made in it since
+		err = os.RemoveAll(op.to)
 	case op.from == "": // created
 		err = os.Remove(op.to)
 	case op.to == "": // removed
@@ -494,6 +498,17 @@ func (n *lossyNode) Unlink(ctx context.Context, name string) syscall.Errno {
 	return n.l.changeDir(n.dir(), lossyDirOp{from: p}, p, func() syscall.Errno {
 		return n.LoopbackNode.Unlink(ctx, name)
 	})
+}
+
+// Mkdir records the directory made: until its parent is synced, a power cut
+// may take it away, and all that was made in it since.
+func (n *lossyNode) Mkdir(ctx context.Context, name string, mode uint32, out *fuse.EntryOut) (*gofs.Inode, syscall.Errno) {
+	var in *gofs.Inode
+	errno := n.l.changeDir(n.dir(), lossyDirOp{to: filepath.Join(n.dir(), name), mkdir: true}, "", func() (errno syscall.Errno) {
+		in, errno = n.LoopbackNode.Mkdir(ctx, name, mode, out)
+		return errno
+	})
+	return in, errno
 }
 
 // Rename records a rename within one directory (the only kind etcaddy makes);

@@ -189,7 +189,17 @@ func (a *AdminAPI) serveStatus(w http.ResponseWriter, _ *http.Request, app *App)
 			why += ": it waits for its discovery service (" + app.Discovery + ")"
 		}
 		if px := n.Proxy(); px != nil {
-			why = "the raftkv member runs as a proxy of its cluster (its discovery found the cluster full): it forwards client requests to the members at " + strings.Join(px.PeerURLs(), ",")
+			why = "the raftkv member runs as a proxy of its cluster (" + px.Why() + "): it forwards client requests to "
+			if eps := px.Endpoints(); len(eps) > 0 {
+				urls := make([]string, len(eps))
+				for i, u := range eps {
+					urls[i] = u.String()
+				}
+				why += "the members' client URLs " + strings.Join(urls, ",")
+			} else {
+				why += "the members' client URLs, none known now"
+			}
+			why += ", found at the peer URLs " + strings.Join(px.PeerURLs(), ",")
 		}
 		return caddy.APIError{
 			HTTPStatus: http.StatusServiceUnavailable,

@@ -267,16 +267,27 @@ func (a *App) Provision(ctx caddy.Context) error {
 		if m.peerFiles != files {
 			changed = append(changed, "peer TLS files")
 		}
-		discovering := m.current().Discovering()
+		// A proxy reads at every start whether it is read-only (proxy
+		// readonly, or on or off: read-write), as etcd's does.
+		n := m.current()
+		proxying := n != nil && n.Proxy() != nil
+		if proxying && m.cfg.Proxy != cfg.Proxy {
+			changed = append(changed, "proxy")
+		}
+		discovering := n != nil && n.Discovering()
 		if len(changed) > 0 && !discovering {
 			a.logger.Warn("member settings changed; they take effect when Caddy restarts (or when a member a failure stopped starts again)",
 				zap.String("data_dir", dir), zap.Strings("settings", changed))
 		}
 		// A member still discovering has not started: Start begins again
 		// with the new settings (member.start).
-		if changed := m.bootstrapChanges(cfg); len(changed) > 0 && !discovering {
+		changed = m.bootstrapChanges(cfg)
+		if proxying {
+			changed = slices.DeleteFunc(changed, func(s string) bool { return s == "proxy" })
+		}
+		if len(changed) > 0 && !discovering {
 			why := "this member's list of members lives in its data"
-			if n := m.current(); n != nil && n.Proxy() != nil {
+			if proxying {
 				why = "this member runs as a proxy of its cluster, and its data directory keeps it one"
 			}
 			a.logger.Warn("member settings changed that only a member's first start on an empty data_dir reads; "+why,

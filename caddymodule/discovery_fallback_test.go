@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"context"
 	"fmt"
+	"io"
 	"net/http"
 	"net/url"
 	"os"
@@ -191,13 +192,30 @@ func TestDiscoveryFallbackProxy(t *testing.T) {
 		t.Fatalf("registrations %v: the proxy by option registered", reg)
 	}
 
-	resp, err = http.Get(n2.AdminURL + "/raftkv/status")
+	proxyStatusSays(t, n2, "its data directory keeps it one", n1.ClientURL)
+}
+
+// proxyStatusSays checks that the proxy p's GET /raftkv/status answers 503
+// with a message that says each of want (why it is a proxy, the client URLs
+// it forwards to).
+func proxyStatusSays(t *testing.T, p *testMember, want ...string) {
+	t.Helper()
+	resp, err := http.Get(p.AdminURL + "/raftkv/status")
 	if err != nil {
 		t.Fatal(err)
 	}
+	body, err := io.ReadAll(resp.Body)
 	resp.Body.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
 	if resp.StatusCode != http.StatusServiceUnavailable {
-		t.Errorf("the proxy's /raftkv/status: %d, want 503", resp.StatusCode)
+		t.Errorf("%s's /raftkv/status: %d %s, want 503", p.Name, resp.StatusCode, body)
+	}
+	for _, w := range want {
+		if !strings.Contains(string(body), w) {
+			t.Errorf("%s's /raftkv/status does not say %q: %s", p.Name, w, body)
+		}
 	}
 }
 
@@ -285,6 +303,8 @@ func TestProxyOption(t *testing.T) {
 		proxies = append(proxies, p)
 	}
 	compareAnswers(t, want, proxyModeScript(t, m.proc, proxies[0].proc, proxies[1].proc))
+	proxyStatusSays(t, proxies[0], "(proxy on)", "client URLs "+m.ClientURL, m.PeerURL)
+	proxyStatusSays(t, proxies[1], "(proxy readonly)", m.ClientURL)
 
 	// A watch through a proxy does not hold Caddy's exit (its grace
 	// period is unlimited by default): it ends, as the member's own do.
@@ -304,8 +324,25 @@ func TestProxyOption(t *testing.T) {
 		t.Fatal("the proxy did not exit within 10 s of SIGTERM while a watch through it was open")
 	}
 
-	// Without the option, the data directory keeps it a proxy.
+	// A reload from on to readonly: the proxy reads it at its next start,
+	// and says so (not that only a first start reads it).
 	p := proxies[0]
+	logFrom := logSize(p.proc)
+	if st, body, err := reloadLoad(http.DefaultClient, p.AdminURL, proxyCaddyfile(p, "readonly", m)); err != nil || st != http.StatusOK {
+		t.Fatalf("reloading the proxy as readonly: %d %s %v", st, body, err)
+	}
+	if !poll(10*time.Second, func() bool {
+		lines, err := logLinesSince(p.proc, logFrom)
+		log := strings.Join(lines, "\n")
+		return err == nil && strings.Contains(log, "take effect when Caddy restarts") && strings.Contains(log, `"settings":["proxy"]`)
+	}) {
+		t.Fatalf("the reload from proxy on to readonly does not say it takes effect at the next start:\n%s", p.logTail(10))
+	}
+	if lines, _ := logLinesSince(p.proc, logFrom); strings.Contains(strings.Join(lines, "\n"), "first start on an empty data_dir") {
+		t.Errorf("the reload from proxy on to readonly says only a first start reads it:\n%s", p.logTail(10))
+	}
+
+	// Without the option, the data directory keeps it a proxy.
 	p.stop()
 	cf := fmt.Sprintf("{\n\tadmin %s\n\traftkv {\n\t\tname %s\n\t\tdata_dir %s\n\t}\n}\n\n%s {\n\tetcd\n}\n",
 		strings.TrimPrefix(p.AdminURL, "http://"), p.Name, p.DataDir, p.ClientURL)
@@ -316,4 +353,5 @@ func TestProxyOption(t *testing.T) {
 	if st, _, body := p.do(t, "GET", "/v2/config/local/proxy", nil); st != http.StatusOK || !strings.Contains(string(body), m.ClientURL) {
 		t.Fatalf("restarted without the option: /v2/config/local/proxy %d %s", st, body)
 	}
+	proxyStatusSays(t, p, "(its data directory keeps it one)", m.ClientURL)
 }

@@ -621,12 +621,12 @@ func (n *Node) startDiscovery(st *storage.Store, rs *storage.RaftState) {
 			// etcd's default fallback: the member of a full cluster runs
 			// as its proxy. startProxy takes st over.
 			n.lg.Info("discovery cluster full, falling back to proxy", zap.String("discovery-url", n.cfg.Discovery))
-			if err = n.startProxy(st, clusterPeerURLs(full.cluster)); err == nil {
+			if err = n.startProxy(st, clusterPeerURLs(full.cluster), "its discovery found the cluster full"); err == nil {
 				return
 			}
 		}
 		if err == nil && n.cfg.proxying() {
-			if err = n.startProxy(st, clusterPeerURLs(cluster)); err == nil {
+			if err = n.startProxy(st, clusterPeerURLs(cluster), "proxy "+n.cfg.Proxy+", its cluster found by discovery"); err == nil {
 				return
 			}
 		}

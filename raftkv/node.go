@@ -382,12 +382,12 @@ func (n *Node) Start() error {
 		st.Close()
 		return err
 	case peers != nil:
-		return n.startProxy(st, peers)
+		return n.startProxy(st, peers, "its data directory keeps it one")
 	case cfg.Discovery != "" && (cfg.InitialClusterState == "new" || cfg.proxying()) || cfg.DiscoverySRV != "":
 		n.startDiscovery(st, rs)
 		return nil
 	case cfg.proxying():
-		return n.startProxy(st, clusterPeerURLs(cfg.InitialCluster))
+		return n.startProxy(st, clusterPeerURLs(cfg.InitialCluster), "proxy "+cfg.Proxy)
 	}
 	return n.startOn(st, rs)
 }

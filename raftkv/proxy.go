@@ -54,6 +54,7 @@ type Proxy struct {
 	firstc       chan struct{} // closed once the first refresh is done
 	warned       bool          // a refresh found no endpoint and said so (run's goroutine only)
 	readOnly     bool
+	why          string // why the member runs as a proxy (Why)
 	refreshEvery time.Duration
 	failWait     time.Duration
 
@@ -358,24 +359,30 @@ func clusterPeerURLs(cluster map[string][]string) []string {
 // --proxy readonly); it answers every other 501.
 func (p *Proxy) ReadOnly() bool { return p.readOnly }
 
+// Why says why the member runs as a proxy: "proxy on" or "proxy readonly"
+// (the option), that its discovery found the cluster full, or that its data
+// directory keeps it one.
+func (p *Proxy) Why() string { return p.why }
+
 // startProxy runs the member as a proxy of the cluster at peerURLs on st
-// (whose Raft state is empty) until Stop, which ends it as it ends a
+// (whose Raft state is empty), for the reason why, until Stop, which ends it as it ends a
 // discovery (n.disc): the store stays open (the data directory is the
 // proxy's) and closes when the proxy ends. The member never becomes
 // ready. The caller holds lifeMu, and hands st over.
-func (n *Node) startProxy(st *storage.Store, peerURLs []string) error {
+func (n *Node) startProxy(st *storage.Store, peerURLs []string, why string) error {
 	if err := saveProxyCluster(st, peerURLs); err != nil {
 		return err
 	}
 	p := newProxy(st, peerURLs, n.cfg.Peer.TLS, n.cfg.Peer.H2C, n.cfg.ProxyDialTimeout, n.lg.Named("proxy"))
 	p.readOnly = n.cfg.Proxy == "readonly"
+	p.why = why
 	p.refreshEvery, p.failWait = n.cfg.ProxyRefreshInterval, n.cfg.ProxyFailureWait
 	ctx, cancel := context.WithCancel(context.Background())
 	d := &discoveryRun{cancel: cancel, done: make(chan struct{})}
 	n.disc = d
 	n.proxy.Store(p)
 	n.halt()
-	n.lg.Info("proxy: this member forwards client requests to its cluster (v2 API only)", zap.Strings("peer-urls", peerURLs))
+	n.lg.Info("proxy: this member forwards client requests to its cluster (v2 API only)", zap.String("why", why), zap.Strings("peer-urls", peerURLs))
 	go func() {
 		defer close(d.done)
 		defer func() {

@@ -129,6 +129,11 @@ func TestCaddyfileAdaptErrors(t *testing.T) {
 		{"bad discovery_fallback", "{\n\traftkv {\n\t\tdiscovery_fallback stay\n\t}\n}\n", `discovery_fallback must be "proxy" or "exit"`},
 		{"missing discovery_srv", "{\n\traftkv {\n\t\tdiscovery_srv\n\t}\n}\n", "wrong argument count"},
 		{"two discovery_srv domains", "{\n\traftkv {\n\t\tdiscovery_srv a.example b.example\n\t}\n}\n", "wrong argument count"},
+		{"heartbeat as etcd's milliseconds", "{\n\traftkv {\n\t\theartbeat_interval 100\n\t}\n}\n", `heartbeat_interval must be a positive duration with its unit (100ms for etcd's 100 milliseconds), not "100"`},
+		{"snapshot_count past 2^53", "{\n\traftkv {\n\t\tsnapshot_count 18446744073709551615\n\t}\n}\n", "snapshot_count must be at most 9007199254740992"},
+		{"name twice", "{\n\traftkv {\n\t\tname a\n\t\tname b\n\t}\n}\n", "raftkv option name is set twice"},
+		{"data_dir in two raftkv blocks", "{\n\traftkv {\n\t\tdata_dir /a\n\t}\n\traftkv {\n\t\tdata_dir /b\n\t}\n}\n", "raftkv option data_dir is set twice"},
+		{"heartbeat twice", "{\n\traftkv {\n\t\theartbeat_interval 100ms\n\t\theartbeat_interval 200ms\n\t}\n}\n", "raftkv option heartbeat_interval is set twice"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -155,6 +160,8 @@ func TestAppValidateAsEtcdFlags(t *testing.T) {
 		{"election too long", App{HeartbeatInterval: ms(100), ElectionTimeout: ms(60000)}, "too long"},
 		{"negative heartbeat", App{HeartbeatInterval: ms(-1)}, "negative"},
 		{"heartbeat in nanoseconds", App{HeartbeatInterval: 100, ElectionTimeout: 1000}, "under 1ms"},
+		{"snapshot_count past 2^53", App{SnapshotCount: 1<<53 + 2}, "must be at most 9007199254740992"},
+		{"snapshot_count at 2^53", App{SnapshotCount: 1 << 53}, ""},
 		{"shortest heartbeat", App{HeartbeatInterval: ms(1), ElectionTimeout: ms(5)}, ""},
 		{"bad cluster state", App{InitialClusterState: "old"}, "initial_cluster_state"},
 		{"cluster without this member", App{Name: "n1", InitialCluster: map[string][]string{"n2": {"http://a:2380"}}}, `does not name this member "n1"`},

@@ -42,6 +42,10 @@ const (
 	defaultClusterToken      = "etcd-cluster"
 	// etcd refuses an election timeout over 50 s (embed.Config.Validate).
 	maxElectionTimeout = 50 * time.Second
+	// maxEntryCount bounds snapshot_count and snapshot_catchup_entries:
+	// Caddy carries a config's numbers as JSON's doubles on their way to
+	// the app, which keep integers exact up to 2^53 only.
+	maxEntryCount = 1 << 53
 )
 
 // App runs one etcaddy member: its store, its Raft node and the leader's
@@ -396,6 +400,9 @@ func (a *App) Validate() error {
 		// etcd's flag counts whole milliseconds; below that, the Raft loop
 		// would tick faster than it can turn (or not at all).
 		return fmt.Errorf("heartbeat_interval %v is under 1ms (in JSON, a number without a unit is nanoseconds: write \"100ms\")", hb)
+	}
+	if a.SnapshotCount > maxEntryCount || a.SnapshotCatchUpEntries > maxEntryCount {
+		return fmt.Errorf("snapshot_count and snapshot_catchup_entries must be at most %d", uint64(maxEntryCount))
 	}
 	if hb > 0 && et > 0 && et < 5*hb {
 		return fmt.Errorf("election_timeout %v should be at least 5 times heartbeat_interval %v", et, hb)

@@ -2,6 +2,7 @@ package caddymodule
 
 import (
 	"encoding/json"
+	"reflect"
 	"strconv"
 	"strings"
 
@@ -26,13 +27,22 @@ func init() {
 }
 
 // parseGlobalOption sets up the raftkv app from the global option of the
-// same name. Given twice, the second block adds to the first.
+// same name. Given twice, the second block adds to the first's lists; an
+// option of one value may be set in only one of them.
 func parseGlobalOption(d *caddyfile.Dispenser, existing any) (any, error) {
 	app := new(App)
 	if prev, ok := existing.(httpcaddyfile.App); ok {
 		if err := json.Unmarshal(prev.Value, app); err != nil {
 			return nil, err
 		}
+		block := new(App)
+		if err := block.UnmarshalCaddyfile(d); err != nil {
+			return nil, err
+		}
+		if opt := setInBoth(app, block); opt != "" {
+			return nil, d.Errf("raftkv option %s is set twice", opt)
+		}
+		d.Reset()
 	}
 	if err := app.UnmarshalCaddyfile(d); err != nil {
 		return nil, err
@@ -41,6 +51,26 @@ func parseGlobalOption(d *caddyfile.Dispenser, existing any) (any, error) {
 		Name:  "raftkv",
 		Value: caddyconfig.JSON(app, nil),
 	}, nil
+}
+
+// setInBoth returns the name of an option of one value (not a list) that
+// both a and b set, or "".
+func setInBoth(a, b *App) string {
+	va, vb := reflect.ValueOf(a).Elem(), reflect.ValueOf(b).Elem()
+	for i := range va.NumField() {
+		f := va.Type().Field(i)
+		name, _, _ := strings.Cut(f.Tag.Get("json"), ",")
+		if !f.IsExported() || name == "" || name == "-" {
+			continue
+		}
+		if k := f.Type.Kind(); k == reflect.Slice || k == reflect.Map {
+			continue
+		}
+		if !va.Field(i).IsZero() && !vb.Field(i).IsZero() {
+			return name
+		}
+	}
+	return ""
 }
 
 // UnmarshalCaddyfile sets up the app from Caddyfile tokens. Syntax:
@@ -79,12 +109,23 @@ func parseGlobalOption(d *caddyfile.Dispenser, existing any) (any, error) {
 // certificate and key this member presents when it dials an https:// peer
 // URL, and the CA it trusts there.
 func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
+	seen := make(map[string]bool)
 	for d.Next() {
 		if d.NextArg() {
 			return d.ArgErr()
 		}
 		for d.NextBlock(0) {
-			switch opt := d.Val(); opt {
+			opt := d.Val()
+			switch opt {
+			case "initial_cluster", "advertise_client_urls", "initial_advertise_peer_urls":
+				// Lists: each line adds to them.
+			default:
+				if seen[opt] {
+					return d.Errf("raftkv option %s is set twice", opt)
+				}
+				seen[opt] = true
+			}
+			switch opt {
 			case "name", "data_dir", "initial_cluster_state", "initial_cluster_token",
 				"peer_cert_file", "peer_key_file", "peer_trusted_ca_file", "discovery", "discovery_proxy",
 				"discovery_fallback", "discovery_srv", "discovery_srv_name", "proxy":
@@ -145,6 +186,9 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				if err != nil || n == 0 {
 					return d.Errf("%s must be a positive number of entries, not %q", opt, v)
 				}
+				if n > maxEntryCount {
+					return d.Errf("%s must be at most %d, not %s", opt, uint64(maxEntryCount), v)
+				}
 				if opt == "snapshot_count" {
 					a.SnapshotCount = n
 				} else {
@@ -159,6 +203,10 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				}
 				dur, err := caddy.ParseDuration(v)
 				if err != nil || dur <= 0 {
+					if _, nerr := strconv.ParseFloat(v, 64); nerr == nil {
+						// etcd's flags count milliseconds; a duration here names its unit.
+						return d.Errf("%s must be a positive duration with its unit (%sms for etcd's %s milliseconds), not %q", opt, v, v, v)
+					}
 					return d.Errf("%s must be a positive duration, not %q", opt, v)
 				}
 				switch opt {

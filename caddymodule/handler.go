@@ -237,6 +237,8 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		return next.ServeHTTP(w, r)
 	}
 
+	w = closeUnlessBodyRead(w, r)
+
 	// etcd's --proxy readonly wraps its CORS handler: every request but a
 	// GET gets a bare 501, OPTIONS too.
 	if n := h.member.current(); n != nil && r.Method != http.MethodGet {

@@ -275,7 +275,7 @@ func (a *App) Provision(ctx caddy.Context) error {
 		// readonly, or on or off: read-write), as etcd's does.
 		n := m.current()
 		proxying := n != nil && n.Proxy() != nil
-		if proxying && m.cfg.Proxy != cfg.Proxy {
+		if proxying && (m.cfg.Proxy == "readonly") != (cfg.Proxy == "readonly") {
 			changed = append(changed, "proxy")
 		}
 		discovering := n != nil && n.Discovering()

@@ -365,10 +365,10 @@ func (p *Proxy) ReadOnly() bool { return p.readOnly }
 func (p *Proxy) Why() string { return p.why }
 
 // startProxy runs the member as a proxy of the cluster at peerURLs on st
-// (whose Raft state is empty), for the reason why, until Stop, which ends it as it ends a
-// discovery (n.disc): the store stays open (the data directory is the
-// proxy's) and closes when the proxy ends. The member never becomes
-// ready. The caller holds lifeMu, and hands st over.
+// (whose Raft state is empty), for the reason why, until Stop, which ends
+// it as it ends a discovery (n.disc): the store stays open (the data
+// directory is the proxy's) and closes when the proxy ends. The member
+// never becomes ready. The caller holds lifeMu, and hands st over.
 func (n *Node) startProxy(st *storage.Store, peerURLs []string, why string) error {
 	if err := saveProxyCluster(st, peerURLs); err != nil {
 		return err

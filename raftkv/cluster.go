@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"net/http"
 	"slices"
 	"strconv"
@@ -454,6 +455,9 @@ func (n *Node) joinMembers(st *storage.Store) error {
 			lastErr = fmt.Errorf("raftkv: the cluster at %s has no member with peer URLs %v (it has %v): add it first (member add)", u, myURLs, listed)
 			continue
 		}
+		if err := n.checkJoinList(members); err != nil {
+			return err
+		}
 		n.id, n.clusterID = self.ID, cid
 		slices.SortFunc(members, func(a, b memberRecord) int { return cmpUint64(a.ID, b.ID) })
 		n.members = members
@@ -465,6 +469,45 @@ func (n *Node) joinMembers(st *storage.Store) error {
 		return nil
 	}
 	return fmt.Errorf("raftkv: cannot fetch the cluster's members from %v: %w", ask, lastErr)
+}
+
+// checkJoinList is etcd's ValidateClusterAndAssignIDs: the initial cluster
+// a member joins with must list the cluster's members as they are, each
+// with its peer URLs (spelled otherwise where they resolve to the same
+// endpoints), or the member does not start. A list out of step with the
+// cluster (a member replaced or moved since, one left out) is a
+// configuration that no longer describes it.
+func (n *Node) checkJoinList(members []memberRecord) error {
+	if len(members) != len(n.cfg.InitialCluster) {
+		return fmt.Errorf("raftkv: the initial cluster does not match the cluster this member joins: member count is unequal (%d in initial_cluster, %d in the cluster)",
+			len(n.cfg.InitialCluster), len(members))
+	}
+	var local [][]string
+	for _, name := range slices.Sorted(maps.Keys(n.cfg.InitialCluster)) {
+		urls, err := NormalizeURLs(n.cfg.InitialCluster[name])
+		if err != nil {
+			return fmt.Errorf("raftkv: initial cluster member %q: %w", name, err)
+		}
+		local = append(local, urls)
+	}
+	// etcd gives the lookups of a join's URLs 30 s in all.
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	matched := make([]bool, len(local))
+	for _, m := range members {
+		found := false
+		for j, urls := range local {
+			if !matched[j] && (slices.Equal(m.PeerURLs, urls) || sameURLsResolved(ctx, n.resolver(), m.PeerURLs, urls)) {
+				matched[j], found = true, true
+				break
+			}
+		}
+		if !found {
+			return fmt.Errorf("raftkv: the initial cluster does not match the cluster this member joins: no match found for existing member (%s, %v)",
+				idString(m.ID), m.PeerURLs)
+		}
+	}
+	return nil
 }
 
 // otherInitialPeerURLs lists the peer URLs of the initial cluster's other

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"math"
 	"net/http"
 	"net/http/httptest"
@@ -717,6 +718,47 @@ func TestClusterGrowsFromOneMember(t *testing.T) {
 	if first.n().readRounds.Load() == rounds {
 		t.Fatal("the first member, no longer the only voter, answered quorum reads without a read index")
 	}
+}
+
+func TestJoinRefusesAnInitialClusterOutOfStep(t *testing.T) {
+	// etcd's ValidateClusterAndAssignIDs: a member joining with an initial
+	// cluster that does not list the cluster's members as they are (one
+	// left out, one with a URL it does not have) does not start; with the
+	// list right, it joins.
+	c := newTestCluster(t, 2, nil)
+	leader := c.waitLeader(c.members...)
+	joiner := newTestMember(t, "joiner")
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if _, err := leader.n().AddMember(ctx, []string{joiner.url}); err != nil {
+		t.Fatalf("AddMember: %v", err)
+	}
+	c.members = append(c.members, joiner)
+	right := c.initialCluster()
+	for _, tc := range []struct {
+		name string
+		edit func(map[string][]string)
+		want string
+	}{
+		{"a member left out", func(ic map[string][]string) { delete(ic, c.members[0].name) }, "member count is unequal"},
+		{"a member's URL wrong", func(ic map[string][]string) { ic[c.members[0].name] = []string{"http://127.0.0.1:1"} }, "no match found for existing member"},
+	} {
+		cfg := c.config(joiner, "existing")
+		cfg.InitialCluster = maps.Clone(right)
+		tc.edit(cfg.InitialCluster)
+		n := NewNode(cfg)
+		err := n.Start()
+		if err == nil {
+			n.Stop()
+			t.Fatalf("%s: the joiner started", tc.name)
+		}
+		if !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%s: Start: %v, want an error saying %q", tc.name, err, tc.want)
+		}
+	}
+	n := c.start(joiner, "existing")
+	c.waitLeader(c.members...)
+	put(t, n, "/joined", "x")
 }
 
 func TestClusterWritesSurviveLeaderStop(t *testing.T) {

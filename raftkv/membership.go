@@ -97,6 +97,11 @@ func NormalizeURLs(raw []string) ([]string, error) {
 		in = strings.TrimSpace(in)
 		u, err := url.Parse(in)
 		if err != nil {
+			if hostWithColons(in) {
+				// Go's url.Parse took such a host before 1.26, and etcd
+				// 3.4's check of it then refused it so.
+				return nil, fmt.Errorf(`URL address does not have the form "host:port": %s`, in)
+			}
 			return nil, err
 		}
 		switch u.Scheme {
@@ -114,6 +119,22 @@ func NormalizeURLs(raw []string) ([]string, error) {
 	}
 	slices.Sort(out)
 	return out, nil
+}
+
+// hostWithColons reports whether the authority of the URL in has more
+// than one colon outside brackets ("http://127.0.0.1:1:1").
+func hostWithColons(in string) bool {
+	_, rest, ok := strings.Cut(in, "://")
+	if !ok {
+		return false
+	}
+	if i := strings.IndexAny(rest, "/?#"); i >= 0 {
+		rest = rest[:i]
+	}
+	if i := strings.LastIndex(rest, "@"); i >= 0 {
+		rest = rest[i+1:]
+	}
+	return !strings.Contains(rest, "[") && strings.Count(rest, ":") > 1
 }
 
 // memberID is etcd's computeMemberID for a member of a new cluster: the

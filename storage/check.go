@@ -59,7 +59,21 @@ func checkFile(f *os.File, size int64) error {
 	if err := c.readMeta(); err != nil {
 		return err
 	}
-	return c.walkBucket(c.root, nil)
+	if err := c.walkBucket(c.root, nil); err != nil {
+		return err
+	}
+	// A freelist bbolt reads at open must name no page the tree reaches:
+	// bbolt would hand that page out again, and the next commit that
+	// writes there would damage the tree.
+	for _, id := range c.free {
+		if id < firstNonMetaPage || id >= c.hwm {
+			return fmt.Errorf("%w: the freelist names page %d, outside the pages in use (%d)", ErrDamaged, id, c.hwm)
+		}
+		if c.seen[id/64]&(1<<(id%64)) != 0 {
+			return fmt.Errorf("%w: page %d is both in the freelist and in use", ErrDamaged, id)
+		}
+	}
+	return nil
 }
 
 // Layout of bbolt's pages (internal/common of go.etcd.io/bbolt).
@@ -88,6 +102,7 @@ type fileCheck struct {
 	hwm      uint64 // the meta's page high-water mark: pages below it exist
 	root     uint64 // root page of the root bucket
 	seen     []uint64
+	free     []uint64 // the IDs a synced freelist names
 	buf      []byte
 }
 
@@ -156,7 +171,8 @@ func (c *fileCheck) readMeta() error {
 }
 
 // checkFreelist checks the freelist page id: inside the file, labelled as
-// a freelist, its count of page IDs inside it.
+// a freelist, its count of page IDs inside it; it keeps the IDs, which
+// checkFile checks against the tree once walked.
 func (c *fileCheck) checkFreelist(id uint64) error {
 	if id < firstNonMetaPage || id >= c.hwm {
 		return fmt.Errorf("%w: freelist page %d is out of bounds (the file has %d)", ErrDamaged, id, c.hwm)
@@ -178,6 +194,10 @@ func (c *fileCheck) checkFreelist(id uint64) error {
 	}
 	if n > (uint64(len(p))-at)/8 {
 		return fmt.Errorf("%w: freelist page %d counts %d pages, more than it holds", ErrDamaged, id, n)
+	}
+	c.free = make([]uint64, n)
+	for i := range c.free {
+		c.free[i] = le.Uint64(p[at+uint64(i)*8:])
 	}
 	return nil
 }

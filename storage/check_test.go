@@ -219,3 +219,65 @@ func TestOpenTakesAFileBboltNeverCommittedTo(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// TestOpenRefusesAFreelistNamingPagesInUse: a synced freelist (bbolt reads
+// it at open instead of walking the tree) that names a page the tree
+// reaches would have bbolt hand that page out again; Open refuses it.
+func TestOpenRefusesAFreelistNamingPagesInUse(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "member.db")
+	db, err := bolt.Open(path, 0o600, &bolt.Options{NoFreelistSync: false})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for round := range 3 {
+		err := db.Update(func(tx *bolt.Tx) error {
+			b, err := tx.CreateBucketIfNotExists([]byte("b"))
+			if err != nil {
+				return err
+			}
+			for i := range 200 {
+				if round == 2 && i%2 == 0 {
+					if err := b.Delete(fmt.Appendf(nil, "k%04d", i)); err != nil {
+						return err
+					}
+					continue
+				}
+				if err := b.Put(fmt.Appendf(nil, "k%04d", i), []byte(strings.Repeat("v", 100))); err != nil {
+					return err
+				}
+			}
+			return nil
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := db.Close(); err != nil {
+		t.Fatal(err)
+	}
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := checkFile(mustOpen(t, path), int64(len(b))); err != nil {
+		t.Fatalf("a healthy file with a synced freelist: %v", err)
+	}
+	ps := os.Getpagesize()
+	var m boltMeta
+	for _, off := range []int{0, ps} {
+		if mm, ok := parseMeta(b[off+pageHeaderSize:]); ok && mm.txid >= m.txid {
+			m = mm
+		}
+	}
+	fl := b[int(m.freelist)*ps:]
+	if m.freelist == noFreelist || le.Uint16(fl[10:]) == 0 || le.Uint16(fl[10:]) == 0xFFFF {
+		t.Fatalf("the fixture has no short synced freelist to damage (meta %+v)", m)
+	}
+	// The freelist's first ID becomes the root bucket's page.
+	le.PutUint64(fl[pageHeaderSize:], m.root)
+	err = openDamaged(t, t.TempDir(), b)
+	if !errors.Is(err, ErrDamaged) || !strings.Contains(err.Error(), "both in the freelist and in use") {
+		t.Fatalf("Open of a freelist naming the root's page: %v", err)
+	}
+}

@@ -271,13 +271,7 @@ func (a *App) Provision(ctx caddy.Context) error {
 		if m.peerFiles != files {
 			changed = append(changed, "peer TLS files")
 		}
-		// A proxy reads at every start whether it is read-only (proxy
-		// readonly, or on or off: read-write), as etcd's does.
 		n := m.current()
-		proxying := n != nil && n.Proxy() != nil
-		if proxying && (m.cfg.Proxy == "readonly") != (cfg.Proxy == "readonly") {
-			changed = append(changed, "proxy")
-		}
 		discovering := n != nil && n.Discovering()
 		if len(changed) > 0 && !discovering {
 			a.logger.Warn("member settings changed; they take effect when Caddy restarts (or when a member a failure stopped starts again)",
@@ -285,13 +279,9 @@ func (a *App) Provision(ctx caddy.Context) error {
 		}
 		// A member still discovering has not started: Start begins again
 		// with the new settings (member.start).
-		changed = m.bootstrapChanges(cfg)
-		if proxying {
-			changed = slices.DeleteFunc(changed, func(s string) bool { return s == "proxy" })
-		}
-		if len(changed) > 0 && !discovering {
+		if changed := m.bootstrapChanges(cfg); len(changed) > 0 && !discovering {
 			why := "this member's list of members lives in its data"
-			if proxying {
+			if n != nil && n.Proxy() != nil {
 				why = "this member runs as a proxy of its cluster, and its data directory keeps it one"
 			}
 			a.logger.Warn("member settings changed that only a member's first start on an empty data_dir reads; "+why,
@@ -875,7 +865,13 @@ func (m *member) tuningChanges(cfg raftkv.Config) []string {
 	if m.cfg.ForceNewCluster != cfg.ForceNewCluster {
 		changed = append(changed, "force_new_cluster")
 	}
-	if n := m.current(); n != nil && (n.Proxy() != nil || n.Discovering()) {
+	n := m.current()
+	if n != nil && n.Proxy() != nil && (m.cfg.Proxy == "readonly") != (cfg.Proxy == "readonly") {
+		// A proxy reads at every start whether it is read-only (proxy
+		// readonly, or on or off: read-write), as etcd's does.
+		changed = append(changed, "proxy")
+	}
+	if n != nil && (n.Proxy() != nil || n.Discovering()) {
 		// A proxy's timings (or a proxy's to be); a member that runs Raft
 		// has no use for them.
 		if m.cfg.ProxyRefreshInterval != cfg.ProxyRefreshInterval {
@@ -908,7 +904,8 @@ func (m *member) bootstrapChanges(cfg raftkv.Config) []string {
 	if m.cfg.DiscoveryProxy != cfg.DiscoveryProxy {
 		changed = append(changed, "discovery_proxy")
 	}
-	if m.cfg.Proxy != cfg.Proxy {
+	if n := m.current(); m.cfg.Proxy != cfg.Proxy && (n == nil || n.Proxy() == nil) {
+		// A proxy's is a tuning change (tuningChanges).
 		changed = append(changed, "proxy")
 	}
 	if m.cfg.DiscoveryFallback != cfg.DiscoveryFallback {

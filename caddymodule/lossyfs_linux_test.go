@@ -445,6 +445,7 @@ var (
 	_ gofs.NodeWrapChilder = (*lossyNode)(nil)
 	_ gofs.NodeOpener      = (*lossyNode)(nil)
 	_ gofs.NodeCreater     = (*lossyNode)(nil)
+	_ gofs.NodeMkdirer     = (*lossyNode)(nil)
 	_ gofs.NodeSetattrer   = (*lossyNode)(nil)
 	_ gofs.NodeUnlinker    = (*lossyNode)(nil)
 	_ gofs.NodeRenamer     = (*lossyNode)(nil)

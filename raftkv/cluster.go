@@ -490,19 +490,27 @@ func (n *Node) checkJoinList(members []memberRecord) error {
 		}
 		local = append(local, urls)
 	}
-	// etcd gives the lookups of a join's URLs 30 s in all.
+	// Spelled alike first; only what is left is looked up (etcd gives the
+	// lookups of a join's URLs 30 s in all).
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
+	same := []func(a, b []string) bool{
+		slices.Equal[[]string],
+		func(a, b []string) bool { return sameURLsResolved(ctx, n.resolver(), a, b) },
+	}
 	matched := make([]bool, len(local))
-	for _, m := range members {
-		found := false
-		for j, urls := range local {
-			if !matched[j] && (slices.Equal(m.PeerURLs, urls) || sameURLsResolved(ctx, n.resolver(), m.PeerURLs, urls)) {
-				matched[j], found = true, true
-				break
+	found := make([]bool, len(members))
+	for _, eq := range same {
+		for i, m := range members {
+			for j, urls := range local {
+				if !found[i] && !matched[j] && eq(m.PeerURLs, urls) {
+					found[i], matched[j] = true, true
+				}
 			}
 		}
-		if !found {
+	}
+	for i, m := range members {
+		if !found[i] {
 			return fmt.Errorf("raftkv: the initial cluster does not match the cluster this member joins: no match found for existing member (%s, %v)",
 				idString(m.ID), m.PeerURLs)
 		}

@@ -57,6 +57,9 @@ type testMember struct {
 	*proc
 	Name    string
 	PeerURL string
+	// PeerSite, when set, is the address of the member's peer site, where it differs
+	// from the peer URL the cluster knows it by; "": PeerURL.
+	PeerSite string
 }
 
 // testCluster is a set of members started by the test.
@@ -145,7 +148,11 @@ func (c *testCluster) caddyfile(m *testMember, initial []*testMember, state stri
 		fmt.Fprintf(&b, "%s {\n\tbind 127.0.0.1\n\ttls %s %s {\n\t\tclient_auth {\n\t\t\tmode require_and_verify\n\t\t\ttrust_pool file %s\n\t\t}\n\t}\n\t%s\n}\n",
 			m.PeerURL, cert, key, c.pki.caFile, peer)
 	} else {
-		fmt.Fprintf(&b, "%s {\n\traftkv_peer\n}\n", m.PeerURL)
+		site := m.PeerURL
+		if m.PeerSite != "" {
+			site = m.PeerSite
+		}
+		fmt.Fprintf(&b, "%s {\n\traftkv_peer\n}\n", site)
 	}
 	return b.String()
 }
@@ -164,6 +171,14 @@ func (c *testCluster) start(n int) *testCluster {
 	for i := 1; i <= n; i++ {
 		c.members = append(c.members, c.newTestMember(fmt.Sprintf("n%d", i)))
 	}
+	return c.launch()
+}
+
+// launch starts the members of c.members at once, as start does.
+func (c *testCluster) launch() *testCluster {
+	t := c.t
+	t.Helper()
+	n := len(c.members)
 	for _, m := range c.members {
 		c.writeCaddyfile(m, c.members, "new")
 		m.spawn(t)
@@ -461,6 +476,63 @@ func TestClusterThreeMembersOverLoopback(t *testing.T) {
 	if resp.StatusCode != http.StatusOK {
 		t.Errorf("peer site, other path: %d", resp.StatusCode)
 	}
+}
+
+// TestClusterMemberItsPeersCannotDial runs a member whose peer URL its peers cannot dial
+// (nothing listens there: its peer site is on another port), as behind a one-way firewall or
+// after a member update to a wrong URL: as with etcd, it takes part all the same, because its
+// peers send to it over the streams it opens to them. It is written to, read from, and elects
+// a leader with one other member once the leader is killed.
+func TestClusterMemberItsPeersCannotDial(t *testing.T) {
+	c := &testCluster{t: t}
+	for i := 1; i <= 3; i++ {
+		c.members = append(c.members, c.newTestMember(fmt.Sprintf("n%d", i)))
+	}
+	n3 := c.members[2]
+	n3.PeerSite, n3.PeerURL = n3.PeerURL, fmt.Sprintf("http://127.0.0.1:%d", freePort(t))
+	c.launch()
+
+	acked := make(map[string]crashAck)
+	write := func(ms []*testMember, round int) {
+		t.Helper()
+		for _, m := range ms {
+			for j := range 5 {
+				key := fmt.Sprintf("/oneway/%d-%s-%d", round, m.Name, j)
+				_, node, err := crashPut(context.Background(), testClient, m.ClientURL, key, key)
+				if err != nil {
+					t.Fatalf("%s: %v", m.Name, err)
+				}
+				acked[key] = crashAck{Value: key, Index: node.ModifiedIndex}
+			}
+		}
+		checkAckedEverywhere(t, ms, "/oneway", acked)
+	}
+	write(c.members, 0)
+	for _, m := range c.members[:2] {
+		lines, err := logLinesSince(m.proc, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !slices.ContainsFunc(lines, func(l string) bool { return strings.Contains(l, "over the streams it opened to this member") }) {
+			t.Errorf("%s never said it sends to n3 over n3's streams", m.Name)
+		}
+	}
+
+	// Kill the leader (n1 when n3 leads): n3 and the member left elect a leader and go on.
+	leader := agreedLeader(t, c.members, "", 10*time.Second)
+	victim := c.byName(leader.Name)
+	if victim == n3 {
+		victim = c.members[0]
+	}
+	victim.kill9()
+	var left []*testMember
+	for _, m := range c.members {
+		if m != victim {
+			left = append(left, m)
+		}
+	}
+	agreedLeader(t, left, victim.Name, 20*time.Second)
+	write(left, 1)
 }
 
 // writeLoad is writers putting keys into a cluster concurrently, each key written once, so

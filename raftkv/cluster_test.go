@@ -53,6 +53,41 @@ func (m *testMember) refuses(from string) bool {
 	return cut != "" && cut == from
 }
 
+// testMembers holds the live testMembers, for a peer endpoint to find the
+// member that pulls from it.
+var testMembers sync.Map // *testMember -> struct{}
+
+// testMemberByID is the testMember running the member with hex ID id, or nil.
+func testMemberByID(id string) *testMember {
+	var found *testMember
+	testMembers.Range(func(k, _ any) bool {
+		m := k.(*testMember)
+		if n := m.n(); n != nil && idString(n.Status().ID) == id {
+			found = m
+			return false
+		}
+		return true
+	})
+	return found
+}
+
+// testCutWriter is a pull's answer on the simulated network: its writes fail
+// once the link to the puller is cut.
+type testCutWriter struct {
+	http.ResponseWriter
+	cut func() bool
+}
+
+func (w testCutWriter) Write(p []byte) (int, error) {
+	if w.cut() {
+		return 0, errors.New("cut off (test)")
+	}
+	return w.ResponseWriter.Write(p)
+}
+
+// Unwrap gives http.ResponseController the connection's writer.
+func (w testCutWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
+
 // testStreamBody is a peer stream's body on the simulated network: it fails
 // once the link from its sender is cut, and what the sender wrote comes
 // out oneWay after it arrived (the sleep is the network's delay, not a
@@ -174,7 +209,20 @@ func newSimTestMember(t *testing.T, name string, oneWay time.Duration, h2c bool)
 			http.Error(w, "cut off (test)", http.StatusServiceUnavailable)
 			return
 		}
-		if r.URL.Path == peerStreamPath {
+		if r.URL.Path == peerStreamPath && r.Method == http.MethodGet {
+			// A pull carries this member's messages to the member that
+			// asks: it is cut with the link from this member to that
+			// one.
+			if puller := testMemberByID(from); puller != nil {
+				self := idString(n.Status().ID)
+				cut := func() bool { return puller.refuses(self) }
+				if cut() {
+					http.Error(w, "cut off (test)", http.StatusServiceUnavailable)
+					return
+				}
+				w = testCutWriter{ResponseWriter: w, cut: cut}
+			}
+		} else if r.URL.Path == peerStreamPath {
 			// A stream is cut when its sender is, and each read of it
 			// arrives oneWay late.
 			b := newTestStreamBody(r.Body, m, from, oneWay)
@@ -194,6 +242,8 @@ func newSimTestMember(t *testing.T, name string, oneWay time.Duration, h2c bool)
 	m.srv.Start()
 	t.Cleanup(m.srv.Close)
 	m.url = m.srv.URL
+	testMembers.Store(m, struct{}{})
+	t.Cleanup(func() { testMembers.Delete(m) })
 	return m
 }
 

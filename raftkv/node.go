@@ -426,13 +426,14 @@ func (n *Node) startOn(st *storage.Store, rs *storage.RaftState) error {
 		ProbeIdle:         n.cfg.healthInterval / 5,
 		SentAppends:       &n.sendRate,
 	})
-	n.syncPeers()
 	ph := newPeerHandler(n.id, n.clusterID, n.tr.peerStatus, n.receive, st, n.lg.Named("peer"))
 	ph.members = n.memberSnapshot
 	ph.recvAppends = &n.recvRate
 	// Streams end with the loop, not when Stop begins: Stop hands
 	// leadership over first, and needs to hear the other members.
 	ph.ended, ph.halted = n.peerEnd, n.donec
+	n.tr.setReceiver(ph)
+	n.syncPeers()
 	n.peerH.Store(ph)
 	n.bgCtx, n.bgStop = context.WithCancel(context.Background())
 	n.started = true

@@ -34,7 +34,13 @@ import (
 // frame: a 4-byte big-endian length, then the proto-encoded
 // raftpb.Message. The receiver answers 200 at once and reads frames for as
 // long as the sender writes them, as etcd's rafthttp streams do: a message
-// costs a write on an open connection, not a request. A batch of frames POSTed to
+// costs a write on an open connection, not a request. Each member also
+// asks each peer for the messages meant for it, one GET of
+// <peerURL>/raft/stream?lane=messages|appends per lane, whose answer the
+// peer keeps open and writes the same frames to while it cannot open a
+// stream itself (see lane.write): messages flow between two members when
+// either can dial the other, as with etcd, whose members dial the peers
+// whose messages they read. A batch of frames POSTed to
 // <peerURL>/raft is delivered whole and answered 204; members use it, with
 // no frame, to probe a peer (reachability, its round trip). A snapshot goes to <peerURL>/raft/snapshot
 // as one streamed body: the MsgSnap's frame (its metadata, no data), then
@@ -56,7 +62,11 @@ const (
 	headerPeerTo        = "X-Etcaddy-To"
 	trailerSnapshotHash = "X-Etcaddy-Snapshot-Sha256"
 	peerContentType     = "application/x-etcaddy-raft"
+	pullLaneParam       = "lane"
 )
+
+// laneNames name the lanes in a pull's request (pullLaneParam).
+var laneNames = [2]string{laneMessages: "messages", laneAppends: "appends"}
 
 // Limits of the peer transport.
 const (
@@ -88,6 +98,11 @@ const (
 	// connection, too).
 	streamPiece     = 256 << 10
 	peerDialTimeout = time.Second
+	// pullRetryMin and pullRetryMax bound the wait before a pull is asked
+	// for again: pullRetryMin after one that was answered, doubling after
+	// each that was not (etcd's stream readers dial again every 100 ms).
+	pullRetryMin = 100 * time.Millisecond
+	pullRetryMax = time.Second
 )
 
 // transportConfig configures a peerTransport.
@@ -150,6 +165,10 @@ type peerTransport struct {
 	removed map[uint64]bool
 	retired []*peer // removed peers, possibly still sending their last messages
 	stopped bool
+
+	// recv reads what peers write to this member's pulls; nil: this
+	// member does not pull (setReceiver).
+	recv *peerHandler
 }
 
 // peerState is what a receiving member knows of a sender.
@@ -174,6 +193,15 @@ func newPeerTransport(cfg transportConfig) *peerTransport {
 		peers:     make(map[uint64]*peer),
 		removed:   make(map[uint64]bool),
 	}
+}
+
+// setReceiver links the transport with this member's peer handler, before
+// any peer is added: the transport then asks each peer for the messages
+// meant for this member (runPull) and hands them to h, and h serves the
+// peers' own such requests from the transport (servePull).
+func (t *peerTransport) setReceiver(h *peerHandler) {
+	t.recv = h
+	h.out = t
 }
 
 func (t *peerTransport) streamStall() time.Duration {
@@ -262,6 +290,9 @@ type peer struct {
 	// answered POST after a failed one (zero while it fails, or before it
 	// ever answered). etcd's rafthttp ActiveSince.
 	activeSince time.Time
+	// viaPulled is set once messages went over the peer's pulls in this
+	// outage (logged once).
+	viaPulled bool
 }
 
 // The lanes of a peer.
@@ -301,6 +332,10 @@ type lane struct {
 	// stream is the open stream to the peer, opened and ended by run; a
 	// failed probe cuts it.
 	stream atomic.Pointer[peerStream]
+	// pulled is the stream the peer opened to this member for the lane's
+	// messages (servePull), if any: run writes to it while the peer
+	// cannot be reached on its URL.
+	pulled atomic.Pointer[peerStream]
 }
 
 // lane returns the lane messages of type mt go on.
@@ -412,6 +447,12 @@ func (t *peerTransport) AddPeer(id uint64, urls []string) error {
 	}
 	go p.runSnapshots()
 	go p.runProbes()
+	if t.recv != nil {
+		t.wg.Add(len(p.lanes))
+		for ln := range p.lanes {
+			go p.runPull(ln)
+		}
+	}
 	return nil
 }
 
@@ -477,8 +518,30 @@ func (t *peerTransport) activeSince(id uint64) time.Time {
 		return time.Time{}
 	}
 	p.mu.Lock()
-	defer p.mu.Unlock()
-	return p.activeSince
+	since := p.activeSince
+	p.mu.Unlock()
+	if since.IsZero() {
+		since = p.pulledSince()
+	}
+	return since
+}
+
+// pulledSince is when the peer's pulls, of both lanes, have been open
+// since: a member that cannot be dialed but dials this one is reachable
+// all the same (etcd's streams count whichever side dialed). Zero when
+// either is not open.
+func (p *peer) pulledSince() time.Time {
+	var since time.Time
+	for _, l := range p.lanes {
+		s := l.pulled.Load()
+		if s == nil || s.ended() {
+			return time.Time{}
+		}
+		if s.since.After(since) {
+			since = s.since
+		}
+	}
+	return since
 }
 
 // Stop ends every peer's goroutines and in-flight requests and waits for
@@ -669,6 +732,7 @@ func (p *peer) reached() {
 	if p.activeSince.IsZero() {
 		p.activeSince = time.Now()
 	}
+	p.viaPulled = false
 	p.mu.Unlock()
 	if was {
 		p.t.lg.Info("peer reachable again", zap.String("peer", idString(p.id)))
@@ -712,6 +776,7 @@ func (l *lane) run() {
 			case first = <-l.queue:
 			default:
 				l.endStream() // all sent, and delivered if the peer is up
+				l.endPulled()
 				if p.lanesDone.Add(1) == int32(len(p.lanes)) {
 					p.cancel() // the snapshot sender and the probes end too
 				}
@@ -719,6 +784,7 @@ func (l *lane) run() {
 			}
 		case <-p.ctx.Done():
 			l.endStream()
+			l.endPulled()
 			return
 		}
 		body := appendPeerFrame(nil, first)
@@ -745,14 +811,17 @@ func (l *lane) run() {
 // unreachable, and Raft resends what matters.
 func (l *lane) write(body []byte) {
 	p := l.p
-	s := l.stream.Load()
-	if s != nil && s.ended() {
-		s.end()
-		s = nil
-	}
+	s := l.pulledInstead()
 	if s == nil {
-		s = p.openStream(l.client)
-		l.stream.Store(s)
+		s = l.stream.Load()
+		if s != nil && s.ended() {
+			s.end()
+			s = nil
+		}
+		if s == nil {
+			s = p.openStream(l.client)
+			l.stream.Store(s)
+		}
 	}
 	err := s.write(body)
 	p.mu.Lock()
@@ -762,11 +831,53 @@ func (l *lane) write(body []byte) {
 		p.stats.fail++
 	}
 	p.mu.Unlock()
-	if err != nil {
+	switch {
+	case err == nil:
+	case s.pulled:
+		l.pulled.CompareAndSwap(s, nil)
+		s.cancel()
+		if p.ctx.Err() == nil {
+			p.t.cfg.ReportUnreachable(p.id)
+		}
+	default:
 		// The stream's end reports it (openStream), with its cause.
 		l.stream.Store(nil)
 		s.end()
 		s.cancel()
+	}
+}
+
+// pulledInstead returns the lane's pulled stream when the batch goes there:
+// the peer's URL failed this member's last request to it (a stream, a
+// probe, a snapshot), and the peer has a pull open. Once a probe gets
+// through again, streams to the URL take over.
+func (l *lane) pulledInstead() *peerStream {
+	s := l.pulled.Load()
+	if s == nil || s.ended() {
+		return nil
+	}
+	p := l.p
+	p.mu.Lock()
+	use := p.failing
+	first := use && !p.viaPulled
+	if use {
+		p.viaPulled = true
+	}
+	p.mu.Unlock()
+	if !use {
+		return nil
+	}
+	if first {
+		p.t.lg.Info("sending to the peer over the streams it opened to this member, as its URL cannot be reached",
+			zap.String("peer", idString(p.id)))
+	}
+	return s
+}
+
+// endPulled ends the lane's pulled stream after what was written to it.
+func (l *lane) endPulled() {
+	if s := l.pulled.Swap(nil); s != nil {
+		s.end()
 	}
 }
 
@@ -782,6 +893,10 @@ func (l *lane) endStream() {
 // peerStream is one open stream to a peer: the body of a POST that stays
 // open while run writes batches of frames to it.
 type peerStream struct {
+	// pulled: the body of this member's answer to the peer's pull
+	// (servePull), open since since.
+	pulled bool
+	since  time.Time
 	url    string
 	pw     *io.PipeWriter
 	cancel context.CancelFunc
@@ -945,6 +1060,76 @@ func (p *peer) runProbes() {
 			return
 		}
 	}
+}
+
+// runPull keeps a pull of lane ln's messages open to the peer: a GET of
+// its /raft/stream whose answer the peer writes the messages for this
+// member to while it cannot open a stream to this member (a one-way
+// firewall, a peer URL of this member that it cannot reach). A pull that
+// ends is asked for again at once, one refused or failed after a wait.
+func (p *peer) runPull(ln int) {
+	defer p.t.wg.Done()
+	wait := pullRetryMin
+	for {
+		if p.pull(ln) {
+			wait = pullRetryMin
+		} else {
+			wait = min(2*wait, pullRetryMax)
+		}
+		t := time.NewTimer(wait)
+		select {
+		case <-t.C:
+		case <-p.retiring:
+			t.Stop()
+			return
+		case <-p.ctx.Done():
+			t.Stop()
+			return
+		}
+	}
+}
+
+// pull asks the peer for lane ln's messages and delivers what it writes
+// until the answer ends, the peer is retired or this member stops. It
+// reports whether the peer took the pull. Its failures are not the peer's
+// outage (probes and streams tell that): a peer that does not serve pulls
+// sends its messages on streams of its own.
+func (p *peer) pull(ln int) bool {
+	u := p.url()
+	ctx, cancel := context.WithCancel(p.ctx)
+	defer cancel()
+	go func() {
+		select {
+		case <-p.retiring:
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u+peerStreamPath+"?"+pullLaneParam+"="+laneNames[ln], nil)
+	if err != nil {
+		return false
+	}
+	p.t.setHeaders(req.Header, p.id)
+	req.Header.Del("Content-Type")
+	req.Header.Set("Accept", peerContentType)
+	answer := time.AfterFunc(peerRequestTimeout, cancel)
+	resp, err := p.lanes[ln].client.Do(req)
+	answer.Stop()
+	if err != nil {
+		p.t.lg.Debug("pull failed", zap.String("peer", idString(p.id)), zap.String("url", u), zap.Error(err))
+		return false
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK || resp.Header.Get("Content-Type") != peerContentType {
+		msg, _ := io.ReadAll(io.LimitReader(resp.Body, 512))
+		err := &peerStatusError{status: resp.Status, code: resp.StatusCode, msg: strings.TrimSpace(string(msg))}
+		if !p.t.checkGone(err) {
+			p.t.lg.Debug("pull refused", zap.String("peer", idString(p.id)), zap.String("url", u), zap.Error(err))
+		}
+		return false
+	}
+	p.t.recv.readStream(resp.Body, p.id)
+	return true
 }
 
 func appendPeerFrame(b, data []byte) []byte {
@@ -1174,10 +1359,13 @@ type peerHandler struct {
 	// recvAppends, if set, samples each MsgApp received, with its encoded
 	// size (the receive rates of /v2/stats/self).
 	recvAppends *rateQueue
-	// ended and halted, once closed, end the streams being read: the
-	// process exits (EndPeerStreams) or the member's loop has ended. Nil:
-	// never.
+	// ended and halted, once closed, end the streams being read and the
+	// pulls being served: the process exits (EndPeerStreams) or the
+	// member's loop has ended. Nil: never.
 	ended, halted <-chan struct{}
+	// out serves the peers' pulls (GET /raft/stream); nil: they get 405
+	// (setReceiver).
+	out *peerTransport
 }
 
 func newPeerHandler(id, clusterID uint64, status func(uint64) peerState, deliver func(*raftpb.Message), snapshots snapshotReceiver, lg *zap.Logger) *peerHandler {
@@ -1235,13 +1423,27 @@ func (h *peerHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		// stream's does not end).
 		AnswerBeforeBody(w, r)
 	}
-	if r.Method != http.MethodPost {
+	pull := r.URL.Path == peerStreamPath && r.Method == http.MethodGet && h.out != nil
+	if r.Method != http.MethodPost && !pull {
 		w.Header().Set("Allow", http.MethodPost)
+		if r.URL.Path == peerStreamPath && h.out != nil {
+			w.Header().Set("Allow", "GET, POST")
+		}
 		http.Error(w, "method not allowed", http.StatusMethodNotAllowed)
 		return
 	}
 	from, removed, ok := h.checkHeaders(w, r)
 	if !ok {
+		return
+	}
+	switch {
+	case pull:
+		ln := slices.Index(laneNames[:], r.URL.Query().Get(pullLaneParam))
+		if ln < 0 {
+			http.Error(w, fmt.Sprintf("%s must be one of %q", pullLaneParam, laneNames), http.StatusBadRequest)
+			return
+		}
+		h.out.servePull(w, r, from, ln, h.ended, h.halted)
 		return
 	}
 	switch r.URL.Path {
@@ -1289,8 +1491,17 @@ func (h *peerHandler) serveStream(w http.ResponseWriter, r *http.Request, from u
 		}
 		_ = rc.SetReadDeadline(time.Now())
 	}()
+	h.readStream(r.Body, from)
+}
+
+// readStream delivers the frames of a stream from member from, in order,
+// until it ends or breaks (the caller ends it by making its reads fail).
+// A bad frame ends it; the frames before it were delivered. A member
+// removed while its stream is open is heard no more, but for a
+// MsgTimeoutNow (see serveBatch).
+func (h *peerHandler) readStream(body io.Reader, from uint64) {
 	for {
-		frame, err := readPeerFrame(r.Body, peerMaxFrame)
+		frame, err := readPeerFrame(body, peerMaxFrame)
 		if err != nil {
 			if err != io.EOF {
 				h.lg.Debug("peer stream ended", zap.String("from", idString(from)), zap.Error(err))
@@ -1306,6 +1517,85 @@ func (h *peerHandler) serveStream(w http.ResponseWriter, r *http.Request, from u
 			continue
 		}
 		h.deliver(m)
+	}
+}
+
+// servePull answers member from's pull of lane ln (GET /raft/stream): 200
+// at once, then whatever this member writes to it (lane.write: while from
+// cannot be reached on its URL), until the pull ends, breaks or stalls
+// (StreamStall, as a stream), from is removed or retired, or this member
+// stops (ended, halted). A newer pull of the same lane replaces it.
+func (t *peerTransport) servePull(w http.ResponseWriter, r *http.Request, from uint64, ln int, ended, halted <-chan struct{}) {
+	t.mu.RLock()
+	p := t.peers[from]
+	t.mu.RUnlock()
+	if p == nil {
+		http.Error(w, "member "+idString(from)+" is not a member of this cluster", http.StatusForbidden)
+		return
+	}
+	rc := http.NewResponseController(w)
+	w.Header().Set("Content-Type", peerContentType)
+	w.WriteHeader(http.StatusOK)
+	if err := rc.Flush(); err != nil {
+		return
+	}
+	// A pull lasts: the site's timeouts are for requests.
+	_ = rc.SetReadDeadline(time.Time{})
+	_ = rc.SetWriteDeadline(time.Time{})
+	pr, pw := io.Pipe()
+	cutc := make(chan struct{})
+	cutOnce := sync.OnceFunc(func() { close(cutc) })
+	cut := func(err error) {
+		pr.CloseWithError(err)
+		cutOnce()
+	}
+	s := &peerStream{pulled: true, since: time.Now(), url: r.RemoteAddr, pw: pw,
+		cancel: func() { cut(errStreamEnded) }, done: make(chan struct{}), stallD: t.streamStall()}
+	s.armStall(cut)
+	// The goroutine that cuts a write ends before the handler returns:
+	// the writer must not be used after that.
+	stop, watched := make(chan struct{}), make(chan struct{})
+	go func() {
+		defer close(watched)
+		select {
+		case <-stop:
+			return
+		case <-r.Context().Done():
+		case <-ended:
+		case <-halted:
+		case <-p.ctx.Done():
+		case <-cutc:
+		}
+		pr.CloseWithError(errStreamEnded)
+		_ = rc.SetWriteDeadline(time.Now())
+	}()
+	l := p.lanes[ln]
+	if old := l.pulled.Swap(s); old != nil {
+		old.cancel()
+	}
+	defer func() {
+		l.pulled.CompareAndSwap(s, nil)
+		close(stop)
+		<-watched
+		pr.CloseWithError(errStreamEnded)
+		close(s.done)
+	}()
+	buf := make([]byte, streamPiece)
+	for {
+		n, err := pr.Read(buf)
+		if n > 0 {
+			if _, werr := w.Write(buf[:n]); werr != nil {
+				pr.CloseWithError(werr)
+				return
+			}
+			if werr := rc.Flush(); werr != nil {
+				pr.CloseWithError(werr)
+				return
+			}
+		}
+		if err != nil {
+			return
+		}
 	}
 }
 

@@ -1053,3 +1053,171 @@ func TestPeerRefusalBeforeTheBodyClosesTheConnection(t *testing.T) {
 		})
 	}
 }
+
+// pullTestMember is one member of a two-member cluster in this process: its
+// transport, its peer handler (with the transport's pulls linked, as a Node
+// has them) and its peer site, over h2c.
+type pullTestMember struct {
+	tr  *peerTransport
+	h   *peerHandler
+	srv *httptest.Server
+	fb  *peerFeedback
+	got chan *raftpb.Message
+}
+
+func newPullTestMember(t *testing.T, id uint64) *pullTestMember {
+	t.Helper()
+	m := &pullTestMember{fb: &peerFeedback{}, got: make(chan *raftpb.Message, 1024)}
+	// The site first: its Close, which waits for the requests it serves,
+	// then runs after the transports' Stop has ended the pulls.
+	var h atomic.Pointer[peerHandler]
+	m.srv = httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		h.Load().ServeHTTP(w, r)
+	}))
+	m.srv.Config.Protocols = new(http.Protocols)
+	m.srv.Config.Protocols.SetHTTP1(true)
+	m.srv.Config.Protocols.SetUnencryptedHTTP2(true)
+	m.srv.Start()
+	t.Cleanup(m.srv.Close)
+	m.tr = newPeerTestTransport(t, transportConfig{ID: id, H2C: true, ProbeIdle: 50 * time.Millisecond}, m.fb)
+	m.h = newPeerHandler(id, peerTestCluster, m.tr.peerStatus, func(msg *raftpb.Message) { m.got <- msg }, nil, nil)
+	m.tr.setReceiver(m.h)
+	h.Store(m.h)
+	return m
+}
+
+// expect fails the test unless the next messages m gets are want, in order.
+func (m *pullTestMember) expect(t *testing.T, want ...*raftpb.Message) {
+	t.Helper()
+	for _, w := range want {
+		select {
+		case got := <-m.got:
+			if !proto.Equal(got, w) {
+				t.Fatalf("got %v, want %v", got, w)
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatalf("%v never arrived", w)
+		}
+	}
+}
+
+// A member that cannot dial its peer reaches it all the same over the
+// streams the peer opened to it (its pulls), as etcd's members read their
+// messages on streams they dial themselves; once the peer's URL answers
+// again, streams to it take over.
+func TestPeerUnreachableURLIsReachedOverItsPulls(t *testing.T) {
+	peerNoLeaks(t)
+	m1 := newPullTestMember(t, peerTestLeader)
+	m2 := newPullTestMember(t, peerTestFollower)
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	dead := "http://" + l.Addr().String()
+	l.Close()
+	// m1 knows a URL of m2's where nothing answers; m2 reaches m1.
+	if err := m1.tr.AddPeer(peerTestFollower, []string{dead}); err != nil {
+		t.Fatal(err)
+	}
+	if err := m2.tr.AddPeer(peerTestLeader, []string{m1.srv.URL}); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "m1 to see m2 reachable (its pulls open)", func() bool { return !m1.tr.activeSince(peerTestFollower).IsZero() })
+	m1.tr.mu.RLock()
+	p := m1.tr.peers[peerTestFollower]
+	m1.tr.mu.RUnlock()
+	waitFor(t, "m1's probes of m2 to fail", func() bool {
+		p.mu.Lock()
+		defer p.mu.Unlock()
+		return p.failing
+	})
+	var want []*raftpb.Message
+	for i := range uint64(100) {
+		want = append(want, peerApp(i), peerHeartbeat(i))
+	}
+	m1.tr.Send(want)
+	// Each lane keeps its order; the two lanes interleave as they come.
+	var apps, beats []*raftpb.Message
+	for range want {
+		select {
+		case got := <-m2.got:
+			if got.GetType() == raftpb.MsgApp {
+				apps = append(apps, got)
+			} else {
+				beats = append(beats, got)
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatalf("%d of %d messages arrived over m2's pulls", len(apps)+len(beats), len(want))
+		}
+	}
+	for i := range apps {
+		if !proto.Equal(apps[i], want[2*i]) || !proto.Equal(beats[i], want[2*i+1]) {
+			t.Fatalf("message %d: got %v and %v, want %v and %v", i, apps[i], beats[i], want[2*i], want[2*i+1])
+		}
+	}
+	// The other way, m2 dials m1.
+	back := &raftpb.Message{Type: raftpb.MsgAppResp.Enum(), From: new(uint64(peerTestFollower)), To: new(uint64(peerTestLeader)),
+		Term: new(uint64(1)), Index: new(uint64(100))}
+	m2.tr.Send([]*raftpb.Message{back})
+	m1.expect(t, back)
+
+	// m2's URL fixed: a probe gets through, and m1 streams to it.
+	if err := m1.tr.UpdatePeer(peerTestFollower, []string{m2.srv.URL}); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "m1's probes of m2 to get through", func() bool {
+		p.mu.Lock()
+		defer p.mu.Unlock()
+		return !p.failing
+	})
+	m1.tr.Send([]*raftpb.Message{peerApp(100)})
+	m2.expect(t, peerApp(100))
+	if s := p.lanes[laneAppends].stream.Load(); s == nil || s.ended() {
+		t.Fatal("m1 sent to m2's fixed URL without a stream of its own")
+	}
+}
+
+// A pull is refused as a stream is: from another cluster, from an unknown
+// or removed member, or for no lane.
+func TestPeerPullRefusals(t *testing.T) {
+	peerNoLeaks(t)
+	m1 := newPullTestMember(t, peerTestLeader)
+	if err := m1.tr.AddPeer(peerTestFollower, []string{"http://127.0.0.1:1"}); err != nil {
+		t.Fatal(err)
+	}
+	m1.tr.RemovePeer(3, nil)
+	get := func(lane string, cluster, from uint64) (int, string) {
+		t.Helper()
+		req, err := http.NewRequest(http.MethodGet, m1.srv.URL+peerStreamPath+"?lane="+lane, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		req.Header.Set(headerPeerClusterID, idString(cluster))
+		req.Header.Set(headerPeerFrom, idString(from))
+		req.Header.Set(headerPeerTo, idString(peerTestLeader))
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return resp.StatusCode, string(b)
+	}
+	for _, c := range []struct {
+		lane          string
+		cluster, from uint64
+		status        int
+		says          string
+	}{
+		{"appends", 0xc2, peerTestFollower, http.StatusPreconditionFailed, "cluster ID mismatch"},
+		{"appends", peerTestCluster, 7, http.StatusForbidden, "not a member of this cluster"},
+		{"appends", peerTestCluster, 3, http.StatusGone, "was removed"},
+		{"", peerTestCluster, peerTestFollower, http.StatusBadRequest, `lane must be one of ["messages" "appends"]`},
+		{"all", peerTestCluster, peerTestFollower, http.StatusBadRequest, `lane must be one of`},
+	} {
+		if status, body := get(c.lane, c.cluster, c.from); status != c.status || !strings.Contains(body, c.says) {
+			t.Errorf("lane %q, cluster %x, from %x: %d %q, want %d %q", c.lane, c.cluster, c.from, status, body, c.status, c.says)
+		}
+	}
+	http.DefaultClient.CloseIdleConnections()
+}

@@ -1067,6 +1067,13 @@ type pullTestMember struct {
 
 func newPullTestMember(t *testing.T, id uint64) *pullTestMember {
 	t.Helper()
+	return newPullTestMemberWith(t, transportConfig{ID: id, H2C: true, ProbeIdle: 50 * time.Millisecond})
+}
+
+// newPullTestMemberWith is newPullTestMember with its transport's config.
+func newPullTestMemberWith(t *testing.T, cfg transportConfig) *pullTestMember {
+	t.Helper()
+	id := cfg.ID
 	m := &pullTestMember{fb: &peerFeedback{}, got: make(chan *raftpb.Message, 1024)}
 	// The site first: its Close, which waits for the requests it serves,
 	// then runs after the transports' Stop has ended the pulls.
@@ -1079,7 +1086,7 @@ func newPullTestMember(t *testing.T, id uint64) *pullTestMember {
 	m.srv.Config.Protocols.SetUnencryptedHTTP2(true)
 	m.srv.Start()
 	t.Cleanup(m.srv.Close)
-	m.tr = newPeerTestTransport(t, transportConfig{ID: id, H2C: true, ProbeIdle: 50 * time.Millisecond}, m.fb)
+	m.tr = newPeerTestTransport(t, cfg, m.fb)
 	m.h = newPeerHandler(id, peerTestCluster, m.tr.peerStatus, func(msg *raftpb.Message) { m.got <- msg }, nil, nil)
 	m.tr.setReceiver(m.h)
 	h.Store(m.h)
@@ -1220,4 +1227,46 @@ func TestPeerPullRefusals(t *testing.T) {
 		}
 	}
 	http.DefaultClient.CloseIdleConnections()
+}
+
+// A pull whose member stops reading it (its connection full) is cut as a
+// stalled stream is: the messages written to it are reported lost, and the
+// pull ends, so that the next pull starts afresh.
+func TestPeerStalledPullIsCut(t *testing.T) {
+	peerNoLeaks(t)
+	m1 := newPullTestMemberWith(t, transportConfig{ID: peerTestLeader, ProbeIdle: 50 * time.Millisecond, StreamStall: 200 * time.Millisecond})
+	if err := m1.tr.AddPeer(peerTestFollower, []string{"http://127.0.0.1:1"}); err != nil {
+		t.Fatal(err)
+	}
+	m1.tr.mu.RLock()
+	p := m1.tr.peers[peerTestFollower]
+	m1.tr.mu.RUnlock()
+	// Member 2's pull, by hand over HTTP/1: the answer's head is read, then
+	// nothing.
+	conn, err := net.Dial("tcp", strings.TrimPrefix(m1.srv.URL, "http://"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	fmt.Fprintf(conn, "GET %s?lane=appends HTTP/1.1\r\nHost: member1\r\n%s: %s\r\n%s: %s\r\n%s: %s\r\n\r\n", peerStreamPath,
+		headerPeerClusterID, idString(peerTestCluster), headerPeerFrom, idString(peerTestFollower), headerPeerTo, idString(peerTestLeader))
+	head := make([]byte, 12)
+	if _, err := io.ReadFull(conn, head); err != nil || string(head) != "HTTP/1.1 200" {
+		t.Fatalf("the pull's answer: %q, %v", head, err)
+	}
+	l := p.lanes[laneAppends]
+	waitFor(t, "the pull to be open and the peer's URL to fail", func() bool {
+		p.mu.Lock()
+		defer p.mu.Unlock()
+		return l.pulled.Load() != nil && p.failing
+	})
+	s := l.pulled.Load()
+	for i := range uint64(24) {
+		m1.tr.Send([]*raftpb.Message{peerBigApp(i+1, 2<<20)})
+	}
+	waitFor(t, "the stalled pull reported", func() bool { n, _ := m1.fb.counts(); return n > 0 })
+	waitFor(t, "the stalled pull to end", s.ended)
+	if l.pulled.Load() == s {
+		t.Fatal("the stalled pull is still the lane's")
+	}
 }

@@ -481,10 +481,12 @@ func TestClusterThreeMembersOverLoopback(t *testing.T) {
 // TestClusterMemberItsPeersCannotDial runs a member whose peer URL its peers cannot dial
 // (nothing listens there: its peer site is on another port), as behind a one-way firewall or
 // after a member update to a wrong URL: as with etcd, it takes part all the same, because its
-// peers send to it over the streams it opens to them. It is written to, read from, and elects
-// a leader with one other member once the leader is killed.
+// peers send to it over the streams it opens to them. It is written to and read from; down
+// through more than snapshot_count writes, it catches up by a snapshot sent in answer to its
+// poll for one (etcd sends snapshots to the peer URL only); and it elects a leader with one
+// other member once the leader is killed.
 func TestClusterMemberItsPeersCannotDial(t *testing.T) {
-	c := &testCluster{t: t}
+	c := &testCluster{t: t, snapshotCount: 20}
 	for i := 1; i <= 3; i++ {
 		c.members = append(c.members, c.newTestMember(fmt.Sprintf("n%d", i)))
 	}
@@ -507,15 +509,34 @@ func TestClusterMemberItsPeersCannotDial(t *testing.T) {
 		}
 		checkAckedEverywhere(t, ms, "/oneway", acked)
 	}
+	// said reports whether n1 or n2 logged what.
+	said := func(what string) bool {
+		t.Helper()
+		for _, m := range c.members[:2] {
+			lines, err := logLinesSince(m.proc, 0)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if slices.ContainsFunc(lines, func(l string) bool { return strings.Contains(l, what) }) {
+				return true
+			}
+		}
+		return false
+	}
 	write(c.members, 0)
-	for _, m := range c.members[:2] {
-		lines, err := logLinesSince(m.proc, 0)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if !slices.ContainsFunc(lines, func(l string) bool { return strings.Contains(l, "over the streams it opened to this member") }) {
-			t.Errorf("%s never said it sends to n3 over n3's streams", m.Name)
-		}
+	if !said("over the streams it opened to this member") {
+		t.Error("neither n1 nor n2 said it sends to n3 over n3's streams")
+	}
+
+	// n3 down through five times snapshot_count writes: the log it needs is gone.
+	n3.kill9()
+	for round := 1; round <= 10; round++ {
+		write(c.members[:2], round)
+	}
+	n3.restart(t)
+	checkAckedEverywhere(t, c.members, "/oneway", acked)
+	if !said("snapshot sent in answer to the peer's poll") {
+		t.Error("n3 caught up, but not by a snapshot sent in answer to its poll")
 	}
 
 	// Kill the leader (n1 when n3 leads): n3 and the member left elect a leader and go on.
@@ -532,7 +553,7 @@ func TestClusterMemberItsPeersCannotDial(t *testing.T) {
 		}
 	}
 	agreedLeader(t, left, victim.Name, 20*time.Second)
-	write(left, 1)
+	write(left, 11)
 }
 
 // writeLoad is writers putting keys into a cluster concurrently, each key written once, so

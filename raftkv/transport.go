@@ -273,6 +273,9 @@ type peer struct {
 	lanes     [2]*lane     // laneMessages, laneAppends
 	lanesDone atomic.Int32 // lanes that sent all a retiring peer's messages
 	snapc     chan []byte  // encoded MsgSnap (metadata only)
+	// snapPoll hands a snapshot to the peer's waiting poll (offerSnapshot,
+	// serveSnapshotPoll).
+	snapPoll chan *snapshotJob
 
 	mu   sync.Mutex
 	urls []string
@@ -437,7 +440,7 @@ func (t *peerTransport) AddPeer(id uint64, urls []string) error {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	p := &peer{id: id, t: t, ctx: ctx, cancel: cancel, urls: clean, retiring: make(chan struct{}),
-		snapc: make(chan []byte, 1)}
+		snapc: make(chan []byte, 1), snapPoll: make(chan *snapshotJob)}
 	p.lanes[laneMessages] = &lane{p: p, client: t.client, queue: make(chan []byte, peerQueueMessages), maxBytes: peerMsgQueueBytes}
 	p.lanes[laneAppends] = &lane{p: p, client: t.appClient, queue: make(chan []byte, peerQueueMessages), maxBytes: peerQueueBytes}
 	t.peers[id] = p
@@ -448,10 +451,11 @@ func (t *peerTransport) AddPeer(id uint64, urls []string) error {
 	go p.runSnapshots()
 	go p.runProbes()
 	if t.recv != nil {
-		t.wg.Add(len(p.lanes))
+		t.wg.Add(len(p.lanes) + 1)
 		for ln := range p.lanes {
 			go p.runPull(ln)
 		}
+		go p.runSnapshotPoll()
 	}
 	return nil
 }
@@ -1241,6 +1245,9 @@ var errSnapshotAbandoned = errors.New("raftkv: snapshot request ended")
 // it tries that follower again, so a connection that hangs without an
 // error must not keep it waiting for ever.
 func (p *peer) sendSnapshot(frame []byte) {
+	if p.offerSnapshot(frame) {
+		return
+	}
 	u := p.url()
 	ctx, cancel := context.WithCancel(p.ctx)
 	defer cancel()
@@ -1316,6 +1323,208 @@ func (p *peer) sendSnapshot(frame []byte) {
 	}
 	p.t.lg.Info("snapshot sent", zap.String("to", idString(p.id)), zap.Int64("bytes", n))
 	p.t.cfg.ReportSnapshot(p.id, raft.SnapshotFinish)
+}
+
+// snapshotJob is a snapshot handed to a peer's poll: the MsgSnap's frame,
+// and where the poll's handler says how sending it went.
+type snapshotJob struct {
+	frame []byte
+	done  chan error
+}
+
+// offerSnapshot hands the snapshot to the peer's poll for one (GET
+// /raft/snapshot), when the peer's URL failed this member's last request
+// to it and a poll waits: the poll's answer carries it (servePull's
+// counterpart for snapshots, which etcd sends only to the peer's URL). It
+// reports whether it did, and Raft hears how it went: finished once the
+// whole file went out (the peer may still refuse it; Raft then finds the
+// follower still behind and sends another).
+func (p *peer) offerSnapshot(frame []byte) bool {
+	p.mu.Lock()
+	failing := p.failing
+	p.mu.Unlock()
+	if !failing {
+		return false
+	}
+	job := &snapshotJob{frame: frame, done: make(chan error, 1)}
+	select {
+	case p.snapPoll <- job:
+	default:
+		return false
+	}
+	if err := <-job.done; err != nil {
+		if p.ctx.Err() == nil {
+			p.t.lg.Warn("sending a snapshot in answer to the peer's poll failed", zap.String("to", idString(p.id)), zap.Error(err))
+			p.mu.Lock()
+			p.stats.fail++
+			p.mu.Unlock()
+			p.t.cfg.ReportUnreachable(p.id)
+		}
+		p.t.cfg.ReportSnapshot(p.id, raft.SnapshotFailure)
+		return true
+	}
+	p.t.lg.Info("snapshot sent in answer to the peer's poll", zap.String("to", idString(p.id)))
+	p.t.cfg.ReportSnapshot(p.id, raft.SnapshotFinish)
+	return true
+}
+
+// serveSnapshotPoll answers member from's poll for a snapshot (GET
+// /raft/snapshot) once this member has one for it that it cannot POST
+// (offerSnapshot): with what a POST's body would be, the MsgSnap's frame
+// then the file, its SHA-256 in a trailer. Until then the poll waits; it
+// gets 204 when this member stops or from is retired. A transfer that
+// makes no progress for SnapshotStall is cut.
+func (t *peerTransport) serveSnapshotPoll(w http.ResponseWriter, r *http.Request, from uint64, ended, halted <-chan struct{}) {
+	t.mu.RLock()
+	p := t.peers[from]
+	t.mu.RUnlock()
+	if p == nil {
+		http.Error(w, "member "+idString(from)+" is not a member of this cluster", http.StatusForbidden)
+		return
+	}
+	rc := http.NewResponseController(w)
+	// A poll waits: the site's timeouts are for requests.
+	_ = rc.SetReadDeadline(time.Time{})
+	_ = rc.SetWriteDeadline(time.Time{})
+	var job *snapshotJob
+	select {
+	case job = <-p.snapPoll:
+	case <-r.Context().Done():
+		return
+	case <-ended:
+	case <-halted:
+	case <-p.ctx.Done():
+	case <-p.retiring:
+	}
+	if job == nil {
+		w.WriteHeader(http.StatusNoContent)
+		return
+	}
+	job.done <- t.writeSnapshotAnswer(w, r, rc, p, job.frame, ended, halted)
+}
+
+// writeSnapshotAnswer writes a poll's answer: the frame, then this member's
+// snapshot, its SHA-256 in the trailer.
+func (t *peerTransport) writeSnapshotAnswer(w http.ResponseWriter, r *http.Request, rc *http.ResponseController, p *peer, frame []byte, ended, halted <-chan struct{}) error {
+	w.Header().Set("Content-Type", peerContentType)
+	w.Header().Set("Trailer", trailerSnapshotHash)
+	w.WriteHeader(http.StatusOK)
+	var progress atomic.Int64 // when the connection last took bytes (UnixNano)
+	progress.Store(time.Now().UnixNano())
+	stall := t.snapshotStall()
+	var stalled atomic.Bool
+	stop, watched := make(chan struct{}), make(chan struct{})
+	go func() {
+		defer close(watched)
+		tm := time.NewTimer(stall)
+		defer tm.Stop()
+		for {
+			select {
+			case <-stop:
+				return
+			case <-r.Context().Done():
+			case <-ended:
+			case <-halted:
+			case <-p.ctx.Done():
+			case <-tm.C:
+				idle := time.Since(time.Unix(0, progress.Load()))
+				if idle < stall {
+					tm.Reset(stall - idle)
+					continue
+				}
+				stalled.Store(true)
+			}
+			_ = rc.SetWriteDeadline(time.Now())
+			return
+		}
+	}()
+	defer func() {
+		close(stop)
+		<-watched
+	}()
+	pw := progressWriter{w: w, at: &progress}
+	h := sha256.New()
+	_, err := pw.Write(appendPeerFrame(nil, frame))
+	if err == nil {
+		_, err = t.cfg.Snapshot(io.MultiWriter(pw, h))
+	}
+	if err == nil {
+		w.Header().Set(trailerSnapshotHash, hex.EncodeToString(h.Sum(nil)))
+		err = rc.Flush()
+	}
+	if err != nil && stalled.Load() {
+		err = fmt.Errorf("no progress for %v: %w", stall, err)
+	}
+	return err
+}
+
+// runSnapshotPoll keeps a poll for a snapshot open to the peer (GET
+// /raft/snapshot), which the peer answers with one when it cannot POST it
+// to this member (offerSnapshot).
+func (p *peer) runSnapshotPoll() {
+	defer p.t.wg.Done()
+	wait := pullRetryMin
+	for {
+		if p.pollSnapshot() {
+			wait = pullRetryMin
+		} else {
+			wait = min(2*wait, pullRetryMax)
+		}
+		t := time.NewTimer(wait)
+		select {
+		case <-t.C:
+		case <-p.retiring:
+			t.Stop()
+			return
+		case <-p.ctx.Done():
+			t.Stop()
+			return
+		}
+	}
+}
+
+// pollSnapshot polls the peer once, and takes the snapshot it answers
+// with, if any. It reports whether the peer answered the poll.
+func (p *peer) pollSnapshot() bool {
+	u := p.url()
+	ctx, cancel := context.WithCancel(p.ctx)
+	defer cancel()
+	go func() {
+		select {
+		case <-p.retiring:
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u+peerSnapshotPath, nil)
+	if err != nil {
+		return false
+	}
+	p.t.setHeaders(req.Header, p.id)
+	req.Header.Del("Content-Type")
+	req.Header.Set("Accept", peerContentType)
+	resp, err := p.t.client.Do(req)
+	if err != nil {
+		p.t.lg.Debug("snapshot poll failed", zap.String("peer", idString(p.id)), zap.String("url", u), zap.Error(err))
+		return false
+	}
+	defer resp.Body.Close()
+	switch {
+	case resp.StatusCode == http.StatusNoContent:
+		return true
+	case resp.StatusCode == http.StatusOK && resp.Header.Get("Content-Type") == peerContentType:
+		status, msg := p.t.recv.receiveSnapshot(resp.Body, func() string { return resp.Trailer.Get(trailerSnapshotHash) }, p.id)
+		if status != http.StatusNoContent && ctx.Err() == nil {
+			p.t.lg.Warn("snapshot in answer to a poll not taken", zap.String("from", idString(p.id)), zap.Int("status", status), zap.String("why", msg))
+		}
+		return true
+	}
+	msg, _ := io.ReadAll(io.LimitReader(resp.Body, 512))
+	err = &peerStatusError{status: resp.Status, code: resp.StatusCode, msg: strings.TrimSpace(string(msg))}
+	if !p.t.checkGone(err) {
+		p.t.lg.Debug("snapshot poll refused", zap.String("peer", idString(p.id)), zap.String("url", u), zap.Error(err))
+	}
+	return false
 }
 
 // progressWriter notes the time of every write that went through: on a
@@ -1424,9 +1633,10 @@ func (h *peerHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		AnswerBeforeBody(w, r)
 	}
 	pull := r.URL.Path == peerStreamPath && r.Method == http.MethodGet && h.out != nil
-	if r.Method != http.MethodPost && !pull {
+	poll := r.URL.Path == peerSnapshotPath && r.Method == http.MethodGet && h.out != nil
+	if r.Method != http.MethodPost && !pull && !poll {
 		w.Header().Set("Allow", http.MethodPost)
-		if r.URL.Path == peerStreamPath && h.out != nil {
+		if r.URL.Path != peerRaftPath && h.out != nil {
 			w.Header().Set("Allow", "GET, POST")
 		}
 		http.Error(w, "method not allowed", http.StatusMethodNotAllowed)
@@ -1444,6 +1654,9 @@ func (h *peerHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 		h.out.servePull(w, r, from, ln, h.ended, h.halted)
+		return
+	case poll:
+		h.out.serveSnapshotPoll(w, r, from, h.ended, h.halted)
 		return
 	}
 	switch r.URL.Path {
@@ -1782,33 +1995,41 @@ func removedText(from uint64) string {
 // MsgSnap with the received file's path as its Data (the convention
 // storage.Ready documents).
 func (h *peerHandler) serveSnapshot(w http.ResponseWriter, r *http.Request, from uint64) {
+	status, msg := h.receiveSnapshot(r.Body, func() string { return r.Trailer.Get(trailerSnapshotHash) }, from)
+	if status != http.StatusNoContent {
+		http.Error(w, msg, status)
+		return
+	}
+	w.WriteHeader(http.StatusNoContent)
+}
+
+// receiveSnapshot reads a snapshot from member from — the MsgSnap's frame,
+// then the file, whose SHA-256 want gives once body has ended — into the
+// store, and hands Raft the MsgSnap. It returns the answer for the
+// sender: 204, or an error status and what went wrong.
+func (h *peerHandler) receiveSnapshot(body io.Reader, want func() string, from uint64) (int, string) {
 	select {
 	case h.snapBusy <- struct{}{}:
 		defer func() { <-h.snapBusy }()
 	default:
 		// The sender reports a failure to Raft, which retries later.
-		http.Error(w, "another snapshot is being received", http.StatusServiceUnavailable)
-		return
+		return http.StatusServiceUnavailable, "another snapshot is being received"
 	}
-	frame, err := readPeerFrame(r.Body, peerMaxSnapFrame)
+	frame, err := readPeerFrame(body, peerMaxSnapFrame)
 	if err != nil {
-		http.Error(w, "bad snapshot: "+err.Error(), http.StatusBadRequest)
-		return
+		return http.StatusBadRequest, "bad snapshot: " + err.Error()
 	}
 	m := &raftpb.Message{}
 	if err := proto.Unmarshal(frame, m); err != nil {
-		http.Error(w, "bad snapshot: "+err.Error(), http.StatusBadRequest)
-		return
+		return http.StatusBadRequest, "bad snapshot: " + err.Error()
 	}
 	if err := h.checkPeerMessage(m, from); err != nil {
-		http.Error(w, "bad snapshot: "+err.Error(), http.StatusBadRequest)
-		return
+		return http.StatusBadRequest, "bad snapshot: " + err.Error()
 	}
 	if m.GetType() != raftpb.MsgSnap || m.GetSnapshot().GetMetadata().GetIndex() == 0 {
-		http.Error(w, "bad snapshot: not a snapshot message", http.StatusBadRequest)
-		return
+		return http.StatusBadRequest, "bad snapshot: not a snapshot message"
 	}
-	hv := &hashedBody{r: r.Body, h: sha256.New(), want: func() string { return r.Trailer.Get(trailerSnapshotHash) }}
+	hv := &hashedBody{r: body, h: sha256.New(), want: want}
 	path, err := h.snapshots.ReceiveSnapshot(hv, m.GetSnapshot().GetMetadata().GetIndex())
 	switch {
 	case errors.Is(err, storage.ErrSnapshotInvalid):
@@ -1816,21 +2037,18 @@ func (h *peerHandler) serveSnapshot(w http.ResponseWriter, r *http.Request, from
 		// damaged: the leader sends another one later.
 		h.lg.Warn("snapshot refused", zap.String("from", idString(from)),
 			zap.Uint64("index", m.GetSnapshot().GetMetadata().GetIndex()), zap.Error(err))
-		http.Error(w, "bad snapshot: "+err.Error(), http.StatusBadRequest)
-		return
+		return http.StatusBadRequest, "bad snapshot: " + err.Error()
 	case errors.Is(err, storage.ErrClosed):
-		http.Error(w, "member stopping", http.StatusServiceUnavailable)
-		return
+		return http.StatusServiceUnavailable, "member stopping"
 	case err != nil:
 		h.lg.Error("receiving a snapshot", zap.String("from", idString(from)), zap.Error(err))
-		http.Error(w, "receiving the snapshot failed", http.StatusInternalServerError)
-		return
+		return http.StatusInternalServerError, "receiving the snapshot failed"
 	}
 	m.Snapshot.Data = []byte(path)
 	h.lg.Info("snapshot received", zap.String("from", idString(from)),
 		zap.Uint64("index", m.GetSnapshot().GetMetadata().GetIndex()))
 	h.deliver(m)
-	w.WriteHeader(http.StatusNoContent)
+	return http.StatusNoContent, ""
 }
 
 // hashedBody checks the snapshot's SHA-256 trailer when the body ends, so a

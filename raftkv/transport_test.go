@@ -1067,11 +1067,12 @@ type pullTestMember struct {
 
 func newPullTestMember(t *testing.T, id uint64) *pullTestMember {
 	t.Helper()
-	return newPullTestMemberWith(t, transportConfig{ID: id, H2C: true, ProbeIdle: 50 * time.Millisecond})
+	return newPullTestMemberWith(t, transportConfig{ID: id, H2C: true, ProbeIdle: 50 * time.Millisecond}, nil)
 }
 
-// newPullTestMemberWith is newPullTestMember with its transport's config.
-func newPullTestMemberWith(t *testing.T, cfg transportConfig) *pullTestMember {
+// newPullTestMemberWith is newPullTestMember with its transport's config,
+// and the store it receives snapshots into.
+func newPullTestMemberWith(t *testing.T, cfg transportConfig, store snapshotReceiver) *pullTestMember {
 	t.Helper()
 	id := cfg.ID
 	m := &pullTestMember{fb: &peerFeedback{}, got: make(chan *raftpb.Message, 1024)}
@@ -1087,7 +1088,7 @@ func newPullTestMemberWith(t *testing.T, cfg transportConfig) *pullTestMember {
 	m.srv.Start()
 	t.Cleanup(m.srv.Close)
 	m.tr = newPeerTestTransport(t, cfg, m.fb)
-	m.h = newPeerHandler(id, peerTestCluster, m.tr.peerStatus, func(msg *raftpb.Message) { m.got <- msg }, nil, nil)
+	m.h = newPeerHandler(id, peerTestCluster, m.tr.peerStatus, func(msg *raftpb.Message) { m.got <- msg }, store, nil)
 	m.tr.setReceiver(m.h)
 	h.Store(m.h)
 	return m
@@ -1234,7 +1235,7 @@ func TestPeerPullRefusals(t *testing.T) {
 // pull ends, so that the next pull starts afresh.
 func TestPeerStalledPullIsCut(t *testing.T) {
 	peerNoLeaks(t)
-	m1 := newPullTestMemberWith(t, transportConfig{ID: peerTestLeader, ProbeIdle: 50 * time.Millisecond, StreamStall: 200 * time.Millisecond})
+	m1 := newPullTestMemberWith(t, transportConfig{ID: peerTestLeader, ProbeIdle: 50 * time.Millisecond, StreamStall: 200 * time.Millisecond}, nil)
 	if err := m1.tr.AddPeer(peerTestFollower, []string{"http://127.0.0.1:1"}); err != nil {
 		t.Fatal(err)
 	}
@@ -1268,5 +1269,66 @@ func TestPeerStalledPullIsCut(t *testing.T) {
 	waitFor(t, "the stalled pull to end", s.ended)
 	if l.pulled.Load() == s {
 		t.Fatal("the stalled pull is still the lane's")
+	}
+}
+
+// A member that cannot dial its peer sends it a snapshot all the same, in
+// answer to the peer's poll for one (GET /raft/snapshot), over HTTP/2 and
+// HTTP/1 (the file's SHA-256 in the answer's trailer either way).
+func TestPeerSnapshotReachesAnUnreachableURLOverItsPoll(t *testing.T) {
+	for _, h2c := range []bool{true, false} {
+		t.Run(fmt.Sprint("h2c=", h2c), func(t *testing.T) {
+			peerNoLeaks(t)
+			var keys []string
+			for i := range 2000 {
+				keys = append(keys, fmt.Sprintf("/dir%d/key%d", i%10, i))
+			}
+			leader, follower := openPeerTestStore(t, keys...), openPeerTestStore(t, "/stale")
+			m1 := newPullTestMemberWith(t, transportConfig{ID: peerTestLeader, H2C: h2c, ProbeIdle: 50 * time.Millisecond,
+				Snapshot: leader.WriteSnapshot}, nil)
+			m2 := newPullTestMemberWith(t, transportConfig{ID: peerTestFollower, H2C: h2c, ProbeIdle: 50 * time.Millisecond}, follower)
+			if err := m1.tr.AddPeer(peerTestFollower, []string{"http://127.0.0.1:1"}); err != nil {
+				t.Fatal(err)
+			}
+			if err := m2.tr.AddPeer(peerTestLeader, []string{m1.srv.URL}); err != nil {
+				t.Fatal(err)
+			}
+			meta := &raftpb.SnapshotMetadata{Index: new(uint64(1500)), Term: new(uint64(1)),
+				ConfState: &raftpb.ConfState{Voters: []uint64{peerTestLeader, peerTestFollower}}}
+			snap := &raftpb.Message{Type: raftpb.MsgSnap.Enum(), From: new(uint64(peerTestLeader)), To: new(uint64(peerTestFollower)),
+				Term: new(uint64(1)), Snapshot: &raftpb.Snapshot{Metadata: meta, Data: []byte("a path on the leader")}}
+			// As Raft does, the leader sends the snapshot again after each
+			// failure: the first ones may go to the dead URL, before m1
+			// knows it fails or before m2's poll waits.
+			for try := 1; ; try++ {
+				_, before := m1.fb.counts()
+				m1.tr.Send([]*raftpb.Message{snap})
+				var s []raft.SnapshotStatus
+				waitFor(t, "a snapshot report", func() bool { _, s = m1.fb.counts(); return len(s) > len(before) })
+				if s[len(s)-1] == raft.SnapshotFinish {
+					break
+				}
+				if try == 20 {
+					t.Fatalf("%d snapshots failed", try)
+				}
+			}
+			var m *raftpb.Message
+			select {
+			case m = <-m2.got:
+			case <-time.After(10 * time.Second):
+				t.Fatal("no snapshot delivered")
+			}
+			if m.GetType() != raftpb.MsgSnap || !proto.Equal(m.GetSnapshot().GetMetadata(), meta) {
+				t.Fatalf("delivered %v", m)
+			}
+			if _, err := follower.Save(storage.Ready{Snapshot: m.GetSnapshot(),
+				HardState: &raftpb.HardState{Term: new(uint64(1)), Commit: new(uint64(1500))}}); err != nil {
+				t.Fatal(err)
+			}
+			ev, err := follower.Get("/dir7/key1997", false, false, time.Now())
+			if err != nil || *ev.Node.Value != "value of /dir7/key1997" || follower.Index() != 2000 {
+				t.Fatalf("after install: %+v %v, index %d", ev, err, follower.Index())
+			}
+		})
 	}
 }

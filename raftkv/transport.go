@@ -40,7 +40,9 @@ import (
 // peer keeps open and writes the same frames to while it cannot open a
 // stream itself (see lane.write): messages flow between two members when
 // either can dial the other, as with etcd, whose members dial the peers
-// whose messages they read. A batch of frames POSTed to
+// whose messages they read. Likewise each member keeps a GET of each peer's
+// <peerURL>/raft/snapshot waiting, which the peer answers with a snapshot
+// it cannot POST (offerSnapshot). A batch of frames POSTed to
 // <peerURL>/raft is delivered whole and answered 204; members use it, with
 // no frame, to probe a peer (reachability, its round trip). A snapshot goes to <peerURL>/raft/snapshot
 // as one streamed body: the MsgSnap's frame (its metadata, no data), then
@@ -1549,7 +1551,9 @@ type snapshotReceiver interface {
 
 // peerHandler is the receiving side of the peer protocol, an http.Handler
 // for Caddy's peer site (which authenticates members with client_auth):
-// POST /raft and POST /raft/snapshot. It never blocks on Raft: deliver must
+// POST /raft, /raft/stream and /raft/snapshot, and the peers' pulls and
+// polls (GET /raft/stream, /raft/snapshot), which the transport serves
+// (out). It never blocks on Raft: deliver must
 // not block (Node.receive drops when its queue is full, as a lossy network
 // would).
 type peerHandler struct {

@@ -1797,7 +1797,9 @@ func (t *peerTransport) servePull(w http.ResponseWriter, r *http.Request, from u
 		pr.CloseWithError(errStreamEnded)
 		close(s.done)
 	}()
-	buf := make([]byte, streamPiece)
+	// A pull mostly waits: its buffer grows to a streamPiece once one read
+	// fills it.
+	buf := make([]byte, 4<<10)
 	for {
 		n, err := pr.Read(buf)
 		if n > 0 {
@@ -1812,6 +1814,9 @@ func (t *peerTransport) servePull(w http.ResponseWriter, r *http.Request, from u
 		}
 		if err != nil {
 			return
+		}
+		if n == len(buf) && len(buf) < streamPiece {
+			buf = make([]byte, streamPiece)
 		}
 	}
 }

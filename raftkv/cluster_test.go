@@ -209,10 +209,10 @@ func newSimTestMember(t *testing.T, name string, oneWay time.Duration, h2c bool)
 			http.Error(w, "cut off (test)", http.StatusServiceUnavailable)
 			return
 		}
-		if r.URL.Path == peerStreamPath && r.Method == http.MethodGet {
+		if r.Method == http.MethodGet && (r.URL.Path == peerStreamPath || r.URL.Path == peerSnapshotPath) {
 			// A pull carries this member's messages to the member that
-			// asks: it is cut with the link from this member to that
-			// one.
+			// asks, a snapshot poll its snapshot: they are cut with the
+			// link from this member to that one.
 			if puller := testMemberByID(from); puller != nil {
 				self := idString(n.Status().ID)
 				cut := func() bool { return puller.refuses(self) }

@@ -105,6 +105,10 @@ const (
 	// each that was not (etcd's stream readers dial again every 100 ms).
 	pullRetryMin = 100 * time.Millisecond
 	pullRetryMax = time.Second
+	// pullRefusedWait is the wait after a peer refused a pull: a member
+	// of an older version, which serves no pulls (405), or one that does
+	// not know this member yet (403).
+	pullRefusedWait = 10 * time.Second
 )
 
 // transportConfig configures a peerTransport.
@@ -298,6 +302,9 @@ type peer struct {
 	// viaPulled is set once messages went over the peer's pulls in this
 	// outage (logged once).
 	viaPulled bool
+	// heard is when the peer's last request reached this member
+	// (UnixNano): its probes come every ProbeIdle.
+	heard atomic.Int64
 }
 
 // The lanes of a peer.
@@ -537,6 +544,9 @@ func (t *peerTransport) activeSince(id uint64) time.Time {
 // all the same (etcd's streams count whichever side dialed). Zero when
 // either is not open.
 func (p *peer) pulledSince() time.Time {
+	if !p.heardLately() {
+		return time.Time{}
+	}
 	var since time.Time
 	for _, l := range p.lanes {
 		s := l.pulled.Load()
@@ -548,6 +558,25 @@ func (p *peer) pulledSince() time.Time {
 		}
 	}
 	return since
+}
+
+// heardLately reports whether the peer's requests reach this member: one
+// came within three probe intervals (at least a second). A pull's
+// connection may die without a word (the peer lost power), and writes to
+// it go into buffers for a long while: the peer's own probes tell.
+func (p *peer) heardLately() bool {
+	window := max(3*p.t.cfg.ProbeIdle, time.Second)
+	return time.Since(time.Unix(0, p.heard.Load())) < window
+}
+
+// heard records that member id's request reached this member (peerHandler).
+func (t *peerTransport) heard(id uint64) {
+	t.mu.RLock()
+	p := t.peers[id]
+	t.mu.RUnlock()
+	if p != nil {
+		p.heard.Store(time.Now().UnixNano())
+	}
 }
 
 // Stop ends every peer's goroutines and in-flight requests and waits for
@@ -782,7 +811,7 @@ func (l *lane) run() {
 			case first = <-l.queue:
 			default:
 				l.endStream() // all sent, and delivered if the peer is up
-				l.endPulled()
+				l.endPulled(true)
 				if p.lanesDone.Add(1) == int32(len(p.lanes)) {
 					p.cancel() // the snapshot sender and the probes end too
 				}
@@ -790,7 +819,7 @@ func (l *lane) run() {
 			}
 		case <-p.ctx.Done():
 			l.endStream()
-			l.endPulled()
+			l.endPulled(false)
 			return
 		}
 		body := appendPeerFrame(nil, first)
@@ -855,14 +884,15 @@ func (l *lane) write(body []byte) {
 
 // pulledInstead returns the lane's pulled stream when the batch goes there:
 // the peer's URL failed this member's last request to it (a stream, a
-// probe, a snapshot), and the peer has a pull open. Once a probe gets
-// through again, streams to the URL take over.
+// probe, a snapshot), and the peer has a pull open and is heard from (see
+// heardLately). Once a probe gets through again, streams to the URL take
+// over.
 func (l *lane) pulledInstead() *peerStream {
 	s := l.pulled.Load()
-	if s == nil || s.ended() {
+	p := l.p
+	if s == nil || s.ended() || !p.heardLately() {
 		return nil
 	}
-	p := l.p
 	p.mu.Lock()
 	use := p.failing
 	first := use && !p.viaPulled
@@ -880,10 +910,15 @@ func (l *lane) pulledInstead() *peerStream {
 	return s
 }
 
-// endPulled ends the lane's pulled stream after what was written to it.
-func (l *lane) endPulled() {
+// endPulled ends the lane's pulled stream after what was written to it,
+// and with wait, waits until it has gone out (or the peer's context
+// ends: the pull's handler ends with it).
+func (l *lane) endPulled(wait bool) {
 	if s := l.pulled.Swap(nil); s != nil {
 		s.end()
+		if wait {
+			<-s.done
+		}
 	}
 }
 
@@ -1077,11 +1112,7 @@ func (p *peer) runPull(ln int) {
 	defer p.t.wg.Done()
 	wait := pullRetryMin
 	for {
-		if p.pull(ln) {
-			wait = pullRetryMin
-		} else {
-			wait = min(2*wait, pullRetryMax)
-		}
+		wait = nextPullWait(wait, p.pull(ln))
 		t := time.NewTimer(wait)
 		select {
 		case <-t.C:
@@ -1095,12 +1126,40 @@ func (p *peer) runPull(ln int) {
 	}
 }
 
+// pullResult is how a pull or a snapshot poll went.
+type pullResult int
+
+const (
+	pullAnswered pullResult = iota // the peer took it (and it has ended)
+	pullFailed                     // no answer, or 503: the peer is down or stopping
+	pullRefused                    // any other answer: the peer does not serve this member's pulls
+)
+
+// nextPullWait is the wait before the next pull, after one that waited
+// wait and went as r went.
+func nextPullWait(wait time.Duration, r pullResult) time.Duration {
+	switch r {
+	case pullAnswered:
+		return pullRetryMin
+	case pullRefused:
+		return pullRefusedWait
+	}
+	return min(2*wait, pullRetryMax)
+}
+
+// pullRefusal is the pullResult of an answer other than the one expected.
+func pullRefusal(status int) pullResult {
+	if status == http.StatusServiceUnavailable {
+		return pullFailed
+	}
+	return pullRefused
+}
+
 // pull asks the peer for lane ln's messages and delivers what it writes
-// until the answer ends, the peer is retired or this member stops. It
-// reports whether the peer took the pull. Its failures are not the peer's
-// outage (probes and streams tell that): a peer that does not serve pulls
-// sends its messages on streams of its own.
-func (p *peer) pull(ln int) bool {
+// until the answer ends, the peer is retired or this member stops. Its
+// failures are not the peer's outage (probes and streams tell that): a
+// peer that does not serve pulls sends its messages on streams of its own.
+func (p *peer) pull(ln int) pullResult {
 	u := p.url()
 	ctx, cancel := context.WithCancel(p.ctx)
 	defer cancel()
@@ -1113,7 +1172,7 @@ func (p *peer) pull(ln int) bool {
 	}()
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u+peerStreamPath+"?"+pullLaneParam+"="+laneNames[ln], nil)
 	if err != nil {
-		return false
+		return pullFailed
 	}
 	p.t.setHeaders(req.Header, p.id)
 	req.Header.Del("Content-Type")
@@ -1123,7 +1182,7 @@ func (p *peer) pull(ln int) bool {
 	answer.Stop()
 	if err != nil {
 		p.t.lg.Debug("pull failed", zap.String("peer", idString(p.id)), zap.String("url", u), zap.Error(err))
-		return false
+		return pullFailed
 	}
 	defer resp.Body.Close()
 	if resp.StatusCode != http.StatusOK || resp.Header.Get("Content-Type") != peerContentType {
@@ -1132,10 +1191,10 @@ func (p *peer) pull(ln int) bool {
 		if !p.t.checkGone(err) {
 			p.t.lg.Debug("pull refused", zap.String("peer", idString(p.id)), zap.String("url", u), zap.Error(err))
 		}
-		return false
+		return pullRefusal(resp.StatusCode)
 	}
 	p.t.recv.readStream(resp.Body, p.id)
-	return true
+	return pullAnswered
 }
 
 func appendPeerFrame(b, data []byte) []byte {
@@ -1392,14 +1451,13 @@ func (t *peerTransport) serveSnapshotPoll(w http.ResponseWriter, r *http.Request
 	select {
 	case job = <-p.snapPoll:
 	case <-r.Context().Done():
-		return
 	case <-ended:
 	case <-halted:
 	case <-p.ctx.Done():
 	case <-p.retiring:
 	}
 	if job == nil {
-		w.WriteHeader(http.StatusNoContent)
+		w.WriteHeader(http.StatusNoContent) // a reload, a stop: poll again
 		return
 	}
 	job.done <- t.writeSnapshotAnswer(w, r, rc, p, job.frame, ended, halted)
@@ -1467,11 +1525,7 @@ func (p *peer) runSnapshotPoll() {
 	defer p.t.wg.Done()
 	wait := pullRetryMin
 	for {
-		if p.pollSnapshot() {
-			wait = pullRetryMin
-		} else {
-			wait = min(2*wait, pullRetryMax)
-		}
+		wait = nextPullWait(wait, p.pollSnapshot())
 		t := time.NewTimer(wait)
 		select {
 		case <-t.C:
@@ -1486,8 +1540,8 @@ func (p *peer) runSnapshotPoll() {
 }
 
 // pollSnapshot polls the peer once, and takes the snapshot it answers
-// with, if any. It reports whether the peer answered the poll.
-func (p *peer) pollSnapshot() bool {
+// with, if any.
+func (p *peer) pollSnapshot() pullResult {
 	u := p.url()
 	ctx, cancel := context.WithCancel(p.ctx)
 	defer cancel()
@@ -1500,7 +1554,7 @@ func (p *peer) pollSnapshot() bool {
 	}()
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u+peerSnapshotPath, nil)
 	if err != nil {
-		return false
+		return pullFailed
 	}
 	p.t.setHeaders(req.Header, p.id)
 	req.Header.Del("Content-Type")
@@ -1508,25 +1562,25 @@ func (p *peer) pollSnapshot() bool {
 	resp, err := p.t.client.Do(req)
 	if err != nil {
 		p.t.lg.Debug("snapshot poll failed", zap.String("peer", idString(p.id)), zap.String("url", u), zap.Error(err))
-		return false
+		return pullFailed
 	}
 	defer resp.Body.Close()
 	switch {
 	case resp.StatusCode == http.StatusNoContent:
-		return true
+		return pullAnswered
 	case resp.StatusCode == http.StatusOK && resp.Header.Get("Content-Type") == peerContentType:
 		status, msg := p.t.recv.receiveSnapshot(resp.Body, func() string { return resp.Trailer.Get(trailerSnapshotHash) }, p.id)
 		if status != http.StatusNoContent && ctx.Err() == nil {
 			p.t.lg.Warn("snapshot in answer to a poll not taken", zap.String("from", idString(p.id)), zap.Int("status", status), zap.String("why", msg))
 		}
-		return true
+		return pullAnswered
 	}
 	msg, _ := io.ReadAll(io.LimitReader(resp.Body, 512))
 	err = &peerStatusError{status: resp.Status, code: resp.StatusCode, msg: strings.TrimSpace(string(msg))}
 	if !p.t.checkGone(err) {
 		p.t.lg.Debug("snapshot poll refused", zap.String("peer", idString(p.id)), zap.String("url", u), zap.Error(err))
 	}
-	return false
+	return pullRefusal(resp.StatusCode)
 }
 
 // progressWriter notes the time of every write that went through: on a
@@ -1648,6 +1702,15 @@ func (h *peerHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	from, removed, ok := h.checkHeaders(w, r)
 	if !ok {
+		return
+	}
+	if h.out != nil {
+		h.out.heard(from)
+	}
+	if (pull || poll) && (isClosed(h.ended) || isClosed(h.halted)) {
+		// Stopping: the pull would end at once, and be asked for again.
+		w.Header().Set("Retry-After", "1")
+		http.Error(w, "member stopping", http.StatusServiceUnavailable)
 		return
 	}
 	switch {

@@ -76,10 +76,28 @@ type peerTestReceiver struct {
 	requests atomic.Int64
 	proto    atomic.Int64 // ProtoMajor of the last request
 	// gate, when set, holds the first request until release closes it;
-	// entered is closed when that request arrives.
+	// entered is closed when that request arrives. With holdBody, the
+	// request is answered and its body's reads are held instead.
 	gate, entered chan struct{}
+	holdBody      bool
 	once          sync.Once
 	release       func()
+}
+
+// gatedBody is a request body whose reads wait for the gate.
+type gatedBody struct {
+	io.ReadCloser
+	gate <-chan struct{}
+	done <-chan struct{}
+}
+
+func (b gatedBody) Read(p []byte) (int, error) {
+	select {
+	case <-b.gate:
+	case <-b.done:
+		return 0, errors.New("request ended")
+	}
+	return b.ReadCloser.Read(p)
 }
 
 type peerServerMode int
@@ -109,7 +127,11 @@ func newPeerTestReceiver(t *testing.T, mode peerServerMode, store snapshotReceiv
 		if r.gate != nil {
 			first := false
 			r.once.Do(func() { first = true })
-			if first {
+			switch {
+			case first && r.holdBody:
+				close(r.entered)
+				req.Body = gatedBody{ReadCloser: req.Body, gate: r.gate, done: req.Context().Done()}
+			case first:
 				close(r.entered)
 				select {
 				case <-r.gate:
@@ -270,7 +292,20 @@ func stalledPeer(t *testing.T) (*peerTestReceiver, *peerFeedback, *peerTransport
 
 func TestPeerSendNeverBlocksOnAStalledPeer(t *testing.T) {
 	peerNoLeaks(t)
-	r, fb, tr := stalledPeer(t)
+	// The peer takes the stream and reads nothing until released, which
+	// comes after Send: encoding 128 MiB under the race detector may take
+	// longer than a stream may stall or wait for its answer (5 s) on a
+	// loaded machine, so the stream is answered and may stall for longer.
+	r := newPeerTestReceiver(t, peerPlainHTTP1, nil, nil)
+	r.hold(t)
+	r.holdBody = true
+	fb := &peerFeedback{}
+	tr := newPeerTestTransport(t, transportConfig{StreamStall: 10 * time.Minute}, fb)
+	if err := tr.AddPeer(peerTestFollower, []string{r.srv.URL}); err != nil {
+		t.Fatal(err)
+	}
+	tr.Send([]*raftpb.Message{peerApp(0)})
+	<-r.entered
 	// The peer reads nothing: its connection fills, then the queue
 	// (peerQueueBytes), and the rest is dropped and reported at once,
 	// without Send waiting.
@@ -1255,6 +1290,7 @@ func TestPeerStalledPullIsCut(t *testing.T) {
 	if _, err := io.ReadFull(conn, head); err != nil || string(head) != "HTTP/1.1 200" {
 		t.Fatalf("the pull's answer: %q, %v", head, err)
 	}
+	probeByHand(t, m1.srv.URL, peerTestFollower, peerTestLeader)
 	l := p.lanes[laneAppends]
 	waitFor(t, "the pull to be open and the peer's URL to fail", func() bool {
 		p.mu.Lock()
@@ -1300,7 +1336,8 @@ func TestPeerSnapshotReachesAnUnreachableURLOverItsPoll(t *testing.T) {
 			// As Raft does, the leader sends the snapshot again after each
 			// failure: the first ones may go to the dead URL, before m1
 			// knows it fails or before m2's poll waits.
-			for try := 1; ; try++ {
+			deadline := time.Now().Add(20 * time.Second)
+			for {
 				_, before := m1.fb.counts()
 				m1.tr.Send([]*raftpb.Message{snap})
 				var s []raft.SnapshotStatus
@@ -1308,8 +1345,8 @@ func TestPeerSnapshotReachesAnUnreachableURLOverItsPoll(t *testing.T) {
 				if s[len(s)-1] == raft.SnapshotFinish {
 					break
 				}
-				if try == 20 {
-					t.Fatalf("%d snapshots failed", try)
+				if time.Now().After(deadline) {
+					t.Fatalf("%d snapshots failed in 20 s", len(s))
 				}
 			}
 			var m *raftpb.Message
@@ -1331,4 +1368,71 @@ func TestPeerSnapshotReachesAnUnreachableURLOverItsPoll(t *testing.T) {
 			}
 		})
 	}
+}
+
+// probeByHand sends member from's probes to member to at url every 50 ms
+// until the test ends, as a transport does.
+func probeByHand(t *testing.T, url string, from, to uint64) {
+	t.Helper()
+	stop, done := make(chan struct{}), make(chan struct{})
+	t.Cleanup(func() {
+		close(stop)
+		<-done
+	})
+	cl := &http.Client{Transport: &http.Transport{}}
+	go func() {
+		defer close(done)
+		defer cl.CloseIdleConnections()
+		tick := time.NewTicker(50 * time.Millisecond)
+		defer tick.Stop()
+		for {
+			req, _ := http.NewRequest(http.MethodPost, url+peerRaftPath, http.NoBody)
+			req.Header.Set(headerPeerClusterID, idString(peerTestCluster))
+			req.Header.Set(headerPeerFrom, idString(from))
+			req.Header.Set(headerPeerTo, idString(to))
+			if resp, err := cl.Do(req); err == nil {
+				io.Copy(io.Discard, resp.Body)
+				resp.Body.Close()
+			}
+			select {
+			case <-tick.C:
+			case <-stop:
+				return
+			}
+		}
+	}()
+}
+
+// A member that pulls but is not heard from (its probes stop coming: it
+// lost power, and its pulls' connections linger) is not reachable for
+// their sake, and what is sent to it is not written to them.
+func TestPeerPullOfAMemberNotHeardFrom(t *testing.T) {
+	peerNoLeaks(t)
+	m1 := newPullTestMember(t, peerTestLeader)
+	if err := m1.tr.AddPeer(peerTestFollower, []string{"http://127.0.0.1:1"}); err != nil {
+		t.Fatal(err)
+	}
+	m1.tr.mu.RLock()
+	p := m1.tr.peers[peerTestFollower]
+	m1.tr.mu.RUnlock()
+	// Member 2's pulls, by hand: their answers are read by nobody.
+	for _, lane := range laneNames {
+		conn, err := net.Dial("tcp", strings.TrimPrefix(m1.srv.URL, "http://"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer conn.Close()
+		fmt.Fprintf(conn, "GET %s?lane=%s HTTP/1.1\r\nHost: member1\r\n%s: %s\r\n%s: %s\r\n%s: %s\r\n\r\n", peerStreamPath, lane,
+			headerPeerClusterID, idString(peerTestCluster), headerPeerFrom, idString(peerTestFollower), headerPeerTo, idString(peerTestLeader))
+	}
+	waitFor(t, "both pulls open", func() bool {
+		return p.lanes[laneMessages].pulled.Load() != nil && p.lanes[laneAppends].pulled.Load() != nil
+	})
+	waitFor(t, "member 2 unreachable once not heard from", func() bool { return m1.tr.activeSince(peerTestFollower).IsZero() })
+	before, _ := m1.fb.counts()
+	m1.tr.Send([]*raftpb.Message{peerHeartbeat(1)})
+	waitFor(t, "the heartbeat reported lost", func() bool { n, _ := m1.fb.counts(); return n > before })
+	// Its probes come again: it is reachable through its pulls.
+	probeByHand(t, m1.srv.URL, peerTestFollower, peerTestLeader)
+	waitFor(t, "member 2 reachable again", func() bool { return !m1.tr.activeSince(peerTestFollower).IsZero() })
 }

@@ -105,9 +105,8 @@ const (
 	// each that was not (etcd's stream readers dial again every 100 ms).
 	pullRetryMin = 100 * time.Millisecond
 	pullRetryMax = time.Second
-	// pullRefusedWait is the wait after a peer refused a pull: a member
-	// of an older version, which serves no pulls (405), or one that does
-	// not know this member yet (403).
+	// pullRefusedWait is the wait after a peer that serves no pulls (a
+	// member of an older version: 405) refused one.
 	pullRefusedWait = 10 * time.Second
 )
 
@@ -175,6 +174,8 @@ type peerTransport struct {
 	// recv reads what peers write to this member's pulls; nil: this
 	// member does not pull (setReceiver).
 	recv *peerHandler
+	// epoch is what peer.heard counts from.
+	epoch time.Time
 }
 
 // peerState is what a receiving member knows of a sender.
@@ -198,6 +199,7 @@ func newPeerTransport(cfg transportConfig) *peerTransport {
 		appClient: newPeerClient(cfg.TLS, cfg.H2C),
 		peers:     make(map[uint64]*peer),
 		removed:   make(map[uint64]bool),
+		epoch:     time.Now(),
 	}
 }
 
@@ -302,9 +304,10 @@ type peer struct {
 	// viaPulled is set once messages went over the peer's pulls in this
 	// outage (logged once).
 	viaPulled bool
-	// heard is when the peer's last request reached this member
-	// (UnixNano): its probes come every ProbeIdle.
-	heard atomic.Int64
+	// heard is when the peer's last request or message reached this
+	// member, heardFrom when the run of them that ended with it began:
+	// nanoseconds since the transport's epoch (a monotonic clock).
+	heard, heardFrom atomic.Int64
 }
 
 // The lanes of a peer.
@@ -548,6 +551,9 @@ func (p *peer) pulledSince() time.Time {
 		return time.Time{}
 	}
 	var since time.Time
+	if p.t.cfg.ProbeIdle > 0 {
+		since = p.t.epoch.Add(time.Duration(p.heardFrom.Load()))
+	}
 	for _, l := range p.lanes {
 		s := l.pulled.Load()
 		if s == nil || s.ended() {
@@ -560,22 +566,45 @@ func (p *peer) pulledSince() time.Time {
 	return since
 }
 
-// heardLately reports whether the peer's requests reach this member: one
-// came within three probe intervals (at least a second). A pull's
-// connection may die without a word (the peer lost power), and writes to
-// it go into buffers for a long while: the peer's own probes tell.
+// heardLately reports whether the peer's requests or messages reach this
+// member: one came within heardWindow. A pull's connection may die
+// without a word (the peer lost power), and writes to it go into buffers
+// for a long while: the peer's own probes and messages tell. Without
+// probes (ProbeIdle 0) nothing tells, and every pull counts.
 func (p *peer) heardLately() bool {
-	window := max(3*p.t.cfg.ProbeIdle, time.Second)
-	return time.Since(time.Unix(0, p.heard.Load())) < window
+	if p.t.cfg.ProbeIdle <= 0 {
+		return true
+	}
+	return time.Since(p.t.epoch) < time.Duration(p.heard.Load())+p.t.heardWindow()
 }
 
-// heard records that member id's request reached this member (peerHandler).
+// heardWindow is how long a peer may go unheard: three probe intervals,
+// and at least one interval and the longest a probe may take (its answer
+// may be slow; the next one starts only then).
+func (t *peerTransport) heardWindow() time.Duration {
+	return max(3*t.cfg.ProbeIdle, t.cfg.ProbeIdle+peerRequestTimeout)
+}
+
+// heard records that a request or message of member id reached this member
+// (peerHandler), a member retiring too (its last messages may go to its
+// pulls).
 func (t *peerTransport) heard(id uint64) {
 	t.mu.RLock()
 	p := t.peers[id]
+	if p == nil {
+		for _, r := range t.retired {
+			if r.id == id {
+				p = r
+			}
+		}
+	}
 	t.mu.RUnlock()
-	if p != nil {
-		p.heard.Store(time.Now().UnixNano())
+	if p == nil {
+		return
+	}
+	now := int64(time.Since(t.epoch))
+	if last := p.heard.Swap(now); last == 0 || time.Duration(now-last) >= t.heardWindow() {
+		p.heardFrom.Store(now) // a new run
 	}
 }
 
@@ -917,7 +946,10 @@ func (l *lane) endPulled(wait bool) {
 	if s := l.pulled.Swap(nil); s != nil {
 		s.end()
 		if wait {
-			<-s.done
+			select {
+			case <-s.done:
+			case <-l.p.ctx.Done(): // RemovePeer's deadline, or Stop
+			}
 		}
 	}
 }
@@ -1131,8 +1163,8 @@ type pullResult int
 
 const (
 	pullAnswered pullResult = iota // the peer took it (and it has ended)
-	pullFailed                     // no answer, or 503: the peer is down or stopping
-	pullRefused                    // any other answer: the peer does not serve this member's pulls
+	pullFailed                     // no answer, or a refusal that may pass (503 stopping, 403 not known yet)
+	pullRefused                    // the peer serves no pulls (pullRefusal)
 )
 
 // nextPullWait is the wait before the next pull, after one that waited
@@ -1147,12 +1179,15 @@ func nextPullWait(wait time.Duration, r pullResult) time.Duration {
 	return min(2*wait, pullRetryMax)
 }
 
-// pullRefusal is the pullResult of an answer other than the one expected.
+// pullRefusal is the pullResult of an answer other than the one expected:
+// refused when the peer serves no pulls at all (an older member: 405;
+// another handler: 404), failed otherwise (a member that does not know
+// this one yet, 403, learns it soon).
 func pullRefusal(status int) pullResult {
-	if status == http.StatusServiceUnavailable {
-		return pullFailed
+	if status == http.StatusMethodNotAllowed || status == http.StatusNotFound {
+		return pullRefused
 	}
-	return pullRefused
+	return pullFailed
 }
 
 // pull asks the peer for lane ln's messages and delivers what it writes
@@ -1787,6 +1822,9 @@ func (h *peerHandler) readStream(body io.Reader, from uint64) {
 				h.lg.Debug("peer stream ended", zap.String("from", idString(from)), zap.Error(err))
 			}
 			return
+		}
+		if h.out != nil {
+			h.out.heard(from)
 		}
 		m, err := h.decodeMessage(frame, from)
 		if err != nil {

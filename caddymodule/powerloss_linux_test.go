@@ -1,13 +1,16 @@
 package caddymodule
 
 import (
+	"bytes"
 	"context"
+	"encoding/binary"
 	"fmt"
 	"maps"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -181,6 +184,7 @@ func TestClusterPowerLossAfterSnapshotCatchUp(t *testing.T) {
 		if t.Failed() {
 			for _, m := range c.members {
 				t.Logf("%s's member.db, copied as it is now: %s", m.Name, powerLossCheckCopy(t, m.DataDir))
+				t.Logf("%s's data directory: %s", m.Name, powerLossDescribe(m.DataDir, filepath.Join(disks[m.Name].backing, "data")))
 			}
 		}
 	})
@@ -261,4 +265,68 @@ func powerLossCheckCopy(t *testing.T, dir string) string {
 	}
 	defer st.Close()
 	return fmt.Sprintf("holds together (%d bytes)", len(b))
+}
+
+// powerLossDescribe says what a member's data directory holds, seen through
+// the lossy disk's mount (dir) and in the directory under it (backing):
+// each file's size and inode, and for member.db its two meta pages (bbolt's
+// layout: txid, root, freelist and high-water page) and whether the bytes
+// read through the mount are the backing file's (the first page where they
+// differ). A member whose live view of its file went wrong while the file
+// holds together leaves that here.
+func powerLossDescribe(dir, backing string) string {
+	var b strings.Builder
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		return err.Error()
+	}
+	for _, e := range ents {
+		info, err := e.Info()
+		if err != nil {
+			fmt.Fprintf(&b, "%s: %v; ", e.Name(), err)
+			continue
+		}
+		var ino uint64
+		if st, ok := info.Sys().(*syscall.Stat_t); ok {
+			ino = st.Ino
+		}
+		fmt.Fprintf(&b, "%s %d bytes inode %d; ", e.Name(), info.Size(), ino)
+	}
+	mounted, err1 := os.ReadFile(filepath.Join(dir, "member.db"))
+	under, err2 := os.ReadFile(filepath.Join(backing, "member.db"))
+	if err1 != nil || err2 != nil {
+		fmt.Fprintf(&b, "member.db: %v, %v", err1, err2)
+		return b.String()
+	}
+	for _, pg := range []int{0, 1} {
+		fmt.Fprintf(&b, "meta %d: %s; ", pg, boltMetaSummary(mounted, pg))
+	}
+	switch {
+	case len(mounted) != len(under):
+		fmt.Fprintf(&b, "through the mount %d bytes, under it %d", len(mounted), len(under))
+	case bytes.Equal(mounted, under):
+		b.WriteString("the same through the mount and under it")
+	default:
+		for i := 0; i < len(mounted); i += 4096 {
+			if !bytes.Equal(mounted[i:min(i+4096, len(mounted))], under[i:min(i+4096, len(under))]) {
+				fmt.Fprintf(&b, "through the mount and under it, page %d differs first", i/4096)
+				break
+			}
+		}
+	}
+	return b.String()
+}
+
+// boltMetaSummary reads meta page pg of a bbolt file (4 KiB pages): its
+// header is 16 bytes, then magic, version, page size and flags (4 bytes
+// each), the root bucket (root page, sequence), the freelist page, the
+// high-water page and the txid (8 bytes each).
+func boltMetaSummary(b []byte, pg int) string {
+	off := pg * 4096
+	if len(b) < off+80 {
+		return "short"
+	}
+	m := b[off+16:]
+	u64 := func(i int) uint64 { return binary.LittleEndian.Uint64(m[i:]) }
+	return fmt.Sprintf("txid %d root %d freelist %#x pgid %d", u64(48), u64(16), u64(32), u64(40))
 }

@@ -281,3 +281,16 @@ func TestOpenRefusesAFreelistNamingPagesInUse(t *testing.T) {
 		t.Fatalf("Open of a freelist naming the root's page: %v", err)
 	}
 }
+
+// A read that finds the tree without its keys or meta bucket (which no file
+// this store opens lacks) says the store is damaged, instead of crashing
+// the goroutine that asked.
+func TestGetOnATreeWithoutItsBucketsIsDamaged(t *testing.T) {
+	ts := newTestStore(t)
+	if err := ts.file().Update(func(tx *bolt.Tx) error { return tx.DeleteBucket(bucketMeta) }); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ts.Get("/", true, false, testClock); !errors.Is(err, ErrDamaged) {
+		t.Fatalf("Get: %v, want ErrDamaged", err)
+	}
+}

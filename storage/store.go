@@ -831,7 +831,14 @@ func (s *Store) Get(path string, recursive, sorted bool, now time.Time) (*Event,
 		verr *Error
 	)
 	err := s.view(func(tx *bolt.Tx) error {
-		v := view{keys: tx.Bucket(bucketKeys), index: getUint64(tx.Bucket(bucketMeta), keyIndex), now: now}
+		keys, meta := tx.Bucket(bucketKeys), tx.Bucket(bucketMeta)
+		if keys == nil || meta == nil {
+			// Every file this store opens has both (Open's check, the
+			// snapshot install's): a read that finds one missing reads
+			// a tree that went wrong in memory or under it.
+			return fmt.Errorf("%w: transaction %d (%d bytes) has no keys or meta bucket", ErrDamaged, tx.ID(), tx.Size())
+		}
+		v := view{keys: keys, index: getUint64(meta, keyIndex), now: now}
 		e, verr = v.getEvent(cleanPath(path), recursive)
 		return v.err
 	})

@@ -1142,9 +1142,16 @@ func (p *peer) runProbes() {
 // ends is asked for again at once, one refused or failed after a wait.
 func (p *peer) runPull(ln int) {
 	defer p.t.wg.Done()
+	p.keepAsking(func() pullResult { return p.pull(ln) })
+}
+
+// keepAsking runs ask (a pull, a snapshot poll) again and again, waiting
+// between two as nextPullWait says, until the peer is retired or this
+// member stops.
+func (p *peer) keepAsking(ask func() pullResult) {
 	wait := pullRetryMin
 	for {
-		wait = nextPullWait(wait, p.pull(ln))
+		wait = nextPullWait(wait, ask())
 		t := time.NewTimer(wait)
 		select {
 		case <-t.C:
@@ -1156,6 +1163,51 @@ func (p *peer) runPull(ln int) {
 			return
 		}
 	}
+}
+
+// ask GETs path of the peer, a pull or a poll (what names it in the log),
+// with client: the request ends when the peer is retired or this member
+// stops, and, with answerWithin, when no answer came that soon. It returns
+// the answer (nil: none) and what ends the request, for the caller to call
+// when done with it.
+func (p *peer) ask(client *http.Client, path, what string, answerWithin time.Duration) (*http.Response, context.Context, context.CancelFunc) {
+	u := p.url()
+	ctx, cancel := context.WithCancel(p.ctx)
+	go func() {
+		select {
+		case <-p.retiring:
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u+path, nil)
+	if err != nil {
+		return nil, ctx, cancel
+	}
+	p.t.setHeaders(req.Header, p.id)
+	req.Header.Del("Content-Type")
+	req.Header.Set("Accept", peerContentType)
+	if answerWithin > 0 {
+		answer := time.AfterFunc(answerWithin, cancel)
+		defer answer.Stop()
+	}
+	resp, err := client.Do(req)
+	if err != nil {
+		p.t.lg.Debug(what+" failed", zap.String("peer", idString(p.id)), zap.String("url", u), zap.Error(err))
+		return nil, ctx, cancel
+	}
+	return resp, ctx, cancel
+}
+
+// refused reads the peer's refusal of a pull or a poll (what names it in
+// the log): a 410 tells this member it was removed (checkGone).
+func (p *peer) refused(resp *http.Response, what string) pullResult {
+	msg, _ := io.ReadAll(io.LimitReader(resp.Body, 512))
+	err := &peerStatusError{status: resp.Status, code: resp.StatusCode, msg: strings.TrimSpace(string(msg))}
+	if !p.t.checkGone(err) {
+		p.t.lg.Debug(what+" refused", zap.String("peer", idString(p.id)), zap.String("url", resp.Request.URL.String()), zap.Error(err))
+	}
+	return pullRefusal(resp.StatusCode)
 }
 
 // pullResult is how a pull or a snapshot poll went.
@@ -1195,38 +1247,14 @@ func pullRefusal(status int) pullResult {
 // failures are not the peer's outage (probes and streams tell that): a
 // peer that does not serve pulls sends its messages on streams of its own.
 func (p *peer) pull(ln int) pullResult {
-	u := p.url()
-	ctx, cancel := context.WithCancel(p.ctx)
+	resp, _, cancel := p.ask(p.lanes[ln].client, peerStreamPath+"?"+pullLaneParam+"="+laneNames[ln], "pull", peerRequestTimeout)
 	defer cancel()
-	go func() {
-		select {
-		case <-p.retiring:
-			cancel()
-		case <-ctx.Done():
-		}
-	}()
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u+peerStreamPath+"?"+pullLaneParam+"="+laneNames[ln], nil)
-	if err != nil {
-		return pullFailed
-	}
-	p.t.setHeaders(req.Header, p.id)
-	req.Header.Del("Content-Type")
-	req.Header.Set("Accept", peerContentType)
-	answer := time.AfterFunc(peerRequestTimeout, cancel)
-	resp, err := p.lanes[ln].client.Do(req)
-	answer.Stop()
-	if err != nil {
-		p.t.lg.Debug("pull failed", zap.String("peer", idString(p.id)), zap.String("url", u), zap.Error(err))
+	if resp == nil {
 		return pullFailed
 	}
 	defer resp.Body.Close()
 	if resp.StatusCode != http.StatusOK || resp.Header.Get("Content-Type") != peerContentType {
-		msg, _ := io.ReadAll(io.LimitReader(resp.Body, 512))
-		err := &peerStatusError{status: resp.Status, code: resp.StatusCode, msg: strings.TrimSpace(string(msg))}
-		if !p.t.checkGone(err) {
-			p.t.lg.Debug("pull refused", zap.String("peer", idString(p.id)), zap.String("url", u), zap.Error(err))
-		}
-		return pullRefusal(resp.StatusCode)
+		return p.refused(resp, "pull")
 	}
 	p.t.recv.readStream(resp.Body, p.id)
 	return pullAnswered
@@ -1464,6 +1492,18 @@ func (p *peer) offerSnapshot(frame []byte) bool {
 	return true
 }
 
+// askedBy is the peer a pull or a poll comes from; nil, answered 403,
+// when it is no peer (removed meanwhile: checkHeaders let it through).
+func (t *peerTransport) askedBy(w http.ResponseWriter, from uint64) *peer {
+	t.mu.RLock()
+	p := t.peers[from]
+	t.mu.RUnlock()
+	if p == nil {
+		http.Error(w, "member "+idString(from)+" is not a member of this cluster", http.StatusForbidden)
+	}
+	return p
+}
+
 // serveSnapshotPoll answers member from's poll for a snapshot (GET
 // /raft/snapshot) once this member has one for it that it cannot POST
 // (offerSnapshot): with what a POST's body would be, the MsgSnap's frame
@@ -1471,11 +1511,8 @@ func (p *peer) offerSnapshot(frame []byte) bool {
 // gets 204 when this member stops or from is retired. A transfer that
 // makes no progress for SnapshotStall is cut.
 func (t *peerTransport) serveSnapshotPoll(w http.ResponseWriter, r *http.Request, from uint64, ended, halted <-chan struct{}) {
-	t.mu.RLock()
-	p := t.peers[from]
-	t.mu.RUnlock()
+	p := t.askedBy(w, from)
 	if p == nil {
-		http.Error(w, "member "+idString(from)+" is not a member of this cluster", http.StatusForbidden)
 		return
 	}
 	rc := http.NewResponseController(w)
@@ -1558,45 +1595,15 @@ func (t *peerTransport) writeSnapshotAnswer(w http.ResponseWriter, r *http.Reque
 // to this member (offerSnapshot).
 func (p *peer) runSnapshotPoll() {
 	defer p.t.wg.Done()
-	wait := pullRetryMin
-	for {
-		wait = nextPullWait(wait, p.pollSnapshot())
-		t := time.NewTimer(wait)
-		select {
-		case <-t.C:
-		case <-p.retiring:
-			t.Stop()
-			return
-		case <-p.ctx.Done():
-			t.Stop()
-			return
-		}
-	}
+	p.keepAsking(p.pollSnapshot)
 }
 
 // pollSnapshot polls the peer once, and takes the snapshot it answers
 // with, if any.
 func (p *peer) pollSnapshot() pullResult {
-	u := p.url()
-	ctx, cancel := context.WithCancel(p.ctx)
+	resp, ctx, cancel := p.ask(p.t.client, peerSnapshotPath, "snapshot poll", 0)
 	defer cancel()
-	go func() {
-		select {
-		case <-p.retiring:
-			cancel()
-		case <-ctx.Done():
-		}
-	}()
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u+peerSnapshotPath, nil)
-	if err != nil {
-		return pullFailed
-	}
-	p.t.setHeaders(req.Header, p.id)
-	req.Header.Del("Content-Type")
-	req.Header.Set("Accept", peerContentType)
-	resp, err := p.t.client.Do(req)
-	if err != nil {
-		p.t.lg.Debug("snapshot poll failed", zap.String("peer", idString(p.id)), zap.String("url", u), zap.Error(err))
+	if resp == nil {
 		return pullFailed
 	}
 	defer resp.Body.Close()
@@ -1610,12 +1617,7 @@ func (p *peer) pollSnapshot() pullResult {
 		}
 		return pullAnswered
 	}
-	msg, _ := io.ReadAll(io.LimitReader(resp.Body, 512))
-	err = &peerStatusError{status: resp.Status, code: resp.StatusCode, msg: strings.TrimSpace(string(msg))}
-	if !p.t.checkGone(err) {
-		p.t.lg.Debug("snapshot poll refused", zap.String("peer", idString(p.id)), zap.String("url", u), zap.Error(err))
-	}
-	return pullRefusal(resp.StatusCode)
+	return p.refused(resp, "snapshot poll")
 }
 
 // progressWriter notes the time of every write that went through: on a
@@ -1844,11 +1846,8 @@ func (h *peerHandler) readStream(body io.Reader, from uint64) {
 // (StreamStall, as a stream), from is removed or retired, or this member
 // stops (ended, halted). A newer pull of the same lane replaces it.
 func (t *peerTransport) servePull(w http.ResponseWriter, r *http.Request, from uint64, ln int, ended, halted <-chan struct{}) {
-	t.mu.RLock()
-	p := t.peers[from]
-	t.mu.RUnlock()
+	p := t.askedBy(w, from)
 	if p == nil {
-		http.Error(w, "member "+idString(from)+" is not a member of this cluster", http.StatusForbidden)
 		return
 	}
 	rc := http.NewResponseController(w)

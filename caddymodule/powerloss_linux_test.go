@@ -8,6 +8,7 @@ import (
 	"maps"
 	"math/rand/v2"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"syscall"
@@ -185,6 +186,20 @@ func TestClusterPowerLossAfterSnapshotCatchUp(t *testing.T) {
 			for _, m := range c.members {
 				t.Logf("%s's member.db, copied as it is now: %s", m.Name, powerLossCheckCopy(t, m.DataDir))
 				t.Logf("%s's data directory: %s", m.Name, powerLossDescribe(m.DataDir, filepath.Join(disks[m.Name].backing, "data")))
+				if keep := os.Getenv("ETCADDY_KEEP_FAILED"); keep != "" {
+					// For a look after the test: the directory under the
+					// mount (what the disk holds) and the member's log.
+					to := filepath.Join(keep, fmt.Sprintf("seed-%d", seed), m.Name)
+					var out []byte
+					err := os.MkdirAll(to, 0o755)
+					if err == nil {
+						out, err = exec.Command("cp", "-a", disks[m.Name].backing, filepath.Join(to, "disk")).CombinedOutput()
+					}
+					if err == nil {
+						out, err = exec.Command("cp", "-a", m.LogPath, to).CombinedOutput()
+					}
+					t.Logf("%s's disk and log kept in %s: %v %s", m.Name, to, err, out)
+				}
 			}
 		}
 	})

@@ -186,6 +186,9 @@ func TestClusterPowerLossAfterSnapshotCatchUp(t *testing.T) {
 			for _, m := range c.members {
 				t.Logf("%s's member.db, copied as it is now: %s", m.Name, powerLossCheckCopy(t, m.DataDir))
 				t.Logf("%s's data directory: %s", m.Name, powerLossDescribe(m.DataDir, filepath.Join(disks[m.Name].backing, "data")))
+				if m.running() {
+					t.Logf("%s's mapping of member.db: %s", m.Name, powerLossCompareMapping(m.Cmd.Process.Pid, filepath.Join(m.DataDir, "member.db")))
+				}
 				if keep := os.Getenv("ETCADDY_KEEP_FAILED"); keep != "" {
 					// For a look after the test: the directory under the
 					// mount (what the disk holds) and the member's log.
@@ -330,6 +333,74 @@ func powerLossDescribe(dir, backing string) string {
 		}
 	}
 	return b.String()
+}
+
+// powerLossCompareMapping compares what process pid sees of path through
+// its mapping of it (bbolt reads the file through one mmap) with the file
+// read now: the pages that differ are pages the process reads stale (the
+// kernel's page cache serves read(2) the file's contents, and a mapping
+// left pointing at a page no longer in the cache would not see them). It
+// says how many of the file's pages differ, and the first few.
+func powerLossCompareMapping(pid int, path string) string {
+	file, err := os.ReadFile(path)
+	if err != nil {
+		return err.Error()
+	}
+	maps, err := os.ReadFile(fmt.Sprintf("/proc/%d/maps", pid))
+	if err != nil {
+		return err.Error()
+	}
+	var start, off uint64
+	found := false
+	for _, line := range strings.Split(string(maps), "\n") {
+		// start-end perms offset dev inode path
+		f := strings.Fields(line)
+		if len(f) < 6 || f[5] != path {
+			continue
+		}
+		var end uint64
+		if _, err := fmt.Sscanf(f[0], "%x-%x", &start, &end); err != nil {
+			return err.Error()
+		}
+		if _, err := fmt.Sscanf(f[2], "%x", &off); err != nil {
+			return err.Error()
+		}
+		found = true
+		break
+	}
+	if !found {
+		return "no mapping of " + path
+	}
+	if off != 0 {
+		return fmt.Sprintf("mapped from offset %d", off)
+	}
+	mem, err := os.Open(fmt.Sprintf("/proc/%d/mem", pid))
+	if err != nil {
+		return err.Error()
+	}
+	defer mem.Close()
+	seen := make([]byte, len(file))
+	if _, err := mem.ReadAt(seen, int64(start)); err != nil {
+		return fmt.Sprintf("reading the mapping: %v", err)
+	}
+	// The process may be writing: a page counts as different only when
+	// the mapping has neither what the file held before it was read nor
+	// after.
+	again, err := os.ReadFile(path)
+	if err != nil || len(again) < len(file) {
+		return fmt.Sprintf("reading the file again: %v", err)
+	}
+	var differ []int
+	for i := 0; i < len(file); i += 4096 {
+		j := min(i+4096, len(file))
+		if !bytes.Equal(seen[i:j], file[i:j]) && !bytes.Equal(seen[i:j], again[i:j]) {
+			differ = append(differ, i/4096)
+		}
+	}
+	if len(differ) == 0 {
+		return fmt.Sprintf("the same as the file (%d pages)", len(file)/4096)
+	}
+	return fmt.Sprintf("%d of %d pages differ from the file, the first: %v", len(differ), len(file)/4096, differ[:min(len(differ), 10)])
 }
 
 // boltMetaSummary reads meta page pg of a bbolt file (4 KiB pages): its

@@ -585,25 +585,31 @@ func (t *peerTransport) heardWindow() time.Duration {
 	return max(3*t.cfg.ProbeIdle, t.cfg.ProbeIdle+peerRequestTimeout)
 }
 
-// heard records that a request or message of member id reached this member
+// heardPeer is member id as a peer that requests and messages come from
 // (peerHandler), a member retiring too (its last messages may go to its
-// pulls).
-func (t *peerTransport) heard(id uint64) {
+// pulls); nil when it is neither.
+func (t *peerTransport) heardPeer(id uint64) *peer {
 	t.mu.RLock()
-	p := t.peers[id]
-	if p == nil {
-		for _, r := range t.retired {
-			if r.id == id {
-				p = r
-			}
+	defer t.mu.RUnlock()
+	if p := t.peers[id]; p != nil {
+		return p
+	}
+	for _, r := range t.retired {
+		if r.id == id {
+			return r
 		}
 	}
-	t.mu.RUnlock()
+	return nil
+}
+
+// hear records that a request or message of the peer reached this member.
+// Nil: no peer, nothing to record.
+func (p *peer) hear() {
 	if p == nil {
 		return
 	}
-	now := int64(time.Since(t.epoch))
-	if last := p.heard.Swap(now); last == 0 || time.Duration(now-last) >= t.heardWindow() {
+	now := int64(time.Since(p.t.epoch))
+	if last := p.heard.Swap(now); last == 0 || time.Duration(now-last) >= p.t.heardWindow() {
 		p.heardFrom.Store(now) // a new run
 	}
 }
@@ -1256,7 +1262,7 @@ func (p *peer) pull(ln int) pullResult {
 	if resp.StatusCode != http.StatusOK || resp.Header.Get("Content-Type") != peerContentType {
 		return p.refused(resp, "pull")
 	}
-	p.t.recv.readStream(resp.Body, p.id)
+	p.t.recv.readStream(resp.Body, p.id, p)
 	return pullAnswered
 }
 
@@ -1492,6 +1498,26 @@ func (p *peer) offerSnapshot(frame []byte) bool {
 	return true
 }
 
+// answerContext is the context of an answer to peer p's pull or poll: r's,
+// ended too when this member stops (ended, halted) or p's context ends.
+// Call stop when the answer is done.
+func answerContext(r *http.Request, p *peer, ended, halted <-chan struct{}) (ctx context.Context, stop func()) {
+	ctx, cancel := context.WithCancel(r.Context())
+	unhook := context.AfterFunc(p.ctx, cancel)
+	go func() {
+		select {
+		case <-ended:
+		case <-halted:
+		case <-ctx.Done():
+		}
+		cancel()
+	}()
+	return ctx, func() {
+		unhook()
+		cancel()
+	}
+}
+
 // askedBy is the peer a pull or a poll comes from; nil, answered 403,
 // when it is no peer (removed meanwhile: checkHeaders let it through).
 func (t *peerTransport) askedBy(w http.ResponseWriter, from uint64) *peer {
@@ -1519,25 +1545,24 @@ func (t *peerTransport) serveSnapshotPoll(w http.ResponseWriter, r *http.Request
 	// A poll waits: the site's timeouts are for requests.
 	_ = rc.SetReadDeadline(time.Time{})
 	_ = rc.SetWriteDeadline(time.Time{})
+	ctx, stop := answerContext(r, p, ended, halted)
+	defer stop()
 	var job *snapshotJob
 	select {
 	case job = <-p.snapPoll:
-	case <-r.Context().Done():
-	case <-ended:
-	case <-halted:
-	case <-p.ctx.Done():
+	case <-ctx.Done():
 	case <-p.retiring:
 	}
 	if job == nil {
 		w.WriteHeader(http.StatusNoContent) // a reload, a stop: poll again
 		return
 	}
-	job.done <- t.writeSnapshotAnswer(w, r, rc, p, job.frame, ended, halted)
+	job.done <- t.writeSnapshotAnswer(ctx, w, rc, job.frame)
 }
 
 // writeSnapshotAnswer writes a poll's answer: the frame, then this member's
-// snapshot, its SHA-256 in the trailer.
-func (t *peerTransport) writeSnapshotAnswer(w http.ResponseWriter, r *http.Request, rc *http.ResponseController, p *peer, frame []byte, ended, halted <-chan struct{}) error {
+// snapshot, its SHA-256 in the trailer. It is cut when ctx ends.
+func (t *peerTransport) writeSnapshotAnswer(ctx context.Context, w http.ResponseWriter, rc *http.ResponseController, frame []byte) error {
 	w.Header().Set("Content-Type", peerContentType)
 	w.Header().Set("Trailer", trailerSnapshotHash)
 	w.WriteHeader(http.StatusOK)
@@ -1554,10 +1579,7 @@ func (t *peerTransport) writeSnapshotAnswer(w http.ResponseWriter, r *http.Reque
 			select {
 			case <-stop:
 				return
-			case <-r.Context().Done():
-			case <-ended:
-			case <-halted:
-			case <-p.ctx.Done():
+			case <-ctx.Done():
 			case <-tm.C:
 				idle := time.Since(time.Unix(0, progress.Load()))
 				if idle < stall {
@@ -1741,9 +1763,8 @@ func (h *peerHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if !ok {
 		return
 	}
-	if h.out != nil {
-		h.out.heard(from)
-	}
+	sender := h.sender(from)
+	sender.hear()
 	if (pull || poll) && (isClosed(h.ended) || isClosed(h.halted)) {
 		// Stopping: the pull would end at once, and be asked for again.
 		w.Header().Set("Retry-After", "1")
@@ -1767,7 +1788,7 @@ func (h *peerHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	case peerSnapshotPath:
 		h.serveSnapshot(w, r, from)
 	case peerStreamPath:
-		h.serveStream(w, r, from)
+		h.serveStream(w, r, from, sender)
 	default:
 		h.serveBatch(w, r, from, removed)
 	}
@@ -1779,8 +1800,9 @@ func (h *peerHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 // closed): a read deadline in the past then ends the wait for the next
 // frame. A bad frame ends the stream; the frames before it were delivered.
 // A member removed while its stream is open is heard no more, but for a
-// MsgTimeoutNow (see serveBatch); its probes hear 410.
-func (h *peerHandler) serveStream(w http.ResponseWriter, r *http.Request, from uint64) {
+// MsgTimeoutNow (see serveBatch); its probes hear 410. Each frame is
+// heard from sender (see readStream).
+func (h *peerHandler) serveStream(w http.ResponseWriter, r *http.Request, from uint64, sender *peer) {
 	rc := http.NewResponseController(w) // full duplex, closing (ServeHTTP)
 	w.WriteHeader(http.StatusOK)
 	if err := rc.Flush(); err != nil {
@@ -1808,15 +1830,25 @@ func (h *peerHandler) serveStream(w http.ResponseWriter, r *http.Request, from u
 		}
 		_ = rc.SetReadDeadline(time.Now())
 	}()
-	h.readStream(r.Body, from)
+	h.readStream(r.Body, from, sender)
+}
+
+// sender is member from as a peer of this member's transport, whose
+// requests and messages are heard (peer.hear); nil without a transport.
+func (h *peerHandler) sender(from uint64) *peer {
+	if h.out == nil {
+		return nil
+	}
+	return h.out.heardPeer(from)
 }
 
 // readStream delivers the frames of a stream from member from, in order,
-// until it ends or breaks (the caller ends it by making its reads fail).
+// until it ends or breaks (the caller ends it by making its reads fail);
+// each is heard from sender (nil: not recorded).
 // A bad frame ends it; the frames before it were delivered. A member
 // removed while its stream is open is heard no more, but for a
 // MsgTimeoutNow (see serveBatch).
-func (h *peerHandler) readStream(body io.Reader, from uint64) {
+func (h *peerHandler) readStream(body io.Reader, from uint64, sender *peer) {
 	for {
 		frame, err := readPeerFrame(body, peerMaxFrame)
 		if err != nil {
@@ -1825,9 +1857,7 @@ func (h *peerHandler) readStream(body io.Reader, from uint64) {
 			}
 			return
 		}
-		if h.out != nil {
-			h.out.heard(from)
-		}
+		sender.hear()
 		m, err := h.decodeMessage(frame, from)
 		if err != nil {
 			h.lg.Warn("bad message in a peer stream", zap.String("from", idString(from)), zap.Error(err))
@@ -1871,16 +1901,15 @@ func (t *peerTransport) servePull(w http.ResponseWriter, r *http.Request, from u
 	s.armStall(cut)
 	// The goroutine that cuts a write ends before the handler returns:
 	// the writer must not be used after that.
+	ctx, stopCtx := answerContext(r, p, ended, halted)
+	defer stopCtx()
 	stop, watched := make(chan struct{}), make(chan struct{})
 	go func() {
 		defer close(watched)
 		select {
 		case <-stop:
 			return
-		case <-r.Context().Done():
-		case <-ended:
-		case <-halted:
-		case <-p.ctx.Done():
+		case <-ctx.Done():
 		case <-cutc:
 		}
 		pr.CloseWithError(errStreamEnded)

@@ -36,6 +36,20 @@ import (
 // renames between directories and directories removed survive at once, and
 // the kernel's page cache above the mount is not what is lost (the process
 // is killed first).
+//
+// That page cache is kept as a local file system keeps its own: every change
+// to a file of the mount comes through the mount (the directory under it is
+// touched only while it is unmounted, by powerCut), so the kernel's pages are
+// always the file's, and it is told so: each open keeps them
+// (FOPEN_KEEP_CACHE) and a changed mtime does not drop them (explicit data
+// cache control). FUSE's default drops a file's pages at each open and at
+// each mtime it sees change, and a write goes out to the server after its
+// bytes went into the page: a page dropped in between and faulted in again
+// through a mapping is read from the server before the write reaches it, and
+// the mapping keeps the old bytes. A member's bbolt file, mapped, written and
+// opened again to stream a snapshot, then read stale pages (missing keys, a
+// freelist that handed out a page in use) from a file that held together:
+// TestLossyFSMappingSeesEveryWrite.
 type lossyFS struct {
 	backing, mnt string
 	server       *fuse.Server
@@ -98,6 +112,8 @@ func (l *lossyFS) mount(t testing.TB) {
 			FsName: "lossyfs", Name: "lossyfs",
 			// The test runs as root (as CI does): the mount syscall itself, no fusermount.
 			DirectMount: true, DirectMountStrict: true,
+			// The kernel's pages of a file stay its own (see lossyFS).
+			ExplicitDataCacheControl: true,
 		},
 	})
 	if err != nil {
@@ -466,7 +482,7 @@ func (n *lossyNode) Open(ctx context.Context, flags uint32) (gofs.FileHandle, ui
 	if errno != 0 {
 		return nil, 0, errno
 	}
-	return &lossyHandle{f: fh.(*gofs.LoopbackFile), l: n.l}, fl, 0
+	return &lossyHandle{f: fh.(*gofs.LoopbackFile), l: n.l}, fl | fuse.FOPEN_KEEP_CACHE, 0
 }
 
 // dir is the node's path in the backing directory.
@@ -491,7 +507,7 @@ func (n *lossyNode) Create(ctx context.Context, name string, flags, mode uint32,
 	if errno != 0 {
 		return nil, nil, 0, errno
 	}
-	return in, &lossyHandle{f: fh.(*gofs.LoopbackFile), l: n.l}, fl, 0
+	return in, &lossyHandle{f: fh.(*gofs.LoopbackFile), l: n.l}, fl | fuse.FOPEN_KEEP_CACHE, 0
 }
 
 func (n *lossyNode) Unlink(ctx context.Context, name string) syscall.Errno {

@@ -163,7 +163,7 @@ func powerRestartCluster(t *testing.T, c *testCluster, round int, acked map[stri
 // the old leader's vote loses writes that were answered.
 func TestClusterPowerLossAfterSnapshotCatchUp(t *testing.T) {
 	const (
-		rounds        = 3
+		rounds        = 5
 		snapshotCount = 50
 	)
 	seed := uint64(time.Now().UnixNano())

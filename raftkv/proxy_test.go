@@ -25,16 +25,23 @@ import (
 )
 
 // proxiedCluster is a two-member cluster whose members have published
-// their client URLs, which a proxy of it forwards to.
+// their client URLs, which a proxy of it forwards to. Each member must know
+// both: a proxy reads the member list from whichever member answers it, and
+// a follower may apply the other member's publication after the leader.
 func proxiedCluster(t *testing.T) *testCluster {
 	c := newTestCluster(t, 2, nil)
-	leader := c.waitLeader(c.members...)
-	waitFor(t, "both members' client URLs published", func() bool {
-		n := 0
-		for _, m := range leader.n().Members() {
-			n += len(m.ClientURLs)
+	c.waitLeader(c.members...)
+	waitFor(t, "both members' client URLs published, as every member knows them", func() bool {
+		for _, member := range c.members {
+			n := 0
+			for _, m := range member.n().Members() {
+				n += len(m.ClientURLs)
+			}
+			if n != 2 {
+				return false
+			}
 		}
-		return n == 2
+		return true
 	})
 	return c
 }

@@ -783,6 +783,16 @@ func TestJoinRefusesAnInitialClusterOutOfStep(t *testing.T) {
 	if _, err := leader.n().AddMember(ctx, []string{joiner.url}); err != nil {
 		t.Fatalf("AddMember: %v", err)
 	}
+	// The joiner reads the member list from whichever member it reaches,
+	// and a follower applies the addition after the leader answered.
+	waitFor(t, "every member knows the joiner", func() bool {
+		for _, m := range c.members {
+			if !slices.ContainsFunc(m.n().Members(), func(mm Member) bool { return slices.Contains(mm.PeerURLs, joiner.url) }) {
+				return false
+			}
+		}
+		return true
+	})
 	c.members = append(c.members, joiner)
 	right := c.initialCluster()
 	for _, tc := range []struct {

@@ -403,20 +403,18 @@ func TestClusterReplicatesAndFailsOver(t *testing.T) {
 
 	// Every member publishes its name and client URLs: every member lists
 	// everyone's.
-	for _, m := range all {
-		waitFor(t, "published attributes on "+m.name, func() bool {
-			ms := m.n().Members()
-			if len(ms) != 3 {
+	waitOnEach(t, all, "published attributes", func(m *testMember) bool {
+		ms := m.n().Members()
+		if len(ms) != 3 {
+			return false
+		}
+		for _, mm := range ms {
+			if len(mm.ClientURLs) != 1 || mm.ClientURLs[0] != "http://"+mm.Name+".example:2379" {
 				return false
 			}
-			for _, mm := range ms {
-				if len(mm.ClientURLs) != 1 || mm.ClientURLs[0] != "http://"+mm.Name+".example:2379" {
-					return false
-				}
-			}
-			return true
-		})
-	}
+		}
+		return true
+	})
 
 	// Stats and health as a follower and as the leader.
 	f := followers[1].n()
@@ -573,11 +571,9 @@ func TestClusterAddMemberCatchesUpBySnapshot(t *testing.T) {
 		t.Fatalf("AddMember: %v", err)
 	}
 	c.members = append(c.members, joiner)
-	for _, m := range c.members[:3] {
-		waitFor(t, "the new member listed on "+m.name, func() bool {
-			return slices.ContainsFunc(m.n().Members(), func(mm Member) bool { return mm.ID == added.ID })
-		})
-	}
+	waitOnEach(t, c.members[:3], "the new member listed", func(m *testMember) bool {
+		return slices.ContainsFunc(m.n().Members(), func(mm Member) bool { return mm.ID == added.ID })
+	})
 	n := c.start(joiner, "existing")
 	if n.Status().ID != added.ID || n.Status().ClusterID != leader.n().Status().ClusterID {
 		t.Fatalf("joined as %s of cluster %s, want %s of %s", idString(n.Status().ID), idString(n.Status().ClusterID),
@@ -612,16 +608,14 @@ func TestClusterAddMemberCatchesUpBySnapshot(t *testing.T) {
 	if err := leader.n().UpdateMember(ctx, added.ID, []string{newURL}); err != nil {
 		t.Fatalf("UpdateMember: %v", err)
 	}
-	for _, m := range c.members {
-		waitFor(t, "updated peer URLs on "+m.name, func() bool {
-			for _, mm := range m.n().Members() {
-				if mm.ID == added.ID {
-					return slices.Equal(mm.PeerURLs, []string{newURL})
-				}
+	waitOnEach(t, c.members, "updated peer URLs", func(m *testMember) bool {
+		for _, mm := range m.n().Members() {
+			if mm.ID == added.ID {
+				return slices.Equal(mm.PeerURLs, []string{newURL})
 			}
-			return false
-		})
-	}
+		}
+		return false
+	})
 	put(t, leader.n(), "/after-update", "y")
 	waitLocal(t, n, "/after-update", "y")
 }
@@ -785,13 +779,8 @@ func TestJoinRefusesAnInitialClusterOutOfStep(t *testing.T) {
 	}
 	// The joiner reads the member list from whichever member it reaches,
 	// and a follower applies the addition after the leader answered.
-	waitFor(t, "every member knows the joiner", func() bool {
-		for _, m := range c.members {
-			if !slices.ContainsFunc(m.n().Members(), func(mm Member) bool { return slices.Contains(mm.PeerURLs, joiner.url) }) {
-				return false
-			}
-		}
-		return true
+	waitOnEach(t, c.members, "the joiner listed", func(m *testMember) bool {
+		return slices.ContainsFunc(m.n().Members(), func(mm Member) bool { return slices.Contains(mm.PeerURLs, joiner.url) })
 	})
 	c.members = append(c.members, joiner)
 	right := c.initialCluster()

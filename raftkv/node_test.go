@@ -59,6 +59,15 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 	waitForWithin(t, 10*time.Second, what, cond)
 }
 
+// waitOnEach waits, member by member, until cond holds on each of ms (what
+// and the member's name say which did not).
+func waitOnEach(t *testing.T, ms []*testMember, what string, cond func(m *testMember) bool) {
+	t.Helper()
+	for _, m := range ms {
+		waitFor(t, what+" on "+m.name, func() bool { return cond(m) })
+	}
+}
+
 // waitForWithin polls cond until it holds or limit passes.
 func waitForWithin(t *testing.T, limit time.Duration, what string, cond func() bool) {
 	t.Helper()

@@ -31,17 +31,12 @@ import (
 func proxiedCluster(t *testing.T) *testCluster {
 	c := newTestCluster(t, 2, nil)
 	c.waitLeader(c.members...)
-	waitFor(t, "both members' client URLs published, as every member knows them", func() bool {
-		for _, member := range c.members {
-			n := 0
-			for _, m := range member.n().Members() {
-				n += len(m.ClientURLs)
-			}
-			if n != 2 {
-				return false
-			}
+	waitOnEach(t, c.members, "both members' client URLs published", func(member *testMember) bool {
+		n := 0
+		for _, m := range member.n().Members() {
+			n += len(m.ClientURLs)
 		}
-		return true
+		return n == 2
 	})
 	return c
 }

@@ -133,7 +133,9 @@ func lossyMapper(file string) int {
 			}
 		}
 	}()
-	go func() { // the reader, through the mapping
+	// whileWriting runs step again and again until the writer is done or
+	// step says stop.
+	whileWriting := func(step func() bool) {
 		defer wg.Done()
 		for {
 			select {
@@ -141,40 +143,38 @@ func lossyMapper(file string) int {
 				return
 			default:
 			}
-			i := rand.IntN(pages)
-			want := written[i].Load()
-			first := binary.LittleEndian.Uint64(m[i*page:])
-			last := binary.LittleEndian.Uint64(m[i*page+page-8:])
-			r.Reads++
-			if min(first, last) < want {
-				if r.Stale == 0 {
-					r.Example = fmt.Sprintf("page %d: version %d at its start, %d at its end, after version %d was written", i, first, last, want)
-				}
-				r.Stale++
+			if !step() {
+				return
 			}
 		}
-	}()
-	go func() { // the file opened again and its attributes read, as a member does
-		defer wg.Done()
-		for {
-			select {
-			case <-done:
-				return
-			default:
+	}
+	go whileWriting(func() bool { // the reader, through the mapping
+		i := rand.IntN(pages)
+		want := written[i].Load()
+		first := binary.LittleEndian.Uint64(m[i*page:])
+		last := binary.LittleEndian.Uint64(m[i*page+page-8:])
+		r.Reads++
+		if min(first, last) < want {
+			if r.Stale == 0 {
+				r.Example = fmt.Sprintf("page %d: version %d at its start, %d at its end, after version %d was written", i, first, last, want)
 			}
-			g, err := os.Open(file)
-			if err != nil {
-				oerr = err
-				return
-			}
-			g.Close()
-			if _, err := os.Stat(file); err != nil {
-				oerr = err
-				return
-			}
-			r.Opens++
+			r.Stale++
 		}
-	}()
+		return true
+	})
+	go whileWriting(func() bool { // the file opened again and its attributes read, as a member does
+		g, err := os.Open(file)
+		if err != nil {
+			oerr = err
+			return false
+		}
+		g.Close()
+		if _, oerr = os.Stat(file); oerr != nil {
+			return false
+		}
+		r.Opens++
+		return true
+	})
 	wg.Wait()
 	if err := errors.Join(werr, oerr); err != nil {
 		return fail(err)

@@ -152,7 +152,13 @@ func (b *testStreamBody) Read(p []byte) (int, error) {
 		return 0, errors.New("cut off (test)")
 	}
 	if b.chunks == nil {
-		return b.ReadCloser.Read(p)
+		// A read that was waiting when the link was cut must not hand
+		// over what came after the cut.
+		n, err := b.ReadCloser.Read(p)
+		if b.m.refuses(b.from) {
+			return 0, errors.New("cut off (test)")
+		}
+		return n, err
 	}
 	for len(b.buf) == 0 && b.err == nil {
 		c := <-b.chunks
@@ -212,16 +218,18 @@ func newSimTestMember(t *testing.T, name string, oneWay time.Duration, h2c bool)
 		if r.Method == http.MethodGet && (r.URL.Path == peerStreamPath || r.URL.Path == peerSnapshotPath) {
 			// A pull carries this member's messages to the member that
 			// asks, a snapshot poll its snapshot: they are cut with the
-			// link from this member to that one.
-			if puller := testMemberByID(from); puller != nil {
-				self := idString(n.Status().ID)
-				cut := func() bool { return puller.refuses(self) }
-				if cut() {
-					http.Error(w, "cut off (test)", http.StatusServiceUnavailable)
-					return
-				}
-				w = testCutWriter{ResponseWriter: w, cut: cut}
+			// link from this member to that one. Both are looked up at
+			// each write: a pull may come before either has booted (and
+			// has an ID to be found by), and last.
+			cut := func() bool {
+				puller := testMemberByID(from)
+				return puller != nil && puller.refuses(idString(n.Status().ID))
 			}
+			if cut() {
+				http.Error(w, "cut off (test)", http.StatusServiceUnavailable)
+				return
+			}
+			w = testCutWriter{ResponseWriter: w, cut: cut}
 		} else if r.URL.Path == peerStreamPath {
 			// A stream is cut when its sender is, and each read of it
 			// arrives oneWay late.

@@ -170,7 +170,10 @@ func (s *inproc) waitFor(what string, cond func() bool) {
 // getAfterReload forgets the client's idle connections and asks GET path until an answer
 // comes through and ok takes it, and returns that answer's body: a reload may reset a
 // connection made as it swaps the listening sockets, before its request was read (README,
-// Reloads), and the requests after the look reuse its connection.
+// Reloads). Caddy shuts the replaced server down after the load returns, so it then waits
+// until the replaced server's listening socket is gone (where that can be seen: Linux) and
+// forgets the idle connections again: the requests after it neither reuse a connection the
+// replaced server is about to close nor land in its socket.
 func (s *inproc) getAfterReload(what, path string, ok func(status int, body string) bool) string {
 	s.t.Helper()
 	s.client.CloseIdleConnections()
@@ -185,6 +188,11 @@ func (s *inproc) getAfterReload(what, path string, ok func(status int, body stri
 		body = string(b)
 		return err == nil && ok(resp.StatusCode, body)
 	})
+	s.waitFor("the replaced server's listening socket to close", func() bool {
+		n, ok := tcpListeners(s.port)
+		return !ok || n == 1
+	})
+	s.client.CloseIdleConnections()
 	return body
 }
 

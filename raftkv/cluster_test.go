@@ -181,6 +181,9 @@ type testCluster struct {
 	t       *testing.T
 	members []*testMember
 	edit    func(*Config) // applied to every member's config
+	// election is the longest election timeout a member was started with
+	// (nanoseconds).
+	election atomic.Int64
 }
 
 func newTestMember(t *testing.T, name string) *testMember {
@@ -329,6 +332,12 @@ func (c *testCluster) config(m *testMember, state string) Config {
 	if c.edit != nil {
 		c.edit(&cfg)
 	}
+	for {
+		old := c.election.Load()
+		if int64(cfg.ElectionTimeout) <= old || c.election.CompareAndSwap(old, int64(cfg.ElectionTimeout)) {
+			break
+		}
+	}
 	return cfg
 }
 
@@ -344,8 +353,11 @@ func (c *testCluster) stop(m *testMember) {
 // one of them, and returns it.
 func (c *testCluster) waitLeader(ms ...*testMember) *testMember {
 	c.t.Helper()
+	// Members with long election timeouts may need two elections (a
+	// member whose first timeout runs out before its peers are up, a split
+	// vote), each up to twice the timeout: more than waitFor's 10 s at 3 s.
 	var leader *testMember
-	waitFor(c.t, "a leader every member agrees on", func() bool {
+	waitForWithin(c.t, max(10*time.Second, 6*time.Duration(c.election.Load())), "a leader every member agrees on", func() bool {
 		leader = nil
 		lead := ms[0].n().Status().Leader
 		if lead == 0 {

@@ -181,9 +181,6 @@ type testCluster struct {
 	t       *testing.T
 	members []*testMember
 	edit    func(*Config) // applied to every member's config
-	// election is the longest election timeout a member was started with
-	// (nanoseconds).
-	election atomic.Int64
 }
 
 func newTestMember(t *testing.T, name string) *testMember {
@@ -332,12 +329,6 @@ func (c *testCluster) config(m *testMember, state string) Config {
 	if c.edit != nil {
 		c.edit(&cfg)
 	}
-	for {
-		old := c.election.Load()
-		if int64(cfg.ElectionTimeout) <= old || c.election.CompareAndSwap(old, int64(cfg.ElectionTimeout)) {
-			break
-		}
-	}
 	return cfg
 }
 
@@ -356,8 +347,12 @@ func (c *testCluster) waitLeader(ms ...*testMember) *testMember {
 	// Members with long election timeouts may need two elections (a
 	// member whose first timeout runs out before its peers are up, a split
 	// vote), each up to twice the timeout: more than waitFor's 10 s at 3 s.
+	within := 10 * time.Second
+	for _, m := range ms {
+		within = max(within, 6*m.n().cfg.ElectionTimeout)
+	}
 	var leader *testMember
-	waitForWithin(c.t, max(10*time.Second, 6*time.Duration(c.election.Load())), "a leader every member agrees on", func() bool {
+	waitForWithin(c.t, within, "a leader every member agrees on", func() bool {
 		leader = nil
 		lead := ms[0].n().Status().Leader
 		if lead == 0 {

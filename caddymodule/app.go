@@ -143,6 +143,19 @@ type App struct {
 	ProxyFailureWait     caddy.Duration `json:"proxy_failure_wait,omitempty"`
 	ProxyDialTimeout     caddy.Duration `json:"proxy_dial_timeout,omitempty"`
 
+	// How long each read from, and each write to, a proxy's connection to
+	// a member may take (etcd's --proxy-read-timeout and
+	// --proxy-write-timeout): a member that stops answering, or stops
+	// reading what it is sent, for that long fails the request there, and
+	// the proxy tries the next member (all failed: 502) and leaves that
+	// one out for proxy_failure_wait. A read timeout also ends a watch
+	// that waits longer for its event (its client sees an empty answer
+	// and watches again), as etcd's does, and makes the proxy speak
+	// HTTP/1.1 to the members. Defaults: no read timeout, 5s for writes;
+	// a negative duration turns either off (Caddyfile: 0 or off).
+	ProxyReadTimeout  caddy.Duration `json:"proxy_read_timeout,omitempty"`
+	ProxyWriteTimeout caddy.Duration `json:"proxy_write_timeout,omitempty"`
+
 	// A DNS domain whose SRV records list the members of a new cluster
 	// (etcd's --discovery-srv), instead of initial_cluster:
 	// _etcd-server-ssl._tcp.<domain> for https peer URLs and
@@ -483,6 +496,14 @@ func (a *App) validateBootstrap() error {
 			return fmt.Errorf("%s must be at least 1ms, not %v", d.name, time.Duration(d.v))
 		}
 	}
+	for _, d := range []struct {
+		name string
+		v    caddy.Duration
+	}{{"proxy_read_timeout", a.ProxyReadTimeout}, {"proxy_write_timeout", a.ProxyWriteTimeout}} {
+		if d.v > 0 && time.Duration(d.v) < time.Millisecond {
+			return fmt.Errorf("%s must be at least 1ms (or negative: none), not %v", d.name, time.Duration(d.v))
+		}
+	}
 	switch a.Proxy {
 	case "", "off", "on", "readonly":
 	default:
@@ -650,6 +671,8 @@ func (a *App) nodeConfig() raftkv.Config {
 		ProxyRefreshInterval:   time.Duration(a.ProxyRefreshInterval),
 		ProxyFailureWait:       time.Duration(a.ProxyFailureWait),
 		ProxyDialTimeout:       time.Duration(a.ProxyDialTimeout),
+		ProxyReadTimeout:       time.Duration(a.ProxyReadTimeout),
+		ProxyWriteTimeout:      time.Duration(a.ProxyWriteTimeout),
 		DiscoverySRV:           a.DiscoverySRV,
 		DiscoverySRVName:       a.DiscoverySRVName,
 		LooseReconfig:          !a.strictReconfigCheck(),
@@ -882,6 +905,12 @@ func (m *member) tuningChanges(cfg raftkv.Config) []string {
 		}
 		if m.cfg.ProxyDialTimeout != cfg.ProxyDialTimeout {
 			changed = append(changed, "proxy_dial_timeout")
+		}
+		if (m.cfg.ProxyReadTimeout > 0 || cfg.ProxyReadTimeout > 0) && m.cfg.ProxyReadTimeout != cfg.ProxyReadTimeout {
+			changed = append(changed, "proxy_read_timeout")
+		}
+		if m.cfg.ProxyWriteTimeout != cfg.ProxyWriteTimeout && !(m.cfg.ProxyWriteTimeout < 0 && cfg.ProxyWriteTimeout < 0) {
+			changed = append(changed, "proxy_write_timeout")
 		}
 	}
 	return changed

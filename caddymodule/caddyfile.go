@@ -5,6 +5,7 @@ import (
 	"reflect"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig"
@@ -93,6 +94,8 @@ func setInBoth(a, b *App) string {
 //		proxy_refresh_interval   <duration>
 //		proxy_failure_wait       <duration>
 //		proxy_dial_timeout       <duration>
+//		proxy_read_timeout       <duration>|off
+//		proxy_write_timeout      <duration>|off
 //		discovery_srv            <domain>
 //		discovery_srv_name       <name>
 //		advertise_client_urls    <url>...
@@ -220,6 +223,34 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 					a.ProxyFailureWait = caddy.Duration(dur)
 				case "proxy_dial_timeout":
 					a.ProxyDialTimeout = caddy.Duration(dur)
+				}
+
+			case "proxy_read_timeout", "proxy_write_timeout":
+				var v string
+				if !d.Args(&v) || d.NextArg() {
+					return d.ArgErr()
+				}
+				// off, or 0 as etcd's flags say it: none. In JSON that is a
+				// negative duration (zero is the default); none is the
+				// read timeout's default, so it stays out of the JSON.
+				var dur caddy.Duration
+				if v != "off" {
+					pd, err := caddy.ParseDuration(v)
+					if err != nil || pd < 0 || pd > 0 && pd < time.Millisecond {
+						if n, nerr := strconv.ParseFloat(v, 64); nerr == nil && n > 0 {
+							return d.Errf("%s must be a duration with its unit (%sms for etcd's %s milliseconds), or off, not %q", opt, v, v, v)
+						}
+						return d.Errf("%s must be a duration of at least 1ms, or off, not %q", opt, v)
+					}
+					dur = caddy.Duration(pd)
+				}
+				if opt == "proxy_read_timeout" {
+					a.ProxyReadTimeout = dur
+				} else {
+					if dur == 0 {
+						dur = -1
+					}
+					a.ProxyWriteTimeout = dur
 				}
 
 			case "initial_cluster":

@@ -221,9 +221,13 @@ func proxyStatusSays(t *testing.T, p *testMember, want ...string) {
 
 // proxyCaddyfile is the configuration of an etcaddy proxy (raftkv's proxy
 // option: on or readonly) of the cluster whose member m is.
-func proxyCaddyfile(p *testMember, mode string, m *testMember) string {
-	return fmt.Sprintf("{\n\tadmin %s\n\traftkv {\n\t\tname %s\n\t\tdata_dir %s\n\t\tproxy %s\n\t\tinitial_cluster %s=%s\n\t}\n}\n\n%s {\n\tetcd\n}\n",
-		strings.TrimPrefix(p.AdminURL, "http://"), p.Name, p.DataDir, mode, m.Name, m.PeerURL, p.ClientURL)
+func proxyCaddyfile(p *testMember, mode string, m *testMember, options ...string) string {
+	var more string
+	for _, o := range options {
+		more += "\t\t" + o + "\n"
+	}
+	return fmt.Sprintf("{\n\tadmin %s\n\traftkv {\n\t\tname %s\n\t\tdata_dir %s\n\t\tproxy %s\n\t\tinitial_cluster %s=%s\n%s\t}\n}\n\n%s {\n\tetcd\n}\n",
+		strings.TrimPrefix(p.AdminURL, "http://"), p.Name, p.DataDir, mode, m.Name, m.PeerURL, more, p.ClientURL)
 }
 
 // proxyModeScript sends the same requests to a proxy (etcd's --proxy, or

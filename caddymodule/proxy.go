@@ -91,9 +91,12 @@ func (h *Handler) serveProxied(w http.ResponseWriter, r *http.Request, px *raftk
 		out.URL.Scheme, out.URL.Host = ep.Scheme, ep.Host
 		// The member's site matches its own host, not this one's.
 		out.Host = ep.Host
-		out.Body, out.ContentLength = nil, int64(len(body))
+		out.Body, out.ContentLength, out.GetBody = nil, int64(len(body)), nil
 		if body != nil {
 			out.Body = io.NopCloser(bytes.NewReader(body))
+			// The transport may send it again on another connection when
+			// a kept-alive one turns out closed before it took the request.
+			out.GetBody = func() (io.ReadCloser, error) { return io.NopCloser(bytes.NewReader(body)), nil }
 		}
 		for _, k := range hopHeaders {
 			out.Header.Del(k)

@@ -78,6 +78,14 @@ type Config struct {
 	ProxyRefreshInterval time.Duration
 	ProxyFailureWait     time.Duration
 	ProxyDialTimeout     time.Duration
+	// How long each read from, and each write to, a proxy's connection to
+	// a member's client URL may take (etcd's --proxy-read-timeout,
+	// --proxy-write-timeout): a read or write that takes longer ends the
+	// connection, and the request goes to the next endpoint. Zero: the
+	// default, none for reads (a watch waits as long as its client does;
+	// etcd's default too), 5 s for writes; negative: none.
+	ProxyReadTimeout  time.Duration
+	ProxyWriteTimeout time.Duration
 	// DiscoverySRV is a DNS domain whose SRV records list the peer URLs
 	// of a new cluster's members (etcd's --discovery-srv): a member that
 	// starts on an empty data directory learns its initial cluster from
@@ -181,6 +189,9 @@ func (c Config) withDefaults() (Config, error) {
 	}
 	if c.ProxyDialTimeout <= 0 {
 		c.ProxyDialTimeout = DefaultProxyDialTimeout
+	}
+	if c.ProxyWriteTimeout == 0 {
+		c.ProxyWriteTimeout = DefaultProxyWriteTimeout
 	}
 	switch c.DiscoveryFallback {
 	case "":

@@ -25,14 +25,16 @@ import (
 const metaProxy = "raftkv/proxy"
 
 // etcd's proxy timings' defaults (--proxy-refresh-interval,
-// --proxy-failure-wait, --proxy-dial-timeout): the cluster's client URLs
-// are read again every refresh interval, or every second while none is
-// available (when the interval is the default or longer, as etcd's); an
-// endpoint that failed is left out for the failure wait.
+// --proxy-failure-wait, --proxy-dial-timeout, --proxy-write-timeout): the
+// cluster's client URLs are read again every refresh interval, or every
+// second while none is available (when the interval is the default or
+// longer, as etcd's); an endpoint that failed is left out for the failure
+// wait. Reads have no timeout by default (etcd's --proxy-read-timeout 0).
 const (
 	DefaultProxyRefreshInterval = 30 * time.Second
 	DefaultProxyFailureWait     = 5 * time.Second
 	DefaultProxyDialTimeout     = time.Second
+	DefaultProxyWriteTimeout    = 5 * time.Second
 	proxyEmptyRefresh           = time.Second
 )
 
@@ -128,14 +130,28 @@ func (p *Proxy) PeerURLs() []string {
 // the system's roots and the cluster CA of peer_trusted_ca_file.
 func (p *Proxy) Transport() http.RoundTripper { return p.transport }
 
+// proxyTimeouts are how long a proxy gives a member's client URL to take
+// a connection (dial), and each read from and write to it; zero or
+// negative: no limit (read and write).
+type proxyTimeouts struct {
+	dial, read, write time.Duration
+}
+
 // newProxy builds the proxy of the cluster at peerURLs, dialing peers with
-// peerTLS and the members' client URLs within dialTimeout.
-func newProxy(st *storage.Store, peerURLs []string, peerTLS *tls.Config, h2c bool, dialTimeout time.Duration, lg *zap.Logger) *Proxy {
+// peerTLS and the members' client URLs within to.
+func newProxy(st *storage.Store, peerURLs []string, peerTLS *tls.Config, h2c bool, to proxyTimeouts, lg *zap.Logger) *Proxy {
 	dialer := peerDialer()
-	dialer.Timeout = dialTimeout
+	dialer.Timeout = to.dial
+	dial := func(ctx context.Context, network, addr string) (net.Conn, error) {
+		c, err := dialer.DialContext(ctx, network, addr)
+		if err != nil || to.read <= 0 && to.write <= 0 {
+			return c, err
+		}
+		return &deadlineConn{Conn: c, read: to.read, write: to.write}, nil
+	}
 	tr := &http.Transport{
 		Proxy:               nil,
-		DialContext:         dialer.DialContext,
+		DialContext:         dial,
 		TLSHandshakeTimeout: 5 * time.Second,
 		ForceAttemptHTTP2:   true,
 		MaxIdleConnsPerHost: 64,
@@ -143,6 +159,21 @@ func newProxy(st *storage.Store, peerURLs []string, peerTLS *tls.Config, h2c boo
 		// A member that vanished without a FIN is noticed instead of
 		// holding every watch on its connection.
 		HTTP2: &http.HTTP2Config{SendPingTimeout: 10 * time.Second, PingTimeout: 5 * time.Second},
+	}
+	protos := []string{"h2", "http/1.1"}
+	if to.read > 0 {
+		// A read timeout is a limit per request, as etcd's proxy (which
+		// speaks HTTP/1.1 to members) has it: a watch that waits longer
+		// ends. On HTTP/2 every request shares a connection, whose reads
+		// the other requests' answers and the pings keep going.
+		tr.ForceAttemptHTTP2 = false
+		tr.Protocols = new(http.Protocols)
+		tr.Protocols.SetHTTP1(true)
+		protos = []string{"http/1.1"}
+		// An idle connection's wait for its next answer counts as a read
+		// too: the pool lets it go before that times out, rather than
+		// hand a request a connection about to fail.
+		tr.IdleConnTimeout = min(tr.IdleConnTimeout, to.read/2)
 	}
 	if peerTLS != nil {
 		tr.TLSClientConfig = peerTLS.Clone()
@@ -156,7 +187,7 @@ func newProxy(st *storage.Store, peerURLs []string, peerTLS *tls.Config, h2c boo
 				if err != nil {
 					return nil, err
 				}
-				raw, err := dialer.DialContext(ctx, network, addr)
+				raw, err := dial(ctx, network, addr)
 				if err != nil {
 					return nil, err
 				}
@@ -164,7 +195,7 @@ func newProxy(st *storage.Store, peerURLs []string, peerTLS *tls.Config, h2c boo
 				if net.ParseIP(host) == nil {
 					cfg.ServerName = host
 				}
-				cfg.NextProtos = []string{"h2", "http/1.1"}
+				cfg.NextProtos = protos
 				cfg.InsecureSkipVerify = true
 				cfg.VerifyConnection = verifyEither(cluster, host)
 				conn := tls.Client(raw, cfg)
@@ -373,7 +404,8 @@ func (n *Node) startProxy(st *storage.Store, peerURLs []string, why string) erro
 	if err := saveProxyCluster(st, peerURLs); err != nil {
 		return err
 	}
-	p := newProxy(st, peerURLs, n.cfg.Peer.TLS, n.cfg.Peer.H2C, n.cfg.ProxyDialTimeout, n.lg.Named("proxy"))
+	p := newProxy(st, peerURLs, n.cfg.Peer.TLS, n.cfg.Peer.H2C,
+		proxyTimeouts{dial: n.cfg.ProxyDialTimeout, read: n.cfg.ProxyReadTimeout, write: n.cfg.ProxyWriteTimeout}, n.lg.Named("proxy"))
 	p.readOnly = n.cfg.Proxy == "readonly"
 	p.why = why
 	p.refreshEvery, p.failWait = n.cfg.ProxyRefreshInterval, n.cfg.ProxyFailureWait
@@ -393,4 +425,31 @@ func (n *Node) startProxy(st *storage.Store, peerURLs []string, why string) erro
 		p.run(ctx)
 	}()
 	return nil
+}
+
+// deadlineConn gives each Read and Write of a connection its own deadline,
+// read or write from when it starts (none when zero), as etcd's proxy's
+// timeoutConn does: a member that stops answering, or stops reading what
+// it is sent, ends the request that waits on it.
+type deadlineConn struct {
+	net.Conn
+	read, write time.Duration
+}
+
+func (c *deadlineConn) Read(b []byte) (int, error) {
+	if c.read > 0 {
+		if err := c.SetReadDeadline(time.Now().Add(c.read)); err != nil {
+			return 0, err
+		}
+	}
+	return c.Conn.Read(b)
+}
+
+func (c *deadlineConn) Write(b []byte) (int, error) {
+	if c.write > 0 {
+		if err := c.SetWriteDeadline(time.Now().Add(c.write)); err != nil {
+			return 0, err
+		}
+	}
+	return c.Conn.Write(b)
 }

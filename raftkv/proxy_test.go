@@ -1,6 +1,7 @@
 package raftkv
 
 import (
+	"bytes"
 	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
@@ -10,11 +11,13 @@ import (
 	"crypto/x509/pkix"
 	"errors"
 	"math/big"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"net/url"
 	"slices"
 	"strconv"
+	"sync"
 	"testing"
 	"time"
 
@@ -134,7 +137,7 @@ func TestProxyTransportChecksTheHostDialed(t *testing.T) {
 		}
 		return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}
 	}()
-	p := newProxy(nil, nil, &tls.Config{RootCAs: ca.pool}, false, time.Second, zap.NewNop())
+	p := newProxy(nil, nil, &tls.Config{RootCAs: ca.pool}, false, proxyTimeouts{dial: time.Second}, zap.NewNop())
 	defer p.transport.CloseIdleConnections()
 	for _, tc := range []struct {
 		name string
@@ -197,5 +200,110 @@ func TestProxyFromSRVRecords(t *testing.T) {
 	}
 	if q := dns.Queries("_etcd-server._tcp." + srvDomain); q == 0 {
 		t.Fatal("the records were not read")
+	}
+}
+
+// TestProxyTransportTimeouts: the proxy's read and write timeouts (etcd's
+// --proxy-read-timeout and --proxy-write-timeout) end a request to a member
+// that takes the connection and then neither answers nor reads; without
+// them the request waits as long as its context. With a read timeout the
+// proxy speaks HTTP/1.1 to a member that offers HTTP/2 too.
+func TestProxyTransportTimeouts(t *testing.T) {
+	// A member that takes connections and does nothing more with them.
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	var conns []net.Conn
+	var mu sync.Mutex
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			mu.Lock()
+			conns = append(conns, c)
+			mu.Unlock()
+		}
+	}()
+	defer func() {
+		mu.Lock()
+		defer mu.Unlock()
+		for _, c := range conns {
+			c.Close()
+		}
+	}()
+	// More than the loopback socket buffers on both ends take.
+	big := bytes.Repeat([]byte("x"), 64<<20)
+	roundTrip := func(to proxyTimeouts, body []byte, wait time.Duration) error {
+		t.Helper()
+		p := newProxy(nil, nil, nil, false, to, zap.NewNop())
+		defer p.transport.CloseIdleConnections()
+		ctx, cancel := context.WithTimeout(context.Background(), wait)
+		defer cancel()
+		req, err := http.NewRequestWithContext(ctx, http.MethodPut, "http://"+ln.Addr().String()+"/v2/keys/a", bytes.NewReader(body))
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp, err := p.Transport().RoundTrip(req)
+		if err == nil {
+			resp.Body.Close()
+			t.Fatalf("%+v: an answer from a member that gives none", to)
+		}
+		return err
+	}
+	isTimeout := func(err error) bool {
+		var ne net.Error
+		return errors.As(err, &ne) && ne.Timeout() && !errors.Is(err, context.DeadlineExceeded)
+	}
+	for _, tc := range []struct {
+		name string
+		to   proxyTimeouts
+		body []byte
+	}{
+		{"read timeout", proxyTimeouts{dial: time.Second, read: 200 * time.Millisecond}, []byte("value=1")},
+		{"write timeout", proxyTimeouts{dial: time.Second, write: 200 * time.Millisecond}, big},
+	} {
+		if err := roundTrip(tc.to, tc.body, 30*time.Second); !isTimeout(err) {
+			t.Errorf("%s: %v, want the connection's timeout", tc.name, err)
+		}
+	}
+	// Without them, only the request's own context ends it.
+	for _, body := range [][]byte{[]byte("value=1"), big} {
+		if err := roundTrip(proxyTimeouts{dial: time.Second}, body, time.Second); !errors.Is(err, context.DeadlineExceeded) {
+			t.Errorf("no timeouts, a body of %d bytes: %v, want the request's context's end", len(body), err)
+		}
+	}
+
+	// HTTP/2 where the member offers it, unless reads have a timeout.
+	ca := newPeerTestCA(t)
+	srv := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {}))
+	srv.EnableHTTP2 = true
+	srv.TLS = &tls.Config{Certificates: []tls.Certificate{ca.issue(t, "m1", x509.ExtKeyUsageServerAuth)}}
+	srv.StartTLS()
+	defer srv.Close()
+	for _, tc := range []struct {
+		to    proxyTimeouts
+		major int
+	}{
+		{proxyTimeouts{dial: time.Second, write: time.Second}, 2},
+		{proxyTimeouts{dial: time.Second, read: time.Second, write: time.Second}, 1},
+	} {
+		p := newProxy(nil, nil, &tls.Config{RootCAs: ca.pool}, false, tc.to, zap.NewNop())
+		req, err := http.NewRequest(http.MethodGet, srv.URL+"/version", nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp, err := p.Transport().RoundTrip(req)
+		if err != nil {
+			t.Fatalf("%+v: %v", tc.to, err)
+		}
+		resp.Body.Close()
+		if resp.ProtoMajor != tc.major {
+			t.Errorf("%+v: HTTP/%d, want HTTP/%d", tc.to, resp.ProtoMajor, tc.major)
+		}
+		p.transport.CloseIdleConnections()
 	}
 }

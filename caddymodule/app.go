@@ -906,14 +906,28 @@ func (m *member) tuningChanges(cfg raftkv.Config) []string {
 		if m.cfg.ProxyDialTimeout != cfg.ProxyDialTimeout {
 			changed = append(changed, "proxy_dial_timeout")
 		}
-		if (m.cfg.ProxyReadTimeout > 0 || cfg.ProxyReadTimeout > 0) && m.cfg.ProxyReadTimeout != cfg.ProxyReadTimeout {
+		// Compared as they take effect: zero is the default, any negative
+		// duration none.
+		if max(m.cfg.ProxyReadTimeout, 0) != max(cfg.ProxyReadTimeout, 0) {
 			changed = append(changed, "proxy_read_timeout")
 		}
-		if m.cfg.ProxyWriteTimeout != cfg.ProxyWriteTimeout && !(m.cfg.ProxyWriteTimeout < 0 && cfg.ProxyWriteTimeout < 0) {
+		if effectiveWriteTimeout(m.cfg.ProxyWriteTimeout) != effectiveWriteTimeout(cfg.ProxyWriteTimeout) {
 			changed = append(changed, "proxy_write_timeout")
 		}
 	}
 	return changed
+}
+
+// effectiveWriteTimeout is a proxy's write timeout as it applies: zero is
+// the default, negative none (0).
+func effectiveWriteTimeout(d time.Duration) time.Duration {
+	switch {
+	case d == 0:
+		return raftkv.DefaultProxyWriteTimeout
+	case d < 0:
+		return 0
+	}
+	return d
 }
 
 // bootstrapChanges lists the settings cfg changes that a member reads only

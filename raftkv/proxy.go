@@ -430,7 +430,10 @@ func (n *Node) startProxy(st *storage.Store, peerURLs []string, why string) erro
 // deadlineConn gives each Read and Write of a connection its own deadline,
 // read or write from when it starts (none when zero), as etcd's proxy's
 // timeoutConn does: a member that stops answering, or stops reading what
-// it is sent, ends the request that waits on it.
+// it is sent, ends the request that waits on it. A write also starts the
+// read's time again: the transport keeps a read waiting on an idle
+// connection, and a request sent on it later gets the whole read timeout
+// for its answer.
 type deadlineConn struct {
 	net.Conn
 	read, write time.Duration
@@ -446,10 +449,17 @@ func (c *deadlineConn) Read(b []byte) (int, error) {
 }
 
 func (c *deadlineConn) Write(b []byte) (int, error) {
+	now := time.Now()
 	if c.write > 0 {
-		if err := c.SetWriteDeadline(time.Now().Add(c.write)); err != nil {
+		if err := c.SetWriteDeadline(now.Add(c.write)); err != nil {
 			return 0, err
 		}
 	}
-	return c.Conn.Write(b)
+	n, err := c.Conn.Write(b)
+	if c.read > 0 && err == nil {
+		if derr := c.SetReadDeadline(time.Now().Add(c.read)); derr != nil {
+			return n, derr
+		}
+	}
+	return n, err
 }

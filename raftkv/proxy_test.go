@@ -10,13 +10,16 @@ import (
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"errors"
+	"io"
 	"math/big"
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"net/http/httptrace"
 	"net/url"
 	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -275,6 +278,52 @@ func TestProxyTransportTimeouts(t *testing.T) {
 		if err := roundTrip(proxyTimeouts{dial: time.Second}, body, time.Second); !errors.Is(err, context.DeadlineExceeded) {
 			t.Errorf("no timeouts, a body of %d bytes: %v, want the request's context's end", len(body), err)
 		}
+	}
+
+	// A request on a connection that was idle a while gets the whole read
+	// timeout for its answer: the transport's read waiting on the idle
+	// connection started earlier. A POST, which the transport does not
+	// send again on another connection.
+	slow := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if d, err := time.ParseDuration(r.URL.Query().Get("wait")); err == nil {
+			time.Sleep(d)
+		}
+	}))
+	defer slow.Close()
+	const readTimeout = time.Second
+	reused := false
+	for attempt := 0; attempt < 3 && !reused; attempt++ {
+		p := newProxy(nil, nil, nil, false, proxyTimeouts{dial: time.Second, read: readTimeout}, zap.NewNop())
+		post := func(wait time.Duration) (bool, error) {
+			var got httptrace.GotConnInfo
+			ctx := httptrace.WithClientTrace(context.Background(), &httptrace.ClientTrace{GotConn: func(i httptrace.GotConnInfo) { got = i }})
+			req, err := http.NewRequestWithContext(ctx, http.MethodPost, slow.URL+"/v2/keys/q?wait="+wait.String(), io.NopCloser(strings.NewReader("value=1")))
+			if err != nil {
+				t.Fatal(err)
+			}
+			resp, err := p.Transport().RoundTrip(req)
+			if err == nil {
+				io.Copy(io.Discard, resp.Body)
+				resp.Body.Close()
+			}
+			return got.Reused, err
+		}
+		if _, err := post(0); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(3 * readTimeout / 10) // the connection idles (the test's subject, not a wait for a condition)
+		r, err := post(8 * readTimeout / 10)
+		p.transport.CloseIdleConnections()
+		if !r {
+			continue // idled out of the pool: the scenario did not happen
+		}
+		reused = true
+		if err != nil {
+			t.Errorf("a POST on a connection idle for %v, answered after %v, with a read timeout of %v: %v", 3*readTimeout/10, 8*readTimeout/10, readTimeout, err)
+		}
+	}
+	if !reused {
+		t.Error("the second POST never went on the first one's connection")
 	}
 
 	// HTTP/2 where the member offers it, unless reads have a timeout.

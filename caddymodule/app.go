@@ -491,17 +491,18 @@ func (a *App) validateBootstrap() error {
 	for _, d := range []struct {
 		name string
 		v    caddy.Duration
-	}{{"proxy_refresh_interval", a.ProxyRefreshInterval}, {"proxy_failure_wait", a.ProxyFailureWait}, {"proxy_dial_timeout", a.ProxyDialTimeout}} {
-		if d.v < 0 || d.v > 0 && time.Duration(d.v) < time.Millisecond {
-			return fmt.Errorf("%s must be at least 1ms, not %v", d.name, time.Duration(d.v))
-		}
-	}
-	for _, d := range []struct {
-		name string
-		v    caddy.Duration
-	}{{"proxy_read_timeout", a.ProxyReadTimeout}, {"proxy_write_timeout", a.ProxyWriteTimeout}} {
-		if d.v > 0 && time.Duration(d.v) < time.Millisecond {
-			return fmt.Errorf("%s must be at least 1ms (or negative: none), not %v", d.name, time.Duration(d.v))
+		off  bool // negative: none
+	}{
+		{"proxy_refresh_interval", a.ProxyRefreshInterval, false}, {"proxy_failure_wait", a.ProxyFailureWait, false},
+		{"proxy_dial_timeout", a.ProxyDialTimeout, false},
+		{"proxy_read_timeout", a.ProxyReadTimeout, true}, {"proxy_write_timeout", a.ProxyWriteTimeout, true},
+	} {
+		if d.v < 0 && !d.off || d.v > 0 && time.Duration(d.v) < time.Millisecond {
+			orNone := ""
+			if d.off {
+				orNone = " (or negative: none)"
+			}
+			return fmt.Errorf("%s must be at least 1ms%s, not %v", d.name, orNone, time.Duration(d.v))
 		}
 	}
 	switch a.Proxy {

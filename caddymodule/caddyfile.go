@@ -200,17 +200,9 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 
 			case "heartbeat_interval", "election_timeout",
 				"proxy_refresh_interval", "proxy_failure_wait", "proxy_dial_timeout":
-				var v string
-				if !d.Args(&v) || d.NextArg() {
-					return d.ArgErr()
-				}
-				dur, err := caddy.ParseDuration(v)
-				if err != nil || dur <= 0 {
-					if _, nerr := strconv.ParseFloat(v, 64); nerr == nil {
-						// etcd's flags count milliseconds; a duration here names its unit.
-						return d.Errf("%s must be a positive duration with its unit (%sms for etcd's %s milliseconds), not %q", opt, v, v, v)
-					}
-					return d.Errf("%s must be a positive duration, not %q", opt, v)
+				dur, err := durationArg(d, opt, false)
+				if err != nil {
+					return err
 				}
 				switch opt {
 				case "heartbeat_interval":
@@ -226,31 +218,19 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				}
 
 			case "proxy_read_timeout", "proxy_write_timeout":
-				var v string
-				if !d.Args(&v) || d.NextArg() {
-					return d.ArgErr()
+				dur, err := durationArg(d, opt, true)
+				if err != nil {
+					return err
 				}
-				// off, or 0 as etcd's flags say it: none. In JSON that is a
-				// negative duration (zero is the default); none is the
-				// read timeout's default, so it stays out of the JSON.
-				var dur caddy.Duration
-				if v != "off" {
-					pd, err := caddy.ParseDuration(v)
-					if err != nil || pd < 0 || pd > 0 && pd < time.Millisecond {
-						if n, nerr := strconv.ParseFloat(v, 64); nerr == nil && n > 0 {
-							return d.Errf("%s must be a duration with its unit (%sms for etcd's %s milliseconds), or off, not %q", opt, v, v, v)
-						}
-						return d.Errf("%s must be a duration of at least 1ms, or off, not %q", opt, v)
-					}
-					dur = caddy.Duration(pd)
-				}
+				// Off is a negative duration in JSON (zero is the default);
+				// none is the read timeout's default, so it stays out.
 				if opt == "proxy_read_timeout" {
-					a.ProxyReadTimeout = dur
+					a.ProxyReadTimeout = caddy.Duration(dur)
 				} else {
 					if dur == 0 {
 						dur = -1
 					}
-					a.ProxyWriteTimeout = dur
+					a.ProxyWriteTimeout = caddy.Duration(dur)
 				}
 
 			case "initial_cluster":
@@ -392,3 +372,34 @@ var (
 	_ caddyfile.Unmarshaler = (*App)(nil)
 	_ caddyfile.Unmarshaler = (*Handler)(nil)
 )
+
+// durationArg reads option opt's one argument, a duration with its unit.
+// With off (the proxy's read and write timeouts), "off" and 0, as etcd's
+// flags say it, are none (0), and a duration must be at least 1ms;
+// otherwise it must be positive.
+func durationArg(d *caddyfile.Dispenser, opt string, off bool) (time.Duration, error) {
+	var v string
+	if !d.Args(&v) || d.NextArg() {
+		return 0, d.ArgErr()
+	}
+	if off && v == "off" {
+		return 0, nil
+	}
+	dur, err := caddy.ParseDuration(v)
+	ok := err == nil && dur > 0
+	if off {
+		ok = err == nil && (dur == 0 || dur >= time.Millisecond)
+	}
+	if ok {
+		return dur, nil
+	}
+	what, plain, orOff := "a positive duration", "a positive duration", ""
+	if off {
+		what, plain, orOff = "a duration", "a duration of at least 1ms", ", or off"
+	}
+	if n, nerr := strconv.ParseFloat(v, 64); nerr == nil && (n > 0 || !off) {
+		// etcd's flags count milliseconds; a duration here names its unit.
+		return 0, d.Errf("%s must be %s with its unit (%sms for etcd's %s milliseconds)%s, not %q", opt, what, v, v, orOff, v)
+	}
+	return 0, d.Errf("%s must be %s%s, not %q", opt, plain, orOff, v)
+}

@@ -449,9 +449,8 @@ func (c *deadlineConn) Read(b []byte) (int, error) {
 }
 
 func (c *deadlineConn) Write(b []byte) (int, error) {
-	now := time.Now()
 	if c.write > 0 {
-		if err := c.SetWriteDeadline(now.Add(c.write)); err != nil {
+		if err := c.SetWriteDeadline(time.Now().Add(c.write)); err != nil {
 			return 0, err
 		}
 	}

@@ -286,7 +286,7 @@ func TestProxyTransportTimeouts(t *testing.T) {
 	// send again on another connection.
 	slow := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if d, err := time.ParseDuration(r.URL.Query().Get("wait")); err == nil {
-			time.Sleep(d)
+			time.Sleep(d) // a member slow to answer: the test's subject, not a wait for a condition
 		}
 	}))
 	defer slow.Close()

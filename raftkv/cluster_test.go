@@ -498,7 +498,11 @@ func TestClusterSlowLinkKeepsItsLeader(t *testing.T) {
 }
 
 func testSlowLinkKeepsItsLeader(t *testing.T, h2c bool) {
-	c := newSimTestCluster(t, 3, time.Millisecond, h2c, nil)
+	// etcd's default election timeout (1 s), not the 200 ms of the other
+	// tests: the leader's Saves of these 512 KiB entries stall its loop
+	// for 300-550 ms under -race on a loaded machine, and followers keep
+	// Raft's clock to wall time; the test is about the slow link.
+	c := newSimTestCluster(t, 3, time.Millisecond, h2c, func(cfg *Config) { cfg.ElectionTimeout = time.Second })
 	leader := c.waitLeader(c.members...)
 	slow := c.followers(leader, c.members...)[0]
 	lead := leader.n().Status().ID
@@ -2145,4 +2149,77 @@ func TestSnapshotAfterTheLoopEndedGoesAtOnce(t *testing.T) {
 	if _, err := os.Stat(path); !errors.Is(err, os.ErrNotExist) {
 		t.Fatalf("the file of a snapshot received after the loop ended: %v", err)
 	}
+}
+
+// TestElectionTimeoutKeepsToTheClockWhenTheLoopStalls: followers whose
+// loops stall 90 ms at every fourth tick (as a loop busy with Saves on a
+// loaded disk, whose time.Ticker drops the ticks it could not deliver)
+// still elect a new leader within two election timeouts of their leader
+// going silent: Raft's clock counts the ticks the ticker dropped. Counting
+// one tick per ticker event, 4 in 120 ms, the election would take at least
+// three election timeouts here.
+func TestElectionTimeoutKeepsToTheClockWhenTheLoopStalls(t *testing.T) {
+	const electionTimeout = time.Second
+	c := startLedByFirst(t, func(cfg *Config) {
+		cfg.ElectionTimeout, cfg.HeartbeatInterval = electionTimeout, 100*time.Millisecond
+	})
+	leader, followers := c.members[0].n(), []*Node{c.members[1].n(), c.members[2].n()}
+	stall := func(d time.Duration) {
+		for _, f := range followers {
+			done := make(chan struct{})
+			f.ctrlc <- func() {
+				f.loop.afterTick = nil
+				if d > 0 {
+					// Not at every tick: the loop takes the tick that came
+					// meanwhile, and then goes on to its Ready.
+					var ticks int
+					f.loop.afterTick = func() {
+						if ticks++; ticks%4 == 0 {
+							time.Sleep(d)
+						}
+					}
+				}
+				close(done)
+			}
+			<-done
+		}
+	}
+	// Under the most ticks made up at once (100 ms), an oversleep too.
+	stall(90 * time.Millisecond)
+	t.Cleanup(func() { stall(0) })
+
+	// The leader's loop is held: it sends nothing, and drops what reaches it.
+	release, held := make(chan struct{}), make(chan time.Time, 1)
+	var releaseOnce sync.Once
+	unhold := func() { releaseOnce.Do(func() { close(release) }) }
+	t.Cleanup(unhold)
+	leader.ctrlc <- func() {
+		held <- time.Now()
+		for {
+			select {
+			case <-leader.recvc:
+			case <-release:
+				return
+			}
+		}
+	}
+	silent := <-held
+	var took time.Duration
+	waitForWithin(t, 10*electionTimeout, "a new leader both followers agree on", func() bool {
+		a, b := followers[0].Status().Leader, followers[1].Status().Leader
+		if a == 0 || a != b || a == leader.id {
+			return false
+		}
+		took = time.Since(silent)
+		return true
+	})
+	t.Logf("new leader %s after %v", idString(followers[0].Status().Leader), took.Round(time.Millisecond))
+	// Raft draws each follower's timeout between one and two election
+	// timeouts from its last heartbeat; the rest is the vote's round trip
+	// and the polls. Without the ticks made up it is three to six.
+	if took >= 5*electionTimeout/2 {
+		t.Errorf("new leader after %v: more than two election timeouts (%v) and the polls' slack", took, electionTimeout)
+	}
+	unhold()
+	c.waitLeader(c.members...)
 }

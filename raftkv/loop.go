@@ -37,8 +37,10 @@ type loopState struct {
 	lead           uint64            // the leader as of the last SoftState
 	campaignAt     uint64            // campaign once Raft has handed out this index (0: no)
 	ticks          int
+	tickAt         time.Time  // when the last tick counted was due (ticksDue)
 	batch          []proposal // proposals taken since the last flush
 	beforeSave     func()     // tests only: runs before each Save
+	afterTick      func()     // tests only: runs after each ticker event
 	flushErr       error      // the first failure of flushStore: the loop stops
 	noFastCampaign bool       // tests only: a fresh single voter waits for its election timeout
 	read           readLoop
@@ -813,13 +815,49 @@ func (c Config) electionTicks() int {
 	return int(c.ElectionTimeout/c.HeartbeatInterval) * ticksPerHeartbeat
 }
 
+// maxTickCatchUp is the most ticks one ticker event counts for: a
+// heartbeat interval's worth.
+const maxTickCatchUp = ticksPerHeartbeat
+
+// tick advances Raft's clock by the tick periods that have passed since the
+// last one counted. A time.Ticker keeps one tick and drops the rest while
+// the loop is busy (a Save's syncs on a loaded disk) or waits for a CPU, and
+// every tick dropped would stretch election timeouts and heartbeats in wall
+// time: a follower whose loop spent a tenth of its time in Saves would wait
+// a tenth longer for a dead leader, past two election timeouts for the
+// longest timeouts Raft draws. Up to maxTickCatchUp are made up at once: a
+// longer stall is not (a leader's CheckQuorum must not count a stall of its
+// own against followers whose answers wait in its queue).
 func (n *Node) tick() {
-	n.rn.Tick()
-	n.loop.ticks++
-	if n.loop.ticks%n.cfg.electionTicks() == 0 {
-		n.retryEpoch.notify()
+	now := time.Now()
+	for range n.loop.ticksDue(now, n.cfg.HeartbeatInterval/ticksPerHeartbeat) {
+		n.rn.Tick()
+		n.loop.ticks++
+		if n.loop.ticks%n.cfg.electionTicks() == 0 {
+			n.retryEpoch.notify()
+		}
 	}
-	n.retryReadIfLate(time.Now())
+	n.retryReadIfLate(now)
+	if n.loop.afterTick != nil {
+		n.loop.afterTick()
+	}
+}
+
+// ticksDue is how many ticks of period a ticker event at now stands for:
+// the whole periods since the last tick counted was due, at least one (the
+// event itself), at most maxTickCatchUp. After a longer stall counting
+// starts again from now.
+func (l *loopState) ticksDue(now time.Time, period time.Duration) int {
+	if l.tickAt.IsZero() {
+		l.tickAt = now
+		return 1
+	}
+	k := min(max(int(now.Sub(l.tickAt)/period), 1), maxTickCatchUp)
+	l.tickAt = l.tickAt.Add(time.Duration(k) * period)
+	if now.Sub(l.tickAt) >= period {
+		l.tickAt = now
+	}
+	return k
 }
 
 // step hands Raft a message from a peer.

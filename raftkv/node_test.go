@@ -795,3 +795,30 @@ func TestSingleMemberKnowsItsFeaturesWithoutPublishing(t *testing.T) {
 		}
 	}
 }
+
+// TestTicksDueMakesUpDroppedTicks: a ticker event counts the tick periods
+// since the last tick counted, at least one (an early event) and at most a
+// heartbeat interval's; after a longer stall counting starts from the event.
+func TestTicksDueMakesUpDroppedTicks(t *testing.T) {
+	const ms = time.Millisecond
+	var l loopState
+	start := time.Now()
+	for _, ev := range []struct {
+		at   time.Duration
+		want int
+	}{
+		{0, 1},
+		{10 * ms, 1},
+		{23 * ms, 1},   // a little late
+		{50 * ms, 3},   // two dropped
+		{52 * ms, 1},   // early
+		{70 * ms, 1},   // on time again
+		{500 * ms, 10}, // a long stall: a heartbeat interval's worth
+		{510 * ms, 1},  // counted from the stall's end
+		{540 * ms, 3},
+	} {
+		if got := l.ticksDue(start.Add(ev.at), 10*ms); got != ev.want {
+			t.Errorf("event at %v: %d ticks, want %d", ev.at, got, ev.want)
+		}
+	}
+}

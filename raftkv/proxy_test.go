@@ -34,12 +34,14 @@ import (
 // their client URLs, which a proxy of it forwards to. Each member must know
 // both: a proxy reads the member list from whichever member answers it, and
 // a follower may apply the other member's publication after the leader.
+// Known as its peer endpoint lists them (memberSnapshot): Members shows a
+// member's own client URLs from its config before its publication applies.
 func proxiedCluster(t *testing.T) *testCluster {
 	c := newTestCluster(t, 2, nil)
 	c.waitLeader(c.members...)
 	waitOnEach(t, c.members, "both members' client URLs published", func(member *testMember) bool {
 		n := 0
-		for _, m := range member.n().Members() {
+		for _, m := range member.n().memberSnapshot() {
 			n += len(m.ClientURLs)
 		}
 		return n == 2

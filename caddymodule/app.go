@@ -909,26 +909,16 @@ func (m *member) tuningChanges(cfg raftkv.Config) []string {
 		}
 		// Compared as they take effect: zero is the default, any negative
 		// duration none.
-		if max(m.cfg.ProxyReadTimeout, 0) != max(cfg.ProxyReadTimeout, 0) {
+		oldRead, oldWrite := m.cfg.ProxyTimeoutsInEffect()
+		newRead, newWrite := cfg.ProxyTimeoutsInEffect()
+		if oldRead != newRead {
 			changed = append(changed, "proxy_read_timeout")
 		}
-		if effectiveWriteTimeout(m.cfg.ProxyWriteTimeout) != effectiveWriteTimeout(cfg.ProxyWriteTimeout) {
+		if oldWrite != newWrite {
 			changed = append(changed, "proxy_write_timeout")
 		}
 	}
 	return changed
-}
-
-// effectiveWriteTimeout is a proxy's write timeout as it applies: zero is
-// the default, negative none (0).
-func effectiveWriteTimeout(d time.Duration) time.Duration {
-	switch {
-	case d == 0:
-		return raftkv.DefaultProxyWriteTimeout
-	case d < 0:
-		return 0
-	}
-	return d
 }
 
 // bootstrapChanges lists the settings cfg changes that a member reads only

@@ -190,9 +190,6 @@ func (c Config) withDefaults() (Config, error) {
 	if c.ProxyDialTimeout <= 0 {
 		c.ProxyDialTimeout = DefaultProxyDialTimeout
 	}
-	if c.ProxyWriteTimeout == 0 {
-		c.ProxyWriteTimeout = DefaultProxyWriteTimeout
-	}
 	switch c.DiscoveryFallback {
 	case "":
 		c.DiscoveryFallback = "proxy"

@@ -130,6 +130,17 @@ func (p *Proxy) PeerURLs() []string {
 // the system's roots and the cluster CA of peer_trusted_ca_file.
 func (p *Proxy) Transport() http.RoundTripper { return p.transport }
 
+// ProxyTimeoutsInEffect are the proxy's read and write timeouts as they
+// apply (0: none): zero takes etcd's default (none for reads,
+// DefaultProxyWriteTimeout for writes), a negative duration is none.
+func (c Config) ProxyTimeoutsInEffect() (read, write time.Duration) {
+	read, write = max(c.ProxyReadTimeout, 0), max(c.ProxyWriteTimeout, 0)
+	if c.ProxyWriteTimeout == 0 {
+		write = DefaultProxyWriteTimeout
+	}
+	return read, write
+}
+
 // proxyTimeouts are how long a proxy gives a member's client URL to take
 // a connection (dial), and each read from and write to it; zero or
 // negative: no limit (read and write).
@@ -404,8 +415,9 @@ func (n *Node) startProxy(st *storage.Store, peerURLs []string, why string) erro
 	if err := saveProxyCluster(st, peerURLs); err != nil {
 		return err
 	}
+	read, write := n.cfg.ProxyTimeoutsInEffect()
 	p := newProxy(st, peerURLs, n.cfg.Peer.TLS, n.cfg.Peer.H2C,
-		proxyTimeouts{dial: n.cfg.ProxyDialTimeout, read: n.cfg.ProxyReadTimeout, write: n.cfg.ProxyWriteTimeout}, n.lg.Named("proxy"))
+		proxyTimeouts{dial: n.cfg.ProxyDialTimeout, read: read, write: write}, n.lg.Named("proxy"))
 	p.readOnly = n.cfg.Proxy == "readonly"
 	p.why = why
 	p.refreshEvery, p.failWait = n.cfg.ProxyRefreshInterval, n.cfg.ProxyFailureWait

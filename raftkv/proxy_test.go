@@ -358,3 +358,20 @@ func TestProxyTransportTimeouts(t *testing.T) {
 		p.transport.CloseIdleConnections()
 	}
 }
+
+// TestProxyTimeoutsInEffect: zero takes etcd's defaults (no read timeout, a
+// 5 s write timeout), a negative duration is none, and reloads compare the
+// timeouts this way (a write timeout of 0 and one of 5 s are the same).
+func TestProxyTimeoutsInEffect(t *testing.T) {
+	for _, tc := range []struct{ read, write, wantRead, wantWrite time.Duration }{
+		{0, 0, 0, DefaultProxyWriteTimeout},
+		{-1, -1, 0, 0},
+		{-time.Second, 0, 0, DefaultProxyWriteTimeout},
+		{time.Second, 2 * time.Second, time.Second, 2 * time.Second},
+	} {
+		read, write := Config{ProxyReadTimeout: tc.read, ProxyWriteTimeout: tc.write}.ProxyTimeoutsInEffect()
+		if read != tc.wantRead || write != tc.wantWrite {
+			t.Errorf("read %v, write %v: in effect %v, %v; want %v, %v", tc.read, tc.write, read, write, tc.wantRead, tc.wantWrite)
+		}
+	}
+}

@@ -144,6 +144,14 @@ func (h *Handler) serveMembers(w http.ResponseWriter, r *http.Request) {
 		m, err := n.AddMember(ctx, urls)
 		cancel()
 		if err != nil {
+			if errors.Is(err, raftkv.ErrMemberRemoved) {
+				// The new ID is one the leader knows removed (AddMember
+				// takes the next second's when this member knows it):
+				// etcd answers a bare 500, which etcdctl tries elsewhere.
+				h.logger.Warn("membership change failed", zap.Error(fmt.Errorf("adding a member with a removed ID: %w", err)))
+				writeMessage(w, http.StatusInternalServerError, "Internal Server Error")
+				return
+			}
 			h.writeMembershipError(w, err, "")
 			return
 		}

@@ -276,5 +276,8 @@ func (n *Node) restoreMembers(st *storage.Store) error {
 	}
 	n.id, n.clusterID, n.members, n.removed = id, cid, members, removed
 	n.loop.verdicts = verdicts
+	if at, ok := getUint64(st.Meta(metaConfIndex)); ok {
+		n.confIndex.Store(at)
+	}
 	return nil
 }

@@ -93,14 +93,23 @@ func (n *Node) AddMember(ctx context.Context, peerURLs []string) (Member, error)
 	}
 	n.confMu.Lock()
 	defer n.confMu.Unlock()
-	id := memberID(urls, n.cfg.InitialClusterToken+strconv.FormatInt(time.Now().Unix(), 10))
+	// The removed IDs are never reused: the same peer URLs added again
+	// within the second of their removal take the next second's ID (etcd's
+	// add fails with a 500 then).
+	now := time.Now().Unix()
+	id := memberID(urls, n.cfg.InitialClusterToken+strconv.FormatInt(now, 10))
+	for n.isRemoved(id) {
+		now++
+		id = memberID(urls, n.cfg.InitialClusterToken+strconv.FormatInt(now, 10))
+	}
 	m := memberRecord{ID: id, PeerURLs: urls}
-	cc := &raftpb.ConfChange{Type: raftpb.ConfChangeAddNode.Enum(), NodeId: new(id), Context: encodeMember(m)}
 	// etcd's order: the strict check before it proposes, the conflicts
 	// when it applies.
-	if err := n.mayAddMember(); err != nil {
+	sc, err := n.checkStrict(n.strictAdd)
+	if err != nil {
 		return Member{}, err
 	}
+	cc := &raftpb.ConfChange{Type: raftpb.ConfChangeAddNode.Enum(), NodeId: new(id), Context: encodeAddContext(m, sc)}
 	if err := n.confConflict(cc); err != nil {
 		return Member{}, err
 	}
@@ -124,8 +133,12 @@ func (n *Node) RemoveMember(ctx context.Context, id uint64) error {
 	if err := n.confConflict(cc); err != nil {
 		return err
 	}
-	if err := n.mayRemoveMember(id); err != nil {
+	sc, err := n.checkStrict(func() error { return n.strictRemove(id) })
+	if err != nil {
 		return err
+	}
+	if sc.Strict {
+		cc.Context = encodeJSON(sc)
 	}
 	if id == n.leader.Load() && id == n.id {
 		tctx, cancel := context.WithTimeout(ctx, n.cfg.ElectionTimeout)
@@ -134,7 +147,7 @@ func (n *Node) RemoveMember(ctx context.Context, id uint64) error {
 		}
 		cancel()
 	}
-	err := n.changeMembership(ctx, cc)
+	err = n.changeMembership(ctx, cc)
 	if errors.Is(err, ErrStopped) && id == n.id && n.gone.Load() {
 		// The others applied it and stopped talking to this member before
 		// it saw the commit: it learnt of its removal from their 410s.

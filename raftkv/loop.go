@@ -325,7 +325,7 @@ func (n *Node) handleReady() error {
 		// A follower never sees the conf changes below the snapshot: the
 		// member list comes from the leader's file, read before Save
 		// installs it with this member's own values.
-		fileApplied, meta, err := storage.SnapshotMeta(string(snap.GetData()), metaMembers, metaRemoved, metaVerdicts)
+		fileApplied, meta, err := storage.SnapshotMeta(string(snap.GetData()), metaMembers, metaRemoved, metaVerdicts, metaConfIndex)
 		if err != nil {
 			return err
 		}
@@ -337,6 +337,10 @@ func (n *Node) handleReady() error {
 		// member list with it, as it is (storage keeps it too).
 		if snapMembers != nil && fileApplied >= n.loop.applied {
 			n.replaceMembers(snapMembers, snapRemoved)
+			// The file's list and conf index were saved together; a file
+			// without one leaves it unknown.
+			at, _ := getUint64(meta[3])
+			n.confIndex.Store(at)
 			membersChanged = true
 		}
 		if err := n.mergeSnapshotVerdicts(meta[2]); err != nil {

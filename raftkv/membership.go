@@ -29,6 +29,7 @@ const (
 	metaIDGen     = "raftkv/id_generation"
 	metaRemoved   = "raftkv/removed_members"
 	metaVerdicts  = "raftkv/conf_verdicts"
+	metaConfIndex = "raftkv/conf_index" // see Node.confIndex
 	// metaDiscovery holds the discovery URL this data directory's member
 	// registered with (before it registers): its registration found at a
 	// later start is its own, not another member's.
@@ -228,8 +229,20 @@ func encodeMembers(members []memberRecord) []byte {
 	return b
 }
 
-func encodeMember(m memberRecord) []byte {
-	b, err := json.Marshal(m)
+func encodeMember(m memberRecord) []byte { return encodeJSON(m) }
+
+// encodeAddContext is the context of an added member's ConfChange: its
+// record, and what its proposer's strict check was made against.
+func encodeAddContext(m memberRecord, sc strictCheck) []byte {
+	return encodeJSON(struct {
+		memberRecord
+		strictCheck
+	}{m, sc})
+}
+
+// encodeJSON marshals a value made of plain fields, which always marshals.
+func encodeJSON(v any) []byte {
+	b, err := json.Marshal(v)
 	if err != nil {
 		panic(err)
 	}
@@ -405,13 +418,14 @@ func decodeIDs(b []byte) (map[uint64]bool, error) {
 	return out, nil
 }
 
-// saveMembers persists the member list, the removed IDs and the verdicts,
-// in one commit.
+// saveMembers persists the member list, the removed IDs, the verdicts and
+// the index of the last change applied to them, in one commit.
 func (n *Node) saveMembers() error {
 	return n.store.SetMetas(map[string][]byte{
-		metaMembers:  encodeMembers(n.memberSnapshot()),
-		metaRemoved:  encodeIDs(n.removedIDs()),
-		metaVerdicts: n.loop.verdicts.encode(),
+		metaMembers:   encodeMembers(n.memberSnapshot()),
+		metaRemoved:   encodeIDs(n.removedIDs()),
+		metaVerdicts:  n.loop.verdicts.encode(),
+		metaConfIndex: putUint64(n.confIndex.Load()),
 	})
 }
 
@@ -440,8 +454,8 @@ func (n *Node) syncPeers() {
 
 // applyConfChanges applies the committed conf changes of a Ready to Raft
 // and to the member list, before the Ready is saved. It returns the
-// resulting conf state (nil: none in this Ready) and whether the member list
-// or the verdicts changed.
+// resulting conf state (nil: none in this Ready) and whether it applied any
+// (the member list, the verdicts and the conf index are then to be saved).
 func (n *Node) applyConfChanges(ents []*raftpb.Entry) (*raftpb.ConfState, bool, error) {
 	var cs *raftpb.ConfState
 	changed := false
@@ -456,9 +470,9 @@ func (n *Node) applyConfChanges(ents []*raftpb.Entry) (*raftpb.ConfState, bool, 
 				cc.NodeId = new(uint64(0))
 			}
 			cs = n.applyToRaft(cc)
-			if n.memberConfChange(cc.GetType(), cc.GetNodeId(), cc.GetContext()) {
-				changed = true
-			}
+			n.memberConfChange(cc.GetType(), cc.GetNodeId(), cc.GetContext())
+			n.confIndex.Store(e.GetIndex())
+			changed = true
 			if id := cc.GetId(); id != 0 {
 				code := refusal(cc)
 				if n.loop.verdicts.add(id, code) {
@@ -480,10 +494,10 @@ func (n *Node) applyConfChanges(ents []*raftpb.Entry) (*raftpb.ConfState, bool, 
 			}
 			cs = n.applyToRaft(cc)
 			for _, c := range cc.GetChanges() {
-				if n.memberConfChange(c.GetType(), c.GetNodeId(), cc.GetContext()) {
-					changed = true
-				}
+				n.memberConfChange(c.GetType(), c.GetNodeId(), cc.GetContext())
 			}
+			n.confIndex.Store(e.GetIndex())
+			changed = true
 		}
 	}
 	if cs != nil {

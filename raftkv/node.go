@@ -250,6 +250,9 @@ type Node struct {
 
 	confMu sync.Mutex  // one membership change at a time from this member
 	loose  atomic.Bool // the strict reconfiguration check is off
+	// confIndex is the log index of the last membership change the member
+	// list reflects, 0 when not known (see strictCheck).
+	confIndex atomic.Uint64
 	// advertise is the client URLs this member publishes (starting as
 	// cfg.AdvertiseClientURLs; SetAdvertiseClientURLs changes them).
 	advertise atomic.Pointer[[]string]

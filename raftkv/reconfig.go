@@ -1,9 +1,11 @@
 package raftkv
 
 import (
+	"encoding/json"
 	"errors"
 	"time"
 
+	"go.etcd.io/raft/v3/raftpb"
 	"go.uber.org/zap"
 )
 
@@ -31,8 +33,58 @@ const defaultHealthInterval = 5 * time.Second
 // has not reached every member for a health interval (5 s; ErrUnhealthy),
 // and removing a reachable member while too few of the others are reachable
 // (ErrUnhealthy). A member that is down may always be removed. The check
-// runs on the member asked, against what it knows, as etcd's does.
+// runs on the member asked, against what it knows, as etcd's does; and once
+// more on the leader, against its own list, when changes sent to different
+// members at once could each have passed it alone (see strictCheck).
 func (n *Node) SetStrictReconfigCheck(on bool) { n.loose.Store(!on) }
+
+// strictCheck is what a change's proposer adds to its context when it made
+// the strict check: the log index of the last membership change it had
+// applied when it checked (0: not known, since its start or a snapshot).
+// The leader takes the change only when all earlier ones are applied
+// (proposeConf); if it has applied a later change than its proposer had,
+// the proposer checked a member list that is out of date (two changes sent
+// to two members at once each pass their member's check, and together may
+// leave the cluster without a quorum: two additions of members that have
+// yet to start, or the removals of two members of four), and the leader
+// makes the check again (judgeConf). etcd's Raft drops a second change
+// proposed while one is pending, which mostly spares it the same race.
+type strictCheck struct {
+	Strict    bool   `json:"strictChecked,omitempty"`
+	ConfIndex uint64 `json:"checkedAtConfIndex,omitempty"`
+}
+
+// strictAgain reports why the leader refuses cc under the strict check
+// its proposer made (nil: it takes it). cc's member list is decided: its
+// proposer's check stands when made against the list the leader has.
+func (n *Node) strictAgain(cc *raftpb.ConfChange) error {
+	var sc strictCheck
+	if json.Unmarshal(cc.GetContext(), &sc) != nil || !sc.Strict {
+		return nil
+	}
+	if at := n.confIndex.Load(); at != 0 && sc.ConfIndex == at {
+		return nil
+	}
+	switch cc.GetType() {
+	case raftpb.ConfChangeAddNode:
+		return n.strictAdd()
+	case raftpb.ConfChangeRemoveNode:
+		return n.strictRemove(cc.GetNodeId())
+	}
+	return nil
+}
+
+// checkStrict makes the strict check of this member for a change, and
+// returns what its context carries of it (see strictCheck).
+func (n *Node) checkStrict(check func() error) (strictCheck, error) {
+	if n.loose.Load() {
+		return strictCheck{}, nil
+	}
+	// Read before the check: a change applied in between makes the index
+	// older than the list checked, which only makes the leader check again.
+	sc := strictCheck{Strict: true, ConfIndex: n.confIndex.Load()}
+	return sc, check()
+}
 
 // MayAddMember is etcd's strict check of an added voting member (see
 // SetStrictReconfigCheck), which comes before any other check of the
@@ -44,6 +96,12 @@ func (n *Node) mayAddMember() error {
 	if n.loose.Load() {
 		return nil
 	}
+	return n.strictAdd()
+}
+
+// strictAdd is the strict check of an added voting member, against this
+// member's list and reach.
+func (n *Node) strictAdd() error {
 	members := n.memberSnapshot()
 	total, started := countStarted(members, 0)
 	total++ // the new member
@@ -63,11 +121,9 @@ func (n *Node) mayAddMember() error {
 	return nil
 }
 
-// mayRemoveMember is etcd's mayRemoveMember for a voting member.
-func (n *Node) mayRemoveMember(id uint64) error {
-	if n.loose.Load() {
-		return nil
-	}
+// strictRemove is etcd's mayRemoveMember for a voting member, against
+// this member's list and reach.
+func (n *Node) strictRemove(id uint64) error {
 	members := n.memberSnapshot()
 	others, started := countStarted(members, id)
 	if started < others/2+1 {

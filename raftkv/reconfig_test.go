@@ -5,6 +5,8 @@ import (
 	"errors"
 	"testing"
 	"time"
+
+	"go.etcd.io/raft/v3/raftpb"
 )
 
 // TestStrictReconfigCheck runs etcd's strict reconfiguration check on a
@@ -41,6 +43,24 @@ func TestStrictReconfigCheck(t *testing.T) {
 	// m0 has not reached its peers for an hour.
 	if _, err := m0.AddMember(ctx, []string{down1}); !errors.Is(err, ErrUnhealthy) {
 		t.Fatalf("adding through m0, whose peers answer since less than its health interval: %v, want ErrUnhealthy", err)
+	}
+	// As the leader, m0 takes a change its proposer checked against the
+	// member list m0 has, and checks one made against another list itself.
+	checked := func(at uint64) *raftpb.ConfChange {
+		return &raftpb.ConfChange{Type: raftpb.ConfChangeAddNode.Enum(), NodeId: new(uint64(7)),
+			Context: encodeAddContext(memberRecord{ID: 7, PeerURLs: []string{down1}}, strictCheck{Strict: true, ConfIndex: at})}
+	}
+	at := m0.confIndex.Load()
+	if at == 0 {
+		t.Fatal("m0 knows no index of its last membership change")
+	}
+	if err := m0.strictAgain(checked(at)); err != nil {
+		t.Errorf("a change checked against m0's own list: %v, want nil", err)
+	}
+	for _, other := range []uint64{at - 1, 0} {
+		if err := m0.strictAgain(checked(other)); !errors.Is(err, ErrUnhealthy) {
+			t.Errorf("a change checked at conf index %d (m0's: %d): %v, want ErrUnhealthy", other, at, err)
+		}
 	}
 	// Off, the check lets it through: four members, three up.
 	m0.SetStrictReconfigCheck(false)
@@ -107,4 +127,185 @@ func TestStrictReconfigCheck(t *testing.T) {
 		t.Errorf("%d members at the end, want 3", got)
 	}
 	put(t, m0, "/still", "writable")
+}
+
+// TestStrictReconfigCheckOfConcurrentChanges sends membership changes to
+// different members at once, each of which passes the strict check of the
+// member asked (the leader holds its own pending change, so nothing is
+// applied meanwhile): the leader checks the later ones again, against the
+// list the earlier ones made, and refuses them. Without that, three
+// additions of members yet to start left three started members of six
+// (no quorum), and the removals of two members of four, one of them down,
+// left one member up of two.
+func TestStrictReconfigCheckOfConcurrentChanges(t *testing.T) {
+	strict := func(cfg *Config) {
+		cfg.LooseReconfig = false
+		cfg.healthInterval = 200 * time.Millisecond
+		// The leader's loop is held below: no elections meanwhile.
+		cfg.ElectionTimeout = 2 * time.Second
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+
+	t.Run("additions", func(t *testing.T) {
+		c := startLedByFirst(t, strict)
+		leader := c.waitLeader(c.members...)
+		fs := c.followers(leader, c.members...)
+		waitCheckable(t, c.members, func(n *Node) error { return n.mayAddMember() })
+		add := func(url string) func(*Node) error {
+			return func(n *Node) error { _, err := n.AddMember(ctx, []string{url}); return err }
+		}
+		errs := raceChanges(t, leader.n(), add("http://127.0.0.1:1"),
+			[]*Node{fs[0].n(), fs[1].n()}, []func(*Node) error{add("http://127.0.0.1:2"), add("http://127.0.0.1:3")})
+		if errs[0] != nil {
+			t.Fatalf("the leader's addition: %v", errs[0])
+		}
+		for i, err := range errs[1:] {
+			if !errors.Is(err, ErrUnhealthy) {
+				t.Errorf("addition through %s: %v, want ErrUnhealthy from the leader", fs[i].name, err)
+			}
+		}
+		waitSameApplied(t, c.members[0].n(), c.members[1].n(), c.members[2].n())
+		for _, m := range c.members {
+			if got := len(m.n().Members()); got != 4 {
+				t.Errorf("%s lists %d members, want 4", m.name, got)
+			}
+		}
+		put(t, fs[0].n(), "/still", "writable")
+		// The index of the last change survives a restart.
+		at := fs[0].n().confIndex.Load()
+		c.stop(fs[0])
+		if got := c.start(fs[0], "new").confIndex.Load(); got != at {
+			t.Errorf("after a restart the last membership change is at %d, want %d", got, at)
+		}
+	})
+
+	t.Run("removals", func(t *testing.T) {
+		c := newTestCluster(t, 4, strict)
+		leader := c.waitLeader(c.members...)
+		fs := c.followers(leader, c.members...)
+		down, f1, f2 := fs[2], fs[0], fs[1]
+		ups := []*testMember{leader, f1, f2}
+		waitCheckable(t, c.members, func(n *Node) error { return n.mayAddMember() })
+		c.stop(down)
+		// Removing the leader through f2 passes f2's check while f1 is up
+		// (three of four reachable, two of three after); the leader's
+		// removal of f1 comes first, and leaves the leader and f2 of
+		// three: then removing either one breaks the quorum.
+		waitCheckable(t, ups, func(n *Node) error {
+			if !n.activeSince(down.n().id).IsZero() {
+				return errors.New("down still reachable")
+			}
+			return n.strictRemove(leader.n().id)
+		})
+		remove := func(id uint64) func(*Node) error {
+			return func(n *Node) error { return n.RemoveMember(ctx, id) }
+		}
+		errs := raceChanges(t, leader.n(), remove(f1.n().id), []*Node{f2.n()}, []func(*Node) error{remove(leader.n().id)})
+		if errs[0] != nil {
+			t.Fatalf("the leader's removal of %s: %v", f1.name, errs[0])
+		}
+		if !errors.Is(errs[1], ErrUnhealthy) {
+			t.Errorf("removal of the leader through %s: %v, want ErrUnhealthy from the leader", f2.name, errs[1])
+		}
+		waitSameApplied(t, leader.n(), f2.n())
+		for _, m := range []*testMember{leader, f2} {
+			if got := len(m.n().Members()); got != 3 {
+				t.Errorf("%s lists %d members, want 3", m.name, got)
+			}
+		}
+		put(t, f2.n(), "/still", "writable")
+	})
+}
+
+// waitCheckable waits until check passes on every member of ms and they
+// have all applied the same membership changes.
+func waitCheckable(t *testing.T, ms []*testMember, check func(*Node) error) {
+	t.Helper()
+	waitFor(t, "every member to pass the strict check", func() bool {
+		for _, m := range ms {
+			if check(m.n()) != nil {
+				return false
+			}
+		}
+		return true
+	})
+	waitFor(t, "the same membership changes applied everywhere", func() bool {
+		at := ms[0].n().confIndex.Load()
+		for _, m := range ms {
+			if m.n().confIndex.Load() != at || at == 0 {
+				return false
+			}
+		}
+		return true
+	})
+}
+
+// raceChanges makes first on the leader ln and holds ln once the change is
+// pending; then makes changes[i] on nodes[i], each until it is proposed
+// (its member's own checks passed); then lets ln go on. It returns their
+// errors, first's first.
+func raceChanges(t *testing.T, ln *Node, first func(*Node) error, nodes []*Node, changes []func(*Node) error) []error {
+	t.Helper()
+	held, unhold := holdWhileConfBusy(t, ln)
+	errcs := []chan error{make(chan error, 1)}
+	go func() { errcs[0] <- first(ln) }()
+	<-held
+	for i, n := range nodes {
+		errc := make(chan error, 1)
+		go func() { errc <- changes[i](n) }()
+		errcs = append(errcs, errc)
+		waitFor(t, "a change proposed", func() bool {
+			select {
+			case err := <-errc:
+				t.Fatalf("change %d refused by the member asked: %v", i, err)
+			default:
+			}
+			return n.w.len() > 0
+		})
+	}
+	unhold()
+	errs := make([]error, len(errcs))
+	for i, errc := range errcs {
+		errs[i] = <-errc
+	}
+	return errs
+}
+
+// TestReAddWithinTheSecondOfARemoval adds peer URLs again right after
+// removing the member that had them: the ID etcd's formula gives (the URLs
+// and the second) is the removed one, never reused; the member gets the
+// next second's.
+func TestReAddWithinTheSecondOfARemoval(t *testing.T) {
+	c := newTestCluster(t, 3, nil)
+	n := c.members[0].n()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	url := "http://127.0.0.1:1"
+	for attempt := 0; ; attempt++ {
+		start := time.Now().Unix()
+		first, err := n.AddMember(ctx, []string{url})
+		if err != nil {
+			t.Fatalf("adding: %v", err)
+		}
+		if err := n.RemoveMember(ctx, first.ID); err != nil {
+			t.Fatalf("removing: %v", err)
+		}
+		again, err := n.AddMember(ctx, []string{url})
+		if err != nil {
+			t.Fatalf("adding again: %v", err)
+		}
+		if again.ID == first.ID {
+			t.Fatalf("added again with the removed ID %x", first.ID)
+		}
+		if err := n.RemoveMember(ctx, again.ID); err != nil {
+			t.Fatalf("removing again: %v", err)
+		}
+		if time.Now().Unix() == start {
+			return // all within one second: the case at hand
+		}
+		if attempt == 20 {
+			t.Fatal("no add, remove and add again within one second in 20 attempts")
+		}
+	}
 }

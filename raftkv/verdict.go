@@ -35,6 +35,9 @@ var refusalCodes = map[error]string{
 	ErrPeerURLExists:  "peer-url-exists",
 	ErrMemberNotFound: "member-not-found",
 	ErrLastMember:     "last-member",
+	// The leader's strict check (strictAgain).
+	ErrUnhealthy:               "unhealthy",
+	ErrNotEnoughStartedMembers: "not-enough-started-members",
 }
 
 // refusedCopy is the code of a copy of an applied change: its proposer has
@@ -135,6 +138,9 @@ func (n *Node) judgeConf(cc *raftpb.ConfChange) string {
 	if cc.GetType() == raftpb.ConfChangeRemoveNode && len(voters) == 1 && voters[0] == cc.GetNodeId() &&
 		len(n.loop.confState.GetVotersOutgoing()) == 0 {
 		return refusalCodes[ErrLastMember]
+	}
+	if err := n.strictAgain(cc); err != nil {
+		return refusalCodes[err]
 	}
 	return ""
 }

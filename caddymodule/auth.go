@@ -518,12 +518,17 @@ type userWithRoles struct {
 }
 
 // listUsers is etcd's baseUsers: every user with its roles spelled out
-// (roles that no longer exist left out); no users is "users": null.
+// (roles that no longer exist left out); no users is "users": null. As in
+// etcd, whose users are keys of its store, a name that starts with "_" is
+// hidden from the list (and only from it).
 func listUsers(w http.ResponseWriter, v *authView) {
 	var out struct {
 		Users []userWithRoles `json:"users"`
 	}
 	for _, name := range sortedNames(v.users) {
+		if strings.HasPrefix(name, "_") {
+			continue
+		}
 		uwr := userWithRoles{User: v.user1[name].User}
 		for _, rn := range v.user1[name].Roles {
 			if role, err := v.role(rn); err == nil {
@@ -535,12 +540,16 @@ func listUsers(w http.ResponseWriter, v *authView) {
 	writeJSON(w, http.StatusOK, out, true)
 }
 
-// listRoles is etcd's baseRoles: root and every stored role, by name.
+// listRoles is etcd's baseRoles: root and every stored role, by name,
+// those whose names start with "_" hidden as listUsers hides users.
 func listRoles(w http.ResponseWriter, v *authView) {
 	var out struct {
 		Roles []*authRole `json:"roles"`
 	}
 	for _, name := range sortedNames(v.roles, rootRoleName) {
+		if strings.HasPrefix(name, "_") {
+			continue
+		}
 		role, _ := v.role(name) // every name has its role
 		out.Roles = append(out.Roles, role)
 	}

@@ -104,6 +104,18 @@ func TestAuthDifferentialAgainstEtcd(t *testing.T) {
 	d.req("GET", "/v2/auth/users/rkt2", nil)
 	d.req("GET", "/v2/auth/users", nil)
 	d.req("GET", "/v2/auth/users/fleet", nil)
+	// Names that start with "_" are hidden keys in etcd's store: left out
+	// of the lists, there for everything else.
+	d.as("", "PUT", "/v2/auth/roles/_hid", `{"role":"_hid","permissions":{"kv":{"read":["/hid"]}}}`)
+	d.as("", "PUT", "/v2/auth/users/_hid", `{"user":"_hid","password":"p","roles":["_hid","rkt"]}`)
+	d.as("", "PUT", "/v2/auth/users/shows", `{"user":"shows","password":"p","roles":["_hid"]}`)
+	d.req("GET", "/v2/auth/users", nil)
+	d.req("GET", "/v2/auth/roles", nil)
+	d.req("GET", "/v2/auth/users/_hid", nil)
+	d.req("GET", "/v2/auth/roles/_hid", nil)
+	d.req("DELETE", "/v2/auth/users/shows", nil)
+	d.req("DELETE", "/v2/auth/users/_hid", nil)
+	d.req("DELETE", "/v2/auth/roles/_hid", nil)
 
 	// Turning auth on: a guest role is made with full access; then only root manages.
 	d.req("PUT", "/v2/auth/enable", nil)

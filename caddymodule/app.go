@@ -264,7 +264,8 @@ func (a *App) Provision(ctx caddy.Context) error {
 	files := a.peerTLSFiles()
 	a.cfg, a.files = cfg, files
 	val, loaded, err := members.LoadOrNew(dir, func() (caddy.Destructor, error) {
-		m := &member{cfg: withPeerTLS(cfg, files), peerFiles: files}
+		m := &member{peerFiles: files, logLevel: zap.NewAtomicLevelAt(zap.DebugLevel)}
+		m.cfg = m.nodeConfig(cfg, files)
 		m.node.Store(raftkv.NewNode(m.cfg))
 		return m, nil
 	})
@@ -701,10 +702,22 @@ type member struct {
 	cfg       raftkv.Config
 	peerFiles peerTLSFiles
 
+	// logLevel is the level PUT /config/local/log set for the member's
+	// logs (serveConfigLog), Debug (Caddy's config decides) until then.
+	logLevel zap.AtomicLevel
+
 	startMu    sync.Mutex
 	peerLoaded bool
 	apps       []*App // the app instances holding the member, oldest first
 	inEffect   *App   // the started instance whose reloadable settings the node has
+}
+
+// nodeConfig is the configuration a node of the member runs with: cfg with
+// the peer TLS files' settings and the member's log level.
+func (m *member) nodeConfig(cfg raftkv.Config, files peerTLSFiles) raftkv.Config {
+	cfg = withPeerTLS(cfg, files)
+	cfg.Logger = withMemberLevel(cfg.Logger, m.logLevel)
+	return cfg
 }
 
 // hold and release track the app instances that hold the member.
@@ -815,7 +828,7 @@ func (m *member) start(cfg raftkv.Config, files peerTLSFiles) error {
 		if err := n.Stop(); err != nil {
 			m.cfg.Logger.Warn("closing the stopped member's storage", zap.Error(err))
 		}
-		m.cfg, m.peerFiles, m.peerLoaded = withPeerTLS(cfg, files), files, false
+		m.cfg, m.peerFiles, m.peerLoaded = m.nodeConfig(cfg, files), files, false
 		n = raftkv.NewNode(m.cfg)
 		m.node.Store(n)
 	}

@@ -1158,6 +1158,16 @@ func TestDifferentialAgainstEtcd(t *testing.T) {
 	d.req("POST", "/health", nil)
 	d.req("GET", "/v2/auth/enable", nil)
 	d.req("OPTIONS", "/v2/members", nil)
+	// etcd 3.4's deprecated log level endpoint: PUT only, a JSON body whose
+	// Level is one of capnslog's names (any case), 204.
+	for _, body := range []string{`{"Level":"DEBUG"}`, `{"level":"warning"}`, `{"Level":"n"}`, `{"LEVEL":"3"}`,
+		`{"Level":"TRACE"} trailing`, `{"Level":"bogus"}`, `{"Level":""}`, `{}`, `notjson`, ``, `[1]`, `{"Level":5}`,
+		`{"Level":"Info"}`} {
+		d.as("", "PUT", "/config/local/log", body)
+	}
+	d.req("GET", "/config/local/log", nil)
+	d.req("POST", "/config/local/log", nil)
+	d.req("OPTIONS", "/config/local/log", nil)
 	d.sorted("GET", "/v2/keys/?recursive=true&sorted=true", nil)
 
 	t.Logf("%d steps (plus 1010 bulk writes) in %v, %d differing", d.steps, time.Since(start).Round(time.Millisecond), d.mismatches)

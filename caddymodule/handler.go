@@ -120,6 +120,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	}
 	app := v.(*App)
 	h.member = app.member
+	h.logger = withMemberLevel(h.logger, h.member.logLevel)
 	h.timeout = app.requestTimeout()
 	h.advertise = app.AdvertiseClientURLs
 	if srv, ok := ctx.Value(caddyhttp.ServerCtxKey).(*caddyhttp.Server); ok {
@@ -183,6 +184,7 @@ const (
 	epHealth
 	epAuthEnable
 	epAuth
+	epConfigLog
 	epV2Unknown
 )
 
@@ -209,6 +211,8 @@ func endpointOf(p string) endpoint {
 		return epAuthEnable
 	case p == authPrefix || strings.HasPrefix(p, authPrefix+"/"):
 		return epAuth
+	case p == configLogPath:
+		return epConfigLog
 	case p == "/v2" || strings.HasPrefix(p, v2Prefix):
 		// etcd's ServeMux owns all of /v2/: an unknown path there is its
 		// plain 404, not the next handler's business.
@@ -221,7 +225,7 @@ func endpointOf(p string) endpoint {
 // cleaning redirect is ours to send even when the clean path is not (etcd
 // redirects /v2/keys/.. to /v2).
 func inAPI(p string) bool {
-	for _, prefix := range []string{v2Prefix, versionPath, healthPath} {
+	for _, prefix := range []string{v2Prefix, versionPath, healthPath, configLogPath} {
 		if strings.HasPrefix(p, prefix) {
 			return true
 		}
@@ -336,6 +340,8 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		h.serveAuthEnable(w, r)
 	case epAuth:
 		h.serveAuth(w, r)
+	case epConfigLog:
+		h.serveConfigLog(w, r)
 	case epV2Unknown:
 		http.Error(w, "404 page not found", http.StatusNotFound)
 	}

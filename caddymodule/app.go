@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net/netip"
 	"net/url"
+	"os"
 	"path/filepath"
 	"slices"
 	"sort"
@@ -428,8 +429,11 @@ func (a *App) Validate() error {
 		}
 	}
 	if len(a.InitialCluster) > 0 && a.Name != "" && (a.Proxy == "" || a.Proxy == "off") {
-		// A proxy's initial_cluster lists the members it forwards to.
-		if _, ok := a.InitialCluster[a.Name]; !ok {
+		// A proxy's initial_cluster lists the members it forwards to. A
+		// member that has run before reads its cluster from its data and
+		// not from initial_cluster, as etcd does (a member renamed at a
+		// restart publishes its new name).
+		if _, ok := a.InitialCluster[a.Name]; !ok && !hasMemberData(a.DataDir) {
 			return fmt.Errorf("initial_cluster does not name this member %q", a.Name)
 		}
 	}
@@ -710,6 +714,16 @@ type member struct {
 	peerLoaded bool
 	apps       []*App // the app instances holding the member, oldest first
 	inEffect   *App   // the started instance whose reloadable settings the node has
+}
+
+// hasMemberData reports whether dir holds a member's database: the member
+// has started there before.
+func hasMemberData(dir string) bool {
+	if dir == "" {
+		return false
+	}
+	fi, err := os.Stat(filepath.Join(dir, "member.db"))
+	return err == nil && fi.Mode().IsRegular() && fi.Size() > 0
 }
 
 // nodeConfig is the configuration a node of the member runs with: cfg with

@@ -295,10 +295,11 @@ func (d *differ) run(st step) {
 				size = goWholeBody + 1
 			}
 		}
-		if (framing == "chunked") == (size > goWholeBody) && size > goWholeBody-256 {
+		if (framing == "chunked") == (size > goWholeBody) {
 			// Go's server chose it by the body's size, which the absolute
 			// indexes in it make differ a little: whether a listing near
-			// or past 2 KiB goes as chunks says nothing of either server.
+			// 2 KiB goes as chunks says nothing of either server. A body
+			// framed otherwise (a stream flushed early) shows as it is.
 			framing = "by size"
 		}
 		resp.Header.Set(framingHeader, framing)
@@ -349,11 +350,10 @@ var (
 )
 
 // framingHeader is not sent by either server: the differ sets it on each
-// response it reads to the body's framing, "length" or "chunked", or "by
-// size" for a body near or past 2 KiB framed as Go's server frames what a
-// handler writes and returns: with its length when the body fits the
-// buffer of goWholeBody bytes it holds before it sends anything, else in
-// chunks.
+// response it reads to the body's framing: "by size" when it is framed as
+// Go's server frames what a handler writes and returns (with its length
+// when the body fits the buffer of goWholeBody bytes it holds before it
+// sends anything, else in chunks), else "length" or "chunked".
 const (
 	framingHeader = "X-Test-Framing"
 	goWholeBody   = 2048 // net/http's bufferBeforeChunkingSize

@@ -656,13 +656,20 @@ func (h *Handler) serveUser(w http.ResponseWriter, r *http.Request, n *raftkv.No
 // decodeAuthBody reads the JSON value a PUT of a user or role starts with
 // (etcd reads no further), from at most etcd's --max-request-bytes.
 func decodeAuthBody(w http.ResponseWriter, r *http.Request, v any) bool {
+	return decodeJSONBody(w, r, v, "Invalid JSON in request body.")
+}
+
+// decodeJSONBody reads the JSON value a request body starts with into v,
+// from at most etcd's --max-request-bytes; it answers 413 past them, and
+// 400 with badJSON when the value does not decode.
+func decodeJSONBody(w http.ResponseWriter, r *http.Request, v any, badJSON string) bool {
 	err := json.NewDecoder(http.MaxBytesReader(w, r.Body, maxRequestBytes)).Decode(v)
 	var tooLarge *http.MaxBytesError
 	switch {
 	case errors.As(err, &tooLarge):
 		writeMessage(w, http.StatusRequestEntityTooLarge, causeBodyTooLarge)
 	case err != nil:
-		writeMessage(w, http.StatusBadRequest, "Invalid JSON in request body.")
+		writeMessage(w, http.StatusBadRequest, badJSON)
 	default:
 		return true
 	}

@@ -1,8 +1,6 @@
 package caddymodule
 
 import (
-	"encoding/json"
-	"errors"
 	"net/http"
 	"strings"
 
@@ -39,14 +37,7 @@ func (h *Handler) serveConfigLog(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	var in struct{ Level string }
-	err := json.NewDecoder(http.MaxBytesReader(w, r.Body, maxRequestBytes)).Decode(&in)
-	var tooLarge *http.MaxBytesError
-	switch {
-	case errors.As(err, &tooLarge):
-		writeMessage(w, http.StatusRequestEntityTooLarge, causeBodyTooLarge)
-		return
-	case err != nil:
-		writeMessage(w, http.StatusBadRequest, "Invalid json body")
+	if !decodeJSONBody(w, r, &in, "Invalid json body") {
 		return
 	}
 	lvl, ok := capnslogLevels[strings.ToUpper(in.Level)]

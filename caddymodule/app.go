@@ -239,9 +239,10 @@ func (App) CaddyModule() caddy.ModuleInfo {
 }
 
 // Provision fills in defaults, checks the configuration and takes a
-// reference on the member of its data directory. It does no I/O: `caddy
-// validate` provisions in a second process while the real member runs and
-// holds the data directory.
+// reference on the member of its data directory. It opens nothing (it
+// only looks whether data_dir holds a member's database, see Validate):
+// `caddy validate` provisions in a second process while the real member
+// runs and holds the data directory.
 func (a *App) Provision(ctx caddy.Context) error {
 	a.logger = ctx.Logger()
 	if a.DataDir == "" && (strings.ContainsAny(a.Name, `/\`) || a.Name == "." || a.Name == "..") {

@@ -276,8 +276,6 @@ func (n *Node) restoreMembers(st *storage.Store) error {
 	}
 	n.id, n.clusterID, n.members, n.removed = id, cid, members, removed
 	n.loop.verdicts = verdicts
-	if at, ok := getUint64(st.Meta(metaConfIndex)); ok {
-		n.confIndex.Store(at)
-	}
+	n.confIndex.Store(decodeConfIndex(st.Meta(metaConfIndex), st.Meta(metaMembers)))
 	return nil
 }

@@ -337,10 +337,9 @@ func (n *Node) handleReady() error {
 		// member list with it, as it is (storage keeps it too).
 		if snapMembers != nil && fileApplied >= n.loop.applied {
 			n.replaceMembers(snapMembers, snapRemoved)
-			// The file's list and conf index were saved together; a file
-			// without one leaves it unknown.
-			at, _ := getUint64(meta[3])
-			n.confIndex.Store(at)
+			// The file's list and conf index were saved together (a file
+			// without one, or with one of another list, leaves it unknown).
+			n.confIndex.Store(decodeConfIndex(meta[3], meta[0]))
 			membersChanged = true
 		}
 		if err := n.mergeSnapshotVerdicts(meta[2]); err != nil {

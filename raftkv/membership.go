@@ -1,11 +1,13 @@
 package raftkv
 
 import (
+	"bytes"
 	"crypto/sha1"
 	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"hash/fnv"
 	"maps"
 	"net"
 	"net/url"
@@ -421,12 +423,34 @@ func decodeIDs(b []byte) (map[uint64]bool, error) {
 // saveMembers persists the member list, the removed IDs, the verdicts and
 // the index of the last change applied to them, in one commit.
 func (n *Node) saveMembers() error {
+	members := encodeMembers(n.memberSnapshot())
 	return n.store.SetMetas(map[string][]byte{
-		metaMembers:   encodeMembers(n.memberSnapshot()),
+		metaMembers:   members,
 		metaRemoved:   encodeIDs(n.removedIDs()),
 		metaVerdicts:  n.loop.verdicts.encode(),
-		metaConfIndex: putUint64(n.confIndex.Load()),
+		metaConfIndex: encodeConfIndex(n.confIndex.Load(), members),
 	})
+}
+
+// encodeConfIndex is the saved conf index (see Node.confIndex): the index,
+// and a hash of the encoded member list saved with it.
+func encodeConfIndex(at uint64, members []byte) []byte {
+	h := fnv.New64a()
+	h.Write(members)
+	return binary.BigEndian.AppendUint64(putUint64(at), h.Sum64())
+}
+
+// decodeConfIndex reads a saved conf index back, 0 (not known) unless it
+// was saved with this member list: a version of this package that did
+// not keep the index may have changed the list since.
+func decodeConfIndex(b, members []byte) uint64 {
+	if len(b) != 16 {
+		return 0
+	}
+	if !bytes.Equal(encodeConfIndex(binary.BigEndian.Uint64(b), members), b) {
+		return 0
+	}
+	return binary.BigEndian.Uint64(b)
 }
 
 // syncPeers makes the transport address exactly the current members and

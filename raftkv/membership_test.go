@@ -142,3 +142,25 @@ func TestConfVerdictsKeepTheLastOnesAndRoundTrip(t *testing.T) {
 		t.Error("a damaged encoding decoded")
 	}
 }
+
+// TestConfIndexIsTrustedWithItsMemberListOnly reads a saved conf index back
+// only with the member list it was saved with: a list changed since (by a
+// version that did not keep the index) or an index without its list's hash
+// leaves it unknown.
+func TestConfIndexIsTrustedWithItsMemberListOnly(t *testing.T) {
+	list := encodeMembers([]memberRecord{{ID: 1, Name: "a", PeerURLs: []string{"http://a:1"}}})
+	other := encodeMembers([]memberRecord{{ID: 1, Name: "a", PeerURLs: []string{"http://a:1"}}, {ID: 2, PeerURLs: []string{"http://b:1"}}})
+	saved := encodeConfIndex(42, list)
+	if got := decodeConfIndex(saved, list); got != 42 {
+		t.Errorf("with its list: %d, want 42", got)
+	}
+	if got := decodeConfIndex(saved, other); got != 0 {
+		t.Errorf("with another list: %d, want 0", got)
+	}
+	if got := decodeConfIndex(putUint64(42), list); got != 0 {
+		t.Errorf("without a hash: %d, want 0", got)
+	}
+	if got := decodeConfIndex(nil, list); got != 0 {
+		t.Errorf("none saved: %d, want 0", got)
+	}
+}

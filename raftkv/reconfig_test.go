@@ -50,10 +50,11 @@ func TestStrictReconfigCheck(t *testing.T) {
 		return &raftpb.ConfChange{Type: raftpb.ConfChangeAddNode.Enum(), NodeId: new(uint64(7)),
 			Context: encodeAddContext(memberRecord{ID: 7, PeerURLs: []string{down1}}, strictCheck{Strict: true, ConfIndex: at})}
 	}
-	at := m0.confIndex.Load()
-	if at == 0 {
-		t.Fatal("m0 knows no index of its last membership change")
-	}
+	var at uint64
+	waitFor(t, "every member to apply the same membership changes", func() bool {
+		at = m0.confIndex.Load()
+		return at != 0 && m1.confIndex.Load() == at && m2.confIndex.Load() == at
+	})
 	if err := m0.strictAgain(checked(at)); err != nil {
 		t.Errorf("a change checked against m0's own list: %v, want nil", err)
 	}

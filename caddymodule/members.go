@@ -148,8 +148,7 @@ func (h *Handler) serveMembers(w http.ResponseWriter, r *http.Request) {
 				// The new ID is one the leader knows removed (AddMember
 				// takes the next second's when this member knows it):
 				// etcd answers a bare 500, which etcdctl tries elsewhere.
-				h.logger.Warn("membership change failed", zap.Error(fmt.Errorf("adding a member with a removed ID: %w", err)))
-				writeMessage(w, http.StatusInternalServerError, "Internal Server Error")
+				h.membershipFailed(w, fmt.Errorf("adding a member with a removed ID: %w", err), "")
 				return
 			}
 			h.writeMembershipError(w, err, "")
@@ -196,9 +195,7 @@ func (h *Handler) serveMembers(w http.ResponseWriter, r *http.Request) {
 			if errors.Is(err, raftkv.ErrMemberRemoved) {
 				// etcd 3.4 answers an update of a removed member with a
 				// plain 500, not DELETE's 410.
-				err = fmt.Errorf("updating removed member %s: %w", id, err)
-				h.logger.Warn("membership change failed", zap.Error(err))
-				writeMessage(w, http.StatusInternalServerError, "Internal Server Error")
+				h.membershipFailed(w, fmt.Errorf("updating removed member %s: %w", id, err), id)
 				return
 			}
 			h.writeMembershipError(w, err, id)
@@ -223,9 +220,15 @@ func (h *Handler) writeMembershipError(w http.ResponseWriter, err error, id stri
 	case errors.Is(err, raftkv.ErrIDExists):
 		writeMessage(w, http.StatusConflict, raftkv.ErrIDExists.Error())
 	default:
-		h.logger.Warn("membership change failed", zap.String("member-id", id), zap.Error(err))
-		writeMessage(w, http.StatusInternalServerError, "Internal Server Error")
+		h.membershipFailed(w, err, id)
 	}
+}
+
+// membershipFailed logs a failed membership change and answers etcd's bare
+// 500.
+func (h *Handler) membershipFailed(w http.ResponseWriter, err error, id string) {
+	h.logger.Warn("membership change failed", zap.String("member-id", id), zap.Error(err))
+	writeMessage(w, http.StatusInternalServerError, "Internal Server Error")
 }
 
 // parseID reads an ID that memberIDFromPath formatted.

@@ -96,11 +96,9 @@ func (n *Node) AddMember(ctx context.Context, peerURLs []string) (Member, error)
 	// The removed IDs are never reused: the same peer URLs added again
 	// within the second of their removal take the next second's ID (etcd's
 	// add fails with a 500 then).
-	now := time.Now().Unix()
-	id := memberID(urls, n.cfg.InitialClusterToken+strconv.FormatInt(now, 10))
-	for n.isRemoved(id) {
-		now++
-		id = memberID(urls, n.cfg.InitialClusterToken+strconv.FormatInt(now, 10))
+	var id uint64
+	for sec := time.Now().Unix(); id == 0 || n.isRemoved(id); sec++ {
+		id = memberID(urls, n.cfg.InitialClusterToken+strconv.FormatInt(sec, 10))
 	}
 	m := memberRecord{ID: id, PeerURLs: urls}
 	// etcd's order: the strict check before it proposes, the conflicts

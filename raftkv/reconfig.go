@@ -55,8 +55,8 @@ type strictCheck struct {
 }
 
 // strictAgain reports why the leader refuses cc under the strict check
-// its proposer made (nil: it takes it). cc's member list is decided: its
-// proposer's check stands when made against the list the leader has.
+// its proposer made (nil: it takes it). The proposer's check stands when
+// it was made against the list the leader has.
 func (n *Node) strictAgain(cc *raftpb.ConfChange) error {
 	var sc strictCheck
 	if json.Unmarshal(cc.GetContext(), &sc) != nil || !sc.Strict {
